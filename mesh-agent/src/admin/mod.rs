@@ -1,0 +1,94 @@
+//! The admin API: health, readiness, metrics and status, over plain HTTP/1.1 on
+//! a node-local address (loopback by default).
+
+pub mod metrics;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::state::AgentState;
+
+pub const PATH_HEALTHZ: &str = "/healthz";
+pub const PATH_READYZ: &str = "/readyz";
+pub const PATH_METRICS: &str = "/metrics";
+pub const PATH_STATUS: &str = "/status";
+pub const PATH_DEBUG_PODS: &str = "/debug/pods";
+
+/// Binds the admin address; fails at once if it is taken.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin API on {addr}"))
+}
+
+/// Serves the admin API until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "admin API accept failed");
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            if let Err(err) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %err, "admin API connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+    }
+    match req.uri().path() {
+        PATH_HEALTHZ => text(StatusCode::OK, "ok\n"),
+        PATH_READYZ if state.is_ready() => text(StatusCode::OK, "ready\n"),
+        PATH_READYZ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        PATH_METRICS => {
+            state.refresh_metrics();
+            let mut resp = text(StatusCode::OK, state.metrics.render());
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, "text/plain; version=0.0.4".parse().unwrap());
+            resp
+        }
+        PATH_STATUS => json(&state.status()),
+        PATH_DEBUG_PODS => json(&state.pods_with_counters()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).expect("serializable");
+    let mut resp = text(StatusCode::OK, body);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+    resp
+}

@@ -1,0 +1,108 @@
+//! The command line: `run`, `check`, `status`, `version`.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::{config, daemon, logging, logging::LogFormat, status};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "eBPF-accelerated node proxy for service meshes", long_about = None)]
+pub struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `mesh_agent=debug,info`.
+    #[arg(long, global = true, default_value = "info", env = "MESH_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the agent: load the kernel programs, enrol the pods listed in the
+    /// config directory and serve the admin API until SIGTERM or SIGINT, then
+    /// detach everything and exit.
+    Run {
+        /// The node-local configuration directory (node.yaml, pods.yaml).
+        #[arg(long, short, env = "MESH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a configuration directory offline, as `run` would, and exit
+    /// non-zero with the file, line and field of the first problem.
+    Check {
+        #[arg(long, short, env = "MESH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a running agent's state: readiness, programs, enrolled pods and their
+    /// counters (read from its admin API).
+    Status {
+        /// The agent's admin API address.
+        #[arg(long, default_value_t = config::default_admin_address())]
+        admin: SocketAddr,
+        /// Print the raw JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// Entry point shared by the `mesh-agent` binary and the e2e test build of it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("mesh-agent: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            logging::init(cli.log_format, &cli.log)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(daemon::run(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => match config::load_dir(&config) {
+            Ok(cfg) => {
+                println!(
+                    "ok: {} (node {}, {} pods)",
+                    config.display(),
+                    cfg.node.name,
+                    cfg.pods.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Status { admin, json } => {
+            let report = status::fetch(admin)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::render(&report));
+            }
+            Ok(if report.ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Command::Version => {
+            println!("mesh-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The node-local configuration directory: the agent's only control plane.
+//!
+//! Every file is parsed and validated in full before anything is used, so a bad
+//! file never half-applies.
+
+mod error;
+mod node;
+mod pods;
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
+
+pub use error::ConfigError;
+pub use node::{NodeConfig, default_admin_address};
+pub use pods::{PodConfig, PodsFile};
+
+pub const NODE_FILE: &str = "node.yaml";
+pub const PODS_FILE: &str = "pods.yaml";
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub node: NodeConfig,
+    pub pods: Vec<PodConfig>,
+}
+
+/// Loads and validates the configuration directory.
+pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    if !dir.is_dir() {
+        return Err(ConfigError::new(
+            dir,
+            "the configuration directory does not exist or is not a directory",
+        ));
+    }
+    let node_path = dir.join(NODE_FILE);
+    let node_text = read(&node_path)?;
+    let node: NodeConfig =
+        serde_yaml::from_str(&node_text).map_err(|e| ConfigError::from_yaml(&node_path, &e))?;
+    if node.name.trim().is_empty() {
+        return Err(ConfigError::new(&node_path, "must not be empty")
+            .with_field("name")
+            .with_line(error::find_line(&node_text, "name", &node.name)));
+    }
+
+    let pods_path = dir.join(PODS_FILE);
+    // A node may have no pods yet: a missing pods file means none.
+    let pods = if pods_path.exists() {
+        let text = read(&pods_path)?;
+        let file: PodsFile = if text.trim().is_empty() {
+            PodsFile::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::from_yaml(&pods_path, &e))?
+        };
+        validate_pods(&pods_path, &text, &file.pods)?;
+        file.pods
+    } else {
+        Vec::new()
+    };
+    Ok(Config {
+        dir: dir.to_path_buf(),
+        node,
+        pods,
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))
+}
+
+fn validate_pods(path: &Path, text: &str, pods: &[PodConfig]) -> Result<(), ConfigError> {
+    let mut keys = HashSet::new();
+    let mut addresses = HashSet::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let err = |field: &str, key: &str, value: &str, msg: String| {
+            ConfigError::new(path, msg)
+                .with_field(format!("pods[{i}].{field}"))
+                .with_line(error::find_line(text, key, value))
+        };
+        for (field, value) in [("name", &pod.name), ("namespace", &pod.namespace)] {
+            if value.trim().is_empty() {
+                return Err(err(field, field, value, "must not be empty".into()));
+            }
+        }
+        if !keys.insert(pod.key()) {
+            return Err(err(
+                "name",
+                "name",
+                &pod.name,
+                format!("pod {} is listed twice", pod.key()),
+            ));
+        }
+        for (field, value) in [("netns", &pod.netns), ("cgroup", &pod.cgroup)] {
+            if !value.is_absolute() {
+                let shown = value.display().to_string();
+                return Err(err(
+                    field,
+                    field,
+                    &shown,
+                    format!("must be an absolute path, not {shown:?}"),
+                ));
+            }
+        }
+        let ips = pod
+            .ipv4
+            .map(std::net::IpAddr::V4)
+            .into_iter()
+            .chain(pod.ipv6.map(std::net::IpAddr::V6));
+        for ip in ips {
+            if !addresses.insert(ip) {
+                let field = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
+                return Err(err(
+                    field,
+                    field,
+                    &ip.to_string(),
+                    format!("address {ip} belongs to two pods"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,49 @@
+//! `pods.yaml`: the pods running on this node, which the agent enrols.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The pods file. Unknown fields are errors, never ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodsFile {
+    #[serde(default)]
+    pub pods: Vec<PodConfig>,
+}
+
+/// One pod on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodConfig {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+    /// The pod's network namespace, e.g. `/var/run/netns/cni-...` or `/proc/<pid>/ns/net`.
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory; the kernel programs are attached here and so
+    /// apply to every container of the pod.
+    pub cgroup: PathBuf,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+impl PodConfig {
+    /// `namespace/name`, how operators name a pod.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}

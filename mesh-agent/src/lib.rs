@@ -1,0 +1,17 @@
+//! mesh-agent: the node agent of an eBPF-accelerated service mesh.
+//!
+//! Layout follows the data path: `config` (the node-local files) -> `ebpf` (kernel
+//! programs attached to pod cgroups) -> `daemon` (the running agent) -> `admin`
+//! (health, readiness, metrics, status).
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod ebpf;
+pub mod logging;
+pub mod state;
+pub mod status;
+
+/// Default port of the admin API (Istio's ztunnel uses 15000 too).
+pub const ADMIN_PORT: u16 = 15000;

@@ -1,0 +1,62 @@
+//! `cargo xtask <task>`: the project's developer tasks.
+//!
+//! Nothing here needs the agent to be built first: the agent's build script needs
+//! the kernel toolchain that `build-ebpf` sets up.
+
+mod ebpf_build;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks of the mesh workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the kernel programs (mesh-ebpf), first installing what is missing: the
+    /// nightly rust-src component and a project-local bpf-linker in .tools/.
+    BuildEbpf,
+    /// Build everything and run the whole test suite: unit tests and the end-to-end
+    /// tests that load real kernel programs (those need root; with CI=true a missing
+    /// privilege or kernel feature fails the run instead of skipping).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let workspace = workspace_root();
+    let result = match cli.task {
+        Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
+        Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Prints a progress line that stands out from cargo's own output.
+fn step(msg: impl std::fmt::Display) {
+    eprintln!("==> {msg}");
+}
