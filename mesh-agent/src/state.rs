@@ -132,10 +132,7 @@ impl AgentState {
         for pod in &pods {
             let Some(c) = pod.counters else { continue };
             for (family, total) in [("ipv4", c.connect4), ("ipv6", c.connect6)] {
-                let counter =
-                    m.pod_connects
-                        .with_label_values(&[&pod.namespace, &pod.name, family]);
-                Metrics::sync_counter(&counter, total);
+                m.sync_pod_connects(&pod.namespace, &pod.name, family, total);
             }
         }
     }

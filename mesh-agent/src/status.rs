@@ -64,3 +64,70 @@ pub fn render(report: &StatusReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{PodCountersView, PodStatus};
+
+    fn pod(
+        name: &str,
+        enrolled: bool,
+        error: Option<&str>,
+        counters: Option<(u64, u64)>,
+    ) -> PodStatus {
+        PodStatus {
+            namespace: "shop".into(),
+            name: name.into(),
+            enrolled,
+            error: error.map(String::from),
+            netns_cookie: enrolled.then_some(42),
+            counters: counters.map(|(connect4, connect6)| PodCountersView { connect4, connect6 }),
+        }
+    }
+
+    #[test]
+    fn summary_shows_readiness_pods_and_errors() {
+        let report = StatusReport {
+            node: "node-1".into(),
+            version: "0.1.0".into(),
+            config_dir: "/etc/mesh".into(),
+            ready: false,
+            programs: vec!["mesh_connect4".into(), "mesh_connect6".into()],
+            attachments: 2,
+            pods: vec![
+                pod("web", true, None, Some((5, 3))),
+                pod("db", false, Some("no netns"), None),
+            ],
+        };
+        let text = render(&report);
+        assert!(text.contains("node:        node-1"), "{text}");
+        assert!(text.contains("NOT READY"), "{text}");
+        assert!(
+            text.contains("mesh_connect4, mesh_connect6 (2 attachments)"),
+            "{text}"
+        );
+        assert!(text.contains("1 enrolled of 2 configured"), "{text}");
+        assert!(
+            text.contains("✓ shop/web: connects ipv4=5 ipv6=3"),
+            "{text}"
+        );
+        assert!(text.contains("✗ shop/db: no netns"), "{text}");
+    }
+
+    #[test]
+    fn status_document_round_trips_as_json() {
+        let report = StatusReport {
+            node: "n".into(),
+            version: "v".into(),
+            config_dir: "/c".into(),
+            ready: true,
+            programs: vec![],
+            attachments: 0,
+            pods: vec![pod("web", true, None, Some((1, 2)))],
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.contains("\"netnsCookie\":42"), "{json}");
+        assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), report);
+    }
+}

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the agent itself. Label sets are bounded: per pod on
 //! this node at most, never per connection.
 
+use std::{collections::HashMap, sync::Mutex};
+
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
@@ -11,6 +13,8 @@ pub struct Metrics {
     pub programs_attached: IntGauge,
     pub pod_connects: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Last kernel total seen per pod counter series, to turn totals into increments.
+    last_kernel_totals: Mutex<HashMap<[String; 3], u64>>,
 }
 
 impl Metrics {
@@ -72,15 +76,26 @@ impl Metrics {
             programs_attached,
             pod_connects,
             build_info,
+            last_kernel_totals: Mutex::default(),
         }
     }
 
-    /// Raises a counter to `total` (the kernel keeps totals; Prometheus wants
-    /// increments).
-    pub fn sync_counter(counter: &prometheus::IntCounter, total: u64) {
-        let current = counter.get();
-        if total > current {
-            counter.inc_by(total - current);
+    /// Feeds a pod's kernel total into its Prometheus counter. The kernel keeps
+    /// totals that restart from zero when a pod is enrolled again; a total lower
+    /// than the last one seen is such a restart, so all of it is new.
+    pub fn sync_pod_connects(&self, namespace: &str, pod: &str, family: &str, total: u64) {
+        let key = [namespace.to_string(), pod.to_string(), family.to_string()];
+        let mut last = self.last_kernel_totals.lock().expect("metrics lock");
+        let previous = last.insert(key, total).unwrap_or(0);
+        let increment = if total >= previous {
+            total - previous
+        } else {
+            total
+        };
+        if increment > 0 {
+            self.pod_connects
+                .with_label_values(&[namespace, pod, family])
+                .inc_by(increment);
         }
     }
 
@@ -96,5 +111,39 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_totals_become_monotonic_counters_across_resets() {
+        let metrics = Metrics::new();
+        let counter = metrics
+            .pod_connects
+            .with_label_values(&["ns", "web", "ipv4"]);
+        metrics.sync_pod_connects("ns", "web", "ipv4", 5);
+        metrics.sync_pod_connects("ns", "web", "ipv4", 5);
+        metrics.sync_pod_connects("ns", "web", "ipv4", 7);
+        assert_eq!(counter.get(), 7);
+        // The pod was enrolled again: the kernel total restarted at 0 and is now
+        // 2. The Prometheus counter never goes backwards and loses nothing.
+        metrics.sync_pod_connects("ns", "web", "ipv4", 2);
+        assert_eq!(counter.get(), 9);
+        metrics.sync_pod_connects("ns", "web", "ipv4", 3);
+        assert_eq!(counter.get(), 10);
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"mesh_pod_tcp_connects_total{family="ipv4",namespace="ns",pod="web"} 10"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_agent_build_info{version=""#),
+            "{text}"
+        );
     }
 }

@@ -1,1 +1,165 @@
+//! Loading and validating the configuration directory.
 
+use std::path::Path;
+
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn dir_with(node: &str, pods: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), NODE_FILE, node);
+    if let Some(pods) = pods {
+        write(dir.path(), PODS_FILE, pods);
+    }
+    dir
+}
+
+const NODE: &str = "name: node-1\n";
+const POD_A: &str = "pods:\n  - name: a\n    namespace: shop\n    serviceAccount: web\n    labels: {app: web}\n    ipv4: 10.1.0.2\n    ipv6: fd00:1::2\n    netns: /run/netns/a\n    cgroup: /sys/fs/cgroup/a\n";
+
+#[test]
+fn loads_a_complete_directory() {
+    let dir = dir_with(NODE, Some(POD_A));
+    let cfg = load_dir(dir.path()).unwrap();
+    assert_eq!(cfg.node.name, "node-1");
+    assert_eq!(cfg.node.admin_address, default_admin_address());
+    assert_eq!(cfg.pods.len(), 1);
+    let pod = &cfg.pods[0];
+    assert_eq!(pod.key(), "shop/a");
+    assert_eq!(pod.service_account, "web");
+    assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+    assert_eq!(pod.ipv4, Some("10.1.0.2".parse().unwrap()));
+    assert_eq!(pod.ipv6, Some("fd00:1::2".parse().unwrap()));
+}
+
+#[test]
+fn missing_pods_file_means_no_pods() {
+    let dir = dir_with(NODE, None);
+    assert!(load_dir(dir.path()).unwrap().pods.is_empty());
+}
+
+#[test]
+fn service_account_defaults_to_default() {
+    let dir = dir_with(
+        NODE,
+        Some("pods:\n  - name: a\n    namespace: ns\n    netns: /n\n    cgroup: /c\n"),
+    );
+    assert_eq!(
+        load_dir(dir.path()).unwrap().pods[0].service_account,
+        "default"
+    );
+}
+
+#[test]
+fn missing_directory_is_named() {
+    let err = load_dir(Path::new("/nonexistent/mesh-config")).unwrap_err();
+    assert_eq!(err.file, Path::new("/nonexistent/mesh-config"));
+    assert!(err.message.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn missing_node_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join(NODE_FILE));
+    assert!(err.message.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn unknown_node_field_is_rejected_with_line_and_field() {
+    let dir = dir_with("name: node-1\nadminAdress: 127.0.0.1:1\n", None);
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join(NODE_FILE));
+    assert_eq!(err.line, Some(2), "{err}");
+    assert!(err.message.contains("unknown field `adminAdress`"), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with(&format!("{}:2:", dir.path().join(NODE_FILE).display())),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unknown_pod_field_names_the_pod_field_path() {
+    let pods = "pods:\n  - name: a\n    namespace: ns\n    netns: /n\n    cgroup: /c\n    sevriceAccount: x\n";
+    let dir = dir_with(NODE, Some(pods));
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join(PODS_FILE));
+    assert_eq!(err.line, Some(6), "{err}");
+    assert_eq!(err.field.as_deref(), Some("pods[0]"), "{err}");
+    assert!(err.message.contains("sevriceAccount"), "{err}");
+}
+
+#[test]
+fn bad_address_is_rejected_with_field() {
+    let pods = "pods:\n  - name: a\n    namespace: ns\n    ipv4: 10.1.0.300\n    netns: /n\n    cgroup: /c\n";
+    let dir = dir_with(NODE, Some(pods));
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.line, Some(4), "{err}");
+    assert_eq!(err.field.as_deref(), Some("pods[0].ipv4"), "{err}");
+}
+
+#[test]
+fn missing_required_field_is_rejected() {
+    let dir = dir_with(
+        NODE,
+        Some("pods:\n  - name: a\n    namespace: ns\n    netns: /n\n"),
+    );
+    let err = load_dir(dir.path()).unwrap_err();
+    assert!(err.message.contains("missing field `cgroup`"), "{err}");
+}
+
+#[test]
+fn broken_yaml_is_rejected_with_position() {
+    let dir = dir_with(NODE, Some("pods:\n  - name: [unclosed\n"));
+    let err = load_dir(dir.path()).unwrap_err();
+    assert!(err.line.is_some(), "{err}");
+}
+
+#[test]
+fn duplicate_pod_is_rejected() {
+    let pods = "pods:\n  - name: a\n    namespace: ns\n    netns: /n1\n    cgroup: /c1\n  - name: a\n    namespace: ns\n    netns: /n2\n    cgroup: /c2\n";
+    let dir = dir_with(NODE, Some(pods));
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("pods[1].name"), "{err}");
+    assert!(err.message.contains("ns/a is listed twice"), "{err}");
+}
+
+#[test]
+fn shared_address_is_rejected() {
+    let pods = "pods:\n  - name: a\n    namespace: ns\n    ipv4: 10.0.0.1\n    netns: /n1\n    cgroup: /c1\n  - name: b\n    namespace: ns\n    ipv4: 10.0.0.1\n    netns: /n2\n    cgroup: /c2\n";
+    let dir = dir_with(NODE, Some(pods));
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("pods[1].ipv4"), "{err}");
+}
+
+#[test]
+fn relative_paths_are_rejected_with_line() {
+    let pods = "pods:\n  - name: a\n    namespace: ns\n    netns: run/netns/a\n    cgroup: /c\n";
+    let dir = dir_with(NODE, Some(pods));
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("pods[0].netns"), "{err}");
+    assert_eq!(err.line, Some(4), "{err}");
+}
+
+#[test]
+fn empty_node_name_is_rejected() {
+    let dir = dir_with("name: \"\"\n", None);
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("name"), "{err}");
+}
+
+#[test]
+fn find_line_needs_exactly_one_match() {
+    let text = "pods:\n  - name: a\n    netns: /x\n  - name: b\n    netns: \"/x\"\n";
+    assert_eq!(error::find_line(text, "name", "b"), Some(4));
+    assert_eq!(
+        error::find_line(text, "netns", "/x"),
+        None,
+        "two matches: ambiguous"
+    );
+    assert_eq!(error::find_line(text, "name", "zzz"), None);
+}

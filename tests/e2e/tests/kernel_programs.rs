@@ -1,0 +1,162 @@
+//! The agent loads real kernel programs, attaches them to the cgroups of the pods
+//! it enrols, and they act on real TCP connections made by real processes.
+
+use std::time::Duration;
+
+use mesh_e2e::{
+    RunningAgent,
+    kernel::{AttachType, attached_programs},
+    traffic::{echo_round_trips, start_echo_server},
+};
+use mesh_testbed::{Topology, e2e_enabled};
+use nix::sys::signal::Signal;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_mesh-agent-e2e");
+const ECHO_PORT: u16 = 7000;
+
+#[test]
+fn connects_of_enrolled_pods_are_counted_per_pod_and_family() {
+    if !e2e_enabled("connects_of_enrolled_pods_are_counted_per_pod_and_family") {
+        return;
+    }
+    let topo = Topology::builder("counts")
+        .node("n1", &["client", "server", "bystander"])
+        .build()
+        .unwrap();
+    let (client, server, bystander) = (
+        topo.pod("client"),
+        topo.pod("server"),
+        topo.pod("bystander"),
+    );
+    let _echo = start_echo_server(server, ECHO_PORT).unwrap();
+    let agent = RunningAgent::start(AGENT, topo.node("n1"), &[client, server], "").unwrap();
+
+    // Real connections from real processes: 5 over IPv4, 3 over IPv6, and 2 from
+    // a pod the agent does not enrol.
+    echo_round_trips(client, &server.ipv4().to_string(), ECHO_PORT, 5).unwrap();
+    echo_round_trips(client, &server.ipv6().to_string(), ECHO_PORT, 3).unwrap();
+    echo_round_trips(bystander, &server.ipv4().to_string(), ECHO_PORT, 2).unwrap();
+
+    let counted = agent.counters(client).unwrap();
+    assert_eq!(
+        (counted.connect4, counted.connect6),
+        (5, 3),
+        "the kernel programs must count exactly the client's connects; agent log:\n{}",
+        agent.log()
+    );
+    let server_counted = agent.counters(server).unwrap();
+    assert_eq!(
+        (server_counted.connect4, server_counted.connect6),
+        (0, 0),
+        "the server made no connects"
+    );
+    let status = agent.status().unwrap();
+    assert!(status.ready);
+    assert!(
+        status.pods.iter().all(|p| p.name != "bystander"),
+        "bystander is not enrolled"
+    );
+
+    // The same figures reach Prometheus.
+    let (code, metrics) = agent.get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    for line in [
+        r#"mesh_pod_tcp_connects_total{family="ipv4",namespace="default",pod="client"} 5"#,
+        r#"mesh_pod_tcp_connects_total{family="ipv6",namespace="default",pod="client"} 3"#,
+        "mesh_pods_enrolled 2",
+        "mesh_agent_ready 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing metric line {line:?} in:\n{metrics}"
+        );
+    }
+    // Kernel log records are forwarded into the agent's log stream.
+    assert!(
+        agent.log().contains("connect from pod slot"),
+        "no kernel log line in:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn programs_are_attached_while_running_and_detached_on_sigterm_and_sigint() {
+    if !e2e_enabled("programs_are_attached_while_running_and_detached_on_sigterm_and_sigint") {
+        return;
+    }
+    let topo = Topology::builder("detach")
+        .node("n1", &["client", "server"])
+        .build()
+        .unwrap();
+    let (client, server) = (topo.pod("client"), topo.pod("server"));
+    let _echo = start_echo_server(server, ECHO_PORT).unwrap();
+    let cgroup = client.cgroup_dir();
+
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let agent = RunningAgent::start(AGENT, topo.node("n1"), &[client], "").unwrap();
+        assert_eq!(
+            attached_programs(cgroup, AttachType::CgroupInet4Connect).unwrap(),
+            1
+        );
+        assert_eq!(
+            attached_programs(cgroup, AttachType::CgroupInet6Connect).unwrap(),
+            1
+        );
+        let log = agent.stop(signal, Duration::from_secs(10)).unwrap();
+        assert!(
+            log.contains("kernel programs detached"),
+            "{signal:?}: no detach line in log:\n{log}"
+        );
+        assert_eq!(
+            attached_programs(cgroup, AttachType::CgroupInet4Connect).unwrap(),
+            0,
+            "after {signal:?}"
+        );
+        assert_eq!(
+            attached_programs(cgroup, AttachType::CgroupInet6Connect).unwrap(),
+            0,
+            "after {signal:?}"
+        );
+        // The pod keeps working without the agent.
+        echo_round_trips(client, &server.ipv4().to_string(), ECHO_PORT, 1).unwrap();
+    }
+}
+
+#[test]
+fn a_pod_that_cannot_be_enrolled_is_reported_and_the_others_work() {
+    if !e2e_enabled("a_pod_that_cannot_be_enrolled_is_reported_and_the_others_work") {
+        return;
+    }
+    let topo = Topology::builder("ghost")
+        .node("n1", &["client", "server"])
+        .build()
+        .unwrap();
+    let (client, server) = (topo.pod("client"), topo.pod("server"));
+    let _echo = start_echo_server(server, ECHO_PORT).unwrap();
+    let ghost = format!(
+        "  - name: ghost\n    namespace: default\n    netns: /run/netns/{}-no-such-netns\n    cgroup: {}\n",
+        topo.id(),
+        client.cgroup_dir().display()
+    );
+    let agent = RunningAgent::start(AGENT, topo.node("n1"), &[client], &ghost).unwrap();
+    let status = agent.status().unwrap();
+    let ghost = status
+        .pods
+        .iter()
+        .find(|p| p.name == "ghost")
+        .expect("ghost pod in status");
+    assert!(!ghost.enrolled);
+    let error = ghost.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("no-such-netns") && error.contains("No such file"),
+        "unclear error: {error}"
+    );
+    assert!(
+        agent.log().contains("pod NOT enrolled"),
+        "log must say so:\n{}",
+        agent.log()
+    );
+
+    echo_round_trips(client, &server.ipv4().to_string(), ECHO_PORT, 2).unwrap();
+    assert_eq!(agent.counters(client).unwrap().connect4, 2);
+}

@@ -1,0 +1,64 @@
+//! Node in a box: a test bed that simulates Kubernetes nodes and pods with
+//! real kernel objects, for end-to-end tests of the mesh agent.
+//!
+//! - each node is a network namespace, with a bridge `br0` for its pods and
+//!   a veth `fab0` to the fabric (a netns holding a bridge);
+//! - each pod is a network namespace (with `eth0` on its node's bridge) plus
+//!   a cgroup v2 directory under its node's cgroup;
+//! - processes are started straight into a pod (its cgroup and netns) or a
+//!   node (its netns and a `system` cgroup), with output captured to files.
+//!
+//! Every name carries a per-topology id `mtb-<pid>-<starttime>-<n>`, so tests
+//! (threads, and several test processes) run in parallel. A [`Topology`]
+//! removes everything on drop, also while unwinding from a panic; objects
+//! of processes that died without cleaning up are removed by
+//! [`sweep_leftovers`], which every [`TopologyBuilder::build`] runs first.
+//!
+//! Building a topology makes the test process a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`): orphans of killed pod processes are reaped by
+//! teardown, so nothing of a topology outlives its drop (not even a zombie
+//! waiting for PID 1, which some container inits never reap).
+//!
+//! Needs root; end-to-end tests start with [`e2e_enabled`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use mesh_testbed::{Topology, e2e_enabled};
+//!
+//! if e2e_enabled("example") {
+//!     let topo = Topology::builder("example")
+//!         .node("n1", &["a", "b"])
+//!         .node("n2", &["c"])
+//!         .build()
+//!         .unwrap();
+//!     let c = topo.pod("c");
+//!     let server = c.spawn("python3", &["-m", "http.server", "8080"]).unwrap();
+//!     // Pod a (node n1) reaches pod c (node n2) over the fabric.
+//!     let url = format!("http://{}:8080/", c.ipv4());
+//!     mesh_testbed::wait_until("pod c serving", Duration::from_secs(10), || {
+//!         Ok(topo.pod("a").run("curl", &["-sf", &url], Duration::from_secs(5)).is_ok())
+//!     })
+//!     .unwrap();
+//!     drop(server);
+//! }
+//! ```
+
+mod bpffs;
+mod cgroup;
+mod naming;
+mod netns;
+mod preflight;
+mod process;
+mod reap;
+mod sweep;
+mod topology;
+mod wait;
+
+pub use preflight::{e2e_enabled, e2e_preflight};
+pub use process::Process;
+pub use sweep::sweep_leftovers;
+pub use topology::{Node, Pod, Topology, TopologyBuilder};
+pub use wait::wait_until;
+
+#[cfg(test)]
+mod tests;
