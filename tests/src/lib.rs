@@ -52,6 +52,7 @@ mod process;
 mod reap;
 mod sweep;
 mod topology;
+pub mod traffic;
 mod wait;
 
 pub use preflight::{e2e_enabled, e2e_preflight};

@@ -3,6 +3,7 @@
 //! Nothing here needs the agent to be built first: the agent's build script needs
 //! the kernel toolchain that `build-ebpf` sets up.
 
+mod demo;
 mod ebpf_build;
 mod setup;
 mod test;
@@ -20,6 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Set up what is needed, build everything and run a demo mesh in the test bed:
+    /// two nodes, an agent on each, real traffic between pods, and a summary of
+    /// what the agents saw. Needs root.
+    Demo,
     /// Build the kernel programs (mesh-ebpf), first installing what is missing: the
     /// nightly rust-src component and a project-local bpf-linker in .tools/.
     BuildEbpf,
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let workspace = workspace_root();
     let result = match cli.task {
+        Task::Demo => demo::run(&workspace),
         Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
         Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
     };

@@ -3,6 +3,5 @@
 
 pub mod agent;
 pub mod kernel;
-pub mod traffic;
 
 pub use agent::RunningAgent;

@@ -6,9 +6,11 @@ use std::time::Duration;
 use mesh_e2e::{
     RunningAgent,
     kernel::{AttachType, attached_programs},
+};
+use mesh_testbed::{
+    Topology, e2e_enabled,
     traffic::{echo_round_trips, start_echo_server},
 };
-use mesh_testbed::{Topology, e2e_enabled};
 use nix::sys::signal::Signal;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_mesh-agent-e2e");

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use crate::{Pod, Process, wait_until};
 use anyhow::{Result, ensure};
-use mesh_testbed::{Pod, Process, wait_until};
 
 /// A TCP echo server on `port` (IPv4 and IPv6, all addresses) in `pod`. Prints
 /// `ready` once both sockets listen.

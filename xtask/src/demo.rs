@@ -1,0 +1,205 @@
+//! `cargo xtask demo`: builds what is needed, brings up a small mesh in the test
+//! bed (two nodes, an agent on each), sends real traffic, prints what the agents
+//! saw, and tears everything down.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use mesh_testbed::{
+    Node, Pod, Process, Topology, e2e_preflight,
+    traffic::{echo_round_trips, start_echo_server},
+    wait_until,
+};
+use serde_json::Value;
+
+use crate::{setup, step};
+
+const ADMIN: &str = "127.0.0.1:15000";
+const PORT: u16 = 8080;
+
+pub fn run(workspace: &Path) -> Result<()> {
+    let started = Instant::now();
+    e2e_preflight().map_err(|why| {
+        anyhow::anyhow!("the demo builds network namespaces and loads kernel programs: {why}")
+    })?;
+    step("[1/5] kernel toolchain and programs");
+    setup::build_ebpf(workspace)?;
+    step("[2/5] building mesh-agent (release)");
+    let agent_bin = build_agent(workspace)?;
+
+    step("[3/5] test bed: node1 {frontend, backend}, node2 {database}");
+    let topo = Topology::builder("demo")
+        .node("node1", &["frontend", "backend"])
+        .node("node2", &["database"])
+        .build()?;
+    let (frontend, backend, database) = (
+        topo.pod("frontend"),
+        topo.pod("backend"),
+        topo.pod("database"),
+    );
+    for pod in [frontend, backend, database] {
+        println!(
+            "    pod {:<9} on {}  {} / {}",
+            pod.name(),
+            pod.node_name(),
+            pod.ipv4(),
+            pod.ipv6()
+        );
+    }
+    let _servers: Vec<Process> = [backend, database]
+        .into_iter()
+        .map(|p| start_echo_server(p, PORT))
+        .collect::<Result<_>>()?;
+
+    step("[4/5] starting an agent on each node");
+    let mut agents = Vec::new();
+    for node in topo.nodes() {
+        let agent = start_agent(&agent_bin, node, &topo)?;
+        println!("    agent on {} ready (pid {})", node.name(), agent.pid());
+        agents.push(agent);
+    }
+
+    step("[5/5] real traffic (echo round trips, bytes checked)");
+    let calls: [(&Pod, &Pod, bool, u32); 4] = [
+        (frontend, backend, false, 3),
+        (frontend, backend, true, 2),
+        (frontend, database, false, 2),
+        (backend, database, true, 1),
+    ];
+    for (from, to, ipv6, count) in calls {
+        let host = if ipv6 {
+            to.ipv6().to_string()
+        } else {
+            to.ipv4().to_string()
+        };
+        echo_round_trips(from, &host, PORT, count)?;
+        let where_ = if from.node_name() == to.node_name() {
+            "same node"
+        } else {
+            "across nodes"
+        };
+        println!(
+            "    {} -> {} {}:{PORT} x{count} ({where_}): ok",
+            from.name(),
+            to.name(),
+            host,
+        );
+    }
+
+    println!();
+    println!("What the kernel programs counted (TCP connect() calls per enrolled pod):");
+    println!(
+        "    {:<10} {:<7} {:>6} {:>6}",
+        "pod", "node", "ipv4", "ipv6"
+    );
+    for node in topo.nodes() {
+        let status = admin_json(node, "/status")?;
+        for pod in status["pods"].as_array().into_iter().flatten() {
+            let c = &pod["counters"];
+            println!(
+                "    {:<10} {:<7} {:>6} {:>6}",
+                pod["name"].as_str().unwrap_or("?"),
+                node.name(),
+                c["connect4"].as_u64().unwrap_or(0),
+                c["connect6"].as_u64().unwrap_or(0)
+            );
+        }
+    }
+    println!();
+    println!("`mesh-agent status` on node1:");
+    let out = topo.node("node1").run(
+        &agent_bin,
+        &["status", "--admin", ADMIN],
+        Duration::from_secs(10),
+    )?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {line}");
+    }
+    println!();
+    println!("A few metric lines from node1's /metrics:");
+    let (_, metrics) = topo.node("node1").http_get(ADMIN.parse()?, "/metrics")?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("mesh_pod_tcp_connects_total") || l.starts_with("mesh_pods_enrolled")
+    }) {
+        println!("    {line}");
+    }
+    println!();
+    step("tearing down (agents detach their programs; namespaces and cgroups removed)");
+    drop(agents);
+    drop(topo);
+    step(format!(
+        "demo done in {:.0}s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn build_agent(workspace: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    setup::run(Command::new(cargo).current_dir(workspace).args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+    ]))?;
+    let bin = workspace.join("target/release/mesh-agent");
+    if !bin.is_file() {
+        bail!("cargo built mesh-agent but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Writes the node's config (all its pods enrolled), starts the agent in the node
+/// and waits until it is ready.
+fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
+    let dir = topo.tmp_dir().join(format!("config-{}", node.name()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("node.yaml"),
+        format!("name: {}\nadminAddress: {ADMIN}\n", node.name()),
+    )?;
+    let mut pods = String::from("pods:\n");
+    for pod in node.pods() {
+        pods.push_str(&format!(
+            "  - name: {name}\n    namespace: demo\n    serviceAccount: {name}\n    ipv4: {}\n    ipv6: \"{}\"\n    netns: {}\n    cgroup: {}\n",
+            pod.ipv4(),
+            pod.ipv6(),
+            pod.netns_path().display(),
+            pod.cgroup_dir().display(),
+            name = pod.name(),
+        ));
+    }
+    std::fs::write(dir.join("pods.yaml"), pods)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run").arg("--config").arg(&dir);
+    let mut agent = node.spawn_with(cmd)?;
+    let admin: SocketAddr = ADMIN.parse()?;
+    wait_until(
+        &format!("the agent on {} to be ready", node.name()),
+        Duration::from_secs(20),
+        || {
+            if let Some(status) = agent.try_status()? {
+                bail!("the agent exited with {status}");
+            }
+            Ok(node
+                .http_get(admin, "/readyz")
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false))
+        },
+    )
+    .with_context(|| format!("agent log:\n{}", agent.stderr_so_far()))?;
+    Ok(agent)
+}
+
+fn admin_json(node: &Node, path: &str) -> Result<Value> {
+    let (code, body) = node.http_get(ADMIN.parse()?, path)?;
+    if code != 200 {
+        bail!("{path} on {} answered {code}: {body}", node.name());
+    }
+    serde_json::from_str(&body).with_context(|| format!("parsing {path} of {}", node.name()))
+}
