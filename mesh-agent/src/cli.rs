@@ -45,6 +45,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Detach every kernel program of this node and remove the pinned state, so
+    /// enrolled pods connect directly again. For uninstalling: run it after the
+    /// agent has stopped (a stopped agent otherwise keeps its pods captured).
+    Release {
+        #[arg(long, short, env = "MESH_CONFIG")]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -99,6 +106,17 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(3)
             })
+        }
+        Command::Release { config } => {
+            let cfg = config::load_dir(&config)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            let pin_dir = cfg.node.pin_dir();
+            let removed = crate::ebpf::remove_pinned_state(&pin_dir)?;
+            println!(
+                "released: removed {removed} pinned objects under {}",
+                pin_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
             println!("mesh-agent {}", env!("CARGO_PKG_VERSION"));

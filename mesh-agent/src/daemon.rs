@@ -1,36 +1,69 @@
-//! `mesh-agent run`: load config and kernel programs, enrol pods, serve the admin
-//! API, and on SIGTERM/SIGINT detach everything and exit.
+//! `mesh-agent run`: load config and kernel programs, enrol pods, proxy their
+//! traffic, follow config changes, and stop as `onStop` says on SIGTERM/SIGINT.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    admin, config,
-    ebpf::{KernelPrograms, bpffs},
+    admin,
+    capture::Enroller,
+    config::{self, Config, OnStop, watch::ConfigWatch},
+    ebpf::{KernelPrograms, LoadOptions, bpffs},
     logging,
-    state::{AgentState, PodStatus},
+    proxy::ProxyContext,
+    state::AgentState,
 };
+
+/// How often stale captured-connection records are looked for, and how old
+/// they must be to go.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const SWEEP_AGE: Duration = Duration::from_secs(30);
 
 pub async fn run(config_dir: &Path) -> Result<()> {
     let config = config::load_dir(config_dir).map_err(|e| anyhow!("invalid configuration: {e}"))?;
-    tracing::info!(node = %config.node.name, dir = %config_dir.display(), pods = config.pods.len(), "configuration loaded");
-    bpffs::ensure_mounted(&config.node.bpffs)?;
-    warn_about_memlock();
+    let node = config.node.clone();
+    tracing::info!(node = %node.name, dir = %config_dir.display(), pods = config.pods.len(), "configuration loaded");
+    bpffs::ensure_mounted(&node.bpffs)?;
+    raise_limits();
 
-    let programs = KernelPrograms::load(logging::max_level())?;
-    tracing::info!(programs = ?programs.program_names(), "kernel programs loaded");
+    let mut programs = KernelPrograms::load(&LoadOptions {
+        pin_dir: node.pin_dir(),
+        max_connections: node.max_connections,
+        kernel_log_level: logging::max_level(),
+    })?;
+    tracing::info!(programs = ?programs.program_names(), pin_dir = %node.pin_dir().display(), "kernel programs loaded");
+    let proxy = Arc::new(ProxyContext::new(programs.orig_dst_table()?));
+    let mut enroller = Enroller::new(programs, proxy.clone());
+    enroller.reconcile(&config.pods);
+    let released = enroller.programs.release_inherited();
+    if released > 0 {
+        tracing::info!(
+            released,
+            "released pods an earlier agent enrolled that are no longer configured"
+        );
+    }
     let state = Arc::new(AgentState::new(
-        config.node.name.clone(),
+        node.name.clone(),
         config_dir.to_path_buf(),
-        programs,
+        enroller,
+        proxy.clone(),
     ));
-    enrol_pods(&state, &config.pods);
+    state
+        .config_generation
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    state
+        .metrics
+        .config_reloads
+        .with_label_values(&["ok"])
+        .inc();
 
-    let listener = admin::bind(config.node.admin_address).await?;
-    tracing::info!(address = %config.node.admin_address, "admin API listening");
+    let listener = admin::bind(node.admin_address).await?;
+    tracing::info!(address = %node.admin_address, "admin API listening");
     let admin_task = tokio::spawn(admin::serve(listener, state.clone()));
+    let watch_task = tokio::spawn(follow_config(state.clone(), config));
+    let sweep_task = tokio::spawn(sweep_stale_records(proxy.clone()));
     state.set_ready(true);
     tracing::info!("agent ready");
 
@@ -42,67 +75,111 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     };
     tracing::info!(signal = signal_name, "shutting down");
     state.set_ready(false);
-    admin_task.abort();
-    release_all(&state);
-    tracing::info!("kernel programs detached; bye");
+    for task in [admin_task, watch_task, sweep_task] {
+        task.abort();
+    }
+    let mut enroller = state.enroller.lock().expect("enroller lock");
+    enroller.stop_serving();
+    match node.on_stop {
+        OnStop::KeepCapture => tracing::info!(
+            "kernel programs stay attached (onStop: keepCapture): enrolled pods' connections are refused until an agent is back"
+        ),
+        OnStop::Release => {
+            enroller.programs.release_all();
+            tracing::info!("kernel programs detached (onStop: release)");
+        }
+    }
     Ok(())
 }
 
-/// Enrols every configured pod. A pod that cannot be enrolled (missing netns or
-/// cgroup) is reported and does not stop the others.
-fn enrol_pods(state: &AgentState, pods: &[config::PodConfig]) {
-    let mut programs = state.programs.lock().expect("programs lock");
-    let mut statuses = Vec::with_capacity(pods.len());
-    for pod in pods {
-        let mut status = PodStatus {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            enrolled: false,
-            error: None,
-            netns_cookie: None,
-            counters: None,
-        };
-        match programs.enrol(pod) {
-            Ok(enrolment) => {
-                tracing::info!(pod = %pod.key(), netns_cookie = enrolment.netns_cookie, cgroup = %pod.cgroup.display(), "pod enrolled");
-                status.enrolled = true;
-                status.netns_cookie = Some(enrolment.netns_cookie);
+/// Applies every valid change of the configuration directory; an invalid one is
+/// reported (file, line, field) and the last good configuration keeps serving.
+async fn follow_config(state: Arc<AgentState>, mut current: Config) {
+    let mut watch = match ConfigWatch::start(&state.config_dir) {
+        Ok(watch) => watch,
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "configuration changes will NOT be followed"
+            );
+            return;
+        }
+    };
+    while watch.changed().await {
+        match config::load_dir(&state.config_dir) {
+            Ok(new) if new == current => {}
+            Ok(new) => {
+                if new.node != current.node {
+                    tracing::warn!(
+                        "node.yaml changed: node settings apply at the next restart; pods apply now"
+                    );
+                }
+                state
+                    .enroller
+                    .lock()
+                    .expect("enroller lock")
+                    .reconcile(&new.pods);
+                let generation = state
+                    .config_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    + 1;
+                *state.last_reload_error.lock().expect("reload error lock") = None;
+                state
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
+                tracing::info!(generation, pods = new.pods.len(), "configuration reloaded");
+                current = new;
             }
             Err(err) => {
-                tracing::error!(pod = %pod.key(), error = format!("{err:#}"), "pod NOT enrolled: its traffic is not captured");
-                status.error = Some(format!("{err:#}"));
+                tracing::error!(error = %err, "configuration change rejected; the previous configuration keeps serving");
+                *state.last_reload_error.lock().expect("reload error lock") = Some(err.to_string());
+                state
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["failed"])
+                    .inc();
             }
         }
-        statuses.push(status);
     }
-    *state.pods.lock().expect("pods lock") = statuses;
 }
 
-fn release_all(state: &AgentState) {
-    let mut programs = state.programs.lock().expect("programs lock");
-    for pod in state
-        .pods
-        .lock()
-        .expect("pods lock")
-        .iter()
-        .filter(|p| p.enrolled)
-    {
-        let key = format!("{}/{}", pod.namespace, pod.name);
-        if let Err(err) = programs.release(&key) {
-            tracing::warn!(pod = %key, error = %err, "releasing pod failed");
+async fn sweep_stale_records(proxy: Arc<ProxyContext>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        let removed = proxy.orig_dst.sweep(SWEEP_AGE);
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                "removed records of connections that never reached the agent"
+            );
         }
     }
 }
 
-/// Kernels since 5.11 account BPF memory to the memory cgroup, so a low
-/// RLIMIT_MEMLOCK no longer matters; raise it where allowed, else just say so.
-fn warn_about_memlock() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+/// Each proxied connection holds two descriptors: take the hard limit. Kernels
+/// since 5.11 charge BPF memory to the memory cgroup, so RLIMIT_MEMLOCK matters
+/// no more; raise it where allowed, else just say so.
+fn raise_limits() {
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: plain syscall with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    // SAFETY: plain syscalls with valid structs.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 {
+            nofile.rlim_cur = nofile.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
+        }
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+        }
     }
+    tracing::debug!(nofile = nofile.rlim_cur, "file descriptor limit");
 }

@@ -1,15 +1,18 @@
 //! mesh-agent: the node agent of an eBPF-accelerated service mesh.
 //!
-//! Layout follows the data path: `config` (the node-local files) -> `ebpf` (kernel
-//! programs attached to pod cgroups) -> `daemon` (the running agent) -> `admin`
-//! (health, readiness, metrics, status).
+//! Layout follows the data path: `config` (the node-local files) -> `capture`
+//! (enrolling pods: listeners in their namespaces) and `ebpf` (kernel programs
+//! attached to them) -> `proxy` (the userspace data path) -> `daemon` (the
+//! running agent) -> `admin` (health, readiness, metrics, status).
 
 pub mod admin;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod logging;
+pub mod proxy;
 pub mod state;
 pub mod status;
 

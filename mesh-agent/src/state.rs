@@ -3,14 +3,14 @@
 use std::{
     path::PathBuf,
     sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{admin::metrics::Metrics, ebpf::KernelPrograms};
+use crate::{admin::metrics::Metrics, capture::Enroller, proxy::ProxyContext};
 
 /// One configured pod and whether the kernel programs cover it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,11 +28,17 @@ pub struct PodStatus {
     pub counters: Option<PodCountersView>,
 }
 
+/// A pod's kernel counters, summed over CPUs (see `mesh_common::PodCounters`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodCountersView {
     pub connect4: u64,
     pub connect6: u64,
+    pub captured_outbound: u64,
+    pub captured_inbound: u64,
+    pub excluded: u64,
+    pub refused_agent_absent: u64,
+    pub refused_map_full: u64,
 }
 
 /// The summary behind `/status` and `mesh-agent status`.
@@ -46,26 +52,41 @@ pub struct StatusReport {
     pub programs: Vec<String>,
     pub attachments: usize,
     pub pods: Vec<PodStatus>,
+    /// Successful configuration loads since start (the first included).
+    pub config_generation: u64,
+    /// Why the last reload was rejected, if it was (the previous configuration
+    /// keeps serving).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reload_error: Option<String>,
 }
 
 pub struct AgentState {
     pub node: String,
     pub config_dir: PathBuf,
     ready: AtomicBool,
-    pub programs: Mutex<KernelPrograms>,
-    pub pods: Mutex<Vec<PodStatus>>,
+    pub enroller: Mutex<Enroller>,
+    pub proxy: Arc<ProxyContext>,
     pub metrics: Metrics,
+    pub config_generation: AtomicU64,
+    pub last_reload_error: Mutex<Option<String>>,
 }
 
 impl AgentState {
-    pub fn new(node: String, config_dir: PathBuf, programs: KernelPrograms) -> Self {
+    pub fn new(
+        node: String,
+        config_dir: PathBuf,
+        enroller: Enroller,
+        proxy: Arc<ProxyContext>,
+    ) -> Self {
         Self {
             node,
             config_dir,
             ready: AtomicBool::new(false),
-            programs: Mutex::new(programs),
-            pods: Mutex::new(Vec::new()),
+            enroller: Mutex::new(enroller),
+            proxy,
             metrics: Metrics::new(),
+            config_generation: AtomicU64::new(0),
+            last_reload_error: Mutex::new(None),
         }
     }
 
@@ -80,60 +101,52 @@ impl AgentState {
 
     /// Pod statuses with fresh counters from the kernel maps.
     pub fn pods_with_counters(&self) -> Vec<PodStatus> {
-        let programs = self.programs.lock().expect("programs lock");
-        let mut pods = self.pods.lock().expect("pods lock").clone();
-        for pod in pods.iter_mut().filter(|p| p.enrolled) {
-            let key = format!("{}/{}", pod.namespace, pod.name);
-            match programs.counters(&key) {
-                Ok(c) => {
-                    pod.counters = Some(PodCountersView {
-                        connect4: c.connect4,
-                        connect6: c.connect6,
-                    })
-                }
-                Err(err) => tracing::warn!(pod = %key, error = %err, "reading pod counters failed"),
-            }
-        }
-        pods
+        self.enroller.lock().expect("enroller lock").statuses()
     }
 
     pub fn status(&self) -> StatusReport {
-        let pods = self.pods_with_counters();
-        let programs = self.programs.lock().expect("programs lock");
+        let enroller = self.enroller.lock().expect("enroller lock");
         StatusReport {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             config_dir: self.config_dir.clone(),
             ready: self.is_ready(),
-            programs: programs
+            programs: enroller
+                .programs
                 .program_names()
                 .into_iter()
                 .map(String::from)
                 .collect(),
-            attachments: programs.attachment_count(),
-            pods,
+            attachments: enroller.programs.attachment_count(),
+            pods: enroller.statuses(),
+            config_generation: self.config_generation.load(Ordering::SeqCst),
+            last_reload_error: self
+                .last_reload_error
+                .lock()
+                .expect("reload error lock")
+                .clone(),
         }
     }
 
     /// Brings the metrics up to date; called on every scrape.
     pub fn refresh_metrics(&self) {
-        let pods = self.pods_with_counters();
+        let (pods, attachments) = {
+            let enroller = self.enroller.lock().expect("enroller lock");
+            (enroller.statuses(), enroller.programs.attachment_count())
+        };
         let m = &self.metrics;
         m.pods_enrolled
             .set(pods.iter().filter(|p| p.enrolled).count() as i64);
         m.pods_failed
             .set(pods.iter().filter(|p| !p.enrolled).count() as i64);
-        m.programs_attached.set(
-            self.programs
-                .lock()
-                .expect("programs lock")
-                .attachment_count() as i64,
-        );
+        m.programs_attached.set(attachments as i64);
         for pod in &pods {
-            let Some(c) = pod.counters else { continue };
-            for (family, total) in [("ipv4", c.connect4), ("ipv6", c.connect6)] {
-                m.sync_pod_connects(&pod.namespace, &pod.name, family, total);
+            if let Some(c) = pod.counters {
+                m.sync_pod_counters(&pod.namespace, &pod.name, &c);
             }
         }
+        m.sync_proxy(&self.proxy.connections);
+        m.config_generation
+            .set(self.config_generation.load(Ordering::SeqCst) as i64);
     }
 }

@@ -39,6 +39,13 @@ pub fn render(report: &StatusReport) -> String {
         report.programs.join(", "),
         report.attachments
     );
+    let _ = writeln!(out, "config gen.:  {}", report.config_generation);
+    if let Some(err) = &report.last_reload_error {
+        let _ = writeln!(
+            out,
+            "last reload: REJECTED (previous config still serving): {err}"
+        );
+    }
     let _ = writeln!(
         out,
         "pods:        {enrolled} enrolled of {} configured",
@@ -53,8 +60,15 @@ pub fn render(report: &StatusReport) -> String {
             (None, Some(c)) => {
                 let _ = writeln!(
                     out,
-                    "  ✓ {key}: connects ipv4={} ipv6={}",
-                    c.connect4, c.connect6
+                    "  ✓ {key}: connects ipv4={} ipv6={}, captured out={} in={}, excluded={}, \
+                     refused agent-absent={} map-full={}",
+                    c.connect4,
+                    c.connect6,
+                    c.captured_outbound,
+                    c.captured_inbound,
+                    c.excluded,
+                    c.refused_agent_absent,
+                    c.refused_map_full
                 );
             }
             (None, None) => {
@@ -82,7 +96,11 @@ mod tests {
             enrolled,
             error: error.map(String::from),
             netns_cookie: enrolled.then_some(42),
-            counters: counters.map(|(connect4, connect6)| PodCountersView { connect4, connect6 }),
+            counters: counters.map(|(connect4, connect6)| PodCountersView {
+                connect4,
+                connect6,
+                ..Default::default()
+            }),
         }
     }
 
@@ -99,8 +117,16 @@ mod tests {
                 pod("web", true, None, Some((5, 3))),
                 pod("db", false, Some("no netns"), None),
             ],
+            config_generation: 3,
+            last_reload_error: Some("pods.yaml:2: bad".into()),
         };
         let text = render(&report);
+        assert!(text.contains("captured out=0 in=0"), "{text}");
+        assert!(text.contains("config gen.:  3"), "{text}");
+        assert!(
+            text.contains("REJECTED") && text.contains("pods.yaml:2: bad"),
+            "{text}"
+        );
         assert!(text.contains("node:        node-1"), "{text}");
         assert!(text.contains("NOT READY"), "{text}");
         assert!(
@@ -125,6 +151,8 @@ mod tests {
             programs: vec![],
             attachments: 0,
             pods: vec![pod("web", true, None, Some((1, 2)))],
+            config_generation: 1,
+            last_reload_error: None,
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");

@@ -1,52 +1,268 @@
-//! Outbound hooks: `connect()` of IPv4 and IPv6 TCP sockets in enrolled pods.
+//! Outbound capture: every TCP `connect()` of an enrolled pod is redirected to the
+//! agent's listener in the pod's own network namespace, and where it was going
+//! is recorded for the agent.
+//!
+//! connect4/connect6 (cgroup hooks, before the kernel picks a source port):
+//!   record socket cookie -> original destination in PENDING, rewrite the
+//!   destination to 127.0.0.1:15001 / [::1]:15001.
+//! sock_ops TCP_CONNECT (the source port is now known, no packet sent yet):
+//!   record (netns cookie, client port, family) -> socket cookie in CLIENTS,
+//!   which the agent can compute from the socket it accepts.
+//! getpeername4/6: applications still see the address they dialled.
 use aya_ebpf::{
-    EbpfContext, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext,
+    bindings::{BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
+    macros::{cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
+use mesh_common::{
+    CidrKey, ClientKey, DIRECTION_OUTBOUND, FAMILY_IPV4, FAMILY_IPV6, OUTBOUND_PORT, OrigDst,
+    PodAddr, PortKey,
+};
 
-use crate::maps::{POD_COUNTERS, PODS};
+use crate::maps::{CLIENTS, EXCLUDED_CIDRS, EXCLUDED_PORTS, PENDING, PODS, count};
 
-/// Returned by a sock_addr program to let the call proceed.
+/// sock_addr verdicts.
 const ALLOW: i32 = 1;
+/// The call fails with EPERM: fail closed, and fast.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
-
-#[derive(Clone, Copy)]
-enum Family {
-    V4,
-    V6,
-}
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const BPF_NOEXIST: u64 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    on_connect(&ctx, Family::V4)
+    on_connect(&ctx, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    on_connect(&ctx, Family::V6)
+    on_connect(&ctx, true)
 }
 
-fn on_connect(ctx: &SockAddrContext, family: Family) -> i32 {
+fn on_connect(ctx: &SockAddrContext, ipv6_socket: bool) -> i32 {
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call.
-    let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    if sock_type != SOCK_STREAM {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
     // SAFETY: the helper only reads the socket behind the context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain-data value.
-    let Some(pod) = (unsafe { PODS.get(&netns) }) else {
+    let Some(pod) = (unsafe { PODS.get(&netns_cookie) }) else {
         return ALLOW;
     };
-    if let Some(counters) = POD_COUNTERS.get_ptr_mut(pod.slot) {
-        // SAFETY: per-CPU slot: no other CPU writes this copy.
-        unsafe {
-            match family {
-                Family::V4 => (*counters).connect4 += 1,
-                Family::V6 => (*counters).connect6 += 1,
-            }
+    let slot = pod.slot;
+    count(slot, |c| {
+        if ipv6_socket {
+            c.connect6 += 1
+        } else {
+            c.connect4 += 1
         }
+    });
+
+    let dst = if ipv6_socket {
+        let ip = sa.user_ip6;
+        let mut octets = [0u8; 16];
+        for (i, word) in ip.iter().enumerate() {
+            // user_ip6 words are in network byte order.
+            let bytes = word.to_ne_bytes();
+            octets[i * 4..i * 4 + 4].copy_from_slice(&bytes);
+        }
+        PodAddr::from_ipv6(octets)
+    } else {
+        PodAddr::from_ipv4(sa.user_ip4.to_ne_bytes())
+    };
+    let port = u16::from_be(sa.user_port as u16);
+    if dst.is_loopback() {
+        return ALLOW;
     }
-    debug!(ctx, "connect from pod slot {}", pod.slot);
+    if is_excluded(slot, &dst, port) {
+        count(slot, |c| c.excluded += 1);
+        return ALLOW;
+    }
+    // An IPv4-mapped destination on an IPv6 socket goes to the IPv4 listener.
+    let family = if dst.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    };
+    if !agent_listening(ctx, family) {
+        count(slot, |c| c.refused_agent_absent += 1);
+        debug!(
+            ctx,
+            "pod slot {}: no agent listening, connect refused", slot
+        );
+        return REFUSE;
+    }
+    // SAFETY: the helper only reads the socket behind the context.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr: dst,
+        port,
+        family,
+        _pad: 0,
+        slot,
+        netns_cookie,
+        // SAFETY: no arguments.
+        created_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if PENDING.insert(&socket_cookie, &orig, BPF_NOEXIST).is_err() {
+        count(slot, |c| c.refused_map_full += 1);
+        debug!(ctx, "pod slot {}: pending map full, connect refused", slot);
+        return REFUSE;
+    }
+    redirect_to_agent(sa, ipv6_socket, family);
+    count(slot, |c| c.captured_outbound += 1);
+    debug!(ctx, "pod slot {}: connect to port {} captured", slot, port);
+    ALLOW
+}
+
+fn is_excluded(slot: u32, dst: &PodAddr, port: u16) -> bool {
+    let port_key = PortKey {
+        slot,
+        port,
+        direction: DIRECTION_OUTBOUND,
+        _pad: 0,
+    };
+    // SAFETY: read-only lookup.
+    if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
+        return true;
+    }
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        CidrKey {
+            slot_be: slot.to_be_bytes(),
+            addr: *dst,
+        },
+    );
+    EXCLUDED_CIDRS.get(&key).is_some()
+}
+
+/// Whether the agent's outbound listener exists in this pod's namespace. It goes
+/// away with the agent process, so a stopped or crashed agent means refused
+/// connections, never uncaptured ones.
+fn agent_listening(ctx: &SockAddrContext, family: u8) -> bool {
+    // SAFETY: a zeroed tuple is a valid (wildcard) tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if family == FAMILY_IPV4 {
+        // SAFETY: writing the ipv4 member of the union.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.daddr = u32::from_ne_bytes([127, 0, 0, 1]);
+            t.dport = OUTBOUND_PORT.to_be();
+        }
+        core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        // SAFETY: writing the ipv6 member of the union.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.daddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+            t.dport = OUTBOUND_PORT.to_be();
+        }
+        core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    // SAFETY: valid context, tuple and size; the returned reference is released.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}
+
+fn redirect_to_agent(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ipv6_socket: bool, family: u8) {
+    sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+    if !ipv6_socket {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    } else if family == FAMILY_IPV4 {
+        // ::ffff:127.0.0.1, reaching the IPv4 listener.
+        sa.user_ip6 = [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes([127, 0, 0, 1]),
+        ];
+    } else {
+        sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    }
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        note_client_port(&ctx);
+    }
+    1
+}
+
+/// At TCP_CONNECT the client port is chosen and no packet has left yet: index the
+/// pending entry by what the agent will see on accept.
+fn note_client_port(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the socket behind the context.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain-data value.
+    let Some(orig) = (unsafe { PENDING.get(&socket_cookie) }) else {
+        return;
+    };
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let key = ClientKey {
+        netns_cookie: orig.netns_cookie,
+        port: ctx.local_port() as u16,
+        family: orig.family,
+        _pad: [0; 5],
+    };
+    // If this fails the agent finds no entry and closes the connection.
+    let _ = CLIENTS.insert(&key, &socket_cookie, 0);
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_dialled_address(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_dialled_address(&ctx, true)
+}
+
+/// A captured socket is connected to the agent; its peer address is reported as
+/// the one the application dialled.
+fn restore_dialled_address(ctx: &SockAddrContext, ipv6_socket: bool) -> i32 {
+    // SAFETY: the helper only reads the socket behind the context.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain-data value.
+    let Some(orig) = (unsafe { PENDING.get(&socket_cookie) }) else {
+        return ALLOW;
+    };
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_port = u32::from(orig.port.to_be());
+    let a = orig.addr.addr;
+    if ipv6_socket {
+        for i in 0..4 {
+            sa.user_ip6[i] =
+                u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
+        }
+    } else {
+        sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    }
     ALLOW
 }

@@ -1,12 +1,18 @@
 //! Kernel programs of the mesh agent.
 //!
-//! Loaded and attached by `mesh-agent` (see `mesh-agent/src/ebpf/`). The programs
-//! are attached to the cgroup of each enrolled pod; they look the pod up by the
-//! network-namespace cookie of the socket, which the pod cannot forge.
+//! Loaded and attached by `mesh-agent` (see `mesh-agent/src/ebpf/`):
+//! - `capture`: connect4/connect6 and sock_ops, attached to each enrolled pod's
+//!   cgroup: outbound connections go to the agent;
+//! - `inbound`: sk_lookup, attached to each enrolled pod's network namespace:
+//!   inbound connections go to the agent.
+//!
+//! Pods are looked up by the network-namespace cookie of the socket (or, for
+//! inbound, by their address inside their own namespace), which a pod cannot forge.
 #![no_std]
 #![no_main]
 
 mod capture;
+mod inbound;
 mod maps;
 
 #[cfg(not(test))]

@@ -1,14 +1,58 @@
 //! Maps shared with the agent. Names and value types come from `mesh-common`.
+//! Every map is pinned by name, so a restarted agent (and the pinned programs of
+//! a stopped one) share the same state.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
-use mesh_common::{MAX_PODS, PodCounters, PodInfo};
+use mesh_common::{
+    CidrKey, ClientKey, DEFAULT_MAX_PENDING, MAX_EXCLUSIONS, MAX_PODS, OrigDst, PodAddr,
+    PodCounters, PodInfo, PortKey,
+};
 
 /// Enrolled pods by netns cookie; written by the agent.
 #[map(name = "MESH_PODS")]
-pub static PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(MAX_PODS, 0);
+pub static PODS: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 
-/// Per-pod counters, indexed by `PodInfo::slot`; read (and summed) by the agent.
+/// Enrolled pods by address -> slot; written by the agent.
+#[map(name = "MESH_POD_ADDRS")]
+pub static POD_ADDRS: HashMap<PodAddr, u32> = HashMap::pinned(MAX_PODS * 4, 0);
+
+/// Per-pod counters, indexed by slot; read (and summed) by the agent.
 #[map(name = "MESH_POD_COUNTERS")]
-pub static POD_COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::with_max_entries(MAX_PODS, 0);
+pub static POD_COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::pinned(MAX_PODS, 0);
+
+/// Captured connections by client socket cookie, for as long as the connection
+/// lives (getpeername reads it); the agent removes an entry when it is done with
+/// the connection. Its size bounds the concurrent captured connections per node
+/// (the agent sets it at load time).
+#[map(name = "MESH_PENDING")]
+pub static PENDING: HashMap<u64, OrigDst> = HashMap::pinned(DEFAULT_MAX_PENDING, 0);
+
+/// Client (netns, port, family) -> socket cookie. LRU: an entry can only be
+/// evicted after its PENDING entry was refused or removed, and then the agent
+/// closes the connection (it cannot be told where it was going).
+#[map(name = "MESH_CLIENTS")]
+pub static CLIENTS: LruHashMap<ClientKey, u64> = LruHashMap::pinned(DEFAULT_MAX_PENDING, 0);
+
+/// The agent's inbound listeners, index slot * 2 + (0 IPv4 | 1 IPv6).
+#[map(name = "MESH_INBOUND_LISTENERS")]
+pub static INBOUND_LISTENERS: SockMap = SockMap::pinned(MAX_PODS * 2, 0);
+
+#[map(name = "MESH_EXCLUDED_PORTS")]
+pub static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_EXCLUSIONS, 0);
+
+#[map(name = "MESH_EXCLUDED_CIDRS")]
+pub static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> =
+    LpmTrie::pinned(MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
+
+/// Adds to a pod's counters (this CPU's copy).
+#[inline(always)]
+pub fn count(slot: u32, f: impl FnOnce(&mut PodCounters)) {
+    if let Some(counters) = POD_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot: no other CPU writes this copy, and programs do not
+        // preempt each other on one CPU for the same map value here.
+        f(unsafe { &mut *counters });
+    }
+}

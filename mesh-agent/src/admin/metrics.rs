@@ -1,9 +1,19 @@
 //! Prometheus metrics of the agent itself. Label sets are bounded: per pod on
 //! this node at most, never per connection.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Mutex, atomic::Ordering},
+};
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
+};
+
+use crate::{
+    proxy::connections::{ConnectionLog, Direction},
+    state::PodCountersView,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -11,81 +21,131 @@ pub struct Metrics {
     pub pods_enrolled: IntGauge,
     pub pods_failed: IntGauge,
     pub programs_attached: IntGauge,
-    pub pod_connects: IntCounterVec,
-    pub build_info: IntGaugeVec,
-    /// Last kernel total seen per pod counter series, to turn totals into increments.
-    last_kernel_totals: Mutex<HashMap<[String; 3], u64>>,
+    pub config_generation: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pod_connects: IntCounterVec,
+    pod_captured: IntCounterVec,
+    pod_excluded: IntCounterVec,
+    pod_refused: IntCounterVec,
+    proxy_connections: IntCounterVec,
+    proxy_bytes: IntCounterVec,
+    proxy_active: IntGaugeVec,
+    /// Last total seen per series, to turn totals into increments.
+    last_totals: Mutex<HashMap<Vec<String>, u64>>,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let ready = IntGauge::new(
-            "mesh_agent_ready",
-            "1 when programs are attached and config is loaded",
-        )
-        .unwrap();
-        let pods_enrolled = IntGauge::new(
-            "mesh_pods_enrolled",
-            "Pods whose traffic the kernel programs see",
-        )
-        .unwrap();
-        let pods_failed = IntGauge::new(
-            "mesh_pods_enrolment_failed",
-            "Configured pods that could not be enrolled",
-        )
-        .unwrap();
-        let programs_attached = IntGauge::new(
-            "mesh_bpf_program_attachments",
-            "Kernel program attachments to pod cgroups",
-        )
-        .unwrap();
-        let pod_connects = IntCounterVec::new(
-            Opts::new(
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let m = Self {
+            ready: gauge(
+                "mesh_agent_ready",
+                "1 when programs are attached and config is loaded",
+            ),
+            pods_enrolled: gauge(
+                "mesh_pods_enrolled",
+                "Pods whose traffic the kernel programs capture",
+            ),
+            pods_failed: gauge(
+                "mesh_pods_enrolment_failed",
+                "Configured pods that could not be enrolled",
+            ),
+            programs_attached: gauge(
+                "mesh_bpf_program_attachments",
+                "Kernel program attachments to pods",
+            ),
+            config_generation: gauge(
+                "mesh_config_generation",
+                "Configurations loaded since start",
+            ),
+            config_reloads: counter(
+                "mesh_config_reloads_total",
+                "Configuration reloads",
+                &["result"],
+            ),
+            pod_connects: counter(
                 "mesh_pod_tcp_connects_total",
                 "TCP connect() calls seen by the kernel programs, per pod",
+                &["namespace", "pod", "family"],
             ),
-            &["namespace", "pod", "family"],
-        )
-        .unwrap();
+            pod_captured: counter(
+                "mesh_pod_captured_connections_total",
+                "Connections of a pod handed to the agent by the kernel programs",
+                &["namespace", "pod", "direction"],
+            ),
+            pod_excluded: counter(
+                "mesh_pod_excluded_connections_total",
+                "Connections left uncaptured by a configured exclusion",
+                &["namespace", "pod"],
+            ),
+            pod_refused: counter(
+                "mesh_pod_refused_connections_total",
+                "Connections refused in the kernel (fail-closed), by reason",
+                &["namespace", "pod", "reason"],
+            ),
+            proxy_connections: counter(
+                "mesh_proxy_connections_total",
+                "Connections the agent proxied, by direction and result",
+                &["direction", "result"],
+            ),
+            proxy_bytes: counter(
+                "mesh_proxy_bytes_total",
+                "Bytes the agent relayed",
+                &["direction", "flow"],
+            ),
+            proxy_active: IntGaugeVec::new(
+                Opts::new("mesh_proxy_active_connections", "Connections being proxied"),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            last_totals: Mutex::default(),
+            registry,
+        };
         let build_info = IntGaugeVec::new(
             Opts::new("mesh_agent_build_info", "Agent version"),
             &["version"],
         )
-        .unwrap();
+        .expect("valid");
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for collector in [
-            Box::new(ready.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(pods_enrolled.clone()),
-            Box::new(pods_failed.clone()),
-            Box::new(programs_attached.clone()),
-            Box::new(pod_connects.clone()),
-            Box::new(build_info.clone()),
-        ] {
-            registry
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.ready.clone()),
+            Box::new(m.pods_enrolled.clone()),
+            Box::new(m.pods_failed.clone()),
+            Box::new(m.programs_attached.clone()),
+            Box::new(m.config_generation.clone()),
+            Box::new(m.config_reloads.clone()),
+            Box::new(m.pod_connects.clone()),
+            Box::new(m.pod_captured.clone()),
+            Box::new(m.pod_excluded.clone()),
+            Box::new(m.pod_refused.clone()),
+            Box::new(m.proxy_connections.clone()),
+            Box::new(m.proxy_bytes.clone()),
+            Box::new(m.proxy_active.clone()),
+            Box::new(build_info),
+        ];
+        for collector in collectors {
+            m.registry
                 .register(collector)
                 .expect("metric names are unique");
         }
-        Self {
-            registry,
-            ready,
-            pods_enrolled,
-            pods_failed,
-            programs_attached,
-            pod_connects,
-            build_info,
-            last_kernel_totals: Mutex::default(),
-        }
+        m
     }
 
-    /// Feeds a pod's kernel total into its Prometheus counter. The kernel keeps
-    /// totals that restart from zero when a pod is enrolled again; a total lower
-    /// than the last one seen is such a restart, so all of it is new.
-    pub fn sync_pod_connects(&self, namespace: &str, pod: &str, family: &str, total: u64) {
-        let key = [namespace.to_string(), pod.to_string(), family.to_string()];
-        let mut last = self.last_kernel_totals.lock().expect("metrics lock");
+    /// Feeds a total kept elsewhere (kernel maps, proxy totals) into a
+    /// Prometheus counter. Kernel totals restart from zero when a pod is enrolled
+    /// again; a total lower than the last one seen is such a restart, so all of it
+    /// is new.
+    fn sync(&self, vec: &IntCounterVec, labels: &[&str], total: u64) {
+        let mut key: Vec<String> = vec![vec.desc()[0].fq_name.clone()];
+        key.extend(labels.iter().map(|l| l.to_string()));
+        let mut last = self.last_totals.lock().expect("metrics lock");
         let previous = last.insert(key, total).unwrap_or(0);
         let increment = if total >= previous {
             total - previous
@@ -93,9 +153,63 @@ impl Metrics {
             total
         };
         if increment > 0 {
-            self.pod_connects
-                .with_label_values(&[namespace, pod, family])
-                .inc_by(increment);
+            vec.with_label_values(labels).inc_by(increment);
+        }
+    }
+
+    pub fn sync_pod_counters(&self, namespace: &str, pod: &str, c: &PodCountersView) {
+        self.sync(&self.pod_connects, &[namespace, pod, "ipv4"], c.connect4);
+        self.sync(&self.pod_connects, &[namespace, pod, "ipv6"], c.connect6);
+        self.sync(
+            &self.pod_captured,
+            &[namespace, pod, "outbound"],
+            c.captured_outbound,
+        );
+        self.sync(
+            &self.pod_captured,
+            &[namespace, pod, "inbound"],
+            c.captured_inbound,
+        );
+        self.sync(&self.pod_excluded, &[namespace, pod], c.excluded);
+        self.sync(
+            &self.pod_refused,
+            &[namespace, pod, "agent_absent"],
+            c.refused_agent_absent,
+        );
+        self.sync(
+            &self.pod_refused,
+            &[namespace, pod, "map_full"],
+            c.refused_map_full,
+        );
+    }
+
+    pub fn sync_proxy(&self, log: &ConnectionLog) {
+        for (direction, name) in [
+            (Direction::Outbound, "outbound"),
+            (Direction::Inbound, "inbound"),
+        ] {
+            let t = log.totals(direction);
+            let closed = t.closed.load(Ordering::Relaxed);
+            let failed = t.failed.load(Ordering::Relaxed);
+            self.sync(
+                &self.proxy_connections,
+                &[name, "ok"],
+                closed.saturating_sub(failed),
+            );
+            self.sync(&self.proxy_connections, &[name, "failed"], failed);
+            self.sync(
+                &self.proxy_bytes,
+                &[name, "sent"],
+                t.bytes_sent.load(Ordering::Relaxed),
+            );
+            self.sync(
+                &self.proxy_bytes,
+                &[name, "received"],
+                t.bytes_received.load(Ordering::Relaxed),
+            );
+            self.proxy_active
+                .with_label_values(&[name])
+                .set(log.active(direction) as i64);
         }
     }
 
@@ -121,18 +235,22 @@ mod tests {
     #[test]
     fn kernel_totals_become_monotonic_counters_across_resets() {
         let metrics = Metrics::new();
+        let view = |connect4| PodCountersView {
+            connect4,
+            ..Default::default()
+        };
         let counter = metrics
             .pod_connects
             .with_label_values(&["ns", "web", "ipv4"]);
-        metrics.sync_pod_connects("ns", "web", "ipv4", 5);
-        metrics.sync_pod_connects("ns", "web", "ipv4", 5);
-        metrics.sync_pod_connects("ns", "web", "ipv4", 7);
+        metrics.sync_pod_counters("ns", "web", &view(5));
+        metrics.sync_pod_counters("ns", "web", &view(5));
+        metrics.sync_pod_counters("ns", "web", &view(7));
         assert_eq!(counter.get(), 7);
         // The pod was enrolled again: the kernel total restarted at 0 and is now
         // 2. The Prometheus counter never goes backwards and loses nothing.
-        metrics.sync_pod_connects("ns", "web", "ipv4", 2);
+        metrics.sync_pod_counters("ns", "web", &view(2));
         assert_eq!(counter.get(), 9);
-        metrics.sync_pod_connects("ns", "web", "ipv4", 3);
+        metrics.sync_pod_counters("ns", "web", &view(3));
         assert_eq!(counter.get(), 10);
         let text = metrics.render();
         assert!(
@@ -145,5 +263,23 @@ mod tests {
             text.contains(r#"mesh_agent_build_info{version=""#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn refusals_are_labelled_by_reason() {
+        let metrics = Metrics::new();
+        let c = PodCountersView {
+            refused_agent_absent: 2,
+            refused_map_full: 1,
+            ..Default::default()
+        };
+        metrics.sync_pod_counters("ns", "web", &c);
+        let text = metrics.render();
+        for line in [
+            r#"mesh_pod_refused_connections_total{namespace="ns",pod="web",reason="agent_absent"} 2"#,
+            r#"mesh_pod_refused_connections_total{namespace="ns",pod="web",reason="map_full"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
     }
 }

@@ -24,6 +24,7 @@ pub const PATH_READYZ: &str = "/readyz";
 pub const PATH_METRICS: &str = "/metrics";
 pub const PATH_STATUS: &str = "/status";
 pub const PATH_DEBUG_PODS: &str = "/debug/pods";
+pub const PATH_DEBUG_CONNECTIONS: &str = "/debug/connections";
 
 /// Binds the admin address; fails at once if it is taken.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -38,7 +39,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
+                // Out of descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %err, "admin API accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -75,6 +78,7 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         PATH_STATUS => json(&state.status()),
         PATH_DEBUG_PODS => json(&state.pods_with_counters()),
+        PATH_DEBUG_CONNECTIONS => json(&state.proxy.connections.recent()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

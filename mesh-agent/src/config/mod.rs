@@ -6,6 +6,7 @@
 mod error;
 mod node;
 mod pods;
+pub mod watch;
 
 use std::{
     collections::HashSet,
@@ -13,8 +14,8 @@ use std::{
 };
 
 pub use error::ConfigError;
-pub use node::{NodeConfig, default_admin_address};
-pub use pods::{PodConfig, PodsFile};
+pub use node::{NodeConfig, OnStop, default_admin_address};
+pub use pods::{CaptureExclusions, PodConfig, PodsFile};
 
 pub const NODE_FILE: &str = "node.yaml";
 pub const PODS_FILE: &str = "pods.yaml";

@@ -17,6 +17,41 @@ pub struct NodeConfig {
     /// Mount point of the BPF filesystem (mounted by the agent if it is not).
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
+    /// Where this agent pins its maps and program links (on the BPF filesystem).
+    /// Pinned state outlives the process: that is what keeps enrolled pods
+    /// captured (fail-closed) while no agent runs, and what a restarted agent
+    /// takes over. Default: `<bpffs>/mesh`.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    /// Most captured connections alive at once on this node; beyond it new
+    /// connections of enrolled pods are refused and counted (never let through).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// What an orderly stop (SIGTERM, SIGINT) does to the kernel programs.
+    #[serde(default)]
+    pub on_stop: OnStop,
+}
+
+/// Behaviour on an orderly stop. A crash always leaves capture in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnStop {
+    /// Programs stay attached: enrolled pods cannot open connections (they are
+    /// refused at once, and counted) until an agent is back. Mesh users expect
+    /// this: no traffic escapes policy while the agent is away.
+    #[default]
+    KeepCapture,
+    /// Programs are detached: pods connect directly, without the agent (and so
+    /// without policy or mTLS). For uninstalling, or a deliberate fail-open choice.
+    Release,
+}
+
+impl NodeConfig {
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| self.bpffs.join("mesh"))
+    }
 }
 
 pub fn default_admin_address() -> SocketAddr {
@@ -25,4 +60,8 @@ pub fn default_admin_address() -> SocketAddr {
 
 fn default_bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf")
+}
+
+fn default_max_connections() -> u32 {
+    mesh_common::DEFAULT_MAX_PENDING
 }

@@ -35,6 +35,26 @@ pub struct PodConfig {
     /// The pod's cgroup v2 directory; the kernel programs are attached here and so
     /// apply to every container of the pod.
     pub cgroup: PathBuf,
+    /// Traffic of this pod that is not captured.
+    #[serde(default)]
+    pub capture_exclusions: CaptureExclusions,
+}
+
+/// What capture leaves alone for one pod. Everything else of an enrolled pod goes
+/// through the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaptureExclusions {
+    /// Destination ports of outbound connections.
+    #[serde(default)]
+    pub outbound_ports: Vec<u16>,
+    /// Destination networks of outbound connections.
+    #[serde(default)]
+    pub outbound_cidrs: Vec<ipnet::IpNet>,
+    /// Ports of the pod that inbound connections may reach directly (e.g. a
+    /// kubelet probe port).
+    #[serde(default)]
+    pub inbound_ports: Vec<u16>,
 }
 
 fn default_service_account() -> String {

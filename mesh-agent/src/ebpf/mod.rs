@@ -1,29 +1,70 @@
 //! The kernel side: loads the programs built from `mesh-ebpf`, attaches them to
-//! the cgroups of enrolled pods, and reads their per-pod counters.
+//! enrolled pods (cgroup hooks for outbound, sk_lookup on the pod's network
+//! namespace for inbound), and keeps the maps they share with the agent.
+//!
+//! Maps and links are pinned under the node's pin directory. Pinned links stay
+//! attached when the agent stops or crashes, so enrolled pods stay captured
+//! (their connections are refused while no agent listens), and a restarted agent
+//! takes over the same maps and replaces the links without a gap.
 
 pub mod bpffs;
 mod netns;
+pub mod orig_dst;
 
-use std::{collections::BTreeMap, fs::File, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLinkId},
+    maps::{
+        HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, SockMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        links::{FdLink, Link, PinnedLink},
+    },
     util::nr_cpus,
 };
-use mesh_common::{MAP_POD_COUNTERS, MAP_PODS, MAX_PODS, PodCounters, PodInfo};
-
-pub use netns::netns_cookie;
+use mesh_common::{
+    CidrKey, DIRECTION_INBOUND, DIRECTION_OUTBOUND, MAP_CLIENTS, MAP_EXCLUDED_CIDRS,
+    MAP_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_PENDING, MAP_POD_ADDRS, MAP_POD_COUNTERS,
+    MAP_PODS, MAX_PODS, PodAddr, PodCounters, PodInfo, PortKey,
+};
+pub use netns::{current_netns_cookie, netns_cookie};
+pub use orig_dst::OrigDstTable;
 
 use crate::config::PodConfig;
 
 /// The kernel object, built by mesh-agent's build script from mesh-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
-/// Programs attached to every enrolled pod's cgroup.
-const POD_PROGRAMS: [&str; 2] = ["mesh_connect4", "mesh_connect6"];
+/// Programs attached to each enrolled pod's cgroup.
+const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    "mesh_connect4",
+    "mesh_connect6",
+    "mesh_getpeername4",
+    "mesh_getpeername6",
+];
+const SOCK_OPS_PROGRAM: &str = "mesh_sockops";
+/// Attached to each enrolled pod's network namespace.
+const SK_LOOKUP_PROGRAM: &str = "mesh_sk_lookup";
+
+/// How the programs are loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Directory on bpffs for this agent's maps and links.
+    pub pin_dir: PathBuf,
+    /// Size of the captured-connection maps.
+    pub max_connections: u32,
+    /// Kernel log records at or above this level reach the agent's log.
+    pub kernel_log_level: log::LevelFilter,
+}
 
 /// What the kernel knows about one enrolled pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,149 +73,389 @@ pub struct Enrolment {
     pub slot: u32,
 }
 
-struct EnrolledPod {
-    enrolment: Enrolment,
-    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+/// The agent's inbound listeners of a pod, which sk_lookup hands connections to.
+pub struct InboundListeners<'a> {
+    pub ipv4: std::os::fd::BorrowedFd<'a>,
+    pub ipv6: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
-/// The loaded kernel programs and the pods they are attached to. Dropping it
-/// detaches every program (the links belong to this process).
+struct EnrolledPod {
+    enrolment: Enrolment,
+    addrs: Vec<PodAddr>,
+    port_keys: Vec<PortKey>,
+    cidr_keys: Vec<LpmKey<CidrKey>>,
+    links: Vec<PinnedLink>,
+}
+
+/// The loaded kernel programs and the pods they are attached to.
 pub struct KernelPrograms {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
     pods: BTreeMap<String, EnrolledPod>,
+    /// Slots of pods enrolled by an earlier agent (netns cookie -> slot), found in
+    /// the pinned pod map at load: reused, with their counters, when the same pod
+    /// is enrolled again.
+    inherited: HashMap<u64, u32>,
     free_slots: Vec<u32>,
 }
 
 impl KernelPrograms {
-    /// Loads and verifies the programs; kernel log records at or above
-    /// `kernel_log_level` are forwarded into the agent's log.
-    pub fn load(kernel_log_level: log::LevelFilter) -> Result<Self> {
-        let level = kernel_log_level as u8;
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        let maps_dir = options.pin_dir.join("maps");
+        std::fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
+        std::fs::create_dir_all(options.pin_dir.join("links"))?;
+        let level = options.kernel_log_level as u8;
         let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(MAP_PENDING, options.max_connections)
+            .map_max_entries(MAP_CLIENTS, options.max_connections)
             .override_global(aya_log::LEVEL, &level, false)
             .load(EBPF_OBJECT)
-            .context("loading the kernel programs (needs root: CAP_BPF, CAP_SYS_ADMIN)")?;
+            .with_context(|| {
+                format!(
+                    "loading the kernel programs (needs root: CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN); \
+                     if the maps pinned in {} come from an incompatible agent version, remove them",
+                    maps_dir.display()
+                )
+            })?;
         start_kernel_log_forwarding(&mut ebpf);
-        for name in POD_PROGRAMS {
-            cgroup_program(&mut ebpf, name)?
+        for name in CGROUP_SOCK_ADDR_PROGRAMS {
+            sock_addr_program(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("the kernel rejected program {name}"))?;
         }
+        sock_ops_program(&mut ebpf)?
+            .load()
+            .context("the kernel rejected program mesh_sockops")?;
+        sk_lookup_program(&mut ebpf)?
+            .load()
+            .context("the kernel rejected program mesh_sk_lookup")?;
+
+        let inherited = read_pod_map(&mut ebpf)?;
+        let used: std::collections::HashSet<u32> = inherited.values().copied().collect();
+        let free_slots = (0..MAX_PODS).rev().filter(|s| !used.contains(s)).collect();
         Ok(Self {
             ebpf,
+            pin_dir: options.pin_dir.clone(),
             pods: BTreeMap::new(),
-            free_slots: (0..MAX_PODS).rev().collect(),
+            inherited,
+            free_slots,
         })
     }
 
-    /// Names of the loaded programs.
-    pub fn program_names(&self) -> Vec<&'static str> {
-        POD_PROGRAMS.to_vec()
+    /// Moves the captured-connection maps out for the data path.
+    pub fn orig_dst_table(&mut self) -> Result<OrigDstTable> {
+        let pending = self
+            .ebpf
+            .take_map(MAP_PENDING)
+            .ok_or_else(|| anyhow!("map {MAP_PENDING} missing"))?;
+        let clients = self
+            .ebpf
+            .take_map(MAP_CLIENTS)
+            .ok_or_else(|| anyhow!("map {MAP_CLIENTS} missing"))?;
+        OrigDstTable::new(pending, clients)
     }
 
-    /// Enrols a pod: records it in the pod map, then attaches the programs to its
-    /// cgroup. On error nothing of it is left behind.
-    pub fn enrol(&mut self, pod: &PodConfig) -> Result<Enrolment> {
+    pub fn program_names(&self) -> Vec<&'static str> {
+        let mut names = CGROUP_SOCK_ADDR_PROGRAMS.to_vec();
+        names.extend([SOCK_OPS_PROGRAM, SK_LOOKUP_PROGRAM]);
+        names
+    }
+
+    /// Enrols a pod whose network namespace has cookie `netns_cookie` and whose
+    /// inbound listeners exist. On error nothing of it is left behind.
+    pub fn enrol(
+        &mut self,
+        pod: &PodConfig,
+        netns_cookie: u64,
+        listeners: InboundListeners<'_>,
+    ) -> Result<Enrolment> {
         let key = pod.key();
-        if let Some(existing) = self.pods.get(&key) {
-            return Ok(existing.enrolment);
+        if self.pods.contains_key(&key) {
+            bail!("pod {key} is already enrolled");
         }
-        let netns_cookie = netns_cookie(&pod.netns)?;
         let cgroup = File::open(&pod.cgroup)
             .with_context(|| format!("opening the pod's cgroup {}", pod.cgroup.display()))?;
         if !cgroup.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(anyhow!(
-                "{} is not a cgroup directory",
-                pod.cgroup.display()
-            ));
+            bail!("{} is not a cgroup directory", pod.cgroup.display());
         }
-        let slot = self
-            .free_slots
-            .pop()
-            .ok_or_else(|| anyhow!("all {MAX_PODS} pod slots are in use"))?;
+        let netns = File::open(&pod.netns).with_context(|| {
+            format!(
+                "opening the pod's network namespace {}",
+                pod.netns.display()
+            )
+        })?;
+        let (slot, inherited) = match self.inherited.remove(&netns_cookie) {
+            Some(slot) => (slot, true),
+            None => (
+                self.free_slots
+                    .pop()
+                    .ok_or_else(|| anyhow!("all {MAX_PODS} pod slots are in use"))?,
+                false,
+            ),
+        };
         let enrolment = Enrolment { netns_cookie, slot };
-        let result = self.attach(enrolment, &cgroup, &pod.cgroup);
-        match result {
-            Ok(links) => {
-                self.pods.insert(key, EnrolledPod { enrolment, links });
+        let mut pod_state = EnrolledPod {
+            enrolment,
+            addrs: Vec::new(),
+            port_keys: Vec::new(),
+            cidr_keys: Vec::new(),
+            links: Vec::new(),
+        };
+        match self.install(pod, &mut pod_state, inherited, &cgroup, &netns, &listeners) {
+            Ok(()) => {
+                self.pods.insert(key, pod_state);
                 Ok(enrolment)
             }
             Err(err) => {
-                self.pods_map()
-                    .and_then(|mut m| m.remove(&netns_cookie).map_err(Into::into))
-                    .ok();
-                self.free_slots.push(slot);
+                self.uninstall(pod_state);
                 Err(err)
             }
         }
     }
 
-    fn attach(
+    /// Map entries first, links last: a program never runs for a pod it does not
+    /// fully know.
+    fn install(
         &mut self,
-        enrolment: Enrolment,
+        pod: &PodConfig,
+        state: &mut EnrolledPod,
+        inherited: bool,
         cgroup: &File,
-        cgroup_path: &Path,
-    ) -> Result<Vec<(&'static str, CgroupSockAddrLinkId)>> {
-        self.reset_counters(enrolment.slot)?;
-        // The map entry goes first, so the programs never see an attached pod
-        // they do not know.
-        self.pods_map()?
-            .insert(
-                enrolment.netns_cookie,
-                PodInfo {
-                    slot: enrolment.slot,
-                    flags: 0,
-                },
-                0,
-            )
-            .context("adding the pod to the kernel's pod map")?;
-        let mut links = Vec::new();
-        for name in POD_PROGRAMS {
-            // Attached through bpf_link, which coexists with other tools' programs on
-            // the same cgroup by itself; the kernel wants no flags (`Single`) there
-            // and rejects ALLOW_MULTI.
-            match cgroup_program(&mut self.ebpf, name)?.attach(cgroup, CgroupAttachMode::Single) {
-                Ok(link) => links.push((name, link)),
-                Err(err) => {
-                    self.detach(links);
-                    return Err(anyhow!(err)).with_context(|| {
-                        format!("attaching {name} to cgroup {}", cgroup_path.display())
-                    });
-                }
-            }
+        netns: &File,
+        listeners: &InboundListeners<'_>,
+    ) -> Result<()> {
+        let slot = state.enrolment.slot;
+        if !inherited {
+            self.reset_counters(slot)?;
         }
-        Ok(links)
-    }
+        let mut listener_map: SockMap<_> = SockMap::try_from(self.map_mut(MAP_INBOUND_LISTENERS)?)?;
+        listener_map
+            .set(slot * 2, &listeners.ipv4, 0)
+            .context("registering the IPv4 inbound listener")?;
+        if let Some(v6) = listeners.ipv6 {
+            listener_map
+                .set(slot * 2 + 1, &v6, 0)
+                .context("registering the IPv6 inbound listener")?;
+        }
 
-    /// Releases a pod: detaches the programs from its cgroup and forgets it.
-    pub fn release(&mut self, pod_key: &str) -> Result<()> {
-        let Some(pod) = self.pods.remove(pod_key) else {
-            return Ok(());
-        };
-        self.detach(pod.links);
+        let exclusions = &pod.capture_exclusions;
+        let mut ports: BpfHashMap<_, PortKey, u8> =
+            BpfHashMap::try_from(self.map_mut(MAP_EXCLUDED_PORTS)?)?;
+        let port_entries = exclusions
+            .outbound_ports
+            .iter()
+            .map(|&p| (p, DIRECTION_OUTBOUND))
+            .chain(
+                exclusions
+                    .inbound_ports
+                    .iter()
+                    .map(|&p| (p, DIRECTION_INBOUND)),
+            );
+        for (port, direction) in port_entries {
+            let key = PortKey {
+                slot,
+                port,
+                direction,
+                _pad: 0,
+            };
+            ports.insert(key, 1, 0).context("adding a port exclusion")?;
+            state.port_keys.push(key);
+        }
+        let mut cidrs: LpmTrie<_, CidrKey, u8> =
+            LpmTrie::try_from(self.map_mut(MAP_EXCLUDED_CIDRS)?)?;
+        for net in &exclusions.outbound_cidrs {
+            let (addr, prefix) = match net {
+                ipnet::IpNet::V4(n) => (
+                    PodAddr::from_ipv4(n.network().octets()),
+                    96 + u32::from(n.prefix_len()),
+                ),
+                ipnet::IpNet::V6(n) => (
+                    PodAddr::from_ipv6(n.network().octets()),
+                    u32::from(n.prefix_len()),
+                ),
+            };
+            let key = LpmKey::new(
+                32 + prefix,
+                CidrKey {
+                    slot_be: slot.to_be_bytes(),
+                    addr,
+                },
+            );
+            cidrs
+                .insert(&key, 1, 0)
+                .with_context(|| format!("adding the CIDR exclusion {net}"))?;
+            state.cidr_keys.push(key);
+        }
+
+        let mut addrs: BpfHashMap<_, PodAddr, u32> =
+            BpfHashMap::try_from(self.map_mut(MAP_POD_ADDRS)?)?;
+        let pod_ips = pod
+            .ipv4
+            .map(std::net::IpAddr::V4)
+            .into_iter()
+            .chain(pod.ipv6.map(std::net::IpAddr::V6));
+        for ip in pod_ips {
+            let addr = orig_dst::ip_to_pod_addr(ip);
+            addrs
+                .insert(addr, slot, 0)
+                .with_context(|| format!("adding pod address {ip}"))?;
+            state.addrs.push(addr);
+        }
         self.pods_map()?
-            .remove(&pod.enrolment.netns_cookie)
-            .context("removing the pod from the kernel's pod map")?;
-        self.free_slots.push(pod.enrolment.slot);
+            .insert(state.enrolment.netns_cookie, PodInfo { slot, flags: 0 }, 0)
+            .context("adding the pod to the kernel's pod map")?;
+
+        let link_dir = self.link_dir(slot);
+        std::fs::create_dir_all(&link_dir)?;
+        for name in CGROUP_SOCK_ADDR_PROGRAMS {
+            let program = sock_addr_program(&mut self.ebpf, name)?;
+            // bpf_link attachments coexist with other tools' programs on the same
+            // cgroup by themselves; the kernel wants no flags (`Single`) there.
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", pod.cgroup.display()))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            state.links.push(pin_replacing(link, &link_dir.join(name))?);
+        }
+        let program = sock_ops_program(&mut self.ebpf)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .with_context(|| {
+                format!(
+                    "attaching {SOCK_OPS_PROGRAM} to cgroup {}",
+                    pod.cgroup.display()
+                )
+            })?;
+        let link: FdLink = program.take_link(id)?.try_into()?;
+        state
+            .links
+            .push(pin_replacing(link, &link_dir.join(SOCK_OPS_PROGRAM))?);
+        let program = sk_lookup_program(&mut self.ebpf)?;
+        let id = program.attach(netns.as_fd()).with_context(|| {
+            format!(
+                "attaching {SK_LOOKUP_PROGRAM} to netns {}",
+                pod.netns.display()
+            )
+        })?;
+        let link: FdLink = program.take_link(id)?.into();
+        state
+            .links
+            .push(pin_replacing(link, &link_dir.join(SK_LOOKUP_PROGRAM))?);
         Ok(())
     }
 
-    fn detach(&mut self, links: Vec<(&'static str, CgroupSockAddrLinkId)>) {
-        for (name, link) in links {
-            let detached = cgroup_program(&mut self.ebpf, name)
-                .and_then(|p| p.detach(link).map_err(Into::into));
-            if let Err(err) = detached {
-                tracing::warn!(program = name, error = %err, "detaching failed");
-            }
-        }
+    /// Releases a pod: detaches its programs and removes its map entries.
+    pub fn release(&mut self, pod_key: &str) -> Result<()> {
+        let pod = self
+            .pods
+            .remove(pod_key)
+            .ok_or_else(|| anyhow!("pod {pod_key} is not enrolled"))?;
+        self.uninstall(pod);
+        Ok(())
     }
 
-    /// The enrolment of a pod, if it is enrolled.
+    /// Links first (so nothing runs against half-removed entries), then entries.
+    fn uninstall(&mut self, pod: EnrolledPod) {
+        for link in pod.links {
+            match link.unpin() {
+                Ok(fd_link) => drop(fd_link),
+                Err(err) => tracing::warn!(error = %err, "unpinning a link failed"),
+            }
+        }
+        let _ = std::fs::remove_dir(self.link_dir(pod.enrolment.slot));
+        let slot = pod.enrolment.slot;
+        self.forget_slot(
+            pod.enrolment.netns_cookie,
+            slot,
+            &pod.addrs,
+            &pod.port_keys,
+            &pod.cidr_keys,
+        );
+    }
+
+    fn forget_slot(
+        &mut self,
+        netns_cookie: u64,
+        slot: u32,
+        addrs: &[PodAddr],
+        port_keys: &[PortKey],
+        cidr_keys: &[LpmKey<CidrKey>],
+    ) {
+        if let Ok(mut m) = self.pods_map() {
+            let _ = m.remove(&netns_cookie);
+        }
+        if let Ok(map) = self.map_mut(MAP_POD_ADDRS)
+            && let Ok(mut m) = BpfHashMap::<_, PodAddr, u32>::try_from(map)
+        {
+            for addr in addrs {
+                let _ = m.remove(addr);
+            }
+        }
+        if let Ok(map) = self.map_mut(MAP_EXCLUDED_PORTS)
+            && let Ok(mut m) = BpfHashMap::<_, PortKey, u8>::try_from(map)
+        {
+            for key in port_keys {
+                let _ = m.remove(key);
+            }
+        }
+        if let Ok(map) = self.map_mut(MAP_EXCLUDED_CIDRS)
+            && let Ok(mut m) = LpmTrie::<_, CidrKey, u8>::try_from(map)
+        {
+            for key in cidr_keys {
+                let _ = m.remove(key);
+            }
+        }
+        if let Ok(map) = self.map_mut(MAP_INBOUND_LISTENERS)
+            && let Ok(mut m) = SockMap::try_from(map)
+        {
+            let _ = m.clear_index(&(slot * 2));
+            let _ = m.clear_index(&(slot * 2 + 1));
+        }
+        self.free_slots.push(slot);
+    }
+
+    /// Pods an earlier agent enrolled that are not enrolled now: detaches their
+    /// pinned links and removes their entries. Call after enrolling the
+    /// configured pods.
+    pub fn release_inherited(&mut self) -> usize {
+        let stale: Vec<(u64, u32)> = self.inherited.drain().collect();
+        for &(netns_cookie, slot) in &stale {
+            let dir = self.link_dir(slot);
+            remove_pins(&dir);
+            // Address and exclusion entries of that pod are not known any more;
+            // without its pod-map entry none of them is reachable, and enrolling
+            // the slot again overwrites them.
+            self.forget_slot(netns_cookie, slot, &[], &[], &[]);
+            tracing::info!(
+                slot,
+                netns_cookie,
+                "released a pod enrolled by an earlier agent"
+            );
+        }
+        stale.len()
+    }
+
+    /// Orderly stop with `onStop: release`: detach everything.
+    pub fn release_all(&mut self) {
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for key in keys {
+            let _ = self.release(&key);
+        }
+        self.release_inherited();
+    }
+
+    /// Orderly stop with `onStop: keepCapture`: leave the pinned links attached.
+    pub fn keep_capture(self) {
+        // Dropping a PinnedLink closes our fd; the pin keeps the link attached.
+        drop(self);
+    }
+
     pub fn enrolment(&self, pod_key: &str) -> Option<Enrolment> {
         self.pods.get(pod_key).map(|p| p.enrolment)
     }
 
-    /// Number of program attachments in place.
     pub fn attachment_count(&self) -> usize {
         self.pods.values().map(|p| p.links.len()).sum()
     }
@@ -185,14 +466,17 @@ impl KernelPrograms {
             .pods
             .get(pod_key)
             .ok_or_else(|| anyhow!("pod {pod_key} is not enrolled"))?;
+        self.slot_counters(pod.enrolment.slot)
+    }
+
+    pub fn slot_counters(&self, slot: u32) -> Result<PodCounters> {
         let map = self
             .ebpf
             .map(MAP_POD_COUNTERS)
             .ok_or_else(|| anyhow!("map {MAP_POD_COUNTERS} missing"))?;
         let array: PerCpuArray<_, PodCounters> = PerCpuArray::try_from(map)?;
-        let per_cpu = array.get(&pod.enrolment.slot, 0)?;
         let mut total = PodCounters::default();
-        for cpu in per_cpu.iter() {
+        for cpu in array.get(&slot, 0)?.iter() {
             total.accumulate(cpu);
         }
         Ok(total)
@@ -200,11 +484,8 @@ impl KernelPrograms {
 
     fn reset_counters(&mut self, slot: u32) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
-        let map = self
-            .ebpf
-            .map_mut(MAP_POD_COUNTERS)
-            .ok_or_else(|| anyhow!("map {MAP_POD_COUNTERS} missing"))?;
-        let mut array: PerCpuArray<_, PodCounters> = PerCpuArray::try_from(map)?;
+        let mut array: PerCpuArray<_, PodCounters> =
+            PerCpuArray::try_from(self.map_mut(MAP_POD_COUNTERS)?)?;
         let zeros = PerCpuValues::try_from(vec![PodCounters::default(); cpus])?;
         array
             .set(slot, zeros, 0)
@@ -212,19 +493,96 @@ impl KernelPrograms {
         Ok(())
     }
 
-    fn pods_map(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, u64, PodInfo>> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_PODS)
-            .ok_or_else(|| anyhow!("map {MAP_PODS} missing"))?;
-        Ok(BpfHashMap::try_from(map)?)
+    fn link_dir(&self, slot: u32) -> PathBuf {
+        self.pin_dir.join("links").join(format!("pod-{slot}"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the kernel object"))
+    }
+
+    fn pods_map(&mut self) -> Result<BpfHashMap<&mut MapData, u64, PodInfo>> {
+        Ok(BpfHashMap::try_from(self.map_mut(MAP_PODS)?)?)
     }
 }
 
-fn cgroup_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+fn read_pod_map(ebpf: &mut Ebpf) -> Result<HashMap<u64, u32>> {
+    let map = ebpf
+        .map_mut(MAP_PODS)
+        .ok_or_else(|| anyhow!("map {MAP_PODS} missing"))?;
+    let pods: BpfHashMap<_, u64, PodInfo> = BpfHashMap::try_from(map)?;
+    Ok(pods
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|(cookie, info)| (cookie, info.slot))
+        .collect())
+}
+
+/// Pins `link` at `path`. A pin left there by an earlier agent is removed only
+/// after the new link is attached, so the pod is never without its program.
+fn pin_replacing(link: FdLink, path: &Path) -> Result<PinnedLink> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the old pin {}", path.display()))?;
+    }
+    link.pin(path)
+        .with_context(|| format!("pinning {}", path.display()))
+}
+
+fn remove_pins(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Removes everything pinned under `pin_dir` (links and maps): with no agent
+/// running, this detaches every program of the node. For uninstalling.
+pub fn remove_pinned_state(pin_dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                remove_pins(&path);
+            } else {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+            removed += 1;
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(removed)
+}
+
+fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} is missing from the kernel object"))?;
+    Ok(program.try_into()?)
+}
+
+fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps> {
+    let program = ebpf
+        .program_mut(SOCK_OPS_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SOCK_OPS_PROGRAM} missing"))?;
+    Ok(program.try_into()?)
+}
+
+fn sk_lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
+    let program = ebpf
+        .program_mut(SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing"))?;
     Ok(program.try_into()?)
 }
 
@@ -265,3 +623,6 @@ fn start_kernel_log_forwarding(ebpf: &mut Ebpf) {
         }
     });
 }
+
+#[allow(dead_code)]
+fn _assert_link_trait<L: Link>() {}

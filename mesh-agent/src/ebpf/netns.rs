@@ -27,6 +27,14 @@ pub fn netns_cookie(path: &Path) -> Result<u64> {
     })
 }
 
+/// The cookie of the calling thread's network namespace (run it on a thread that
+/// joined the namespace).
+pub fn current_netns_cookie() -> Result<u64> {
+    let socket =
+        std::net::UdpSocket::bind("0.0.0.0:0").context("creating a socket in the namespace")?;
+    socket_netns_cookie(socket.as_raw_fd())
+}
+
 fn socket_netns_cookie(fd: i32) -> Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;

@@ -1,55 +1,121 @@
-//! The agent under test, started in a node of the test bed.
+//! The agent under test, run in a node of the test bed, with a config directory
+//! that outlives any one agent process (so tests can stop, kill and restart it).
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_agent::state::{PodCountersView, StatusReport};
-use mesh_testbed::{Node, Pod, Process, wait_until};
+use mesh_agent::{
+    proxy::connections::ConnectionRecord,
+    state::{PodCountersView, StatusReport},
+};
+use mesh_testbed::{Node, Pod, Process, Topology, wait_until};
 use nix::sys::signal::Signal;
 
 /// Where every test agent listens for admin requests, inside its node's netns.
 pub const ADMIN: &str = "127.0.0.1:15000";
-
-pub struct RunningAgent<'t> {
-    node: &'t Node,
-    process: Process,
-    config_dir: PathBuf,
+/// The agent binary built from the same sources as the tests: cargo builds a
+/// package's binaries before its integration tests, next to their `deps/` dir.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("mesh-agent-e2e");
+    assert!(
+        binary.is_file(),
+        "{} is missing: run the tests with cargo (`cargo xtask test`)",
+        binary.display()
+    );
+    binary
 }
 
-impl<'t> RunningAgent<'t> {
-    /// Writes a config directory enrolling `pods` (plus `extra_pods_yaml`, raw
-    /// entries appended to the pods list), starts the agent in `node` and waits
-    /// until it is ready.
+/// The pods file entry of a test-bed pod; `extra` is appended (indented fields
+/// such as `    captureExclusions: {...}\n`).
+pub fn pod_yaml(pod: &Pod, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    namespace: default\n    serviceAccount: {name}\n    labels: {{app: {name}}}\n    ipv4: {}\n    ipv6: \"{}\"\n    netns: {}\n    cgroup: {}\n{extra}",
+        pod.ipv4(),
+        pod.ipv6(),
+        pod.netns_path().display(),
+        pod.cgroup_dir().display(),
+        name = pod.name(),
+    )
+}
+
+/// `pods:` followed by the entries of `pods`.
+pub fn pods_yaml(pods: &[&Pod]) -> String {
+    let mut yaml = String::from("pods:\n");
+    for pod in pods {
+        yaml.push_str(&pod_yaml(pod, ""));
+    }
+    yaml
+}
+
+/// A node's agent: its config directory, and the running process if any.
+pub struct NodeAgent<'t> {
+    node: &'t Node,
+    config_dir: PathBuf,
+    process: Option<Process>,
+}
+
+impl<'t> NodeAgent<'t> {
+    /// Writes the config (pins under the topology's bpffs dir; `node_extra` adds
+    /// node.yaml lines) and starts the agent, waiting until it is ready.
     pub fn start(
-        binary: &str,
+        topo: &Topology,
         node: &'t Node,
-        pods: &[&Pod],
-        extra_pods_yaml: &str,
+        pods_yaml: &str,
+        node_extra: &str,
     ) -> Result<Self> {
-        let config_dir = write_config(node, pods, extra_pods_yaml)?;
-        let mut cmd = std::process::Command::new(binary);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_dir)
-            .env("MESH_LOG", "info,mesh_ebpf=debug");
-        let process = node.spawn_with(cmd)?;
+        let config_dir = topo.tmp_dir().join(format!("agent-config-{}", node.name()));
+        std::fs::create_dir_all(&config_dir)?;
+        let pin_dir = topo.bpffs_dir().join(node.name());
+        std::fs::write(
+            config_dir.join("node.yaml"),
+            format!(
+                "name: {}\nadminAddress: {ADMIN}\npinDir: {}\n{node_extra}",
+                node.name(),
+                pin_dir.display()
+            ),
+        )?;
+        std::fs::write(config_dir.join("pods.yaml"), pods_yaml)?;
         let mut agent = Self {
             node,
-            process,
             config_dir,
+            process: None,
         };
-        agent.wait_ready(Duration::from_secs(20))?;
+        agent.restart()?;
         Ok(agent)
+    }
+
+    /// Enrols `pods` with default settings.
+    pub fn enrolling(topo: &Topology, node: &'t Node, pods: &[&Pod]) -> Result<Self> {
+        Self::start(topo, node, &pods_yaml(pods), "")
+    }
+
+    /// Starts an agent process (again) with the same config and waits until ready.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.process.is_some() {
+            bail!("the agent is still running");
+        }
+        let mut cmd = std::process::Command::new(agent_binary());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_dir)
+            .env("MESH_LOG", "info,mesh_ebpf=debug");
+        self.process = Some(self.node.spawn_with(cmd)?);
+        self.wait_ready(Duration::from_secs(20))
     }
 
     fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
         let admin: SocketAddr = ADMIN.parse()?;
-        let Self { node, process, .. } = self;
+        let node = self.node;
+        let process = self.process.as_mut().expect("started");
         let result = wait_until("the agent to report ready on /readyz", deadline, || {
             if let Some(status) = process.try_status()? {
                 bail!("the agent exited with {status} before it was ready");
@@ -62,17 +128,29 @@ impl<'t> RunningAgent<'t> {
         result.with_context(|| format!("agent log:\n{}", self.log()))
     }
 
-    /// The agent's log so far (stderr), for failure messages.
-    pub fn log(&self) -> String {
-        self.process.stderr_so_far()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
     pub fn config_dir(&self) -> &Path {
         &self.config_dir
+    }
+
+    /// Replaces pods.yaml atomically (write, then rename), as a ConfigMap update
+    /// would.
+    pub fn write_pods(&self, pods_yaml: &str) -> Result<()> {
+        let tmp = self.config_dir.join(".pods.yaml.tmp");
+        std::fs::write(&tmp, pods_yaml)?;
+        std::fs::rename(&tmp, self.config_dir.join("pods.yaml"))?;
+        Ok(())
+    }
+
+    /// The agent's log so far (stderr), for failure messages.
+    pub fn log(&self) -> String {
+        self.process
+            .as_ref()
+            .map(|p| p.stderr_so_far())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid())
     }
 
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
@@ -104,11 +182,41 @@ impl<'t> RunningAgent<'t> {
         })
     }
 
+    /// Connections the agent proxied (most recent last).
+    pub fn connections(&self) -> Result<Vec<ConnectionRecord>> {
+        let (code, body) = self.get("/debug/connections")?;
+        if code != 200 {
+            bail!("/debug/connections answered {code}: {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("parsing /debug/connections: {body}"))
+    }
+
+    /// Waits until the agent has recorded a finished connection matching `pred`.
+    pub fn wait_for_connection(
+        &self,
+        what: &str,
+        pred: impl Fn(&ConnectionRecord) -> bool,
+    ) -> Result<ConnectionRecord> {
+        let mut found = None;
+        wait_until(what, Duration::from_secs(10), || {
+            found = self.connections()?.into_iter().find(|c| pred(c));
+            Ok(found.is_some())
+        })
+        .with_context(|| {
+            format!(
+                "connections seen: {:#?}",
+                self.connections().unwrap_or_default()
+            )
+        })?;
+        Ok(found.expect("found"))
+    }
+
     /// Sends a signal and waits for a clean exit; returns the agent's log.
-    pub fn stop(mut self, signal: Signal, deadline: Duration) -> Result<String> {
-        self.process.signal(signal)?;
-        let out = self.process.wait_with_deadline(deadline)?;
-        let log = String::from_utf8_lossy(&out.stderr).into_owned() + &self.process.stderr_so_far();
+    pub fn stop(&mut self, signal: Signal) -> Result<String> {
+        let mut process = self.process.take().context("the agent is not running")?;
+        process.signal(signal)?;
+        let out = process.wait_with_deadline(Duration::from_secs(10))?;
+        let log = process.stderr_so_far();
         if !out.status.success() {
             bail!(
                 "the agent exited with {} after {signal:?}; log:\n{log}",
@@ -117,45 +225,28 @@ impl<'t> RunningAgent<'t> {
         }
         Ok(log)
     }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut process = self.process.take().context("the agent is not running")?;
+        process.kill();
+        Ok(())
+    }
+
+    /// SIGSTOP / SIGCONT: the agent is there but does nothing.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        self.process
+            .as_ref()
+            .context("the agent is not running")?
+            .signal(signal)
+    }
 }
 
-impl Drop for RunningAgent<'_> {
+impl Drop for NodeAgent<'_> {
     fn drop(&mut self) {
-        self.process.kill();
-        let _ = std::fs::remove_dir_all(&self.config_dir);
+        if let Some(mut process) = self.process.take() {
+            let _ = process.signal(Signal::SIGCONT);
+            process.kill();
+        }
     }
-}
-
-/// The pods file entry of a test-bed pod.
-pub fn pod_yaml(pod: &Pod) -> String {
-    format!(
-        "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    labels: {{app: {}}}\n    ipv4: {}\n    ipv6: \"{}\"\n    netns: {}\n    cgroup: {}\n",
-        pod.name(),
-        pod.name(),
-        pod.name(),
-        pod.ipv4(),
-        pod.ipv6(),
-        pod.netns_path().display(),
-        pod.cgroup_dir().display()
-    )
-}
-
-fn write_config(node: &Node, pods: &[&Pod], extra_pods_yaml: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join("mesh-e2e").join(format!(
-        "{}-{}",
-        node.netns_name(),
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(
-        dir.join("node.yaml"),
-        format!("name: {}\nadminAddress: {ADMIN}\n", node.name()),
-    )?;
-    let mut pods_yaml = String::from("pods:\n");
-    for pod in pods {
-        pods_yaml.push_str(&pod_yaml(pod));
-    }
-    let _ = write!(pods_yaml, "{extra_pods_yaml}");
-    std::fs::write(dir.join("pods.yaml"), pods_yaml)?;
-    Ok(dir)
 }

@@ -9,8 +9,11 @@ use anyhow::{Context, Result};
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 pub enum AttachType {
+    CgroupSockOps = 3,
     CgroupInet4Connect = 10,
     CgroupInet6Connect = 11,
+    CgroupInet4Getpeername = 29,
+    CgroupInet6Getpeername = 30,
 }
 
 const BPF_PROG_QUERY: libc::c_long = 16;

@@ -4,4 +4,4 @@
 pub mod agent;
 pub mod kernel;
 
-pub use agent::RunningAgent;
+pub use agent::{NodeAgent, agent_binary, pod_yaml, pods_yaml};

@@ -1,11 +1,10 @@
-//! The agent loads real kernel programs, attaches them to the cgroups of the pods
-//! it enrols, and they act on real TCP connections made by real processes.
-
-use std::time::Duration;
+//! The agent loads real kernel programs, attaches them to the pods it enrols,
+//! and they act on real TCP connections made by real processes.
 
 use mesh_e2e::{
-    RunningAgent,
+    NodeAgent,
     kernel::{AttachType, attached_programs},
+    pod_yaml, pods_yaml,
 };
 use mesh_testbed::{
     Topology, e2e_enabled,
@@ -13,7 +12,6 @@ use mesh_testbed::{
 };
 use nix::sys::signal::Signal;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_mesh-agent-e2e");
 const ECHO_PORT: u16 = 7000;
 
 #[test]
@@ -31,7 +29,7 @@ fn connects_of_enrolled_pods_are_counted_per_pod_and_family() {
         topo.pod("bystander"),
     );
     let _echo = start_echo_server(server, ECHO_PORT).unwrap();
-    let agent = RunningAgent::start(AGENT, topo.node("n1"), &[client, server], "").unwrap();
+    let agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[client, server]).unwrap();
 
     // Real connections from real processes: 5 over IPv4, 3 over IPv6, and 2 from
     // a pod the agent does not enrol.
@@ -75,18 +73,33 @@ fn connects_of_enrolled_pods_are_counted_per_pod_and_family() {
     }
     // Kernel log records are forwarded into the agent's log stream.
     assert!(
-        agent.log().contains("connect from pod slot"),
+        agent.log().contains("connect to port 7000 captured"),
         "no kernel log line in:\n{}",
         agent.log()
     );
 }
 
+const ALL_HOOKS: [AttachType; 5] = [
+    AttachType::CgroupInet4Connect,
+    AttachType::CgroupInet6Connect,
+    AttachType::CgroupInet4Getpeername,
+    AttachType::CgroupInet6Getpeername,
+    AttachType::CgroupSockOps,
+];
+
+fn attached(cgroup: &std::path::Path) -> Vec<u32> {
+    ALL_HOOKS
+        .iter()
+        .map(|&t| attached_programs(cgroup, t).unwrap())
+        .collect()
+}
+
 #[test]
-fn programs_are_attached_while_running_and_detached_on_sigterm_and_sigint() {
-    if !e2e_enabled("programs_are_attached_while_running_and_detached_on_sigterm_and_sigint") {
+fn on_stop_release_detaches_every_program() {
+    if !e2e_enabled("on_stop_release_detaches_every_program") {
         return;
     }
-    let topo = Topology::builder("detach")
+    let topo = Topology::builder("release")
         .node("n1", &["client", "server"])
         .build()
         .unwrap();
@@ -95,33 +108,75 @@ fn programs_are_attached_while_running_and_detached_on_sigterm_and_sigint() {
     let cgroup = client.cgroup_dir();
 
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        let agent = RunningAgent::start(AGENT, topo.node("n1"), &[client], "").unwrap();
+        let mut agent = NodeAgent::start(
+            &topo,
+            topo.node("n1"),
+            &pods_yaml(&[client]),
+            "onStop: release\n",
+        )
+        .unwrap();
         assert_eq!(
-            attached_programs(cgroup, AttachType::CgroupInet4Connect).unwrap(),
-            1
+            attached(cgroup),
+            vec![1; 5],
+            "one of each hook on the pod's cgroup"
         );
-        assert_eq!(
-            attached_programs(cgroup, AttachType::CgroupInet6Connect).unwrap(),
-            1
-        );
-        let log = agent.stop(signal, Duration::from_secs(10)).unwrap();
+        let log = agent.stop(signal).unwrap();
         assert!(
             log.contains("kernel programs detached"),
             "{signal:?}: no detach line in log:\n{log}"
         );
         assert_eq!(
-            attached_programs(cgroup, AttachType::CgroupInet4Connect).unwrap(),
-            0,
-            "after {signal:?}"
+            attached(cgroup),
+            vec![0; 5],
+            "nothing attached after {signal:?}"
         );
-        assert_eq!(
-            attached_programs(cgroup, AttachType::CgroupInet6Connect).unwrap(),
-            0,
-            "after {signal:?}"
-        );
-        // The pod keeps working without the agent.
+        // The pod connects directly now.
         echo_round_trips(client, &server.ipv4().to_string(), ECHO_PORT, 1).unwrap();
     }
+}
+
+#[test]
+fn on_stop_keep_capture_leaves_programs_until_release() {
+    if !e2e_enabled("on_stop_keep_capture_leaves_programs_until_release") {
+        return;
+    }
+    let topo = Topology::builder("keep")
+        .node("n1", &["client"])
+        .build()
+        .unwrap();
+    let client = topo.pod("client");
+    let mut agent = NodeAgent::start(&topo, topo.node("n1"), &pod_yaml_list(client), "").unwrap();
+    let config_dir = agent.config_dir().to_path_buf();
+    let log = agent.stop(Signal::SIGTERM).unwrap();
+    assert!(log.contains("stay attached"), "{log}");
+    assert_eq!(
+        attached(client.cgroup_dir()),
+        vec![1; 5],
+        "still attached after SIGTERM (fail-closed)"
+    );
+
+    // `mesh-agent release` is how an operator uninstalls.
+    let out = topo
+        .node("n1")
+        .run(
+            mesh_e2e::agent_binary(),
+            &["release", "--config", config_dir.to_str().unwrap()],
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("released"),
+        "{out:?}"
+    );
+    assert_eq!(
+        attached(client.cgroup_dir()),
+        vec![0; 5],
+        "detached by mesh-agent release"
+    );
+}
+
+fn pod_yaml_list(pod: &mesh_testbed::Pod) -> String {
+    format!("pods:\n{}", pod_yaml(pod, ""))
 }
 
 #[test]
@@ -140,7 +195,8 @@ fn a_pod_that_cannot_be_enrolled_is_reported_and_the_others_work() {
         topo.id(),
         client.cgroup_dir().display()
     );
-    let agent = RunningAgent::start(AGENT, topo.node("n1"), &[client], &ghost).unwrap();
+    let pods = format!("{}{ghost}", pods_yaml(&[client]));
+    let agent = NodeAgent::start(&topo, topo.node("n1"), &pods, "").unwrap();
     let status = agent.status().unwrap();
     let ghost = status
         .pods

@@ -1,0 +1,268 @@
+//! Enrolment: turning the configured pods into captured pods, and back.
+//!
+//! For each pod: a worker in its network namespace, the agent's listeners there
+//! (outbound 15001, inbound 15006, IPv4 and IPv6), the kernel programs attached
+//! (see `ebpf`), and accept loops feeding the proxy. `reconcile` moves from the
+//! running set to the configured one, touching only the pods that changed.
+
+pub mod netns_worker;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    sync::Arc,
+};
+
+use anyhow::{Context, Result};
+use mesh_common::{INBOUND_PORT, OUTBOUND_PORT};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    config::PodConfig,
+    ebpf::{InboundListeners, KernelPrograms},
+    proxy::{PodHandle, ProxyContext},
+    state::{PodCountersView, PodStatus},
+};
+use netns_worker::{NetnsWorker, listen};
+
+struct PodRuntime {
+    config: PodConfig,
+    netns_cookie: u64,
+    accept_loops: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PodRuntime {
+    fn drop(&mut self) {
+        // Closing the listeners also takes the inbound ones out of the kernel's
+        // listener map: sk_lookup then refuses instead of delivering around us.
+        for task in &self.accept_loops {
+            task.abort();
+        }
+    }
+}
+
+pub struct Enroller {
+    pub programs: KernelPrograms,
+    proxy: Arc<ProxyContext>,
+    running: BTreeMap<String, PodRuntime>,
+    /// Last outcome per configured pod (errors included), in config order.
+    statuses: Vec<PodStatus>,
+}
+
+impl Enroller {
+    pub fn new(programs: KernelPrograms, proxy: Arc<ProxyContext>) -> Self {
+        Self {
+            programs,
+            proxy,
+            running: BTreeMap::new(),
+            statuses: Vec::new(),
+        }
+    }
+
+    /// Enrols configured pods that are not running (or changed), releases running
+    /// pods that are no longer configured. A pod that cannot be enrolled is
+    /// reported and does not stop the others. Must run inside the tokio runtime.
+    pub fn reconcile(&mut self, desired: &[PodConfig]) {
+        let wanted: BTreeMap<String, &PodConfig> = desired.iter().map(|p| (p.key(), p)).collect();
+        let obsolete: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(key, rt)| wanted.get(*key).is_none_or(|cfg| **cfg != rt.config))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in obsolete {
+            self.release(&key);
+        }
+        let mut statuses = Vec::with_capacity(desired.len());
+        for pod in desired {
+            let key = pod.key();
+            let result = match self.running.get(&key) {
+                Some(rt) => Ok(rt.netns_cookie),
+                None => self.enrol(pod),
+            };
+            statuses.push(match result {
+                Ok(netns_cookie) => PodStatus {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    enrolled: true,
+                    error: None,
+                    netns_cookie: Some(netns_cookie),
+                    counters: None,
+                },
+                Err(err) => {
+                    tracing::error!(pod = %key, error = format!("{err:#}"), "pod NOT enrolled: its traffic is not captured");
+                    PodStatus {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        enrolled: false,
+                        error: Some(format!("{err:#}")),
+                        netns_cookie: None,
+                        counters: None,
+                    }
+                }
+            });
+        }
+        self.statuses = statuses;
+    }
+
+    fn enrol(&mut self, pod: &PodConfig) -> Result<u64> {
+        let key = pod.key();
+        let worker = NetnsWorker::start(&pod.netns, &pod.name)?;
+        let netns_cookie = worker
+            .run_blocking(crate::ebpf::current_netns_cookie)
+            .and_then(|r| r)
+            .context("reading the pod's netns cookie")?;
+        let listeners = worker.run_blocking(bind_listeners)?.with_context(|| {
+            format!("binding the agent's listeners in the pod (ports {OUTBOUND_PORT} and {INBOUND_PORT} are reserved in enrolled pods)")
+        })?;
+        let enrolment = self.programs.enrol(
+            pod,
+            netns_cookie,
+            InboundListeners {
+                ipv4: listeners.inbound_v4.as_fd(),
+                ipv6: listeners.inbound_v6.as_ref().map(|l| l.as_fd()),
+            },
+        )?;
+        let handle = Arc::new(PodHandle {
+            key: key.clone(),
+            netns_cookie,
+            netns: worker,
+        });
+        let addrs: Vec<IpAddr> = pod
+            .ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(pod.ipv6.map(IpAddr::V6))
+            .collect();
+        self.proxy.add_local_pod(&addrs, handle.clone());
+        let accept_loops = listeners.spawn_accept_loops(&self.proxy, &handle)?;
+        tracing::info!(pod = %key, netns_cookie, slot = enrolment.slot, cgroup = %pod.cgroup.display(), "pod enrolled");
+        self.running.insert(
+            key,
+            PodRuntime {
+                config: pod.clone(),
+                netns_cookie,
+                accept_loops,
+            },
+        );
+        Ok(netns_cookie)
+    }
+
+    /// Detaches the kernel programs first, then closes the listeners: open
+    /// connections of the pod carry on.
+    fn release(&mut self, key: &str) {
+        if let Err(err) = self.programs.release(key) {
+            tracing::warn!(pod = %key, error = %err, "releasing the kernel side failed");
+        }
+        self.proxy.remove_local_pod(key);
+        self.running.remove(key);
+        tracing::info!(pod = %key, "pod released");
+    }
+
+    /// Pod statuses with fresh counters.
+    pub fn statuses(&self) -> Vec<PodStatus> {
+        let mut statuses = self.statuses.clone();
+        for pod in statuses.iter_mut().filter(|p| p.enrolled) {
+            let key = format!("{}/{}", pod.namespace, pod.name);
+            match self.programs.counters(&key) {
+                Ok(c) => pod.counters = Some(PodCountersView::from(c)),
+                Err(err) => tracing::warn!(pod = %key, error = %err, "reading pod counters failed"),
+            }
+        }
+        statuses
+    }
+
+    /// Stops serving every pod (listeners closed); the kernel side is left as is.
+    pub fn stop_serving(&mut self) {
+        self.running.clear();
+    }
+}
+
+/// The agent's listeners in one pod's namespace.
+struct PodListeners {
+    outbound_v4: std::net::TcpListener,
+    outbound_v6: Option<std::net::TcpListener>,
+    inbound_v4: std::net::TcpListener,
+    inbound_v6: Option<std::net::TcpListener>,
+}
+
+/// Runs on the pod's namespace worker. IPv6 listeners are optional (a pod may
+/// have IPv6 off); without one, IPv6 connections of the pod are refused by the
+/// kernel programs, never let through.
+fn bind_listeners() -> std::io::Result<PodListeners> {
+    let v4 = |port| listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    let v6 = |port| listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)).ok();
+    Ok(PodListeners {
+        outbound_v4: v4(OUTBOUND_PORT)?,
+        outbound_v6: v6(OUTBOUND_PORT),
+        inbound_v4: v4(INBOUND_PORT)?,
+        inbound_v6: v6(INBOUND_PORT),
+    })
+}
+
+impl PodListeners {
+    fn spawn_accept_loops(
+        self,
+        proxy: &Arc<ProxyContext>,
+        pod: &Arc<PodHandle>,
+    ) -> Result<Vec<JoinHandle<()>>> {
+        let mut loops = Vec::new();
+        for (listener, outbound) in [
+            (Some(self.outbound_v4), true),
+            (self.outbound_v6, true),
+            (Some(self.inbound_v4), false),
+            (self.inbound_v6, false),
+        ] {
+            let Some(listener) = listener else { continue };
+            let listener = TcpListener::from_std(listener)?;
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                outbound,
+                proxy.clone(),
+                pod.clone(),
+            )));
+        }
+        Ok(loops)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    outbound: bool,
+    proxy: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                let (proxy, pod) = (proxy.clone(), pod.clone());
+                if outbound {
+                    tokio::spawn(proxy.handle_outbound(pod, stream, client));
+                } else {
+                    tokio::spawn(proxy.handle_inbound(pod, stream, client));
+                }
+            }
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(pod = %pod.key, error = %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl From<mesh_common::PodCounters> for PodCountersView {
+    fn from(c: mesh_common::PodCounters) -> Self {
+        Self {
+            connect4: c.connect4,
+            connect6: c.connect6,
+            captured_outbound: c.captured_outbound,
+            captured_inbound: c.captured_inbound,
+            excluded: c.excluded,
+            refused_agent_absent: c.refused_agent_absent,
+            refused_map_full: c.refused_map_full,
+        }
+    }
+}

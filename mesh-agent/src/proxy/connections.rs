@@ -1,0 +1,159 @@
+//! What the proxy did, per connection: a bounded log of recent connections (for
+//! `/debug/connections` and tests) and totals (for metrics).
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// One proxied connection, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRecord {
+    pub id: u64,
+    pub direction: Direction,
+    /// `namespace/name` of the pod whose traffic was captured.
+    pub pod: String,
+    /// The client as the agent saw it.
+    pub client: SocketAddr,
+    /// Where the client was going (from the kernel's record, or the local address
+    /// of an inbound connection).
+    pub original_dst: SocketAddr,
+    /// How the agent reached it: `pod:<ns/name>` (a pod on this node, entered
+    /// through its namespace) or `direct`.
+    pub upstream: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// `closed`, `client-reset`, `upstream-reset`, `upstream-failed: ...`,
+    /// `no-original-destination: ...`.
+    pub outcome: String,
+    pub duration_ms: u64,
+}
+
+/// Totals since start, by direction.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub failed: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+pub struct ConnectionLog {
+    recent: Mutex<VecDeque<ConnectionRecord>>,
+    capacity: usize,
+    next_id: AtomicU64,
+    pub outbound: Totals,
+    pub inbound: Totals,
+}
+
+impl ConnectionLog {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            capacity,
+            next_id: AtomicU64::new(1),
+            outbound: Totals::default(),
+            inbound: Totals::default(),
+        }
+    }
+
+    pub fn open(&self, direction: Direction) -> u64 {
+        self.totals(direction)
+            .opened
+            .fetch_add(1, Ordering::Relaxed);
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn record(&self, record: ConnectionRecord, failed: bool) {
+        let totals = self.totals(record.direction);
+        totals.closed.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            totals.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        totals
+            .bytes_sent
+            .fetch_add(record.bytes_sent, Ordering::Relaxed);
+        totals
+            .bytes_received
+            .fetch_add(record.bytes_received, Ordering::Relaxed);
+        let mut recent = self.recent.lock().expect("connection log lock");
+        if recent.len() == self.capacity {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    pub fn recent(&self) -> Vec<ConnectionRecord> {
+        self.recent
+            .lock()
+            .expect("connection log lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn totals(&self, direction: Direction) -> &Totals {
+        match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
+    pub fn active(&self, direction: Direction) -> u64 {
+        let t = self.totals(direction);
+        t.opened
+            .load(Ordering::Relaxed)
+            .saturating_sub(t.closed.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, direction: Direction) -> ConnectionRecord {
+        ConnectionRecord {
+            id,
+            direction,
+            pod: "ns/a".into(),
+            client: "127.0.0.1:4000".parse().unwrap(),
+            original_dst: "10.1.0.3:80".parse().unwrap(),
+            upstream: "direct".into(),
+            bytes_sent: 10,
+            bytes_received: 20,
+            outcome: "closed".into(),
+            duration_ms: 1,
+        }
+    }
+
+    #[test]
+    fn keeps_the_most_recent_and_counts_everything() {
+        let log = ConnectionLog::new(2);
+        for _ in 0..3 {
+            let id = log.open(Direction::Outbound);
+            assert_eq!(log.active(Direction::Outbound), 1);
+            log.record(record(id, Direction::Outbound), false);
+        }
+        let recent = log.recent();
+        assert_eq!(recent.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(log.outbound.closed.load(Ordering::Relaxed), 3);
+        assert_eq!(log.outbound.bytes_received.load(Ordering::Relaxed), 60);
+        assert_eq!(log.active(Direction::Outbound), 0);
+        assert_eq!(log.inbound.opened.load(Ordering::Relaxed), 0);
+    }
+}
