@@ -1,0 +1,201 @@
+//! What enrolled pods get when the agent is not there, or its map is full:
+//! fail-closed, fast, counted — never a silent bypass. And a restarted agent
+//! takes over.
+
+use std::{net::IpAddr, time::Duration};
+
+use mesh_e2e::{NodeAgent, pods_yaml};
+use mesh_testbed::{
+    Pod, Process, Topology, e2e_enabled,
+    traffic::{ConnectOutcome, TrafficServer, bulk_upload, connect_result},
+    wait_until,
+};
+use nix::sys::signal::Signal;
+
+const PORT: u16 = 7100;
+
+/// Holds `count` connections to `ip:port` open for `secs`; prints `ready` once
+/// all are connected.
+fn hold_connections(pod: &Pod, ip: IpAddr, count: u32, secs: u32) -> Process {
+    let script = format!(
+        r#"
+import socket, time
+socks = [socket.create_connection(("{ip}", {PORT}), timeout=5) for _ in range({count})]
+for s in socks:
+    s.sendall(b"ECHO\n")
+print("ready", flush=True)
+time.sleep({secs})
+"#
+    );
+    let holder = pod.spawn("python3", &["-c", &script]).unwrap();
+    wait_until("the holder's connections", Duration::from_secs(10), || {
+        Ok(holder.stdout_so_far().contains("ready"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", holder.output_report()));
+    holder
+}
+
+/// A connection that keeps exchanging lines; exits non-zero when it breaks.
+fn start_chatty_connection(pod: &Pod, ip: IpAddr) -> Process {
+    let script = format!(
+        r#"
+import socket, sys, time
+s = socket.create_connection(("{ip}", {PORT}), timeout=5)
+s.settimeout(5)
+s.sendall(b"ECHO\n")
+print("connected", flush=True)
+for i in range(100000):
+    try:
+        s.sendall(b"x\n")
+        if s.recv(2) != b"x\n":
+            sys.exit("broken after %d" % i)
+    except OSError as e:
+        sys.exit("broken after %d: %s" % (i, e))
+    time.sleep(0.01)
+"#
+    );
+    let p = pod.spawn("python3", &["-c", &script]).unwrap();
+    wait_until("the chatty connection", Duration::from_secs(10), || {
+        Ok(p.stdout_so_far().contains("connected"))
+    })
+    .unwrap();
+    p
+}
+
+#[test]
+fn a_stopped_agent_means_refused_connections_and_a_restarted_one_serves_again() {
+    if !e2e_enabled("a_stopped_agent_means_refused_connections_and_a_restarted_one_serves_again") {
+        return;
+    }
+    let topo = Topology::builder("stopped")
+        .node("n1", &["a", "outsider"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, outsider, c) = (topo.pod("a"), topo.pod("outsider"), topo.pod("c"));
+    let _servers = [
+        TrafficServer::start(a, PORT).unwrap(),
+        TrafficServer::start(c, PORT).unwrap(),
+    ];
+    let mut agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a]).unwrap();
+    let c_ip = IpAddr::V4(c.ipv4());
+    let a_ip = IpAddr::V4(a.ipv4());
+    assert_eq!(
+        connect_result(a, c_ip, PORT).unwrap(),
+        ConnectOutcome::Connected
+    );
+    let chatty = start_chatty_connection(a, c_ip);
+
+    agent.stop(Signal::SIGTERM).unwrap();
+    // Open connections went with the agent (documented: no drain yet).
+    let mut chatty = chatty;
+    let out = chatty.wait_with_deadline(Duration::from_secs(10)).unwrap();
+    assert!(
+        !out.status.success(),
+        "the proxied connection ended when the agent stopped"
+    );
+    // New connections fail at once, both ways, instead of bypassing the agent.
+    assert_eq!(
+        connect_result(a, c_ip, PORT).unwrap(),
+        ConnectOutcome::PermissionDenied,
+        "outbound"
+    );
+    assert_eq!(
+        connect_result(a, IpAddr::V6(c.ipv6()), PORT).unwrap(),
+        ConnectOutcome::PermissionDenied
+    );
+    let inbound = connect_result(outsider, a_ip, PORT).unwrap();
+    assert!(
+        matches!(inbound, ConnectOutcome::Refused | ConnectOutcome::Reset),
+        "inbound: {inbound:?}"
+    );
+
+    agent.restart().unwrap();
+    // The kernel counted the refusals while no agent ran, and the new agent
+    // took over the same counters.
+    let counters = agent.counters(a).unwrap();
+    assert_eq!(counters.refused_agent_absent, 3, "{counters:?}");
+    bulk_upload(a, c_ip, PORT, 1 << 20).unwrap();
+    bulk_upload(outsider, a_ip, PORT, 1 << 20).unwrap();
+    let status = agent.status().unwrap();
+    assert_eq!(
+        status.attachments, 6,
+        "one set of programs, not two: {status:?}"
+    );
+}
+
+#[test]
+fn a_killed_agent_leaves_pods_captured_and_a_restart_recovers() {
+    if !e2e_enabled("a_killed_agent_leaves_pods_captured_and_a_restart_recovers") {
+        return;
+    }
+    let topo = Topology::builder("killed")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let _server = TrafficServer::start(c, PORT).unwrap();
+    let mut agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a]).unwrap();
+    let c_ip = IpAddr::V4(c.ipv4());
+    let mut chatty = start_chatty_connection(a, c_ip);
+
+    agent.kill().unwrap();
+    let out = chatty.wait_with_deadline(Duration::from_secs(10)).unwrap();
+    assert!(
+        !out.status.success(),
+        "a connection in flight breaks with a killed agent"
+    );
+    assert_eq!(
+        connect_result(a, c_ip, PORT).unwrap(),
+        ConnectOutcome::PermissionDenied
+    );
+
+    agent.restart().unwrap();
+    bulk_upload(a, c_ip, PORT, 1 << 20).unwrap();
+    let counters = agent.counters(a).unwrap();
+    assert!(counters.refused_agent_absent >= 1, "{counters:?}");
+    assert!(counters.captured_outbound >= 2, "{counters:?}");
+}
+
+#[test]
+fn a_full_connection_map_refuses_new_connections_and_counts_them() {
+    if !e2e_enabled("a_full_connection_map_refuses_new_connections_and_counts_them") {
+        return;
+    }
+    let topo = Topology::builder("mapfull")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let _server = TrafficServer::start(c, PORT).unwrap();
+    let agent = NodeAgent::start(
+        &topo,
+        topo.node("n1"),
+        &pods_yaml(&[a]),
+        "maxConnections: 4\n",
+    )
+    .unwrap();
+    let c_ip = IpAddr::V4(c.ipv4());
+
+    let mut holder = hold_connections(a, c_ip, 4, 30);
+    assert_eq!(
+        connect_result(a, c_ip, PORT).unwrap(),
+        ConnectOutcome::PermissionDenied
+    );
+    let counters = agent.counters(a).unwrap();
+    assert_eq!(
+        (counters.refused_map_full, counters.captured_outbound),
+        (1, 4),
+        "{counters:?}"
+    );
+
+    holder.kill();
+    wait_until(
+        "room in the connection map again",
+        Duration::from_secs(10),
+        || Ok(connect_result(a, c_ip, PORT)? == ConnectOutcome::Connected),
+    )
+    .unwrap();
+}
