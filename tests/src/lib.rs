@@ -46,6 +46,7 @@
 mod bpffs;
 mod cgroup;
 mod naming;
+pub mod netfilter;
 mod netns;
 mod preflight;
 mod process;

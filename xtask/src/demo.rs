@@ -4,7 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -30,7 +30,7 @@ pub fn run(workspace: &Path) -> Result<()> {
     step("[1/5] kernel toolchain and programs");
     setup::build_ebpf(workspace)?;
     step("[2/5] building mesh-agent (release)");
-    let agent_bin = build_agent(workspace)?;
+    let agent_bin = setup::build_agent_release(workspace)?;
 
     step("[3/5] test bed: node1 {frontend, backend}, node2 {database}");
     let topo = Topology::builder("demo")
@@ -137,21 +137,6 @@ pub fn run(workspace: &Path) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
-}
-
-fn build_agent(workspace: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    setup::run(Command::new(cargo).current_dir(workspace).args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-agent",
-    ]))?;
-    let bin = workspace.join("target/release/mesh-agent");
-    if !bin.is_file() {
-        bail!("cargo built mesh-agent but {} is missing", bin.display());
-    }
-    Ok(bin)
 }
 
 /// Writes the node's config (all its pods enrolled), starts the agent in the node

@@ -3,6 +3,7 @@
 //! Nothing here needs the agent to be built first: the agent's build script needs
 //! the kernel toolchain that `build-ebpf` sets up.
 
+mod bench;
 mod demo;
 mod ebpf_build;
 mod setup;
@@ -25,6 +26,13 @@ enum Task {
     /// two nodes, an agent on each, real traffic between pods, and a summary of
     /// what the agents saw. Needs root.
     Demo,
+    /// Measure the data paths against direct connections in the same run (release
+    /// build, test bed). Needs root.
+    Bench {
+        /// A short sanity run (about a minute).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build the kernel programs (mesh-ebpf), first installing what is missing: the
     /// nightly rust-src component and a project-local bpf-linker in .tools/.
     BuildEbpf,
@@ -43,6 +51,7 @@ fn main() -> ExitCode {
     let workspace = workspace_root();
     let result = match cli.task {
         Task::Demo => demo::run(&workspace),
+        Task::Bench { quick } => bench::run(&workspace, quick),
         Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
         Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
     };

@@ -167,3 +167,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     }
     Ok(())
 }
+
+/// Builds the release agent (its build script builds the kernel object).
+pub fn build_agent_release(workspace: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).current_dir(workspace).args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+    ]))?;
+    let bin = workspace.join("target/release/mesh-agent");
+    if !bin.is_file() {
+        bail!("cargo built mesh-agent but {} is missing", bin.display());
+    }
+    Ok(bin)
+}

@@ -420,3 +420,31 @@ print("ok", i)
     );
     pod.spawn("python3", &["-c", &script])
 }
+
+#[test]
+fn capture_needs_no_iptables_or_nftables_rule_in_any_namespace() {
+    if !e2e_enabled("capture_needs_no_iptables_or_nftables_rule_in_any_namespace") {
+        return;
+    }
+    let topo = Topology::builder("norules")
+        .node("n1", &["a", "b"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
+    let _servers = [
+        TrafficServer::start(b, PORT).unwrap(),
+        TrafficServer::start(c, PORT).unwrap(),
+    ];
+    let agent1 = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
+    let agent2 = NodeAgent::enrolling(&topo, topo.node("n2"), &[c]).unwrap();
+
+    // Capture is working, in and out, on both nodes...
+    bulk_upload(a, IpAddr::V4(b.ipv4()), PORT, MIB).unwrap();
+    bulk_upload(a, IpAddr::V6(c.ipv6()), PORT, MIB).unwrap();
+    assert_eq!(agent1.counters(a).unwrap().captured_outbound, 2);
+    assert_eq!(agent2.counters(c).unwrap().captured_inbound, 1);
+    // ...and no namespace of the topology (fabric, nodes, pods) holds a single
+    // nftables or iptables table, let alone a rule.
+    mesh_testbed::netfilter::assert_no_packet_filter_rules(&topo).unwrap();
+}
