@@ -131,8 +131,8 @@ fn the_proxied_path_keeps_tcp_semantics() {
         TrafficServer::start(b, PORT).unwrap(),
         TrafficServer::start(c, PORT).unwrap(),
     ];
-    let _agent1 = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
-    let _agent2 = NodeAgent::enrolling(&topo, topo.node("n2"), &[c]).unwrap();
+    let agent1 = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
+    let agent2 = NodeAgent::enrolling(&topo, topo.node("n2"), &[c]).unwrap();
 
     for (server, target) in servers.iter().zip([b, c]) {
         let ip = IpAddr::V4(target.ipv4());
@@ -153,6 +153,14 @@ fn the_proxied_path_keeps_tcp_semantics() {
     assert!(servers[1].stats().unwrap().max_active >= 2000);
     // BIG_BULK_BYTES (300 MiB) each way.
     bulk_big_both_ways(a, IpAddr::V4(c.ipv4()), PORT).unwrap();
+    // All of it went through the agents: 5 checks per target (the reset
+    // check counts one connection each side), 10k writes on one connection,
+    // 2000 concurrent connections (+1 stats query, not captured: it comes from
+    // the test process), 2 bulk connections.
+    let a_out = agent1.counters(a).unwrap().captured_outbound;
+    assert!(a_out >= 2 * 5 + 2000 + 2, "only {a_out} connections of a were captured");
+    let c_in = agent2.counters(c).unwrap().captured_inbound;
+    assert!(c_in >= 5 + 2000 + 2, "only {c_in} connections into c were captured");
 }
 
 #[test]
