@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: builds what is needed, brings up a small mesh in the test
 //! bed (two nodes, an agent on each), sends real traffic, prints what the agents
-//! saw, and tears everything down.
+//! captured and proxied, and tears everything down.
 
 use std::{
     net::SocketAddr,
@@ -77,7 +77,16 @@ pub fn run(workspace: &Path) -> Result<()> {
         } else {
             to.ipv4().to_string()
         };
-        echo_round_trips(from, &host, PORT, count)?;
+        if let Err(err) = echo_round_trips(from, &host, PORT, count) {
+            for (node, agent) in topo.nodes().iter().zip(&agents) {
+                eprintln!(
+                    "--- agent log on {} ---\n{}",
+                    node.name(),
+                    agent.stderr_so_far()
+                );
+            }
+            return Err(err);
+        }
         let where_ = if from.node_name() == to.node_name() {
             "same node"
         } else {
@@ -92,21 +101,43 @@ pub fn run(workspace: &Path) -> Result<()> {
     }
 
     println!();
-    println!("What the kernel programs counted (TCP connect() calls per enrolled pod):");
+    println!("What the kernel programs counted, per enrolled pod:");
     println!(
-        "    {:<10} {:<7} {:>6} {:>6}",
-        "pod", "node", "ipv4", "ipv6"
+        "    {:<10} {:<7} {:>9} {:>13} {:>12} {:>8}",
+        "pod", "node", "connects", "captured out", "captured in", "refused"
     );
     for node in topo.nodes() {
         let status = admin_json(node, "/status")?;
         for pod in status["pods"].as_array().into_iter().flatten() {
             let c = &pod["counters"];
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
             println!(
-                "    {:<10} {:<7} {:>6} {:>6}",
+                "    {:<10} {:<7} {:>9} {:>13} {:>12} {:>8}",
                 pod["name"].as_str().unwrap_or("?"),
                 node.name(),
-                c["connect4"].as_u64().unwrap_or(0),
-                c["connect6"].as_u64().unwrap_or(0)
+                n("connect4") + n("connect6"),
+                n("capturedOutbound"),
+                n("capturedInbound"),
+                n("refusedAgentAbsent") + n("refusedMapFull")
+            );
+        }
+    }
+    println!();
+    println!("What the agents proxied (latest connections, from /debug/connections):");
+    for node in topo.nodes() {
+        let records = admin_json(node, "/debug/connections")?;
+        for r in records.as_array().into_iter().flatten().rev().take(4) {
+            println!(
+                "    {}: {:<8} {:<15} {} -> {} via {} ({} bytes out, {} back, {})",
+                node.name(),
+                r["direction"].as_str().unwrap_or("?"),
+                r["pod"].as_str().unwrap_or("?"),
+                r["client"].as_str().unwrap_or("?"),
+                r["originalDst"].as_str().unwrap_or("?"),
+                r["upstream"].as_str().unwrap_or("?"),
+                r["bytesSent"],
+                r["bytesReceived"],
+                r["outcome"].as_str().unwrap_or("?"),
             );
         }
     }
@@ -123,9 +154,15 @@ pub fn run(workspace: &Path) -> Result<()> {
     println!();
     println!("A few metric lines from node1's /metrics:");
     let (_, metrics) = topo.node("node1").http_get(ADMIN.parse()?, "/metrics")?;
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("mesh_pod_tcp_connects_total") || l.starts_with("mesh_pods_enrolled")
-    }) {
+    let shown = [
+        "mesh_pod_captured_connections_total",
+        "mesh_proxy_connections_total",
+        "mesh_pods_enrolled",
+    ];
+    for line in metrics
+        .lines()
+        .filter(|l| shown.iter().any(|m| l.starts_with(m)))
+    {
         println!("    {line}");
     }
     println!();
@@ -144,9 +181,15 @@ pub fn run(workspace: &Path) -> Result<()> {
 fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
     let dir = topo.tmp_dir().join(format!("config-{}", node.name()));
     std::fs::create_dir_all(&dir)?;
+    // Pins under the test bed's bpffs dir (removed at teardown); detach on stop.
+    let pin_dir = topo.bpffs_dir().join(node.name());
     std::fs::write(
         dir.join("node.yaml"),
-        format!("name: {}\nadminAddress: {ADMIN}\n", node.name()),
+        format!(
+            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\n",
+            node.name(),
+            pin_dir.display()
+        ),
     )?;
     let mut pods = String::from("pods:\n");
     for pod in node.pods() {

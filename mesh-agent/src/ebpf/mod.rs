@@ -90,6 +90,8 @@ struct EnrolledPod {
 /// The loaded kernel programs and the pods they are attached to.
 pub struct KernelPrograms {
     ebpf: Ebpf,
+    /// Exclusive lock on the pin directory: one agent per pinned state.
+    _pin_lock: File,
     pin_dir: PathBuf,
     pods: BTreeMap<String, EnrolledPod>,
     /// Slots of pods enrolled by an earlier agent (netns cookie -> slot), found in
@@ -105,6 +107,7 @@ impl KernelPrograms {
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
         std::fs::create_dir_all(options.pin_dir.join("links"))?;
+        let pin_lock = lock_pin_dir(&options.pin_dir)?;
         let level = options.kernel_log_level as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -137,6 +140,7 @@ impl KernelPrograms {
         let free_slots = (0..MAX_PODS).rev().filter(|s| !used.contains(s)).collect();
         Ok(Self {
             ebpf,
+            _pin_lock: pin_lock,
             pin_dir: options.pin_dir.clone(),
             pods: BTreeMap::new(),
             inherited,
@@ -506,6 +510,26 @@ impl KernelPrograms {
     fn pods_map(&mut self) -> Result<BpfHashMap<&mut MapData, u64, PodInfo>> {
         Ok(BpfHashMap::try_from(self.map_mut(MAP_PODS)?)?)
     }
+}
+
+/// Two agents on one pinned state would release each other's pods. The lock
+/// goes away with the process, however it ends.
+fn lock_pin_dir(pin_dir: &Path) -> Result<File> {
+    let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: flock on a valid fd.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        bail!(
+            "another agent is running with the pin directory {} (only one agent per node's pinned state)",
+            pin_dir.display()
+        );
+    }
+    Ok(dir)
 }
 
 fn read_pod_map(ebpf: &mut Ebpf) -> Result<HashMap<u64, u32>> {

@@ -158,9 +158,15 @@ fn the_proxied_path_keeps_tcp_semantics() {
     // 2000 concurrent connections (+1 stats query, not captured: it comes from
     // the test process), 2 bulk connections.
     let a_out = agent1.counters(a).unwrap().captured_outbound;
-    assert!(a_out >= 2 * 5 + 2000 + 2, "only {a_out} connections of a were captured");
+    assert!(
+        a_out >= 2 * 5 + 2000 + 2,
+        "only {a_out} connections of a were captured"
+    );
     let c_in = agent2.counters(c).unwrap().captured_inbound;
-    assert!(c_in >= 5 + 2000 + 2, "only {c_in} connections into c were captured");
+    assert!(
+        c_in >= 5 + 2000 + 2,
+        "only {c_in} connections into c were captured"
+    );
 }
 
 #[test]

@@ -199,3 +199,30 @@ fn a_full_connection_map_refuses_new_connections_and_counts_them() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_second_agent_on_the_same_pinned_state_refuses_to_start() {
+    if !e2e_enabled("a_second_agent_on_the_same_pinned_state_refuses_to_start") {
+        return;
+    }
+    let topo = Topology::builder("second")
+        .node("n1", &["a"])
+        .build()
+        .unwrap();
+    let agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[topo.pod("a")]).unwrap();
+    let config = agent.config_dir().to_str().unwrap().to_string();
+    let err = topo
+        .node("n1")
+        .run(
+            mesh_e2e::agent_binary(),
+            &["run", "--config", &config],
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("another agent is running"),
+        "{err:#}"
+    );
+    // The first one is unharmed.
+    assert!(agent.status().unwrap().pods.iter().all(|p| p.enrolled));
+}
