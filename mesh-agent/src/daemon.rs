@@ -107,7 +107,11 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
     };
     while watch.changed().await {
         match config::load_dir(&state.config_dir) {
-            Ok(new) if new == current => {}
+            Ok(new) if new == current => {
+                // Back to what is running (e.g. a bad edit undone): nothing to
+                // apply, but the files are valid again.
+                *state.last_reload_error.lock().expect("reload error lock") = None;
+            }
             Ok(new) => {
                 if new.node != current.node {
                     tracing::warn!(

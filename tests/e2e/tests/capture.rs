@@ -462,3 +462,45 @@ fn capture_needs_no_iptables_or_nftables_rule_in_any_namespace() {
     // nftables or iptables table, let alone a rule.
     mesh_testbed::netfilter::assert_no_packet_filter_rules(&topo).unwrap();
 }
+
+#[test]
+fn a_bad_pods_file_is_rejected_and_the_last_good_config_keeps_capturing() {
+    if !e2e_enabled("a_bad_pods_file_is_rejected_and_the_last_good_config_keeps_capturing") {
+        return;
+    }
+    let topo = Topology::builder("badfile")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let _server = TrafficServer::start(c, PORT).unwrap();
+    let agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a]).unwrap();
+
+    // A typo in a field name: rejected, with file, line and field.
+    let bad = pods_yaml(&[a]).replace("    cgroup:", "    cgruop:");
+    agent.write_pods(&bad).unwrap();
+    let mut error = String::new();
+    wait_until("the reload to be rejected", Duration::from_secs(5), || {
+        error = agent.status()?.last_reload_error.unwrap_or_default();
+        Ok(!error.is_empty())
+    })
+    .unwrap();
+    assert!(
+        error.contains("pods.yaml:9") && error.contains("cgruop"),
+        "{error}"
+    );
+    // Still enrolled, still captured.
+    bulk_upload(a, IpAddr::V4(c.ipv4()), PORT, MIB).unwrap();
+    assert_eq!(agent.counters(a).unwrap().captured_outbound, 1);
+    assert_eq!(agent.status().unwrap().config_generation, 1);
+
+    // Fixed again: accepted, error cleared.
+    agent.write_pods(&pods_yaml(&[a])).unwrap();
+    wait_until(
+        "the fixed file to be accepted",
+        Duration::from_secs(5),
+        || Ok(agent.status()?.last_reload_error.is_none()),
+    )
+    .unwrap();
+}
