@@ -5,3 +5,21 @@ pub mod agent;
 pub mod kernel;
 
 pub use agent::{NodeAgent, agent_binary, pod_yaml, pods_yaml};
+
+use mesh_testbed::{Pod, Topology, traffic::TrafficServer};
+
+/// The usual test topology: node n1 with pods `a` and `b`, node n2 with pod `c`.
+pub fn two_nodes(test_name: &str) -> Topology {
+    Topology::builder(test_name)
+        .node("n1", &["a", "b"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap_or_else(|e| panic!("building the test bed: {e:#}"))
+}
+
+/// Traffic servers listening on `port` in each of `pods`.
+pub fn traffic_servers(pods: &[&Pod], port: u16) -> Vec<TrafficServer> {
+    pods.iter()
+        .map(|pod| TrafficServer::start(pod, port).unwrap_or_else(|e| panic!("{e:#}")))
+        .collect()
+}

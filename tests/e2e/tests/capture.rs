@@ -8,7 +8,7 @@ use std::{
 };
 
 use mesh_agent::proxy::connections::Direction;
-use mesh_e2e::{NodeAgent, pod_yaml, pods_yaml};
+use mesh_e2e::{NodeAgent, pod_yaml, pods_yaml, traffic_servers, two_nodes};
 use mesh_testbed::{
     Pod, Topology, e2e_enabled,
     traffic::{
@@ -34,16 +34,9 @@ fn outbound_connections_are_captured_with_their_destination_and_delivered_intact
     {
         return;
     }
-    let topo = Topology::builder("outbound")
-        .node("n1", &["a", "b"])
-        .node("n2", &["c"])
-        .build()
-        .unwrap();
+    let topo = two_nodes("outbound");
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
-    let _servers = [
-        TrafficServer::start(b, PORT).unwrap(),
-        TrafficServer::start(c, PORT).unwrap(),
-    ];
+    let _servers = traffic_servers(&[b, c], PORT);
     let agent1 = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
     let agent2 = NodeAgent::enrolling(&topo, topo.node("n2"), &[c]).unwrap();
 
@@ -121,16 +114,9 @@ fn the_proxied_path_keeps_tcp_semantics() {
     if !e2e_enabled("the_proxied_path_keeps_tcp_semantics") {
         return;
     }
-    let topo = Topology::builder("semantics")
-        .node("n1", &["a", "b"])
-        .node("n2", &["c"])
-        .build()
-        .unwrap();
+    let topo = two_nodes("semantics");
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
-    let servers = [
-        TrafficServer::start(b, PORT).unwrap(),
-        TrafficServer::start(c, PORT).unwrap(),
-    ];
+    let servers = traffic_servers(&[b, c], PORT);
     let agent1 = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
     let agent2 = NodeAgent::enrolling(&topo, topo.node("n2"), &[c]).unwrap();
 
@@ -329,11 +315,7 @@ fn pods_are_enrolled_and_released_at_run_time_without_disturbing_others() {
     if !e2e_enabled("pods_are_enrolled_and_released_at_run_time_without_disturbing_others") {
         return;
     }
-    let topo = Topology::builder("runtime")
-        .node("n1", &["a", "b"])
-        .node("n2", &["c"])
-        .build()
-        .unwrap();
+    let topo = two_nodes("runtime");
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
     let _server = TrafficServer::start(c, PORT).unwrap();
     let agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a]).unwrap();
@@ -440,16 +422,9 @@ fn capture_needs_no_iptables_or_nftables_rule_in_any_namespace() {
     if !e2e_enabled("capture_needs_no_iptables_or_nftables_rule_in_any_namespace") {
         return;
     }
-    let topo = Topology::builder("norules")
-        .node("n1", &["a", "b"])
-        .node("n2", &["c"])
-        .build()
-        .unwrap();
+    let topo = two_nodes("norules");
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
-    let _servers = [
-        TrafficServer::start(b, PORT).unwrap(),
-        TrafficServer::start(c, PORT).unwrap(),
-    ];
+    let _servers = traffic_servers(&[b, c], PORT);
     let agent1 = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
     let agent2 = NodeAgent::enrolling(&topo, topo.node("n2"), &[c]).unwrap();
 
