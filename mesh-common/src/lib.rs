@@ -43,6 +43,9 @@ pub const MAX_EXCLUSIONS: u32 = 16384;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The agent's inbound (plaintext) listener in every enrolled pod.
 pub const INBOUND_PORT: u16 = 15006;
+/// The agent's mTLS tunnel (HBONE) listener in every enrolled pod, on the pod's
+/// own addresses: inbound capture lets it through, because it is the agent.
+pub const TUNNEL_PORT: u16 = 15008;
 /// Source address of the agent's own connections into a pod (over the pod's
 /// loopback, so inbound capture does not take them again), as Istio's ztunnel.
 pub const AGENT_SOURCE_IPV4: [u8; 4] = [127, 0, 0, 6];

@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::{DIRECTION_INBOUND, PodAddr, PortKey};
+use mesh_common::{DIRECTION_INBOUND, PodAddr, PortKey, TUNNEL_PORT};
 
 use crate::maps::{EXCLUDED_PORTS, INBOUND_LISTENERS, POD_ADDRS, count};
 
@@ -38,6 +38,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         (ipv6(&lookup.local_ip6), ipv6(&lookup.remote_ip6))
     };
     if remote.is_loopback() || remote == local {
+        return SK_PASS;
+    }
+    // Tunnel connections from other nodes' agents go to this agent's tunnel
+    // listener as they are: they are already the mesh (mutual TLS).
+    if lookup.local_port == u32::from(TUNNEL_PORT) {
         return SK_PASS;
     }
     // SAFETY: read-only lookup of a plain-data value.

@@ -4,9 +4,11 @@
 //! file never half-applies.
 
 mod error;
+pub mod mesh;
 mod node;
 mod pods;
 pub mod watch;
+mod workloads;
 
 use std::{
     collections::HashSet,
@@ -16,16 +18,20 @@ use std::{
 pub use error::ConfigError;
 pub use node::{NodeConfig, OnStop, default_admin_address};
 pub use pods::{CaptureExclusions, PodConfig, PodsFile};
+pub use workloads::{RemoteWorkload, WorkloadsFile};
 
 pub const NODE_FILE: &str = "node.yaml";
 pub const PODS_FILE: &str = "pods.yaml";
+pub const WORKLOADS_FILE: &str = "workloads.yaml";
 
 /// A complete, validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub dir: PathBuf,
     pub node: NodeConfig,
     pub pods: Vec<PodConfig>,
+    /// Mesh workloads on other nodes.
+    pub workloads: Vec<RemoteWorkload>,
 }
 
 /// Loads and validates the configuration directory.
@@ -60,11 +66,125 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     } else {
         Vec::new()
     };
+    validate_node(&node_path, &node_text, &node)?;
+
+    let workloads_path = dir.join(WORKLOADS_FILE);
+    let workloads = if workloads_path.exists() {
+        let text = read(&workloads_path)?;
+        let file: WorkloadsFile = if text.trim().is_empty() {
+            WorkloadsFile::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::from_yaml(&workloads_path, &e))?
+        };
+        validate_workloads(&workloads_path, &text, &file.workloads, &pods)?;
+        file.workloads
+    } else {
+        Vec::new()
+    };
     Ok(Config {
         dir: dir.to_path_buf(),
         node,
         pods,
+        workloads,
     })
+}
+
+fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), ConfigError> {
+    if node.max_connections == 0 {
+        return Err(ConfigError::new(path, "must be at least 1")
+            .with_field("maxConnections")
+            .with_line(error::find_line(text, "maxConnections", "0")));
+    }
+    if node.trust_domain.is_empty() || node.trust_domain.contains(['/', ':']) {
+        return Err(
+            ConfigError::new(path, "must be a trust domain name such as cluster.local")
+                .with_field("trustDomain")
+                .with_line(error::find_line(text, "trustDomain", &node.trust_domain)),
+        );
+    }
+    if let Some(identity) = &node.identity
+        && identity.issuer.is_some() == identity.files.is_some()
+    {
+        return Err(
+            ConfigError::new(path, "give exactly one source: `issuer` or `files`")
+                .with_field("identity")
+                .with_line(error::find_line(text, "identity", "")),
+        );
+    }
+    if let Some(issuer) = node.identity.as_ref().and_then(|i| i.issuer.as_ref()) {
+        if !(issuer.renew_at > 0.0 && issuer.renew_at < 1.0) {
+            return Err(ConfigError::new(
+                path,
+                "must be between 0 and 1 (a fraction of the lifetime)",
+            )
+            .with_field("identity.issuer.renewAt"));
+        }
+        if issuer.lifetime.is_zero() {
+            return Err(ConfigError::new(path, "must be longer than zero")
+                .with_field("identity.issuer.lifetime"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_workloads(
+    path: &Path,
+    text: &str,
+    workloads: &[RemoteWorkload],
+    pods: &[PodConfig],
+) -> Result<(), ConfigError> {
+    let mut addresses: HashSet<std::net::IpAddr> = pods
+        .iter()
+        .flat_map(|p| {
+            p.ipv4
+                .map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(p.ipv6.map(std::net::IpAddr::V6))
+        })
+        .collect();
+    let mut keys = HashSet::new();
+    for (i, w) in workloads.iter().enumerate() {
+        let err = |field: &str, value: &str, msg: String| {
+            ConfigError::new(path, msg)
+                .with_field(format!("workloads[{i}].{field}"))
+                .with_line(error::find_line(text, field, value))
+        };
+        for (field, value) in [
+            ("name", &w.name),
+            ("namespace", &w.namespace),
+            ("node", &w.node),
+        ] {
+            if value.trim().is_empty() {
+                return Err(err(field, value, "must not be empty".into()));
+            }
+        }
+        if !keys.insert(w.key()) {
+            return Err(err(
+                "name",
+                &w.name,
+                format!("workload {} is listed twice", w.key()),
+            ));
+        }
+        if w.ipv4.is_none() && w.ipv6.is_none() {
+            return Err(err("name", &w.name, "needs an ipv4 or ipv6 address".into()));
+        }
+        let ips = w
+            .ipv4
+            .map(std::net::IpAddr::V4)
+            .into_iter()
+            .chain(w.ipv6.map(std::net::IpAddr::V6));
+        for ip in ips {
+            if !addresses.insert(ip) {
+                let field = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
+                return Err(err(
+                    field,
+                    &ip.to_string(),
+                    format!("address {ip} is already a pod or workload"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {

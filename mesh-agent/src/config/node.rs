@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The node configuration. Unknown fields are errors, never ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeConfig {
     /// The Kubernetes node name.
@@ -30,6 +30,16 @@ pub struct NodeConfig {
     /// What an orderly stop (SIGTERM, SIGINT) does to the kernel programs.
     #[serde(default)]
     pub on_stop: OnStop,
+    /// The SPIFFE trust domain of this mesh.
+    #[serde(default = "super::mesh::default_trust_domain")]
+    pub trust_domain: String,
+    /// Where workload certificates come from. Without it the agent has no
+    /// identities: traffic to mesh workloads on other nodes is refused (never
+    /// sent in the clear), and the tunnel port accepts nothing.
+    #[serde(default)]
+    pub identity: Option<super::mesh::IdentityConfig>,
+    #[serde(default)]
+    pub tunnel: super::mesh::TunnelConfig,
 }
 
 /// Behaviour on an orderly stop. A crash always leaves capture in place.

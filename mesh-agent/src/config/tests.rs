@@ -163,3 +163,88 @@ fn find_line_needs_exactly_one_match() {
     );
     assert_eq!(error::find_line(text, "name", "zzz"), None);
 }
+
+#[test]
+fn identity_issuer_and_tunnel_settings_load_with_defaults() {
+    let node = "name: n1\ntrustDomain: example.org\nidentity:\n  issuer:\n    cert: /ca/ca.crt\n    key: /ca/ca.key\n    lifetime: 1h\ntunnel:\n  idleTimeout: 30s\n";
+    let dir = dir_with(node, None);
+    let cfg = load_dir(dir.path()).unwrap();
+    assert_eq!(cfg.node.trust_domain, "example.org");
+    let issuer = cfg
+        .node
+        .identity
+        .as_ref()
+        .and_then(|i| i.issuer.as_ref())
+        .expect("issuer");
+    assert_eq!(issuer.lifetime, std::time::Duration::from_secs(3600));
+    assert_eq!(issuer.renew_at, 0.5);
+    assert_eq!(issuer.trust_bundle, None);
+    assert_eq!(
+        cfg.node.tunnel.idle_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(
+        cfg.node.tunnel.handshake_timeout,
+        std::time::Duration::from_secs(10)
+    );
+}
+
+#[test]
+fn trust_domain_defaults_and_identity_is_optional() {
+    let cfg = load_dir(dir_with(NODE, None).path()).unwrap();
+    assert_eq!(cfg.node.trust_domain, "cluster.local");
+    assert!(cfg.node.identity.is_none());
+}
+
+#[test]
+fn a_bad_renewal_fraction_is_rejected() {
+    let node = "name: n1\nidentity:\n  issuer:\n    cert: /c\n    key: /k\n    renewAt: 1.5\n";
+    let err = load_dir(dir_with(node, None).path()).unwrap_err();
+    assert_eq!(
+        err.field.as_deref(),
+        Some("identity.issuer.renewAt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_identity_source_is_rejected() {
+    let node = "name: n1\nidentity:\n  vault:\n    url: x\n";
+    let err = load_dir(dir_with(node, None).path()).unwrap_err();
+    assert!(err.message.contains("unknown field `vault`"), "{err}");
+    let both =
+        "name: n1\nidentity:\n  issuer: {cert: /c, key: /k}\n  files: {dir: /d, trustBundle: /b}\n";
+    let err = load_dir(dir_with(both, None).path()).unwrap_err();
+    assert!(err.message.contains("exactly one source"), "{err}");
+}
+
+#[test]
+fn workloads_load_and_must_not_reuse_pod_addresses() {
+    let dir = dir_with(NODE, Some(POD_A));
+    write(
+        dir.path(),
+        WORKLOADS_FILE,
+        "workloads:\n  - name: db\n    namespace: shop\n    serviceAccount: db\n    node: n2\n    ipv4: 10.2.0.2\n",
+    );
+    let cfg = load_dir(dir.path()).unwrap();
+    assert_eq!(cfg.workloads.len(), 1);
+    assert_eq!(cfg.workloads[0].key(), "shop/db");
+
+    write(
+        dir.path(),
+        WORKLOADS_FILE,
+        "workloads:\n  - name: db\n    namespace: shop\n    node: n2\n    ipv4: 10.1.0.2\n",
+    );
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join(WORKLOADS_FILE));
+    assert_eq!(err.field.as_deref(), Some("workloads[0].ipv4"), "{err}");
+    assert!(err.message.contains("already a pod"), "{err}");
+
+    write(
+        dir.path(),
+        WORKLOADS_FILE,
+        "workloads:\n  - name: db\n    namespace: shop\n    node: n2\n",
+    );
+    let err = load_dir(dir.path()).unwrap_err();
+    assert!(err.message.contains("needs an ipv4 or ipv6"), "{err}");
+}
