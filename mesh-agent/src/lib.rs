@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
+pub mod identity;
 pub mod logging;
 pub mod proxy;
 pub mod state;

@@ -55,6 +55,7 @@ mod sweep;
 mod topology;
 pub mod traffic;
 mod wait;
+pub mod wire;
 
 pub use preflight::{e2e_enabled, e2e_preflight};
 pub use process::Process;

@@ -1,0 +1,536 @@
+//! The identity manager: holds the trust bundle and one certificate + key per local workload
+//! identity, loaded from files or minted from an issuing CA, and swaps them atomically on
+//! reload and renewal.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use serde::Serialize;
+use webpki::KeyUsage;
+
+use super::ca::Ca;
+use super::spiffe::SpiffeId;
+use super::verify::{TrustBundle, spiffe_id_of};
+
+/// Minted certificates start this much in the past, so peers whose clocks lag a little do
+/// not see them as not yet valid.
+pub const NOT_BEFORE_BACKDATE: Duration = Duration::from_secs(60);
+/// Default fraction of a minted certificate's lifetime after which it is renewed.
+pub const DEFAULT_RENEW_AT: f64 = 0.5;
+
+/// Where certificates come from (chosen in the node config).
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdentitySource {
+    /// Files: for each identity, `<dir>/<namespace>.<service-account>.crt` (PEM chain, leaf
+    /// first) and `.key` (PEM PKCS#8/SEC1/PKCS#1), and a CA bundle file (PEM, one or more
+    /// roots).
+    Files { dir: PathBuf, trust_bundle: PathBuf },
+    /// An issuing CA given to the node: the agent mints short-lived ECDSA P-256 certificates
+    /// itself, valid for `lifetime` and renewed once `renew_at` (a fraction of the lifetime,
+    /// see [`DEFAULT_RENEW_AT`]) has passed. The trust bundle is the certificates in the
+    /// issuer's cert file unless `trust_bundle` names a file (which may hold several roots,
+    /// for rotation). The issuer key must be PKCS#8.
+    Issuer {
+        cert: PathBuf,
+        key: PathBuf,
+        trust_bundle: Option<PathBuf>,
+        lifetime: Duration,
+        renew_at: f64,
+    },
+}
+
+/// How a held certificate was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertSource {
+    Minted,
+    File,
+}
+
+impl CertSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertSource::Minted => "minted",
+            CertSource::File => "file",
+        }
+    }
+}
+
+/// A certificate held by the manager, for status and metrics (never the key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertificateInfo {
+    pub identity: SpiffeId,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub source: CertSource,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+}
+
+struct HeldCert {
+    key: Arc<CertifiedKey>,
+    info: CertificateInfo,
+    /// Minted certificates: when to renew.
+    renew_after: Option<SystemTime>,
+    /// File certificates: the raw (cert, key) file contents, to notice replaced files.
+    file_contents: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+struct State {
+    bundle: Arc<TrustBundle>,
+    issuer: Option<Arc<Ca>>,
+    certs: BTreeMap<SpiffeId, Arc<HeldCert>>,
+}
+
+/// Holds workload certificates and the trust bundle; `Send + Sync`, used behind `Arc`.
+///
+/// Handshakes only take a read lock briefly to clone an `Arc` out of the current state, so
+/// rotating material never blocks or breaks them. All methods do blocking file I/O; call
+/// them from `spawn_blocking` if that matters.
+pub struct IdentityManager {
+    trust_domain: String,
+    source: IdentitySource,
+    provider: Arc<CryptoProvider>,
+    state: RwLock<State>,
+    /// Serialises ensure/reload/renew so that none undoes another's work.
+    update: Mutex<()>,
+}
+
+impl fmt::Debug for IdentityManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.read();
+        f.debug_struct("IdentityManager")
+            .field("trust_domain", &self.trust_domain)
+            .field("source", &self.source)
+            .field("bundle", &state.bundle)
+            .field("certs", &state.certs.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl IdentityManager {
+    /// Loads the trust bundle (and, for `Issuer`, the issuing CA) now.
+    pub fn new(trust_domain: &str, source: IdentitySource) -> Result<Self> {
+        // Validates the trust domain with the same rules as IDs.
+        SpiffeId::new(trust_domain, "x", "x")
+            .with_context(|| format!("invalid trust domain {trust_domain:?}"))?;
+        if let IdentitySource::Issuer {
+            lifetime, renew_at, ..
+        } = &source
+        {
+            if lifetime.is_zero() {
+                bail!("certificate lifetime must be positive");
+            }
+            if !(*renew_at > 0.0 && *renew_at <= 1.0) {
+                bail!("renew_at must be a fraction in (0, 1], got {renew_at}");
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (bundle, issuer) = load_roots(&source)?;
+        let manager = IdentityManager {
+            trust_domain: trust_domain.to_owned(),
+            source,
+            provider,
+            state: RwLock::new(State {
+                bundle,
+                issuer,
+                certs: BTreeMap::new(),
+            }),
+            update: Mutex::new(()),
+        };
+        Ok(manager)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn source(&self) -> &IdentitySource {
+        &self.source
+    }
+
+    pub(crate) fn provider(&self) -> &Arc<CryptoProvider> {
+        &self.provider
+    }
+
+    /// The bundle in force now.
+    pub(crate) fn bundle(&self) -> Arc<TrustBundle> {
+        self.read().bundle.clone()
+    }
+
+    /// Number of roots in the bundle in force now.
+    pub fn trust_bundle_len(&self) -> usize {
+        self.read().bundle.len()
+    }
+
+    /// The certificate and key held for `id` now, if any.
+    pub(crate) fn certified_key(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {
+        self.read().certs.get(id).map(|h| h.key.clone())
+    }
+
+    pub(crate) fn check_trust_domain(&self, id: &SpiffeId) -> Result<()> {
+        if id.trust_domain() != self.trust_domain {
+            bail!(
+                "{id} is not in this node's trust domain {}",
+                self.trust_domain
+            );
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_updates(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.update.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes sure certificates are held for exactly these identities: loads or mints missing
+    /// ones and forgets the others. Best effort: identities that fail (other trust domain,
+    /// missing files) are skipped and reported in the error, the rest are applied.
+    pub fn ensure(&self, ids: &[SpiffeId]) -> Result<()> {
+        let _guard = self.lock_updates();
+        let (bundle, issuer, held) = {
+            let s = self.read();
+            (s.bundle.clone(), s.issuer.clone(), s.certs.clone())
+        };
+        let mut next = BTreeMap::new();
+        let mut failures = Vec::new();
+        for id in ids {
+            if next.contains_key(id) {
+                continue;
+            }
+            if let Err(e) = self.check_trust_domain(id) {
+                failures.push(e);
+                continue;
+            }
+            if let Some(h) = held.get(id) {
+                next.insert(id.clone(), h.clone());
+                continue;
+            }
+            match self.obtain(id, issuer.as_deref(), &bundle) {
+                Ok(h) => {
+                    tracing::info!(identity = %id, source = h.info.source.as_str(), "certificate loaded");
+                    next.insert(id.clone(), Arc::new(h));
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        for gone in held.keys().filter(|id| !next.contains_key(*id)) {
+            tracing::info!(identity = %gone, "certificate dropped");
+        }
+        self.write().certs = next;
+        combine(failures)
+    }
+
+    /// Re-reads the bundle, and the certificate files or the issuer, from disk. All or
+    /// nothing: on any error the previous state stays in force. New material applies to new
+    /// handshakes; established connections are untouched. With an `Issuer` source, held
+    /// certificates are re-minted only if the issuing certificate changed.
+    pub fn reload(&self) -> Result<()> {
+        let _guard = self.lock_updates();
+        let (bundle, issuer) = load_roots(&self.source)?;
+        let (old_issuer, held) = {
+            let s = self.read();
+            (s.issuer.clone(), s.certs.clone())
+        };
+        let issuer_changed = match (&old_issuer, &issuer) {
+            (Some(old), Some(new)) => old.cert_der() != new.cert_der(),
+            _ => false,
+        };
+        let mut certs = BTreeMap::new();
+        for (id, h) in &held {
+            let refreshed = match h.info.source {
+                CertSource::File => Some(self.obtain(id, None, &bundle)?),
+                CertSource::Minted if issuer_changed => {
+                    Some(self.obtain(id, issuer.as_deref(), &bundle)?)
+                }
+                CertSource::Minted => None,
+            };
+            certs.insert(id.clone(), refreshed.map_or_else(|| h.clone(), Arc::new));
+        }
+        let mut s = self.write();
+        tracing::info!(
+            roots = bundle.len(),
+            issuer_changed,
+            certs = certs.len(),
+            "identity material reloaded"
+        );
+        *s = State {
+            bundle,
+            issuer,
+            certs,
+        };
+        Ok(())
+    }
+
+    /// Renews minted certificates whose renewal time has come and reloads certificate files
+    /// that changed on disk; returns how many were replaced. Replacements that succeed are
+    /// applied even if others fail (the error then lists the failures).
+    pub fn renew_due(&self) -> Result<usize> {
+        let _guard = self.lock_updates();
+        let (bundle, issuer, held) = {
+            let s = self.read();
+            (s.bundle.clone(), s.issuer.clone(), s.certs.clone())
+        };
+        let now = SystemTime::now();
+        let mut replaced = Vec::new();
+        let mut failures = Vec::new();
+        for (id, h) in &held {
+            let result = match (h.info.source, h.renew_after) {
+                (CertSource::Minted, Some(at)) if now >= at => {
+                    self.obtain(id, issuer.as_deref(), &bundle).map(Some)
+                }
+                (CertSource::File, _) => self.reload_file_if_changed(id, h, &bundle),
+                _ => Ok(None),
+            };
+            match result {
+                Ok(Some(new)) => {
+                    tracing::info!(identity = %id, serial = %new.info.serial, "certificate renewed");
+                    replaced.push((id.clone(), Arc::new(new)));
+                }
+                Ok(None) => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        let count = replaced.len();
+        if count > 0 {
+            let mut s = self.write();
+            for (id, new) in replaced {
+                // Only replace what is still wanted.
+                if let Some(slot) = s.certs.get_mut(&id) {
+                    *slot = new;
+                }
+            }
+        }
+        combine(failures)?;
+        Ok(count)
+    }
+
+    /// Earliest time a minted certificate is due for renewal (`None` if nothing is minted:
+    /// file certificates have no schedule, the agent should poll [`Self::renew_due`]).
+    pub fn next_renewal(&self) -> Option<SystemTime> {
+        self.read()
+            .certs
+            .values()
+            .filter_map(|h| h.renew_after)
+            .min()
+    }
+
+    /// Certificates held, ordered by identity.
+    pub fn certificates(&self) -> Vec<CertificateInfo> {
+        self.read().certs.values().map(|h| h.info.clone()).collect()
+    }
+
+    fn obtain(&self, id: &SpiffeId, issuer: Option<&Ca>, bundle: &TrustBundle) -> Result<HeldCert> {
+        let held = match (&self.source, issuer) {
+            (IdentitySource::Files { dir, .. }, _) => {
+                let (crt_path, key_path) = file_paths(dir, id);
+                let crt = read_file(&crt_path, "certificate")?;
+                let key = read_file(&key_path, "key")?;
+                self.held_from_files(id, &crt_path, &key_path, crt, key)?
+            }
+            (
+                IdentitySource::Issuer {
+                    lifetime, renew_at, ..
+                },
+                Some(ca),
+            ) => self.mint(id, ca, *lifetime, *renew_at)?,
+            (IdentitySource::Issuer { .. }, None) => bail!("no issuer loaded"),
+        };
+        self.warn_if_untrusted(id, &held, bundle);
+        Ok(held)
+    }
+
+    /// A certificate our own bundle rejects would be refused by peers sharing it; that is
+    /// legitimate mid-rotation (new issuer before new bundle), so only warn.
+    fn warn_if_untrusted(&self, id: &SpiffeId, held: &HeldCert, bundle: &TrustBundle) {
+        if let Err(e) = bundle.verify(
+            &self.provider,
+            &held.key.cert[0],
+            &held.key.cert[1..],
+            UnixTime::now(),
+            KeyUsage::server_auth(),
+        ) {
+            tracing::warn!(identity = %id, error = %e, "certificate does not verify against the current trust bundle");
+        }
+    }
+
+    fn mint(&self, id: &SpiffeId, ca: &Ca, lifetime: Duration, renew_at: f64) -> Result<HeldCert> {
+        let now = SystemTime::now();
+        let issued = ca.issue_der(id, now - NOT_BEFORE_BACKDATE, now + lifetime)?;
+        let key = CertifiedKey::from_der(issued.chain, issued.key, &self.provider)
+            .with_context(|| format!("loading minted key for {id}"))?;
+        let info = cert_info(id, &key.cert[0], CertSource::Minted)?;
+        Ok(HeldCert {
+            key: Arc::new(key),
+            info,
+            renew_after: Some(now + lifetime.mul_f64(renew_at)),
+            file_contents: None,
+        })
+    }
+
+    fn held_from_files(
+        &self,
+        id: &SpiffeId,
+        crt_path: &Path,
+        key_path: &Path,
+        crt: Vec<u8>,
+        key: Vec<u8>,
+    ) -> Result<HeldCert> {
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &crt[..])
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing {}", crt_path.display()))?;
+        if chain.is_empty() {
+            bail!("{} holds no certificates", crt_path.display());
+        }
+        let private: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key[..])
+            .with_context(|| format!("parsing {}", key_path.display()))?
+            .ok_or_else(|| anyhow!("{} holds no private key", key_path.display()))?;
+        let presented =
+            spiffe_id_of(&chain[0]).map_err(|e| anyhow!("{}: {e}", crt_path.display()))?;
+        if &presented != id {
+            bail!("{} is for {presented}, expected {id}", crt_path.display());
+        }
+        let certified =
+            CertifiedKey::from_der(chain, private, &self.provider).with_context(|| {
+                format!(
+                    "{} does not match {}",
+                    key_path.display(),
+                    crt_path.display()
+                )
+            })?;
+        let info = cert_info(id, &certified.cert[0], CertSource::File)?;
+        if info.not_after <= SystemTime::now() {
+            tracing::warn!(identity = %id, path = %crt_path.display(), "certificate file has expired");
+        }
+        Ok(HeldCert {
+            key: Arc::new(certified),
+            info,
+            renew_after: None,
+            file_contents: Some((crt, key)),
+        })
+    }
+
+    fn reload_file_if_changed(
+        &self,
+        id: &SpiffeId,
+        held: &HeldCert,
+        bundle: &TrustBundle,
+    ) -> Result<Option<HeldCert>> {
+        let IdentitySource::Files { dir, .. } = &self.source else {
+            return Ok(None);
+        };
+        let (crt_path, key_path) = file_paths(dir, id);
+        let crt = read_file(&crt_path, "certificate")?;
+        let key = read_file(&key_path, "key")?;
+        if held
+            .file_contents
+            .as_ref()
+            .is_some_and(|(c, k)| *c == crt && *k == key)
+        {
+            return Ok(None);
+        }
+        let new = self.held_from_files(id, &crt_path, &key_path, crt, key)?;
+        self.warn_if_untrusted(id, &new, bundle);
+        Ok(Some(new))
+    }
+}
+
+fn file_paths(dir: &Path, id: &SpiffeId) -> (PathBuf, PathBuf) {
+    let stem = format!("{}.{}", id.namespace(), id.service_account());
+    (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    )
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} file {}", path.display()))
+}
+
+/// Loads the trust bundle and issuer named by `source`.
+fn load_roots(source: &IdentitySource) -> Result<(Arc<TrustBundle>, Option<Arc<Ca>>)> {
+    match source {
+        IdentitySource::Files { trust_bundle, .. } => {
+            let pem = read_file(trust_bundle, "trust bundle")?;
+            Ok((Arc::new(TrustBundle::from_pem(&pem, trust_bundle)?), None))
+        }
+        IdentitySource::Issuer {
+            cert,
+            key,
+            trust_bundle,
+            ..
+        } => {
+            let cert_pem = read_file(cert, "issuer certificate")?;
+            let key_pem = read_file(key, "issuer key")?;
+            let ca = Ca::from_pem(
+                std::str::from_utf8(&cert_pem)
+                    .with_context(|| format!("{} is not PEM text", cert.display()))?,
+                std::str::from_utf8(&key_pem)
+                    .with_context(|| format!("{} is not PEM text", key.display()))?,
+            )
+            .with_context(|| {
+                format!(
+                    "loading issuer from {} and {}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            let bundle = match trust_bundle {
+                Some(path) => TrustBundle::from_pem(&read_file(path, "trust bundle")?, path)?,
+                None => TrustBundle::from_pem(&cert_pem, cert)?,
+            };
+            Ok((Arc::new(bundle), Some(Arc::new(ca))))
+        }
+    }
+}
+
+fn cert_info(id: &SpiffeId, der: &[u8], source: CertSource) -> Result<CertificateInfo> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow!("parsing certificate for {id}: {e}"))?;
+    let validity = cert.validity();
+    let serial = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(CertificateInfo {
+        identity: id.clone(),
+        not_before: to_system_time(validity.not_before.timestamp()),
+        not_after: to_system_time(validity.not_after.timestamp()),
+        source,
+        serial,
+    })
+}
+
+fn to_system_time(unix: i64) -> SystemTime {
+    if unix >= 0 {
+        UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
+    }
+}
+
+fn combine(failures: Vec<anyhow::Error>) -> Result<()> {
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.into_iter().next().expect("one failure")),
+        n => {
+            let all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+            Err(anyhow!("{n} identities failed: {}", all.join("; ")))
+        }
+    }
+}
