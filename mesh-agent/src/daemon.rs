@@ -9,9 +9,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin,
     capture::Enroller,
-    config::{self, Config, OnStop, watch::ConfigWatch},
+    config::{self, Config, OnStop, mesh::IdentityConfig, watch::ConfigWatch},
     ebpf::{KernelPrograms, LoadOptions, bpffs},
     logging,
+    mtls::Mtls,
     proxy::ProxyContext,
     state::AgentState,
 };
@@ -34,7 +35,22 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         kernel_log_level: logging::max_level(),
     })?;
     tracing::info!(programs = ?programs.program_names(), pin_dir = %node.pin_dir().display(), "kernel programs loaded");
-    let proxy = Arc::new(ProxyContext::new(programs.orig_dst_table()?));
+    let mtls = Arc::new(Mtls::new(
+        &node.trust_domain,
+        node.identity.as_ref(),
+        node.tunnel.idle_timeout,
+        node.tunnel.handshake_timeout,
+    )?);
+    mtls.set_remote_workloads(&config.workloads)?;
+    match &mtls.identities {
+        Some(ids) => {
+            tracing::info!(trust_domain = %node.trust_domain, roots = ids.trust_bundle_len(), "workload identities ready")
+        }
+        None => tracing::warn!(
+            "no identity source configured: no mutual TLS; traffic to mesh workloads on other nodes is refused"
+        ),
+    }
+    let proxy = Arc::new(ProxyContext::new(programs.orig_dst_table()?, mtls.clone()));
     let mut enroller = Enroller::new(programs, proxy.clone());
     enroller.reconcile(&config.pods);
     let released = enroller.programs.release_inherited();
@@ -64,6 +80,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     let admin_task = tokio::spawn(admin::serve(listener, state.clone()));
     let watch_task = tokio::spawn(follow_config(state.clone(), config));
     let sweep_task = tokio::spawn(sweep_stale_records(proxy.clone()));
+    let identity_task = tokio::spawn(keep_identities_fresh(mtls.clone(), node.identity.clone()));
     state.set_ready(true);
     tracing::info!("agent ready");
 
@@ -75,7 +92,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     };
     tracing::info!(signal = signal_name, "shutting down");
     state.set_ready(false);
-    for task in [admin_task, watch_task, sweep_task] {
+    for task in [admin_task, watch_task, sweep_task, identity_task] {
         task.abort();
     }
     let mut enroller = state.enroller.lock().expect("enroller lock");
@@ -118,6 +135,9 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
                         "node.yaml changed: node settings apply at the next restart; pods apply now"
                     );
                 }
+                if let Err(err) = state.proxy.mtls.set_remote_workloads(&new.workloads) {
+                    tracing::error!(error = format!("{err:#}"), "workloads not applied");
+                }
                 state
                     .enroller
                     .lock()
@@ -147,6 +167,74 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
             }
         }
     }
+}
+
+/// Renews minted certificates before they expire, and reloads the issuer,
+/// bundle and certificate files when they change on disk (no restart needed;
+/// open connections keep the certificates they were made with).
+async fn keep_identities_fresh(mtls: Arc<Mtls>, identity: Option<IdentityConfig>) {
+    let Some(manager) = mtls.identities.clone() else {
+        return;
+    };
+    let watched = identity.map(|i| identity_files(&i)).unwrap_or_default();
+    let mut last_seen = files_fingerprint(&watched);
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        every.tick().await;
+        let fingerprint = files_fingerprint(&watched);
+        if fingerprint != last_seen {
+            last_seen = fingerprint;
+            let manager = manager.clone();
+            match tokio::task::spawn_blocking(move || manager.reload()).await {
+                Ok(Ok(())) => tracing::info!("identity material changed on disk and was reloaded"),
+                // Keep the previous material; try again when the files change.
+                Ok(Err(err)) => tracing::error!(
+                    error = format!("{err:#}"),
+                    "identity reload failed; previous certificates stay in force"
+                ),
+                Err(err) => tracing::error!(error = %err, "identity reload task failed"),
+            }
+        }
+        let manager = manager.clone();
+        match tokio::task::spawn_blocking(move || manager.renew_due()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(renewed)) => tracing::info!(renewed, "workload certificates renewed"),
+            Ok(Err(err)) => {
+                tracing::error!(error = format!("{err:#}"), "certificate renewal failed")
+            }
+            Err(err) => tracing::error!(error = %err, "certificate renewal task failed"),
+        }
+    }
+}
+
+fn identity_files(identity: &IdentityConfig) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    if let Some(issuer) = &identity.issuer {
+        files.extend([issuer.cert.clone(), issuer.key.clone()]);
+        files.extend(issuer.trust_bundle.clone());
+    }
+    if let Some(f) = &identity.files {
+        files.push(f.trust_bundle.clone());
+        if let Ok(entries) = std::fs::read_dir(&f.dir) {
+            files.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    files
+}
+
+/// Modification time and size of each file (following symlinks, as ConfigMap
+/// and Secret volumes use them).
+type Fingerprint = Vec<Option<(std::time::SystemTime, u64)>>;
+
+fn files_fingerprint(files: &[std::path::PathBuf]) -> Fingerprint {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
 }
 
 async fn sweep_stale_records(proxy: Arc<ProxyContext>) {

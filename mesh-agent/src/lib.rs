@@ -13,9 +13,11 @@ pub mod daemon;
 pub mod ebpf;
 pub mod identity;
 pub mod logging;
+pub mod mtls;
 pub mod proxy;
 pub mod state;
 pub mod status;
+pub mod tunnel;
 
 /// Default port of the admin API (Istio's ztunnel uses 15000 too).
 pub const ADMIN_PORT: u16 = 15000;

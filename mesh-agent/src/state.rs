@@ -58,6 +58,30 @@ pub struct StatusReport {
     /// keeps serving).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_reload_error: Option<String>,
+    /// The SPIFFE trust domain.
+    #[serde(default)]
+    pub trust_domain: String,
+    /// Workload certificates held (never keys).
+    #[serde(default)]
+    pub certificates: Vec<CertificateView>,
+    /// Refused tunnel handshakes and requests, by reason.
+    #[serde(default)]
+    pub tunnel_rejections: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub tunnel_pooled_connections: usize,
+}
+
+/// A workload certificate as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateView {
+    pub identity: String,
+    /// Unix seconds.
+    pub not_before: u64,
+    pub not_after: u64,
+    pub serial: String,
+    /// `minted` or `file`.
+    pub source: String,
 }
 
 pub struct AgentState {
@@ -125,7 +149,33 @@ impl AgentState {
                 .lock()
                 .expect("reload error lock")
                 .clone(),
+            trust_domain: self.proxy.mtls.trust_domain.clone(),
+            certificates: self.certificates(),
+            tunnel_rejections: self.proxy.mtls.rejections(),
+            tunnel_pooled_connections: self.proxy.mtls.tunnel.pooled_connections(),
         }
+    }
+
+    pub fn certificates(&self) -> Vec<CertificateView> {
+        let Some(manager) = &self.proxy.mtls.identities else {
+            return Vec::new();
+        };
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        manager
+            .certificates()
+            .into_iter()
+            .map(|c| CertificateView {
+                identity: c.identity.to_string(),
+                not_before: secs(c.not_before),
+                not_after: secs(c.not_after),
+                serial: c.serial.clone(),
+                source: c.source.as_str().to_string(),
+            })
+            .collect()
     }
 
     /// Brings the metrics up to date; called on every scrape.
@@ -148,5 +198,10 @@ impl AgentState {
         m.sync_proxy(&self.proxy.connections);
         m.config_generation
             .set(self.config_generation.load(Ordering::SeqCst) as i64);
+        m.sync_mtls(
+            &self.certificates(),
+            &self.proxy.mtls.rejections(),
+            self.proxy.mtls.tunnel.pooled_connections(),
+        );
     }
 }

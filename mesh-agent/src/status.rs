@@ -40,6 +40,22 @@ pub fn render(report: &StatusReport) -> String {
         report.attachments
     );
     let _ = writeln!(out, "config gen.:  {}", report.config_generation);
+    let _ = writeln!(out, "trust domain: {}", report.trust_domain);
+    for cert in &report.certificates {
+        let _ = writeln!(
+            out,
+            "certificate: {} ({}, expires at unix {})",
+            cert.identity, cert.source, cert.not_after
+        );
+    }
+    let _ = writeln!(
+        out,
+        "tunnel:      {} pooled connections",
+        report.tunnel_pooled_connections
+    );
+    for (reason, count) in &report.tunnel_rejections {
+        let _ = writeln!(out, "  refused:   {count} x {reason}");
+    }
     if let Some(err) = &report.last_reload_error {
         let _ = writeln!(
             out,
@@ -119,6 +135,10 @@ mod tests {
             ],
             config_generation: 3,
             last_reload_error: Some("pods.yaml:2: bad".into()),
+            trust_domain: "cluster.local".into(),
+            certificates: vec![],
+            tunnel_rejections: Default::default(),
+            tunnel_pooled_connections: 0,
         };
         let text = render(&report);
         assert!(text.contains("captured out=0 in=0"), "{text}");
@@ -153,6 +173,10 @@ mod tests {
             pods: vec![pod("web", true, None, Some((1, 2)))],
             config_generation: 1,
             last_reload_error: None,
+            trust_domain: "cluster.local".into(),
+            certificates: vec![],
+            tunnel_rejections: Default::default(),
+            tunnel_pooled_connections: 2,
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");

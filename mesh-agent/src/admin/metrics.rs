@@ -30,6 +30,9 @@ pub struct Metrics {
     proxy_connections: IntCounterVec,
     proxy_bytes: IntCounterVec,
     proxy_active: IntGaugeVec,
+    certificate_expiry: IntGaugeVec,
+    tunnel_rejections: IntCounterVec,
+    tunnel_pooled: IntGauge,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
 }
@@ -103,6 +106,23 @@ impl Metrics {
                 &["direction"],
             )
             .expect("valid metric"),
+            certificate_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "mesh_certificate_expiry_timestamp_seconds",
+                    "When each workload certificate expires (Unix time)",
+                ),
+                &["identity"],
+            )
+            .expect("valid metric"),
+            tunnel_rejections: counter(
+                "mesh_tunnel_rejections_total",
+                "Refused tunnel handshakes and requests, by reason",
+                &["reason"],
+            ),
+            tunnel_pooled: gauge(
+                "mesh_tunnel_pooled_connections",
+                "Pooled mTLS tunnel connections to other nodes",
+            ),
             last_totals: Mutex::default(),
             registry,
         };
@@ -128,6 +148,9 @@ impl Metrics {
             Box::new(m.proxy_connections.clone()),
             Box::new(m.proxy_bytes.clone()),
             Box::new(m.proxy_active.clone()),
+            Box::new(m.certificate_expiry.clone()),
+            Box::new(m.tunnel_rejections.clone()),
+            Box::new(m.tunnel_pooled.clone()),
             Box::new(build_info),
         ];
         for collector in collectors {
@@ -211,6 +234,24 @@ impl Metrics {
                 .with_label_values(&[name])
                 .set(log.active(direction) as i64);
         }
+    }
+
+    pub fn sync_mtls(
+        &self,
+        certificates: &[crate::state::CertificateView],
+        rejections: &std::collections::BTreeMap<String, u64>,
+        pooled: usize,
+    ) {
+        self.certificate_expiry.reset();
+        for cert in certificates {
+            self.certificate_expiry
+                .with_label_values(&[&cert.identity])
+                .set(cert.not_after as i64);
+        }
+        for (reason, total) in rejections {
+            self.sync(&self.tunnel_rejections, &[reason], *total);
+        }
+        self.tunnel_pooled.set(pooled as i64);
     }
 
     pub fn render(&self) -> String {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use mesh_common::{INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
@@ -74,6 +74,21 @@ impl Enroller {
         for key in obsolete {
             self.release(&key);
         }
+        let identities: Vec<_> = desired
+            .iter()
+            .filter_map(|p| {
+                self.proxy
+                    .mtls
+                    .workload_identity(&p.namespace, &p.service_account)
+                    .ok()
+            })
+            .collect();
+        if let Err(err) = self.proxy.mtls.ensure_identities(&identities) {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "some workload certificates are missing"
+            );
+        }
         let mut statuses = Vec::with_capacity(desired.len());
         for pod in desired {
             let key = pod.key();
@@ -124,19 +139,44 @@ impl Enroller {
                 ipv6: listeners.inbound_v6.as_ref().map(|l| l.as_fd()),
             },
         )?;
-        let handle = Arc::new(PodHandle {
-            key: key.clone(),
-            netns_cookie,
-            netns: worker,
-        });
+        let identity = self
+            .proxy
+            .mtls
+            .workload_identity(&pod.namespace, &pod.service_account)?;
         let addrs: Vec<IpAddr> = pod
             .ipv4
             .map(IpAddr::V4)
             .into_iter()
             .chain(pod.ipv6.map(IpAddr::V6))
             .collect();
-        self.proxy.add_local_pod(&addrs, handle.clone());
-        let accept_loops = listeners.spawn_accept_loops(&self.proxy, &handle)?;
+        // The tunnel listener exists only where mutual TLS can be done; without
+        // it, connections to the tunnel port are refused.
+        let tunnel_listeners = if self.proxy.mtls.identities.is_some() {
+            worker
+                .run_blocking(bind_tunnel_listeners)?
+                .with_context(|| {
+                    format!("binding the agent's tunnel listener (port {TUNNEL_PORT}) in the pod")
+                })?
+        } else {
+            Vec::new()
+        };
+        let handle = Arc::new(PodHandle {
+            key: key.clone(),
+            netns_cookie,
+            netns: worker,
+            identity,
+            addrs,
+        });
+        self.proxy.add_local_pod(handle.clone());
+        let mut accept_loops = listeners.spawn_accept_loops(&self.proxy, &handle)?;
+        for listener in tunnel_listeners {
+            let listener = TcpListener::from_std(listener)?;
+            accept_loops.push(tokio::spawn(tunnel_accept_loop(
+                listener,
+                self.proxy.clone(),
+                handle.clone(),
+            )));
+        }
         tracing::info!(pod = %key, netns_cookie, slot = enrolment.slot, cgroup = %pod.cgroup.display(), "pod enrolled");
         self.running.insert(
             key,
@@ -199,6 +239,37 @@ fn bind_listeners() -> std::io::Result<PodListeners> {
         inbound_v4: v4(INBOUND_PORT)?,
         inbound_v6: v6(INBOUND_PORT),
     })
+}
+
+/// The tunnel listener on all of the pod's addresses (its namespace has only
+/// the pod's own), IPv4 and, where available, IPv6.
+fn bind_tunnel_listeners() -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = vec![listen(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        TUNNEL_PORT,
+    ))?];
+    if let Ok(v6) = listen(SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        TUNNEL_PORT,
+    )) {
+        listeners.push(v6);
+    }
+    Ok(listeners)
+}
+
+async fn tunnel_accept_loop(listener: TcpListener, proxy: Arc<ProxyContext>, pod: Arc<PodHandle>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(proxy.clone().handle_tunnel(pod.clone(), stream, peer));
+            }
+            Err(err) => {
+                tracing::warn!(pod = %pod.key, error = %err, "tunnel accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 impl PodListeners {

@@ -26,4 +26,4 @@ pub use store::{
     NOT_BEFORE_BACKDATE,
 };
 pub use tls::{ALPN_H2, HandshakeRejection, classify_io_error, classify_tls_error};
-pub use verify::{PeerIdentityError, peer_spiffe_id};
+pub use verify::{PeerIdentityError, peer_spiffe_id, spiffe_id_of};

@@ -115,7 +115,8 @@ impl TrustBundle {
 
 /// The SPIFFE ID in a certificate: exactly one URI SAN, which must parse as a workload ID.
 /// The error says what is wrong.
-pub(crate) fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
+/// The SPIFFE ID of a certificate (its single URI SAN).
+pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unparseable certificate: {e}"))?;
     let san = cert

@@ -41,6 +41,21 @@ pub struct ConnectionRecord {
     /// `no-original-destination: ...`.
     pub outcome: String,
     pub duration_ms: u64,
+    /// The source workload's SPIFFE ID, when known (from the capture on this
+    /// node, or proven by the peer's certificate through the tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    /// The identity the destination proved (tunnel only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
+    /// `mutual_tls` when this connection crossed nodes inside the tunnel,
+    /// `none` otherwise (as Istio's connection_security_policy label).
+    #[serde(default = "no_security")]
+    pub security: String,
+}
+
+fn no_security() -> String {
+    "none".to_string()
 }
 
 /// Totals since start, by direction.
@@ -138,6 +153,9 @@ mod tests {
             bytes_received: 20,
             outcome: "closed".into(),
             duration_ms: 1,
+            source_identity: None,
+            peer_identity: None,
+            security: "none".into(),
         }
     }
 

@@ -1,14 +1,21 @@
 //! The userspace data path: captured connections in, upstream connections out.
 //!
 //! Outbound (from a pod's app, via the agent's listener on 127.0.0.1:15001 in
-//! that pod): the kernel's record says where it was going. A destination that is
-//! a pod on this node is delivered inside that pod's namespace over its loopback
-//! (so it is not captured again); any other destination is dialled from the
-//! source pod's namespace, so it leaves with the pod's own address.
+//! that pod): the kernel's record says where it was going.
+//! - a pod on this node: delivered inside that pod's namespace over its
+//!   loopback (so it is not captured again); no TLS, it never leaves the node;
+//! - a mesh workload on another node (workloads.yaml): through the mTLS tunnel
+//!   (HBONE) to its node's agent, which must prove the workload's identity;
+//! - anything else: dialled from the source pod's namespace, so it leaves with
+//!   the pod's own address.
 //!
-//! Inbound (from outside a pod, steered by sk_lookup to the agent's listener on
-//! 127.0.0.1:15006 in that pod): the accepted socket's local address is where the
-//! client was going; it is delivered inside the pod over its loopback.
+//! Inbound plaintext (from outside the mesh, steered by sk_lookup to the agent's
+//! listener on 127.0.0.1:15006 in the pod): the accepted socket's local address
+//! is where the client was going; delivered inside the pod.
+//!
+//! Inbound tunnel (port 15008 on the pod's addresses): TLS terminated with the
+//! pod's identity, the peer's identity recorded, each CONNECT delivered to the
+//! pod of this node it names.
 
 pub mod connections;
 pub mod relay;
@@ -20,13 +27,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use mesh_common::AGENT_SOURCE_IPV4;
+use anyhow::{Context, Result, anyhow};
+use mesh_common::{AGENT_SOURCE_IPV4, TUNNEL_PORT};
 use tokio::net::TcpStream;
 
-use crate::{capture::netns_worker::NetnsWorker, ebpf::OrigDstTable};
+use crate::{
+    capture::netns_worker::NetnsWorker,
+    ebpf::OrigDstTable,
+    identity::{SpiffeId, spiffe_id_of},
+    mtls::{Mtls, RemotePeer},
+    tunnel::{self, ConnectRequest, PoolKey, Rejection, ServeError, TunnelStream, TunnelTarget},
+};
 use connections::{ConnectionLog, ConnectionRecord, Direction};
-use relay::{RelayOutcome, relay};
+use relay::{RelayOutcome, RelayStats, relay};
 
 /// An enrolled pod as the data path needs it.
 pub struct PodHandle {
@@ -34,29 +47,39 @@ pub struct PodHandle {
     pub key: String,
     pub netns_cookie: u64,
     pub netns: NetnsWorker,
+    /// The pod's workload identity.
+    pub identity: SpiffeId,
+    pub addrs: Vec<IpAddr>,
 }
 
 pub struct ProxyContext {
     pub orig_dst: OrigDstTable,
+    pub mtls: Arc<Mtls>,
     /// Pods on this node by address, for local delivery.
     local_pods: RwLock<HashMap<IpAddr, Arc<PodHandle>>>,
     pub connections: ConnectionLog,
     pub connect_timeout: Duration,
 }
 
+enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(TunnelStream),
+}
+
 impl ProxyContext {
-    pub fn new(orig_dst: OrigDstTable) -> Self {
+    pub fn new(orig_dst: OrigDstTable, mtls: Arc<Mtls>) -> Self {
         Self {
             orig_dst,
+            mtls,
             local_pods: RwLock::new(HashMap::new()),
             connections: ConnectionLog::new(1024),
             connect_timeout: Duration::from_secs(10),
         }
     }
 
-    pub fn add_local_pod(&self, addrs: &[IpAddr], pod: Arc<PodHandle>) {
+    pub fn add_local_pod(&self, pod: Arc<PodHandle>) {
         let mut pods = self.local_pods.write().expect("local pods lock");
-        for addr in addrs {
+        for addr in &pod.addrs {
             pods.insert(*addr, pod.clone());
         }
     }
@@ -76,18 +99,15 @@ impl ProxyContext {
             .cloned()
     }
 
-    /// Serves one connection captured on its way out of `pod`.
-    pub async fn handle_outbound(
-        self: Arc<Self>,
-        pod: Arc<PodHandle>,
-        downstream: TcpStream,
+    fn record(
+        &self,
+        direction: Direction,
+        pod: &PodHandle,
         client: SocketAddr,
-    ) {
-        let started = Instant::now();
-        let id = self.connections.open(Direction::Outbound);
-        let mut record = ConnectionRecord {
-            id,
-            direction: Direction::Outbound,
+    ) -> ConnectionRecord {
+        ConnectionRecord {
+            id: self.connections.open(direction),
+            direction,
             pod: pod.key.clone(),
             client,
             original_dst: client,
@@ -96,7 +116,22 @@ impl ProxyContext {
             bytes_received: 0,
             outcome: String::new(),
             duration_ms: 0,
-        };
+            source_identity: None,
+            peer_identity: None,
+            security: "none".to_string(),
+        }
+    }
+
+    /// Serves one connection captured on its way out of `pod`.
+    pub async fn handle_outbound(
+        self: Arc<Self>,
+        pod: Arc<PodHandle>,
+        downstream: TcpStream,
+        client: SocketAddr,
+    ) {
+        let started = Instant::now();
+        let mut record = self.record(Direction::Outbound, &pod, client);
+        record.source_identity = Some(pod.identity.to_string());
         let captured = match self.orig_dst.take(pod.netns_cookie, client) {
             Ok(captured) => captured,
             Err(err) => {
@@ -109,22 +144,27 @@ impl ProxyContext {
                 return;
             }
         };
-        record.original_dst = captured.original_dst;
-        let upstream = match self.local_pod(captured.original_dst.ip()) {
-            Some(target) => {
-                record.upstream = format!("pod:{}", target.key);
-                self.connect_inside(&target, captured.original_dst).await
-            }
-            None => {
-                record.upstream = "direct".to_string();
-                self.connect_from(&pod, captured.original_dst).await
-            }
+        let dst = captured.original_dst;
+        record.original_dst = dst;
+        let upstream = if let Some(target) = self.local_pod(dst.ip()) {
+            record.upstream = format!("pod:{}", target.key);
+            self.connect_inside(&target, dst).await.map(Upstream::Tcp)
+        } else if let Some(peer) = self.mtls.remote_peer(dst.ip()) {
+            record.upstream = format!("tunnel:{}", peer.key);
+            record.peer_identity = Some(peer.identity.to_string());
+            record.security = "mutual_tls".to_string();
+            self.connect_tunnel(&pod, &peer, dst)
+                .await
+                .map(Upstream::Tunnel)
+        } else {
+            record.upstream = "direct".to_string();
+            self.connect_from(&pod, dst).await.map(Upstream::Tcp)
         };
         self.finish(record, started, downstream, upstream).await;
         self.orig_dst.forget(captured.socket_cookie);
     }
 
-    /// Serves one connection captured on its way into `pod`.
+    /// Serves one plaintext connection captured on its way into `pod`.
     pub async fn handle_inbound(
         self: Arc<Self>,
         pod: Arc<PodHandle>,
@@ -132,22 +172,88 @@ impl ProxyContext {
         client: SocketAddr,
     ) {
         let started = Instant::now();
-        let id = self.connections.open(Direction::Inbound);
+        let mut record = self.record(Direction::Inbound, &pod, client);
         let original_dst = downstream.local_addr().unwrap_or(client);
-        let record = ConnectionRecord {
-            id,
-            direction: Direction::Inbound,
-            pod: pod.key.clone(),
-            client,
-            original_dst,
-            upstream: format!("pod:{}", pod.key),
-            bytes_sent: 0,
-            bytes_received: 0,
-            outcome: String::new(),
-            duration_ms: 0,
-        };
-        let upstream = self.connect_inside(&pod, original_dst).await;
+        record.original_dst = original_dst;
+        record.upstream = format!("pod:{}", pod.key);
+        let upstream = self
+            .connect_inside(&pod, original_dst)
+            .await
+            .map(Upstream::Tcp);
         self.finish(record, started, downstream, upstream).await;
+    }
+
+    /// Serves one connection to `pod`'s tunnel port: mutual TLS with the pod's
+    /// identity, then one delivery per CONNECT stream.
+    pub async fn handle_tunnel(
+        self: Arc<Self>,
+        pod: Arc<PodHandle>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let config = match self.mtls.server_config(&pod.identity) {
+            Ok(config) => config,
+            Err(err) => {
+                self.mtls.count_rejection("no_identity");
+                tracing::warn!(pod = %pod.key, %peer, error = format!("{err:#}"), "tunnel connection refused");
+                return;
+            }
+        };
+        let proxy = self.clone();
+        let open = move |request: ConnectRequest| {
+            let proxy = proxy.clone();
+            async move { proxy.open_tunnel_stream(request).await }
+        };
+        match tunnel::serve_connection(tcp, config, self.mtls.handshake_timeout, open).await {
+            Ok(()) => {}
+            Err(ServeError::Handshake(err)) => {
+                let reason = tunnel_rejection_reason(&err);
+                self.mtls.count_rejection(&reason);
+                tracing::warn!(pod = %pod.key, %peer, reason, error = %err, "tunnel handshake refused");
+            }
+            Err(ServeError::HandshakeTimeout) => {
+                self.mtls.count_rejection("handshake_timeout");
+                tracing::warn!(pod = %pod.key, %peer, "tunnel handshake timed out");
+            }
+            Err(err) => {
+                tracing::debug!(pod = %pod.key, %peer, error = %err, "tunnel connection ended")
+            }
+        }
+    }
+
+    async fn open_tunnel_stream(&self, request: ConnectRequest) -> Result<TcpStream, Rejection> {
+        let peer_identity = request
+            .peer_certificates
+            .first()
+            .ok_or_else(|| "no client certificate".to_string())
+            .and_then(|der| spiffe_id_of(der.as_ref()))
+            .map_err(|e| Rejection::Forbidden(format!("client identity: {e}")))?;
+        let Some(target) = self.local_pod(request.authority.ip()) else {
+            self.mtls.count_rejection("connect_not_a_local_pod");
+            tracing::warn!(authority = %request.authority, peer = %peer_identity, "CONNECT to an address that is not a pod of this node refused");
+            return Err(Rejection::Forbidden(format!(
+                "{} is not a pod of this node",
+                request.authority
+            )));
+        };
+        let client = request
+            .forwarded_for
+            .map(|ip| SocketAddr::new(ip, 0))
+            .unwrap_or(request.peer_addr);
+        let mut record = self.record(Direction::Inbound, &target, client);
+        record.original_dst = request.authority;
+        record.upstream = format!("pod:{}", target.key);
+        record.source_identity = Some(peer_identity.to_string());
+        record.peer_identity = Some(target.identity.to_string());
+        record.security = "mutual_tls".to_string();
+        let result = self.connect_inside(&target, request.authority).await;
+        record.outcome = match &result {
+            Ok(_) => "tunnel-stream-opened".to_string(),
+            Err(err) => format!("upstream-failed: {err:#}"),
+        };
+        let failed = result.is_err();
+        self.connections.record(record, failed);
+        result.map_err(|e| Rejection::UpstreamUnavailable(format!("{e:#}")))
     }
 
     async fn finish(
@@ -155,11 +261,14 @@ impl ProxyContext {
         mut record: ConnectionRecord,
         started: Instant,
         downstream: TcpStream,
-        upstream: Result<TcpStream>,
+        upstream: Result<Upstream>,
     ) {
         let failed = match upstream {
             Ok(upstream) => {
-                let stats = relay(downstream, upstream).await;
+                let stats = match upstream {
+                    Upstream::Tcp(tcp) => relay(downstream, tcp).await,
+                    Upstream::Tunnel(stream) => relay_to_tunnel(downstream, stream).await,
+                };
                 record.bytes_sent = stats.downstream_to_upstream;
                 record.bytes_received = stats.upstream_to_downstream;
                 record.outcome = match stats.outcome {
@@ -205,6 +314,59 @@ impl ProxyContext {
         self.connect(socket, dst).await
     }
 
+    /// Opens a tunnel stream to `dst` through its node's agent, as `pod`'s
+    /// identity; the TCP connection leaves from `pod`'s namespace.
+    async fn connect_tunnel(
+        &self,
+        pod: &Arc<PodHandle>,
+        peer: &RemotePeer,
+        dst: SocketAddr,
+    ) -> Result<TunnelStream> {
+        let tls = self.mtls.client_config(&pod.identity, &peer.identity)?;
+        let gateway = SocketAddr::new(dst.ip(), TUNNEL_PORT);
+        let source_ip = pod
+            .addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == dst.is_ipv4());
+        let target = TunnelTarget {
+            gateway,
+            authority: dst,
+            forwarded_for: source_ip,
+            pool_key: PoolKey::new(pod.identity.to_string(), peer.identity.to_string(), gateway),
+        };
+        let server_name = rustls_pki_types::ServerName::IpAddress(dst.ip().into());
+        let dial_pod = pod.clone();
+        let timeout = self.connect_timeout;
+        let stream = self
+            .mtls
+            .tunnel
+            .connect(&target, tls, server_name, move || async move {
+                let socket = dial_pod
+                    .netns
+                    .tcp_socket(gateway.is_ipv6())
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let stream = tokio::time::timeout(timeout, socket.connect(gateway))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "tunnel connect timed out",
+                        )
+                    })??;
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            })
+            .await;
+        stream.map_err(|err| {
+            let reason = tunnel_rejection_reason_anyhow(&err);
+            self.mtls.count_rejection(&reason);
+            tracing::warn!(pod = %pod.key, peer = %peer.identity, %gateway, reason, error = format!("{err:#}"), "tunnel to the peer failed");
+            anyhow!("tunnel to {} ({}): {err:#}", peer.key, peer.identity)
+        })
+    }
+
     async fn connect(&self, socket: tokio::net::TcpSocket, dst: SocketAddr) -> Result<TcpStream> {
         let stream = tokio::time::timeout(self.connect_timeout, socket.connect(dst))
             .await
@@ -213,6 +375,58 @@ impl ProxyContext {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+/// Relays between a captured connection and a tunnel stream. Half-close goes
+/// both ways (shutdown on EOF); an error on either side resets the client and
+/// drops the stream (which resets it in the tunnel).
+async fn relay_to_tunnel(mut downstream: TcpStream, mut upstream: TunnelStream) -> RelayStats {
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut downstream,
+        &mut upstream,
+        64 * 1024,
+        64 * 1024,
+    )
+    .await
+    {
+        Ok((sent, received)) => RelayStats {
+            downstream_to_upstream: sent,
+            upstream_to_downstream: received,
+            outcome: RelayOutcome::Closed,
+        },
+        Err(err) => {
+            tracing::debug!(error = %err, "tunnel relay ended with an error");
+            reset(downstream);
+            RelayStats {
+                downstream_to_upstream: 0,
+                upstream_to_downstream: 0,
+                outcome: RelayOutcome::UpstreamReset,
+            }
+        }
+    }
+}
+
+fn tunnel_rejection_reason(err: &std::io::Error) -> String {
+    crate::identity::classify_io_error(err)
+        .as_label()
+        .to_string()
+}
+
+fn tunnel_rejection_reason_anyhow(err: &anyhow::Error) -> String {
+    for cause in err.chain() {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return crate::identity::classify_tls_error(tls)
+                .as_label()
+                .to_string();
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            let rejection = crate::identity::classify_io_error(io);
+            if !matches!(rejection, crate::identity::HandshakeRejection::Other(_)) {
+                return rejection.as_label().to_string();
+            }
+        }
+    }
+    "tunnel_failed".to_string()
 }
 
 /// Closes with a reset (SO_LINGER 0), as a refused or failed connection would.

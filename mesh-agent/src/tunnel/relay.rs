@@ -1,0 +1,71 @@
+//! Byte relay between an accepted CONNECT stream and its upstream.
+
+use std::io;
+use std::net::SocketAddr;
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Large enough that one read fills several TLS records / h2 frames.
+const BUF_SIZE: usize = 128 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Stream,
+    Upstream,
+}
+
+struct Failure {
+    side: Side,
+    error: io::Error,
+}
+
+/// Relays both ways until both directions reached EOF (each EOF is passed
+/// on as a half-close: END_STREAM one way, FIN the other).
+///
+/// An error on either side aborts both directions:
+/// * stream side (reset by the peer, connection lost): the upstream is reset
+///   (SO_LINGER 0, so close sends RST), as RFC 9113 §8.5 asks;
+/// * upstream side (e.g. RST from the app): the stream is dropped, which
+///   hyper turns into END_STREAM + RST_STREAM (it offers no way to choose
+///   CONNECT_ERROR).
+pub(super) async fn relay(stream: TokioIo<Upgraded>, mut upstream: TcpStream, dest: SocketAddr) {
+    let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
+    let (mut up_rd, mut up_wr) = upstream.split();
+    let result = tokio::try_join!(
+        pump(&mut stream_rd, &mut up_wr, Side::Stream, Side::Upstream),
+        pump(&mut up_rd, &mut stream_wr, Side::Upstream, Side::Stream),
+    );
+    match result {
+        Ok((sent, received)) => {
+            tracing::debug!(%dest, sent, received, "HBONE stream finished");
+        }
+        Err(Failure { side, error }) => {
+            tracing::debug!(%dest, ?side, %error, "HBONE stream aborted");
+            if side == Side::Stream {
+                let _ = upstream.set_zero_linger();
+            }
+        }
+    }
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, from: Side, to: Side) -> Result<u64, Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let fail = |side| move |error| Failure { side, error };
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.map_err(fail(from))?;
+        if n == 0 {
+            w.shutdown().await.map_err(fail(to))?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await.map_err(fail(to))?;
+        total += n as u64;
+    }
+}

@@ -1,0 +1,241 @@
+//! The receiving end: serves HBONE on one accepted TCP connection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::FORWARDED;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::headers::{parse_authority, parse_forwarded_for};
+use super::pool::error_chain;
+use super::relay::relay;
+use super::{
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE, STREAM_WINDOW,
+};
+
+/// Upper bound of [`lingering_close`].
+const LINGER_AFTER_HANDSHAKE_FAILURE: Duration = Duration::from_secs(1);
+
+/// One CONNECT stream, as handed to the `open` callback.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The original destination from `:authority`.
+    pub authority: SocketAddr,
+    /// The original client from `Forwarded: for=`, if sent and parseable.
+    pub forwarded_for: Option<IpAddr>,
+    /// The peer's verified chain, leaf first.
+    pub peer_certificates: Vec<CertificateDer<'static>>,
+    /// The TCP peer (the remote node or pod).
+    pub peer_addr: SocketAddr,
+}
+
+/// Why `open` refused a stream; each maps to the status ztunnel uses.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Rejection {
+    /// 400.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// 403: policy denied it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// 503: the upstream could not be connected.
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::Forbidden(_) => StatusCode::FORBIDDEN,
+            Rejection::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// How serving one connection ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The TLS handshake failed; [`ServeError::tls_error`] gives the rustls
+    /// error when there is one (an I/O error otherwise).
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] io::Error),
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    /// The HTTP/2 connection failed after the handshake.
+    #[error("HTTP/2 connection failed: {0}")]
+    Http(String),
+}
+
+impl ServeError {
+    /// The rustls error behind a failed handshake, to classify it (e.g.
+    /// `rustls::Error::InvalidCertificate`, `InvalidMessage` for plaintext).
+    pub fn tls_error(&self) -> Option<&rustls::Error> {
+        match self {
+            ServeError::Handshake(e) => e.get_ref()?.downcast_ref::<rustls::Error>(),
+            _ => None,
+        }
+    }
+}
+
+/// Serves one accepted TCP connection on the HBONE port: TLS (client
+/// certificates are required by `tls`), then HTTP/2. Each CONNECT stream is
+/// passed to `open`; its upstream is relayed until both directions finish.
+/// Returns when the connection ends; relays still running continue on their
+/// own tasks until the streams end.
+pub async fn serve_connection<O, Fut>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    open: O,
+) -> Result<(), ServeError>
+where
+    O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<TcpStream, Rejection>> + Send,
+{
+    let peer_addr = tcp.peer_addr().map_err(ServeError::Handshake)?;
+    let _ = tcp.set_nodelay(true);
+    let acceptor = TlsAcceptor::from(with_h2_alpn(tls));
+    let accept = acceptor.accept(tcp).into_fallible();
+    let tls = match tokio::time::timeout(handshake_timeout, accept).await {
+        Err(_elapsed) => return Err(ServeError::HandshakeTimeout),
+        Ok(Err((e, tcp))) => {
+            tokio::spawn(lingering_close(tcp));
+            return Err(ServeError::Handshake(e));
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let peer_certificates: Arc<[CertificateDer<'static>]> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
+
+    let service = service_fn(move |req| {
+        let open = open.clone();
+        let peer_certificates = peer_certificates.clone();
+        async move { Ok::<_, Infallible>(handle_stream(req, open, &peer_certificates, peer_addr).await) }
+    });
+    h2_server_builder()
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(|e| ServeError::Http(error_chain(&e)))
+}
+
+async fn handle_stream<O, Fut>(
+    mut req: Request<Incoming>,
+    open: O,
+    peer_certificates: &[CertificateDer<'static>],
+    peer_addr: SocketAddr,
+) -> Response<Empty<Bytes>>
+where
+    O: Fn(ConnectRequest) -> Fut,
+    Fut: Future<Output = Result<TcpStream, Rejection>>,
+{
+    if req.method() != Method::CONNECT {
+        tracing::debug!(%peer_addr, method = %req.method(), "HBONE: not a CONNECT");
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let Some(authority) = req
+        .uri()
+        .authority()
+        .and_then(|a| parse_authority(a.as_str()))
+    else {
+        tracing::debug!(%peer_addr, uri = %req.uri(), "HBONE: authority is not ip:port");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let forwarded_for = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for);
+    // Registered before answering; resolves once hyper has sent the 200.
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let request = ConnectRequest {
+        authority,
+        forwarded_for,
+        peer_certificates: peer_certificates.to_vec(),
+        peer_addr,
+    };
+    let upstream = match open(request).await {
+        Ok(upstream) => upstream,
+        Err(rejection) => {
+            tracing::debug!(%peer_addr, %authority, %rejection, "HBONE stream rejected");
+            return status(rejection.status());
+        }
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, authority).await,
+            Err(e) => {
+                tracing::debug!(%peer_addr, %authority, error = %e, "HBONE stream gone before upgrade");
+                let _ = upstream.set_zero_linger();
+            }
+        }
+    });
+    status(StatusCode::OK)
+}
+
+/// Closes after a failed handshake so that the peer can read our alert.
+///
+/// With TLS 1.3 a client whose certificate we reject has already finished
+/// its handshake and sent HTTP/2 bytes; closing with those unread would send
+/// RST, which discards the alert in the client's receive queue and leaves it
+/// with "broken pipe" instead of the reason. So: FIN, then drain for a
+/// bounded time.
+async fn lingering_close(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_AFTER_HANDSHAKE_FAILURE, drain).await;
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+fn h2_server_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buf_size(STREAM_WINDOW as usize)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    b
+}
+
+fn with_h2_alpn(tls: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    if tls.alpn_protocols.iter().any(|p| p == b"h2") {
+        return tls;
+    }
+    let mut config = (*tls).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
