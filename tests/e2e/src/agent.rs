@@ -72,6 +72,18 @@ impl<'t> NodeAgent<'t> {
         pods_yaml: &str,
         node_extra: &str,
     ) -> Result<Self> {
+        Self::start_with(topo, node, pods_yaml, node_extra, &[])
+    }
+
+    /// Like [`Self::start`], also writing `extra_files` (name, content) into the
+    /// config directory (e.g. workloads.yaml).
+    pub fn start_with(
+        topo: &Topology,
+        node: &'t Node,
+        pods_yaml: &str,
+        node_extra: &str,
+        extra_files: &[(&str, String)],
+    ) -> Result<Self> {
         let config_dir = topo.tmp_dir().join(format!("agent-config-{}", node.name()));
         std::fs::create_dir_all(&config_dir)?;
         let pin_dir = topo.bpffs_dir().join(node.name());
@@ -84,6 +96,9 @@ impl<'t> NodeAgent<'t> {
             ),
         )?;
         std::fs::write(config_dir.join("pods.yaml"), pods_yaml)?;
+        for (name, content) in extra_files {
+            std::fs::write(config_dir.join(name), content)?;
+        }
         let mut agent = Self {
             node,
             config_dir,

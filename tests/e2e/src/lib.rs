@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod kernel;
+pub mod mesh;
 
 pub use agent::{NodeAgent, agent_binary, pod_yaml, pods_yaml};
 
