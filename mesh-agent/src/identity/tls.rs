@@ -152,6 +152,8 @@ pub enum HandshakeRejection {
     BadCertificate,
     /// No common TLS version (we speak TLS 1.3 only).
     ProtocolVersion,
+    /// What arrived was not TLS at all (plaintext, garbage).
+    NotTls,
     Other(String),
 }
 
@@ -167,6 +169,7 @@ impl HandshakeRejection {
             HandshakeRejection::InvalidIdentity => "invalid_identity",
             HandshakeRejection::BadCertificate => "bad_certificate",
             HandshakeRejection::ProtocolVersion => "protocol_version",
+            HandshakeRejection::NotTls => "not_tls",
             HandshakeRejection::Other(_) => "other",
         }
     }
@@ -218,6 +221,7 @@ pub fn classify_tls_error(err: &rustls::Error) -> HandshakeRejection {
             | AlertDescription::AccessDenied => R::BadCertificate,
             other => R::Other(format!("received alert {other:?}")),
         },
+        rustls::Error::InvalidMessage(_) => R::NotTls,
         other => R::Other(other.to_string()),
     }
 }

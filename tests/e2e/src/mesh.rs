@@ -44,8 +44,14 @@ impl TestCa {
         not_after: SystemTime,
     ) -> Result<(PathBuf, PathBuf)> {
         let (chain, key) = self.ca.issue(id, not_before, not_after)?;
-        let stamp = not_after.duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
-        let stem = format!("{}.{}-{stamp}", id.namespace(), id.service_account());
+        static ISSUED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = ISSUED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stem = format!(
+            "{}.{}.{}-{n}",
+            id.trust_domain(),
+            id.namespace(),
+            id.service_account()
+        );
         let (chain_path, key_path) = (
             self.dir.join(format!("{stem}.crt")),
             self.dir.join(format!("{stem}.key")),

@@ -1,0 +1,288 @@
+//! Every refusal of the tunnel, each with a real TLS client (Python's ssl) or
+//! our own HBONE client, each counted and none affecting other connections.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use mesh_agent::{
+    identity::{IdentityManager, IdentitySource, SpiffeId},
+    tunnel::{PoolKey, TunnelClient, TunnelTarget},
+};
+use mesh_e2e::{
+    NodeAgent,
+    mesh::{NodeIssuer, TestCa, pod_identity, workloads_yaml},
+    pods_yaml, traffic_servers,
+};
+use mesh_testbed::{
+    Pod, Topology, e2e_enabled,
+    traffic::{ConnectOutcome, bulk_upload, connect_result},
+};
+
+const PORT: u16 = 7100;
+const TUNNEL: u16 = 15008;
+const CLIENT: &str = include_str!("tls_client.py");
+
+fn tls_client(from: &Pod, mode: &str, to: IpAddr, cert: Option<(&Path, &Path)>) -> String {
+    let (c, k) = cert.map_or(("-".to_string(), "-".to_string()), |(c, k)| {
+        (c.display().to_string(), k.display().to_string())
+    });
+    let host = to.to_string();
+    let port = TUNNEL.to_string();
+    let out = from
+        .run(
+            "python3",
+            &["-c", CLIENT, mode, &host, &port, &c, &k],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_tunnel_refuses_bad_peers_and_counts_each_refusal() {
+    if !e2e_enabled("the_tunnel_refuses_bad_peers_and_counts_each_refusal") {
+        return;
+    }
+    let topo = Topology::builder("mtls_refusals")
+        .node("n1", &["a", "outsider"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, outsider, c) = (topo.pod("a"), topo.pod("outsider"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let other_ca = TestCa::new(&topo, "other").unwrap();
+    let _servers = traffic_servers(&[c], PORT);
+    let n1 = topo.node("n1");
+    let n2 = topo.node("n2");
+    let issuer1 = NodeIssuer::new(&topo, n1, &ca.ca, &[&ca.ca]).unwrap();
+    let issuer2 = NodeIssuer::new(&topo, n2, &ca.ca, &[&ca.ca]).unwrap();
+    // n1 is told c's identity wrongly: a's traffic to c must be refused by n1.
+    let agent1 = NodeAgent::start_with(
+        &topo,
+        n1,
+        &pods_yaml(&[a]),
+        &issuer1.node_yaml("1h"),
+        &[(
+            "workloads.yaml",
+            workloads_yaml(&[c], Some(("c", "impostor"))),
+        )],
+    )
+    .unwrap();
+    let agent2 = NodeAgent::start_with(
+        &topo,
+        n2,
+        &pods_yaml(&[c]),
+        &issuer2.node_yaml("1h"),
+        &[("workloads.yaml", workloads_yaml(&[a], None))],
+    )
+    .unwrap();
+    let c_ip = IpAddr::V4(c.ipv4());
+    let tester = SpiffeId::new("cluster.local", "default", "tester").unwrap();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let valid = ca.issue_valid_files(&tester).unwrap();
+    let expired = ca.issue_files(&tester, now - 2 * hour, now - hour).unwrap();
+    let not_yet = ca.issue_files(&tester, now + hour, now + 2 * hour).unwrap();
+    let foreign = other_ca.issue_valid_files(&tester).unwrap();
+    let other_domain = ca
+        .issue_valid_files(&SpiffeId::new("elsewhere.org", "default", "tester").unwrap())
+        .unwrap();
+    let pair = |p: &(std::path::PathBuf, std::path::PathBuf)| (p.0.clone(), p.1.clone());
+
+    // The positive control: a valid certificate of the trust domain is served.
+    let (vc, vk) = pair(&valid);
+    let control = tls_client(outsider, "tls13", c_ip, Some((&vc, &vk)));
+    assert!(
+        control.starts_with("OPEN"),
+        "a valid client was refused: {control}\n{}",
+        agent2.log()
+    );
+
+    let cases: Vec<(
+        &str,
+        &str,
+        Option<(std::path::PathBuf, std::path::PathBuf)>,
+        &str,
+    )> = vec![
+        ("plaintext", "plain", None, "not_tls"),
+        ("TLS 1.2", "tls12", Some(pair(&valid)), "protocol_version"),
+        (
+            "no client certificate",
+            "tls13",
+            None,
+            "no_client_certificate",
+        ),
+        (
+            "a certificate from another CA",
+            "tls13",
+            Some(pair(&foreign)),
+            "unknown_issuer",
+        ),
+        (
+            "an expired certificate",
+            "tls13",
+            Some(pair(&expired)),
+            "expired",
+        ),
+        (
+            "a not yet valid certificate",
+            "tls13",
+            Some(pair(&not_yet)),
+            "not_yet_valid",
+        ),
+        (
+            "another trust domain",
+            "tls13",
+            Some(pair(&other_domain)),
+            "wrong_trust_domain",
+        ),
+    ];
+    for (what, mode, cert, reason) in &cases {
+        let result = tls_client(
+            outsider,
+            mode,
+            c_ip,
+            cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        );
+        assert!(
+            result.starts_with("REFUSED"),
+            "{what}: the tunnel must refuse, got {result:?}"
+        );
+        mesh_testbed::wait_until(
+            &format!("{what} to be counted as {reason}"),
+            Duration::from_secs(5),
+            || {
+                Ok(agent2
+                    .status()?
+                    .tunnel_rejections
+                    .get(*reason)
+                    .copied()
+                    .unwrap_or(0)
+                    >= 1)
+            },
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}; counted: {:?}; log:\n{}",
+                agent2.status().unwrap().tunnel_rejections,
+                agent2.log()
+            )
+        });
+    }
+
+    // A CONNECT to an address that is not a pod of n2, with a valid identity.
+    let authority: SocketAddr = "10.2.0.99:80".parse().unwrap();
+    let err = connect_through_tunnel(
+        outsider,
+        &ca,
+        &tester,
+        &pod_identity(c),
+        SocketAddr::new(c_ip, TUNNEL),
+        authority,
+    )
+    .expect_err("CONNECT to a non-pod address must fail");
+    assert!(err.contains("403"), "{err}");
+    assert!(
+        agent2
+            .status()
+            .unwrap()
+            .tunnel_rejections
+            .get("connect_not_a_local_pod")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    );
+
+    // The wrong SPIFFE ID for the destination: n1 expects sa/impostor, c's
+    // agent proves sa/c. n1 refuses before any byte of a's flows.
+    let outcome = connect_result(a, c_ip, PORT).unwrap();
+    let echoed = mesh_testbed::traffic::half_close(a, c_ip, PORT);
+    assert!(
+        echoed.is_err(),
+        "a's connection through a peer with the wrong identity must fail ({outcome:?})"
+    );
+    mesh_testbed::wait_until(
+        "wrong identity counted on n1",
+        Duration::from_secs(5),
+        || {
+            Ok(agent1
+                .status()?
+                .tunnel_rejections
+                .get("wrong_identity")
+                .copied()
+                .unwrap_or(0)
+                >= 1)
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}; n1 counted {:?}",
+            agent1.status().unwrap().tunnel_rejections
+        )
+    });
+
+    // None of this affected anything else: valid traffic into c still flows.
+    bulk_upload(outsider, c_ip, PORT, 1 << 20).unwrap();
+    let (vc, vk) = pair(&valid);
+    assert!(tls_client(outsider, "tls13", c_ip, Some((&vc, &vk))).starts_with("OPEN"));
+    let _ = ConnectOutcome::Connected;
+}
+
+/// Opens one HBONE stream with our own tunnel client, from `from`'s namespace,
+/// as `local` (certificate minted from `ca`), expecting the server to be `peer`.
+fn connect_through_tunnel(
+    from: &Pod,
+    ca: &TestCa,
+    local: &SpiffeId,
+    peer: &SpiffeId,
+    gateway: SocketAddr,
+    authority: SocketAddr,
+) -> Result<(), String> {
+    let issuer_dir = ca.dir.join("tester-issuer");
+    std::fs::create_dir_all(&issuer_dir).unwrap();
+    std::fs::write(issuer_dir.join("ca.crt"), &ca.ca.cert_pem).unwrap();
+    std::fs::write(issuer_dir.join("ca.key"), &ca.ca.key_pem).unwrap();
+    let manager = Arc::new(
+        IdentityManager::new(
+            "cluster.local",
+            IdentitySource::Issuer {
+                cert: issuer_dir.join("ca.crt"),
+                key: issuer_dir.join("ca.key"),
+                trust_bundle: None,
+                lifetime: Duration::from_secs(3600),
+                renew_at: 0.5,
+            },
+        )
+        .unwrap(),
+    );
+    manager.ensure(std::slice::from_ref(local)).unwrap();
+    let tls = manager.client_config(local, peer).unwrap();
+    let (local, peer) = (local.to_string(), peer.to_string());
+    from.in_netns(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = TunnelClient::new(Duration::from_secs(5));
+            let target = TunnelTarget {
+                gateway,
+                authority,
+                forwarded_for: None,
+                pool_key: PoolKey::new(local, peer, gateway),
+            };
+            let name = rustls_pki_types::ServerName::IpAddress(gateway.ip().into());
+            client
+                .connect(&target, tls, name, || {
+                    tokio::net::TcpStream::connect(gateway)
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        })
+    })
+}
