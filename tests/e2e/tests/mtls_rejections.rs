@@ -26,6 +26,15 @@ const PORT: u16 = 7100;
 const TUNNEL: u16 = 15008;
 const CLIENT: &str = include_str!("tls_client.py");
 
+/// What is tried, how (client mode), with which certificate, and the reason the
+/// agent must count.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    Option<(std::path::PathBuf, std::path::PathBuf)>,
+    &'a str,
+);
+
 fn tls_client(from: &Pod, mode: &str, to: IpAddr, cert: Option<(&Path, &Path)>) -> String {
     let (c, k) = cert.map_or(("-".to_string(), "-".to_string()), |(c, k)| {
         (c.display().to_string(), k.display().to_string())
@@ -102,12 +111,7 @@ fn the_tunnel_refuses_bad_peers_and_counts_each_refusal() {
         agent2.log()
     );
 
-    let cases: Vec<(
-        &str,
-        &str,
-        Option<(std::path::PathBuf, std::path::PathBuf)>,
-        &str,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         ("plaintext", "plain", None, "not_tls"),
         ("TLS 1.2", "tls12", Some(pair(&valid)), "protocol_version"),
         (
