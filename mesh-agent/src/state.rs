@@ -69,6 +69,9 @@ pub struct StatusReport {
     pub tunnel_rejections: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub tunnel_pooled_connections: usize,
+    /// Roots in the trust bundle (two during a CA rotation).
+    #[serde(default)]
+    pub trust_roots: usize,
 }
 
 /// A workload certificate as operators see it.
@@ -153,6 +156,12 @@ impl AgentState {
             certificates: self.certificates(),
             tunnel_rejections: self.proxy.mtls.rejections(),
             tunnel_pooled_connections: self.proxy.mtls.tunnel.pooled_connections(),
+            trust_roots: self
+                .proxy
+                .mtls
+                .identities
+                .as_ref()
+                .map_or(0, |m| m.trust_bundle_len()),
         }
     }
 

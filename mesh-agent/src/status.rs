@@ -40,7 +40,11 @@ pub fn render(report: &StatusReport) -> String {
         report.attachments
     );
     let _ = writeln!(out, "config gen.:  {}", report.config_generation);
-    let _ = writeln!(out, "trust domain: {}", report.trust_domain);
+    let _ = writeln!(
+        out,
+        "trust domain: {} ({} roots in the bundle)",
+        report.trust_domain, report.trust_roots
+    );
     for cert in &report.certificates {
         let _ = writeln!(
             out,
@@ -139,6 +143,7 @@ mod tests {
             certificates: vec![],
             tunnel_rejections: Default::default(),
             tunnel_pooled_connections: 0,
+            trust_roots: 2,
         };
         let text = render(&report);
         assert!(text.contains("captured out=0 in=0"), "{text}");
@@ -177,6 +182,7 @@ mod tests {
             certificates: vec![],
             tunnel_rejections: Default::default(),
             tunnel_pooled_connections: 2,
+            trust_roots: 1,
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");

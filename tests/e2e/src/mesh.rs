@@ -153,6 +153,16 @@ pub fn start_mesh<'t>(
     issuers: &[NodeIssuer],
     lifetime: &str,
 ) -> Result<Vec<NodeAgent<'t>>> {
+    start_mesh_with(topo, issuers, lifetime, "")
+}
+
+/// Like [`start_mesh`], with extra node.yaml lines.
+pub fn start_mesh_with<'t>(
+    topo: &'t Topology,
+    issuers: &[NodeIssuer],
+    lifetime: &str,
+    node_extra: &str,
+) -> Result<Vec<NodeAgent<'t>>> {
     let mut agents = Vec::new();
     for (node, issuer) in topo.nodes().iter().zip(issuers) {
         let local: Vec<&Pod> = node.pods().iter().collect();
@@ -166,7 +176,7 @@ pub fn start_mesh<'t>(
             topo,
             node,
             &pods_yaml(&local),
-            &issuer.node_yaml(lifetime),
+            &format!("{}{node_extra}", issuer.node_yaml(lifetime)),
             &[("workloads.yaml", workloads_yaml(&remote, None))],
         )?);
     }
