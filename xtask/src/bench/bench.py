@@ -27,6 +27,16 @@ def handle(c):
         mode = c.recv(1)
         if mode == b"C":          # set-up probe: one byte back, then close
             c.sendall(b"C")
+        elif mode == b"R":        # request/response: echo 64-byte messages
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                buf = b""
+                while len(buf) < 64:
+                    k = c.recv(64 - len(buf))
+                    if not k:
+                        return
+                    buf += k
+                c.sendall(buf)
         elif mode == b"B":        # bulk sink: count to EOF, report
             n = 0
             buf = bytearray(1 << 20)
@@ -70,6 +80,67 @@ def bulk(host, port, mib):
         sys.exit("server counted %s bytes" % got)
     print("mib_per_s %.1f" % (mib / elapsed))
 
+def rr(host, port, count):
+    """Request/response latency on one established connection (64 bytes each way)."""
+    c = socket.create_connection((host, port), timeout=10)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.sendall(b"R")
+    msg = b"x" * 64
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        c.sendall(msg)
+        got = 0
+        while got < 64:
+            k = c.recv(64 - got)
+            if not k:
+                sys.exit("closed")
+            got += len(k)
+        samples.append(time.perf_counter() - t0)
+    c.close()
+    samples.sort()
+    pick = lambda q: samples[min(len(samples) - 1, int(len(samples) * q))] * 1e6
+    print("p50_us %.1f p99_us %.1f" % (pick(0.5), pick(0.99)))
+
+def handshakes(host, port, secs, cert, key):
+    """Full mutual-TLS 1.3 handshakes per second against the tunnel port."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    ctx.load_cert_chain(cert, key)
+    n = 0
+    end = time.perf_counter() + secs
+    t0 = time.perf_counter()
+    while time.perf_counter() < end:
+        s = ctx.wrap_socket(socket.create_connection((host, port), timeout=5))
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        if not s.recv(9):
+            sys.exit("refused")
+        s.close()
+        n += 1
+    print("per_s %.1f" % (n / (time.perf_counter() - t0)))
+
+def hold_tls(host, port, count, cert, key):
+    """Opens `count` idle mutual-TLS connections, prints ready, holds them."""
+    import ssl, resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    ctx.load_cert_chain(cert, key)
+    held = []
+    for _ in range(count):
+        s = ctx.wrap_socket(socket.create_connection((host, port), timeout=5))
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        s.recv(9)
+        held.append(s)
+    print("ready", flush=True)
+    time.sleep(3600)
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "serve":
@@ -78,3 +149,9 @@ if __name__ == "__main__":
         setup(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "bulk":
         bulk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif cmd == "rr":
+        rr(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif cmd == "handshakes":
+        handshakes(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6])
+    elif cmd == "hold_tls":
+        hold_tls(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])

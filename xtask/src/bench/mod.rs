@@ -1,14 +1,26 @@
-//! `cargo xtask bench`: the capture (passthrough) path against a direct
-//! connection, measured in the same run, alternating, on the test bed.
+//! `cargo xtask bench`: data paths against a direct connection, measured in the
+//! same run, alternating, on the test bed (release agent).
 //!
-//! Paths: pod a -> pod b on the same node, and pod a -> pod c on another node.
-//! "direct": the agents run but enrol no pod; "agent": a, b and c are enrolled,
-//! so a->b is one agent hop (delivered inside b) and a->c is two (out of a's
-//! node, into c's). Figures: connection set-up (connect to first byte back, p50)
-//! and bulk throughput of one stream. Reported as medians over rounds and as
-//! ratios agent/direct.
+//! Topology: node n1 with pods a, b (and x, never enrolled), node n2 with pod c.
+//! Modes, switched live through pods.yaml / workloads.yaml:
+//! - direct: the agents run but enrol nothing;
+//! - passthrough: a, b, c enrolled, no mesh workloads known: a->b is one agent
+//!   hop, a->c two plaintext hops;
+//! - mtls: as passthrough, and each node knows the other's pods: a->c goes
+//!   through the HBONE tunnel (mutual TLS 1.3, HTTP/2 CONNECT).
+//! Loads per path: connection set-up p50, request/response latency p50/p99 on
+//! one connection (64-byte messages), one bulk stream. For the tunnel also:
+//! mutual-TLS handshakes per second on the tunnel port, and the receiving
+//! agent's memory per idle tunnel connection.
 
-use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
+mod ca;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use mesh_testbed::{Node, Pod, Process, Topology, e2e_preflight, wait_until};
@@ -17,12 +29,41 @@ use crate::{setup, step};
 
 const SCRIPT: &str = include_str!("bench.py");
 const PORT: u16 = 9000;
+const TUNNEL_PORT: u16 = 15008;
 const ADMIN: &str = "127.0.0.1:15000";
 
 struct Plan {
     rounds: usize,
     setups: u32,
+    round_trips: u32,
     bulk_mib: u32,
+    handshake_secs: u32,
+    idle_tls: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Passthrough,
+    Mtls,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Passthrough => "passthrough",
+            Mode::Mtls => "mtls",
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Samples {
+    setup_us: Vec<f64>,
+    rr_p50_us: Vec<f64>,
+    rr_p99_us: Vec<f64>,
+    mib_s: Vec<f64>,
 }
 
 pub fn run(workspace: &Path, quick: bool) -> Result<()> {
@@ -31,13 +72,19 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         Plan {
             rounds: 1,
             setups: 300,
+            round_trips: 2000,
             bulk_mib: 200,
+            handshake_secs: 2,
+            idle_tls: 200,
         }
     } else {
         Plan {
             rounds: 5,
             setups: 2000,
+            round_trips: 10000,
             bulk_mib: 1000,
+            handshake_secs: 5,
+            idle_tls: 1000,
         }
     };
     setup::build_ebpf(workspace)?;
@@ -45,88 +92,188 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let agent_bin = setup::build_agent_release(workspace)?;
 
     let topo = Topology::builder("bench")
-        .node("n1", &["a", "b"])
+        .node("n1", &["a", "b", "x"])
         .node("n2", &["c"])
         .build()?;
-    let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
+    let (a, b, c, x) = (topo.pod("a"), topo.pod("b"), topo.pod("c"), topo.pod("x"));
+    let ca = ca::BenchCa::new()?;
+    let pki = topo.tmp_dir().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;
+    std::fs::write(pki.join("ca.key"), &ca.key_pem)?;
+    let (client_cert, client_key) = (pki.join("client.crt"), pki.join("client.key"));
+    ca.write_workload(
+        "spiffe://cluster.local/ns/bench/sa/x",
+        &client_cert,
+        &client_key,
+    )?;
+
     let _servers: Vec<Process> = [b, c]
         .into_iter()
         .map(start_server)
         .collect::<Result<_>>()?;
     let mut agents = Vec::new();
     for node in topo.nodes() {
-        agents.push(start_agent(&agent_bin, node, &topo)?);
+        agents.push(start_agent(&agent_bin, node, &topo, &pki)?);
     }
 
-    // results[path][mode] = samples
-    let paths = [("same node a->b", b), ("across nodes a->c", c)];
-    let mut setup_us = vec![[Vec::new(), Vec::new()]; paths.len()];
-    let mut mib_s = vec![[Vec::new(), Vec::new()]; paths.len()];
+    let paths: [(&str, &Pod, &[Mode]); 2] = [
+        ("same node a->b", b, &[Mode::Direct, Mode::Passthrough]),
+        (
+            "across nodes a->c",
+            c,
+            &[Mode::Direct, Mode::Passthrough, Mode::Mtls],
+        ),
+    ];
+    let mut results: Vec<Vec<Samples>> = vec![vec![Samples::default(); 3]; paths.len()];
     for round in 0..plan.rounds {
-        for (mode, enrolled) in [(0, false), (1, true)] {
-            enrol(&topo, enrolled)?;
-            for (i, (name, target)) in paths.iter().enumerate() {
+        for mode in [Mode::Direct, Mode::Passthrough, Mode::Mtls] {
+            set_mode(&topo, mode)?;
+            for (i, (name, target, modes)) in paths.iter().enumerate() {
+                if !modes.contains(&mode) {
+                    continue;
+                }
                 let host = target.ipv4().to_string();
-                let out = run_client(
-                    a,
-                    &["setup", &host, &PORT.to_string(), &plan.setups.to_string()],
-                )?;
-                setup_us[i][mode].push(field(&out, "p50_us")?);
-                let out = run_client(
-                    a,
-                    &["bulk", &host, &PORT.to_string(), &plan.bulk_mib.to_string()],
-                )?;
-                mib_s[i][mode].push(field(&out, "mib_per_s")?);
+                let port = PORT.to_string();
+                let s = &mut results[i][mode as usize];
+                let out = run_client(a, &["setup", &host, &port, &plan.setups.to_string()])?;
+                s.setup_us.push(field(&out, "p50_us")?);
+                let out = run_client(a, &["rr", &host, &port, &plan.round_trips.to_string()])?;
+                s.rr_p50_us.push(field(&out, "p50_us")?);
+                s.rr_p99_us.push(field(&out, "p99_us")?);
+                let out = run_client(a, &["bulk", &host, &port, &plan.bulk_mib.to_string()])?;
+                s.mib_s.push(field(&out, "mib_per_s")?);
                 step(format!(
-                    "round {}/{} {:<6} {name}: set-up p50 {:.0} µs, bulk {:.0} MiB/s",
+                    "round {}/{} {:<11} {name}: set-up {:.0} µs, rr p50 {:.0} µs p99 {:.0} µs, bulk {:.0} MiB/s",
                     round + 1,
                     plan.rounds,
-                    if enrolled { "agent" } else { "direct" },
-                    setup_us[i][mode].last().unwrap(),
-                    mib_s[i][mode].last().unwrap()
+                    mode.name(),
+                    s.setup_us.last().unwrap(),
+                    s.rr_p50_us.last().unwrap(),
+                    s.rr_p99_us.last().unwrap(),
+                    s.mib_s.last().unwrap()
                 ));
             }
         }
     }
-    enrol(&topo, false)?;
 
-    let mut table = String::new();
+    // The tunnel port itself, on n2 (c's address), from x (outside the mesh).
+    set_mode(&topo, Mode::Mtls)?;
+    let c_host = c.ipv4().to_string();
+    let (cert, key) = (
+        client_cert.to_string_lossy().into_owned(),
+        client_key.to_string_lossy().into_owned(),
+    );
+    let out = run_client(
+        x,
+        &[
+            "handshakes",
+            &c_host,
+            &TUNNEL_PORT.to_string(),
+            &plan.handshake_secs.to_string(),
+            &cert,
+            &key,
+        ],
+    )?;
+    let handshakes_per_s = field(&out, "per_s")?;
+    let n2_agent = agents[1].pid();
+    let rss_before = rss_kib(n2_agent)?;
+    let holder = x.spawn(
+        "python3",
+        &[
+            "-c",
+            SCRIPT,
+            "hold_tls",
+            &c_host,
+            &TUNNEL_PORT.to_string(),
+            &plan.idle_tls.to_string(),
+            &cert,
+            &key,
+        ],
+    )?;
+    wait_until("idle tunnel connections", Duration::from_secs(120), || {
+        Ok(holder.stdout_so_far().contains("ready"))
+    })
+    .with_context(|| holder.output_report())?;
+    let rss_after = rss_kib(n2_agent)?;
+    drop(holder);
+    let per_idle_kib = (rss_after as f64 - rss_before as f64) / plan.idle_tls as f64;
+    step(format!(
+        "tunnel: {handshakes_per_s:.0} handshakes/s; {per_idle_kib:.1} KiB per idle connection"
+    ));
+    set_mode(&topo, Mode::Direct)?;
+
+    let table = render(
+        &plan,
+        &paths,
+        &results,
+        handshakes_per_s,
+        per_idle_kib,
+        rss_before,
+    );
+    println!("\n{table}");
+    let out_dir = workspace.join("target").join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("results.md"), &table)?;
+    step(format!(
+        "written to {}",
+        out_dir.join("results.md").display()
+    ));
+    drop(agents);
+    Ok(())
+}
+
+fn render(
+    plan: &Plan,
+    paths: &[(&str, &Pod, &[Mode])],
+    results: &[Vec<Samples>],
+    handshakes_per_s: f64,
+    per_idle_kib: f64,
+    rss_idle_kib: u64,
+) -> String {
+    let mut t = String::new();
     let _ = writeln!(
-        table,
+        t,
         "Machine: {} cores, kernel {}",
         num_cpus(),
         kernel_release()
     );
     let _ = writeln!(
-        table,
-        "Rounds: {}, {} set-ups and a {} MiB stream per path, mode and round (medians shown).\n",
-        plan.rounds, plan.setups, plan.bulk_mib
+        t,
+        "Rounds: {}; per path, mode and round: {} set-ups, {} request/responses of 64 B on one connection, one {} MiB stream. Medians over rounds; ratios against direct on the same path in the same run.\n",
+        plan.rounds, plan.setups, plan.round_trips, plan.bulk_mib
     );
     let _ = writeln!(
-        table,
-        "| path | set-up p50 direct | via agent | ratio | bulk direct | via agent | ratio |"
+        t,
+        "| path | mode | set-up p50 | x direct | rr p50 | rr p99 | +p99 vs direct | bulk | x direct |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|");
-    for (i, (name, _)) in paths.iter().enumerate() {
-        let (sd, sa) = (median(&setup_us[i][0]), median(&setup_us[i][1]));
-        let (bd, ba) = (median(&mib_s[i][0]), median(&mib_s[i][1]));
-        let _ = writeln!(
-            table,
-            "| {name} | {sd:.0} µs | {sa:.0} µs | {:.2}x | {bd:.0} MiB/s | {ba:.0} MiB/s | {:.2} |",
-            sa / sd,
-            ba / bd
-        );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+    for (i, (name, _, modes)) in paths.iter().enumerate() {
+        let d = &results[i][Mode::Direct as usize];
+        for &mode in modes.iter() {
+            let s = &results[i][mode as usize];
+            let _ = writeln!(
+                t,
+                "| {name} | {} | {:.0} µs | {:.2} | {:.0} µs | {:.0} µs | {:+.0} µs | {:.0} MiB/s | {:.2} |",
+                mode.name(),
+                median(&s.setup_us),
+                median(&s.setup_us) / median(&d.setup_us),
+                median(&s.rr_p50_us),
+                median(&s.rr_p99_us),
+                median(&s.rr_p99_us) - median(&d.rr_p99_us),
+                median(&s.mib_s),
+                median(&s.mib_s) / median(&d.mib_s)
+            );
+        }
     }
-    println!("\n{table}");
-    let out_dir = workspace.join("target").join("bench");
-    std::fs::create_dir_all(&out_dir)?;
-    std::fs::write(out_dir.join("capture.md"), &table)?;
-    step(format!(
-        "written to {}",
-        out_dir.join("capture.md").display()
-    ));
-    drop(agents);
-    Ok(())
+    let _ = writeln!(
+        t,
+        "\nTunnel port (agent on n2, python client on n1): {handshakes_per_s:.0} mutual-TLS 1.3 handshakes/s \
+         (client-bound: one python client); {per_idle_kib:.1} KiB of agent RSS per idle tunnel connection \
+         ({} connections, agent RSS before: {} KiB).",
+        plan.idle_tls, rss_idle_kib
+    );
+    t
 }
 
 fn start_server(pod: &Pod) -> Result<Process> {
@@ -159,23 +306,25 @@ fn field(out: &str, name: &str) -> Result<f64> {
 fn median(samples: &[f64]) -> f64 {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    s[s.len() / 2]
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn config_dir(topo: &Topology, node: &Node) -> std::path::PathBuf {
+fn config_dir(topo: &Topology, node: &Node) -> PathBuf {
     topo.tmp_dir().join(format!("bench-config-{}", node.name()))
 }
 
-fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
+fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<Process> {
     let dir = config_dir(topo, node);
     std::fs::create_dir_all(&dir)?;
     let pin_dir = topo.bpffs_dir().join(node.name());
     std::fs::write(
         dir.join("node.yaml"),
         format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\n",
+            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n",
             node.name(),
-            pin_dir.display()
+            pin_dir.display(),
+            pki.join("ca.crt").display(),
+            pki.join("ca.key").display()
         ),
     )?;
     std::fs::write(dir.join("pods.yaml"), "pods: []\n")?;
@@ -202,44 +351,111 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
     Ok(agent)
 }
 
-/// Enrols all pods of every node, or none, and waits until the agents agree.
-fn enrol(topo: &Topology, enrolled: bool) -> Result<()> {
+/// Switches every node to `mode` and waits until the agents agree.
+fn set_mode(topo: &Topology, mode: Mode) -> Result<()> {
     for node in topo.nodes() {
+        let enrol = mode != Mode::Direct;
         let mut pods = String::from("pods:\n");
-        if enrolled {
-            for pod in node.pods() {
-                let _ = write!(
-                    pods,
-                    "  - name: {}\n    namespace: bench\n    ipv4: {}\n    ipv6: \"{}\"\n    netns: {}\n    cgroup: {}\n",
-                    pod.name(),
-                    pod.ipv4(),
-                    pod.ipv6(),
-                    pod.netns_path().display(),
-                    pod.cgroup_dir().display()
-                );
-            }
-        } else {
+        let mut enrolled = 0;
+        for pod in node.pods().iter().filter(|p| enrol && p.name() != "x") {
+            enrolled += 1;
+            let _ = write!(pods, "{}", pod_entry(pod, "pods"));
+        }
+        if enrolled == 0 {
             pods.push_str("  []\n");
         }
+        let mut workloads = String::from("workloads:\n");
+        let remote: Vec<&Pod> = topo
+            .nodes()
+            .iter()
+            .filter(|n| n.name() != node.name())
+            .flat_map(|n| n.pods().iter())
+            .filter(|p| mode == Mode::Mtls && p.name() != "x")
+            .collect();
+        for pod in &remote {
+            let _ = write!(workloads, "{}", pod_entry(pod, "workloads"));
+        }
+        if remote.is_empty() {
+            workloads.push_str("  []\n");
+        }
         let dir = config_dir(topo, node);
-        std::fs::write(dir.join(".pods.tmp"), pods)?;
-        std::fs::rename(dir.join(".pods.tmp"), dir.join("pods.yaml"))?;
-        let want = if enrolled { node.pods().len() } else { 0 };
+        for (name, content) in [("workloads.yaml", workloads), ("pods.yaml", pods)] {
+            std::fs::write(dir.join(".tmp"), content)?;
+            std::fs::rename(dir.join(".tmp"), dir.join(name))?;
+        }
         wait_until(
-            &format!("{want} pods enrolled on {}", node.name()),
+            &format!("{} to be in mode {}", node.name(), mode.name()),
             Duration::from_secs(10),
             || {
-                let (_, body) = node.http_get(ADMIN.parse()?, "/status")?;
-                let status: serde_json::Value = serde_json::from_str(&body)?;
-                let enrolled = status["pods"]
+                let (_, status) = node.http_get(ADMIN.parse()?, "/status")?;
+                let status: serde_json::Value = serde_json::from_str(&status)?;
+                let pods = status["pods"]
                     .as_array()
                     .map_or(0, |p| p.iter().filter(|p| p["enrolled"] == true).count());
-                let total = status["pods"].as_array().map_or(0, |p| p.len());
-                Ok(enrolled == want && total == want)
+                Ok(pods == enrolled && status["configGeneration"].as_u64().unwrap_or(0) > 0)
             },
         )?;
     }
-    Ok(())
+    // The workloads file has no visible effect in /status: give the watcher a
+    // moment's debounce by checking that the config generation settled.
+    settle(topo)
+}
+
+/// Waits until no node's config generation changes for 300 ms.
+fn settle(topo: &Topology) -> Result<()> {
+    let generation = |node: &Node| -> Result<u64> {
+        let (_, status) = node.http_get(ADMIN.parse()?, "/status")?;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        Ok(status["configGeneration"].as_u64().unwrap_or(0))
+    };
+    let mut last: Vec<u64> = topo.nodes().iter().map(generation).collect::<Result<_>>()?;
+    let mut stable_since = std::time::Instant::now();
+    wait_until(
+        "the configuration to settle",
+        Duration::from_secs(10),
+        || {
+            let now: Vec<u64> = topo.nodes().iter().map(generation).collect::<Result<_>>()?;
+            if now != last {
+                last = now;
+                stable_since = std::time::Instant::now();
+            }
+            Ok(stable_since.elapsed() >= Duration::from_millis(300))
+        },
+    )
+}
+
+fn pod_entry(pod: &Pod, kind: &str) -> String {
+    let mut entry = format!(
+        "  - name: {}\n    namespace: bench\n    serviceAccount: {}\n    ipv4: {}\n    ipv6: \"{}\"\n",
+        pod.name(),
+        pod.name(),
+        pod.ipv4(),
+        pod.ipv6()
+    );
+    if kind == "pods" {
+        let _ = write!(
+            entry,
+            "    netns: {}\n    cgroup: {}\n",
+            pod.netns_path().display(),
+            pod.cgroup_dir().display()
+        );
+    } else {
+        let _ = writeln!(entry, "    node: {}", pod.node_name());
+    }
+    entry
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    line.split_whitespace()
+        .nth(1)
+        .context("value")?
+        .parse()
+        .context("number")
 }
 
 fn num_cpus() -> usize {
