@@ -8,6 +8,7 @@
 //!   hop, a->c two plaintext hops;
 //! - mtls: as passthrough, and each node knows the other's pods: a->c goes
 //!   through the HBONE tunnel (mutual TLS 1.3, HTTP/2 CONNECT).
+//!
 //! Loads per path: connection set-up p50, request/response latency p50/p99 on
 //! one connection (64-byte messages), one bulk stream. For the tunnel also:
 //! mutual-TLS handshakes per second on the tunnel port, and the receiving
