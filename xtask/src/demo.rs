@@ -56,10 +56,15 @@ pub fn run(workspace: &Path) -> Result<()> {
         .map(|p| start_echo_server(p, PORT))
         .collect::<Result<_>>()?;
 
-    step("[4/5] starting an agent on each node");
+    step("[4/5] starting an agent on each node (certificates minted from a demo CA)");
+    let pki = topo.tmp_dir().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    let ca = crate::pki::BenchCa::new()?;
+    std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;
+    std::fs::write(pki.join("ca.key"), &ca.key_pem)?;
     let mut agents = Vec::new();
     for node in topo.nodes() {
-        let agent = start_agent(&agent_bin, node, &topo)?;
+        let agent = start_agent(&agent_bin, node, &topo, &pki)?;
         println!("    agent on {} ready (pid {})", node.name(), agent.pid());
         agents.push(agent);
     }
@@ -128,13 +133,18 @@ pub fn run(workspace: &Path) -> Result<()> {
         let records = admin_json(node, "/debug/connections")?;
         for r in records.as_array().into_iter().flatten().rev().take(4) {
             println!(
-                "    {}: {:<8} {:<15} {} -> {} via {} ({} bytes out, {} back, {})",
+                "    {}: {:<8} {:<15} {} -> {} via {} [{}{}] ({} bytes out, {} back, {})",
                 node.name(),
                 r["direction"].as_str().unwrap_or("?"),
                 r["pod"].as_str().unwrap_or("?"),
                 r["client"].as_str().unwrap_or("?"),
                 r["originalDst"].as_str().unwrap_or("?"),
                 r["upstream"].as_str().unwrap_or("?"),
+                r["security"].as_str().unwrap_or("?"),
+                r["sourceIdentity"]
+                    .as_str()
+                    .map(|id| format!(", from {id}"))
+                    .unwrap_or_default(),
                 r["bytesSent"],
                 r["bytesReceived"],
                 r["outcome"].as_str().unwrap_or("?"),
@@ -178,7 +188,7 @@ pub fn run(workspace: &Path) -> Result<()> {
 
 /// Writes the node's config (all its pods enrolled), starts the agent in the node
 /// and waits until it is ready.
-fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
+fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<Process> {
     let dir = topo.tmp_dir().join(format!("config-{}", node.name()));
     std::fs::create_dir_all(&dir)?;
     // Pins under the test bed's bpffs dir (removed at teardown); detach on stop.
@@ -186,9 +196,11 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
     std::fs::write(
         dir.join("node.yaml"),
         format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\n",
+            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n",
             node.name(),
-            pin_dir.display()
+            pin_dir.display(),
+            pki.join("ca.crt").display(),
+            pki.join("ca.key").display()
         ),
     )?;
     let mut pods = String::from("pods:\n");
@@ -203,6 +215,23 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology) -> Result<Process> {
         ));
     }
     std::fs::write(dir.join("pods.yaml"), pods)?;
+    // The pods of the other nodes are mesh workloads: reached through mTLS.
+    let mut workloads = String::from("workloads:\n");
+    for pod in topo
+        .nodes()
+        .iter()
+        .filter(|n| n.name() != node.name())
+        .flat_map(|n| n.pods())
+    {
+        workloads.push_str(&format!(
+            "  - name: {name}\n    namespace: demo\n    serviceAccount: {name}\n    node: {}\n    ipv4: {}\n    ipv6: \"{}\"\n",
+            pod.node_name(),
+            pod.ipv4(),
+            pod.ipv6(),
+            name = pod.name(),
+        ));
+    }
+    std::fs::write(dir.join("workloads.yaml"), workloads)?;
     let mut cmd = Command::new(bin);
     cmd.arg("run").arg("--config").arg(&dir);
     let mut agent = node.spawn_with(cmd)?;

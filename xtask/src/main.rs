@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod ebpf_build;
+mod pki;
 mod setup;
 mod test;
 

@@ -14,8 +14,6 @@
 //! mutual-TLS handshakes per second on the tunnel port, and the receiving
 //! agent's memory per idle tunnel connection.
 
-mod ca;
-
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -97,7 +95,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         .node("n2", &["c"])
         .build()?;
     let (a, b, c, x) = (topo.pod("a"), topo.pod("b"), topo.pod("c"), topo.pod("x"));
-    let ca = ca::BenchCa::new()?;
+    let ca = crate::pki::BenchCa::new()?;
     let pki = topo.tmp_dir().join("pki");
     std::fs::create_dir_all(&pki)?;
     std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;

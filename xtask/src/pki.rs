@@ -1,4 +1,4 @@
-//! A CA and a workload certificate for the benchmark's mesh (rcgen; xtask
+//! A CA and workload certificates for the demo and benchmark meshes (rcgen; xtask
 //! cannot use the agent's own helpers without building the agent first).
 
 use std::path::Path;
