@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod identity;
 pub mod logging;
 pub mod mtls;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod status;

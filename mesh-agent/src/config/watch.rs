@@ -1,6 +1,7 @@
 //! Watches the configuration directory. The directory itself is watched (not
 //! the files), so Kubernetes ConfigMap updates, which swap a `..data` symlink,
-//! are seen; bursts of events are debounced into one reload.
+//! are seen; recursively, so subdirectories (e.g. `policies/`, often a volume
+//! of its own) are too. Bursts of events are debounced into one reload.
 
 use std::{path::Path, time::Duration};
 
@@ -28,7 +29,7 @@ impl ConfigWatch {
             })
             .context("creating the configuration watcher")?;
         watcher
-            .watch(dir, RecursiveMode::NonRecursive)
+            .watch(dir, RecursiveMode::Recursive)
             .with_context(|| format!("watching {}", dir.display()))?;
         Ok(Self {
             _watcher: watcher,

@@ -1,0 +1,275 @@
+//! Validated policies, their grouping per workload, and the per-workload cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use ipnet::IpNet;
+
+use super::matcher::{Field, IpMatcher, PortMatcher, StringMatcher};
+
+/// Istio's default root namespace: policies there apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// The cache is keyed by (namespace, labels); pods of one deployment share
+/// a key, so this bound is only reached by label churn. It is then emptied.
+const CACHE_LIMIT: usize = 8192;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        })
+    }
+}
+
+/// `namespace/name` of a policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One loaded, validated policy with its values already parsed.
+#[derive(Debug)]
+pub struct Policy {
+    pub(crate) id: Arc<PolicyName>,
+    pub(crate) action: Action,
+    pub(crate) dry_run: bool,
+    /// `None`: no selector, every workload of the namespace (or the mesh).
+    pub(crate) selector: Option<BTreeMap<String, String>>,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) has_http: bool,
+}
+
+impl Policy {
+    pub fn name(&self) -> &PolicyName {
+        &self.id
+    }
+    pub fn action(&self) -> Action {
+        self.action
+    }
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+    /// Whether the policy uses HTTP-only fields anywhere.
+    pub fn has_http_rules(&self) -> bool {
+        self.has_http
+    }
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.as_ref().is_none_or(|sel| {
+            sel.iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Rule {
+    pub(crate) from: Vec<Source>,
+    pub(crate) to: Vec<Operation>,
+    pub(crate) when: Vec<Condition>,
+    /// Uses hosts/methods/paths (or their notX) or a request.headers condition.
+    pub(crate) has_http: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Source {
+    pub(crate) principals: Field<StringMatcher>,
+    pub(crate) namespaces: Field<StringMatcher>,
+    pub(crate) ip_blocks: Field<IpMatcher>,
+    pub(crate) remote_ip_blocks: Field<IpMatcher>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Operation {
+    pub(crate) hosts: Field<StringMatcher>,
+    pub(crate) ports: Field<PortMatcher>,
+    pub(crate) methods: Field<StringMatcher>,
+    pub(crate) paths: Field<StringMatcher>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Condition {
+    /// Header name stored lowercase.
+    Header(Box<str>, Field<StringMatcher>),
+    SourceIp(Field<IpMatcher>),
+    RemoteIp(Field<IpMatcher>),
+    SourceNamespace(Field<StringMatcher>),
+    SourcePrincipal(Field<StringMatcher>),
+    DestinationIp(Field<IpMatcher>),
+    DestinationPort(Field<PortMatcher>),
+    Sni(Field<StringMatcher>),
+}
+
+pub(crate) fn ip_field(values: Option<Vec<IpNet>>, not: Option<Vec<IpNet>>) -> Field<IpMatcher> {
+    Field {
+        values: values.map(|v| IpMatcher::new(&v)),
+        not_values: not.map(|v| IpMatcher::new(&v)),
+    }
+}
+
+/// Every policy of a successful [`load`](super::load), in load order.
+#[derive(Debug, Default, Clone)]
+pub struct PolicySet {
+    pub(crate) policies: Vec<Arc<Policy>>,
+}
+
+impl PolicySet {
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter().map(|p| &**p)
+    }
+
+    /// Indexes the policies by namespace; `root_namespace` policies apply to
+    /// every workload of the mesh (subject to their selector).
+    pub fn compile(&self, root_namespace: &str) -> CompiledPolicies {
+        let mut by_namespace: HashMap<String, Vec<Arc<Policy>>> = HashMap::new();
+        let mut root = Vec::new();
+        for p in &self.policies {
+            if p.id.namespace == root_namespace {
+                root.push(p.clone());
+            } else {
+                by_namespace
+                    .entry(p.id.namespace.clone())
+                    .or_default()
+                    .push(p.clone());
+            }
+        }
+        // Stable order (root first, then by name) so "denied by" is deterministic.
+        root.sort_by(|a, b| a.id.cmp(&b.id));
+        for v in by_namespace.values_mut() {
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        CompiledPolicies {
+            root_namespace: root_namespace.to_owned(),
+            root,
+            by_namespace,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// What the agent knows about the destination workload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Workload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// All policies indexed for lookup; build a new one on every reload.
+#[derive(Debug)]
+pub struct CompiledPolicies {
+    root_namespace: String,
+    root: Vec<Arc<Policy>>,
+    by_namespace: HashMap<String, Vec<Arc<Policy>>>,
+    cache: Mutex<HashMap<Workload, WorkloadPolicy>>,
+}
+
+impl CompiledPolicies {
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// The policies that apply to `workload`, selected once and cached.
+    pub fn for_workload(&self, workload: &Workload) -> WorkloadPolicy {
+        // A poisoned lock only means another thread panicked mid-insert; the
+        // map itself is still consistent.
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(wp) = cache.get(workload) {
+            return wp.clone();
+        }
+        let wp = self.select(workload);
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(workload.clone(), wp.clone());
+        wp
+    }
+
+    fn select(&self, workload: &Workload) -> WorkloadPolicy {
+        let mut inner = WorkloadInner::default();
+        let local = self
+            .by_namespace
+            .get(&workload.namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for p in self.root.iter().chain(local) {
+            if !p.selects(&workload.labels) {
+                continue;
+            }
+            inner.has_http |= p.has_http;
+            let list = match (p.action, p.dry_run) {
+                (Action::Deny, false) => &mut inner.deny,
+                (Action::Allow, false) => &mut inner.allow,
+                (Action::Audit, _) => &mut inner.audit,
+                (Action::Deny, true) => &mut inner.dry_run_deny,
+                (Action::Allow, true) => &mut inner.dry_run_allow,
+            };
+            list.push(p.clone());
+        }
+        WorkloadPolicy {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// The policies applicable to one workload; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadPolicy {
+    pub(crate) inner: Arc<WorkloadInner>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct WorkloadInner {
+    pub(crate) deny: Vec<Arc<Policy>>,
+    pub(crate) allow: Vec<Arc<Policy>>,
+    pub(crate) audit: Vec<Arc<Policy>>,
+    pub(crate) dry_run_deny: Vec<Arc<Policy>>,
+    pub(crate) dry_run_allow: Vec<Arc<Policy>>,
+    pub(crate) has_http: bool,
+}
+
+impl WorkloadPolicy {
+    /// Whether any applicable policy (enforced, dry-run or audit) uses
+    /// HTTP-only fields, i.e. whether the agent must parse HTTP to decide.
+    pub fn has_http_rules(&self) -> bool {
+        self.inner.has_http
+    }
+
+    /// Names of the applicable policies (for status pages and logs).
+    pub fn policy_names(&self) -> impl Iterator<Item = &PolicyName> {
+        let i = &self.inner;
+        i.deny
+            .iter()
+            .chain(&i.allow)
+            .chain(&i.audit)
+            .chain(&i.dry_run_deny)
+            .chain(&i.dry_run_allow)
+            .map(|p| &*p.id)
+    }
+}
