@@ -51,6 +51,11 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         ),
     }
     let proxy = Arc::new(ProxyContext::new(programs.orig_dst_table()?, mtls.clone()));
+    let policies = config
+        .policies()
+        .map_err(|e| anyhow!("invalid policy: {e}"))?;
+    tracing::info!(policies = policies.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
+    proxy.set_policies(policies.compile(&node.root_namespace));
     let mut enroller = Enroller::new(programs, proxy.clone());
     enroller.reconcile(&config.pods);
     let released = enroller.programs.release_inherited();
@@ -134,6 +139,15 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
                     tracing::warn!(
                         "node.yaml changed: node settings apply at the next restart; pods apply now"
                     );
+                }
+                match new.policies() {
+                    Ok(policies) => {
+                        tracing::info!(policies = policies.len(), "authorization policies applied");
+                        state
+                            .proxy
+                            .set_policies(policies.compile(&current.node.root_namespace));
+                    }
+                    Err(err) => tracing::error!(error = %err, "policies not applied"),
                 }
                 if let Err(err) = state.proxy.mtls.set_remote_workloads(&new.workloads) {
                     tracing::error!(error = format!("{err:#}"), "workloads not applied");

@@ -72,6 +72,19 @@ pub struct StatusReport {
     /// Roots in the trust bundle (two during a CA rotation).
     #[serde(default)]
     pub trust_roots: usize,
+    /// Authorization decisions so far.
+    #[serde(default)]
+    pub authorization: Vec<DecisionCount>,
+}
+
+/// How often a policy rule decided (`-` for "allowed").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionCount {
+    pub policy: String,
+    /// `allow`, `deny` or `dry_run_deny`.
+    pub decision: String,
+    pub count: u64,
 }
 
 /// A workload certificate as operators see it.
@@ -162,6 +175,16 @@ impl AgentState {
                 .identities
                 .as_ref()
                 .map_or(0, |m| m.trust_bundle_len()),
+            authorization: self
+                .proxy
+                .decisions()
+                .into_iter()
+                .map(|((policy, decision), count)| DecisionCount {
+                    policy,
+                    decision,
+                    count,
+                })
+                .collect(),
         }
     }
 
@@ -212,5 +235,6 @@ impl AgentState {
             &self.proxy.mtls.rejections(),
             self.proxy.mtls.tunnel.pooled_connections(),
         );
+        m.sync_decisions(&self.proxy.decisions());
     }
 }

@@ -57,6 +57,13 @@ pub fn render(report: &StatusReport) -> String {
         "tunnel:      {} pooled connections",
         report.tunnel_pooled_connections
     );
+    for d in &report.authorization {
+        let _ = writeln!(
+            out,
+            "authz:       {} x {} ({})",
+            d.count, d.decision, d.policy
+        );
+    }
     for (reason, count) in &report.tunnel_rejections {
         let _ = writeln!(out, "  refused:   {count} x {reason}");
     }
@@ -144,6 +151,7 @@ mod tests {
             tunnel_rejections: Default::default(),
             tunnel_pooled_connections: 0,
             trust_roots: 2,
+            authorization: vec![],
         };
         let text = render(&report);
         assert!(text.contains("captured out=0 in=0"), "{text}");
@@ -183,6 +191,7 @@ mod tests {
             tunnel_rejections: Default::default(),
             tunnel_pooled_connections: 2,
             trust_roots: 1,
+            authorization: vec![],
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");

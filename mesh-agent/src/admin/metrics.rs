@@ -33,6 +33,7 @@ pub struct Metrics {
     certificate_expiry: IntGaugeVec,
     tunnel_rejections: IntCounterVec,
     tunnel_pooled: IntGauge,
+    decisions: IntCounterVec,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
 }
@@ -123,6 +124,11 @@ impl Metrics {
                 "mesh_tunnel_pooled_connections",
                 "Pooled mTLS tunnel connections to other nodes",
             ),
+            decisions: counter(
+                "mesh_authorization_decisions_total",
+                "Authorization decisions, by deciding policy rule (`-` when allowed)",
+                &["policy", "decision"],
+            ),
             last_totals: Mutex::default(),
             registry,
         };
@@ -151,6 +157,7 @@ impl Metrics {
             Box::new(m.certificate_expiry.clone()),
             Box::new(m.tunnel_rejections.clone()),
             Box::new(m.tunnel_pooled.clone()),
+            Box::new(m.decisions.clone()),
             Box::new(build_info),
         ];
         for collector in collectors {
@@ -252,6 +259,12 @@ impl Metrics {
             self.sync(&self.tunnel_rejections, &[reason], *total);
         }
         self.tunnel_pooled.set(pooled as i64);
+    }
+
+    pub fn sync_decisions(&self, decisions: &std::collections::BTreeMap<(String, String), u64>) {
+        for ((policy, decision), total) in decisions {
+            self.sync(&self.decisions, &[policy, decision], *total);
+        }
     }
 
     pub fn render(&self) -> String {

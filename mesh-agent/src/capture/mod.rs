@@ -160,12 +160,17 @@ impl Enroller {
         } else {
             Vec::new()
         };
+        let workload = crate::policy::Workload {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+        };
         let handle = Arc::new(PodHandle {
             key: key.clone(),
             netns_cookie,
             netns: worker,
             identity,
             addrs,
+            workload,
         });
         self.proxy.add_local_pod(handle.clone());
         let mut accept_loops = listeners.spawn_accept_loops(&self.proxy, &handle)?;

@@ -23,6 +23,8 @@ pub use workloads::{RemoteWorkload, WorkloadsFile};
 pub const NODE_FILE: &str = "node.yaml";
 pub const PODS_FILE: &str = "pods.yaml";
 pub const WORKLOADS_FILE: &str = "workloads.yaml";
+/// Istio `AuthorizationPolicy` documents: every `*.yaml` / `*.yml` in here.
+pub const POLICIES_DIR: &str = "policies";
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +34,54 @@ pub struct Config {
     pub pods: Vec<PodConfig>,
     /// Mesh workloads on other nodes.
     pub workloads: Vec<RemoteWorkload>,
+    /// The policy files (path, text), already validated.
+    pub policy_files: Vec<(PathBuf, String)>,
+}
+
+impl Config {
+    /// The policies, loaded (they were validated with the rest of the config).
+    pub fn policies(&self) -> Result<crate::policy::PolicySet, ConfigError> {
+        crate::policy::load(self.policy_files.iter().map(|(p, t)| (p, t.as_str())))
+            .map_err(policy_error)
+    }
+}
+
+fn policy_error(e: crate::policy::LoadError) -> ConfigError {
+    let field = match &e.field {
+        Some(field) => format!("document {} ({}): {field}", e.document, e.policy),
+        None => format!("document {} ({})", e.document, e.policy),
+    };
+    ConfigError::new(&e.file, e.message.clone())
+        .with_field(field)
+        .with_line(e.line)
+}
+
+/// Every policy file, in name order; hidden entries (Kubernetes' `..data`
+/// machinery) are skipped, symlinks followed.
+fn read_policy_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| ConfigError::new(dir, format!("cannot list: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            !name.starts_with('.')
+                && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && p.is_file()
+        })
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| read(&p).map(|text| (p, text)))
+        .collect()
 }
 
 /// Loads and validates the configuration directory.
@@ -81,12 +131,16 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     } else {
         Vec::new()
     };
-    Ok(Config {
+    let policy_files = read_policy_files(&dir.join(POLICIES_DIR))?;
+    let config = Config {
         dir: dir.to_path_buf(),
         node,
         pods,
         workloads,
-    })
+        policy_files,
+    };
+    config.policies()?;
+    Ok(config)
 }
 
 fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), ConfigError> {

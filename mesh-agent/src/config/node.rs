@@ -40,6 +40,13 @@ pub struct NodeConfig {
     pub identity: Option<super::mesh::IdentityConfig>,
     #[serde(default)]
     pub tunnel: super::mesh::TunnelConfig,
+    /// Authorization policies in this namespace apply to every workload.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+}
+
+fn default_root_namespace() -> String {
+    crate::policy::DEFAULT_ROOT_NAMESPACE.to_string()
 }
 
 /// Behaviour on an orderly stop. A crash always leaves capture in place.

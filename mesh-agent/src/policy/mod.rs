@@ -5,7 +5,7 @@
 //! [`CompiledPolicies::for_workload`] selects (and caches) the policies of one
 //! workload; [`WorkloadPolicy::decide`] evaluates a [`Request`].
 //!
-//! Semantics follow the Istio documentation (see `docs/policy-semantics.md` next to this
+//! Semantics follow the Istio documentation (see `docs/policy-semantics.md` in the repository,
 //! file for the full list with one example each):
 //!
 //! - Evaluation order: CUSTOM (unsupported, rejected at load) -> DENY ->

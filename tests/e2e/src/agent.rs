@@ -156,6 +156,28 @@ impl<'t> NodeAgent<'t> {
         Ok(())
     }
 
+    /// Writes `relative` (e.g. `policies/allow.yaml`) in the config directory
+    /// atomically, creating directories as needed.
+    pub fn write_file(&self, relative: &str, content: &str) -> Result<()> {
+        let path = self.config_dir.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = path.with_extension("tmp-write");
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Waits until the agent has applied a configuration newer than `generation`.
+    pub fn wait_generation_after(&self, generation: u64) -> Result<()> {
+        wait_until(
+            "the agent to apply the new configuration",
+            Duration::from_secs(5),
+            || Ok(self.status()?.config_generation > generation),
+        )
+    }
+
     /// The agent's log so far (stderr), for failure messages.
     pub fn log(&self) -> String {
         self.process

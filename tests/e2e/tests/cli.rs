@@ -94,3 +94,28 @@ fn status_without_an_agent_says_so() {
     assert_eq!(code, 1);
     assert!(err.contains("is the agent running?"), "{err}");
 }
+
+#[test]
+fn check_validates_policy_files_and_names_file_line_and_field() {
+    let dir = config_dir("name: n1\n", "");
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: ns\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/33\"]\n";
+    std::fs::write(dir.path().join("policies/p.yaml"), policy).unwrap();
+    let (code, _, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let file = dir.path().join("policies/p.yaml");
+    assert!(
+        err.contains(&format!("{}:11", file.display())),
+        "no file:line in {err:?}"
+    );
+    assert!(err.contains("ipBlocks"), "{err}");
+
+    std::fs::write(
+        dir.path().join("policies/p.yaml"),
+        policy.replace("/33", "/24"),
+    )
+    .unwrap();
+    let (code, out, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok"), "{out}");
+}
