@@ -343,7 +343,10 @@ impl ProxyContext {
         }
     }
 
-    async fn open_tunnel_stream(&self, request: ConnectRequest) -> Result<TcpStream, Rejection> {
+    async fn open_tunnel_stream(
+        &self,
+        request: ConnectRequest,
+    ) -> Result<tunnel::Upstream, Rejection> {
         let peer_identity = request
             .peer_certificates
             .first()
@@ -390,7 +393,9 @@ impl ProxyContext {
         };
         let failed = result.is_err();
         self.connections.record(record, failed);
-        result.map_err(|e| Rejection::UpstreamUnavailable(format!("{e:#}")))
+        result
+            .map(tunnel::Upstream::Tcp)
+            .map_err(|e| Rejection::UpstreamUnavailable(format!("{e:#}")))
     }
 
     async fn finish(

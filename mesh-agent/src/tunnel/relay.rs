@@ -8,6 +8,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::server::Upstream;
+
 /// Large enough that one read fills several TLS records / h2 frames.
 const BUF_SIZE: usize = 128 * 1024;
 
@@ -31,7 +33,28 @@ struct Failure {
 /// * upstream side (e.g. RST from the app): the stream is dropped, which
 ///   hyper turns into END_STREAM + RST_STREAM (it offers no way to choose
 ///   CONNECT_ERROR).
-pub(super) async fn relay(stream: TokioIo<Upgraded>, mut upstream: TcpStream, dest: SocketAddr) {
+pub(super) async fn relay(stream: TokioIo<Upgraded>, upstream: Upstream, dest: SocketAddr) {
+    match upstream {
+        Upstream::Tcp(tcp) => relay_tcp(stream, tcp, dest).await,
+        Upstream::Local(local) => relay_local(stream, local, dest).await,
+    }
+}
+
+/// To an in-process handler (e.g. the HTTP authorizer): plain copies; dropping
+/// the handle is the handler's "reset".
+async fn relay_local(stream: TokioIo<Upgraded>, local: tokio::io::DuplexStream, dest: SocketAddr) {
+    let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
+    let (mut up_rd, mut up_wr) = tokio::io::split(local);
+    let result = tokio::try_join!(
+        pump(&mut stream_rd, &mut up_wr, Side::Stream, Side::Upstream),
+        pump(&mut up_rd, &mut stream_wr, Side::Upstream, Side::Stream),
+    );
+    if let Err(Failure { side, error }) = result {
+        tracing::debug!(%dest, ?side, %error, "HBONE stream to a local handler aborted");
+    }
+}
+
+async fn relay_tcp(stream: TokioIo<Upgraded>, mut upstream: TcpStream, dest: SocketAddr) {
     let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
     let (mut up_rd, mut up_wr) = upstream.split();
     let result = tokio::try_join!(

@@ -95,6 +95,19 @@ impl ServeError {
 /// passed to `open`; its upstream is relayed until both directions finish.
 /// Returns when the connection ends; relays still running continue on their
 /// own tasks until the streams end.
+/// Where a CONNECT stream's bytes go: a TCP connection (to the pod), or an
+/// in-process handler holding the other end of a duplex pipe.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Local(tokio::io::DuplexStream),
+}
+
+impl From<TcpStream> for Upstream {
+    fn from(tcp: TcpStream) -> Self {
+        Upstream::Tcp(tcp)
+    }
+}
+
 pub async fn serve_connection<O, Fut>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
@@ -103,7 +116,7 @@ pub async fn serve_connection<O, Fut>(
 ) -> Result<(), ServeError>
 where
     O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<TcpStream, Rejection>> + Send,
+    Fut: Future<Output = Result<Upstream, Rejection>> + Send,
 {
     let peer_addr = tcp.peer_addr().map_err(ServeError::Handshake)?;
     let _ = tcp.set_nodelay(true);
@@ -145,7 +158,7 @@ async fn handle_stream<O, Fut>(
 ) -> Response<Empty<Bytes>>
 where
     O: Fn(ConnectRequest) -> Fut,
-    Fut: Future<Output = Result<TcpStream, Rejection>>,
+    Fut: Future<Output = Result<Upstream, Rejection>>,
 {
     if req.method() != Method::CONNECT {
         tracing::debug!(%peer_addr, method = %req.method(), "HBONE: not a CONNECT");
@@ -184,7 +197,9 @@ where
             Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, authority).await,
             Err(e) => {
                 tracing::debug!(%peer_addr, %authority, error = %e, "HBONE stream gone before upgrade");
-                let _ = upstream.set_zero_linger();
+                if let Upstream::Tcp(tcp) = &upstream {
+                    let _ = tcp.set_zero_linger();
+                }
             }
         }
     });

@@ -175,6 +175,11 @@ impl Hbone {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let idx = acc.fetch_add(1, Ordering::SeqCst);
                 let (tls, open, tx) = (tls.clone(), open.clone(), tx.clone());
+                // The tests' handlers hand out TCP upstreams.
+                let open = move |req| {
+                    let upstream = open(req);
+                    async move { upstream.await.map(Upstream::Tcp) }
+                };
                 let task = tokio::spawn(async move {
                     let res = serve_connection(tcp, tls, handshake_timeout, open).await;
                     let _ = tx.send((idx, res));
