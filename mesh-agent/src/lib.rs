@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod identity;
+pub mod l7;
 pub mod logging;
 pub mod mtls;
 pub mod policy;

@@ -17,6 +17,7 @@
 //! pod's identity, the peer's identity recorded, each CONNECT delivered to the
 //! pod of this node it names.
 
+mod authz;
 pub mod connections;
 pub mod relay;
 
@@ -35,8 +36,9 @@ use crate::{
     capture::netns_worker::NetnsWorker,
     ebpf::OrigDstTable,
     identity::{SpiffeId, spiffe_id_of},
+    l7::{self, L7Error, L7Options},
     mtls::{Mtls, RemotePeer},
-    policy::{self, CompiledPolicies, Decision},
+    policy::{self, CompiledPolicies, Decision, WorkloadPolicy},
     tunnel::{self, ConnectRequest, PoolKey, Rejection, ServeError, TunnelStream, TunnelTarget},
 };
 use connections::{ConnectionLog, ConnectionRecord, Direction};
@@ -109,13 +111,98 @@ impl ProxyContext {
         self.decisions.lock().expect("decisions lock").clone()
     }
 
-    fn count_decision(&self, by: &str, decision: &str) {
+    pub(crate) fn count_decision(&self, by: &str, decision: &str) {
         *self
             .decisions
             .lock()
             .expect("decisions lock")
             .entry((by.to_string(), decision.to_string()))
             .or_default() += 1;
+    }
+
+    /// The destination's policy when it has HTTP rules: then every request is
+    /// decided on its own (L7) instead of the connection (L4).
+    fn http_policy(&self, target: &PodHandle) -> Option<WorkloadPolicy> {
+        let policies = self.policies.read().expect("policies lock").clone();
+        let policy = policies.for_workload(&target.workload);
+        policy.has_http_rules().then_some(policy)
+    }
+
+    /// Serves `downstream` as HTTP into `target`, deciding each request (403
+    /// `RBAC: access denied` for a denied one, the connection stays usable).
+    /// Traffic that turns out not to be HTTP gets the L4 decision instead.
+    /// Returns the record's outcome and whether it failed.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_http<D>(
+        self: &Arc<Self>,
+        downstream: D,
+        target: Arc<PodHandle>,
+        policy: WorkloadPolicy,
+        source: Option<SpiffeId>,
+        source_ip: IpAddr,
+        remote_ip: IpAddr,
+        dst: SocketAddr,
+    ) -> (String, bool)
+    where
+        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let authorizer = Arc::new(authz::ConnectionAuthorizer {
+            proxy: self.clone(),
+            pod: target.key.clone(),
+            policy,
+            source: source.clone(),
+            source_ip,
+            remote_ip,
+            destination: dst,
+        });
+        let (proxy, inside) = (self.clone(), target.clone());
+        let connect = move || async move {
+            proxy
+                .connect_inside(&inside, dst)
+                .await
+                .map_err(std::io::Error::other)
+        };
+        match l7::serve(
+            downstream,
+            connect,
+            authorizer,
+            normalize_path,
+            L7Options::default(),
+        )
+        .await
+        {
+            Ok(stats) => (
+                format!(
+                    "http: {} requests, {} denied, {} bad",
+                    stats.requests, stats.denied, stats.bad_requests
+                ),
+                false,
+            ),
+            Err(L7Error::NotHttp(not_http)) => {
+                if let Err(by) =
+                    self.authorize_tcp(&target, source.as_ref(), source_ip, remote_ip, dst)
+                {
+                    return (format!("denied by {by} (not HTTP)"), true);
+                }
+                let Ok((peeked, mut downstream)) = not_http.into_parts::<D>() else {
+                    return ("internal error: stream type".to_string(), true);
+                };
+                match self.connect_inside(&target, dst).await {
+                    Ok(mut upstream) => {
+                        use tokio::io::AsyncWriteExt;
+                        if upstream.write_all(&peeked).await.is_err() {
+                            return ("upstream-reset".to_string(), true);
+                        }
+                        match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+                            Ok(_) => ("closed (not HTTP)".to_string(), false),
+                            Err(_) => ("reset (not HTTP)".to_string(), false),
+                        }
+                    }
+                    Err(err) => (format!("upstream-failed: {err:#}"), true),
+                }
+            }
+            Err(err) => (format!("http connection ended: {err}"), false),
+        }
     }
 
     /// Authorizes a plain TCP connection into `target` (L4: HTTP-only rules are
@@ -244,6 +331,19 @@ impl ProxyContext {
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
             let source_ip = pod.addr_like(dst.ip());
+            if let Some(policy) = self.http_policy(&target) {
+                let source = Some(pod.identity.clone());
+                let (outcome, failed) = self
+                    .serve_http(
+                        downstream, target, policy, source, source_ip, source_ip, dst,
+                    )
+                    .await;
+                record.outcome = outcome;
+                record.duration_ms = started.elapsed().as_millis() as u64;
+                self.connections.record(record, failed);
+                self.orig_dst.forget(captured.socket_cookie);
+                return;
+            }
             if let Err(by) =
                 self.authorize_tcp(&target, Some(&pod.identity), source_ip, source_ip, dst)
             {
@@ -280,6 +380,23 @@ impl ProxyContext {
         record.original_dst = original_dst;
         record.upstream = format!("pod:{}", pod.key);
         // Plaintext from outside the mesh: no principal, no namespace.
+        if let Some(policy) = self.http_policy(&pod) {
+            let (outcome, failed) = self
+                .serve_http(
+                    downstream,
+                    pod.clone(),
+                    policy,
+                    None,
+                    client.ip(),
+                    client.ip(),
+                    original_dst,
+                )
+                .await;
+            record.outcome = outcome;
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            self.connections.record(record, failed);
+            return;
+        }
         if let Err(by) = self.authorize_tcp(&pod, None, client.ip(), client.ip(), original_dst) {
             self.deny(record, started, downstream, &by);
             return;
@@ -344,7 +461,7 @@ impl ProxyContext {
     }
 
     async fn open_tunnel_stream(
-        &self,
+        self: &Arc<Self>,
         request: ConnectRequest,
     ) -> Result<tunnel::Upstream, Rejection> {
         let peer_identity = request
@@ -365,6 +482,35 @@ impl ProxyContext {
             .forwarded_for
             .map(|ip| SocketAddr::new(ip, 0))
             .unwrap_or(request.peer_addr);
+        if let Some(policy) = self.http_policy(&target) {
+            // The stream's bytes go to the HTTP authorizer through a pipe.
+            let (stream_end, http_end) = tokio::io::duplex(256 * 1024);
+            let proxy = self.clone();
+            let (peer_ip, authority) = (request.peer_addr.ip(), request.authority);
+            tokio::spawn(async move {
+                let mut record = proxy.record(Direction::Inbound, &target, client);
+                record.original_dst = authority;
+                record.upstream = format!("pod:{}", target.key);
+                record.source_identity = Some(peer_identity.to_string());
+                record.security = "mutual_tls".to_string();
+                let started = Instant::now();
+                let (outcome, failed) = proxy
+                    .serve_http(
+                        http_end,
+                        target,
+                        policy,
+                        Some(peer_identity),
+                        peer_ip,
+                        client.ip(),
+                        authority,
+                    )
+                    .await;
+                record.outcome = outcome;
+                record.duration_ms = started.elapsed().as_millis() as u64;
+                proxy.connections.record(record, failed);
+            });
+            return Ok(tunnel::Upstream::Local(stream_end));
+        }
         if let Err(by) = self.authorize_tcp(
             &target,
             Some(&peer_identity),
@@ -569,6 +715,12 @@ fn tunnel_rejection_reason_anyhow(err: &anyhow::Error) -> String {
         }
     }
     "tunnel_failed".to_string()
+}
+
+/// The L7 relay's path normaliser: the policy engine's (one definition, so
+/// what is matched is what is forwarded).
+fn normalize_path(raw: &str) -> Result<String, String> {
+    policy::normalize_path(raw).map_err(|e| e.to_string())
 }
 
 /// Closes with a reset (SO_LINGER 0), as a refused or failed connection would.

@@ -1,0 +1,336 @@
+//! HTTP-aware relay that authorizes every request (L7 enforcement of Istio
+//! `AuthorizationPolicy` HTTP rules).
+//!
+//! [`serve`] sits between a downstream connection (a captured client
+//! connection, or a stream out of an mTLS tunnel) and the destination
+//! application. It detects the protocol, serves the downstream side with hyper,
+//! and for every request:
+//!
+//! 1. checks the authority (`:authority` / absolute-form authority / `Host`):
+//!    several `Host` fields, a non-ASCII one, or one that disagrees with the
+//!    URI authority → `400`;
+//! 2. normalises the path with the agent's [`PathNormalizer`]; failure → `400`
+//!    (`Bad Request`), not forwarded;
+//! 3. asks the [`Authorizer`] about the normalised path (query stripped);
+//!    [`Verdict::Deny`] → `403` with body `RBAC: access denied`
+//!    (`text/plain`, what Envoy/Istio send); the connection stays usable;
+//! 4. refuses upgrades with `501` (see below);
+//! 5. forwards the request upstream with the path replaced by the normalised
+//!    one plus the original query string (what Envoy does with
+//!    `normalize_path`), so the application routes on exactly the path that
+//!    was authorized: no normalisation differential between the policy and the
+//!    application. Method, headers, body and trailers are forwarded as
+//!    received (hop-by-hop headers as hyper does: it does not strip them for
+//!    HTTP/1.1; it drops connection-specific headers for HTTP/2).
+//!
+//! Bodies stream both ways (nothing is buffered whole); HTTP/2 trailers are
+//! relayed both ways, so gRPC works.
+//!
+//! The upstream is made lazily by `connect`, once per downstream connection,
+//! on the first request that is forwarded (a connection whose requests are all
+//! denied never connects). It speaks the downstream's protocol: HTTP/1.1 →
+//! HTTP/1.1 (requests are relayed one at a time over one keep-alive upstream
+//! connection), h2 prior knowledge → h2 (streams multiplexed on one upstream
+//! connection). Since `connect` can run only once, a failed connect or a lost
+//! HTTP/1.1 upstream answers `502` (with `Connection: close` on HTTP/1.1, so
+//! the client reconnects and gets a new upstream).
+//!
+//! ## Protocol detection and the not-HTTP fallback
+//!
+//! The first bytes are read (within [`L7Options::detect_timeout`]): the h2
+//! preface means HTTP/2, a method token followed by a space means HTTP/1.x.
+//! Anything else ends [`serve`] with [`L7Error::NotHttp`] *before anything was
+//! written or connected*. The error gives back both the bytes read so far and
+//! the downstream stream itself ([`NotHttp::into_parts`], or
+//! [`NotHttp::into_prefixed`] for a stream that replays those bytes), so the
+//! caller can fall back to L4 handling without losing data. The same happens
+//! when the detection times out (server-first protocols) or the peer closes
+//! mid-way ([`NotHttpReason`]). A peer that closes without sending anything
+//! gives `Ok` with zero stats.
+//!
+//! ## Upgrades
+//!
+//! `CONNECT` (HTTP/1.1 and HTTP/2; extended CONNECT is not enabled) is
+//! answered `501 Not Implemented` before anything else (it has no path to
+//! authorize); on HTTP/1.1 the connection is then closed. WebSocket and other
+//! `Upgrade` requests are answered `501` after authorization (a denied one
+//! gets `403`) and the connection stays usable. An `Upgrade: h2c` offer alone
+//! is not refused: the offer (`Upgrade`, `HTTP2-Settings` and their
+//! `Connection` options) is removed, as a server may ignore it, and the
+//! request is relayed as HTTP/1.1.
+//!
+//! ## HTTP/1.1 hardening (hyper's parser)
+//!
+//! Differing duplicate `Content-Length`, a `Transfer-Encoding` whose final
+//! coding is not `chunked`, and `Transfer-Encoding` on HTTP/1.0 are answered
+//! `400` by hyper and never reach the service. `Content-Length` together with
+//! `Transfer-Encoding: chunked` is handled as RFC 9112 §6.3 requires of an
+//! intermediary: the body is framed by the chunked coding, `Content-Length` is
+//! removed before forwarding, and the connection is closed after the response,
+//! so bytes smuggled after the chunked body never become a request. Those
+//! parser-level rejections are not counted in [`L7Stats`].
+//!
+//! [`L7Options::header_read_timeout`] applies to every request head on an
+//! HTTP/1 connection, from the moment the server starts waiting for it; so it
+//! also closes a keep-alive connection idle for that long.
+
+mod detect;
+mod service;
+
+#[cfg(test)]
+mod tests;
+
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::http::HeaderMap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use detect::{NotHttpReason, PrefixedIo, Protocol};
+
+/// What the authorizer sees of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// The method, e.g. `GET`.
+    pub method: &'a str,
+    /// The `Host` header (HTTP/1) or `:authority` (HTTP/2); empty if none.
+    pub host: &'a str,
+    /// The normalised path, query stripped.
+    pub path: &'a str,
+    /// The request headers as received.
+    pub headers: &'a HeaderMap,
+}
+
+/// The decision about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the request.
+    Allow,
+    /// Answer `403 RBAC: access denied`; `reason` is logged, never sent.
+    Deny { reason: String },
+}
+
+/// The per-request decision (sync, fast). Implemented by the agent with its
+/// policy engine.
+pub trait Authorizer: Send + Sync + 'static {
+    fn authorize(&self, request: &RequestInfo<'_>) -> Verdict;
+}
+
+/// Normalises a raw request path (the request target's path, without the
+/// query): `Ok(normalised path)` or `Err(reason)`, answered with `400`.
+pub type PathNormalizer = fn(&str) -> Result<String, String>;
+
+/// Limits of [`serve`].
+#[derive(Debug, Clone)]
+pub struct L7Options {
+    /// Time a client has to send a whole HTTP/1 request head (also the idle
+    /// timeout of a keep-alive connection between requests).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1; answered `431`) or header list (HTTP/2).
+    pub max_header_bytes: usize,
+    /// Time the first bytes have to say whether the connection is HTTP.
+    pub detect_timeout: Duration,
+}
+
+impl Default for L7Options {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            detect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What happened on one downstream connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct L7Stats {
+    /// Requests that reached the relay (allowed, denied, refused, bad).
+    pub requests: u64,
+    /// Requests answered `403` by the authorizer's verdict.
+    pub denied: u64,
+    /// Requests answered `400` by the relay (path normalisation, authority).
+    pub bad_requests: u64,
+}
+
+/// Why [`serve`] ended without serving HTTP to completion.
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    /// The connection is not HTTP; the bytes and the stream are given back.
+    #[error("{0}")]
+    NotHttp(NotHttp),
+    /// Reading the first bytes failed.
+    #[error("reading the first bytes: {0}")]
+    Detect(#[source] std::io::Error),
+    /// The HTTP connection failed (I/O error, protocol error, header read
+    /// timeout, ...) after `stats`.
+    #[error("{protocol:?} connection: {source}")]
+    Connection {
+        protocol: Protocol,
+        #[source]
+        source: hyper::Error,
+        stats: L7Stats,
+    },
+}
+
+/// A connection whose first bytes are not HTTP: the bytes read from it and the
+/// downstream stream, for an L4 fallback.
+pub struct NotHttp {
+    /// Why the bytes are not HTTP.
+    pub reason: NotHttpReason,
+    peeked: Vec<u8>,
+    // `Mutex` only to make the error `Sync` (for `anyhow`); it is only ever
+    // taken apart by value.
+    downstream: std::sync::Mutex<Box<dyn Any + Send>>,
+}
+
+impl NotHttp {
+    /// The bytes read from the downstream stream (possibly empty on timeout).
+    pub fn peeked(&self) -> &[u8] {
+        &self.peeked
+    }
+
+    /// The bytes read and the downstream stream; `D` must be the type given
+    /// to [`serve`] (otherwise `self` is returned unchanged).
+    pub fn into_parts<D: 'static>(self) -> Result<(Vec<u8>, D), Self> {
+        let downstream = self
+            .downstream
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match downstream.downcast::<D>() {
+            Ok(stream) => Ok((self.peeked, *stream)),
+            Err(downstream) => Err(Self {
+                reason: self.reason,
+                peeked: self.peeked,
+                downstream: std::sync::Mutex::new(downstream),
+            }),
+        }
+    }
+
+    /// The downstream stream with the bytes read put back in front.
+    pub fn into_prefixed<D: 'static>(self) -> Result<PrefixedIo<D>, Self> {
+        self.into_parts()
+            .map(|(peeked, stream)| PrefixedIo::new(peeked, stream))
+    }
+}
+
+impl std::fmt::Debug for NotHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotHttp")
+            .field("reason", &self.reason)
+            .field("peeked", &self.peeked.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for NotHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "not HTTP: {} ({} bytes read)",
+            self.reason,
+            self.peeked.len()
+        )
+    }
+}
+
+/// Relays HTTP between `downstream` and an upstream made by `connect`,
+/// authorizing every request with `authorizer` (see the module docs).
+///
+/// Returns when the downstream connection is finished, with what happened on
+/// it; [`L7Error::NotHttp`] gives the stream back for an L4 fallback.
+pub async fn serve<D, C, Fut, U>(
+    downstream: D,
+    connect: C,
+    authorizer: Arc<dyn Authorizer>,
+    normalize: PathNormalizer,
+    options: L7Options,
+) -> Result<L7Stats, L7Error>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<U>> + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, io) = match detect::sniff(downstream, options.detect_timeout)
+        .await
+        .map_err(L7Error::Detect)?
+    {
+        detect::Sniffed::Http(protocol, io) => (protocol, io),
+        detect::Sniffed::Closed => return Ok(L7Stats::default()),
+        detect::Sniffed::NotHttp(reason, peeked, downstream) => {
+            tracing::debug!(%reason, bytes = peeked.len(), "downstream is not HTTP");
+            return Err(L7Error::NotHttp(NotHttp {
+                reason,
+                peeked,
+                downstream: std::sync::Mutex::new(Box::new(downstream)),
+            }));
+        }
+    };
+    tracing::debug!(?protocol, "serving HTTP");
+
+    // When the upstream connection ends (it cannot be replaced: `connect`
+    // runs once), the downstream connection is shut down gracefully: in-flight
+    // requests finish, then HTTP/1 closes and HTTP/2 sends GOAWAY, so clients
+    // reconnect instead of getting `502` on an idle keep-alive connection.
+    let upstream_closed = Arc::new(tokio::sync::Notify::new());
+    let relay = Arc::new(service::Relay::new(
+        protocol,
+        service::connector(protocol, connect, Arc::clone(&upstream_closed)),
+        authorizer,
+        normalize,
+    ));
+    let svc = {
+        let relay = Arc::clone(&relay);
+        hyper::service::service_fn(move |request| Arc::clone(&relay).handle(request))
+    };
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http1 => {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(options.header_read_timeout)
+                .max_header_size(options.max_header_bytes)
+                .auto_date_header(false)
+                .keep_alive(true)
+                .serve_connection(io, svc);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = upstream_closed.notified() => {
+                    tracing::debug!("upstream closed: closing downstream HTTP/1 connection");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+        Protocol::Http2 => {
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
+                .auto_date_header(false)
+                .serve_connection(io, svc);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = upstream_closed.notified() => {
+                    tracing::debug!("upstream closed: shutting down downstream HTTP/2 connection");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    let stats = relay.stats();
+    match result {
+        Ok(()) => Ok(stats),
+        Err(source) => Err(L7Error::Connection {
+            protocol,
+            source,
+            stats,
+        }),
+    }
+}

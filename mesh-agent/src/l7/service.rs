@@ -1,0 +1,382 @@
+//! The per-request service: authority and path checks, authorization, and the
+//! lazily connected upstream the allowed requests are relayed to.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http_body_util::{Either, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::http::header::{self, HeaderMap, HeaderValue};
+use hyper::http::uri::{PathAndQuery, Uri};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::{Authorizer, L7Stats, PathNormalizer, Protocol, RequestInfo, Verdict};
+
+/// Body of the responses sent downstream: the upstream's, or a local one.
+pub(super) type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Body of the 403 answer (what Envoy/Istio send).
+pub(super) const DENIED_BODY: &str = "RBAC: access denied";
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Upstream, String>> + Send>>;
+
+/// Makes the upstream connection (once).
+pub(super) type Connector = Box<dyn FnOnce() -> ConnectFuture + Send>;
+
+/// A handle to send requests on the upstream connection.
+#[derive(Clone)]
+pub(super) enum Upstream {
+    /// One request at a time (the downstream side is HTTP/1 too, so requests
+    /// arrive one at a time anyway).
+    Http1(Arc<tokio::sync::Mutex<client1::SendRequest<Incoming>>>),
+    Http2(client2::SendRequest<Incoming>),
+}
+
+/// Wraps the caller's `connect` into a [`Connector`] that also runs the
+/// client handshake for `protocol` and spawns the connection driver.
+/// `upstream_closed` is notified when the upstream connection ends.
+pub(super) fn connector<C, Fut, U>(
+    protocol: Protocol,
+    connect: C,
+    upstream_closed: Arc<Notify>,
+) -> Connector
+where
+    C: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<U>> + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::new(move || {
+        Box::pin(async move {
+            let io = connect()
+                .await
+                .map_err(|e| format!("connecting upstream: {e}"))?;
+            let io = TokioIo::new(io);
+            match protocol {
+                Protocol::Http1 => {
+                    let (sender, connection) = client1::handshake(io)
+                        .await
+                        .map_err(|e| format!("upstream HTTP/1.1 handshake: {e}"))?;
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "upstream HTTP/1.1 connection failed");
+                        }
+                        upstream_closed.notify_one();
+                    });
+                    Ok(Upstream::Http1(Arc::new(tokio::sync::Mutex::new(sender))))
+                }
+                Protocol::Http2 => {
+                    let (sender, connection) = client2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .handshake(io)
+                        .await
+                        .map_err(|e| format!("upstream HTTP/2 handshake: {e}"))?;
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "upstream HTTP/2 connection failed");
+                        }
+                        upstream_closed.notify_one();
+                    });
+                    Ok(Upstream::Http2(sender))
+                }
+            }
+        }) as ConnectFuture
+    })
+}
+
+/// The upstream connection's life: made on the first forwarded request.
+enum Slot {
+    Idle(Connector),
+    /// The connect runs in a task of its own, so a request cancelled while
+    /// waiting for it (an h2 stream reset) does not lose the connection.
+    Connecting(JoinHandle<Result<Upstream, String>>),
+    Ready(Upstream),
+    Failed(String),
+    /// Transient, while moving from `Idle` to `Connecting`.
+    Empty,
+}
+
+/// State shared by all requests of one downstream connection.
+pub(super) struct Relay {
+    protocol: Protocol,
+    upstream: tokio::sync::Mutex<Slot>,
+    authorizer: Arc<dyn Authorizer>,
+    normalize: PathNormalizer,
+    requests: AtomicU64,
+    denied: AtomicU64,
+    bad_requests: AtomicU64,
+}
+
+impl Relay {
+    pub(super) fn new(
+        protocol: Protocol,
+        connector: Connector,
+        authorizer: Arc<dyn Authorizer>,
+        normalize: PathNormalizer,
+    ) -> Self {
+        Self {
+            protocol,
+            upstream: tokio::sync::Mutex::new(Slot::Idle(connector)),
+            authorizer,
+            normalize,
+            requests: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            bad_requests: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn stats(&self) -> L7Stats {
+        L7Stats {
+            requests: self.requests.load(Ordering::Relaxed),
+            denied: self.denied.load(Ordering::Relaxed),
+            bad_requests: self.bad_requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Handles one request (the hyper service).
+    pub(super) async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(match self.check(request) {
+            Ok(request) => self.forward(request).await,
+            Err(refusal) => refusal.into_response(),
+        })
+    }
+
+    /// Everything decided locally: `Ok` with the request to forward (path
+    /// rewritten), or `Err` with the answer.
+    fn check(&self, mut request: Request<Incoming>) -> Result<Request<Incoming>, Refusal> {
+        let h1 = self.protocol == Protocol::Http1;
+        if request.method() == Method::CONNECT {
+            tracing::debug!("CONNECT refused");
+            return Err(Refusal(StatusCode::NOT_IMPLEMENTED, "Not Implemented", h1));
+        }
+        let host = match request_host(request.uri(), request.headers()) {
+            Ok(host) => host,
+            Err(reason) => {
+                tracing::debug!(reason, "bad request authority");
+                self.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal(StatusCode::BAD_REQUEST, "Bad Request", h1));
+            }
+        };
+        let path = match (self.normalize)(request.uri().path()) {
+            Ok(path) => path,
+            Err(reason) => {
+                tracing::debug!(reason, raw = request.uri().path(), "path rejected");
+                self.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal(StatusCode::BAD_REQUEST, "Bad Request", h1));
+            }
+        };
+        let verdict = self.authorizer.authorize(&RequestInfo {
+            method: request.method().as_str(),
+            host: &host,
+            path: &path,
+            headers: request.headers(),
+        });
+        if let Verdict::Deny { reason } = verdict {
+            tracing::debug!(
+                method = %request.method(),
+                host,
+                path,
+                reason,
+                "request denied"
+            );
+            self.denied.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal(StatusCode::FORBIDDEN, DENIED_BODY, false));
+        }
+        if h1 && !strip_h2c_upgrade(request.headers_mut()) {
+            tracing::debug!("upgrade refused");
+            return Err(Refusal(
+                StatusCode::NOT_IMPLEMENTED,
+                "Not Implemented",
+                false,
+            ));
+        }
+        match rewrite_path(request.uri(), &path) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(reason) => {
+                tracing::debug!(reason, path, "normalised path unusable");
+                self.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal(StatusCode::BAD_REQUEST, "Bad Request", h1));
+            }
+        }
+        Ok(request)
+    }
+
+    /// Relays an allowed request upstream and hands back the response.
+    async fn forward(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let h1 = self.protocol == Protocol::Http1;
+        let upstream = match self.upstream().await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::debug!(error, "no upstream");
+                return local_response(StatusCode::BAD_GATEWAY, "Bad Gateway", h1);
+            }
+        };
+        let result = match upstream {
+            Upstream::Http1(sender) => {
+                let mut sender = sender.lock().await;
+                match sender.ready().await {
+                    Ok(()) => sender.send_request(request).await,
+                    Err(error) => Err(error),
+                }
+            }
+            Upstream::Http2(mut sender) => match sender.ready().await {
+                Ok(()) => sender.send_request(request).await,
+                Err(error) => Err(error),
+            },
+        };
+        match result {
+            Ok(response) => response.map(Either::Left),
+            Err(error) => {
+                tracing::debug!(%error, "upstream request failed");
+                // An HTTP/1.1 upstream that failed cannot be replaced (the
+                // connect runs once): close, the client will reconnect.
+                local_response(StatusCode::BAD_GATEWAY, "Bad Gateway", h1)
+            }
+        }
+    }
+
+    /// The upstream, connecting it on first use.
+    async fn upstream(&self) -> Result<Upstream, String> {
+        let mut slot = self.upstream.lock().await;
+        loop {
+            match &mut *slot {
+                Slot::Ready(upstream) => return Ok(upstream.clone()),
+                Slot::Failed(error) => return Err(error.clone()),
+                Slot::Connecting(task) => {
+                    // Cancellation-safe: if this request goes away, the task
+                    // stays in the slot for the next one.
+                    let outcome = task.await;
+                    *slot = match outcome {
+                        Ok(Ok(upstream)) => Slot::Ready(upstream),
+                        Ok(Err(error)) => Slot::Failed(error),
+                        Err(error) => Slot::Failed(format!("upstream connect task: {error}")),
+                    };
+                }
+                Slot::Idle(_) => {
+                    let Slot::Idle(connector) = std::mem::replace(&mut *slot, Slot::Empty) else {
+                        unreachable!("matched Idle")
+                    };
+                    *slot = Slot::Connecting(tokio::spawn(connector()));
+                }
+                Slot::Empty => return Err("upstream connect lost".to_owned()),
+            }
+        }
+    }
+}
+
+/// A local answer to a request that is not forwarded.
+struct Refusal(StatusCode, &'static str, bool);
+
+impl Refusal {
+    fn into_response(self) -> Response<ResponseBody> {
+        let Self(status, body, close) = self;
+        local_response(status, body, close)
+    }
+}
+
+/// A local answer: `text/plain` `body`; `close` asks an HTTP/1 client to
+/// close the connection (never set on HTTP/2, where it is illegal).
+fn local_response(status: StatusCode, body: &'static str, close: bool) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// The request's authority: the URI's (HTTP/2 `:authority`, HTTP/1
+/// absolute-form) or else the `Host` header; empty if neither. Several `Host`
+/// fields, a non-visible-ASCII one, or one disagreeing with the URI authority
+/// are errors, so the authorizer and the application cannot see different
+/// hosts.
+fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<String, &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("several Host headers");
+    }
+    let host = match host {
+        Some(value) => Some(value.to_str().map_err(|_| "Host header not ASCII")?),
+        None => None,
+    };
+    match (uri.authority(), host) {
+        (Some(authority), Some(host)) if !authority.as_str().eq_ignore_ascii_case(host) => {
+            Err("Host header disagrees with the request authority")
+        }
+        (Some(authority), _) => Ok(authority.as_str().to_owned()),
+        (None, Some(host)) => Ok(host.to_owned()),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// `uri` with its path replaced by `path`, the query kept.
+fn rewrite_path(uri: &Uri, path: &str) -> Result<Uri, String> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let path_and_query = PathAndQuery::try_from(path_and_query).map_err(|e| e.to_string())?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+/// Handles an HTTP/1.1 `Upgrade` offer. No offer, or only `h2c` (which the
+/// server may ignore): removes the offer and returns true. Any other
+/// protocol (WebSocket, ...): returns false, the request is refused.
+fn strip_h2c_upgrade(headers: &mut HeaderMap) -> bool {
+    if !headers.contains_key(header::UPGRADE) {
+        return true;
+    }
+    let only_h2c = headers.get_all(header::UPGRADE).iter().all(|value| {
+        value.to_str().is_ok_and(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|token| !token.is_empty())
+                .all(|token| token.eq_ignore_ascii_case("h2c"))
+        })
+    });
+    if !only_h2c {
+        return false;
+    }
+    headers.remove(header::UPGRADE);
+    headers.remove("http2-settings");
+    // Drop the `upgrade` and `http2-settings` connection options.
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.is_empty()
+                && !token.eq_ignore_ascii_case("upgrade")
+                && !token.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::CONNECTION);
+    if !kept.is_empty()
+        && let Ok(value) = HeaderValue::try_from(kept.join(", "))
+    {
+        headers.insert(header::CONNECTION, value);
+    }
+    true
+}
