@@ -102,6 +102,9 @@ impl fmt::Display for PolicyRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow {
+        /// The ALLOW policy rule that matched; `None` when no ALLOW policy
+        /// applies to the workload (then everything not denied is allowed).
+        by: Option<PolicyRef>,
         /// An AUDIT policy matched.
         audit: bool,
         /// Dry-run policies that would have denied the request.
@@ -170,11 +173,25 @@ impl WorkloadPolicy {
                 };
             }
         }
-        if i.allow.is_empty() || i.allow.iter().any(|p| first_match(p, req).is_some()) {
+        if i.allow.is_empty() {
             return Decision::Allow {
+                by: None,
                 audit,
                 dry_run_denies,
             };
+        }
+        for p in &i.allow {
+            if let Some(rule) = first_match(p, req) {
+                let by = Some(PolicyRef::Rule {
+                    policy: p.id.clone(),
+                    rule,
+                });
+                return Decision::Allow {
+                    by,
+                    audit,
+                    dry_run_denies,
+                };
+            }
         }
         Decision::Deny {
             by: PolicyRef::NoAllowMatched,

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc};
 use crate::{
     identity::SpiffeId,
     l7::{Authorizer, RequestInfo, Verdict},
-    policy::{self, Decision, HttpAttributes, WorkloadPolicy},
+    policy::{self, Decision, HttpAttributes},
 };
 
 use super::ProxyContext;
@@ -17,7 +17,9 @@ pub struct ConnectionAuthorizer {
     pub proxy: Arc<ProxyContext>,
     /// `namespace/name` of the destination pod, for logs.
     pub pod: String,
-    pub policy: WorkloadPolicy,
+    /// Whose policies apply; looked up for every request, so a request on a
+    /// long-lived connection is decided by the set in force when it arrives.
+    pub workload: policy::Workload,
     pub source: Option<SpiffeId>,
     pub source_ip: std::net::IpAddr,
     pub remote_ip: std::net::IpAddr,
@@ -39,26 +41,31 @@ impl Authorizer for ConnectionAuthorizer {
             headers.push((name.as_str().to_string(), joined));
         }
         let principal = self.source.as_ref().map(|id| id.to_string());
-        let decision = self.policy.decide(&policy::Request {
-            source_principal: principal.as_deref(),
-            source_namespace: self.source.as_ref().map(|id| id.namespace()),
-            source_ip: self.source_ip,
-            remote_ip: self.remote_ip,
-            destination_ip: self.destination.ip(),
-            destination_port: self.destination.port(),
-            sni: None,
-            http: Some(HttpAttributes {
-                method: request.method,
-                host: request.host,
-                path: request.path,
-                headers: &headers,
-            }),
-        });
-        let (dry_run_denies, denied_by) = match decision {
-            Decision::Allow { dry_run_denies, .. } => (dry_run_denies, None),
+        let decision = self
+            .proxy
+            .workload_policy(&self.workload)
+            .decide(&policy::Request {
+                source_principal: principal.as_deref(),
+                source_namespace: self.source.as_ref().map(|id| id.namespace()),
+                source_ip: self.source_ip,
+                remote_ip: self.remote_ip,
+                destination_ip: self.destination.ip(),
+                destination_port: self.destination.port(),
+                sni: None,
+                http: Some(HttpAttributes {
+                    method: request.method,
+                    host: request.host,
+                    path: request.path,
+                    headers: &headers,
+                }),
+            });
+        let (dry_run_denies, allowed_by, denied_by) = match decision {
+            Decision::Allow {
+                by, dry_run_denies, ..
+            } => (dry_run_denies, by, None),
             Decision::Deny {
                 by, dry_run_denies, ..
-            } => (dry_run_denies, Some(by)),
+            } => (dry_run_denies, None, Some(by)),
         };
         for would in &dry_run_denies {
             tracing::info!(pod = %self.pod, source = principal.as_deref().unwrap_or("-"), method = request.method, path = request.path, policy = %would, "dry-run: this request would be denied");
@@ -67,7 +74,10 @@ impl Authorizer for ConnectionAuthorizer {
         }
         match denied_by {
             None => {
-                self.proxy.count_decision("-", "allow");
+                self.proxy.count_decision(
+                    &allowed_by.map_or_else(|| "-".to_string(), |by| by.to_string()),
+                    "allow",
+                );
                 Verdict::Allow
             }
             Some(by) => {

@@ -120,12 +120,17 @@ impl ProxyContext {
             .or_default() += 1;
     }
 
-    /// The destination's policy when it has HTTP rules: then every request is
-    /// decided on its own (L7) instead of the connection (L4).
-    fn http_policy(&self, target: &PodHandle) -> Option<WorkloadPolicy> {
+    /// The policies in force for `workload` right now (cached per workload in
+    /// the compiled set; a reload swaps the whole set).
+    pub(crate) fn workload_policy(&self, workload: &policy::Workload) -> WorkloadPolicy {
         let policies = self.policies.read().expect("policies lock").clone();
-        let policy = policies.for_workload(&target.workload);
-        policy.has_http_rules().then_some(policy)
+        policies.for_workload(workload)
+    }
+
+    /// Whether the destination's policies have HTTP rules: then every request
+    /// is decided on its own (L7) instead of the connection (L4).
+    fn needs_http(&self, target: &PodHandle) -> bool {
+        self.workload_policy(&target.workload).has_http_rules()
     }
 
     /// Serves `downstream` as HTTP into `target`, deciding each request (403
@@ -137,7 +142,6 @@ impl ProxyContext {
         self: &Arc<Self>,
         downstream: D,
         target: Arc<PodHandle>,
-        policy: WorkloadPolicy,
         source: Option<SpiffeId>,
         source_ip: IpAddr,
         remote_ip: IpAddr,
@@ -149,7 +153,7 @@ impl ProxyContext {
         let authorizer = Arc::new(authz::ConnectionAuthorizer {
             proxy: self.clone(),
             pod: target.key.clone(),
-            policy,
+            workload: target.workload.clone(),
             source: source.clone(),
             source_ip,
             remote_ip,
@@ -232,13 +236,14 @@ impl ProxyContext {
     /// Authorizes a connection or request into `target`. Err carries the
     /// deciding policy and rule.
     fn authorize(&self, target: &PodHandle, request: &policy::Request<'_>) -> Result<(), String> {
-        let policies = self.policies.read().expect("policies lock").clone();
-        let decision = policies.for_workload(&target.workload).decide(request);
-        let (dry_run_denies, denied_by) = match decision {
-            Decision::Allow { dry_run_denies, .. } => (dry_run_denies, None),
+        let decision = self.workload_policy(&target.workload).decide(request);
+        let (dry_run_denies, allowed_by, denied_by) = match decision {
+            Decision::Allow {
+                by, dry_run_denies, ..
+            } => (dry_run_denies, by, None),
             Decision::Deny {
                 by, dry_run_denies, ..
-            } => (dry_run_denies, Some(by)),
+            } => (dry_run_denies, None, Some(by)),
         };
         for would in &dry_run_denies {
             tracing::info!(pod = %target.key, source = request.source_principal.unwrap_or("-"), src = %request.source_ip, dst_port = request.destination_port, policy = %would, "dry-run: this connection would be denied");
@@ -246,7 +251,10 @@ impl ProxyContext {
         }
         match denied_by {
             None => {
-                self.count_decision("-", "allow");
+                self.count_decision(
+                    &allowed_by.map_or_else(|| "-".to_string(), |by| by.to_string()),
+                    "allow",
+                );
                 Ok(())
             }
             Some(by) => {
@@ -331,12 +339,10 @@ impl ProxyContext {
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
             let source_ip = pod.addr_like(dst.ip());
-            if let Some(policy) = self.http_policy(&target) {
+            if self.needs_http(&target) {
                 let source = Some(pod.identity.clone());
                 let (outcome, failed) = self
-                    .serve_http(
-                        downstream, target, policy, source, source_ip, source_ip, dst,
-                    )
+                    .serve_http(downstream, target, source, source_ip, source_ip, dst)
                     .await;
                 record.outcome = outcome;
                 record.duration_ms = started.elapsed().as_millis() as u64;
@@ -380,12 +386,11 @@ impl ProxyContext {
         record.original_dst = original_dst;
         record.upstream = format!("pod:{}", pod.key);
         // Plaintext from outside the mesh: no principal, no namespace.
-        if let Some(policy) = self.http_policy(&pod) {
+        if self.needs_http(&pod) {
             let (outcome, failed) = self
                 .serve_http(
                     downstream,
                     pod.clone(),
-                    policy,
                     None,
                     client.ip(),
                     client.ip(),
@@ -482,7 +487,7 @@ impl ProxyContext {
             .forwarded_for
             .map(|ip| SocketAddr::new(ip, 0))
             .unwrap_or(request.peer_addr);
-        if let Some(policy) = self.http_policy(&target) {
+        if self.needs_http(&target) {
             // The stream's bytes go to the HTTP authorizer through a pipe.
             let (stream_end, http_end) = tokio::io::duplex(256 * 1024);
             let proxy = self.clone();
@@ -498,7 +503,6 @@ impl ProxyContext {
                     .serve_http(
                         http_end,
                         target,
-                        policy,
                         Some(peer_identity),
                         peer_ip,
                         client.ip(),

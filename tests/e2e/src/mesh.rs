@@ -146,8 +146,15 @@ pub fn workloads_yaml(pods: &[&Pod], rename_sa: Option<(&str, &str)>) -> String 
     yaml
 }
 
-/// Starts an agent on every node: each enrols its own pods, knows every other
-/// node's pods as mesh workloads, and mints from its `NodeIssuer`.
+/// Pods named `outsider...` stay out of the mesh: not enrolled, not known as
+/// workloads (clients "from outside the mesh" in tests).
+pub fn in_mesh(pod: &Pod) -> bool {
+    !pod.name().starts_with("outsider")
+}
+
+/// Starts an agent on every node: each enrols its own pods (but outsiders),
+/// knows every other node's mesh pods as workloads, and mints from its
+/// `NodeIssuer`.
 pub fn start_mesh<'t>(
     topo: &'t Topology,
     issuers: &[NodeIssuer],
@@ -165,12 +172,13 @@ pub fn start_mesh_with<'t>(
 ) -> Result<Vec<NodeAgent<'t>>> {
     let mut agents = Vec::new();
     for (node, issuer) in topo.nodes().iter().zip(issuers) {
-        let local: Vec<&Pod> = node.pods().iter().collect();
+        let local: Vec<&Pod> = node.pods().iter().filter(|p| in_mesh(p)).collect();
         let remote: Vec<&Pod> = topo
             .nodes()
             .iter()
             .filter(|n| n.name() != node.name())
             .flat_map(|n| n.pods().iter())
+            .filter(|p| in_mesh(p))
             .collect();
         agents.push(NodeAgent::start_with(
             topo,

@@ -139,34 +139,79 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         "{metrics}"
     );
 
-    // A bad policy file (CUSTOM is not supported) is rejected with its file,
-    // line and field; the previous policies stay in force.
-    let generation = agents[1].status().unwrap().config_generation;
-    agents[1]
-        .write_file(
-            "policies/z-bad.yaml",
-            &C_ALLOWS_ONLY_A_ON_7100
-                .replace("c-allow-a", "bad")
-                .replace("ALLOW", "CUSTOM"),
+    // Allows are attributed to the rule that allowed them.
+    assert!(
+        n2.authorization
+            .iter()
+            .any(|d| d.policy == "default/c-allow-a rule[0]" && d.decision == "allow"),
+        "{:?}",
+        n2.authorization
+    );
+
+    // Bad policy files, each rejected with the file and what is wrong; the
+    // last good policies stay in force every time.
+    let good = C_ALLOWS_ONLY_A_ON_7100;
+    let bad_files = [
+        (
+            "broken YAML",
+            "apiVersion: security.istio.io/v1\nkind: [AuthorizationPolicy\n",
+            "did not find expected",
+        ),
+        (
+            "unknown field",
+            &good.replace("action: ALLOW", "acton: ALLOW") as &str,
+            "acton",
+        ),
+        (
+            "CUSTOM action",
+            &good.replace("action: ALLOW", "action: CUSTOM"),
+            "CUSTOM",
+        ),
+        (
+            "bad CIDR",
+            &good.replace(
+                "principals: [\"cluster.local/ns/default/sa/a\"]",
+                "ipBlocks: [\"10.1.0.0/40\"]",
+            ),
+            "10.1.0.0/40",
+        ),
+        (
+            "wrong kind",
+            &good.replace("kind: AuthorizationPolicy", "kind: PeerAuthentication"),
+            "PeerAuthentication",
+        ),
+    ];
+    for (what, content, expected) in bad_files {
+        let generation = agents[1].status().unwrap().config_generation;
+        let content = content.replace("c-allow-a", "bad-one");
+        agents[1]
+            .write_file("policies/z-bad.yaml", &content)
+            .unwrap();
+        let mut error = String::new();
+        wait_until(
+            &format!("the {what} file to be rejected"),
+            Duration::from_secs(5),
+            || {
+                error = agents[1].status()?.last_reload_error.unwrap_or_default();
+                Ok(error.contains(expected))
+            },
         )
-        .unwrap();
-    let mut error = String::new();
-    wait_until(
-        "the bad file to be rejected",
-        Duration::from_secs(5),
-        || {
-            error = agents[1].status()?.last_reload_error.unwrap_or_default();
-            Ok(!error.is_empty())
-        },
-    )
+        .unwrap_or_else(|e| panic!("{e:#}: last error {error:?}"));
+        assert!(error.contains("policies/z-bad.yaml"), "{what}: {error}");
+        assert_eq!(
+            agents[1].status().unwrap().config_generation,
+            generation,
+            "{what} must not apply"
+        );
+        assert!(
+            allowed(a, c_ip, PORT) && !allowed(b, c_ip, PORT),
+            "{what}: the last good policies still apply"
+        );
+    }
+    // Removing the bad file: the directory is valid again.
+    std::fs::remove_file(agents[1].config_dir().join("policies/z-bad.yaml")).unwrap();
+    wait_until("the error to clear", Duration::from_secs(5), || {
+        Ok(agents[1].status()?.last_reload_error.is_none())
+    })
     .unwrap();
-    assert!(
-        error.contains("policies/z-bad.yaml") && error.contains("CUSTOM"),
-        "{error}"
-    );
-    assert_eq!(agents[1].status().unwrap().config_generation, generation);
-    assert!(
-        allowed(a, c_ip, PORT) && !allowed(b, c_ip, PORT),
-        "the last good policies still apply"
-    );
 }

@@ -42,12 +42,13 @@ spec:
 const B_POLICIES: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: b-no-delete, namespace: default}
+metadata: {name: b-no-delete-from-default, namespace: default}
 spec:
   selector: {matchLabels: {app: b}}
   action: DENY
   rules:
-  - to: [{operation: {methods: ["DELETE"]}}]
+  - from: [{source: {namespaces: ["default"]}}]
+    to: [{operation: {methods: ["DELETE"]}}]
 "#;
 
 /// A Python HTTP/1.1 server answering `ok <method> <path>` to everything.
@@ -279,7 +280,16 @@ fn every_http_request_is_authorized_on_its_own() {
     // Same node: b's policy applies to a's requests, with a's identity from the capture.
     let b1 = format!("http://{}:{HTTP1}", b.ipv4());
     assert_eq!(statuses(a, &b1, &["/anything"], &[]), ["200"]);
-    assert_eq!(statuses(a, &b1, &["/anything"], &["-X", "DELETE"]), ["403"]);
+    assert_eq!(
+        statuses(a, &b1, &["/anything"], &["-X", "DELETE"]),
+        ["403"],
+        "a is in namespace default"
+    );
+    // Plaintext has no namespace, so the namespace rule does not match it.
+    assert_eq!(
+        statuses(outsider, &b1, &["/anything"], &["-X", "DELETE"]),
+        ["200"]
+    );
 
     // Each deny is counted with the policy and rule that decided it.
     let decisions = agents[1].status().unwrap().authorization;
