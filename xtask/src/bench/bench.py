@@ -25,7 +25,20 @@ def accept_loop(s):
 def handle(c):
     with c:
         mode = c.recv(1)
-        if mode == b"C":          # set-up probe: one byte back, then close
+        if mode == b"G":          # HTTP/1.1 keep-alive: one full response per request, one write
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = b"G"
+            body = b"x" * 1024
+            response = b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\n\r\n" + body
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    k = c.recv(65536)
+                    if not k:
+                        return
+                    buf += k
+                _, buf = buf.split(b"\r\n\r\n", 1)
+                c.sendall(response)
+        elif mode == b"C":          # set-up probe: one byte back, then close
             c.sendall(b"C")
         elif mode == b"R":        # request/response: echo 64-byte messages
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -102,6 +115,31 @@ def rr(host, port, count):
     pick = lambda q: samples[min(len(samples) - 1, int(len(samples) * q))] * 1e6
     print("p50_us %.1f p99_us %.1f" % (pick(0.5), pick(0.99)))
 
+def http_rr(host, port, count, path):
+    """HTTP/1.1 GETs on one keep-alive connection (1 kB responses): latency."""
+    c = socket.create_connection((host, port), timeout=10)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = ("GET %s HTTP/1.1\r\nhost: bench\r\n\r\n" % path).encode()
+    samples = []
+    buf = b""
+    for _ in range(count):
+        t0 = time.perf_counter()
+        c.sendall(request)
+        while b"\r\n\r\n" not in buf:
+            buf += c.recv(65536)
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 200"):
+            sys.exit("status: %r" % head[:40])
+        length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+        while len(buf) < length:
+            buf += c.recv(65536)
+        buf = buf[length:]
+        samples.append(time.perf_counter() - t0)
+    c.close()
+    samples.sort()
+    pick = lambda q: samples[min(len(samples) - 1, int(len(samples) * q))] * 1e6
+    print("p50_us %.1f p99_us %.1f" % (pick(0.5), pick(0.99)))
+
 def handshakes(host, port, secs, cert, key):
     """Full mutual-TLS 1.3 handshakes per second against the tunnel port."""
     import ssl
@@ -151,6 +189,8 @@ if __name__ == "__main__":
         bulk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "rr":
         rr(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif cmd == "http_rr":
+        http_rr(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif cmd == "handshakes":
         handshakes(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6])
     elif cmd == "hold_tls":
