@@ -51,9 +51,11 @@ fn policy_error(e: crate::policy::LoadError) -> ConfigError {
         Some(field) => format!("document {} ({}): {field}", e.document, e.policy),
         None => format!("document {} ({})", e.document, e.policy),
     };
-    ConfigError::new(&e.file, e.message.clone())
+    let mut error = ConfigError::new(&e.file, e.message.clone())
         .with_field(field)
-        .with_line(e.line)
+        .with_line(e.line);
+    error.column = e.column;
+    error
 }
 
 /// Every policy file, in name order; hidden entries (Kubernetes' `..data`

@@ -248,3 +248,32 @@ fn workloads_load_and_must_not_reuse_pod_addresses() {
     let err = load_dir(dir.path()).unwrap_err();
     assert!(err.message.contains("needs an ipv4 or ipv6"), "{err}");
 }
+
+#[test]
+fn a_policy_typo_is_reported_with_file_line_column_and_field() {
+    let dir = dir_with(NODE, None);
+    std::fs::create_dir(dir.path().join(POLICIES_DIR)).unwrap();
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: ns\nspec:\n  acton: DENY\n";
+    write(&dir.path().join(POLICIES_DIR), "p.yaml", policy);
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join(POLICIES_DIR).join("p.yaml"));
+    assert_eq!((err.line, err.column), (Some(7), Some(3)), "{err}");
+    assert!(
+        err.field.as_deref().unwrap_or_default().contains("ns/p"),
+        "{err}"
+    );
+    assert!(err.message.contains("unknown field `acton`"), "{err}");
+    // Hidden entries (Kubernetes' ..data machinery) and other extensions are skipped.
+    std::fs::write(
+        dir.path().join(POLICIES_DIR).join("p.yaml"),
+        policy.replace("acton", "action"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(POLICIES_DIR).join(".hidden.yaml"),
+        "not: [valid",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join(POLICIES_DIR).join("notes.txt"), "not yaml").unwrap();
+    assert_eq!(load_dir(dir.path()).unwrap().policy_files.len(), 1);
+}

@@ -36,6 +36,8 @@ pub struct LoadError {
     pub file: PathBuf,
     /// 1-based line, when it could be determined.
     pub line: Option<usize>,
+    /// 1-based column, when the YAML parser gave one.
+    pub column: Option<usize>,
     /// 1-based index of the YAML document in the file.
     pub document: usize,
     /// `namespace/name` as far as known, `?` for unknown parts.
@@ -50,6 +52,9 @@ impl fmt::Display for LoadError {
         write!(f, "{}", self.file.display())?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
         }
         write!(f, ": document {} ({})", self.document, self.policy)?;
         if let Some(field) = &self.field {
@@ -106,6 +111,7 @@ fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Policy)>, LoadError>
         let value = Value::deserialize(de).map_err(|e| LoadError {
             file: path.to_path_buf(),
             line: e.location().map(|l| l.line()),
+            column: e.location().map(|l| l.column()),
             document: index + 1,
             policy: "?".into(),
             field: None,
@@ -223,6 +229,7 @@ impl DocCtx<'_> {
         LoadError {
             file: self.file.to_path_buf(),
             line,
+            column: None,
             document: self.index + 1,
             policy: self.label.clone(),
             field,
@@ -239,7 +246,9 @@ impl DocCtx<'_> {
             }
             _ => (None, text),
         };
-        self.error(e.location().map(|l| l.line()), field, message)
+        let mut error = self.error(e.location().map(|l| l.line()), field, message);
+        error.column = e.location().map(|l| l.column());
+        error
     }
 
     /// A semantic error at `path`, with the line found by probing.

@@ -21,7 +21,7 @@ metadata:
 spec:
   rules: [{to: [
 ",
-        want: "policies/test.yaml:8: document 1 (?): invalid YAML: did not find expected node content",
+        want: "policies/test.yaml:8:1: document 1 (?): invalid YAML: did not find expected node content",
     },
     Reject {
         name: "unknown field (typo notPort)",
@@ -37,7 +37,7 @@ spec:
     - operation:
         notPort: [\"80\"]
 ",
-        want: "policies/test.yaml:11: document 1 (ns1/deny-admin): field spec.rules[0].to[0].operation: unknown field `notPort`, expected one of `hosts`, `notHosts`, `ports`, `notPorts`, `methods`, `notMethods`, `paths`, `notPaths`",
+        want: "policies/test.yaml:11:9: document 1 (ns1/deny-admin): field spec.rules[0].to[0].operation: unknown field `notPort`, expected one of `hosts`, `notHosts`, `ports`, `notPorts`, `methods`, `notMethods`, `paths`, `notPaths`",
     },
     Reject {
         name: "bad port in the second document",
@@ -270,7 +270,7 @@ spec:
   rules:
   - to: [{operation: {ports: [{port: 80}]}}]
 ",
-        want: "policies/test.yaml:6: document 1 (foo/p): field spec.rules[0].to[0].operation.ports[0]: invalid type: map, expected a string",
+        want: "policies/test.yaml:6:31: document 1 (foo/p): field spec.rules[0].to[0].operation.ports[0]: invalid type: map, expected a string",
     },
     Reject {
         name: "unknown metadata field",
@@ -278,7 +278,7 @@ spec:
 kind: AuthorizationPolicy
 metadata: {name: p, namespace: foo, uid: abc}
 ",
-        want: "policies/test.yaml:3: document 1 (foo/p): field metadata: unknown field `uid`, expected one of `name`, `namespace`, `annotations`, `labels`",
+        want: "policies/test.yaml:3:37: document 1 (foo/p): field metadata: unknown field `uid`, expected one of `name`, `namespace`, `annotations`, `labels`",
     },
     Reject {
         name: "selector.matchExpressions (not in Istio's WorkloadSelector)",
@@ -289,7 +289,7 @@ spec:
   selector:
     matchExpressions: []
 ",
-        want: "policies/test.yaml:6: document 1 (foo/p): field spec.selector: unknown field `matchExpressions`, expected `matchLabels`",
+        want: "policies/test.yaml:6:5: document 1 (foo/p): field spec.selector: unknown field `matchExpressions`, expected `matchLabels`",
     },
 ];
 
