@@ -6,6 +6,10 @@
 //! field path; their line is found by re-reading the document with a probe
 //! that stops at that path (serde_yaml stamps the location on the error).
 
+// A load error is built at most once per load, and carries everything an
+// operator needs (file, line, column, document, field): its size is no cost.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
