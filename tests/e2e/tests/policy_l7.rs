@@ -275,6 +275,12 @@ fn every_http_request_is_authorized_on_its_own() {
         ["403"]
     );
 
+    // Another principal (b, proven by mTLS) is not allowed into c either.
+    assert_eq!(
+        statuses(b, &c1, &["/public/x"], &[]),
+        ["403"],
+        "principal b"
+    );
     // Plaintext from outside the mesh has no principal: nothing allowed into c.
     assert_eq!(statuses(outsider, &c1, &["/public/x"], &[]), ["403"]);
     // Same node: b's policy applies to a's requests, with a's identity from the capture.
