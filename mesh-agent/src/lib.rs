@@ -6,6 +6,7 @@
 //! running agent) -> `admin` (health, readiness, metrics, status).
 
 pub mod admin;
+pub mod balance;
 pub mod capture;
 pub mod cli;
 pub mod config;
