@@ -14,6 +14,7 @@ use crate::{
     logging,
     mtls::Mtls,
     proxy::ProxyContext,
+    services::ServiceTable,
     state::AgentState,
 };
 
@@ -56,6 +57,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         .map_err(|e| anyhow!("invalid policy: {e}"))?;
     tracing::info!(policies = policies.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
     proxy.set_policies(policies.compile(&node.root_namespace));
+    proxy.set_services(ServiceTable::build(&config.services, &node.name)?);
     let mut enroller = Enroller::new(programs, proxy.clone());
     enroller.reconcile(&config.pods);
     let released = enroller.programs.release_inherited();
@@ -148,6 +150,10 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
                             .set_policies(policies.compile(&current.node.root_namespace));
                     }
                     Err(err) => tracing::error!(error = %err, "policies not applied"),
+                }
+                match ServiceTable::build(&new.services, &current.node.name) {
+                    Ok(services) => state.proxy.set_services(services),
+                    Err(err) => tracing::error!(error = format!("{err:#}"), "services not applied"),
                 }
                 if let Err(err) = state.proxy.mtls.set_remote_workloads(&new.workloads) {
                     tracing::error!(error = format!("{err:#}"), "workloads not applied");

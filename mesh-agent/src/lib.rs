@@ -18,6 +18,7 @@ pub mod logging;
 pub mod mtls;
 pub mod policy;
 pub mod proxy;
+pub mod services;
 pub mod state;
 pub mod status;
 pub mod tunnel;

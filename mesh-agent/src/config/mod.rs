@@ -7,6 +7,7 @@ mod error;
 pub mod mesh;
 mod node;
 mod pods;
+mod services;
 pub mod watch;
 mod workloads;
 
@@ -18,11 +19,13 @@ use std::{
 pub use error::ConfigError;
 pub use node::{NodeConfig, OnStop, default_admin_address};
 pub use pods::{CaptureExclusions, PodConfig, PodsFile};
+pub use services::{EndpointConfig, LocalityConfig, ServiceConfig, ServicePort, ServicesFile};
 pub use workloads::{RemoteWorkload, WorkloadsFile};
 
 pub const NODE_FILE: &str = "node.yaml";
 pub const PODS_FILE: &str = "pods.yaml";
 pub const WORKLOADS_FILE: &str = "workloads.yaml";
+pub const SERVICES_FILE: &str = "services.yaml";
 /// Istio `AuthorizationPolicy` documents: every `*.yaml` / `*.yml` in here.
 pub const POLICIES_DIR: &str = "policies";
 
@@ -36,6 +39,8 @@ pub struct Config {
     pub workloads: Vec<RemoteWorkload>,
     /// The policy files (path, text), already validated.
     pub policy_files: Vec<(PathBuf, String)>,
+    /// Services with virtual IPs.
+    pub services: Vec<ServiceConfig>,
 }
 
 impl Config {
@@ -134,15 +139,82 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
         Vec::new()
     };
     let policy_files = read_policy_files(&dir.join(POLICIES_DIR))?;
+    let services_path = dir.join(SERVICES_FILE);
+    let services = if services_path.exists() {
+        let text = read(&services_path)?;
+        let file: ServicesFile = if text.trim().is_empty() {
+            ServicesFile::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::from_yaml(&services_path, &e))?
+        };
+        validate_services(&services_path, &text, &file.services)?;
+        file.services
+    } else {
+        Vec::new()
+    };
     let config = Config {
         dir: dir.to_path_buf(),
         node,
         pods,
         workloads,
         policy_files,
+        services,
     };
     config.policies()?;
     Ok(config)
+}
+
+fn validate_services(
+    path: &Path,
+    text: &str,
+    services: &[ServiceConfig],
+) -> Result<(), ConfigError> {
+    let mut vips = HashSet::new();
+    let mut keys = HashSet::new();
+    for (i, svc) in services.iter().enumerate() {
+        let err = |field: &str, value: &str, msg: String| {
+            ConfigError::new(path, msg)
+                .with_field(format!("services[{i}].{field}"))
+                .with_line(error::find_line(text, field, value))
+        };
+        if !keys.insert(svc.key()) {
+            return Err(err(
+                "name",
+                &svc.name,
+                format!("service {} is listed twice", svc.key()),
+            ));
+        }
+        if svc.vips.is_empty() || svc.ports.is_empty() {
+            return Err(err(
+                "name",
+                &svc.name,
+                "needs at least one VIP and one port".into(),
+            ));
+        }
+        for vip in &svc.vips {
+            if !vips.insert(*vip) {
+                return Err(err(
+                    "vips",
+                    &vip.to_string(),
+                    format!("VIP {vip} belongs to two services"),
+                ));
+            }
+        }
+        for (j, port) in svc.ports.iter().enumerate() {
+            if !matches!(port.protocol.as_str(), "tcp" | "http" | "http2" | "grpc") {
+                return Err(ConfigError::new(
+                    path,
+                    format!(
+                        "unknown protocol {:?} (tcp, http, http2, grpc)",
+                        port.protocol
+                    ),
+                )
+                .with_field(format!("services[{i}].ports[{j}].protocol"))
+                .with_line(error::find_line(text, "protocol", &port.protocol)));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), ConfigError> {

@@ -39,6 +39,7 @@ use crate::{
     l7::{self, L7Error, L7Options},
     mtls::{Mtls, RemotePeer},
     policy::{self, CompiledPolicies, Decision, WorkloadPolicy},
+    services::ServiceTable,
     tunnel::{self, ConnectRequest, PoolKey, Rejection, ServeError, TunnelStream, TunnelTarget},
 };
 use connections::{ConnectionLog, ConnectionRecord, Direction};
@@ -80,6 +81,10 @@ pub struct ProxyContext {
     policies: RwLock<Arc<CompiledPolicies>>,
     /// Decisions by (policy or rule, decision), for metrics and status.
     decisions: Mutex<BTreeMap<(String, String), u64>>,
+    /// Services by VIP and port; replaced whole on reload.
+    services: RwLock<Arc<ServiceTable>>,
+    /// Connections to a service that had no endpoint to give.
+    pub no_endpoint: std::sync::atomic::AtomicU64,
 }
 
 enum Upstream {
@@ -99,7 +104,13 @@ impl ProxyContext {
                 policy::PolicySet::default().compile(policy::DEFAULT_ROOT_NAMESPACE),
             )),
             decisions: Mutex::default(),
+            services: RwLock::default(),
+            no_endpoint: Default::default(),
         }
+    }
+
+    pub fn set_services(&self, services: ServiceTable) {
+        *self.services.write().expect("services lock") = Arc::new(services);
     }
 
     pub fn set_policies(&self, policies: CompiledPolicies) {
@@ -332,8 +343,31 @@ impl ProxyContext {
                 return;
             }
         };
-        let dst = captured.original_dst;
+        let mut dst = captured.original_dst;
         record.original_dst = dst;
+        // A service address: one of its endpoints serves this connection.
+        let service = self.services.read().expect("services lock").lookup(dst);
+        let mut chosen = None;
+        if let Some(service) = &service {
+            match service.choose() {
+                Ok(endpoint) => {
+                    dst = endpoint.addr;
+                    chosen = Some(endpoint);
+                }
+                Err(err) => {
+                    // Fail fast and say so: the client gets a reset at once.
+                    self.no_endpoint
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(pod = %pod.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service; reset");
+                    reset(downstream);
+                    record.outcome = format!("no-healthy-endpoint: {}", service.key);
+                    record.duration_ms = started.elapsed().as_millis() as u64;
+                    self.connections.record(record, true);
+                    self.orig_dst.forget(captured.socket_cookie);
+                    return;
+                }
+            }
+        }
         let upstream = if let Some(target) = self.local_pod(dst.ip()) {
             record.upstream = format!("pod:{}", target.key);
             // Same node: the destination's policy applies here, with the source
@@ -369,7 +403,10 @@ impl ProxyContext {
             record.upstream = "direct".to_string();
             self.connect_from(&pod, dst).await.map(Upstream::Tcp)
         };
-        self.finish(record, started, downstream, upstream).await;
+        let failed = self.finish(record, started, downstream, upstream).await;
+        if let (Some(service), Some(endpoint)) = (service, chosen) {
+            service.done(endpoint, failed);
+        }
         self.orig_dst.forget(captured.socket_cookie);
     }
 
@@ -554,7 +591,7 @@ impl ProxyContext {
         started: Instant,
         downstream: TcpStream,
         upstream: Result<Upstream>,
-    ) {
+    ) -> bool {
         let failed = match upstream {
             Ok(upstream) => {
                 let stats = match upstream {
@@ -583,6 +620,7 @@ impl ProxyContext {
         record.duration_ms = started.elapsed().as_millis() as u64;
         tracing::debug!(?record, "connection done");
         self.connections.record(record, failed);
+        failed
     }
 
     /// Connects to `dst` from `pod`'s namespace (the pod's own address).
