@@ -19,7 +19,9 @@ use std::{
 pub use error::ConfigError;
 pub use node::{NodeConfig, OnStop, default_admin_address};
 pub use pods::{CaptureExclusions, PodConfig, PodsFile};
-pub use services::{EndpointConfig, LocalityConfig, ServiceConfig, ServicePort, ServicesFile};
+pub use services::{
+    EndpointConfig, LocalityConfig, ServiceConfig, ServicePort, ServicesFile, SubsetConfig,
+};
 pub use workloads::{RemoteWorkload, WorkloadsFile};
 
 pub const NODE_FILE: &str = "node.yaml";

@@ -25,6 +25,19 @@ pub struct ServiceConfig {
     pub locality: LocalityConfig,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Weighted subsets for canaries, e.g. v1 95 / v2 5: a subset is picked by
+    /// weight, then an endpoint among its members (by labels).
+    #[serde(default)]
+    pub subsets: Vec<SubsetConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubsetConfig {
+    pub name: String,
+    pub weight: u32,
+    /// Endpoints whose labels include all of these belong to the subset.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -109,6 +109,10 @@ impl ProxyContext {
         }
     }
 
+    pub fn services(&self) -> Arc<ServiceTable> {
+        self.services.read().expect("services lock").clone()
+    }
+
     pub fn set_services(&self, services: ServiceTable) {
         *self.services.write().expect("services lock") = Arc::new(services);
     }
