@@ -114,3 +114,134 @@ fn connections_to_a_service_vip_are_spread_over_its_endpoints() {
     )
     .unwrap();
 }
+
+/// `services.yaml` with one service at 10.96.0.20:80 over `endpoints`
+/// (name, pod, version label), optionally split 95/5 by version.
+fn split_service(endpoints: &[(&str, &Pod, &str)], split: bool) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: canary\n    namespace: default\n    vips: [10.96.0.20]\n    ports: [{{port: 80, targetPort: {PORT}}}]\n    locality: none\n    endpoints:\n"
+    );
+    for (name, pod, version) in endpoints {
+        yaml.push_str(&format!(
+            "      - {{name: {name}, address: {}, node: {}, labels: {{version: {version}}}}}\n",
+            pod.ipv4(),
+            pod.node_name()
+        ));
+    }
+    if split {
+        yaml.push_str("    subsets:\n      - {name: stable, weight: 95, labels: {version: v1}}\n      - {name: canary, weight: 5, labels: {version: v2}}\n");
+    }
+    yaml
+}
+
+#[test]
+fn a_95_5_split_is_honoured_and_endpoints_change_without_failures() {
+    if !e2e_enabled("a_95_5_split_is_honoured_and_endpoints_change_without_failures") {
+        return;
+    }
+    let topo = Topology::builder("canary")
+        .node("n1", &["a", "b"])
+        .node("n2", &["c", "d"])
+        .build()
+        .unwrap();
+    let (a, b, c, d) = (topo.pod("a"), topo.pod("b"), topo.pod("c"), topo.pod("d"));
+    let servers: Vec<TrafficServer> = [b, c, d]
+        .iter()
+        .map(|p| TrafficServer::start(p, PORT).unwrap())
+        .collect();
+    let count = |i: usize| servers[i].stats().unwrap().connections;
+    let agent = NodeAgent::start_with(
+        &topo,
+        topo.node("n1"),
+        &pods_yaml(&[a]),
+        "",
+        &[(
+            "services.yaml",
+            split_service(&[("b", b, "v1"), ("c", c, "v1"), ("d", d, "v2")], true),
+        )],
+    )
+    .unwrap();
+
+    // 95/5 over 2,000 connections: the canary (d) gets 5% (100); four standard
+    // deviations (~10 each) either way.
+    let before: Vec<u64> = (0..3).map(count).collect();
+    connections(a, "10.96.0.20", 2000).unwrap();
+    let served: Vec<u64> = (0..3).map(|i| count(i) - before[i] - 1).collect();
+    eprintln!("95/5 over 2000 connections, served by b, c (v1) and d (v2): {served:?}");
+    assert_eq!(served.iter().sum::<u64>(), 2000);
+    assert!(
+        (60..=140).contains(&served[2]),
+        "canary share {} of 2000",
+        served[2]
+    );
+
+    // Endpoints change while a client keeps connecting: d removed, then b
+    // removed and d back. No connection fails; a removed endpoint gets no new
+    // connections.
+    let script = r#"
+import socket, time
+ok = failed = 0
+end = time.time() + 4
+while time.time() < end:
+    try:
+        s = socket.create_connection(("10.96.0.20", 80), timeout=5)
+        s.sendall(b"ECHO\nhi\n")
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            k = s.recv(100)
+            if not k:
+                break
+            got += k
+        s.close()
+        assert got == b"hi\n", got
+        ok += 1
+        if ok == 1:
+            print("started", flush=True)
+    except Exception as e:
+        failed += 1
+        print("FAILED", repr(e), flush=True)
+    time.sleep(0.002)
+print("ok", ok, "failed", failed, flush=True)
+"#;
+    let mut client = a.spawn("python3", &["-c", script]).unwrap();
+    mesh_testbed::wait_until("the client to start", Duration::from_secs(10), || {
+        Ok(client.stdout_so_far().contains("started"))
+    })
+    .unwrap();
+    let generation = agent.status().unwrap().config_generation;
+    agent
+        .write_file(
+            "services.yaml",
+            &split_service(&[("b", b, "v1"), ("c", c, "v1")], false),
+        )
+        .unwrap();
+    agent.wait_generation_after(generation).unwrap();
+    let d_after_removal = count(2);
+    let generation = agent.status().unwrap().config_generation;
+    agent
+        .write_file(
+            "services.yaml",
+            &split_service(&[("c", c, "v1"), ("d", d, "v2")], false),
+        )
+        .unwrap();
+    agent.wait_generation_after(generation).unwrap();
+    let b_after_removal = count(0);
+    let out = client.wait_with_deadline(Duration::from_secs(30)).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    eprintln!("endpoints changing under traffic: {last}");
+    assert!(
+        last.starts_with("ok ") && last.ends_with(" failed 0"),
+        "{stdout}"
+    );
+    // Removed endpoints got no new connections (each stats query adds one).
+    assert!(
+        count(0) <= b_after_removal + 2,
+        "b got connections after its removal"
+    );
+    assert!(
+        count(2) > d_after_removal + 1,
+        "d got connections again after coming back"
+    );
+}
