@@ -566,8 +566,16 @@ struct Stream {
     src: SocketAddr,
     dst: SocketAddr,
     data: Vec<u8>,
-    /// Next expected sequence number, once known.
-    next: Option<u32>,
+    /// Offsets in `data` before which bytes are missing from the capture.
+    gaps: Vec<usize>,
+}
+
+/// Segments of one direction of one connection, as captured.
+struct RawStream<'a> {
+    src: SocketAddr,
+    dst: SocketAddr,
+    /// (sequence number of the first payload byte, payload).
+    segments: Vec<(u32, &'a [u8])>,
 }
 
 impl WireReport {
@@ -577,62 +585,40 @@ impl WireReport {
         !self.truncated && self.dropped == 0
     }
 
-    /// Reassembles the payload of each direction of each connection, in
-    /// order of arrival, dropping bytes already seen (retransmissions, by
-    /// sequence number). A SYN starts a new stream for a reused 4-tuple.
+    /// Reassembles the payload of each direction of each connection by
+    /// sequence number: the packet socket may receive a flow's frames out of
+    /// order (two CPUs), so arrival order is not enough. Bytes seen twice
+    /// (retransmissions) are kept once; bytes never seen are recorded as gaps.
+    /// A SYN starts a new stream for a reused 4-tuple.
     fn streams(&self) -> Vec<Stream> {
-        let mut streams: Vec<Stream> = Vec::new();
+        let mut raw: Vec<RawStream<'_>> = Vec::new();
         let mut current: HashMap<(SocketAddr, SocketAddr), usize> = HashMap::new();
         for seg in &self.segments {
             let key = (seg.src, seg.dst);
             let syn = seg.flags & SYN != 0;
             let idx = match current.get(&key) {
-                Some(&i)
-                    if !(syn && (streams[i].next.is_some() || !streams[i].data.is_empty())) =>
-                {
-                    i
-                }
+                Some(&i) if !(syn && !raw[i].segments.is_empty()) => i,
                 _ => {
-                    streams.push(Stream {
+                    raw.push(RawStream {
                         src: seg.src,
                         dst: seg.dst,
-                        data: Vec::new(),
-                        next: None,
+                        segments: Vec::new(),
                     });
-                    current.insert(key, streams.len() - 1);
-                    streams.len() - 1
+                    current.insert(key, raw.len() - 1);
+                    raw.len() - 1
                 }
             };
-            let stream = &mut streams[idx];
             // SYN takes one sequence number before the data.
             let seq = if syn {
                 seg.seq.wrapping_add(1)
             } else {
                 seg.seq
             };
-            let len = seg.payload.len() as u32;
-            match stream.next {
-                None => {
-                    stream.data.extend_from_slice(&seg.payload);
-                    stream.next = Some(seq.wrapping_add(len));
-                }
-                Some(next) => {
-                    let ahead = seq.wrapping_sub(next) as i32;
-                    if ahead >= 0 {
-                        // In order (or after a gap, which veth does not make).
-                        stream.data.extend_from_slice(&seg.payload);
-                        stream.next = Some(seq.wrapping_add(len));
-                    } else {
-                        let seen = ahead.unsigned_abs() as usize;
-                        if seen < seg.payload.len() {
-                            stream.data.extend_from_slice(&seg.payload[seen..]);
-                            stream.next = Some(seq.wrapping_add(len));
-                        }
-                    }
-                }
+            if syn || !seg.payload.is_empty() {
+                raw[idx].segments.push((seq, &seg.payload));
             }
         }
-        streams
+        raw.into_iter().map(reassemble).collect()
     }
 
     /// Server port of each connection: the destination of a SYN without
@@ -710,15 +696,37 @@ impl WireReport {
             if stream.data.is_empty() || (stream.src.port() != port && stream.dst.port() != port) {
                 continue;
             }
-            if let Err((offset, why)) = check_tls_records(&stream.data) {
-                bail!(
-                    "flow {} -> {} ({} bytes of payload) is not TLS: at offset {offset}: {why}; \
-                     bytes there: {}",
-                    stream.src,
-                    stream.dst,
-                    stream.data.len(),
-                    show_bytes(&stream.data[offset..])
-                );
+            // Each stretch between capture gaps is checked; after a gap, parsing
+            // resumes at the next pair of record headers (bytes are missing
+            // from the capture, not from the wire: the tunnel's own TCP is
+            // reliable).
+            let mut bounds = stream.gaps.clone();
+            bounds.push(stream.data.len());
+            let mut start = 0;
+            for (n, end) in bounds.into_iter().enumerate() {
+                let stretch = &stream.data[start..end];
+                let from = if n == 0 { Some(0) } else { resync_tls(stretch) };
+                let checked = match from {
+                    Some(from) => check_tls_records(&stretch[from..])
+                        .map_err(|(o, why)| (start + from + o, why)),
+                    None if stretch.len() <= 2 * (5 + TLS_MAX_RECORD) => Ok(()),
+                    None => Err((
+                        start,
+                        "no TLS record boundary after a capture gap".to_string(),
+                    )),
+                };
+                if let Err((offset, why)) = checked {
+                    bail!(
+                        "flow {} -> {} ({} bytes of payload, {} capture gaps) is not TLS: at offset {offset}: {why}; \
+                         bytes there: {}",
+                        stream.src,
+                        stream.dst,
+                        stream.data.len(),
+                        stream.gaps.len(),
+                        show_bytes(&stream.data[offset..])
+                    );
+                }
+                start = end;
             }
         }
         Ok(())
@@ -791,6 +799,59 @@ fn find(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Walks TLS records; `Err((offset, reason))` at the first bad one.
+/// Orders a stream's segments by sequence number (relative to the first one
+/// captured, so wrap-around is fine) and merges them.
+fn reassemble(raw: RawStream<'_>) -> Stream {
+    let mut stream = Stream {
+        src: raw.src,
+        dst: raw.dst,
+        data: Vec::new(),
+        gaps: Vec::new(),
+    };
+    let Some(&(base, _)) = raw.segments.first() else {
+        return stream;
+    };
+    let mut segments: Vec<(i64, &[u8])> = raw
+        .segments
+        .iter()
+        .map(|&(seq, p)| (i64::from(seq.wrapping_sub(base) as i32), p))
+        .collect();
+    segments.sort_by_key(|&(rel, _)| rel);
+    let mut cursor = segments[0].0;
+    for (start, payload) in segments {
+        let end = start + payload.len() as i64;
+        if end <= cursor {
+            continue;
+        }
+        if start > cursor {
+            stream.gaps.push(stream.data.len());
+            stream.data.extend_from_slice(payload);
+        } else {
+            stream
+                .data
+                .extend_from_slice(&payload[(cursor - start) as usize..]);
+        }
+        cursor = end;
+    }
+    stream
+}
+
+/// After a gap, the first offset from which at least two TLS record headers
+/// follow each other (or one reaches the end): where record parsing resumes.
+fn resync_tls(data: &[u8]) -> Option<usize> {
+    let header_ok = |at: usize| -> Option<usize> {
+        let h = data.get(at..at + 5)?;
+        let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+        ((20..=23).contains(&h[0]) && h[1] == 3 && (1..=4).contains(&h[2]) && len <= TLS_MAX_RECORD)
+            .then_some(at + 5 + len)
+    };
+    (0..data.len()).find(|&at| match header_ok(at) {
+        Some(next) if next >= data.len() => true,
+        Some(next) => header_ok(next).is_some(),
+        None => false,
+    })
+}
+
 fn check_tls_records(data: &[u8]) -> Result<(), (usize, String)> {
     let mut off = 0;
     while off < data.len() {
@@ -904,6 +965,64 @@ mod tests {
         p.extend_from_slice(&ext);
         p.extend_from_slice(l4);
         p
+    }
+
+    fn report_of(segments: Vec<TcpSegment>) -> WireReport {
+        WireReport {
+            segments,
+            frames: 0,
+            truncated: false,
+            dropped: 0,
+        }
+    }
+
+    /// One TLS application-data record with `n` payload bytes.
+    fn tls_record(n: usize, fill: u8) -> Vec<u8> {
+        let mut r = vec![23, 3, 3, (n >> 8) as u8, n as u8];
+        r.extend(std::iter::repeat_n(fill, n));
+        r
+    }
+
+    #[test]
+    fn out_of_order_frames_are_reassembled_by_sequence_number() {
+        let (a, b) = ("10.1.0.2:40000", "10.2.0.2:15008");
+        let r1 = tls_record(100, 1);
+        let r2 = tls_record(100, 2);
+        // The second segment is captured before the first.
+        let report = report_of(vec![
+            seg(a, b, 1000, SYN, b""),
+            seg(a, b, 1001 + r1.len() as u32, ACK | PSH, &r2),
+            seg(a, b, 1001, ACK | PSH, &r1),
+        ]);
+        report.all_tls_on_port(15008).unwrap();
+        let stream = &report.streams()[0];
+        assert_eq!(stream.data, [r1, r2].concat());
+        assert!(stream.gaps.is_empty());
+    }
+
+    #[test]
+    fn after_a_capture_gap_tls_parsing_resumes_but_plaintext_is_still_caught() {
+        let (a, b) = ("10.1.0.2:40000", "10.2.0.2:15008");
+        let records: Vec<Vec<u8>> = (0..4).map(|i| tls_record(50, i)).collect();
+        let at = |i: usize| 1001 + records[..i].iter().map(Vec::len).sum::<usize>() as u32;
+        // Record 1 was never captured.
+        let report = report_of(vec![
+            seg(a, b, 1000, SYN, b""),
+            seg(a, b, at(0), ACK, &records[0]),
+            seg(a, b, at(2), ACK, &records[2]),
+            seg(a, b, at(3), ACK, &records[3]),
+        ]);
+        assert_eq!(report.streams()[0].gaps.len(), 1);
+        report.all_tls_on_port(15008).unwrap();
+        // Plaintext after a gap is still not TLS.
+        let plain = vec![b'x'; 3 * (5 + TLS_MAX_RECORD)];
+        let report = report_of(vec![
+            seg(a, b, 1000, SYN, b""),
+            seg(a, b, at(0), ACK, &records[0]),
+            seg(a, b, at(2), ACK, &plain),
+        ]);
+        let err = report.all_tls_on_port(15008).unwrap_err().to_string();
+        assert!(err.contains("1 capture gaps"), "{err}");
     }
 
     fn seg(src: &str, dst: &str, seq: u32, flags: u8, payload: &[u8]) -> TcpSegment {
