@@ -597,7 +597,7 @@ impl WireReport {
             let key = (seg.src, seg.dst);
             let syn = seg.flags & SYN != 0;
             let idx = match current.get(&key) {
-                Some(&i) if !(syn && !raw[i].segments.is_empty()) => i,
+                Some(&i) if !syn || raw[i].segments.is_empty() => i,
                 _ => {
                     raw.push(RawStream {
                         src: seg.src,
