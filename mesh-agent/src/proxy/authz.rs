@@ -4,10 +4,12 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use hyper::HeaderMap;
+
 use crate::{
     identity::SpiffeId,
     l7::{Authorizer, RequestInfo, Verdict},
-    policy::{self, Decision, HttpAttributes},
+    policy::{self, HeaderLookup, HttpAttributes},
 };
 
 use super::ProxyContext;
@@ -28,65 +30,87 @@ pub struct ConnectionAuthorizer {
 
 impl Authorizer for ConnectionAuthorizer {
     fn authorize(&self, request: &RequestInfo<'_>) -> Verdict {
-        // Repeated headers are matched joined with ',', as Envoy does.
-        let mut headers: Vec<(String, String)> = Vec::with_capacity(request.headers.len());
-        for name in request.headers.keys() {
-            let joined = request
-                .headers
-                .get_all(name)
-                .iter()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .collect::<Vec<_>>()
-                .join(",");
-            headers.push((name.as_str().to_string(), joined));
-        }
+        let headers = Headers::new(request.headers);
         let principal = self.source.as_ref().map(|id| id.to_string());
-        let decision = self
-            .proxy
-            .workload_policy(&self.workload)
-            .decide(&policy::Request {
-                source_principal: principal.as_deref(),
-                source_namespace: self.source.as_ref().map(|id| id.namespace()),
-                source_ip: self.source_ip,
-                remote_ip: self.remote_ip,
-                destination_ip: self.destination.ip(),
-                destination_port: self.destination.port(),
-                sni: None,
-                http: Some(HttpAttributes {
-                    method: request.method,
-                    host: request.host,
-                    path: request.path,
-                    headers: &headers,
-                }),
-            });
-        let (dry_run_denies, allowed_by, denied_by) = match decision {
-            Decision::Allow {
-                by, dry_run_denies, ..
-            } => (dry_run_denies, by, None),
-            Decision::Deny {
-                by, dry_run_denies, ..
-            } => (dry_run_denies, None, Some(by)),
+        let decision_request = policy::Request {
+            source_principal: principal.as_deref(),
+            source_namespace: self.source.as_ref().map(|id| id.namespace()),
+            source_ip: self.source_ip,
+            remote_ip: self.remote_ip,
+            destination_ip: self.destination.ip(),
+            destination_port: self.destination.port(),
+            sni: None,
+            http: Some(HttpAttributes {
+                method: request.method,
+                host: request.host,
+                path: request.path,
+                headers: &headers,
+            }),
         };
-        for would in &dry_run_denies {
-            tracing::info!(pod = %self.pod, source = principal.as_deref().unwrap_or("-"), method = request.method, path = request.path, policy = %would, "dry-run: this request would be denied");
-            self.proxy
-                .count_decision(&would.to_string(), "dry_run_deny");
+        match self
+            .proxy
+            .authorize(&self.pod, &self.workload, &decision_request)
+        {
+            Ok(()) => Verdict::Allow,
+            Err(by) => Verdict::Deny { reason: by },
         }
-        match denied_by {
-            None => {
-                self.proxy.count_decision(
-                    &allowed_by.map_or_else(|| "-".to_string(), |by| by.to_string()),
-                    "allow",
-                );
-                Verdict::Allow
-            }
-            Some(by) => {
-                tracing::warn!(pod = %self.pod, source = principal.as_deref().unwrap_or("-"), method = request.method, path = request.path, policy = %by, "request denied");
-                self.proxy.count_decision(&by.to_string(), "deny");
-                Verdict::Deny {
-                    reason: by.to_string(),
-                }
-            }
+    }
+}
+
+/// The request's headers as the policy engine asks for them. A header sent
+/// once (nearly all of them) is read in place; only repeated ones are joined
+/// with ',' (what Envoy matches against), so a request costs no copies.
+struct Headers<'a> {
+    map: &'a HeaderMap,
+    repeated: Vec<(&'a str, String)>,
+}
+
+impl<'a> Headers<'a> {
+    fn new(map: &'a HeaderMap) -> Self {
+        let repeated = map
+            .keys()
+            .filter(|name| map.get_all(*name).iter().nth(1).is_some())
+            .map(|name| {
+                let joined = map
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (name.as_str(), joined)
+            })
+            .collect();
+        Self { map, repeated }
+    }
+}
+
+impl HeaderLookup for Headers<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        if let Some((_, joined)) = self.repeated.iter().find(|(n, _)| *n == name) {
+            return Some(joined);
         }
+        self.map.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_headers_are_read_in_place_and_repeated_ones_joined() {
+        let mut map = HeaderMap::new();
+        map.insert("x-token", "secret".parse().unwrap());
+        map.append("x-env", "a".parse().unwrap());
+        map.append("x-env", "b".parse().unwrap());
+        let headers = Headers::new(&map);
+        assert_eq!(headers.get("x-token"), Some("secret"));
+        assert_eq!(headers.get("x-env"), Some("a,b"));
+        assert_eq!(headers.get("x-missing"), None);
+        assert_eq!(
+            headers.repeated.len(),
+            1,
+            "only the repeated header is copied"
+        );
     }
 }

@@ -245,13 +245,20 @@ impl ProxyContext {
             sni: None,
             http: None,
         };
-        self.authorize(target, &request)
+        self.authorize(&target.key, &target.workload, &request)
     }
 
-    /// Authorizes a connection or request into `target`. Err carries the
-    /// deciding policy and rule.
-    fn authorize(&self, target: &PodHandle, request: &policy::Request<'_>) -> Result<(), String> {
-        let decision = self.workload_policy(&target.workload).decide(request);
+    /// Authorizes a connection (L4) or an HTTP request (`request.http` set) into
+    /// the pod `pod_key`, by the policies in force for `workload` now. Denies and
+    /// dry-run would-denies are logged with the deciding policy and rule; every
+    /// decision is counted. Err carries the deciding policy and rule.
+    pub(crate) fn authorize(
+        &self,
+        pod_key: &str,
+        workload: &policy::Workload,
+        request: &policy::Request<'_>,
+    ) -> Result<(), String> {
+        let decision = self.workload_policy(workload).decide(request);
         let (dry_run_denies, allowed_by, denied_by) = match decision {
             Decision::Allow {
                 by, dry_run_denies, ..
@@ -260,8 +267,18 @@ impl ProxyContext {
                 by, dry_run_denies, ..
             } => (dry_run_denies, None, Some(by)),
         };
+        let source = request.source_principal.unwrap_or("-");
+        let (method, path) = request
+            .http
+            .as_ref()
+            .map_or(("-", "-"), |h| (h.method, h.path));
+        let what = if request.http.is_some() {
+            "request"
+        } else {
+            "connection"
+        };
         for would in &dry_run_denies {
-            tracing::info!(pod = %target.key, source = request.source_principal.unwrap_or("-"), src = %request.source_ip, dst_port = request.destination_port, policy = %would, "dry-run: this connection would be denied");
+            tracing::info!(pod = %pod_key, source, src = %request.source_ip, dst_port = request.destination_port, method, path, policy = %would, "dry-run: this {what} would be denied");
             self.count_decision(&would.to_string(), "dry_run_deny");
         }
         match denied_by {
@@ -273,7 +290,7 @@ impl ProxyContext {
                 Ok(())
             }
             Some(by) => {
-                tracing::warn!(pod = %target.key, source = request.source_principal.unwrap_or("-"), src = %request.source_ip, dst_port = request.destination_port, policy = %by, "connection denied");
+                tracing::warn!(pod = %pod_key, source, src = %request.source_ip, dst_port = request.destination_port, method, path, policy = %by, "{what} denied");
                 self.count_decision(&by.to_string(), "deny");
                 Err(by.to_string())
             }
