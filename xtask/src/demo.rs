@@ -3,9 +3,7 @@
 //! captured and proxied, and tears everything down.
 
 use std::{
-    net::SocketAddr,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -13,13 +11,14 @@ use anyhow::{Context, Result, bail};
 use mesh_testbed::{
     Node, Pod, Process, Topology, e2e_preflight,
     traffic::{echo_round_trips, start_echo_server},
-    wait_until,
 };
 use serde_json::Value;
 
-use crate::{setup, step};
+use crate::{
+    agents::{self, ADMIN},
+    setup, step,
+};
 
-const ADMIN: &str = "127.0.0.1:15000";
 const PORT: u16 = 8080;
 
 pub fn run(workspace: &Path) -> Result<()> {
@@ -186,23 +185,9 @@ pub fn run(workspace: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the node's config (all its pods enrolled), starts the agent in the node
-/// and waits until it is ready.
+/// Starts the agent of `node`, enrolling all its pods; the other nodes' pods
+/// are mesh workloads, reached through mTLS.
 fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<Process> {
-    let dir = topo.tmp_dir().join(format!("config-{}", node.name()));
-    std::fs::create_dir_all(&dir)?;
-    // Pins under the test bed's bpffs dir (removed at teardown); detach on stop.
-    let pin_dir = topo.bpffs_dir().join(node.name());
-    std::fs::write(
-        dir.join("node.yaml"),
-        format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n",
-            node.name(),
-            pin_dir.display(),
-            pki.join("ca.crt").display(),
-            pki.join("ca.key").display()
-        ),
-    )?;
     let mut pods = String::from("pods:\n");
     for pod in node.pods() {
         pods.push_str(&format!(
@@ -214,7 +199,6 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<P
             name = pod.name(),
         ));
     }
-    std::fs::write(dir.join("pods.yaml"), pods)?;
     // The pods of the other nodes are mesh workloads: reached through mTLS.
     let mut workloads = String::from("workloads:\n");
     for pod in topo
@@ -231,26 +215,15 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<P
             name = pod.name(),
         ));
     }
-    std::fs::write(dir.join("workloads.yaml"), workloads)?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("run").arg("--config").arg(&dir);
-    let mut agent = node.spawn_with(cmd)?;
-    let admin: SocketAddr = ADMIN.parse()?;
-    wait_until(
-        &format!("the agent on {} to be ready", node.name()),
-        Duration::from_secs(20),
-        || {
-            if let Some(status) = agent.try_status()? {
-                bail!("the agent exited with {status}");
-            }
-            Ok(node
-                .http_get(admin, "/readyz")
-                .map(|(code, _)| code == 200)
-                .unwrap_or(false))
-        },
-    )
-    .with_context(|| format!("agent log:\n{}", agent.stderr_so_far()))?;
-    Ok(agent)
+    let dir = topo.tmp_dir().join(format!("config-{}", node.name()));
+    let extra = [("workloads.yaml", workloads)];
+    let config = agents::AgentConfig {
+        dir: &dir,
+        pods_yaml: &pods,
+        extra_files: &extra,
+        log: "info",
+    };
+    agents::start(bin, topo, node, pki, &config)
 }
 
 fn admin_json(node: &Node, path: &str) -> Result<Value> {

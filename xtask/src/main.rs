@@ -3,6 +3,7 @@
 //! Nothing here needs the agent to be built first: the agent's build script needs
 //! the kernel toolchain that `build-ebpf` sets up.
 
+mod agents;
 mod bench;
 mod demo;
 mod ebpf_build;

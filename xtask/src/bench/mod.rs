@@ -17,19 +17,20 @@
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use mesh_testbed::{Node, Pod, Process, Topology, e2e_preflight, wait_until};
 
-use crate::{setup, step};
+use crate::{
+    agents::{self, ADMIN},
+    setup, step,
+};
 
 const SCRIPT: &str = include_str!("bench.py");
 const PORT: u16 = 9000;
 const TUNNEL_PORT: u16 = 15008;
-const ADMIN: &str = "127.0.0.1:15000";
 
 struct Plan {
     rounds: usize,
@@ -407,40 +408,13 @@ fn config_dir(topo: &Topology, node: &Node) -> PathBuf {
 
 fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<Process> {
     let dir = config_dir(topo, node);
-    std::fs::create_dir_all(&dir)?;
-    let pin_dir = topo.bpffs_dir().join(node.name());
-    std::fs::write(
-        dir.join("node.yaml"),
-        format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n",
-            node.name(),
-            pin_dir.display(),
-            pki.join("ca.crt").display(),
-            pki.join("ca.key").display()
-        ),
-    )?;
-    std::fs::write(dir.join("pods.yaml"), "pods: []\n")?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&dir)
-        .env("MESH_LOG", "warn");
-    let mut agent = node.spawn_with(cmd)?;
-    wait_until(
-        &format!("the agent on {}", node.name()),
-        Duration::from_secs(20),
-        || {
-            if let Some(status) = agent.try_status()? {
-                bail!("the agent exited with {status}");
-            }
-            Ok(node
-                .http_get(ADMIN.parse()?, "/readyz")
-                .map(|(c, _)| c == 200)
-                .unwrap_or(false))
-        },
-    )
-    .with_context(|| agent.stderr_so_far())?;
-    Ok(agent)
+    let config = agents::AgentConfig {
+        dir: &dir,
+        pods_yaml: "pods: []\n",
+        extra_files: &[],
+        log: "warn",
+    };
+    agents::start(bin, topo, node, pki, &config)
 }
 
 /// Switches every node to `mode` and waits until the agents agree.
