@@ -1,12 +1,15 @@
 //! Services: a captured connection to a service's virtual IP and port is served
-//! by one of its endpoints, chosen per connection by the balancer (power of two
-//! choices over open connections, locality first). Per-request balancing of
-//! HTTP ports comes with the HTTP connection pools.
+//! by its endpoints. TCP ports: one endpoint per connection (power of two
+//! choices over open connections). HTTP ports: one endpoint per request
+//! (power of two choices over peak-EWMA latency), with retries within a
+//! budget; the HTTP side lives in `proxy::service_http`. Locality, subsets
+//! and outlier ejection apply to both.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Result, anyhow};
@@ -14,19 +17,56 @@ use anyhow::{Result, anyhow};
 use crate::{
     balance::{
         self, ClientLocality, ConnectionToken, Endpoint, Locality, MonotonicClock, Outcome,
-        SplitMix64, Subset,
+        OutlierConfig, Protocol, RequestToken, RetryBudget, RetryBudgetConfig, RetryStats,
+        ServiceStats, SplitMix64, Subset,
     },
     config::{LocalityConfig, ServiceConfig},
 };
+
+/// What the endpoints of a port speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    Tcp,
+    /// HTTP/1.1 to the endpoints.
+    Http1,
+    /// HTTP/2 (prior knowledge) to the endpoints: `http2`, `grpc`.
+    Http2,
+}
+
+impl PortProtocol {
+    fn from_config(name: &str) -> Self {
+        match name {
+            "http" => Self::Http1,
+            "http2" | "grpc" => Self::Http2,
+            _ => Self::Tcp,
+        }
+    }
+}
 
 /// One port of one service, with its balancer.
 pub struct ServicePortEntry {
     /// `namespace/name:port`.
     pub key: String,
-    /// What the balancer was built from (locality, subsets): a change of it
-    /// needs a new balancer; a change of endpoints only an update.
-    shape: balance::ServiceConfig,
+    pub protocol: PortProtocol,
+    /// The service as configured (timeouts, routes, retries).
+    pub config: ServiceConfig,
+    /// What the balancer was built from (locality, subsets, protocol,
+    /// ejection, retries): a change of it needs a new balancer; a change of
+    /// endpoints or timeouts only an update.
+    shape: (balance::ServiceConfig, RetryBudgetConfig),
+    /// Kept across reloads that keep the shape; in-flight connections and
+    /// requests report to it through the entry they started with.
+    state: Arc<PortState>,
+}
+
+/// The balancing state of a service port.
+struct PortState {
     balancer: Mutex<balance::Service>,
+    budget: Mutex<RetryBudget>,
+    /// Requests that found no endpoint (503) or connections that found none (reset).
+    no_endpoint: std::sync::atomic::AtomicU64,
+    /// Requests answered 504 because their route's timeout passed.
+    timeouts: std::sync::atomic::AtomicU64,
 }
 
 /// An endpoint chosen for one connection; report its end with [`ServicePortEntry::done`].
@@ -35,11 +75,22 @@ pub struct Chosen {
     token: ConnectionToken,
 }
 
+/// An endpoint chosen for one request attempt; report its end with
+/// [`ServicePortEntry::finish_request`] or [`ServicePortEntry::cancel_request`].
+pub struct RequestPick {
+    pub id: Arc<str>,
+    pub addr: SocketAddr,
+    token: RequestToken,
+}
+
 impl ServicePortEntry {
     /// Picks an endpoint for a new connection; Err when the service has none.
     pub fn choose(&self) -> Result<Chosen> {
-        let mut balancer = self.balancer.lock().expect("balancer lock");
-        let pick = balancer.pick().map_err(|e| anyhow!("{}: {e}", self.key))?;
+        let mut balancer = self.state.balancer.lock().expect("balancer lock");
+        let pick = balancer.pick().map_err(|e| {
+            self.count_no_endpoint();
+            anyhow!("{}: {e}", self.key)
+        })?;
         let token = balancer.on_open(&pick.id);
         Ok(Chosen {
             addr: pick.addr,
@@ -54,11 +105,106 @@ impl ServicePortEntry {
         } else {
             Outcome::Success
         };
-        self.balancer
+        self.state
+            .balancer
             .lock()
             .expect("balancer lock")
             .on_close(chosen.token, outcome);
     }
+
+    /// Picks an endpoint for one attempt of a request, avoiding the ones
+    /// this request already failed on; Err when the service has none.
+    pub fn pick_request(&self, avoid: &[Arc<str>]) -> Result<RequestPick> {
+        let mut balancer = self.state.balancer.lock().expect("balancer lock");
+        let pick = balancer.pick_avoiding(avoid).map_err(|e| {
+            self.count_no_endpoint();
+            anyhow!("{}: {e}", self.key)
+        })?;
+        let token = balancer.start_request(&pick.id);
+        Ok(RequestPick {
+            id: pick.id,
+            addr: pick.addr,
+            token,
+        })
+    }
+
+    /// The attempt got a response head after `latency`, or failed.
+    pub fn finish_request(&self, pick: RequestPick, latency: Duration, outcome: Outcome) {
+        self.state
+            .balancer
+            .lock()
+            .expect("balancer lock")
+            .finish(pick.token, latency, outcome);
+    }
+
+    /// The attempt was never sent.
+    pub fn cancel_request(&self, pick: RequestPick) {
+        self.state
+            .balancer
+            .lock()
+            .expect("balancer lock")
+            .cancel(pick.token);
+    }
+
+    /// Counts an original request for the retry budget.
+    pub fn record_request(&self) {
+        self.state
+            .budget
+            .lock()
+            .expect("budget lock")
+            .record_request();
+    }
+
+    /// Whether the budget allows one more retry (counted if so).
+    pub fn try_retry(&self) -> bool {
+        self.state.budget.lock().expect("budget lock").try_retry()
+    }
+
+    pub fn count_timeout(&self) {
+        self.state
+            .timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count_no_endpoint(&self) {
+        self.state
+            .no_endpoint
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where the endpoints are.
+    pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
+        self.state
+            .balancer
+            .lock()
+            .expect("balancer lock")
+            .addresses()
+    }
+
+    /// Balancer, retry and failure counters, for metrics and status.
+    pub fn stats(&self) -> ServicePortStats {
+        ServicePortStats {
+            balancer: self.state.balancer.lock().expect("balancer lock").stats(),
+            retries: self.state.budget.lock().expect("budget lock").stats(),
+            no_endpoint: self
+                .state
+                .no_endpoint
+                .load(std::sync::atomic::Ordering::Relaxed),
+            timeouts: self
+                .state
+                .timeouts
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of one service port's counters.
+#[derive(Debug, Clone)]
+pub struct ServicePortStats {
+    pub balancer: ServiceStats,
+    pub retries: RetryStats,
+    pub no_endpoint: u64,
+    pub timeouts: u64,
 }
 
 /// Every service port by (VIP, port).
@@ -69,8 +215,9 @@ pub struct ServiceTable {
 
 impl ServiceTable {
     /// Builds balancers for `services` as seen from node `node`, keeping the
-    /// state (load, latency estimates, ejections) of service ports that are in
-    /// `previous` with the same shape: a reload changes endpoints in place.
+    /// state (load, latency estimates, ejections, retry budget, counters) of
+    /// service ports that are in `previous` with the same shape: a reload
+    /// changes endpoints in place.
     pub fn build(
         services: &[ServiceConfig],
         node: &str,
@@ -88,7 +235,14 @@ impl ServiceTable {
         for svc in services {
             for port in &svc.ports {
                 let target = port.target_port.unwrap_or(port.port);
+                let protocol = PortProtocol::from_config(&port.protocol);
+                let outlier = &svc.outlier_detection;
                 let config = balance::ServiceConfig {
+                    protocol: if protocol == PortProtocol::Tcp {
+                        Protocol::Tcp
+                    } else {
+                        Protocol::Http
+                    },
                     locality: match svc.locality {
                         LocalityConfig::PreferNode => Locality::PreferNode,
                         LocalityConfig::PreferZone => Locality::PreferZone,
@@ -99,8 +253,20 @@ impl ServiceTable {
                         .iter()
                         .map(|s| Subset::new(&s.name, s.weight, s.labels.clone()))
                         .collect(),
+                    outlier: OutlierConfig {
+                        consecutive_failures: outlier.consecutive_failures,
+                        base_ejection_time: outlier.base_ejection_time,
+                        max_ejection_percent: outlier.max_ejection_percent,
+                        ..OutlierConfig::default()
+                    },
                     ..Default::default()
                 };
+                let budget = RetryBudgetConfig {
+                    ratio: f64::from(svc.retries.budget_percent) / 100.0,
+                    min_retries_per_second: svc.retries.min_per_second,
+                    ..RetryBudgetConfig::default()
+                };
+                let shape = (config, budget);
                 let key = format!("{}:{}", svc.key(), port.port);
                 let endpoints: Vec<Endpoint> = svc
                     .endpoints
@@ -118,30 +284,52 @@ impl ServiceTable {
                         endpoint
                     })
                     .collect();
-                if let Some(entry) = kept.get(&key).filter(|e| e.shape == config) {
-                    entry
-                        .balancer
-                        .lock()
-                        .expect("balancer lock")
-                        .update_endpoints(endpoints);
-                    for vip in &svc.vips {
-                        by_address.insert(SocketAddr::new(*vip, port.port), entry.clone());
+                let entry = match kept
+                    .get(&key)
+                    .filter(|e| e.shape == shape && e.protocol == protocol)
+                {
+                    Some(old) => {
+                        old.state
+                            .balancer
+                            .lock()
+                            .expect("balancer lock")
+                            .update_endpoints(endpoints);
+                        // Same balancer and budget; the settings that are read
+                        // per request (timeouts, routes) take the new values.
+                        Arc::new(ServicePortEntry {
+                            key: key.clone(),
+                            protocol,
+                            config: svc.clone(),
+                            shape: shape.clone(),
+                            state: old.state.clone(),
+                        })
                     }
-                    continue;
-                }
-                let mut balancer = balance::Service::new(
-                    config.clone(),
-                    ClientLocality::new(node, None),
-                    Arc::new(MonotonicClock::new()),
-                    Box::new(SplitMix64::from_entropy()),
-                )
-                .map_err(|e| anyhow!("service {}: {e}", svc.key()))?;
-                balancer.update_endpoints(endpoints);
-                let entry = Arc::new(ServicePortEntry {
-                    key,
-                    shape: config,
-                    balancer: Mutex::new(balancer),
-                });
+                    None => {
+                        let clock = Arc::new(MonotonicClock::new());
+                        let mut balancer = balance::Service::new(
+                            shape.0.clone(),
+                            ClientLocality::new(node, None),
+                            clock.clone(),
+                            Box::new(SplitMix64::from_entropy()),
+                        )
+                        .map_err(|e| anyhow!("service {}: {e}", svc.key()))?;
+                        balancer.update_endpoints(endpoints);
+                        let budget = RetryBudget::new(shape.1, clock)
+                            .map_err(|e| anyhow!("service {}: {e}", svc.key()))?;
+                        Arc::new(ServicePortEntry {
+                            key,
+                            protocol,
+                            config: svc.clone(),
+                            shape,
+                            state: Arc::new(PortState {
+                                balancer: Mutex::new(balancer),
+                                budget: Mutex::new(budget),
+                                no_endpoint: Default::default(),
+                                timeouts: Default::default(),
+                            }),
+                        })
+                    }
+                };
                 for vip in &svc.vips {
                     by_address.insert(SocketAddr::new(*vip, port.port), entry.clone());
                 }
@@ -153,12 +341,25 @@ impl ServiceTable {
     pub fn lookup(&self, dst: SocketAddr) -> Option<Arc<ServicePortEntry>> {
         self.by_address.get(&dst).cloned()
     }
+
+    /// Every service port once, by key.
+    pub fn entries(&self) -> Vec<Arc<ServicePortEntry>> {
+        let mut seen = HashMap::new();
+        for entry in self.by_address.values() {
+            seen.entry(entry.key.clone())
+                .or_insert_with(|| entry.clone());
+        }
+        let mut entries: Vec<_> = seen.into_values().collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        entries
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{EndpointConfig, ServicePort, SubsetConfig};
+    use std::time::Duration;
 
     fn service(
         locality: LocalityConfig,
@@ -187,6 +388,11 @@ mod tests {
                 })
                 .collect(),
             subsets,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+            routes: vec![],
+            retries: Default::default(),
+            outlier_detection: Default::default(),
         }
     }
 
@@ -215,8 +421,8 @@ mod tests {
         )
         .unwrap();
         assert!(Arc::ptr_eq(
-            &first.lookup(vip()).unwrap(),
-            &second.lookup(vip()).unwrap()
+            &first.lookup(vip()).unwrap().state,
+            &second.lookup(vip()).unwrap().state
         ));
         second.lookup(vip()).unwrap().done(endpoint, false);
         // Locality changed: a new balancer.
@@ -227,8 +433,8 @@ mod tests {
         )
         .unwrap();
         assert!(!Arc::ptr_eq(
-            &second.lookup(vip()).unwrap(),
-            &third.lookup(vip()).unwrap()
+            &second.lookup(vip()).unwrap().state,
+            &third.lookup(vip()).unwrap().state
         ));
         // Unknown addresses are not services.
         assert!(third.lookup("10.96.0.1:81".parse().unwrap()).is_none());

@@ -346,13 +346,30 @@ impl Service {
 
     /// Chooses an endpoint (see the module documentation for the rules).
     pub fn pick(&mut self) -> Result<Pick, PickError> {
+        self.pick_avoiding(&[])
+    }
+
+    /// Chooses an endpoint other than those in `avoid` (the ones a request
+    /// already failed on, for its retry) when the pool has any other; else
+    /// as [`pick`](Self::pick).
+    pub fn pick_avoiding(&mut self, avoid: &[Arc<str>]) -> Result<Pick, PickError> {
         let now = self.clock.now();
         self.readmit_due(now);
         if self.endpoints.is_empty() {
             self.counters.no_healthy_endpoint += 1;
             return Err(PickError::NoHealthyEndpoint);
         }
-        let pool = self.pool();
+        let mut pool = self.pool();
+        if !avoid.is_empty() {
+            let others: Vec<usize> = pool
+                .iter()
+                .copied()
+                .filter(|&i| !avoid.contains(&self.endpoints[i].id))
+                .collect();
+            if !others.is_empty() {
+                pool = others;
+            }
+        }
         let healthy: Vec<usize> = pool
             .iter()
             .copied()
@@ -435,6 +452,15 @@ impl Service {
         }
     }
 
+    /// Forgets a request that was never sent (refused before it left, e.g.
+    /// by policy): no latency sample, no outcome.
+    pub fn cancel(&mut self, token: RequestToken) {
+        if let Some(i) = self.lookup_incarnation(&token.id, token.incarnation) {
+            let state = &mut self.endpoints[i];
+            state.pending = state.pending.saturating_sub(1);
+        }
+    }
+
     /// Records a request's end: `latency` (to the response head) feeds the
     /// peak-EWMA — a failure can raise the estimate but never lower it, so
     /// fast failures never make an endpoint attractive — and a failure counts
@@ -452,6 +478,11 @@ impl Service {
             state.ewma.observe(latency, now);
         }
         self.record_outcome(i, outcome);
+    }
+
+    /// The endpoints' addresses.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.endpoints.iter().map(|s| s.endpoint.addr).collect()
     }
 
     /// A snapshot of the metrics.

@@ -700,3 +700,36 @@ fn monotonic_clock_moves_forward() {
     manual.advance(ms(1));
     assert_eq!(manual.now(), secs(5) + ms(1));
 }
+
+#[test]
+fn a_retry_avoids_the_endpoints_it_failed_on_while_others_remain() {
+    let (_, mut svc) = service(config(Protocol::Http), vec![ep(1), ep(2), ep(3)], 7);
+    let failed: Vec<Arc<str>> = vec![Arc::from("ep-1")];
+    for _ in 0..500 {
+        let pick = svc.pick_avoiding(&failed).expect("an endpoint");
+        assert_ne!(
+            &*pick.id, "ep-1",
+            "a retry went back to the endpoint that failed"
+        );
+    }
+    // Every endpoint already tried: the pick still succeeds (a retry is better
+    // than a certain failure), among all of them.
+    let all: Vec<Arc<str>> = ["ep-1", "ep-2", "ep-3"].map(Arc::from).to_vec();
+    let seen: std::collections::BTreeSet<String> = (0..300)
+        .map(|_| svc.pick_avoiding(&all).expect("an endpoint").id.to_string())
+        .collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[test]
+fn a_cancelled_request_leaves_no_load_and_no_latency_sample() {
+    let (_, mut svc) = service(config(Protocol::Http), vec![ep(1), ep(2)], 3);
+    let before = endpoint_stats(&svc, "ep-1");
+    let token = svc.start_request("ep-1");
+    assert_eq!(endpoint_stats(&svc, "ep-1").pending_requests, 1);
+    svc.cancel(token);
+    let after = endpoint_stats(&svc, "ep-1");
+    assert_eq!(after.pending_requests, 0);
+    assert_eq!(after.ewma, before.ewma, "no sample recorded");
+    assert_eq!(after.consecutive_failures, 0);
+}

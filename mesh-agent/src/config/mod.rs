@@ -20,7 +20,8 @@ pub use error::ConfigError;
 pub use node::{NodeConfig, OnStop, default_admin_address};
 pub use pods::{CaptureExclusions, PodConfig, PodsFile};
 pub use services::{
-    EndpointConfig, LocalityConfig, ServiceConfig, ServicePort, ServicesFile, SubsetConfig,
+    EndpointConfig, LocalityConfig, OutlierDetectionConfig, RetriesConfig, RouteConfig,
+    ServiceConfig, ServicePort, ServicesFile, SubsetConfig,
 };
 pub use workloads::{RemoteWorkload, WorkloadsFile};
 
@@ -201,6 +202,35 @@ fn validate_services(
                     format!("VIP {vip} belongs to two services"),
                 ));
             }
+        }
+        for (k, route) in svc.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') {
+                return Err(ConfigError::new(path, "must start with /")
+                    .with_field(format!("services[{i}].routes[{k}].pathPrefix"))
+                    .with_line(error::find_line(text, "pathPrefix", &route.path_prefix)));
+            }
+        }
+        let outlier = &svc.outlier_detection;
+        if outlier.consecutive_failures == 0 {
+            return Err(ConfigError::new(path, "must be at least 1")
+                .with_field(format!(
+                    "services[{i}].outlierDetection.consecutiveFailures"
+                ))
+                .with_line(error::find_line(text, "consecutiveFailures", "0")));
+        }
+        if outlier.max_ejection_percent > 100 {
+            return Err(ConfigError::new(path, "must be at most 100")
+                .with_field(format!("services[{i}].outlierDetection.maxEjectionPercent"))
+                .with_line(error::find_line(
+                    text,
+                    "maxEjectionPercent",
+                    &outlier.max_ejection_percent.to_string(),
+                )));
+        }
+        if svc.connect_timeout.is_zero() {
+            return Err(ConfigError::new(path, "must be longer than zero")
+                .with_field(format!("services[{i}].connectTimeout"))
+                .with_line(error::find_line(text, "connectTimeout", "0s")));
         }
         for (j, port) in svc.ports.iter().enumerate() {
             if !matches!(port.protocol.as_str(), "tcp" | "http" | "http2" | "grpc") {

@@ -1,7 +1,7 @@
 //! `services.yaml`: services with virtual IPs; a captured connection to a
 //! service address is served by one of its endpoints, chosen by the agent.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +29,85 @@ pub struct ServiceConfig {
     /// weight, then an endpoint among its members (by labels).
     #[serde(default)]
     pub subsets: Vec<SubsetConfig>,
+    /// Time to connect to an endpoint (default 5 s); a timeout counts as a
+    /// connect failure (retried, and towards ejection).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// HTTP ports: time from a request to its response head, retries
+    /// included (default 15 s, `0s` for none); answered `504` when it passes.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP ports: per-route request timeouts; the first route whose
+    /// `pathPrefix` starts the request's path wins, else `requestTimeout`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// HTTP ports: retries of idempotent requests on connect failure or 503.
+    #[serde(default)]
+    pub retries: RetriesConfig,
+    /// Ejection of endpoints that keep failing.
+    #[serde(default)]
+    pub outlier_detection: OutlierDetectionConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteConfig {
+    /// Matches paths that start with it (after normalisation); must start with `/`.
+    pub path_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetriesConfig {
+    /// Retries of one request beyond the first attempt (default 2; 0 = off).
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// Retries may add this percentage of the requests of the last 10 s
+    /// (default 20) ...
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    /// ... plus this many per second (default 10), so a quiet service can
+    /// still retry but retries never multiply an outage.
+    #[serde(default = "default_min_retries_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetriesConfig {
+    fn default() -> Self {
+        Self {
+            attempts: default_retry_attempts(),
+            budget_percent: default_budget_percent(),
+            min_per_second: default_min_retries_per_second(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionConfig {
+    /// Failures in a row (connect failures, resets, 5xx) that eject an
+    /// endpoint (default 5).
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// The n-th ejection lasts n times this (default 30 s), at most 300 s;
+    /// then the endpoint is re-admitted on probation.
+    #[serde(default = "default_base_ejection_time", with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// At most this percentage of the endpoints are ejected at once (default 50).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection_time(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -47,7 +126,9 @@ pub struct ServicePort {
     /// The endpoints' port (default: `port`).
     #[serde(default)]
     pub target_port: Option<u16>,
-    /// `tcp` (balanced per connection), `http`, `http2`/`grpc` (per request: to come).
+    /// `tcp`: balanced per connection. `http` (HTTP/1.1 to the endpoints) and
+    /// `http2`/`grpc` (HTTP/2 to the endpoints): balanced per request; the
+    /// client may speak HTTP/1.1 or HTTP/2 either way.
     #[serde(default = "default_protocol")]
     pub protocol: String,
 }
@@ -83,8 +164,50 @@ fn default_weight() -> u32 {
     1
 }
 
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_retry_attempts() -> u32 {
+    2
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+
+fn default_min_retries_per_second() -> u32 {
+    10
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+
+fn default_base_ejection_time() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_ejection_percent() -> u8 {
+    50
+}
+
 impl ServiceConfig {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The request timeout for `path` (`None`: no timeout).
+    pub fn timeout_for(&self, path: &str) -> Option<Duration> {
+        let timeout = self
+            .routes
+            .iter()
+            .find(|route| path.starts_with(&route.path_prefix))
+            .map_or(self.request_timeout, |route| route.timeout);
+        (!timeout.is_zero()).then_some(timeout)
     }
 }

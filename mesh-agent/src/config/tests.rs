@@ -277,3 +277,85 @@ fn a_policy_typo_is_reported_with_file_line_column_and_field() {
     std::fs::write(dir.path().join(POLICIES_DIR).join("notes.txt"), "not yaml").unwrap();
     assert_eq!(load_dir(dir.path()).unwrap().policy_files.len(), 1);
 }
+
+const HTTP_SERVICE: &str = "services:
+  - name: web
+    namespace: shop
+    vips: [10.96.0.1]
+    ports:
+      - port: 80
+        targetPort: 8080
+        protocol: http
+    requestTimeout: 2s
+    connectTimeout: 250ms
+    routes:
+      - pathPrefix: /reports/
+        timeout: 30s
+    retries:
+      attempts: 1
+    outlierDetection:
+      consecutiveFailures: 3
+      baseEjectionTime: 2s
+    endpoints:
+      - {name: e1, address: 10.1.0.2, node: node-1}
+";
+
+#[test]
+fn http_service_settings_load_with_defaults_for_what_is_left_out() {
+    let dir = dir_with(NODE, None);
+    write(dir.path(), SERVICES_FILE, HTTP_SERVICE);
+    let cfg = load_dir(dir.path()).unwrap();
+    let svc = &cfg.services[0];
+    assert_eq!(svc.connect_timeout, std::time::Duration::from_millis(250));
+    assert_eq!(svc.retries.attempts, 1);
+    assert_eq!(svc.retries.budget_percent, 20, "default");
+    assert_eq!(svc.outlier_detection.consecutive_failures, 3);
+    assert_eq!(svc.outlier_detection.max_ejection_percent, 50, "default");
+    // Per-route timeouts: the first matching prefix, else the service's.
+    assert_eq!(
+        svc.timeout_for("/reports/q1"),
+        Some(std::time::Duration::from_secs(30))
+    );
+    assert_eq!(
+        svc.timeout_for("/"),
+        Some(std::time::Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn bad_http_service_settings_name_the_field_and_line() {
+    let cases = [
+        (
+            HTTP_SERVICE.replace("pathPrefix: /reports/", "pathPrefix: reports"),
+            "services[0].routes[0].pathPrefix",
+            Some(12),
+        ),
+        (
+            HTTP_SERVICE.replace("consecutiveFailures: 3", "consecutiveFailures: 0"),
+            "services[0].outlierDetection.consecutiveFailures",
+            Some(17),
+        ),
+        (
+            HTTP_SERVICE.replace("connectTimeout: 250ms", "connectTimeout: 0s"),
+            "services[0].connectTimeout",
+            Some(10),
+        ),
+    ];
+    for (text, field, line) in cases {
+        let dir = dir_with(NODE, None);
+        write(dir.path(), SERVICES_FILE, &text);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+        assert_eq!(err.line, line, "{err}");
+    }
+    // Unknown fields are rejected, with their line.
+    let dir = dir_with(NODE, None);
+    write(
+        dir.path(),
+        SERVICES_FILE,
+        &HTTP_SERVICE.replace("attempts: 1", "attempts: 1\n      perTryTimeout: 1s"),
+    );
+    let err = load_dir(dir.path()).unwrap_err();
+    assert!(err.message.contains("perTryTimeout"), "{err}");
+    assert_eq!(err.line, Some(16), "{err}");
+}

@@ -90,6 +90,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use detect::{NotHttpReason, PrefixedIo, Protocol};
+pub use service::{DENIED_BODY, Forward, ResponseBody, local_response};
 
 /// What the authorizer sees of one request.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +118,16 @@ pub enum Verdict {
 /// policy engine.
 pub trait Authorizer: Send + Sync + 'static {
     fn authorize(&self, request: &RequestInfo<'_>) -> Verdict;
+}
+
+/// Allows every request: for a client's side of a service port, where the
+/// destination's policies are applied per request by whoever delivers it.
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn authorize(&self, _: &RequestInfo<'_>) -> Verdict {
+        Verdict::Allow
+    }
 }
 
 /// Normalises a raw request path (the request target's path, without the
@@ -255,33 +266,98 @@ where
     Fut: Future<Output = std::io::Result<U>> + Send,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (protocol, io) = match detect::sniff(downstream, options.detect_timeout)
-        .await
-        .map_err(L7Error::Detect)?
-    {
-        detect::Sniffed::Http(protocol, io) => (protocol, io),
-        detect::Sniffed::Closed => return Ok(L7Stats::default()),
-        detect::Sniffed::NotHttp(reason, peeked, downstream) => {
-            tracing::debug!(%reason, bytes = peeked.len(), "downstream is not HTTP");
-            return Err(L7Error::NotHttp(NotHttp {
-                reason,
-                peeked,
-                downstream: std::sync::Mutex::new(Box::new(downstream)),
-            }));
-        }
+    let Some((protocol, io)) = sniff(downstream, &options).await? else {
+        return Ok(L7Stats::default());
     };
-    tracing::debug!(?protocol, "serving HTTP");
-
     // When the upstream connection ends (it cannot be replaced: `connect`
     // runs once), the downstream connection is shut down gracefully: in-flight
     // requests finish, then HTTP/1 closes and HTTP/2 sends GOAWAY, so clients
     // reconnect instead of getting `502` on an idle keep-alive connection.
     let upstream_closed = Arc::new(tokio::sync::Notify::new());
-    let relay = Arc::new(service::Relay::new(
+    let forwarder = Arc::new(service::SingleUpstream::new(service::connector(
         protocol,
-        service::connector(protocol, connect, Arc::clone(&upstream_closed)),
+        connect,
+        Arc::clone(&upstream_closed),
+    )));
+    serve_sniffed(
+        protocol,
+        io,
+        forwarder,
         authorizer,
         normalize,
+        options,
+        upstream_closed,
+    )
+    .await
+}
+
+/// Like [`serve`], but every allowed request goes to `forwarder`, which
+/// chooses its upstream per request (a service's endpoints).
+pub async fn serve_with<D>(
+    downstream: D,
+    forwarder: Arc<dyn Forward>,
+    authorizer: Arc<dyn Authorizer>,
+    normalize: PathNormalizer,
+    options: L7Options,
+) -> Result<L7Stats, L7Error>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some((protocol, io)) = sniff(downstream, &options).await? else {
+        return Ok(L7Stats::default());
+    };
+    let never = Arc::new(tokio::sync::Notify::new());
+    serve_sniffed(
+        protocol, io, forwarder, authorizer, normalize, options, never,
+    )
+    .await
+}
+
+/// Reads the first bytes: HTTP (which version), not HTTP, or `None` when the
+/// peer closed without sending anything.
+async fn sniff<D>(
+    downstream: D,
+    options: &L7Options,
+) -> Result<Option<(Protocol, PrefixedIo<D>)>, L7Error>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match detect::sniff(downstream, options.detect_timeout)
+        .await
+        .map_err(L7Error::Detect)?
+    {
+        detect::Sniffed::Http(protocol, io) => {
+            tracing::debug!(?protocol, "serving HTTP");
+            Ok(Some((protocol, io)))
+        }
+        detect::Sniffed::Closed => Ok(None),
+        detect::Sniffed::NotHttp(reason, peeked, downstream) => {
+            tracing::debug!(%reason, bytes = peeked.len(), "downstream is not HTTP");
+            Err(L7Error::NotHttp(NotHttp {
+                reason,
+                peeked,
+                downstream: std::sync::Mutex::new(Box::new(downstream)),
+            }))
+        }
+    }
+}
+
+/// Serves the detected HTTP connection until it ends; `upstream_closed`
+/// starts a graceful shutdown of the downstream connection.
+async fn serve_sniffed<IO>(
+    protocol: Protocol,
+    io: IO,
+    forwarder: Arc<dyn Forward>,
+    authorizer: Arc<dyn Authorizer>,
+    normalize: PathNormalizer,
+    options: L7Options,
+    upstream_closed: Arc<tokio::sync::Notify>,
+) -> Result<L7Stats, L7Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let relay = Arc::new(service::Relay::new(
+        protocol, forwarder, authorizer, normalize,
     ));
     let svc = {
         let relay = Arc::clone(&relay);

@@ -21,10 +21,10 @@ use tokio::task::JoinHandle;
 use super::{Authorizer, L7Stats, PathNormalizer, Protocol, RequestInfo, Verdict};
 
 /// Body of the responses sent downstream: the upstream's, or a local one.
-pub(super) type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
 /// Body of the 403 answer (what Envoy/Istio send).
-pub(super) const DENIED_BODY: &str = "RBAC: access denied";
+pub const DENIED_BODY: &str = "RBAC: access denied";
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<Upstream, String>> + Send>>;
 
@@ -91,6 +91,20 @@ where
     })
 }
 
+/// Where allowed requests go: one lazily connected upstream ([`SingleUpstream`],
+/// for traffic into a pod) or, for a service port, a balancer that picks an
+/// endpoint per request (the agent's `proxy::service_http`).
+pub trait Forward: Send + Sync + 'static {
+    /// Sends `request` (already checked and authorized, path normalised) and
+    /// returns the answer for the downstream client; `downstream` says what
+    /// the client speaks (a local answer on HTTP/1 may ask it to close).
+    fn forward(
+        &self,
+        request: Request<Incoming>,
+        downstream: Protocol,
+    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>>;
+}
+
 /// The upstream connection's life: made on the first forwarded request.
 enum Slot {
     Idle(Connector),
@@ -103,10 +117,34 @@ enum Slot {
     Empty,
 }
 
+/// One upstream connection for the whole downstream connection, made by the
+/// caller's `connect` on the first forwarded request.
+pub(super) struct SingleUpstream {
+    upstream: tokio::sync::Mutex<Slot>,
+}
+
+impl SingleUpstream {
+    pub(super) fn new(connector: Connector) -> Self {
+        Self {
+            upstream: tokio::sync::Mutex::new(Slot::Idle(connector)),
+        }
+    }
+}
+
+impl Forward for SingleUpstream {
+    fn forward(
+        &self,
+        request: Request<Incoming>,
+        downstream: Protocol,
+    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        Box::pin(self.relay(request, downstream == Protocol::Http1))
+    }
+}
+
 /// State shared by all requests of one downstream connection.
 pub(super) struct Relay {
     protocol: Protocol,
-    upstream: tokio::sync::Mutex<Slot>,
+    forwarder: Arc<dyn Forward>,
     authorizer: Arc<dyn Authorizer>,
     normalize: PathNormalizer,
     requests: AtomicU64,
@@ -117,13 +155,13 @@ pub(super) struct Relay {
 impl Relay {
     pub(super) fn new(
         protocol: Protocol,
-        connector: Connector,
+        forwarder: Arc<dyn Forward>,
         authorizer: Arc<dyn Authorizer>,
         normalize: PathNormalizer,
     ) -> Self {
         Self {
             protocol,
-            upstream: tokio::sync::Mutex::new(Slot::Idle(connector)),
+            forwarder,
             authorizer,
             normalize,
             requests: AtomicU64::new(0),
@@ -147,7 +185,7 @@ impl Relay {
     ) -> Result<Response<ResponseBody>, Infallible> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ok(match self.check(request) {
-            Ok(request) => self.forward(request).await,
+            Ok(request) => self.forwarder.forward(request, self.protocol).await,
             Err(refusal) => refusal.into_response(),
         })
     }
@@ -211,10 +249,11 @@ impl Relay {
         }
         Ok(request)
     }
+}
 
+impl SingleUpstream {
     /// Relays an allowed request upstream and hands back the response.
-    async fn forward(&self, request: Request<Incoming>) -> Response<ResponseBody> {
-        let h1 = self.protocol == Protocol::Http1;
+    async fn relay(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
         let upstream = match self.upstream().await {
             Ok(upstream) => upstream,
             Err(error) => {
@@ -287,7 +326,11 @@ impl Refusal {
 
 /// A local answer: `text/plain` `body`; `close` asks an HTTP/1 client to
 /// close the connection (never set on HTTP/2, where it is illegal).
-fn local_response(status: StatusCode, body: &'static str, close: bool) -> Response<ResponseBody> {
+pub fn local_response(
+    status: StatusCode,
+    body: &'static str,
+    close: bool,
+) -> Response<ResponseBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));

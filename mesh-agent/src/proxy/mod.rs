@@ -19,7 +19,9 @@
 
 mod authz;
 pub mod connections;
+pub mod http_pool;
 pub mod relay;
+mod service_http;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -39,7 +41,7 @@ use crate::{
     l7::{self, L7Error, L7Options},
     mtls::{Mtls, RemotePeer},
     policy::{self, CompiledPolicies, Decision, WorkloadPolicy},
-    services::ServiceTable,
+    services::{PortProtocol, ServicePortEntry, ServiceTable},
     tunnel::{self, ConnectRequest, PoolKey, Rejection, ServeError, TunnelStream, TunnelTarget},
 };
 use connections::{ConnectionLog, ConnectionRecord, Direction};
@@ -85,7 +87,12 @@ pub struct ProxyContext {
     services: RwLock<Arc<ServiceTable>>,
     /// Connections to a service that had no endpoint to give.
     pub no_endpoint: std::sync::atomic::AtomicU64,
+    /// Upstream connections of per-request balancing (HTTP service ports).
+    pub http_pool: http_pool::HttpPool,
 }
+
+/// Idle HTTP/1.1 connections kept per (client pod, endpoint).
+const HTTP_POOL_MAX_IDLE: usize = 64;
 
 enum Upstream {
     Tcp(TcpStream),
@@ -106,6 +113,7 @@ impl ProxyContext {
             decisions: Mutex::default(),
             services: RwLock::default(),
             no_endpoint: Default::default(),
+            http_pool: http_pool::HttpPool::new(HTTP_POOL_MAX_IDLE),
         }
     }
 
@@ -113,7 +121,17 @@ impl ProxyContext {
         self.services.read().expect("services lock").clone()
     }
 
+    /// Applies a new service table. Pools to endpoints that left every
+    /// service are dropped: they get no new requests, and their connections
+    /// close when the requests in flight on them end.
     pub fn set_services(&self, services: ServiceTable) {
+        let endpoints: std::collections::HashSet<SocketAddr> = services
+            .entries()
+            .iter()
+            .flat_map(|entry| entry.endpoint_addrs())
+            .collect();
+        self.http_pool
+            .retain(|key| endpoints.contains(&key.endpoint));
         *self.services.write().expect("services lock") = Arc::new(services);
     }
 
@@ -219,6 +237,49 @@ impl ProxyContext {
                     }
                     Err(err) => (format!("upstream-failed: {err:#}"), true),
                 }
+            }
+            Err(err) => (format!("http connection ended: {err}"), false),
+        }
+    }
+
+    /// Serves a client connection to a service's HTTP port: each request
+    /// goes to an endpoint of its own (see `service_http`). The policies that
+    /// apply are the endpoints': decided here for endpoints on this node, by
+    /// their node's agent for the others. A client that does not speak HTTP
+    /// to an HTTP port is reset.
+    async fn serve_service_http(
+        self: &Arc<Self>,
+        downstream: TcpStream,
+        source: Arc<PodHandle>,
+        service: Arc<ServicePortEntry>,
+    ) -> (String, bool) {
+        let forwarder = Arc::new(service_http::ServiceForwarder {
+            proxy: self.clone(),
+            source: source.clone(),
+            service: service.clone(),
+        });
+        match l7::serve_with(
+            downstream,
+            forwarder,
+            Arc::new(l7::AllowAll),
+            normalize_path,
+            L7Options::default(),
+        )
+        .await
+        {
+            Ok(stats) => (
+                format!(
+                    "http: {} requests, {} denied, {} bad",
+                    stats.requests, stats.denied, stats.bad_requests
+                ),
+                false,
+            ),
+            Err(L7Error::NotHttp(not_http)) => {
+                tracing::warn!(pod = %source.key, service = %service.key, reason = %not_http.reason, "not HTTP on an HTTP service port; reset");
+                if let Ok((_, downstream)) = not_http.into_parts::<TcpStream>() {
+                    reset(downstream);
+                }
+                (format!("not HTTP on HTTP port {}", service.key), true)
             }
             Err(err) => (format!("http connection ended: {err}"), false),
         }
@@ -368,6 +429,18 @@ impl ProxyContext {
         record.original_dst = dst;
         // A service address: one of its endpoints serves this connection.
         let service = self.services.read().expect("services lock").lookup(dst);
+        if let Some(service) = service.as_ref().filter(|s| s.protocol != PortProtocol::Tcp) {
+            // An HTTP port: an endpoint per request, not per connection.
+            record.upstream = format!("service:{}", service.key);
+            let (outcome, failed) = self
+                .serve_service_http(downstream, pod, service.clone())
+                .await;
+            record.outcome = outcome;
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            self.connections.record(record, failed);
+            self.orig_dst.forget(captured.socket_cookie);
+            return;
+        }
         let mut chosen = None;
         if let Some(service) = &service {
             match service.choose() {

@@ -1,0 +1,252 @@
+//! Connection pools to service endpoints for per-request balancing: requests
+//! of many client connections share upstream connections, and one client
+//! connection spreads over all endpoints.
+//!
+//! A pool is keyed by (source pod, endpoint, protocol): the source pod decides
+//! the identity a tunnel presents and the namespace a connection leaves from.
+//! - HTTP/1.1: idle keep-alive connections are reused one request at a time;
+//!   when none is ready a new one is dialled; at most `max_idle` are kept.
+//! - HTTP/2: one connection per key, multiplexed; replaced when it closes.
+//!
+//! To a remote endpoint a "connection" is a stream of the node-to-node mTLS
+//! tunnel (itself one HTTP/2 connection per node pair), so many pooled
+//! connections cost one TLS session.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use http_body_util::{Either, Full};
+use hyper::{
+    Request, Response,
+    body::{Bytes, Incoming},
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The body of a request sent upstream: the client's, streamed, or a
+/// replayable one (bodiless requests, which may be retried).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// Any upstream byte stream (a TCP connection or a tunnel stream).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+pub type BoxIo = Box<dyn Io>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source_pod: String,
+    pub endpoint: SocketAddr,
+    pub http2: bool,
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The endpoint could not be reached: nothing was sent.
+    #[error("connecting: {0:#}")]
+    Connect(anyhow::Error),
+    /// The request failed once sent (reset, closed, protocol error).
+    #[error("request: {0}")]
+    Request(hyper::Error),
+}
+
+/// The HTTP/2 connection of a key; locked while it is being (re)made.
+type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>>;
+
+pub struct HttpPool {
+    http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<UpstreamBody>>>>,
+    http2: Mutex<HashMap<PoolKey, Http2Slot>>,
+    max_idle: usize,
+}
+
+impl HttpPool {
+    pub fn new(max_idle: usize) -> Self {
+        Self {
+            http1: Mutex::default(),
+            http2: Mutex::default(),
+            max_idle,
+        }
+    }
+
+    /// Sends `request` to the endpoint of `key` over a pooled connection, or
+    /// one made by `connect`. A request that could not be written on a pooled
+    /// connection (it closed meanwhile) is sent again on a new one: it never
+    /// reached the endpoint.
+    pub async fn send<C, Fut>(
+        &self,
+        key: &PoolKey,
+        connect: C,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError>
+    where
+        C: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<BoxIo>>,
+    {
+        if key.http2 {
+            self.send_http2(key, connect, request).await
+        } else {
+            self.send_http1(key, connect, request).await
+        }
+    }
+
+    async fn send_http1<C, Fut>(
+        &self,
+        key: &PoolKey,
+        connect: C,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError>
+    where
+        C: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<BoxIo>>,
+    {
+        // One retry on a fresh connection when a pooled one turned out closed.
+        for fresh in [false, true] {
+            let pooled = if fresh { None } else { self.idle_http1(key) };
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                None => dial_http1(connect().await.map_err(SendError::Connect)?).await?,
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.put_http1(key, sender);
+                    return Ok(response);
+                }
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    _ => return Err(SendError::Request(err.into_error())),
+                },
+            }
+        }
+        unreachable!("the fresh attempt returns")
+    }
+
+    fn idle_http1(&self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut pools = self.http1.lock().expect("pool lock");
+        let idle = pools.get_mut(key)?;
+        idle.retain(|sender| !sender.is_closed());
+        let ready = idle.iter().position(http1::SendRequest::is_ready)?;
+        Some(idle.swap_remove(ready))
+    }
+
+    /// Back to the pool as soon as the response head is in: it becomes ready
+    /// again when the response body has been read.
+    fn put_http1(&self, key: &PoolKey, sender: http1::SendRequest<UpstreamBody>) {
+        let mut pools = self.http1.lock().expect("pool lock");
+        let idle = pools.entry(key.clone()).or_default();
+        idle.retain(|sender| !sender.is_closed());
+        if idle.len() < self.max_idle {
+            idle.push(sender);
+        }
+    }
+
+    async fn send_http2<C, Fut>(
+        &self,
+        key: &PoolKey,
+        connect: C,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError>
+    where
+        C: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<BoxIo>>,
+    {
+        let slot = self
+            .http2
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        for fresh in [false, true] {
+            let mut sender = {
+                // Held while dialling, so concurrent first requests share one
+                // connection instead of each making their own.
+                let mut current = slot.lock().await;
+                match current.as_ref() {
+                    Some(sender) if !fresh && !sender.is_closed() => sender.clone(),
+                    _ => {
+                        let sender =
+                            dial_http2(connect().await.map_err(SendError::Connect)?).await?;
+                        *current = Some(sender.clone());
+                        sender
+                    }
+                }
+            };
+            if let Err(err) = sender.ready().await {
+                if fresh {
+                    return Err(SendError::Request(err));
+                }
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    _ => return Err(SendError::Request(err.into_error())),
+                },
+            }
+        }
+        unreachable!("the fresh attempt returns")
+    }
+
+    /// Connections held now (idle HTTP/1.1 plus open HTTP/2), for metrics.
+    pub fn pooled(&self) -> usize {
+        let http1: usize = self
+            .http1
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(|idle| idle.iter().filter(|s| !s.is_closed()).count())
+            .sum();
+        let http2 = self
+            .http2
+            .lock()
+            .expect("pool lock")
+            .values()
+            .filter(|slot| {
+                slot.try_lock()
+                    .map(|s| s.as_ref().is_some_and(|s| !s.is_closed()))
+                    .unwrap_or(true)
+            })
+            .count();
+        http1 + http2
+    }
+
+    /// Drops the pools of endpoints no longer in `keep` (their connections
+    /// close once their in-flight requests end).
+    pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) {
+        self.http1.lock().expect("pool lock").retain(|k, _| keep(k));
+        self.http2.lock().expect("pool lock").retain(|k, _| keep(k));
+    }
+}
+
+async fn dial_http1(io: BoxIo) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
+    let (sender, connection) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(SendError::Request)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "pooled HTTP/1.1 connection failed");
+        }
+    });
+    Ok(sender)
+}
+
+async fn dial_http2(io: BoxIo) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(SendError::Request)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "pooled HTTP/2 connection failed");
+        }
+    });
+    Ok(sender)
+}

@@ -1,0 +1,410 @@
+//! Per-request balancing of a service's HTTP port: every request a client
+//! sends to the service address is given to an endpoint chosen for it (power
+//! of two choices over peak-EWMA latency, locality, subsets, ejection), over
+//! pooled connections ([`super::http_pool`]).
+//!
+//! Per request:
+//! 1. the route's timeout (`routes[].timeout`, else `requestTimeout`) bounds
+//!    everything below, retries included; when it passes: `504`, and the
+//!    attempt in flight counts as a failure of its endpoint;
+//! 2. an endpoint is picked (one the request already failed on is avoided);
+//!    none at all: `503 no healthy upstream` at once, counted;
+//! 3. an endpoint on this node: the request is authorized here by that pod's
+//!    policies (a remote endpoint's own agent does it): denied → `403`;
+//! 4. the request goes out; its outcome (status, connect failure, reset) and
+//!    latency to the response head feed the balancer;
+//! 5. a bodiless idempotent request (GET, HEAD, OPTIONS, PUT, DELETE, TRACE)
+//!    that met a connect failure or a `503` is retried on another endpoint,
+//!    up to `retries.attempts` times and only while the retry budget allows;
+//!    otherwise the client gets what the endpoint said (or `503` for a
+//!    connect failure, `502` for a failure after sending).
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
+
+use anyhow::Context;
+use http_body_util::{Either, Full};
+use hyper::{
+    Request, Response, StatusCode, Version,
+    body::{Body, Bytes, Incoming},
+    header::{self, HeaderMap, HeaderValue},
+    http::{request::Parts, uri::Uri},
+};
+
+use super::{
+    PodHandle, ProxyContext, authz,
+    http_pool::{BoxIo, PoolKey, SendError, UpstreamBody},
+};
+use crate::{
+    balance::{Outcome, retryable},
+    l7::{Authorizer, Forward, Protocol, RequestInfo, ResponseBody, Verdict, local_response},
+    services::{PortProtocol, RequestPick, ServicePortEntry},
+};
+
+/// Sends each request of one client connection to an endpoint of `service`.
+pub struct ServiceForwarder {
+    pub proxy: Arc<ProxyContext>,
+    /// The client's pod: its identity and namespace are used upstream.
+    pub source: Arc<PodHandle>,
+    pub service: Arc<ServicePortEntry>,
+}
+
+impl Forward for ServiceForwarder {
+    fn forward(
+        &self,
+        request: Request<Incoming>,
+        downstream: Protocol,
+    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
+        Box::pin(self.serve(request, downstream == Protocol::Http1))
+    }
+}
+
+/// One attempt's claim on its endpoint; if the request is dropped (the
+/// client went away) the claim is released without an outcome.
+struct Attempt<'a> {
+    service: &'a ServicePortEntry,
+    pick: Option<RequestPick>,
+    started: Instant,
+}
+
+impl Attempt<'_> {
+    fn finish(mut self, outcome: Outcome) {
+        if let Some(pick) = self.pick.take() {
+            self.service
+                .finish_request(pick, self.started.elapsed(), outcome);
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if let Some(pick) = self.pick.take() {
+            self.service.cancel_request(pick);
+        }
+    }
+}
+
+impl ServiceForwarder {
+    async fn serve(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
+        let service = &*self.service;
+        let deadline = service
+            .config
+            .timeout_for(request.uri().path())
+            .map(|timeout| tokio::time::Instant::now() + timeout);
+        let (parts, body) = request.into_parts();
+        // A bodiless request can be sent again; one with a body is streamed
+        // once and never retried.
+        let replayable = body.is_end_stream();
+        let mut body = Some(body);
+        service.record_request();
+        let mut tried: Vec<Arc<str>> = Vec::new();
+        loop {
+            let pick = match service.pick_request(&tried) {
+                Ok(pick) => pick,
+                Err(err) => {
+                    tracing::warn!(pod = %self.source.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service: 503");
+                    return local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no healthy upstream",
+                        h1,
+                    );
+                }
+            };
+            let (id, addr) = (pick.id.clone(), pick.addr);
+            let attempt = Attempt {
+                service,
+                pick: Some(pick),
+                started: Instant::now(),
+            };
+            let target = self.proxy.local_pod(addr.ip());
+            if let Some(target) = &target
+                && let Err(by) = self.authorize_local(target, &parts, addr)
+            {
+                drop(attempt);
+                tracing::debug!(service = %service.key, endpoint = %id, policy = by, "request denied");
+                return local_response(StatusCode::FORBIDDEN, crate::l7::DENIED_BODY, false);
+            }
+            let request_body = if replayable {
+                Either::Right(Full::new(Bytes::new()))
+            } else {
+                match body.take() {
+                    Some(body) => Either::Left(body),
+                    None => unreachable!("a request with a body is sent once"),
+                }
+            };
+            let http2 = service.protocol == PortProtocol::Http2;
+            let upstream_request = upstream_request(&parts, request_body, http2, addr);
+            let key = PoolKey {
+                source_pod: self.source.key.clone(),
+                endpoint: addr,
+                http2,
+            };
+            let connect = || self.connect(addr, target.clone());
+            let sent = self.proxy.http_pool.send(&key, connect, upstream_request);
+            let result = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        attempt.finish(Outcome::Failed);
+                        service.count_timeout();
+                        tracing::info!(service = %service.key, endpoint = %id, path = parts.uri.path(), "request timed out: 504");
+                        return local_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout",
+                            h1,
+                        );
+                    }
+                },
+                None => sent.await,
+            };
+            let (outcome, response) = match result {
+                Ok(response) => (Outcome::Status(response.status().as_u16()), Some(response)),
+                Err(SendError::Connect(err)) => {
+                    tracing::info!(service = %service.key, endpoint = %id, %addr, error = format!("{err:#}"), "endpoint connect failed");
+                    (Outcome::ConnectFailed, None)
+                }
+                Err(err) => {
+                    tracing::info!(service = %service.key, endpoint = %id, %addr, error = %err, "request to the endpoint failed");
+                    (Outcome::Failed, None)
+                }
+            };
+            attempt.finish(outcome);
+            let retry = replayable
+                && retryable(parts.method.as_str(), &outcome)
+                && tried.len() < service.config.retries.attempts as usize
+                && service.try_retry();
+            if retry {
+                tracing::debug!(service = %service.key, endpoint = %id, ?outcome, "retrying on another endpoint");
+                tried.push(id);
+                continue;
+            }
+            return match (response, outcome) {
+                (Some(response), _) => response.map(Either::Left),
+                (None, Outcome::ConnectFailed) => local_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error",
+                    h1,
+                ),
+                (None, _) => local_response(StatusCode::BAD_GATEWAY, "upstream reset", h1),
+            };
+        }
+    }
+
+    /// A request to an endpoint on this node is decided here, by that pod's
+    /// policies, with the client pod's identity.
+    fn authorize_local(
+        &self,
+        target: &PodHandle,
+        parts: &Parts,
+        addr: SocketAddr,
+    ) -> Result<(), String> {
+        let source_ip = self.source.addr_like(addr.ip());
+        let authorizer = authz::ConnectionAuthorizer {
+            proxy: self.proxy.clone(),
+            pod: target.key.clone(),
+            workload: target.workload.clone(),
+            source: Some(self.source.identity.clone()),
+            source_ip,
+            remote_ip: source_ip,
+            destination: addr,
+        };
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        match authorizer.authorize(&RequestInfo {
+            method: parts.method.as_str(),
+            host,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+        }) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { reason } => Err(reason),
+        }
+    }
+
+    /// A new connection to endpoint `addr`: inside its pod if it is on this
+    /// node, through the mTLS tunnel if it is a mesh workload elsewhere,
+    /// else straight from the client's pod.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        local: Option<Arc<PodHandle>>,
+    ) -> anyhow::Result<BoxIo> {
+        let timeout = self.service.config.connect_timeout;
+        let connect = async {
+            Ok::<BoxIo, anyhow::Error>(if let Some(target) = local {
+                Box::new(self.proxy.connect_inside(&target, addr).await?)
+            } else if let Some(peer) = self.proxy.mtls.remote_peer(addr.ip()) {
+                Box::new(self.proxy.connect_tunnel(&self.source, &peer, addr).await?)
+            } else {
+                Box::new(self.proxy.connect_from(&self.source, addr).await?)
+            })
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .with_context(|| format!("connecting to {addr}: no connection after {timeout:?}"))?
+    }
+}
+
+/// The request as sent to an endpoint: the client's method, path, headers
+/// and body, in the endpoint's protocol. HTTP/1.1 gets origin-form and a
+/// `Host`; HTTP/2 gets the authority in `:authority`. Connection-specific
+/// headers stay on the client's connection.
+fn upstream_request(
+    parts: &Parts,
+    body: UpstreamBody,
+    http2: bool,
+    endpoint: SocketAddr,
+) -> Request<UpstreamBody> {
+    let mut headers = parts.headers.clone();
+    strip_connection_headers(&mut headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| endpoint.to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let (version, uri) = if http2 {
+        headers.remove(header::HOST);
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path.as_str())
+            .build()
+            .unwrap_or_else(|_| parts.uri.clone());
+        (Version::HTTP_2, uri)
+    } else {
+        if !headers.contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(&authority)
+        {
+            headers.insert(header::HOST, host);
+        }
+        let uri = path.parse().unwrap_or_else(|_| parts.uri.clone());
+        (Version::HTTP_11, uri)
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// Removes `Connection`, the headers it names, and the other hop-by-hop
+/// headers of the client's connection (RFC 9110 §7.6.1).
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(request: Request<()>) -> Parts {
+        request.into_parts().0
+    }
+
+    fn empty() -> UpstreamBody {
+        Either::Right(Full::new(Bytes::new()))
+    }
+
+    const ENDPOINT: &str = "10.1.0.7:8080";
+
+    #[test]
+    fn an_http2_client_request_to_an_http1_endpoint_gets_origin_form_and_host() {
+        let client = parts(
+            Request::get("http://web.shop:80/a/b?x=1")
+                .version(Version::HTTP_2)
+                .header("x-user", "u1")
+                .body(())
+                .unwrap(),
+        );
+        let sent = upstream_request(&client, empty(), false, ENDPOINT.parse().unwrap());
+        assert_eq!(sent.version(), Version::HTTP_11);
+        assert_eq!(sent.uri().to_string(), "/a/b?x=1");
+        assert_eq!(sent.headers()["host"], "web.shop:80");
+        assert_eq!(sent.headers()["x-user"], "u1");
+    }
+
+    #[test]
+    fn an_http1_client_request_to_an_http2_endpoint_carries_the_host_as_authority() {
+        let client = parts(
+            Request::post("/submit")
+                .header("host", "web.shop")
+                .header("connection", "keep-alive, x-hop")
+                .header("x-hop", "1")
+                .header("keep-alive", "timeout=5")
+                .header("te", "gzip")
+                .header("x-end", "2")
+                .body(())
+                .unwrap(),
+        );
+        let sent = upstream_request(&client, empty(), true, ENDPOINT.parse().unwrap());
+        assert_eq!(sent.version(), Version::HTTP_2);
+        assert_eq!(sent.uri().to_string(), "http://web.shop/submit");
+        assert_eq!(sent.method(), "POST");
+        for hop in ["host", "connection", "x-hop", "keep-alive", "te"] {
+            assert!(!sent.headers().contains_key(hop), "{hop} forwarded");
+        }
+        assert_eq!(sent.headers()["x-end"], "2");
+    }
+
+    #[test]
+    fn a_request_without_any_authority_is_addressed_to_the_endpoint() {
+        let client = parts(
+            Request::get("/")
+                .version(Version::HTTP_10)
+                .body(())
+                .unwrap(),
+        );
+        let sent = upstream_request(&client, empty(), false, ENDPOINT.parse().unwrap());
+        assert_eq!(sent.headers()["host"], ENDPOINT);
+        let sent = upstream_request(&client, empty(), true, ENDPOINT.parse().unwrap());
+        assert_eq!(sent.uri().to_string(), format!("http://{ENDPOINT}/"));
+        // `te: trailers` is the one TE value that passes (gRPC needs it).
+        let grpc = parts(
+            Request::post("/svc/M")
+                .header("te", "trailers")
+                .body(())
+                .unwrap(),
+        );
+        let sent = upstream_request(&grpc, empty(), true, ENDPOINT.parse().unwrap());
+        assert_eq!(sent.headers()["te"], "trailers");
+    }
+}
