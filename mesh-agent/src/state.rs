@@ -236,5 +236,13 @@ impl AgentState {
             self.proxy.mtls.tunnel.pooled_connections(),
         );
         m.sync_decisions(&self.proxy.decisions());
+        let services: Vec<_> = self
+            .proxy
+            .services()
+            .entries()
+            .iter()
+            .map(|entry| (entry.key.clone(), entry.stats()))
+            .collect();
+        m.sync_services(&services, self.proxy.http_pool.pooled());
     }
 }

@@ -7,7 +7,8 @@ use std::{
 };
 
 use prometheus::{
-    Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
+    Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector,
 };
 
 use crate::{
@@ -34,6 +35,14 @@ pub struct Metrics {
     tunnel_rejections: IntCounterVec,
     tunnel_pooled: IntGauge,
     decisions: IntCounterVec,
+    service_picks: IntCounterVec,
+    service_ejected: IntGaugeVec,
+    service_latency: GaugeVec,
+    service_ejections: IntCounterVec,
+    service_no_endpoint: IntCounterVec,
+    service_retries: IntCounterVec,
+    service_timeouts: IntCounterVec,
+    http_pooled: IntGauge,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
 }
@@ -129,6 +138,51 @@ impl Metrics {
                 "Authorization decisions, by deciding policy rule (`-` when allowed)",
                 &["policy", "decision"],
             ),
+            service_picks: counter(
+                "mesh_service_endpoint_picks_total",
+                "Connections (TCP ports) or request attempts (HTTP ports) given to each endpoint",
+                &["service", "endpoint"],
+            ),
+            service_ejected: IntGaugeVec::new(
+                Opts::new(
+                    "mesh_service_endpoint_ejected",
+                    "1 while an endpoint is ejected for failing",
+                ),
+                &["service", "endpoint"],
+            )
+            .expect("valid metric"),
+            service_latency: GaugeVec::new(
+                Opts::new(
+                    "mesh_service_endpoint_latency_estimate_seconds",
+                    "Peak-EWMA latency estimate the balancer uses (HTTP ports)",
+                ),
+                &["service", "endpoint"],
+            )
+            .expect("valid metric"),
+            service_ejections: counter(
+                "mesh_service_ejections_total",
+                "Endpoints ejected for consecutive failures",
+                &["service"],
+            ),
+            service_no_endpoint: counter(
+                "mesh_service_no_endpoint_total",
+                "Connections reset or requests answered 503 because the service had no endpoint",
+                &["service"],
+            ),
+            service_retries: counter(
+                "mesh_service_retries_total",
+                "Retries of HTTP requests: granted, or refused by the retry budget",
+                &["service", "result"],
+            ),
+            service_timeouts: counter(
+                "mesh_service_request_timeouts_total",
+                "HTTP requests answered 504 because their route's timeout passed",
+                &["service"],
+            ),
+            http_pooled: gauge(
+                "mesh_http_pool_connections",
+                "Pooled upstream connections of HTTP service ports",
+            ),
             last_totals: Mutex::default(),
             registry,
         };
@@ -158,6 +212,14 @@ impl Metrics {
             Box::new(m.tunnel_rejections.clone()),
             Box::new(m.tunnel_pooled.clone()),
             Box::new(m.decisions.clone()),
+            Box::new(m.service_picks.clone()),
+            Box::new(m.service_ejected.clone()),
+            Box::new(m.service_latency.clone()),
+            Box::new(m.service_ejections.clone()),
+            Box::new(m.service_no_endpoint.clone()),
+            Box::new(m.service_retries.clone()),
+            Box::new(m.service_timeouts.clone()),
+            Box::new(m.http_pooled.clone()),
             Box::new(build_info),
         ];
         for collector in collectors {
@@ -265,6 +327,47 @@ impl Metrics {
         for ((policy, decision), total) in decisions {
             self.sync(&self.decisions, &[policy, decision], *total);
         }
+    }
+
+    /// Balancer state of every service port; per-endpoint series follow the
+    /// endpoints in the file (bounded by it).
+    pub fn sync_services(
+        &self,
+        services: &[(String, crate::services::ServicePortStats)],
+        pooled: usize,
+    ) {
+        self.service_ejected.reset();
+        self.service_latency.reset();
+        for (service, stats) in services {
+            for endpoint in &stats.balancer.endpoints {
+                let labels = [service.as_str(), endpoint.id.as_str()];
+                self.sync(&self.service_picks, &labels, endpoint.picks);
+                self.service_ejected
+                    .with_label_values(&labels)
+                    .set(i64::from(endpoint.ejected));
+                self.service_latency
+                    .with_label_values(&labels)
+                    .set(endpoint.ewma.as_secs_f64());
+            }
+            self.sync(
+                &self.service_ejections,
+                &[service],
+                stats.balancer.ejections,
+            );
+            self.sync(&self.service_no_endpoint, &[service], stats.no_endpoint);
+            self.sync(
+                &self.service_retries,
+                &[service, "allowed"],
+                stats.retries.allowed,
+            );
+            self.sync(
+                &self.service_retries,
+                &[service, "budget_exhausted"],
+                stats.retries.denied,
+            );
+            self.sync(&self.service_timeouts, &[service], stats.timeouts);
+        }
+        self.http_pooled.set(pooled as i64);
     }
 
     pub fn render(&self) -> String {

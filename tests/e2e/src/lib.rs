@@ -2,6 +2,7 @@
 //! it what it saw, and look at the kernel's own view of what is attached.
 
 pub mod agent;
+pub mod backend;
 pub mod kernel;
 pub mod mesh;
 

@@ -1,0 +1,500 @@
+//! Services on HTTP ports: every request is balanced on its own (one client
+//! connection spreads over all endpoints), slow endpoints are avoided, failing
+//! ones ejected with retries hiding the failures, canaries get their share,
+//! local endpoints are preferred, endpoints change under traffic without a
+//! failed request, and routes time out with 504.
+//!
+//! The mesh: client `a` and endpoint `b` on n1; endpoints `c`, `d` on n2 and
+//! `e` on n3. Every node runs an agent (remote endpoints are reached through
+//! the mTLS tunnel); the client's agent balances. The client is `http-load`, a
+//! hyper client that makes real requests over a fixed number of connections
+//! and reports per endpoint (by the `x-served-by` answer header).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use mesh_e2e::{
+    NodeAgent,
+    backend::HttpBackend,
+    mesh::{NodeIssuer, TestCa, start_mesh},
+};
+use mesh_testbed::{Pod, Topology, e2e_enabled, wait_until};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+const WEB: &str = "10.96.0.30";
+const LOCAL: &str = "10.96.0.31";
+const CANARY: &str = "10.96.0.32";
+const EMPTY: &str = "10.96.0.33";
+const WEB_H2: &str = "10.96.0.34";
+
+/// What `http-load` reports.
+struct Load {
+    json: Value,
+}
+
+impl Load {
+    fn requests(&self) -> u64 {
+        self.json["requests"].as_u64().unwrap()
+    }
+    fn ok(&self) -> u64 {
+        self.json["ok"].as_u64().unwrap()
+    }
+    fn errors(&self) -> u64 {
+        self.json["errors"].as_u64().unwrap()
+    }
+    fn status(&self, code: u16) -> u64 {
+        self.json["statuses"][code.to_string()]
+            .as_u64()
+            .unwrap_or(0)
+    }
+    fn served_by(&self, endpoint: &str) -> u64 {
+        self.json["tally"][endpoint].as_u64().unwrap_or(0)
+    }
+    fn p99_us(&self) -> u64 {
+        self.json["latency_us"]["p99"].as_u64().unwrap()
+    }
+    fn endpoint_p99_us(&self, endpoint: &str) -> u64 {
+        self.json["tally_latency_us"][endpoint]["p99"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+    fn all_ok(&self) -> bool {
+        self.ok() == self.requests() && self.errors() == 0
+    }
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests: ok {}, errors {} {}, statuses {}, by endpoint {}, p50 {} us, p99 {} us",
+            self.requests(),
+            self.ok(),
+            self.errors(),
+            self.json["error_kinds"],
+            self.json["statuses"],
+            self.json["tally"],
+            self.json["latency_us"]["p50"],
+            self.json["latency_us"]["p99"]
+        )
+    }
+}
+
+/// Runs `http-load` in `client` (its cgroup and netns: captured) with `args`.
+fn load(client: &Pod, url: &str, args: &[&str]) -> Load {
+    let mut all = vec!["--url", url];
+    all.extend_from_slice(args);
+    let out = client
+        .run(
+            env!("CARGO_BIN_EXE_http-load"),
+            &all,
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("http-load: {e:#}"));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "http-load output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    Load { json }
+}
+
+fn endpoint(pod: &Pod, labels: &str) -> String {
+    format!(
+        "      - {{name: {}, address: {}, node: {}, labels: {{{labels}}}}}\n",
+        pod.name(),
+        pod.ipv4(),
+        pod.node_name()
+    )
+}
+
+/// `services.yaml` for the client's node: the services under test over `web`
+/// (the endpoints of the main service).
+fn services_yaml(topo: &Topology, web: &[&str]) -> String {
+    let (b, c, d, e) = (topo.pod("b"), topo.pod("c"), topo.pod("d"), topo.pod("e"));
+    let web_endpoints: String = web
+        .iter()
+        .map(|name| endpoint(topo.pod(name), ""))
+        .collect();
+    format!(
+        "services:
+  - name: web
+    namespace: default
+    vips: [{WEB}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    requestTimeout: 10s
+    routes:
+      - {{pathPrefix: /quick/, timeout: 300ms}}
+    outlierDetection: {{consecutiveFailures: 3, baseEjectionTime: 2s}}
+    endpoints:
+{web_endpoints}  - name: web-h2
+    namespace: default
+    vips: [{WEB_H2}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http2}}]
+    locality: none
+    endpoints:
+{}{}{}  - name: local
+    namespace: default
+    vips: [{LOCAL}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: preferNode
+    endpoints:
+{}{}{}  - name: canary
+    namespace: default
+    vips: [{CANARY}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    subsets:
+      - {{name: stable, weight: 95, labels: {{version: v1}}}}
+      - {{name: canary, weight: 5, labels: {{version: v2}}}}
+    endpoints:
+{}{}{}  - name: empty
+    namespace: default
+    vips: [{EMPTY}]
+    ports: [{{port: 80, protocol: http}}]
+",
+        endpoint(c, ""),
+        endpoint(d, ""),
+        endpoint(e, ""),
+        endpoint(b, ""),
+        endpoint(c, ""),
+        endpoint(e, ""),
+        endpoint(c, "version: v1"),
+        endpoint(d, "version: v1"),
+        endpoint(e, "version: v2"),
+    )
+}
+
+/// The value of the metric line starting with `series` (name and labels).
+fn metric(agent: &NodeAgent, series: &str) -> Option<f64> {
+    let (status, text) = agent.get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|line| line.strip_prefix(series))
+        .and_then(|rest| rest.trim().parse().ok())
+}
+
+/// The agent's balancer metrics, for failure messages.
+fn service_metrics(agent: &NodeAgent) -> String {
+    let (_, text) = agent.get("/metrics").unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("mesh_service"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn ejected(agent: &NodeAgent, endpoint: &str) -> bool {
+    metric(
+        agent,
+        &format!(
+            r#"mesh_service_endpoint_ejected{{endpoint="{endpoint}",service="default/web:80"}}"#
+        ),
+    ) == Some(1.0)
+}
+
+struct Mesh {
+    topo: Topology,
+}
+
+fn mesh(name: &str) -> Mesh {
+    let topo = Topology::builder(name)
+        .node("n1", &["a", "b"])
+        .node("n2", &["c", "d"])
+        .node("n3", &["e"])
+        .build()
+        .unwrap();
+    Mesh { topo }
+}
+
+#[test]
+fn http_requests_are_balanced_per_request_around_slow_and_failing_endpoints() {
+    if !e2e_enabled("http_requests_are_balanced_per_request_around_slow_and_failing_endpoints") {
+        return;
+    }
+    let Mesh { topo } = mesh("svc-http");
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let issuers: Vec<NodeIssuer> = topo
+        .nodes()
+        .iter()
+        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
+        .collect();
+    let agents = start_mesh(&topo, &issuers, "1h").unwrap();
+    let backends: BTreeMap<&str, HttpBackend> = ["b", "c", "d", "e"]
+        .into_iter()
+        .map(|name| {
+            (
+                name,
+                HttpBackend::start(topo.pod(name), PORT, name).unwrap(),
+            )
+        })
+        .collect();
+    let client_agent = &agents[0];
+    let generation = client_agent.status().unwrap().config_generation;
+    client_agent
+        .write_file("services.yaml", &services_yaml(&topo, &["c", "d", "e"]))
+        .unwrap();
+    client_agent.wait_generation_after(generation).unwrap();
+    let a = topo.pod("a");
+    let web = format!("http://{WEB}/");
+
+    // Even spread: 1,500 requests, one after the other, on ONE client
+    // connection, over three equal endpoints on two other nodes.
+    let spread = load(a, &web, &["--requests", "1500", "--connections", "1"]);
+    eprintln!("even spread: {spread}");
+    assert!(spread.all_ok(), "{spread}");
+    assert_eq!(spread.json["connections"], 1);
+    for name in ["c", "d", "e"] {
+        let share = spread.served_by(name) as f64 / 1500.0;
+        assert!(
+            (0.23..=0.43).contains(&share),
+            "{name} served {share:.3} of the requests (a third ± 0.1): {spread}"
+        );
+    }
+
+    // The same over HTTP/2 to an http2 port: 8 requests in flight on one
+    // client connection, multiplexed to every endpoint.
+    let h2 = load(
+        a,
+        &format!("http://{WEB_H2}/"),
+        &[
+            "--requests",
+            "600",
+            "--connections",
+            "1",
+            "--concurrency",
+            "8",
+            "--http2",
+        ],
+    );
+    eprintln!("HTTP/2: {h2}");
+    assert!(h2.all_ok(), "{h2}");
+    for name in ["c", "d", "e"] {
+        assert!(h2.served_by(name) >= 100, "{name}: {h2}");
+    }
+
+    // One endpoint failing (503 on every request): ejected after three
+    // failures; the client sees no failure, thanks to retries within budget.
+    backends["e"].set_status(503);
+    let failing = load(a, &web, &["--requests", "1500", "--connections", "1"]);
+    eprintln!("e failing: {failing}");
+    assert!(failing.all_ok(), "the client saw failures: {failing}");
+    assert_eq!(failing.served_by("e"), 0, "{failing}");
+    assert!(
+        ejected(client_agent, "e"),
+        "e is not ejected: {}",
+        service_metrics(client_agent)
+    );
+    let served_503 = backends["e"].served_with(503);
+    let retries = metric(
+        client_agent,
+        r#"mesh_service_retries_total{result="allowed",service="default/web:80"}"#,
+    )
+    .unwrap_or(0.0);
+    eprintln!("e answered {served_503} requests with 503; retries granted: {retries}");
+    assert!(retries >= 3.0, "the failures were not retried");
+    // The budget: 20% of the requests plus 10/s over the 10 s window.
+    assert!(retries <= 0.2 * 5600.0 + 100.0, "retries {retries}");
+    assert!(
+        (served_503 as f64) < 1500.0 * 0.05,
+        "an ejected endpoint kept getting requests: {served_503}"
+    );
+
+    // Recovered: re-admitted after its ejection time, and gets traffic again.
+    backends["e"].set_status(200);
+    let before = backends["e"].served();
+    wait_until(
+        "e to be re-admitted and served again",
+        Duration::from_secs(30),
+        || {
+            let round = load(a, &web, &["--requests", "100", "--connections", "1"]);
+            assert!(round.all_ok(), "{round}");
+            Ok(backends["e"].served() > before + 10 && !ejected(client_agent, "e"))
+        },
+    )
+    .unwrap();
+
+    // One endpoint slow (+100 ms): its share drops far below a third and the
+    // client's p99 stays near the healthy endpoints' latency.
+    backends["e"].set_delay(Duration::from_millis(100));
+    let slow = load(
+        a,
+        &web,
+        &[
+            "--requests",
+            "2000",
+            "--connections",
+            "4",
+            "--concurrency",
+            "4",
+        ],
+    );
+    eprintln!("e slow: {slow}");
+    assert!(slow.all_ok(), "{slow}");
+    let slow_share = slow.served_by("e") as f64 / 2000.0;
+    let healthy_p99 = slow.endpoint_p99_us("c").max(slow.endpoint_p99_us("d"));
+    eprintln!(
+        "slow endpoint share {slow_share:.4}; client p99 {} us; healthy endpoints' p99 {healthy_p99} us",
+        slow.p99_us()
+    );
+    assert!(
+        slow_share < 0.05,
+        "the slow endpoint got {slow_share:.3}: {slow}"
+    );
+    assert!(
+        slow.p99_us() < 100_000 && slow.p99_us() <= healthy_p99 * 2 + 5_000,
+        "client p99 {} us against healthy p99 {healthy_p99} us: {slow}",
+        slow.p99_us()
+    );
+    backends["e"].set_delay(Duration::ZERO);
+
+    // A 95/5 split by version label, over 2,000 requests: the canary (e) gets
+    // 5% (100), within four standard deviations (~10 each).
+    let canary = load(
+        a,
+        &format!("http://{CANARY}/"),
+        &["--requests", "2000", "--connections", "2"],
+    );
+    eprintln!("95/5: {canary}");
+    assert!(canary.all_ok(), "{canary}");
+    let to_canary = canary.served_by("e");
+    assert!(
+        (60..=140).contains(&to_canary),
+        "canary got {to_canary}: {canary}"
+    );
+
+    // Locality: with a healthy endpoint on the client's node, it gets it all.
+    let local = load(a, &format!("http://{LOCAL}/"), &["--requests", "300"]);
+    eprintln!("preferNode: {local}");
+    assert!(local.all_ok(), "{local}");
+    assert_eq!(local.served_by("b"), 300, "{local}");
+
+    // No endpoint at all: 503 at once, counted.
+    let none = load(a, &format!("http://{EMPTY}/"), &["--requests", "5"]);
+    assert_eq!(none.status(503), 5, "{none}");
+    assert_eq!(
+        metric(
+            client_agent,
+            r#"mesh_service_no_endpoint_total{service="default/empty:80"}"#
+        ),
+        Some(5.0)
+    );
+
+    // A route's timeout: /quick/ has 300 ms; every endpoint now takes 1 s.
+    for backend in backends.values() {
+        backend.set_delay(Duration::from_secs(1));
+    }
+    let quick = load(
+        a,
+        &format!("http://{WEB}/quick/report"),
+        &["--requests", "3", "--connections", "1"],
+    );
+    eprintln!("route timeout: {quick}");
+    assert_eq!(quick.status(504), 3, "{quick}");
+    assert!(quick.p99_us() < 900_000, "{quick}");
+    // Other paths have the service's 10 s and succeed.
+    let patient = load(a, &web, &["--requests", "2", "--connections", "1"]);
+    assert!(patient.all_ok(), "{patient}");
+    assert!(
+        metric(
+            client_agent,
+            r#"mesh_service_request_timeouts_total{service="default/web:80"}"#
+        ) >= Some(3.0)
+    );
+    drop(backends);
+    drop(agents);
+}
+
+#[test]
+fn http_endpoints_change_under_traffic_without_a_failed_request() {
+    if !e2e_enabled("http_endpoints_change_under_traffic_without_a_failed_request") {
+        return;
+    }
+    let Mesh { topo } = mesh("svc-http-chg");
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let issuers: Vec<NodeIssuer> = topo
+        .nodes()
+        .iter()
+        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
+        .collect();
+    let agents = start_mesh(&topo, &issuers, "1h").unwrap();
+    let backends: BTreeMap<&str, HttpBackend> = ["b", "c", "d", "e"]
+        .into_iter()
+        .map(|name| {
+            let backend = HttpBackend::start(topo.pod(name), PORT, name).unwrap();
+            // Requests take a while, so some are in flight at every change.
+            backend.set_delay(Duration::from_millis(20));
+            (name, backend)
+        })
+        .collect();
+    let client_agent = &agents[0];
+    let apply = |web: &[&str]| {
+        let generation = client_agent.status().unwrap().config_generation;
+        client_agent
+            .write_file("services.yaml", &services_yaml(&topo, web))
+            .unwrap();
+        client_agent.wait_generation_after(generation).unwrap();
+    };
+    apply(&["c", "d", "e"]);
+
+    // 100 requests/s for 6 s over one HTTP/2 connection (8 in flight at most)
+    // while the endpoints change: d leaves; c leaves and d comes back.
+    let a = topo.pod("a");
+    let url = format!("http://{WEB}/");
+    let mut client = a
+        .spawn(
+            env!("CARGO_BIN_EXE_http-load"),
+            &[
+                "--url",
+                &url,
+                "--requests",
+                "600",
+                "--rate",
+                "100",
+                "--connections",
+                "2",
+                "--concurrency",
+                "8",
+                "--http2",
+            ],
+        )
+        .unwrap();
+    wait_until("traffic to flow", Duration::from_secs(10), || {
+        Ok(backends["d"].served() > 20)
+    })
+    .unwrap();
+    apply(&["c", "e"]);
+    let d_after_removal = backends["d"].served();
+    let e_then = backends["e"].served();
+    wait_until("traffic on the new set", Duration::from_secs(10), || {
+        Ok(backends["e"].served() > e_then + 30)
+    })
+    .unwrap();
+    let d_while_removed = backends["d"].served() - d_after_removal;
+    assert!(
+        d_while_removed <= 8,
+        "d served {d_while_removed} after its removal"
+    );
+    apply(&["d", "e"]);
+    let c_after_removal = backends["c"].served();
+    let out = client.wait_with_deadline(Duration::from_secs(60)).unwrap();
+    let result = Load {
+        json: serde_json::from_slice(&out.stdout).unwrap(),
+    };
+    eprintln!("endpoints changing under traffic: {result}");
+    assert!(result.all_ok(), "{result}");
+    // A removed endpoint gets no new requests: at most the ones that were in
+    // flight when the change applied (8).
+    assert!(
+        backends["c"].served() <= c_after_removal + 8,
+        "c served {} after its removal",
+        backends["c"].served() - c_after_removal
+    );
+    assert!(
+        backends["d"].served() > d_after_removal + 8,
+        "d got no requests after coming back"
+    );
+    drop(backends);
+    drop(agents);
+}
