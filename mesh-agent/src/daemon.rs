@@ -57,7 +57,12 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         .map_err(|e| anyhow!("invalid policy: {e}"))?;
     tracing::info!(policies = policies.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
     proxy.set_policies(policies.compile(&node.root_namespace));
-    proxy.set_services(ServiceTable::build(&config.services, &node.name, None)?);
+    proxy.set_services(ServiceTable::build(
+        &config.services,
+        &node.name,
+        &node.trust_domain,
+        None,
+    )?);
     let mut enroller = Enroller::new(programs, proxy.clone());
     enroller.reconcile(&config.pods);
     let released = enroller.programs.release_inherited();
@@ -152,7 +157,12 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
                     Err(err) => tracing::error!(error = %err, "policies not applied"),
                 }
                 let previous = state.proxy.services();
-                match ServiceTable::build(&new.services, &current.node.name, Some(&previous)) {
+                match ServiceTable::build(
+                    &new.services,
+                    &current.node.name,
+                    &current.node.trust_domain,
+                    Some(&previous),
+                ) {
                     Ok(services) => state.proxy.set_services(services),
                     Err(err) => tracing::error!(error = format!("{err:#}"), "services not applied"),
                 }

@@ -21,6 +21,8 @@ use crate::{
         ServiceStats, SplitMix64, Subset,
     },
     config::{LocalityConfig, ServiceConfig},
+    identity::SpiffeId,
+    mtls::RemotePeer,
 };
 
 /// What the endpoints of a port speak.
@@ -54,6 +56,9 @@ pub struct ServicePortEntry {
     /// ejection, retries): a change of it needs a new balancer; a change of
     /// endpoints or timeouts only an update.
     shape: (balance::ServiceConfig, RetryBudgetConfig),
+    /// Endpoints that are mesh workloads (a service account is given), by
+    /// address: the identity their tunnel peer must prove.
+    peers: HashMap<SocketAddr, Arc<RemotePeer>>,
     /// Kept across reloads that keep the shape; in-flight connections and
     /// requests report to it through the entry they started with.
     state: Arc<PortState>,
@@ -72,6 +77,8 @@ struct PortState {
 /// An endpoint chosen for one connection; report its end with [`ServicePortEntry::done`].
 pub struct Chosen {
     pub addr: SocketAddr,
+    /// The identity the endpoint must prove, if the file names one.
+    pub peer: Option<Arc<RemotePeer>>,
     token: ConnectionToken,
 }
 
@@ -80,6 +87,8 @@ pub struct Chosen {
 pub struct RequestPick {
     pub id: Arc<str>,
     pub addr: SocketAddr,
+    /// The identity the endpoint must prove, if the file names one.
+    pub peer: Option<Arc<RemotePeer>>,
     token: RequestToken,
 }
 
@@ -94,6 +103,7 @@ impl ServicePortEntry {
         let token = balancer.on_open(&pick.id);
         Ok(Chosen {
             addr: pick.addr,
+            peer: self.peers.get(&pick.addr).cloned(),
             token,
         })
     }
@@ -122,6 +132,7 @@ impl ServicePortEntry {
         })?;
         let token = balancer.start_request(&pick.id);
         Ok(RequestPick {
+            peer: self.peers.get(&pick.addr).cloned(),
             id: pick.id,
             addr: pick.addr,
             token,
@@ -221,6 +232,7 @@ impl ServiceTable {
     pub fn build(
         services: &[ServiceConfig],
         node: &str,
+        trust_domain: &str,
         previous: Option<&ServiceTable>,
     ) -> Result<Self> {
         let kept: HashMap<String, Arc<ServicePortEntry>> = previous
@@ -267,6 +279,24 @@ impl ServiceTable {
                     ..RetryBudgetConfig::default()
                 };
                 let shape = (config, budget);
+                let mut peers = HashMap::new();
+                for e in &svc.endpoints {
+                    let Some(sa) = &e.service_account else {
+                        continue;
+                    };
+                    let namespace = e.namespace.as_deref().unwrap_or(&svc.namespace);
+                    let identity = SpiffeId::new(trust_domain, namespace, sa).map_err(|err| {
+                        anyhow!("service {} endpoint {}: {err}", svc.key(), e.name)
+                    })?;
+                    peers.insert(
+                        SocketAddr::new(e.address, target),
+                        Arc::new(RemotePeer {
+                            key: format!("{namespace}/{}", e.name),
+                            node: e.node.clone(),
+                            identity,
+                        }),
+                    );
+                }
                 let key = format!("{}:{}", svc.key(), port.port);
                 let endpoints: Vec<Endpoint> = svc
                     .endpoints
@@ -301,6 +331,7 @@ impl ServiceTable {
                             protocol,
                             config: svc.clone(),
                             shape: shape.clone(),
+                            peers,
                             state: old.state.clone(),
                         })
                     }
@@ -321,6 +352,7 @@ impl ServiceTable {
                             protocol,
                             config: svc.clone(),
                             shape,
+                            peers,
                             state: Arc::new(PortState {
                                 balancer: Mutex::new(balancer),
                                 budget: Mutex::new(budget),
@@ -385,6 +417,8 @@ mod tests {
                     zone: None,
                     weight: 1,
                     labels: [("version".to_string(), version.to_string())].into(),
+                    service_account: None,
+                    namespace: None,
                 })
                 .collect(),
             subsets,
@@ -404,8 +438,13 @@ mod tests {
     fn a_reload_keeps_the_balancer_of_an_unchanged_service_port() {
         let one = [("e1", "10.2.0.2", "v1")];
         let two = [("e1", "10.2.0.2", "v1"), ("e2", "10.2.0.3", "v1")];
-        let first = ServiceTable::build(&[service(LocalityConfig::None, &one, vec![])], "n1", None)
-            .unwrap();
+        let first = ServiceTable::build(
+            &[service(LocalityConfig::None, &one, vec![])],
+            "n1",
+            "cluster.local",
+            None,
+        )
+        .unwrap();
         let endpoint = first.lookup(vip()).unwrap().choose().unwrap();
         assert_eq!(
             endpoint.addr,
@@ -417,6 +456,7 @@ mod tests {
         let second = ServiceTable::build(
             &[service(LocalityConfig::None, &two, vec![])],
             "n1",
+            "cluster.local",
             Some(&first),
         )
         .unwrap();
@@ -429,6 +469,7 @@ mod tests {
         let third = ServiceTable::build(
             &[service(LocalityConfig::PreferNode, &two, vec![])],
             "n1",
+            "cluster.local",
             Some(&second),
         )
         .unwrap();
@@ -462,6 +503,7 @@ mod tests {
         let table = ServiceTable::build(
             &[service(LocalityConfig::None, &endpoints, subsets)],
             "n1",
+            "cluster.local",
             None,
         )
         .unwrap();
@@ -484,8 +526,13 @@ mod tests {
 
     #[test]
     fn a_service_without_endpoints_gives_none() {
-        let table =
-            ServiceTable::build(&[service(LocalityConfig::None, &[], vec![])], "n1", None).unwrap();
+        let table = ServiceTable::build(
+            &[service(LocalityConfig::None, &[], vec![])],
+            "n1",
+            "cluster.local",
+            None,
+        )
+        .unwrap();
         assert!(table.lookup(vip()).unwrap().choose().is_err());
     }
 }

@@ -203,6 +203,16 @@ fn validate_services(
                 ));
             }
         }
+        for (k, endpoint) in svc.endpoints.iter().enumerate() {
+            if let Some(sa) = &endpoint.service_account {
+                let namespace = endpoint.namespace.as_deref().unwrap_or(&svc.namespace);
+                if let Err(e) = crate::identity::SpiffeId::new("cluster.local", namespace, sa) {
+                    return Err(ConfigError::new(path, e.to_string())
+                        .with_field(format!("services[{i}].endpoints[{k}].serviceAccount"))
+                        .with_line(error::find_line(text, "serviceAccount", sa)));
+                }
+            }
+        }
         for (k, route) in svc.routes.iter().enumerate() {
             if !route.path_prefix.starts_with('/') {
                 return Err(ConfigError::new(path, "must start with /")

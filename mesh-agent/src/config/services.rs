@@ -154,6 +154,16 @@ pub struct EndpointConfig {
     pub weight: u32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The endpoint's service account: it is a mesh workload, reached from
+    /// other nodes only through the mTLS tunnel, whose peer must prove
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>`. Without
+    /// it, an endpoint listed in workloads.yaml is handled as that workload,
+    /// and any other is dialled directly (outside the mesh).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// The endpoint's namespace (default: the service's).
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 fn default_protocol() -> String {

@@ -2,8 +2,10 @@
 //! of many client connections share upstream connections, and one client
 //! connection spreads over all endpoints.
 //!
-//! A pool is keyed by (source pod, endpoint, protocol): the source pod decides
-//! the identity a tunnel presents and the namespace a connection leaves from.
+//! A pool is keyed by (source pod, endpoint, expected peer identity,
+//! protocol): the source pod decides the identity a tunnel presents and the
+//! namespace a connection leaves from; the peer identity is what the
+//! connection's TLS handshake verified.
 //! - HTTP/1.1: idle keep-alive connections are reused one request at a time;
 //!   when none is ready a new one is dialled; at most `max_idle` are kept.
 //! - HTTP/2: one connection per key, multiplexed; replaced when it closes.
@@ -42,6 +44,9 @@ pub type BoxIo = Box<dyn Io>;
 pub struct PoolKey {
     pub source_pod: String,
     pub endpoint: SocketAddr,
+    /// The identity the endpoint proved (tunnel), if any: a connection made
+    /// for one expected identity never serves another.
+    pub peer_identity: Option<String>,
     pub http2: bool,
 }
 

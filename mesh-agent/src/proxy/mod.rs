@@ -442,10 +442,12 @@ impl ProxyContext {
             return;
         }
         let mut chosen = None;
+        let mut endpoint_peer = None;
         if let Some(service) = &service {
             match service.choose() {
                 Ok(endpoint) => {
                     dst = endpoint.addr;
+                    endpoint_peer = endpoint.peer.clone();
                     chosen = Some(endpoint);
                 }
                 Err(err) => {
@@ -486,7 +488,7 @@ impl ProxyContext {
                 return;
             }
             self.connect_inside(&target, dst).await.map(Upstream::Tcp)
-        } else if let Some(peer) = self.mtls.remote_peer(dst.ip()) {
+        } else if let Some(peer) = endpoint_peer.or_else(|| self.mtls.remote_peer(dst.ip())) {
             record.upstream = format!("tunnel:{}", peer.key);
             record.peer_identity = Some(peer.identity.to_string());
             record.security = "mutual_tls".to_string();

@@ -109,7 +109,7 @@ impl ServiceForwarder {
                     );
                 }
             };
-            let (id, addr) = (pick.id.clone(), pick.addr);
+            let (id, addr, peer) = (pick.id.clone(), pick.addr, pick.peer.clone());
             let attempt = Attempt {
                 service,
                 pick: Some(pick),
@@ -133,12 +133,19 @@ impl ServiceForwarder {
             };
             let http2 = service.protocol == PortProtocol::Http2;
             let upstream_request = upstream_request(&parts, request_body, http2, addr);
+            // The identity the connection will verify, decided now so the
+            // pool key says which connections may serve this request.
+            let peer = match &target {
+                Some(_) => None,
+                None => peer.or_else(|| self.proxy.mtls.remote_peer(addr.ip())),
+            };
             let key = PoolKey {
                 source_pod: self.source.key.clone(),
                 endpoint: addr,
+                peer_identity: peer.as_ref().map(|p| p.identity.to_string()),
                 http2,
             };
-            let connect = || self.connect(addr, target.clone());
+            let connect = || self.connect(addr, target.clone(), peer.clone());
             let sent = self.proxy.http_pool.send(&key, connect, upstream_request);
             let result = match deadline {
                 Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
@@ -230,18 +237,19 @@ impl ServiceForwarder {
     }
 
     /// A new connection to endpoint `addr`: inside its pod if it is on this
-    /// node, through the mTLS tunnel if it is a mesh workload elsewhere,
-    /// else straight from the client's pod.
+    /// node, through the mTLS tunnel to `peer` if it is a mesh workload
+    /// elsewhere, else straight from the client's pod.
     async fn connect(
         &self,
         addr: SocketAddr,
         local: Option<Arc<PodHandle>>,
+        peer: Option<Arc<crate::mtls::RemotePeer>>,
     ) -> anyhow::Result<BoxIo> {
         let timeout = self.service.config.connect_timeout;
         let connect = async {
             Ok::<BoxIo, anyhow::Error>(if let Some(target) = local {
                 Box::new(self.proxy.connect_inside(&target, addr).await?)
-            } else if let Some(peer) = self.proxy.mtls.remote_peer(addr.ip()) {
+            } else if let Some(peer) = peer {
                 Box::new(self.proxy.connect_tunnel(&self.source, &peer, addr).await?)
             } else {
                 Box::new(self.proxy.connect_from(&self.source, addr).await?)

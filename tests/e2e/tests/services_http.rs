@@ -26,6 +26,7 @@ const LOCAL: &str = "10.96.0.31";
 const CANARY: &str = "10.96.0.32";
 const EMPTY: &str = "10.96.0.33";
 const WEB_H2: &str = "10.96.0.34";
+const PINNED: &str = "10.96.0.35";
 
 /// What `http-load` reports.
 struct Load {
@@ -186,10 +187,14 @@ fn service_metrics(agent: &NodeAgent) -> String {
 }
 
 fn ejected(agent: &NodeAgent, endpoint: &str) -> bool {
+    ejected_from(agent, "web", endpoint)
+}
+
+fn ejected_from(agent: &NodeAgent, service: &str, endpoint: &str) -> bool {
     metric(
         agent,
         &format!(
-            r#"mesh_service_endpoint_ejected{{endpoint="{endpoint}",service="default/web:80"}}"#
+            r#"mesh_service_endpoint_ejected{{endpoint="{endpoint}",service="default/{service}:80"}}"#
         ),
     ) == Some(1.0)
 }
@@ -273,6 +278,31 @@ fn http_requests_are_balanced_per_request_around_slow_and_failing_endpoints() {
     for name in ["c", "d", "e"] {
         assert!(h2.served_by(name) >= 100, "{name}: {h2}");
     }
+
+    // One endpoint refusing connections (its pooled ones reset too): the
+    // connect failures are retried on the others, and it is ejected.
+    backends["e"].refuse();
+    let refused = load(
+        a,
+        &format!("http://{WEB_H2}/"),
+        &[
+            "--requests",
+            "600",
+            "--connections",
+            "1",
+            "--concurrency",
+            "4",
+            "--http2",
+        ],
+    );
+    eprintln!("e refusing connections: {refused}");
+    assert!(refused.all_ok(), "the client saw failures: {refused}");
+    assert!(
+        ejected_from(client_agent, "web-h2", "e"),
+        "e is not ejected: {}",
+        service_metrics(client_agent)
+    );
+    backends["e"].resume();
 
     // One endpoint failing (503 on every request): ejected after three
     // failures; the client sees no failure, thanks to retries within budget.
@@ -495,6 +525,36 @@ fn http_endpoints_change_under_traffic_without_a_failed_request() {
         backends["d"].served() > d_after_removal + 8,
         "d got no requests after coming back"
     );
+
+    // An endpoint's service account in services.yaml is the identity its
+    // tunnel peer must prove: a wrong one fails the handshake (503, nothing
+    // sent in plaintext); the right one works.
+    let e = topo.pod("e");
+    let pinned = |sa: &str| {
+        format!(
+            "services:\n  - name: pinned\n    namespace: default\n    vips: [{PINNED}]\n    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]\n    retries: {{attempts: 0}}\n    endpoints:\n      - {{name: e, address: {}, node: n3, serviceAccount: {sa}}}\n",
+            e.ipv4()
+        )
+    };
+    let served_before = backends["e"].served();
+    let generation = client_agent.status().unwrap().config_generation;
+    client_agent
+        .write_file("services.yaml", &pinned("not-e"))
+        .unwrap();
+    client_agent.wait_generation_after(generation).unwrap();
+    let url = format!("http://{PINNED}/");
+    let wrong = load(a, &url, &["--requests", "3"]);
+    eprintln!("endpoint with the wrong service account: {wrong}");
+    assert_eq!(wrong.status(503), 3, "{wrong}");
+    assert_eq!(backends["e"].served(), served_before, "a request reached e");
+    let generation = client_agent.status().unwrap().config_generation;
+    client_agent
+        .write_file("services.yaml", &pinned("e"))
+        .unwrap();
+    client_agent.wait_generation_after(generation).unwrap();
+    let right = load(a, &url, &["--requests", "3"]);
+    assert!(right.all_ok(), "{right}");
+    assert_eq!(right.served_by("e"), 3, "{right}");
     drop(backends);
     drop(agents);
 }
