@@ -359,3 +359,35 @@ fn bad_http_service_settings_name_the_field_and_line() {
     assert!(err.message.contains("perTryTimeout"), "{err}");
     assert_eq!(err.line, Some(16), "{err}");
 }
+
+/// The `yaml` blocks of a document, in order.
+fn yaml_blocks(doc: &str) -> Vec<String> {
+    doc.split("```yaml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn the_services_reference_example_loads() {
+    let blocks = yaml_blocks(include_str!("../../../docs/services.md"));
+    assert_eq!(blocks.len(), 1, "docs/services.md has one example");
+    let dir = dir_with(NODE, None);
+    write(dir.path(), SERVICES_FILE, &blocks[0]);
+    let cfg = load_dir(dir.path()).unwrap_or_else(|e| panic!("docs/services.md example: {e}"));
+    let svc = &cfg.services[0];
+    assert_eq!(svc.endpoints[0].service_account.as_deref(), Some("web"));
+    assert_eq!(svc.subsets.len(), 2);
+}
+
+#[test]
+fn the_readme_services_example_loads() {
+    let readme = include_str!("../../../README.md");
+    let block = yaml_blocks(readme)
+        .into_iter()
+        .find(|b| b.starts_with("services:"))
+        .expect("README has a services.yaml example");
+    let dir = dir_with(NODE, None);
+    write(dir.path(), SERVICES_FILE, &block);
+    load_dir(dir.path()).unwrap_or_else(|e| panic!("README services.yaml example: {e}"));
+}
