@@ -27,6 +27,8 @@ const CANARY: &str = "10.96.0.32";
 const EMPTY: &str = "10.96.0.33";
 const WEB_H2: &str = "10.96.0.34";
 const PINNED: &str = "10.96.0.35";
+const OUTAGE: &str = "10.96.0.36";
+const WEB_V6: &str = "fd00:96::30";
 
 /// What `http-load` reports.
 struct Load {
@@ -122,7 +124,7 @@ fn services_yaml(topo: &Topology, web: &[&str]) -> String {
         "services:
   - name: web
     namespace: default
-    vips: [{WEB}]
+    vips: [{WEB}, \"{WEB_V6}\"]
     ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
     locality: none
     requestTimeout: 10s
@@ -151,7 +153,15 @@ fn services_yaml(topo: &Topology, web: &[&str]) -> String {
       - {{name: stable, weight: 95, labels: {{version: v1}}}}
       - {{name: canary, weight: 5, labels: {{version: v2}}}}
     endpoints:
-{}{}{}  - name: empty
+{}{}{}  - name: outage
+    namespace: default
+    vips: [{OUTAGE}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    retries: {{attempts: 2, budgetPercent: 20, minPerSecond: 1}}
+    outlierDetection: {{maxEjectionPercent: 0}}
+    endpoints:
+{web_endpoints}  - name: empty
     namespace: default
     vips: [{EMPTY}]
     ports: [{{port: 80, protocol: http}}]
@@ -410,6 +420,44 @@ fn http_requests_are_balanced_per_request_around_slow_and_failing_endpoints() {
         ),
         Some(5.0)
     );
+
+    // Every endpoint failing: retries stay within the budget (20% of the
+    // requests plus 1/s over 10 s), so they never multiply the outage.
+    for backend in backends.values() {
+        backend.set_status(503);
+    }
+    let before: u64 = backends.values().map(HttpBackend::served).sum();
+    let outage = load(a, &format!("http://{OUTAGE}/"), &["--requests", "300"]);
+    let reached: u64 = backends.values().map(HttpBackend::served).sum::<u64>() - before;
+    let allowed = metric(
+        client_agent,
+        r#"mesh_service_retries_total{result="allowed",service="default/outage:80"}"#,
+    )
+    .unwrap_or(0.0);
+    let refused = metric(
+        client_agent,
+        r#"mesh_service_retries_total{result="budget_exhausted",service="default/outage:80"}"#,
+    )
+    .unwrap_or(0.0);
+    eprintln!(
+        "outage: {outage}; the endpoints saw {reached} requests; retries allowed {allowed}, refused by the budget {refused}"
+    );
+    assert_eq!(outage.status(503), 300, "{outage}");
+    assert!(allowed <= 0.2 * 300.0 + 10.0 + 1.0, "retries {allowed}");
+    assert!(refused > 0.0, "the budget never refused a retry");
+    assert_eq!(
+        reached,
+        300 + allowed as u64,
+        "every attempt is a request or a granted retry"
+    );
+    for backend in backends.values() {
+        backend.set_status(200);
+    }
+
+    // The service's IPv6 address is balanced the same way.
+    let v6 = load(a, &format!("http://[{WEB_V6}]/"), &["--requests", "60"]);
+    assert!(v6.all_ok(), "{v6}");
+    assert!(v6.served_by("c") + v6.served_by("d") > 0, "{v6}");
 
     // A route's timeout: /quick/ has 300 ms; every endpoint now takes 1 s.
     for backend in backends.values() {
