@@ -51,7 +51,19 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             "no identity source configured: no mutual TLS; traffic to mesh workloads on other nodes is refused"
         ),
     }
-    let proxy = Arc::new(ProxyContext::new(programs.orig_dst_table()?, mtls.clone()));
+    let fast_path = programs.fast_path(crate::ebpf::FastPathOptions {
+        loopback: node.fast_path.loopback,
+        splice: node.fast_path.splice,
+    })?;
+    if node.fast_path.loopback {
+        tracing::warn!(
+            splice = fast_path.splicing(),
+            "EXPERIMENTAL same-node fast path on: a blocking read in a pod can return EAGAIN instead of ECONNRESET when its connection is reset (kernel sockmap behaviour; docs/fastpath.md)"
+        );
+    }
+    let mut proxy = ProxyContext::new(programs.orig_dst_table()?, mtls.clone());
+    proxy.fast_path = Some(Arc::new(fast_path));
+    let proxy = Arc::new(proxy);
     let policies = config
         .policies()
         .map_err(|e| anyhow!("invalid policy: {e}"))?;

@@ -244,5 +244,8 @@ impl AgentState {
             .map(|entry| (entry.key.clone(), entry.stats()))
             .collect();
         m.sync_services(&services, self.proxy.http_pool.pooled());
+        if let Some(fast_path) = &self.proxy.fast_path {
+            m.sync_fast_path(&fast_path.stats());
+        }
     }
 }

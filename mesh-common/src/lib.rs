@@ -31,6 +31,44 @@ pub const MAP_EXCLUDED_PORTS: &str = "MESH_EXCLUDED_PORTS";
 /// Destination CIDRs a pod excludes from capture (LPM trie over [`CidrKey`]).
 pub const MAP_EXCLUDED_CIDRS: &str = "MESH_EXCLUDED_CIDRS";
 
+/// Same-node fast path: the sockets of local legs (application <-> agent,
+/// agent <-> local pod), keyed by [`SockKey`]; an sk_msg program attached to
+/// this map moves each send straight into the peer socket.
+pub const MAP_SOCKS: &str = "MESH_SOCKS";
+/// Per fast-path socket, [`SockKey`] -> [`SockState`]: what it sent and how.
+pub const MAP_SOCK_STATE: &str = "MESH_SOCK_STATE";
+/// Spliced flows, written by the agent: an application socket ([`SockKey`]) ->
+/// [`Splice`] (its peer application socket on the same node).
+pub const MAP_SPLICE: &str = "MESH_SPLICE";
+/// Fast-path switches, index 0: [`FASTPATH_LOOPBACK`] | [`FASTPATH_SPLICE`].
+pub const MAP_FASTPATH_CONFIG: &str = "MESH_FASTPATH_CONFIG";
+/// Fast-path counters, a per-CPU array indexed by the `FP_*` constants.
+pub const MAP_FASTPATH_STATS: &str = "MESH_FASTPATH_STATS";
+
+/// Loopback legs are accelerated (sockets added to [`MAP_SOCKS`]).
+pub const FASTPATH_LOOPBACK: u32 = 1;
+/// Authorized same-node L4 flows may be spliced (needs [`FASTPATH_LOOPBACK`]).
+pub const FASTPATH_SPLICE: u32 = 2;
+
+/// Sockets added to [`MAP_SOCKS`].
+pub const FP_SOCKETS_ADDED: u32 = 0;
+/// Sockets that could not be added (map full, ...): they take the normal path.
+pub const FP_INSERT_FAILED: u32 = 1;
+/// Sends moved to the peer socket of a loopback leg, and their bytes.
+pub const FP_REDIRECTED_MSGS: u32 = 2;
+pub const FP_REDIRECTED_BYTES: u32 = 3;
+/// Sends that took the normal TCP path (no peer in the map, or a socket that
+/// already did: never mixed, so byte order holds), and their bytes.
+pub const FP_PASSED_MSGS: u32 = 4;
+pub const FP_PASSED_BYTES: u32 = 5;
+/// Sends moved straight to the other application of a spliced flow.
+pub const FP_SPLICED_MSGS: u32 = 6;
+pub const FP_SPLICED_BYTES: u32 = 7;
+/// Directions of spliced flows that switched to the kernel path.
+pub const FP_SPLICES_ACTIVE: u32 = 8;
+/// Size of [`MAP_FASTPATH_STATS`].
+pub const FP_STATS: u32 = 16;
+
 /// How many pods one agent can enrol at once (size of the pod maps).
 pub const MAX_PODS: u32 = 4096;
 /// Default size of [`MAP_PENDING`] and [`MAP_CLIENTS`] (configurable).
@@ -136,6 +174,71 @@ pub struct ClientKey {
     pub _pad: [u8; 5],
 }
 
+/// A TCP socket as both the kernel and the agent can name it: its network
+/// namespace and its own (local) and peer (remote) address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub local: PodAddr,
+    pub remote: PodAddr,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the same connection (in the
+    /// same namespace: a loopback leg).
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// [`SockState::flags`]: this socket sent through the normal TCP path at least
+/// once; it never redirects afterwards (the receiver reads redirected bytes
+/// before normal ones, so mixing could reorder).
+pub const SOCK_PASSED: u32 = 1;
+/// This socket's sends go straight to its spliced peer ([`SockState::peer`]).
+pub const SOCK_SPLICED: u32 = 2;
+
+/// Value of [`MAP_SOCK_STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// Bytes this socket has sent (all paths).
+    pub sent: u64,
+    /// Bytes sent straight to the spliced peer.
+    pub spliced: u64,
+    pub flags: u32,
+    pub _pad: u32,
+    /// Where spliced sends go, once [`SOCK_SPLICED`] is set.
+    pub peer: SockKey,
+}
+
+/// Value of [`MAP_SPLICE`], for one direction of a flow the agent authorized:
+/// the application socket of the key sends straight to `peer` once every byte
+/// it sent before has been relayed by the agent (`sent == forwarded`) and the
+/// agent's relay socket `via` put all those bytes in `peer`'s queue by the
+/// fast path (never the normal one), so no byte can overtake another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Splice {
+    pub peer: SockKey,
+    pub via: SockKey,
+    /// Bytes of this direction the agent has relayed so far.
+    pub forwarded: u64,
+}
+
 /// Key of [`MAP_EXCLUDED_PORTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -207,4 +310,7 @@ mod user {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::Splice {}
 }

@@ -207,6 +207,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
         note_client_port(&ctx);
     }
+    crate::fastpath::on_sock_op(&ctx);
     1
 }
 

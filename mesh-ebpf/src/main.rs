@@ -4,7 +4,10 @@
 //! - `capture`: connect4/connect6 and sock_ops, attached to each enrolled pod's
 //!   cgroup: outbound connections go to the agent;
 //! - `inbound`: sk_lookup, attached to each enrolled pod's network namespace:
-//!   inbound connections go to the agent.
+//!   inbound connections go to the agent;
+//! - `fastpath`: sock_ops (the same program, also attached to the agent's own
+//!   cgroup) and sk_msg (attached to the socket map): bytes between local
+//!   sockets move inside the kernel.
 //!
 //! Pods are looked up by the network-namespace cookie of the socket (or, for
 //! inbound, by their address inside their own namespace), which a pod cannot forge.
@@ -12,6 +15,7 @@
 #![no_main]
 
 mod capture;
+mod fastpath;
 mod inbound;
 mod maps;
 

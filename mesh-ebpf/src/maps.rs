@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use mesh_common::{
-    CidrKey, ClientKey, DEFAULT_MAX_PENDING, MAX_EXCLUSIONS, MAX_PODS, OrigDst, PodAddr,
-    PodCounters, PodInfo, PortKey,
+    CidrKey, ClientKey, DEFAULT_MAX_PENDING, FP_STATS, MAX_EXCLUSIONS, MAX_PODS, OrigDst, PodAddr,
+    PodCounters, PodInfo, PortKey, SockKey, SockState, Splice,
 };
 
 /// Enrolled pods by netns cookie; written by the agent.
@@ -46,6 +46,31 @@ pub static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_EXCLUSIONS
 #[map(name = "MESH_EXCLUDED_CIDRS")]
 pub static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> =
     LpmTrie::pinned(MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
+
+/// Fast path: sockets of local legs (see `fastpath`). Four per proxied flow at
+/// most; the agent sizes it from `maxConnections`. Entries leave when their
+/// socket closes.
+#[map(name = "MESH_SOCKS")]
+pub static SOCKS: SockHash<SockKey> = SockHash::pinned(DEFAULT_MAX_PENDING * 4, 0);
+
+/// What each fast-path socket sent, and how; removed when the socket closes.
+#[map(name = "MESH_SOCK_STATE")]
+pub static SOCK_STATE: HashMap<SockKey, SockState> =
+    HashMap::pinned(DEFAULT_MAX_PENDING * 4, BPF_F_NO_PREALLOC);
+
+/// Splices the agent asked for, per direction; removed by the agent, or when
+/// the socket closes.
+#[map(name = "MESH_SPLICE")]
+pub static SPLICE: HashMap<SockKey, Splice> =
+    HashMap::pinned(DEFAULT_MAX_PENDING * 2, BPF_F_NO_PREALLOC);
+
+/// Fast-path switches (index 0), written by the agent.
+#[map(name = "MESH_FASTPATH_CONFIG")]
+pub static FASTPATH_CONFIG: Array<u32> = Array::pinned(1, 0);
+
+/// Fast-path counters (`FP_*`), summed over CPUs by the agent.
+#[map(name = "MESH_FASTPATH_STATS")]
+pub static FASTPATH_STATS: PerCpuArray<u64> = PerCpuArray::pinned(FP_STATS, 0);
 
 /// Adds to a pod's counters (this CPU's copy).
 #[inline(always)]

@@ -43,6 +43,7 @@ pub struct Metrics {
     service_retries: IntCounterVec,
     service_timeouts: IntCounterVec,
     http_pooled: IntGauge,
+    fastpath: IntCounterVec,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
 }
@@ -183,6 +184,11 @@ impl Metrics {
                 "mesh_http_pool_connections",
                 "Pooled upstream connections of HTTP service ports",
             ),
+            fastpath: counter(
+                "mesh_fastpath_total",
+                "Same-node fast path (experimental): sockets added, insert failures (normal path), sends and bytes redirected, passed to the normal path, spliced",
+                &["event"],
+            ),
             last_totals: Mutex::default(),
             registry,
         };
@@ -220,6 +226,7 @@ impl Metrics {
             Box::new(m.service_retries.clone()),
             Box::new(m.service_timeouts.clone()),
             Box::new(m.http_pooled.clone()),
+            Box::new(m.fastpath.clone()),
             Box::new(build_info),
         ];
         for collector in collectors {
@@ -368,6 +375,22 @@ impl Metrics {
             self.sync(&self.service_timeouts, &[service], stats.timeouts);
         }
         self.http_pooled.set(pooled as i64);
+    }
+
+    pub fn sync_fast_path(&self, s: &crate::ebpf::FastPathStats) {
+        for (event, total) in [
+            ("sockets_added", s.sockets_added),
+            ("insert_failed", s.insert_failed),
+            ("redirected_msgs", s.redirected_msgs),
+            ("redirected_bytes", s.redirected_bytes),
+            ("passed_msgs", s.passed_msgs),
+            ("passed_bytes", s.passed_bytes),
+            ("spliced_msgs", s.spliced_msgs),
+            ("spliced_bytes", s.spliced_bytes),
+            ("splices_active", s.splices_active),
+        ] {
+            self.sync(&self.fastpath, &[event], total);
+        }
     }
 
     pub fn render(&self) -> String {

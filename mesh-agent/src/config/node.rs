@@ -43,6 +43,25 @@ pub struct NodeConfig {
     /// Authorization policies in this namespace apply to every workload.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
+    /// The same-node fast path in the kernel (docs/fastpath.md).
+    #[serde(default)]
+    pub fast_path: FastPathConfig,
+}
+
+/// `fastPath`: what moves between local sockets inside the kernel.
+/// EXPERIMENTAL and off by default: with an application's socket in a
+/// sockmap, the kernel (6.18) can make a *blocking* read return EAGAIN when a
+/// reset (or any other wake-up without data) arrives; see docs/fastpath.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FastPathConfig {
+    /// Loopback legs: application <-> agent, agent <-> local pod.
+    #[serde(default)]
+    pub loopback: bool,
+    /// Authorized L4 flows between two pods of this node go straight from one
+    /// application socket to the other (needs `loopback`).
+    #[serde(default)]
+    pub splice: bool,
 }
 
 fn default_root_namespace() -> String {

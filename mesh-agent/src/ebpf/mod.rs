@@ -8,6 +8,7 @@
 //! takes over the same maps and replaces the links without a gap.
 
 pub mod bpffs;
+pub mod fastpath;
 mod netns;
 pub mod orig_dst;
 
@@ -31,10 +32,12 @@ use aya::{
     },
     util::nr_cpus,
 };
+pub use fastpath::{FastPath, FastPathOptions, FastPathStats};
 use mesh_common::{
     CidrKey, DIRECTION_INBOUND, DIRECTION_OUTBOUND, MAP_CLIENTS, MAP_EXCLUDED_CIDRS,
     MAP_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_PENDING, MAP_POD_ADDRS, MAP_POD_COUNTERS,
-    MAP_PODS, MAX_PODS, PodAddr, PodCounters, PodInfo, PortKey,
+    MAP_PODS, MAP_SOCK_STATE, MAP_SOCKS, MAP_SPLICE, MAX_PODS, PodAddr, PodCounters, PodInfo,
+    PortKey,
 };
 pub use netns::{current_netns_cookie, netns_cookie};
 pub use orig_dst::OrigDstTable;
@@ -113,6 +116,10 @@ impl KernelPrograms {
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(MAP_PENDING, options.max_connections)
             .map_max_entries(MAP_CLIENTS, options.max_connections)
+            // Four sockets per proxied flow at most, two spliced directions.
+            .map_max_entries(MAP_SOCKS, options.max_connections.saturating_mul(4))
+            .map_max_entries(MAP_SOCK_STATE, options.max_connections.saturating_mul(4))
+            .map_max_entries(MAP_SPLICE, options.max_connections.saturating_mul(2))
             .override_global(aya_log::LEVEL, &level, false)
             .load(EBPF_OBJECT)
             .with_context(|| {
@@ -159,6 +166,12 @@ impl KernelPrograms {
             .take_map(MAP_CLIENTS)
             .ok_or_else(|| anyhow!("map {MAP_CLIENTS} missing"))?;
         OrigDstTable::new(pending, clients)
+    }
+
+    /// Starts the same-node fast path (or switches it off) and moves its maps
+    /// out for the data path.
+    pub fn fast_path(&mut self, options: FastPathOptions) -> Result<FastPath> {
+        FastPath::start(&mut self.ebpf, options)
     }
 
     pub fn program_names(&self) -> Vec<&'static str> {

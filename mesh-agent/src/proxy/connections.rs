@@ -52,6 +52,10 @@ pub struct ConnectionRecord {
     /// `none` otherwise (as Istio's connection_security_policy label).
     #[serde(default = "no_security")]
     pub security: String,
+    /// Of the bytes both ways, those the kernel moved straight from one
+    /// application to the other (a spliced flow); 0 otherwise.
+    #[serde(default)]
+    pub spliced_bytes: u64,
 }
 
 fn no_security() -> String {
@@ -156,6 +160,7 @@ mod tests {
             source_identity: None,
             peer_identity: None,
             security: "none".into(),
+            spliced_bytes: 0,
         }
     }
 

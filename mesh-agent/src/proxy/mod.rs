@@ -22,6 +22,7 @@ pub mod connections;
 pub mod http_pool;
 pub mod relay;
 mod service_http;
+mod splice;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -89,6 +90,8 @@ pub struct ProxyContext {
     pub no_endpoint: std::sync::atomic::AtomicU64,
     /// Upstream connections of per-request balancing (HTTP service ports).
     pub http_pool: http_pool::HttpPool,
+    /// The kernel fast path, when loaded: splices authorized local flows.
+    pub fast_path: Option<Arc<crate::ebpf::FastPath>>,
 }
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
@@ -114,6 +117,7 @@ impl ProxyContext {
             services: RwLock::default(),
             no_endpoint: Default::default(),
             http_pool: http_pool::HttpPool::new(HTTP_POOL_MAX_IDLE),
+            fast_path: None,
         }
     }
 
@@ -400,6 +404,7 @@ impl ProxyContext {
             source_identity: None,
             peer_identity: None,
             security: "none".to_string(),
+            spliced_bytes: 0,
         }
     }
 
@@ -464,6 +469,8 @@ impl ProxyContext {
                 }
             }
         }
+        // An authorized L4 flow between two pods of this node may be spliced.
+        let mut splice_into = None;
         let upstream = if let Some(target) = self.local_pod(dst.ip()) {
             record.upstream = format!("pod:{}", target.key);
             // Same node: the destination's policy applies here, with the source
@@ -487,6 +494,7 @@ impl ProxyContext {
                 self.orig_dst.forget(captured.socket_cookie);
                 return;
             }
+            splice_into = Some(target.netns_cookie);
             self.connect_inside(&target, dst).await.map(Upstream::Tcp)
         } else if let Some(peer) = endpoint_peer.or_else(|| self.mtls.remote_peer(dst.ip())) {
             record.upstream = format!("tunnel:{}", peer.key);
@@ -499,7 +507,20 @@ impl ProxyContext {
             record.upstream = "direct".to_string();
             self.connect_from(&pod, dst).await.map(Upstream::Tcp)
         };
-        let failed = self.finish(record, started, downstream, upstream).await;
+        let failed = match (splice_into, upstream) {
+            (Some(server_netns), Ok(Upstream::Tcp(tcp))) => {
+                self.finish_local(
+                    record,
+                    started,
+                    downstream,
+                    pod.netns_cookie,
+                    tcp,
+                    server_netns,
+                )
+                .await
+            }
+            (_, upstream) => self.finish(record, started, downstream, upstream).await,
+        };
         if let (Some(service), Some(endpoint)) = (service, chosen) {
             service.done(endpoint, failed);
         }
@@ -696,13 +717,7 @@ impl ProxyContext {
                 };
                 record.bytes_sent = stats.downstream_to_upstream;
                 record.bytes_received = stats.upstream_to_downstream;
-                record.outcome = match stats.outcome {
-                    RelayOutcome::Closed => "closed",
-                    RelayOutcome::DownstreamReset => "client-reset",
-                    RelayOutcome::UpstreamReset => "upstream-reset",
-                    RelayOutcome::IdleTimeout => "idle-timeout",
-                }
-                .to_string();
+                record.outcome = relay_outcome(stats.outcome).to_string();
                 false
             }
             Err(err) => {
@@ -717,6 +732,41 @@ impl ProxyContext {
         tracing::debug!(?record, "connection done");
         self.connections.record(record, failed);
         failed
+    }
+
+    /// Relays a flow between two pods of this node, spliced in the kernel when
+    /// the fast path allows it (see `splice`).
+    async fn finish_local(
+        &self,
+        mut record: ConnectionRecord,
+        started: Instant,
+        downstream: TcpStream,
+        client_netns: u64,
+        upstream: TcpStream,
+        server_netns: u64,
+    ) -> bool {
+        let splice = self
+            .fast_path
+            .as_deref()
+            .filter(|fp| fp.splicing())
+            .and_then(|fp| {
+                splice::Splice::arm(fp, client_netns, &downstream, server_netns, &upstream)
+            });
+        let Some(splice) = splice else {
+            return self
+                .finish(record, started, downstream, Ok(Upstream::Tcp(upstream)))
+                .await;
+        };
+        let stats = relay::relay_observed(downstream, upstream, &splice).await;
+        let bytes = splice.finish(stats.downstream_to_upstream, stats.upstream_to_downstream);
+        record.bytes_sent = bytes.client_sent;
+        record.bytes_received = bytes.server_sent;
+        record.spliced_bytes = bytes.spliced;
+        record.outcome = relay_outcome(stats.outcome).to_string();
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(?record, "spliced connection done");
+        self.connections.record(record, false);
+        false
     }
 
     /// Connects to `dst` from `pod`'s namespace (the pod's own address).
@@ -800,6 +850,15 @@ impl ProxyContext {
             .with_context(|| format!("connecting to {dst}"))?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+fn relay_outcome(outcome: RelayOutcome) -> &'static str {
+    match outcome {
+        RelayOutcome::Closed => "closed",
+        RelayOutcome::DownstreamReset => "client-reset",
+        RelayOutcome::UpstreamReset => "upstream-reset",
+        RelayOutcome::IdleTimeout => "idle-timeout",
     }
 }
 

@@ -73,10 +73,36 @@ pub enum RelayOutcome {
     IdleTimeout,
 }
 
+/// Told how far each direction of a relay got (the kernel fast path uses it
+/// to know when a spliced flow may bypass the agent).
+pub trait RelayObserver: Sync {
+    /// `total` bytes of this direction have been written to the other side.
+    fn forwarded(&self, to_upstream: bool, total: u64);
+    /// This direction read end-of-stream (its sender shut down writing).
+    fn finished(&self, to_upstream: bool);
+}
+
+/// Observes nothing.
+struct Unobserved;
+
+impl RelayObserver for Unobserved {
+    fn forwarded(&self, _: bool, _: u64) {}
+    fn finished(&self, _: bool) {}
+}
+
 /// Relays bytes between `downstream` and `upstream` until both directions
 /// are done, propagating half-closes and resets (see the module docs).
 pub async fn relay(downstream: TcpStream, upstream: TcpStream) -> RelayStats {
-    run(downstream, upstream, None).await
+    run(downstream, upstream, None, &Unobserved).await
+}
+
+/// Like [`relay`], telling `observer` the progress of each direction.
+pub async fn relay_observed(
+    downstream: TcpStream,
+    upstream: TcpStream,
+    observer: &dyn RelayObserver,
+) -> RelayStats {
+    run(downstream, upstream, None, observer).await
 }
 
 /// Like [`relay`], but resets both sides once no byte has moved in either
@@ -86,7 +112,7 @@ pub async fn relay_with_idle_timeout(
     upstream: TcpStream,
     idle_timeout: Duration,
 ) -> RelayStats {
-    run(downstream, upstream, Some(idle_timeout)).await
+    run(downstream, upstream, Some(idle_timeout), &Unobserved).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,12 +195,14 @@ struct Direction<'a> {
     to: Peer<'a>,
     moved: &'a AtomicU64,
     activity: &'a Activity,
+    observer: &'a dyn RelayObserver,
 }
 
 async fn run(
     downstream: TcpStream,
     upstream: TcpStream,
     idle_timeout: Option<Duration>,
+    observer: &dyn RelayObserver,
 ) -> RelayStats {
     let to_upstream = AtomicU64::new(0);
     let to_downstream = AtomicU64::new(0);
@@ -194,12 +222,14 @@ async fn run(
         to: up,
         moved: &to_upstream,
         activity: &activity,
+        observer,
     };
     let up_to_down = Direction {
         from: up,
         to: down,
         moved: &to_downstream,
         activity: &activity,
+        observer,
     };
     let result = relay_until_done(
         down_to_up.pump(down_to_up_buffer),
@@ -264,6 +294,7 @@ impl Direction<'_> {
                 .await
                 .map_err(Abort::failed(self.from.side))?;
             if read == 0 {
+                self.observer.finished(self.from.side == Side::Downstream);
                 return shut_down_writing(self.to.stream).map_err(Abort::failed(self.to.side));
             }
             self.activity.touch();
@@ -277,8 +308,10 @@ impl Direction<'_> {
         while !bytes.is_empty() {
             let written = write_some(self.to.stream, bytes).await?;
             bytes = &bytes[written..];
-            self.moved.fetch_add(written as u64, Ordering::Relaxed);
+            let total = self.moved.fetch_add(written as u64, Ordering::Relaxed) + written as u64;
             self.activity.touch();
+            self.observer
+                .forwarded(self.from.side == Side::Downstream, total);
         }
         Ok(())
     }
