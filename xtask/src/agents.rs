@@ -16,6 +16,8 @@ pub struct AgentConfig<'a> {
     pub extra_files: &'a [(&'a str, String)],
     /// The agent's log filter.
     pub log: &'a str,
+    /// Extra node.yaml lines (e.g. `fastPath: ...`).
+    pub node_extra: &'a str,
 }
 
 /// Writes the config directory: node.yaml (pins under the test bed's bpffs
@@ -34,13 +36,14 @@ pub fn start(
         pods_yaml,
         extra_files,
         log,
+        node_extra,
     } = *config;
     std::fs::create_dir_all(config_dir)?;
     let pin_dir = topo.bpffs_dir().join(node.name());
     std::fs::write(
         config_dir.join("node.yaml"),
         format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n",
+            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n{node_extra}",
             node.name(),
             pin_dir.display(),
             pki.join("ca.crt").display(),

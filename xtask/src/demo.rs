@@ -222,6 +222,7 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<P
         pods_yaml: &pods,
         extra_files: &extra,
         log: "info",
+        node_extra: "",
     };
     agents::start(bin, topo, node, pki, &config)
 }

@@ -46,7 +46,19 @@ enum Mode {
     Direct,
     Passthrough,
     Mtls,
+    /// The experimental same-node fast path: loopback legs in the kernel.
+    FastLoopback,
+    /// ... and the authorized L4 flow spliced application to application.
+    FastSplice,
 }
+
+const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::Passthrough,
+    Mode::Mtls,
+    Mode::FastLoopback,
+    Mode::FastSplice,
+];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -54,6 +66,17 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Passthrough => "passthrough",
             Mode::Mtls => "mtls",
+            Mode::FastLoopback => "fast loopback",
+            Mode::FastSplice => "fast splice",
+        }
+    }
+
+    /// node.yaml lines of the agents in this mode.
+    fn node_extra(self) -> &'static str {
+        match self {
+            Mode::FastLoopback => "fastPath: {loopback: true, splice: false}\n",
+            Mode::FastSplice => "fastPath: {loopback: true, splice: true}\n",
+            _ => "",
         }
     }
 }
@@ -114,20 +137,44 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         .collect::<Result<_>>()?;
     let mut agents = Vec::new();
     for node in topo.nodes() {
-        agents.push(start_agent(&agent_bin, node, &topo, &pki)?);
+        agents.push(start_agent(&agent_bin, node, &topo, &pki, "")?);
     }
+    let mut agents_extra = "";
 
     let paths: [(&str, &Pod, &[Mode]); 2] = [
-        ("same node a->b", b, &[Mode::Direct, Mode::Passthrough]),
+        (
+            "same node a->b",
+            b,
+            &[
+                Mode::Direct,
+                Mode::Passthrough,
+                Mode::FastLoopback,
+                Mode::FastSplice,
+            ],
+        ),
         (
             "across nodes a->c",
             c,
             &[Mode::Direct, Mode::Passthrough, Mode::Mtls],
         ),
     ];
-    let mut results: Vec<Vec<Samples>> = vec![vec![Samples::default(); 3]; paths.len()];
+    let mut results: Vec<Vec<Samples>> = vec![vec![Samples::default(); MODES.len()]; paths.len()];
     for round in 0..plan.rounds {
-        for mode in [Mode::Direct, Mode::Passthrough, Mode::Mtls] {
+        for mode in MODES {
+            // The fast path is a node setting read at start: restart the agents.
+            if mode != Mode::Direct && mode.node_extra() != agents_extra {
+                agents.clear();
+                for node in topo.nodes() {
+                    agents.push(start_agent(
+                        &agent_bin,
+                        node,
+                        &topo,
+                        &pki,
+                        mode.node_extra(),
+                    )?);
+                }
+                agents_extra = mode.node_extra();
+            }
             set_mode(&topo, mode)?;
             for (i, (name, target, modes)) in paths.iter().enumerate() {
                 if !modes.contains(&mode) {
@@ -160,6 +207,12 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     // HTTP requests a -> c through the tunnel: with no policy, then with ten
     // ALLOW policies with HTTP rules, the request matching the last one (L7:
     // the agent parses and decides every request).
+    if !agents_extra.is_empty() {
+        agents.clear();
+        for node in topo.nodes() {
+            agents.push(start_agent(&agent_bin, node, &topo, &pki, "")?);
+        }
+    }
     set_mode(&topo, Mode::Mtls)?;
     let n2 = topo.node("n2");
     let (mut http_plain, mut http_l7) = (Vec::new(), Vec::new());
@@ -406,13 +459,20 @@ fn config_dir(topo: &Topology, node: &Node) -> PathBuf {
     topo.tmp_dir().join(format!("bench-config-{}", node.name()))
 }
 
-fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<Process> {
+fn start_agent(
+    bin: &Path,
+    node: &Node,
+    topo: &Topology,
+    pki: &Path,
+    node_extra: &str,
+) -> Result<Process> {
     let dir = config_dir(topo, node);
     let config = agents::AgentConfig {
         dir: &dir,
         pods_yaml: "pods: []\n",
         extra_files: &[],
         log: "warn",
+        node_extra,
     };
     agents::start(bin, topo, node, pki, &config)
 }
