@@ -102,7 +102,11 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     let listener = admin::bind(node.admin_address).await?;
     tracing::info!(address = %node.admin_address, "admin API listening");
     let admin_task = tokio::spawn(admin::serve(listener, state.clone()));
-    let watch_task = tokio::spawn(follow_config(state.clone(), config));
+    // Watching starts before the agent says it is ready, and the first pass
+    // compares the files with what was loaded: a change made at any time
+    // after the load is seen.
+    let watch = ConfigWatch::start(&state.config_dir);
+    let watch_task = tokio::spawn(follow_config(state.clone(), config, watch));
     let sweep_task = tokio::spawn(sweep_stale_records(proxy.clone()));
     let identity_task = tokio::spawn(keep_identities_fresh(mtls.clone(), node.identity.clone()));
     state.set_ready(true);
@@ -135,8 +139,12 @@ pub async fn run(config_dir: &Path) -> Result<()> {
 
 /// Applies every valid change of the configuration directory; an invalid one is
 /// reported (file, line, field) and the last good configuration keeps serving.
-async fn follow_config(state: Arc<AgentState>, mut current: Config) {
-    let mut watch = match ConfigWatch::start(&state.config_dir) {
+async fn follow_config(
+    state: Arc<AgentState>,
+    mut current: Config,
+    watch: anyhow::Result<ConfigWatch>,
+) {
+    let mut watch = match watch {
         Ok(watch) => watch,
         Err(err) => {
             tracing::error!(
@@ -146,7 +154,8 @@ async fn follow_config(state: Arc<AgentState>, mut current: Config) {
             return;
         }
     };
-    while watch.changed().await {
+    let mut first_pass = true;
+    while std::mem::take(&mut first_pass) || watch.changed().await {
         match config::load_dir(&state.config_dir) {
             Ok(new) if new == current => {
                 // Back to what is running (e.g. a bad edit undone): nothing to
