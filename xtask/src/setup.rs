@@ -169,6 +169,35 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Builds the release agent (its build script builds the kernel object).
+/// Builds the HTTP load generator and server (release) the benchmark runs in
+/// the pods: `(http-load, http-serve)`.
+pub fn build_load_tools_release(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).current_dir(workspace).args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-e2e",
+        "--bin",
+        "http-load",
+        "--bin",
+        "http-serve",
+    ]))?;
+    let bins = (
+        workspace.join("target/release/http-load"),
+        workspace.join("target/release/http-serve"),
+    );
+    for bin in [&bins.0, &bins.1] {
+        if !bin.is_file() {
+            bail!(
+                "cargo built the load tools but {} is missing",
+                bin.display()
+            );
+        }
+    }
+    Ok(bins)
+}
+
 pub fn build_agent_release(workspace: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo).current_dir(workspace).args([

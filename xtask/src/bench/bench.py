@@ -179,6 +179,15 @@ def hold_tls(host, port, count, cert, key):
     print("ready", flush=True)
     time.sleep(3600)
 
+def hold_tcp(host, port, count):
+    """Opens `count` idle TCP connections, prints ready, holds them."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held = [socket.create_connection((host, port), timeout=5) for _ in range(count)]
+    print("ready %d" % len(held), flush=True)
+    time.sleep(3600)
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "serve":
@@ -193,5 +202,7 @@ if __name__ == "__main__":
         http_rr(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif cmd == "handshakes":
         handshakes(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6])
+    elif cmd == "hold_tcp":
+        hold_tcp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "hold_tls":
         hold_tls(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])

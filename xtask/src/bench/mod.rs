@@ -1,27 +1,40 @@
-//! `cargo xtask bench`: data paths against a direct connection, measured in the
-//! same run, alternating, on the test bed (release agent).
+//! `cargo xtask bench`: every data path against a direct connection, measured
+//! in the same run, on the test bed (release agent and tools).
 //!
-//! Topology: node n1 with pods a, b (and x, never enrolled), node n2 with pod c.
-//! Modes, switched live through pods.yaml / workloads.yaml:
-//! - direct: the agents run but enrol nothing;
-//! - passthrough: a, b, c enrolled, no mesh workloads known: a->b is one agent
-//!   hop, a->c two plaintext hops;
-//! - mtls: as passthrough, and each node knows the other's pods: a->c goes
-//!   through the HBONE tunnel (mutual TLS 1.3, HTTP/2 CONNECT).
+//! Topology: node n1 with pods a, b (and x, never enrolled), node n2 with pod
+//! c. The paths, from a:
+//! - direct, same node (a->b) and across nodes (a->c): the agents enrol nothing;
+//! - agent, same node: a and b enrolled: one agent hop (userspace relay);
+//! - agent, same node, fast path: the same with the experimental kernel fast
+//!   path on (loopback legs and splicing; off by default, docs/fastpath.md);
+//! - agent, across nodes, mTLS L4: each node knows the other's pods, so a->c
+//!   goes through the HBONE tunnel (mutual TLS 1.3, HTTP/2 CONNECT);
+//! - the same with L7 authorization: ten ALLOW policies with HTTP rules on c,
+//!   the request matching the last.
 //!
-//! Loads per path: connection set-up p50, request/response latency p50/p99 on
-//! one connection (64-byte messages), one bulk stream. For the tunnel also:
-//! mutual-TLS handshakes per second on the tunnel port, and the receiving
-//! agent's memory per idle tunnel connection.
+//! Loads per path: fixed-rate HTTP/1.1 (1 kB answers, 1,000 req/s over 16
+//! connections, latency from each request's scheduled time, so no
+//! coordinated omission), saturation (64 connections), one bulk TCP stream,
+//! connection churn (connect, one request, close). For the agents: CPU seconds
+//! per 1,000 requests and peak RSS during the fixed-rate load; memory per idle
+//! connection and per pooled TLS connection; idle RSS with 100 pods and 1,000
+//! policies. Output: target/bench/results.{json,md,svg}.
+
+mod plot;
 
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use mesh_testbed::{Node, Pod, Process, Topology, e2e_preflight, wait_until};
+use serde_json::{Value, json};
 
 use crate::{
     agents::{self, ADMIN},
@@ -29,36 +42,38 @@ use crate::{
 };
 
 const SCRIPT: &str = include_str!("bench.py");
-const PORT: u16 = 9000;
+/// http-serve in b and c (1 kB answers).
+const HTTP_PORT: u16 = 9000;
+/// bench.py's servers in b and c (bulk).
+const RAW_PORT: u16 = 9100;
 const TUNNEL_PORT: u16 = 15008;
+/// The request the L7 policies decide (it matches the last of ten rules).
+const REQUEST_PATH: &str = "/api/v10/item";
 
 struct Plan {
     rounds: usize,
-    setups: u32,
-    round_trips: u32,
+    /// Fixed-rate load: this long at 1,000 req/s over 16 connections.
+    rate_secs: u32,
+    saturation_requests: u32,
+    churn_requests: u32,
     bulk_mib: u32,
     handshake_secs: u32,
     idle_tls: u32,
+    idle_tcp: u32,
+    idle_pods: usize,
+    idle_policies: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Direct,
     Passthrough,
     Mtls,
-    /// The experimental same-node fast path: loopback legs in the kernel.
-    FastLoopback,
-    /// ... and the authorized L4 flow spliced application to application.
+    /// mTLS, and ten L7 policies on c.
+    MtlsL7,
+    /// The experimental same-node fast path (loopback legs and splicing).
     FastSplice,
 }
-
-const MODES: [Mode; 5] = [
-    Mode::Direct,
-    Mode::Passthrough,
-    Mode::Mtls,
-    Mode::FastLoopback,
-    Mode::FastSplice,
-];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -66,27 +81,105 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Passthrough => "passthrough",
             Mode::Mtls => "mtls",
-            Mode::FastLoopback => "fast loopback",
-            Mode::FastSplice => "fast splice",
+            Mode::MtlsL7 => "mtls+l7",
+            Mode::FastSplice => "fast path",
         }
     }
 
     /// node.yaml lines of the agents in this mode.
     fn node_extra(self) -> &'static str {
         match self {
-            Mode::FastLoopback => "fastPath: {loopback: true, splice: false}\n",
             Mode::FastSplice => "fastPath: {loopback: true, splice: true}\n",
             _ => "",
         }
     }
+
+    /// Which pods are enrolled, and whether the nodes know each other's pods.
+    fn enrols(self) -> bool {
+        self != Mode::Direct
+    }
+
+    fn mesh(self) -> bool {
+        matches!(self, Mode::Mtls | Mode::MtlsL7)
+    }
 }
 
+/// Measured in this order each round.
+const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::Passthrough,
+    Mode::Mtls,
+    Mode::MtlsL7,
+    Mode::FastSplice,
+];
+
+struct BenchPath {
+    name: &'static str,
+    /// `b` (same node) or `c` (across nodes).
+    target: &'static str,
+    mode: Mode,
+    /// Index of the direct path it is compared with.
+    baseline: usize,
+}
+
+const PATHS: [BenchPath; 6] = [
+    BenchPath {
+        name: "direct, same node",
+        target: "b",
+        mode: Mode::Direct,
+        baseline: 0,
+    },
+    BenchPath {
+        name: "direct, across nodes",
+        target: "c",
+        mode: Mode::Direct,
+        baseline: 1,
+    },
+    BenchPath {
+        name: "agent, same node",
+        target: "b",
+        mode: Mode::Passthrough,
+        baseline: 0,
+    },
+    BenchPath {
+        name: "agent, same node, fast path (experimental)",
+        target: "b",
+        mode: Mode::FastSplice,
+        baseline: 0,
+    },
+    BenchPath {
+        name: "agent, across nodes, mTLS L4",
+        target: "c",
+        mode: Mode::Mtls,
+        baseline: 1,
+    },
+    BenchPath {
+        name: "agent, across nodes, mTLS + L7 authorization",
+        target: "c",
+        mode: Mode::MtlsL7,
+        baseline: 1,
+    },
+];
+
+/// One round's figures of one path.
 #[derive(Default, Clone)]
-struct Samples {
-    setup_us: Vec<f64>,
-    rr_p50_us: Vec<f64>,
-    rr_p99_us: Vec<f64>,
-    mib_s: Vec<f64>,
+struct Sample {
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    rate_requests: f64,
+    saturation_rps: f64,
+    churn_per_s: f64,
+    /// None where the path carries HTTP only (L7).
+    bulk_gbit_s: Option<f64>,
+    agent_cpu_s_per_1k: f64,
+    agent_peak_rss_kib: u64,
+}
+
+struct Tools {
+    agent: PathBuf,
+    http_load: PathBuf,
 }
 
 pub fn run(workspace: &Path, quick: bool) -> Result<()> {
@@ -94,31 +187,44 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let plan = if quick {
         Plan {
             rounds: 1,
-            setups: 300,
-            round_trips: 2000,
+            rate_secs: 5,
+            saturation_requests: 5_000,
+            churn_requests: 1_000,
             bulk_mib: 200,
             handshake_secs: 2,
             idle_tls: 200,
+            idle_tcp: 1_000,
+            idle_pods: 100,
+            idle_policies: 1_000,
         }
     } else {
         Plan {
-            rounds: 5,
-            setups: 2000,
-            round_trips: 10000,
-            bulk_mib: 1000,
+            rounds: 2,
+            rate_secs: 30,
+            saturation_requests: 40_000,
+            churn_requests: 5_000,
+            bulk_mib: 1_000,
             handshake_secs: 5,
-            idle_tls: 1000,
+            idle_tls: 1_000,
+            idle_tcp: 1_000,
+            idle_pods: 100,
+            idle_policies: 1_000,
         }
     };
     setup::build_ebpf(workspace)?;
-    step("building mesh-agent (release)");
+    step("building mesh-agent and the load tools (release)");
     let agent_bin = setup::build_agent_release(workspace)?;
+    let (http_load, http_serve) = setup::build_load_tools_release(workspace)?;
+    let tools = Tools {
+        agent: agent_bin,
+        http_load,
+    };
 
     let topo = Topology::builder("bench")
         .node("n1", &["a", "b", "x"])
         .node("n2", &["c"])
         .build()?;
-    let (a, b, c, x) = (topo.pod("a"), topo.pod("b"), topo.pod("c"), topo.pod("x"));
+    let (a, c, x) = (topo.pod("a"), topo.pod("c"), topo.pod("x"));
     let ca = crate::pki::BenchCa::new()?;
     let pki = topo.tmp_dir().join("pki");
     std::fs::create_dir_all(&pki)?;
@@ -131,122 +237,231 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         &client_key,
     )?;
 
-    let _servers: Vec<Process> = [b, c]
-        .into_iter()
-        .map(start_server)
-        .collect::<Result<_>>()?;
-    let mut agents = Vec::new();
-    for node in topo.nodes() {
-        agents.push(start_agent(&agent_bin, node, &topo, &pki, "")?);
+    let mut servers = Vec::new();
+    for name in ["b", "c"] {
+        servers.push(start_http_server(topo.pod(name), &http_serve)?);
+        servers.push(start_raw_server(topo.pod(name))?);
     }
-    let mut agents_extra = "";
+    let mut agents: Vec<Process> = Vec::new();
+    let mut agents_extra: Option<&str> = None;
 
-    let paths: [(&str, &Pod, &[Mode]); 2] = [
-        (
-            "same node a->b",
-            b,
-            &[
-                Mode::Direct,
-                Mode::Passthrough,
-                Mode::FastLoopback,
-                Mode::FastSplice,
-            ],
-        ),
-        (
-            "across nodes a->c",
-            c,
-            &[Mode::Direct, Mode::Passthrough, Mode::Mtls],
-        ),
-    ];
-    let mut results: Vec<Vec<Samples>> = vec![vec![Samples::default(); MODES.len()]; paths.len()];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); PATHS.len()];
     for round in 0..plan.rounds {
         for mode in MODES {
             // The fast path is a node setting read at start: restart the agents.
-            if mode != Mode::Direct && mode.node_extra() != agents_extra {
+            if agents_extra != Some(mode.node_extra()) {
                 agents.clear();
                 for node in topo.nodes() {
                     agents.push(start_agent(
-                        &agent_bin,
+                        &tools.agent,
                         node,
                         &topo,
                         &pki,
                         mode.node_extra(),
                     )?);
                 }
-                agents_extra = mode.node_extra();
+                agents_extra = Some(mode.node_extra());
             }
             set_mode(&topo, mode)?;
-            for (i, (name, target, modes)) in paths.iter().enumerate() {
-                if !modes.contains(&mode) {
-                    continue;
-                }
-                let host = target.ipv4().to_string();
-                let port = PORT.to_string();
-                let s = &mut results[i][mode as usize];
-                let out = run_client(a, &["setup", &host, &port, &plan.setups.to_string()])?;
-                s.setup_us.push(field(&out, "p50_us")?);
-                let out = run_client(a, &["rr", &host, &port, &plan.round_trips.to_string()])?;
-                s.rr_p50_us.push(field(&out, "p50_us")?);
-                s.rr_p99_us.push(field(&out, "p99_us")?);
-                let out = run_client(a, &["bulk", &host, &port, &plan.bulk_mib.to_string()])?;
-                s.mib_s.push(field(&out, "mib_per_s")?);
+            set_policies(&topo, topo.node("n2"), mode == Mode::MtlsL7)?;
+            let pids: Vec<u32> = agents.iter().map(Process::pid).collect();
+            for (i, path) in PATHS.iter().enumerate().filter(|(_, p)| p.mode == mode) {
+                let sample = measure(&plan, &tools, a, topo.pod(path.target), path, &pids)?;
                 step(format!(
-                    "round {}/{} {:<11} {name}: set-up {:.0} µs, rr p50 {:.0} µs p99 {:.0} µs, bulk {:.0} MiB/s",
+                    "round {}/{} {}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs; saturation {:.0} req/s; churn {:.0} conn/s; bulk {}; agents {:.2} CPU s/1k req, peak RSS {} KiB",
                     round + 1,
                     plan.rounds,
-                    mode.name(),
-                    s.setup_us.last().unwrap(),
-                    s.rr_p50_us.last().unwrap(),
-                    s.rr_p99_us.last().unwrap(),
-                    s.mib_s.last().unwrap()
+                    path.name,
+                    sample.p50_us,
+                    sample.p99_us,
+                    sample.p999_us,
+                    sample.saturation_rps,
+                    sample.churn_per_s,
+                    sample
+                        .bulk_gbit_s
+                        .map_or("-".to_string(), |g| format!("{g:.1} Gbit/s")),
+                    sample.agent_cpu_s_per_1k,
+                    sample.agent_peak_rss_kib,
                 ));
+                samples[i].push(sample);
             }
         }
     }
+    // The L7 figures mean something only if the agent decided those requests.
+    set_mode(&topo, Mode::MtlsL7)?;
+    set_policies(&topo, topo.node("n2"), true)?;
+    check_l7_decided(&tools, a, c, topo.node("n2"))?;
+    set_policies(&topo, topo.node("n2"), false)?;
 
-    // HTTP requests a -> c through the tunnel: with no policy, then with ten
-    // ALLOW policies with HTTP rules, the request matching the last one (L7:
-    // the agent parses and decides every request).
-    if !agents_extra.is_empty() {
-        agents.clear();
-        for node in topo.nodes() {
-            agents.push(start_agent(&agent_bin, node, &topo, &pki, "")?);
-        }
+    // Memory: per idle connection through the agent (a->b), per idle tunnel
+    // connection (x -> c's tunnel port), and the tunnel's handshake rate.
+    agents.clear();
+    for node in topo.nodes() {
+        agents.push(start_agent(&tools.agent, node, &topo, &pki, "")?);
     }
     set_mode(&topo, Mode::Mtls)?;
-    let n2 = topo.node("n2");
-    let (mut http_plain, mut http_l7) = (Vec::new(), Vec::new());
-    for round in 0..plan.rounds {
-        for (with_policies, samples) in [(false, &mut http_plain), (true, &mut http_l7)] {
-            set_policies(&topo, n2, with_policies)?;
-            let out = run_client(
-                a,
-                &[
-                    "http_rr",
-                    &c.ipv4().to_string(),
-                    &PORT.to_string(),
-                    &plan.round_trips.to_string(),
-                    "/api/v10/item",
-                ],
-            )?;
-            samples.push((field(&out, "p50_us")?, field(&out, "p99_us")?));
-            step(format!(
-                "round {}/{} http a->c {}: p50 {:.0} µs p99 {:.0} µs",
-                round + 1,
-                plan.rounds,
-                if with_policies {
-                    "with L7 authorization"
-                } else {
-                    "no policy"
-                },
-                samples.last().unwrap().0,
-                samples.last().unwrap().1
-            ));
-        }
+    let memory = measure_memory(
+        &plan,
+        &agents,
+        a,
+        topo.pod("b"),
+        c,
+        x,
+        &client_cert,
+        &client_key,
+    )?;
+    drop(agents);
+    drop(servers);
+    drop(topo);
+
+    let idle_rss_kib = idle_rss_with_pods_and_policies(&plan, &tools, &ca)?;
+    step(format!(
+        "idle agent with {} pods and {} policies: {idle_rss_kib} KiB RSS",
+        plan.idle_pods, plan.idle_policies
+    ));
+
+    let report = Report {
+        plan: &plan,
+        samples: &samples,
+        memory: &memory,
+        idle_rss_kib,
+    };
+    let out_dir = workspace.join("target").join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let table = report.markdown();
+    println!("\n{table}");
+    std::fs::write(out_dir.join("results.md"), &table)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&report.json())?,
+    )?;
+    plot::latency_svg(
+        "Request latency at 1,000 req/s (HTTP/1.1, 16 connections, 1 kB answers)",
+        &report.latencies(),
+        &out_dir.join("results.svg"),
+    )?;
+    step(format!(
+        "written to {}",
+        out_dir.join("results.{md,json,svg}").display()
+    ));
+    Ok(())
+}
+
+/// Runs every load of one path.
+fn measure(
+    plan: &Plan,
+    tools: &Tools,
+    client: &Pod,
+    target: &Pod,
+    path: &BenchPath,
+    agent_pids: &[u32],
+) -> Result<Sample> {
+    let url = format!("http://{}:{HTTP_PORT}{REQUEST_PATH}", target.ipv4());
+    let cpu_before = cpu_ticks(agent_pids)?;
+    let sampler = RssSampler::start(agent_pids.to_vec());
+    let fixed = http_load(
+        tools,
+        client,
+        &[
+            "--url",
+            &url,
+            "--rate",
+            "1000",
+            "--connections",
+            "16",
+            "--duration-ms",
+            &(plan.rate_secs * 1000).to_string(),
+        ],
+    )?;
+    let peak_rss = sampler.stop();
+    let cpu_s = (cpu_ticks(agent_pids)? - cpu_before) as f64 / clock_ticks_per_second();
+    let requests = fixed["requests"].as_f64().unwrap_or(0.0);
+    let saturation = http_load(
+        tools,
+        client,
+        &[
+            "--url",
+            &url,
+            "--requests",
+            &plan.saturation_requests.to_string(),
+            "--connections",
+            "64",
+            "--concurrency",
+            "64",
+        ],
+    )?;
+    let churn = http_load(
+        tools,
+        client,
+        &[
+            "--url",
+            &url,
+            "--requests",
+            &plan.churn_requests.to_string(),
+            "--concurrency",
+            "4",
+            "--connections",
+            "4",
+            "--new-connection-per-request",
+        ],
+    )?;
+    let bulk_gbit_s = if path.mode == Mode::MtlsL7 {
+        // The L7 policies allow HTTP requests only: no raw stream.
+        None
+    } else {
+        let out = run_script(
+            client,
+            &[
+                "bulk",
+                &target.ipv4().to_string(),
+                &RAW_PORT.to_string(),
+                &plan.bulk_mib.to_string(),
+            ],
+        )?;
+        Some(field(&out, "mib_per_s")? * 8.0 * 1.048_576 / 1000.0)
+    };
+    let latency = &fixed["latency_us"];
+    let us = |name: &str| latency[name].as_f64().unwrap_or(f64::NAN);
+    Ok(Sample {
+        p50_us: us("p50"),
+        p90_us: us("p90"),
+        p99_us: us("p99"),
+        p999_us: us("p999"),
+        rate_requests: requests,
+        saturation_rps: saturation["rps"].as_f64().unwrap_or(0.0),
+        churn_per_s: churn["rps"].as_f64().unwrap_or(0.0),
+        bulk_gbit_s,
+        agent_cpu_s_per_1k: if agent_pids.is_empty() || requests == 0.0 {
+            0.0
+        } else {
+            cpu_s / (requests / 1000.0)
+        },
+        agent_peak_rss_kib: peak_rss,
+    })
+}
+
+/// Runs http-load in `client` and returns its report; a request that failed
+/// makes the whole benchmark fail (a broken path must not look fast).
+fn http_load(tools: &Tools, client: &Pod, args: &[&str]) -> Result<Value> {
+    let out = client
+        .run(&tools.http_load, args, Duration::from_secs(600))
+        .with_context(|| format!("http-load {}", args.join(" ")))?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("http-load output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    if report["errors"].as_u64() != Some(0) || report["ok"] != report["requests"] {
+        bail!(
+            "http-load {}: not every request succeeded: {report}",
+            args.join(" ")
+        );
     }
-    // The L7 samples mean something only if the agent decided those requests.
-    let (_, status) = n2.http_get(ADMIN.parse()?, "/status")?;
-    let status: serde_json::Value = serde_json::from_str(&status)?;
+    Ok(report)
+}
+
+fn check_l7_decided(tools: &Tools, client: &Pod, target: &Pod, node: &Node) -> Result<()> {
+    let url = format!("http://{}:{HTTP_PORT}{REQUEST_PATH}", target.ipv4());
+    http_load(tools, client, &["--url", &url, "--requests", "10"])?;
+    let (_, status) = node.http_get(ADMIN.parse()?, "/status")?;
+    let status: Value = serde_json::from_str(&status)?;
     let decided = status["authorization"]
         .as_array()
         .into_iter()
@@ -255,25 +470,54 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     if !decided {
         bail!("the L7 policies were not applied on n2 (no allow by bench/p10): {status}");
     }
-    set_policies(&topo, n2, false)?;
-    let http = HttpFigures {
-        plain: (
-            median(&http_plain.iter().map(|s| s.0).collect::<Vec<_>>()),
-            median(&http_plain.iter().map(|s| s.1).collect::<Vec<_>>()),
-        ),
-        l7: (
-            median(&http_l7.iter().map(|s| s.0).collect::<Vec<_>>()),
-            median(&http_l7.iter().map(|s| s.1).collect::<Vec<_>>()),
-        ),
-    };
+    Ok(())
+}
 
-    // The tunnel port itself, on n2 (c's address), from x (outside the mesh).
+struct Memory {
+    handshakes_per_s: f64,
+    per_idle_tls_kib: f64,
+    per_idle_tcp_kib: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_memory(
+    plan: &Plan,
+    agents: &[Process],
+    a: &Pod,
+    b: &Pod,
+    c: &Pod,
+    x: &Pod,
+    cert: &Path,
+    key: &Path,
+) -> Result<Memory> {
+    let (n1_agent, n2_agent) = (agents[0].pid(), agents[1].pid());
+    // Idle TCP connections a->b through the agent (two sockets each).
+    let before = rss_kib(n1_agent)?;
+    let holder = a.spawn(
+        "python3",
+        &[
+            "-c",
+            SCRIPT,
+            "hold_tcp",
+            &b.ipv4().to_string(),
+            &RAW_PORT.to_string(),
+            &plan.idle_tcp.to_string(),
+        ],
+    )?;
+    wait_until("idle connections", Duration::from_secs(120), || {
+        Ok(holder.stdout_so_far().contains("ready"))
+    })
+    .with_context(|| holder.output_report())?;
+    let after = rss_kib(n1_agent)?;
+    drop(holder);
+    let per_idle_tcp_kib = (after as f64 - before as f64) / f64::from(plan.idle_tcp);
+
     let c_host = c.ipv4().to_string();
     let (cert, key) = (
-        client_cert.to_string_lossy().into_owned(),
-        client_key.to_string_lossy().into_owned(),
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
     );
-    let out = run_client(
+    let out = run_script(
         x,
         &[
             "handshakes",
@@ -285,8 +529,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         ],
     )?;
     let handshakes_per_s = field(&out, "per_s")?;
-    let n2_agent = agents[1].pid();
-    let rss_before = rss_kib(n2_agent)?;
+    let before = rss_kib(n2_agent)?;
     let holder = x.spawn(
         "python3",
         &[
@@ -304,103 +547,387 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         Ok(holder.stdout_so_far().contains("ready"))
     })
     .with_context(|| holder.output_report())?;
-    let rss_after = rss_kib(n2_agent)?;
+    let after = rss_kib(n2_agent)?;
     drop(holder);
-    let per_idle_kib = (rss_after as f64 - rss_before as f64) / plan.idle_tls as f64;
+    let per_idle_tls_kib = (after as f64 - before as f64) / f64::from(plan.idle_tls);
     step(format!(
-        "tunnel: {handshakes_per_s:.0} handshakes/s; {per_idle_kib:.1} KiB per idle connection"
+        "memory: {per_idle_tcp_kib:.1} KiB per idle proxied connection, {per_idle_tls_kib:.1} KiB per idle tunnel connection; {handshakes_per_s:.0} tunnel handshakes/s"
     ));
-    set_mode(&topo, Mode::Direct)?;
-
-    let mut table = render(
-        &plan,
-        &paths,
-        &results,
+    Ok(Memory {
         handshakes_per_s,
-        per_idle_kib,
-        rss_before,
-    );
-    let _ = writeln!(
-        table,
-        "\nHTTP/1.1 GET, 1 kB responses, one keep-alive connection, a->c through the tunnel: no policy p50 {:.0} µs p99 {:.0} µs; \
-         with L7 authorization (10 ALLOW policies with HTTP rules, the request matching the last) p50 {:.0} µs p99 {:.0} µs: \
-         L7 adds {:+.0} µs at p50, {:+.0} µs at p99.",
-        http.plain.0,
-        http.plain.1,
-        http.l7.0,
-        http.l7.1,
-        http.l7.0 - http.plain.0,
-        http.l7.1 - http.plain.1
-    );
-    println!("\n{table}");
-    let out_dir = workspace.join("target").join("bench");
-    std::fs::create_dir_all(&out_dir)?;
-    std::fs::write(out_dir.join("results.md"), &table)?;
-    step(format!(
-        "written to {}",
-        out_dir.join("results.md").display()
-    ));
-    drop(agents);
-    Ok(())
+        per_idle_tls_kib,
+        per_idle_tcp_kib,
+    })
 }
 
-fn render(
+/// An agent on a node of its own with `idle_pods` enrolled pods and
+/// `idle_policies` policies, no traffic: its RSS once settled.
+fn idle_rss_with_pods_and_policies(
     plan: &Plan,
-    paths: &[(&str, &Pod, &[Mode])],
-    results: &[Vec<Samples>],
-    handshakes_per_s: f64,
-    per_idle_kib: f64,
-    rss_idle_kib: u64,
-) -> String {
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "Machine: {} cores, kernel {}",
-        num_cpus(),
-        kernel_release()
-    );
-    let _ = writeln!(
-        t,
-        "Rounds: {}; per path, mode and round: {} set-ups, {} request/responses of 64 B on one connection, one {} MiB stream. Medians over rounds; ratios against direct on the same path in the same run.\n",
-        plan.rounds, plan.setups, plan.round_trips, plan.bulk_mib
-    );
-    let _ = writeln!(
-        t,
-        "| path | mode | set-up p50 | x direct | rr p50 | rr p99 | +p99 vs direct | bulk | x direct |"
-    );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
-    for (i, (name, _, modes)) in paths.iter().enumerate() {
-        let d = &results[i][Mode::Direct as usize];
-        for &mode in modes.iter() {
-            let s = &results[i][mode as usize];
+    tools: &Tools,
+    ca: &crate::pki::BenchCa,
+) -> Result<u64> {
+    let names: Vec<String> = (0..plan.idle_pods).map(|i| format!("p{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    step(format!("building a node with {} pods", plan.idle_pods));
+    let topo = Topology::builder("bench-idle").node("m1", &refs).build()?;
+    let node = topo.node("m1");
+    let pki = topo.tmp_dir().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;
+    std::fs::write(pki.join("ca.key"), &ca.key_pem)?;
+    let mut pods = String::from("pods:\n");
+    for pod in node.pods() {
+        pods.push_str(&pod_entry(pod, "pods"));
+    }
+    let mut policies = String::new();
+    for i in 0..plan.idle_policies {
+        let app = &names[i % names.len()];
+        let _ = write!(
+            policies,
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: idle-{i}, namespace: bench}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/bench/sa/p{:03}\"]}}}}]\n    to: [{{operation: {{methods: [\"GET\"], paths: [\"/v{i}/*\"]}}}}]\n",
+            (i + 1) % names.len()
+        );
+    }
+    let dir = topo.tmp_dir().join("idle-config");
+    std::fs::create_dir_all(dir.join("policies"))?;
+    std::fs::write(dir.join("policies").join("idle.yaml"), policies)?;
+    let config = agents::AgentConfig {
+        dir: &dir,
+        pods_yaml: &pods,
+        extra_files: &[],
+        log: "warn",
+        node_extra: "",
+    };
+    let agent = agents::start(&tools.agent, &topo, node, &pki, &config)?;
+    let pid = agent.pid();
+    wait_until("every pod enrolled", Duration::from_secs(60), || {
+        let (_, status) = node.http_get(ADMIN.parse()?, "/status")?;
+        let status: Value = serde_json::from_str(&status)?;
+        let enrolled = status["pods"]
+            .as_array()
+            .map_or(0, |p| p.iter().filter(|p| p["enrolled"] == true).count());
+        Ok(enrolled == plan.idle_pods)
+    })?;
+    // Settled: RSS stops moving (certificates minted, caches filled).
+    let mut last = rss_kib(pid)?;
+    let mut stable = 0;
+    wait_until(
+        "the idle agent's memory to settle",
+        Duration::from_secs(30),
+        || {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = rss_kib(pid)?;
+            stable = if now.abs_diff(last) < 64 {
+                stable + 1
+            } else {
+                0
+            };
+            last = now;
+            Ok(stable >= 5)
+        },
+    )?;
+    Ok(last)
+}
+
+/// Samples the RSS of some processes until stopped; the peak of any one.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            // Bounded: at most an hour of samples.
+            for _ in 0..36_000 {
+                for pid in &pids {
+                    peak = peak.max(rss_kib(*pid).unwrap_or(0));
+                }
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// utime + stime of the processes, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may contain spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or(&stat);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15; `rest` starts at field 3.
+        let utime: u64 = fields.get(11).context("utime")?.parse()?;
+        let stime: u64 = fields.get(12).context("stime")?.parse()?;
+        total += utime + stime;
+    }
+    Ok(total)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+struct Report<'a> {
+    plan: &'a Plan,
+    samples: &'a [Vec<Sample>],
+    memory: &'a Memory,
+    idle_rss_kib: u64,
+}
+
+/// The median of a path's rounds, field by field.
+fn med(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
+    median(&samples.iter().map(f).collect::<Vec<_>>())
+}
+
+impl Report<'_> {
+    fn path(&self, i: usize) -> &[Sample] {
+        &self.samples[i]
+    }
+
+    fn latencies(&self) -> Vec<plot::PathLatency> {
+        PATHS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| plot::PathLatency {
+                name: p.name.to_string(),
+                p50_us: med(self.path(i), |s| s.p50_us),
+                p90_us: med(self.path(i), |s| s.p90_us),
+                p99_us: med(self.path(i), |s| s.p99_us),
+                p999_us: med(self.path(i), |s| s.p999_us),
+            })
+            .collect()
+    }
+
+    fn bulk(&self, i: usize) -> Option<f64> {
+        let values: Vec<f64> = self.path(i).iter().filter_map(|s| s.bulk_gbit_s).collect();
+        (!values.is_empty()).then(|| median(&values))
+    }
+
+    /// The goals of the issue, with the figure each is judged on.
+    fn goals(&self) -> Vec<(String, String, bool)> {
+        let p99 = |i| med(self.path(i), |s| s.p99_us);
+        let p50 = |i| med(self.path(i), |s| s.p50_us);
+        let sat = |i| med(self.path(i), |s| s.saturation_rps);
+        let added_p99 = p99(4) - p99(1);
+        let saturation = sat(4) / sat(1);
+        let l7_p50 = p50(5) - p50(4);
+        let spliced = self.bulk(3).unwrap_or(0.0) / self.bulk(0).unwrap_or(f64::INFINITY);
+        let peak_rss = self
+            .samples
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| PATHS[*i].mode != Mode::Direct)
+            .map(|(_, s)| med(s, |x| x.agent_peak_rss_kib as f64))
+            .fold(0.0, f64::max);
+        vec![
+            (
+                "cross-node mTLS L4: added p99 at 1,000 req/s ≤ 0.25 ms".into(),
+                format!("{:+.3} ms", added_p99 / 1000.0),
+                added_p99 <= 250.0,
+            ),
+            (
+                "cross-node mTLS L4: saturation ≥ 60% of direct".into(),
+                format!("{:.0}%", saturation * 100.0),
+                saturation >= 0.6,
+            ),
+            (
+                "L7 authorization adds ≤ 0.1 ms at p50 over L4".into(),
+                format!("{:+.3} ms", l7_p50 / 1000.0),
+                l7_p50 <= 100.0,
+            ),
+            (
+                "same-node spliced L4 (experimental fast path): ≥ 90% of direct throughput".into(),
+                format!("{:.0}%", spliced * 100.0),
+                spliced >= 0.9,
+            ),
+            (
+                "agent RSS < 20 MB at 1,000 req/s (peak of any agent, any path)".into(),
+                format!("{:.1} MB", peak_rss / 1024.0),
+                peak_rss < 20.0 * 1024.0,
+            ),
+        ]
+    }
+
+    fn markdown(&self) -> String {
+        let plan = self.plan;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "Machine: {} cores, kernel {}. Rounds: {}; medians over rounds; ratios against the direct path (same node or across nodes) measured in the same run.\n",
+            num_cpus(),
+            kernel_release(),
+            plan.rounds
+        );
+        let _ = writeln!(
+            t,
+            "Fixed rate: HTTP/1.1 GET, 1 kB answers, 1,000 req/s over 16 connections for {} s, latency from each request's scheduled time (no coordinated omission). Saturation: {} requests over 64 connections, 64 in flight. Churn: {} requests, each on a new connection (4 at a time). Bulk: one TCP stream of {} MiB. Agent CPU: user+system seconds of both agents during the fixed-rate load, per 1,000 requests.\n",
+            plan.rate_secs, plan.saturation_requests, plan.churn_requests, plan.bulk_mib
+        );
+        let _ = writeln!(
+            t,
+            "| path | p50 | p90 | p99 | p99.9 | +p50 | +p99 | saturation | × direct | churn | × direct | bulk | × direct | agent CPU s / 1k req | agent peak RSS |"
+        );
+        let _ = writeln!(
+            t,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for (i, path) in PATHS.iter().enumerate() {
+            let s = self.path(i);
+            let d = self.path(path.baseline);
+            let m = |f: &dyn Fn(&Sample) -> f64| med(s, f);
+            let md = |f: &dyn Fn(&Sample) -> f64| med(d, f);
+            let bulk = self.bulk(i);
+            let bulk_base = self.bulk(path.baseline);
+            let agent = path.mode != Mode::Direct;
             let _ = writeln!(
                 t,
-                "| {name} | {} | {:.0} µs | {:.2} | {:.0} µs | {:.0} µs | {:+.0} µs | {:.0} MiB/s | {:.2} |",
-                mode.name(),
-                median(&s.setup_us),
-                median(&s.setup_us) / median(&d.setup_us),
-                median(&s.rr_p50_us),
-                median(&s.rr_p99_us),
-                median(&s.rr_p99_us) - median(&d.rr_p99_us),
-                median(&s.mib_s),
-                median(&s.mib_s) / median(&d.mib_s)
+                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs | {:.0} req/s | {:.2} | {:.0} conn/s | {:.2} | {} | {} | {} | {} |",
+                path.name,
+                m(&|x| x.p50_us),
+                m(&|x| x.p90_us),
+                m(&|x| x.p99_us),
+                m(&|x| x.p999_us),
+                m(&|x| x.p50_us) - md(&|x| x.p50_us),
+                m(&|x| x.p99_us) - md(&|x| x.p99_us),
+                m(&|x| x.saturation_rps),
+                m(&|x| x.saturation_rps) / md(&|x| x.saturation_rps),
+                m(&|x| x.churn_per_s),
+                m(&|x| x.churn_per_s) / md(&|x| x.churn_per_s),
+                bulk.map_or("-".into(), |g| format!("{g:.1} Gbit/s")),
+                match (bulk, bulk_base) {
+                    (Some(g), Some(b)) => format!("{:.2}", g / b),
+                    _ => "-".into(),
+                },
+                if agent {
+                    format!("{:.3}", m(&|x| x.agent_cpu_s_per_1k))
+                } else {
+                    "-".into()
+                },
+                if agent {
+                    format!("{:.1} MB", m(&|x| x.agent_peak_rss_kib as f64) / 1024.0)
+                } else {
+                    "-".into()
+                },
             );
         }
+        let _ = writeln!(
+            t,
+            "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections); idle agent with {} pods and {} policies: {:.1} MB RSS. Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
+            self.memory.per_idle_tcp_kib,
+            plan.idle_tcp,
+            self.memory.per_idle_tls_kib,
+            plan.idle_tls,
+            plan.idle_pods,
+            plan.idle_policies,
+            self.idle_rss_kib as f64 / 1024.0,
+            self.memory.handshakes_per_s
+        );
+        let _ = writeln!(t, "\n| goal | measured | met |\n|---|---|---|");
+        for (goal, measured, met) in self.goals() {
+            let _ = writeln!(
+                t,
+                "| {goal} | {measured} | {} |",
+                if met { "yes" } else { "no" }
+            );
+        }
+        t
     }
-    let _ = writeln!(
-        t,
-        "\nTunnel port (agent on n2, python client on n1): {handshakes_per_s:.0} mutual-TLS 1.3 handshakes/s \
-         (client-bound: one python client); {per_idle_kib:.1} KiB of agent RSS per idle tunnel connection \
-         ({} connections, agent RSS before: {} KiB).",
-        plan.idle_tls, rss_idle_kib
-    );
-    t
+
+    fn json(&self) -> Value {
+        let paths: Vec<Value> = PATHS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let rounds: Vec<Value> = self
+                    .path(i)
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "p50_us": s.p50_us, "p90_us": s.p90_us, "p99_us": s.p99_us, "p999_us": s.p999_us,
+                            "fixed_rate_requests": s.rate_requests,
+                            "saturation_rps": s.saturation_rps,
+                            "churn_connections_per_s": s.churn_per_s,
+                            "bulk_gbit_s": s.bulk_gbit_s,
+                            "agent_cpu_s_per_1k_requests": s.agent_cpu_s_per_1k,
+                            "agent_peak_rss_kib": s.agent_peak_rss_kib,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": p.name,
+                    "mode": p.mode.name(),
+                    "baseline": PATHS[p.baseline].name,
+                    "rounds": rounds,
+                })
+            })
+            .collect();
+        json!({
+            "machine": {"cores": num_cpus(), "kernel": kernel_release()},
+            "plan": {
+                "rounds": self.plan.rounds,
+                "fixed_rate": {"requests_per_s": 1000, "connections": 16, "seconds": self.plan.rate_secs, "response_bytes": 1024},
+                "saturation": {"connections": 64, "requests": self.plan.saturation_requests},
+                "churn": {"requests": self.plan.churn_requests, "concurrency": 4},
+                "bulk_mib": self.plan.bulk_mib,
+            },
+            "paths": paths,
+            "memory": {
+                "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
+                "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,
+                "idle_rss_kib": self.idle_rss_kib,
+                "idle_pods": self.plan.idle_pods,
+                "idle_policies": self.plan.idle_policies,
+            },
+            "tunnel_handshakes_per_s": self.memory.handshakes_per_s,
+            "goals": self.goals().into_iter().map(|(g, m, met)| json!({"goal": g, "measured": m, "met": met})).collect::<Vec<_>>(),
+        })
+    }
 }
 
-struct HttpFigures {
-    /// (p50, p99) in µs.
-    plain: (f64, f64),
-    l7: (f64, f64),
+fn start_http_server(pod: &Pod, bin: &Path) -> Result<Process> {
+    let p = pod.spawn(
+        bin,
+        &["--port", &HTTP_PORT.to_string(), "--body-bytes", "1024"],
+    )?;
+    wait_until("http-serve", Duration::from_secs(10), || {
+        Ok(p.stdout_so_far().contains("ready"))
+    })
+    .with_context(|| p.output_report())?;
+    Ok(p)
+}
+
+fn start_raw_server(pod: &Pod) -> Result<Process> {
+    let p = pod.spawn("python3", &["-c", SCRIPT, "serve", &RAW_PORT.to_string()])?;
+    wait_until("the bench server", Duration::from_secs(10), || {
+        Ok(p.stdout_so_far().contains("ready"))
+    })
+    .with_context(|| p.output_report())?;
+    Ok(p)
+}
+
+fn run_script(pod: &Pod, args: &[&str]) -> Result<String> {
+    let mut all = vec!["-c", SCRIPT];
+    all.extend_from_slice(args);
+    let out = pod.run("python3", &all, Duration::from_secs(600))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Ten ALLOW policies for c with HTTP rules; only the last matches the
@@ -420,23 +947,6 @@ fn set_policies(topo: &Topology, node: &Node, enabled: bool) -> Result<()> {
     std::fs::write(dir.join(".tmp"), yaml)?;
     std::fs::rename(dir.join(".tmp"), dir.join("bench.yaml"))?;
     settle(topo)
-}
-
-fn start_server(pod: &Pod) -> Result<Process> {
-    let server = pod.spawn("python3", &["-c", SCRIPT, "serve", &PORT.to_string()])?;
-    wait_until(
-        &format!("bench server in {}", pod.name()),
-        Duration::from_secs(10),
-        || Ok(server.stdout_so_far().contains("ready")),
-    )?;
-    Ok(server)
-}
-
-fn run_client(pod: &Pod, args: &[&str]) -> Result<String> {
-    let mut argv = vec!["-c", SCRIPT];
-    argv.extend_from_slice(args);
-    let out = pod.run("python3", &argv, Duration::from_secs(300))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn field(out: &str, name: &str) -> Result<f64> {
@@ -480,7 +990,7 @@ fn start_agent(
 /// Switches every node to `mode` and waits until the agents agree.
 fn set_mode(topo: &Topology, mode: Mode) -> Result<()> {
     for node in topo.nodes() {
-        let enrol = mode != Mode::Direct;
+        let enrol = mode.enrols();
         let mut pods = String::from("pods:\n");
         let mut enrolled = 0;
         for pod in node.pods().iter().filter(|p| enrol && p.name() != "x") {
@@ -496,7 +1006,7 @@ fn set_mode(topo: &Topology, mode: Mode) -> Result<()> {
             .iter()
             .filter(|n| n.name() != node.name())
             .flat_map(|n| n.pods().iter())
-            .filter(|p| mode == Mode::Mtls && p.name() != "x")
+            .filter(|p| mode.mesh() && p.name() != "x")
             .collect();
         for pod in &remote {
             let _ = write!(workloads, "{}", pod_entry(pod, "workloads"));

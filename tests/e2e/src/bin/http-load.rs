@@ -6,12 +6,18 @@
 //! re-dials), which is what balancing and failover tests need to reason about.
 //! With `--rate` it runs open loop and measures latency from each request's
 //! scheduled time, so a stalled server shows up as latency instead of silently
-//! slowing the client down (no coordinated omission).
+//! slowing the client down (no coordinated omission). The schedule is kept by a
+//! thread of its own with a fine-grained sleep: tokio's timers tick in whole
+//! milliseconds, which at 1000 req/s would add up to a millisecond of timer
+//! lateness to every latency.
+//!
+//! With `--new-connection-per-request` every request has a TCP connection of its
+//! own (connect, one request, the whole response, close): connection churn.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     error::Error as StdError,
-    io,
+    io::{self, Write},
     net::{IpAddr, SocketAddr},
     process::ExitCode,
     sync::{
@@ -34,8 +40,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::{
     net::TcpStream,
+    sync::Semaphore,
     task::AbortHandle,
-    time::{Instant, sleep_until, timeout_at},
+    time::{Instant, timeout_at},
 };
 
 /// Sends HTTP requests over a fixed number of connections and prints one JSON
@@ -46,9 +53,13 @@ struct Args {
     /// `http://<ip>:<port>/<path>`; the host must be an IP literal (`[v6]` too).
     #[arg(long)]
     url: String,
-    /// Total requests to send.
+    /// Total requests to send (ignored with --duration-ms).
     #[arg(long, default_value_t = 1000)]
     requests: u64,
+    /// Run for this long instead: closed loop, no request starts after it; with
+    /// --rate, the requests are rate × duration.
+    #[arg(long)]
+    duration_ms: Option<u64>,
     /// Client TCP connections.
     #[arg(long, default_value_t = 1)]
     connections: usize,
@@ -63,6 +74,12 @@ struct Args {
     /// HTTP/2 with prior knowledge (h2c).
     #[arg(long)]
     http2: bool,
+    /// Every request on a new TCP connection: connect, one request, the whole
+    /// response, close (HTTP/1.1 sends `connection: close`). --connections is
+    /// then unused: --concurrency connections are open at most. Latency
+    /// includes the connect.
+    #[arg(long)]
+    new_connection_per_request: bool,
     #[arg(long, default_value = "GET")]
     method: String,
     /// `name:value`, repeatable.
@@ -91,8 +108,13 @@ struct Plan {
     tally_header: HeaderName,
     timeout: Duration,
     http2: bool,
+    /// Each request on a connection of its own.
+    fresh: bool,
+    /// Requests to attempt at most; `u64::MAX` when a closed loop runs for
+    /// `duration`.
     total: u64,
     rate: Option<f64>,
+    duration: Option<Duration>,
 }
 
 impl Plan {
@@ -144,6 +166,11 @@ impl Plan {
             let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
             headers.insert(HOST, host);
         }
+        // A client that will not reuse a connection says so (RFC 9112 9.6); the
+        // server then closes it too, right after its answer.
+        if args.new_connection_per_request && !args.http2 && !headers.contains_key(CONNECTION) {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         let tally_header: HeaderName = args
             .tally_header
             .parse()
@@ -163,6 +190,15 @@ impl Plan {
         if args.timeout_ms == 0 {
             return Err("--timeout-ms must be at least 1".into());
         }
+        if args.duration_ms == Some(0) {
+            return Err("--duration-ms must be at least 1".into());
+        }
+        let duration = args.duration_ms.map(Duration::from_millis);
+        let total = match (duration, args.rate) {
+            (None, _) => args.requests,
+            (Some(duration), Some(rate)) => (rate * duration.as_secs_f64()).round() as u64,
+            (Some(_), None) => u64::MAX,
+        };
         Ok(Plan {
             addr,
             uri,
@@ -172,8 +208,10 @@ impl Plan {
             tally_header,
             timeout: Duration::from_millis(args.timeout_ms),
             http2: args.http2,
-            total: args.requests,
+            fresh: args.new_connection_per_request,
+            total,
             rate: args.rate,
+            duration,
         })
     }
 
@@ -422,18 +460,73 @@ async fn h2_request(plan: &Plan, slot: &H2Slot, dials: &Dials) -> Result<Parts, 
     }
 }
 
+/// One request on a connection of its own: connect, send, read the whole
+/// response, close. The connection is driven by this task, so it is closed when
+/// this returns.
+async fn fresh_request(plan: &Plan, dials: &Dials) -> Result<Parts, Failure> {
+    let deadline = Instant::now() + plan.timeout;
+    let tcp = connect(plan, deadline).await?;
+    let io = TokioIo::new(tcp);
+    let failed = |e: hyper::Error| Failure::new("connect", format!("handshake: {}", chain(&e)));
+    let result = if plan.http2 {
+        let handshake = http2::Builder::new(TokioExecutor::new()).handshake(io);
+        let (mut sender, connection) = timeout_at(deadline, handshake)
+            .await
+            .map_err(|_| Failure::timeout(plan))?
+            .map_err(failed)?;
+        dials.dials.fetch_add(1, Ordering::Relaxed);
+        let response = sender.send_request(plan.request());
+        // The only request: the connection winds down once it is answered.
+        drop(sender);
+        timeout_at(deadline, drive(exchange(response), connection)).await
+    } else {
+        let (mut sender, connection) = http1::handshake(io).await.map_err(failed)?;
+        dials.dials.fetch_add(1, Ordering::Relaxed);
+        let response = sender.send_request(plan.request());
+        drop(sender);
+        timeout_at(deadline, drive(exchange(response), connection)).await
+    };
+    match result {
+        Ok(Ok(parts)) => Ok(parts),
+        Ok(Err(e)) => Err(Failure::classify(&e)),
+        Err(_) => Err(Failure::timeout(plan)),
+    }
+}
+
+/// Polls `exchange` and the `connection` carrying it until the exchange is
+/// done. The connection may finish first (the server closed after its answer)
+/// while the answer is still to be picked up, so it is not what ends this.
+async fn drive<X, C>(exchange: X, connection: C) -> Result<Parts, hyper::Error>
+where
+    X: Future<Output = Result<Parts, hyper::Error>>,
+    C: Future,
+{
+    tokio::pin!(exchange, connection);
+    let mut connection_done = false;
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut exchange => return result,
+            _ = &mut connection, if !connection_done => connection_done = true,
+        }
+    }
+}
+
 enum Transport {
     /// Idle connections, first in first out so that with fewer workers than
     /// connections every connection still takes its turn.
     Http1(Mutex<VecDeque<H1Slot>>),
     /// Request `i` goes to connection `i % K`.
     Http2(Vec<H2Slot>),
+    /// A new connection per request.
+    Fresh,
 }
 
 enum Outcome {
     Answer {
         status: u16,
-        tally: String,
+        /// The tally header's value, shared by all answers with that value.
+        tally: Arc<str>,
         latency_us: u64,
     },
     Failed(Failure),
@@ -444,23 +537,68 @@ struct Shared {
     transport: Transport,
     connections: usize,
     dials: Dials,
+    /// The next request's index; past `plan.total` once the run is over.
     next: AtomicU64,
     start: Instant,
+    /// With `--rate`: one permit per request that is due, from [`pace`].
+    due: Option<Arc<Semaphore>>,
+}
+
+/// When request `i` is due after the start at `rate` requests/s.
+fn scheduled(i: u64, rate: f64) -> Duration {
+    Duration::from_secs_f64(i as f64 / rate)
+}
+
+/// The open loop's clock, on a thread of its own: releases a permit on `due`
+/// as each of the `total` requests falls due, then one per worker so each sees
+/// the end. Behind schedule (a busy machine), it releases every overdue
+/// request at once: their latency is counted from when they were due.
+fn pace(start: std::time::Instant, rate: f64, total: u64, workers: usize, due: &Semaphore) {
+    // Sleeps end within microseconds of their deadline instead of the default
+    // 50 us slack.
+    let _ = nix::sys::prctl::set_timerslack(1);
+    let mut next = 0;
+    while next < total {
+        let now = std::time::Instant::now();
+        let at = start + scheduled(next, rate);
+        if at > now {
+            std::thread::sleep(at - now);
+            continue;
+        }
+        let mut ready = 0;
+        while next < total && start + scheduled(next, rate) <= now {
+            ready += 1;
+            next += 1;
+        }
+        due.add_permits(ready);
+    }
+    due.add_permits(workers);
 }
 
 async fn worker(shared: Arc<Shared>) -> Vec<Outcome> {
+    let end = shared.plan.duration.map(|d| shared.start + d);
+    // Tally values seen so far, so that answers share one copy of each.
+    let mut tallies: HashMap<Box<[u8]>, Arc<str>> = HashMap::new();
     let mut outcomes = Vec::new();
     loop {
+        match &shared.due {
+            Some(due) => match due.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return outcomes,
+            },
+            None => {
+                if end.is_some_and(|end| Instant::now() >= end) {
+                    return outcomes;
+                }
+            }
+        }
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
         if i >= shared.plan.total {
             return outcomes;
         }
         let began = match shared.plan.rate {
-            Some(rate) => {
-                let at = shared.start + Duration::from_secs_f64(i as f64 / rate);
-                sleep_until(at).await;
-                at
-            }
+            // Due now or a moment ago: a permit is released once it is.
+            Some(rate) => shared.start + scheduled(i, rate),
             None => Instant::now(),
         };
         let result = match &shared.transport {
@@ -478,18 +616,29 @@ async fn worker(shared: Arc<Shared>) -> Vec<Outcome> {
                 let slot = &slots[(i % slots.len() as u64) as usize];
                 h2_request(&shared.plan, slot, &shared.dials).await
             }
+            Transport::Fresh => fresh_request(&shared.plan, &shared.dials).await,
         };
         let latency_us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
         outcomes.push(match result {
-            Ok(parts) => Outcome::Answer {
-                status: parts.status.as_u16(),
-                tally: parts
+            Ok(parts) => {
+                let value = parts
                     .headers
                     .get(&shared.plan.tally_header)
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                    .unwrap_or_else(|| "-".to_string()),
-                latency_us,
-            },
+                    .map_or(&b"-"[..], |v| v.as_bytes());
+                let tally = match tallies.get(value) {
+                    Some(tally) => tally.clone(),
+                    None => {
+                        let tally: Arc<str> = String::from_utf8_lossy(value).into();
+                        tallies.insert(value.into(), tally.clone());
+                        tally
+                    }
+                };
+                Outcome::Answer {
+                    status: parts.status.as_u16(),
+                    tally,
+                    latency_us,
+                }
+            }
             Err(failure) => Outcome::Failed(failure),
         });
     }
@@ -551,9 +700,12 @@ fn summary(
                     ok += 1;
                 }
                 *statuses.entry(status.to_string()).or_default() += 1;
-                *tally.entry(by.clone()).or_default() += 1;
+                *tally.entry(by.to_string()).or_default() += 1;
                 latencies.push(latency_us);
-                tally_latencies.entry(by).or_default().push(latency_us);
+                tally_latencies
+                    .entry(by.to_string())
+                    .or_default()
+                    .push(latency_us);
             }
             Outcome::Failed(failure) => {
                 errors += 1;
@@ -565,6 +717,12 @@ fn summary(
         }
     }
     latencies.sort_unstable();
+    // Every answer, whatever its status, per second of the run.
+    let rps = if elapsed.is_zero() {
+        0.0
+    } else {
+        (latencies.len() as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0
+    };
     let tally_latency: BTreeMap<String, Value> = tally_latencies
         .into_iter()
         .map(|(by, mut l)| {
@@ -572,8 +730,10 @@ fn summary(
             (by, percentiles(&l, false))
         })
         .collect();
+    // Requests that were started: all of them unless a duration cut the run.
+    let requests = shared.next.load(Ordering::Relaxed).min(shared.plan.total);
     json!({
-        "requests": shared.plan.total,
+        "requests": requests,
         "ok": ok,
         "errors": errors,
         "error_kinds": error_kinds,
@@ -589,6 +749,9 @@ fn summary(
         "dials": shared.dials.dials.load(Ordering::Relaxed),
         "reconnects": shared.dials.reconnects.load(Ordering::Relaxed),
         "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        "rps": rps,
+        "duration_ms": shared.plan.duration.map(|d| d.as_millis() as u64),
+        "new_connection_per_request": shared.plan.fresh,
     })
 }
 
@@ -602,14 +765,22 @@ fn main() -> ExitCode {
         }
     };
     let mut concurrency = args.concurrency.unwrap_or(args.connections);
-    if !plan.http2 && concurrency > args.connections {
+    if !plan.http2 && !plan.fresh && concurrency > args.connections {
         eprintln!(
             "http-load: HTTP/1.1 carries one request per connection: concurrency {concurrency} capped at {}",
             args.connections
         );
         concurrency = args.connections;
     }
-    let transport = if plan.http2 {
+    // Fresh connections: at most one per worker is open at a time.
+    let connections = if plan.fresh {
+        concurrency
+    } else {
+        args.connections
+    };
+    let transport = if plan.fresh {
+        Transport::Fresh
+    } else if plan.http2 {
         Transport::Http2((0..args.connections).map(|_| H2Slot::default()).collect())
     } else {
         Transport::Http1(Mutex::new(
@@ -627,13 +798,26 @@ fn main() -> ExitCode {
         }
     };
     let summary = runtime.block_on(async move {
+        let start = Instant::now();
+        let due = plan.rate.map(|_| Arc::new(Semaphore::new(0)));
+        if let (Some(rate), Some(due)) = (plan.rate, &due) {
+            let (total, due) = (plan.total, due.clone());
+            let spawned = std::thread::Builder::new()
+                .name("pacer".into())
+                .spawn(move || pace(start.into_std(), rate, total, concurrency, &due));
+            if let Err(e) = spawned {
+                eprintln!("http-load: starting the pacer thread: {e}");
+                return None;
+            }
+        }
         let shared = Arc::new(Shared {
             plan,
             transport,
-            connections: args.connections,
+            connections,
             dials: Dials::default(),
             next: AtomicU64::new(0),
-            start: Instant::now(),
+            start,
+            due,
         });
         let workers: Vec<_> = (0..concurrency)
             .map(|_| tokio::spawn(worker(shared.clone())))
@@ -646,10 +830,17 @@ fn main() -> ExitCode {
             }
         }
         let elapsed = shared.start.elapsed();
-        summary(&shared, outcomes, concurrency, elapsed)
+        Some(summary(&shared, outcomes, concurrency, elapsed))
     });
     // Connection tasks may still be winding down; they do not matter any more.
     runtime.shutdown_background();
-    println!("{summary}");
-    ExitCode::SUCCESS
+    let Some(summary) = summary else {
+        return ExitCode::FAILURE;
+    };
+    // Not `println!`: a reader that went away must not make this panic.
+    let mut stdout = io::stdout().lock();
+    match writeln!(stdout, "{summary}").and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }
