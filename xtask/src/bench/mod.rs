@@ -1006,10 +1006,15 @@ fn field(out: &str, name: &str) -> Result<f64> {
     bail!("no {name} in {out:?}")
 }
 
+/// The median; of an even count, the mean of the middle two.
 fn median(samples: &[f64]) -> f64 {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 fn config_dir(topo: &Topology, node: &Node) -> PathBuf {
