@@ -89,6 +89,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         config_dir.to_path_buf(),
         enroller,
         proxy.clone(),
+        config.clone(),
     ));
     state
         .config_generation
@@ -207,6 +208,7 @@ async fn follow_config(
                     .with_label_values(&["ok"])
                     .inc();
                 tracing::info!(generation, pods = new.pods.len(), "configuration reloaded");
+                *state.config.write().expect("config lock") = Arc::new(new.clone());
                 current = new;
             }
             Err(err) => {

@@ -109,6 +109,8 @@ pub struct AgentState {
     pub metrics: Metrics,
     pub config_generation: AtomicU64,
     pub last_reload_error: Mutex<Option<String>>,
+    /// The configuration in force (the last one loaded without error).
+    pub config: std::sync::RwLock<Arc<crate::config::Config>>,
 }
 
 impl AgentState {
@@ -117,6 +119,7 @@ impl AgentState {
         config_dir: PathBuf,
         enroller: Enroller,
         proxy: Arc<ProxyContext>,
+        config: crate::config::Config,
     ) -> Self {
         Self {
             node,
@@ -127,6 +130,7 @@ impl AgentState {
             metrics: Metrics::new(),
             config_generation: AtomicU64::new(0),
             last_reload_error: Mutex::new(None),
+            config: std::sync::RwLock::new(Arc::new(config)),
         }
     }
 

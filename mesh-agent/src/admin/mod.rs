@@ -1,6 +1,7 @@
 //! The admin API: health, readiness, metrics and status, over plain HTTP/1.1 on
 //! a node-local address (loopback by default).
 
+mod config_dump;
 pub mod metrics;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -25,6 +26,7 @@ pub const PATH_METRICS: &str = "/metrics";
 pub const PATH_STATUS: &str = "/status";
 pub const PATH_DEBUG_PODS: &str = "/debug/pods";
 pub const PATH_DEBUG_CONNECTIONS: &str = "/debug/connections";
+pub const PATH_CONFIG_DUMP: &str = "/config_dump";
 
 /// Binds the admin address; fails at once if it is taken.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -79,6 +81,7 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         PATH_STATUS => json(&state.status()),
         PATH_DEBUG_PODS => json(&state.pods_with_counters()),
         PATH_DEBUG_CONNECTIONS => json(&state.proxy.connections.recent()),
+        PATH_CONFIG_DUMP => json(&config_dump::dump(state)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

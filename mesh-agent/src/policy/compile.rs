@@ -67,6 +67,11 @@ impl Policy {
     pub fn dry_run(&self) -> bool {
         self.dry_run
     }
+    /// The workload labels it selects (`None`: every workload in scope).
+    pub fn selector(&self) -> Option<&BTreeMap<String, String>> {
+        self.selector.as_ref()
+    }
+
     /// Whether the policy uses HTTP-only fields anywhere.
     pub fn has_http_rules(&self) -> bool {
         self.has_http
@@ -141,6 +146,7 @@ impl PolicySet {
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
     }
+
     pub fn iter(&self) -> impl Iterator<Item = &Policy> {
         self.policies.iter().map(|p| &**p)
     }

@@ -97,7 +97,11 @@ impl<'t> NodeAgent<'t> {
         )?;
         std::fs::write(config_dir.join("pods.yaml"), pods_yaml)?;
         for (name, content) in extra_files {
-            std::fs::write(config_dir.join(name), content)?;
+            let path = config_dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, content)?;
         }
         let mut agent = Self {
             node,
