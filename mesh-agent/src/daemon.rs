@@ -91,6 +91,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         proxy.clone(),
         config.clone(),
     ));
+    state.metrics.register(proxy.telemetry.collectors());
     state
         .config_generation
         .store(1, std::sync::atomic::Ordering::SeqCst);

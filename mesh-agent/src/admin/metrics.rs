@@ -237,6 +237,15 @@ impl Metrics {
         m
     }
 
+    /// Adds collectors kept elsewhere (the data path's Istio metrics).
+    pub fn register(&self, collectors: Vec<Box<dyn Collector>>) {
+        for collector in collectors {
+            self.registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+    }
+
     /// Feeds a total kept elsewhere (kernel maps, proxy totals) into a
     /// Prometheus counter. Kernel totals restart from zero when a pod is enrolled
     /// again; a total lower than the last one seen is such a restart, so all of it

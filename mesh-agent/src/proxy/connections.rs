@@ -56,6 +56,40 @@ pub struct ConnectionRecord {
     /// application to the other (a spliced flow); 0 otherwise.
     #[serde(default)]
     pub spliced_bytes: u64,
+    /// Who talked to whom, as workloads (Istio's metric labels): the source
+    /// and destination workload names and namespaces (`unknown` when not a
+    /// workload of the mesh) and the service addressed, if any.
+    #[serde(default)]
+    pub peers: Peers,
+}
+
+/// The two ends of a connection as workloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peers {
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_service: String,
+    /// The destination's identity, whether proved (tunnel) or known (a pod
+    /// of this node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_principal: Option<String>,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        let unknown = || "unknown".to_string();
+        Self {
+            source_workload: unknown(),
+            source_namespace: unknown(),
+            destination_workload: unknown(),
+            destination_namespace: unknown(),
+            destination_service: unknown(),
+            destination_principal: None,
+        }
+    }
 }
 
 fn no_security() -> String {
@@ -161,6 +195,7 @@ mod tests {
             peer_identity: None,
             security: "none".into(),
             spliced_bytes: 0,
+            peers: Peers::default(),
         }
     }
 

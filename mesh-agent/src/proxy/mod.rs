@@ -23,6 +23,7 @@ pub mod http_pool;
 pub mod relay;
 mod service_http;
 mod splice;
+pub mod telemetry;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -62,6 +63,15 @@ pub struct PodHandle {
 }
 
 impl PodHandle {
+    /// The workload name Istio's metrics use: the `app` label, else the pod name.
+    pub fn workload_name(&self) -> String {
+        self.workload
+            .labels
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| self.key.rsplit('/').next().unwrap_or(&self.key).to_string())
+    }
+
     /// The pod's address of the same family as `other`.
     fn addr_like(&self, other: IpAddr) -> IpAddr {
         self.addrs
@@ -92,6 +102,8 @@ pub struct ProxyContext {
     pub http_pool: http_pool::HttpPool,
     /// The kernel fast path, when loaded: splices authorized local flows.
     pub fast_path: Option<Arc<crate::ebpf::FastPath>>,
+    /// Istio's TCP metrics.
+    pub telemetry: telemetry::TcpTelemetry,
 }
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
@@ -118,6 +130,7 @@ impl ProxyContext {
             no_endpoint: Default::default(),
             http_pool: http_pool::HttpPool::new(HTTP_POOL_MAX_IDLE),
             fast_path: None,
+            telemetry: telemetry::TcpTelemetry::default(),
         }
     }
 
@@ -405,6 +418,7 @@ impl ProxyContext {
             peer_identity: None,
             security: "none".to_string(),
             spliced_bytes: 0,
+            peers: connections::Peers::default(),
         }
     }
 
@@ -418,6 +432,8 @@ impl ProxyContext {
         let started = Instant::now();
         let mut record = self.record(Direction::Outbound, &pod, client);
         record.source_identity = Some(pod.identity.to_string());
+        record.peers.source_workload = pod.workload_name();
+        record.peers.source_namespace = pod.workload.namespace.clone();
         let captured = match self.orig_dst.take(pod.netns_cookie, client) {
             Ok(captured) => captured,
             Err(err) => {
@@ -434,6 +450,12 @@ impl ProxyContext {
         record.original_dst = dst;
         // A service address: one of its endpoints serves this connection.
         let service = self.services.read().expect("services lock").lookup(dst);
+        if let Some(service) = &service {
+            record.peers.destination_service = format!(
+                "{}.{}.svc.cluster.local",
+                service.config.name, service.config.namespace
+            );
+        }
         if let Some(service) = service.as_ref().filter(|s| s.protocol != PortProtocol::Tcp) {
             // An HTTP port: an endpoint per request, not per connection.
             record.upstream = format!("service:{}", service.key);
@@ -473,6 +495,9 @@ impl ProxyContext {
         let mut splice_into = None;
         let upstream = if let Some(target) = self.local_pod(dst.ip()) {
             record.upstream = format!("pod:{}", target.key);
+            record.peers.destination_workload = target.workload_name();
+            record.peers.destination_namespace = target.workload.namespace.clone();
+            record.peers.destination_principal = Some(target.identity.to_string());
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
             let source_ip = pod.addr_like(dst.ip());
@@ -499,6 +524,11 @@ impl ProxyContext {
         } else if let Some(peer) = endpoint_peer.or_else(|| self.mtls.remote_peer(dst.ip())) {
             record.upstream = format!("tunnel:{}", peer.key);
             record.peer_identity = Some(peer.identity.to_string());
+            record.peers.destination_principal = Some(peer.identity.to_string());
+            if let Some((namespace, name)) = peer.key.split_once('/') {
+                record.peers.destination_workload = name.to_string();
+                record.peers.destination_namespace = namespace.to_string();
+            }
             record.security = "mutual_tls".to_string();
             self.connect_tunnel(&pod, &peer, dst)
                 .await
@@ -536,6 +566,9 @@ impl ProxyContext {
     ) {
         let started = Instant::now();
         let mut record = self.record(Direction::Inbound, &pod, client);
+        record.peers.destination_workload = pod.workload_name();
+        record.peers.destination_namespace = pod.workload.namespace.clone();
+        record.peers.destination_principal = Some(pod.identity.to_string());
         let original_dst = downstream.local_addr().unwrap_or(client);
         record.original_dst = original_dst;
         record.upstream = format!("pod:{}", pod.key);
@@ -711,6 +744,7 @@ impl ProxyContext {
     ) -> bool {
         let failed = match upstream {
             Ok(upstream) => {
+                self.telemetry.opened(&record);
                 let stats = match upstream {
                     Upstream::Tcp(tcp) => relay(downstream, tcp).await,
                     Upstream::Tunnel(stream) => relay_to_tunnel(downstream, stream).await,
@@ -718,6 +752,7 @@ impl ProxyContext {
                 record.bytes_sent = stats.downstream_to_upstream;
                 record.bytes_received = stats.upstream_to_downstream;
                 record.outcome = relay_outcome(stats.outcome).to_string();
+                self.telemetry.closed(&record);
                 false
             }
             Err(err) => {
@@ -757,6 +792,7 @@ impl ProxyContext {
                 .finish(record, started, downstream, Ok(Upstream::Tcp(upstream)))
                 .await;
         };
+        self.telemetry.opened(&record);
         let stats = relay::relay_observed(downstream, upstream, &splice).await;
         let bytes = splice.finish(stats.downstream_to_upstream, stats.upstream_to_downstream);
         record.bytes_sent = bytes.client_sent;
@@ -764,6 +800,7 @@ impl ProxyContext {
         record.spliced_bytes = bytes.spliced;
         record.outcome = relay_outcome(stats.outcome).to_string();
         record.duration_ms = started.elapsed().as_millis() as u64;
+        self.telemetry.closed(&record);
         tracing::debug!(?record, "spliced connection done");
         self.connections.record(record, false);
         false

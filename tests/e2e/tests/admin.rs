@@ -93,3 +93,96 @@ fn config_dump_shows_the_configuration_in_force_and_follows_reloads() {
     assert_eq!(third["configGeneration"], second["configGeneration"]);
     assert_eq!(third["policies"].as_array().unwrap().len(), 2);
 }
+
+/// The sum of the `metric` series whose labels include every `labels` pair.
+fn metric_sum(agent: &NodeAgent, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    let (_, text) = agent.get("/metrics").unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
+    if !e2e_enabled("istio_tcp_metrics_count_connections_and_bytes_exactly") {
+        return;
+    }
+    let topo = Topology::builder("istiotcp")
+        .node("n1", &["a", "b"])
+        .build()
+        .unwrap();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let _server = mesh_testbed::traffic::TrafficServer::start(b, 7400).unwrap();
+    let agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a, b]), "").unwrap();
+    // Three connections, each sending `ECHO\n` and 1,000 bytes and reading
+    // the 1,000 echoed back: 3,015 bytes sent, 3,000 received.
+    let script = format!(
+        r#"
+import socket
+for i in range(3):
+    c = socket.create_connection(("{}", 7400), timeout=5)
+    c.sendall(b"ECHO\n" + b"x" * 1000)
+    c.shutdown(socket.SHUT_WR)
+    got = 0
+    while True:
+        k = c.recv(65536)
+        if not k:
+            break
+        got += len(k)
+    c.close()
+    assert got == 1000, got
+print("ok")
+"#,
+        b.ipv4()
+    );
+    a.run(
+        "python3",
+        &["-c", &script],
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "a"),
+        ("source_workload_namespace", "default"),
+        ("source_principal", "spiffe://cluster.local/ns/default/sa/a"),
+        ("destination_workload", "b"),
+        ("destination_workload_namespace", "default"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/default/sa/b",
+        ),
+        ("connection_security_policy", "none"),
+    ];
+    // The records are written when each relay ends, just after the client
+    // has read its EOF: wait for the third.
+    mesh_testbed::wait_until(
+        "three closed connections in the metrics",
+        std::time::Duration::from_secs(5),
+        || Ok(metric_sum(&agent, "istio_tcp_connections_closed_total", &labels) == 3),
+    )
+    .unwrap();
+    assert_eq!(
+        metric_sum(&agent, "istio_tcp_connections_opened_total", &labels),
+        3
+    );
+    assert_eq!(
+        metric_sum(&agent, "istio_tcp_sent_bytes_total", &labels),
+        3015
+    );
+    assert_eq!(
+        metric_sum(&agent, "istio_tcp_received_bytes_total", &labels),
+        3000
+    );
+    // Nothing else was counted under other labels.
+    assert_eq!(
+        metric_sum(&agent, "istio_tcp_connections_opened_total", &[]),
+        3
+    );
+}
