@@ -46,6 +46,13 @@ pub struct NodeConfig {
     /// The same-node fast path in the kernel (docs/fastpath.md).
     #[serde(default)]
     pub fast_path: FastPathConfig,
+    /// One log line per connection on the `access` target (default true).
+    #[serde(default = "access_log_default")]
+    pub access_log: bool,
+}
+
+fn access_log_default() -> bool {
+    true
 }
 
 /// `fastPath`: what moves between local sockets inside the kernel.

@@ -78,6 +78,36 @@ pub struct Peers {
     pub destination_principal: Option<String>,
 }
 
+/// The access-log line of a finished connection: on the `access` log target,
+/// at info, in the agent's log format (text or JSON), so it can be routed
+/// and filtered like any log (`MESH_LOG=access=info,...`). A denied
+/// connection's outcome names the policy and rule that decided it.
+fn access_log(record: &ConnectionRecord) {
+    let peers = &record.peers;
+    tracing::info!(
+        target: "access",
+        id = record.id,
+        direction = ?record.direction,
+        pod = %record.pod,
+        src = %record.client,
+        dst = %record.original_dst,
+        upstream = %record.upstream,
+        source_workload = %peers.source_workload,
+        source_namespace = %peers.source_namespace,
+        source_principal = record.source_identity.as_deref().unwrap_or("-"),
+        destination_workload = %peers.destination_workload,
+        destination_namespace = %peers.destination_namespace,
+        destination_principal = peers.destination_principal.as_deref().unwrap_or("-"),
+        destination_service = %peers.destination_service,
+        security = %record.security,
+        bytes_sent = record.bytes_sent,
+        bytes_received = record.bytes_received,
+        duration_ms = record.duration_ms,
+        outcome = %record.outcome,
+        "connection"
+    );
+}
+
 impl Default for Peers {
     fn default() -> Self {
         let unknown = || "unknown".to_string();
@@ -107,6 +137,7 @@ pub struct Totals {
 }
 
 pub struct ConnectionLog {
+    access_log: std::sync::atomic::AtomicBool,
     recent: Mutex<VecDeque<ConnectionRecord>>,
     capacity: usize,
     next_id: AtomicU64,
@@ -115,8 +146,14 @@ pub struct ConnectionLog {
 }
 
 impl ConnectionLog {
+    /// One access-log line per connection, or none.
+    pub fn set_access_log(&self, enabled: bool) {
+        self.access_log.store(enabled, Ordering::Relaxed);
+    }
+
     pub fn new(capacity: usize) -> Self {
         Self {
+            access_log: std::sync::atomic::AtomicBool::new(true),
             recent: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             capacity,
             next_id: AtomicU64::new(1),
@@ -133,6 +170,9 @@ impl ConnectionLog {
     }
 
     pub fn record(&self, record: ConnectionRecord, failed: bool) {
+        if self.access_log.load(Ordering::Relaxed) {
+            access_log(&record);
+        }
         let totals = self.totals(record.direction);
         totals.closed.fetch_add(1, Ordering::Relaxed);
         if failed {

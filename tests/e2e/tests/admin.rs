@@ -185,4 +185,54 @@ print("ok")
         metric_sum(&agent, "istio_tcp_connections_opened_total", &[]),
         3
     );
+
+    // One access-log line per connection, with workloads, bytes and outcome.
+    let access: Vec<String> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains(" access:") && l.contains("destination_workload=b"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(access.len(), 3, "{access:#?}");
+    for line in &access {
+        for field in [
+            "source_workload=a",
+            "bytes_sent=1005",
+            "bytes_received=1000",
+            "outcome=closed",
+        ] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+    }
+
+    // A denied connection's line names the policy and rule that decided it.
+    let generation = agent.status().unwrap().config_generation;
+    agent
+        .write_file(
+            "policies/deny.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-b, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: DENY\n  rules:\n  - to: [{operation: {ports: [\"7400\"]}}]\n",
+        )
+        .unwrap();
+    agent.wait_generation_after(generation).unwrap();
+    // The client is reset (what it sees is the policy tests' concern).
+    let denied = format!(
+        "import socket\ntry:\n    c = socket.create_connection((\"{}\", 7400), timeout=5)\n    c.sendall(b\"ECHO\\nx\")\n    c.recv(10)\nexcept OSError:\n    pass\n",
+        b.ipv4()
+    );
+    a.run(
+        "python3",
+        &["-c", &denied],
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    mesh_testbed::wait_until(
+        "the access line of the denied connection",
+        std::time::Duration::from_secs(5),
+        || {
+            Ok(agent.log().lines().any(|l| {
+                l.contains(" access:") && l.contains("outcome=denied by default/deny-b rule[0]")
+            }))
+        },
+    )
+    .unwrap();
 }
