@@ -122,13 +122,17 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
     };
-    tracing::info!(signal = signal_name, "shutting down");
+    tracing::info!(signal = signal_name, "shutting down: draining");
+    // Readiness off first (the admin API keeps answering, with 503), then no
+    // new connection is accepted, then the ones in flight get up to
+    // `drainTimeout` to finish.
     state.set_ready(false);
+    state.enroller.lock().expect("enroller lock").stop_serving();
+    drain(&proxy, node.drain_timeout).await;
     for task in [admin_task, watch_task, sweep_task, identity_task, trim_task] {
         task.abort();
     }
     let mut enroller = state.enroller.lock().expect("enroller lock");
-    enroller.stop_serving();
     match node.on_stop {
         OnStop::KeepCapture => tracing::info!(
             "kernel programs stay attached (onStop: keepCapture): enrolled pods' connections are refused until an agent is back"
@@ -305,6 +309,34 @@ async fn sweep_stale_records(proxy: Arc<ProxyContext>) {
                 "removed records of connections that never reached the agent"
             );
         }
+    }
+}
+
+/// Waits until no proxied connection is in flight, or `deadline` passes.
+async fn drain(proxy: &ProxyContext, deadline: Duration) {
+    use crate::proxy::connections::Direction;
+    let started = std::time::Instant::now();
+    let in_flight = || {
+        proxy.connections.active(Direction::Outbound) + proxy.connections.active(Direction::Inbound)
+    };
+    loop {
+        let left = in_flight();
+        if left == 0 {
+            tracing::info!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "drained: no connection in flight"
+            );
+            return;
+        }
+        if started.elapsed() >= deadline {
+            tracing::warn!(
+                connections = left,
+                deadline_secs = deadline.as_secs_f64(),
+                "drain deadline reached; the connections still open are closed"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -49,6 +49,14 @@ pub struct NodeConfig {
     /// One log line per connection on the `access` target (default true).
     #[serde(default = "access_log_default")]
     pub access_log: bool,
+    /// On SIGTERM/SIGINT: how long connections in flight may take to finish
+    /// once readiness is off and no new connection is accepted (default 5 s).
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: std::time::Duration,
+}
+
+fn default_drain_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
 }
 
 fn access_log_default() -> bool {

@@ -267,6 +267,18 @@ impl<'t> NodeAgent<'t> {
         Ok(log)
     }
 
+    /// Waits for the agent to exit on its own (after a signal sent with
+    /// [`Self::signal`]); its log. Fails if it exits with an error.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Result<String> {
+        let mut process = self.process.take().context("the agent is not running")?;
+        let out = process.wait_with_deadline(deadline)?;
+        let log = process.stderr_so_far();
+        if !out.status.success() {
+            bail!("the agent exited with {}; log:\n{log}", out.status);
+        }
+        Ok(log)
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) -> Result<()> {
         let mut process = self.process.take().context("the agent is not running")?;

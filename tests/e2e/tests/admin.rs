@@ -236,3 +236,91 @@ print("ok")
     )
     .unwrap();
 }
+
+#[test]
+fn sigterm_turns_readiness_off_refuses_new_connections_and_lets_open_ones_finish() {
+    if !e2e_enabled("sigterm_turns_readiness_off_refuses_new_connections_and_lets_open_ones_finish")
+    {
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let topo = Topology::builder("drain")
+        .node("n1", &["a", "b"])
+        .build()
+        .unwrap();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let _server = mesh_testbed::traffic::TrafficServer::start(b, 7500).unwrap();
+    let mut agent = NodeAgent::start(
+        &topo,
+        topo.node("n1"),
+        &pods_yaml(&[a, b]),
+        "onStop: release\ndrainTimeout: 8s\n",
+    )
+    .unwrap();
+    // A connection that is still sending for two seconds after SIGTERM.
+    let script = format!(
+        r#"
+import socket, time
+c = socket.create_connection(("{}", 7500), timeout=10)
+c.sendall(b"ECHO\n" + b"x" * 100)
+got = b""
+while len(got) < 100:
+    got += c.recv(1000)
+print("started", flush=True)
+time.sleep(0.5)
+for i in range(10):
+    c.sendall(b"y" * 100)
+    time.sleep(0.2)
+c.shutdown(socket.SHUT_WR)
+while True:
+    k = c.recv(65536)
+    if not k:
+        break
+    got += k
+assert len(got) == 1100, len(got)
+print("ok", flush=True)
+"#,
+        b.ipv4()
+    );
+    let mut client = a.spawn("python3", &["-c", &script]).unwrap();
+    mesh_testbed::wait_until(
+        "the long connection to start",
+        Duration::from_secs(10),
+        || Ok(client.stdout_so_far().contains("started")),
+    )
+    .unwrap();
+    let signalled = Instant::now();
+    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Readiness goes first; the admin API still answers.
+    mesh_testbed::wait_until("readiness to turn off", Duration::from_secs(2), || {
+        Ok(agent
+            .get("/readyz")
+            .map(|(code, _)| code == 503)
+            .unwrap_or(false))
+    })
+    .unwrap();
+    // No new connection is accepted while draining.
+    let refused = format!(
+        "import socket\ntry:\n    socket.create_connection((\"{}\", 7500), timeout=3)\n    print(\"connected\")\nexcept OSError as e:\n    print(\"refused\", e)\n",
+        b.ipv4()
+    );
+    let out = a
+        .run("python3", &["-c", &refused], Duration::from_secs(10))
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.starts_with("refused"), "{said}");
+    // The open connection finishes intact, then the agent exits by itself,
+    // well before the drain deadline.
+    let out = client.wait_with_deadline(Duration::from_secs(20)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{}",
+        client.output_report()
+    );
+    let log = agent.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(log.contains("drained: no connection in flight"), "{log}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "the agent waited for the deadline"
+    );
+}
