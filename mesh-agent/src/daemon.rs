@@ -93,6 +93,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         config.clone(),
     ));
     state.metrics.register(proxy.telemetry.collectors());
+    state.metrics.register(proxy.http_telemetry.collectors());
     state
         .config_generation
         .store(1, std::sync::atomic::Ordering::SeqCst);

@@ -134,6 +134,32 @@ impl Authorizer for AllowAll {
 /// query): `Ok(normalised path)` or `Err(reason)`, answered with `400`.
 pub type PathNormalizer = fn(&str) -> Result<String, String>;
 
+/// What happened to one request, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestOutcome {
+    pub status: u16,
+    /// From the request's arrival to the response head.
+    pub duration: Duration,
+    /// The bodies' `Content-Length`, when given (0 otherwise).
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// Told about every request answered (forwarded or refused here).
+pub trait RequestMetrics: Send + Sync + 'static {
+    fn record(&self, outcome: &RequestOutcome);
+}
+
+/// A [`RequestMetrics`] in [`L7Options`].
+#[derive(Clone)]
+pub struct RequestMetricsHandle(pub Arc<dyn RequestMetrics>);
+
+impl std::fmt::Debug for RequestMetricsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestMetricsHandle")
+    }
+}
+
 /// Limits of [`serve`].
 #[derive(Debug, Clone)]
 pub struct L7Options {
@@ -144,6 +170,8 @@ pub struct L7Options {
     pub max_header_bytes: usize,
     /// Time the first bytes have to say whether the connection is HTTP.
     pub detect_timeout: Duration,
+    /// Where to report each request, if anywhere.
+    pub request_metrics: Option<RequestMetricsHandle>,
 }
 
 impl Default for L7Options {
@@ -152,6 +180,7 @@ impl Default for L7Options {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             detect_timeout: Duration::from_secs(5),
+            request_metrics: None,
         }
     }
 }
@@ -357,7 +386,11 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let relay = Arc::new(service::Relay::new(
-        protocol, forwarder, authorizer, normalize,
+        protocol,
+        forwarder,
+        authorizer,
+        normalize,
+        options.request_metrics.clone().map(|h| h.0),
     ));
     let svc = {
         let relay = Arc::clone(&relay);

@@ -144,6 +144,7 @@ impl Forward for SingleUpstream {
 /// State shared by all requests of one downstream connection.
 pub(super) struct Relay {
     protocol: Protocol,
+    metrics: Option<Arc<dyn super::RequestMetrics>>,
     forwarder: Arc<dyn Forward>,
     authorizer: Arc<dyn Authorizer>,
     normalize: PathNormalizer,
@@ -158,9 +159,11 @@ impl Relay {
         forwarder: Arc<dyn Forward>,
         authorizer: Arc<dyn Authorizer>,
         normalize: PathNormalizer,
+        metrics: Option<Arc<dyn super::RequestMetrics>>,
     ) -> Self {
         Self {
             protocol,
+            metrics,
             forwarder,
             authorizer,
             normalize,
@@ -184,10 +187,21 @@ impl Relay {
         request: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(match self.check(request) {
+        let started = std::time::Instant::now();
+        let request_bytes = content_length(request.headers());
+        let response = match self.check(request) {
             Ok(request) => self.forwarder.forward(request, self.protocol).await,
             Err(refusal) => refusal.into_response(),
-        })
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.record(&super::RequestOutcome {
+                status: response.status().as_u16(),
+                duration: started.elapsed(),
+                request_bytes,
+                response_bytes: content_length(response.headers()),
+            });
+        }
+        Ok(response)
     }
 
     /// Everything decided locally: `Ok` with the request to forward (path
@@ -312,6 +326,15 @@ impl SingleUpstream {
             }
         }
     }
+}
+
+/// A body's declared length (0 when not declared).
+fn content_length(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A local answer to a request that is not forwarded.

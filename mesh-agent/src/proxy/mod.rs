@@ -104,6 +104,8 @@ pub struct ProxyContext {
     pub fast_path: Option<Arc<crate::ebpf::FastPath>>,
     /// Istio's TCP metrics.
     pub telemetry: telemetry::TcpTelemetry,
+    /// Istio's HTTP metrics (requests decided by this node's L7 policies).
+    pub http_telemetry: telemetry::HttpTelemetry,
 }
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
@@ -131,6 +133,7 @@ impl ProxyContext {
             http_pool: http_pool::HttpPool::new(HTTP_POOL_MAX_IDLE),
             fast_path: None,
             telemetry: telemetry::TcpTelemetry::default(),
+            http_telemetry: telemetry::HttpTelemetry::default(),
         }
     }
 
@@ -209,6 +212,34 @@ impl ProxyContext {
             remote_ip,
             destination: dst,
         });
+        // Each request is reported by this node as the destination's.
+        let (source_workload, source_namespace) = self.workload_of(remote_ip);
+        let request_metrics = telemetry::ConnectionRequests {
+            telemetry: self.http_telemetry.clone(),
+            labels: [
+                "destination".to_string(),
+                source_workload,
+                source_namespace,
+                source
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_string(), |id| id.to_string()),
+                target.workload_name(),
+                target.workload.namespace.clone(),
+                target.identity.to_string(),
+                "unknown".to_string(),
+            ],
+            // An identified client that is not a pod of this node came
+            // through the tunnel.
+            security: if source.is_some() && self.local_pod(remote_ip).is_none() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+        };
+        let options = L7Options {
+            request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),
+            ..L7Options::default()
+        };
         let (proxy, inside) = (self.clone(), target.clone());
         let connect = move || async move {
             proxy
@@ -216,15 +247,7 @@ impl ProxyContext {
                 .await
                 .map_err(std::io::Error::other)
         };
-        match l7::serve(
-            downstream,
-            connect,
-            authorizer,
-            normalize_path,
-            L7Options::default(),
-        )
-        .await
-        {
+        match l7::serve(downstream, connect, authorizer, normalize_path, options).await {
             Ok(stats) => (
                 format!(
                     "http: {} requests, {} denied, {} bad",
@@ -387,6 +410,20 @@ impl ProxyContext {
             .write()
             .expect("local pods lock")
             .retain(|_, p| p.key != key);
+    }
+
+    /// The workload name and namespace of a mesh address (a pod of this node
+    /// or a workload of another), `unknown` otherwise.
+    fn workload_of(&self, ip: IpAddr) -> (String, String) {
+        if let Some(pod) = self.local_pod(ip) {
+            return (pod.workload_name(), pod.workload.namespace.clone());
+        }
+        if let Some(peer) = self.mtls.remote_peer(ip)
+            && let Some((namespace, name)) = peer.key.split_once('/')
+        {
+            return (name.to_string(), namespace.to_string());
+        }
+        ("unknown".to_string(), "unknown".to_string())
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodHandle>> {

@@ -117,3 +117,111 @@ fn labels<'a>(record: &'a ConnectionRecord, flags: &'a str) -> [&'a str; 10] {
         flags,
     ]
 }
+
+const REQUEST_LABELS: [&str; 11] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Istio's standard HTTP metrics: `istio_requests_total`,
+/// `istio_request_duration_milliseconds`, `istio_request_bytes`,
+/// `istio_response_bytes`.
+#[derive(Clone)]
+pub struct HttpTelemetry {
+    requests: IntCounterVec,
+    duration: prometheus::HistogramVec,
+    request_bytes: prometheus::HistogramVec,
+    response_bytes: prometheus::HistogramVec,
+}
+
+impl Default for HttpTelemetry {
+    fn default() -> Self {
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            prometheus::HistogramVec::new(
+                prometheus::HistogramOpts::new(name, help).buckets(buckets),
+                &REQUEST_LABELS,
+            )
+            .expect("valid metric")
+        };
+        // Istio's default buckets.
+        let ms = vec![
+            1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+            30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+        ];
+        let bytes = prometheus::exponential_buckets(1.0, 10.0, 9).expect("valid buckets");
+        Self {
+            requests: IntCounterVec::new(
+                Opts::new("istio_requests_total", "HTTP requests"),
+                &REQUEST_LABELS,
+            )
+            .expect("valid metric"),
+            duration: histogram(
+                "istio_request_duration_milliseconds",
+                "Time from a request's arrival to its response head",
+                ms,
+            ),
+            request_bytes: histogram(
+                "istio_request_bytes",
+                "Request body sizes (Content-Length)",
+                bytes.clone(),
+            ),
+            response_bytes: histogram(
+                "istio_response_bytes",
+                "Response body sizes (Content-Length)",
+                bytes,
+            ),
+        }
+    }
+}
+
+impl HttpTelemetry {
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.request_bytes.clone()),
+            Box::new(self.response_bytes.clone()),
+        ]
+    }
+}
+
+/// The labels fixed for one connection's requests (all but the response
+/// code), and where to count them.
+pub struct ConnectionRequests {
+    pub telemetry: HttpTelemetry,
+    /// reporter, source workload, namespace and principal, destination
+    /// workload, namespace and principal, destination service.
+    pub labels: [String; 8],
+    pub security: &'static str,
+}
+
+impl crate::l7::RequestMetrics for ConnectionRequests {
+    fn record(&self, outcome: &crate::l7::RequestOutcome) {
+        let code = outcome.status.to_string();
+        let flags = if outcome.status == 403 { "DENY" } else { "-" };
+        let [a, b, c, d, e, f, g, h] = &self.labels;
+        let labels = [a.as_str(), b, c, d, e, f, g, h, &code, flags, self.security];
+        self.telemetry.requests.with_label_values(&labels).inc();
+        self.telemetry
+            .duration
+            .with_label_values(&labels)
+            .observe(outcome.duration.as_secs_f64() * 1000.0);
+        self.telemetry
+            .request_bytes
+            .with_label_values(&labels)
+            .observe(outcome.request_bytes as f64);
+        self.telemetry
+            .response_bytes
+            .with_label_values(&labels)
+            .observe(outcome.response_bytes as f64);
+    }
+}

@@ -324,3 +324,88 @@ print("ok", flush=True)
         "the agent waited for the deadline"
     );
 }
+
+#[test]
+fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
+    if !e2e_enabled("istio_request_metrics_count_allowed_and_denied_requests_by_code") {
+        return;
+    }
+    use std::time::Duration;
+    let topo = Topology::builder("istiohttp")
+        .node("n1", &["a", "b"])
+        .build()
+        .unwrap();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let server = b
+        .spawn(
+            "python3",
+            &[
+                "-c",
+                "import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    protocol_version = 'HTTP/1.1'\n    def do_GET(self):\n        self.send_response(200)\n        self.send_header('content-length', '2')\n        self.end_headers()\n        self.wfile.write(b'ok')\n    def log_message(self, *a):\n        pass\ns = h.HTTPServer(('0.0.0.0', 7600), H)\nprint('ready', flush=True)\ns.serve_forever()\n",
+            ],
+        )
+        .unwrap();
+    mesh_testbed::wait_until("the HTTP server", Duration::from_secs(10), || {
+        Ok(server.stdout_so_far().contains("ready"))
+    })
+    .unwrap();
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-ok, namespace: default}\nspec:\n  selector: {matchLabels: {app: b}}\n  rules:\n  - to: [{operation: {methods: [\"GET\"], paths: [\"/ok/*\"]}}]\n";
+    let agent = NodeAgent::start_with(
+        &topo,
+        topo.node("n1"),
+        &pods_yaml(&[a, b]),
+        "",
+        &[("policies/b.yaml", policy.to_string())],
+    )
+    .unwrap();
+    // Five allowed and three denied requests on one keep-alive connection.
+    let script = format!(
+        "import http.client\nc = http.client.HTTPConnection('{}', 7600, timeout=10)\nfor path, want in [('/ok/1', 200)] * 5 + [('/no', 403)] * 3:\n    c.request('GET', path)\n    r = c.getresponse()\n    r.read()\n    assert r.status == want, (path, r.status)\nprint('ok')\n",
+        b.ipv4()
+    );
+    a.run("python3", &["-c", &script], Duration::from_secs(30))
+        .unwrap();
+    let labels = |code: &'static str| {
+        [
+            ("reporter", "destination"),
+            ("source_workload", "a"),
+            ("source_principal", "spiffe://cluster.local/ns/default/sa/a"),
+            ("destination_workload", "b"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/b",
+            ),
+            ("connection_security_policy", "none"),
+            ("response_code", code),
+        ]
+    };
+    assert_eq!(
+        metric_sum(&agent, "istio_requests_total", &labels("200")),
+        5
+    );
+    assert_eq!(
+        metric_sum(&agent, "istio_requests_total", &labels("403")),
+        3
+    );
+    assert_eq!(
+        metric_sum(
+            &agent,
+            "istio_requests_total",
+            &[("response_code", "403"), ("response_flags", "DENY")]
+        ),
+        3
+    );
+    assert_eq!(
+        metric_sum(
+            &agent,
+            "istio_request_duration_milliseconds_count",
+            &labels("200")
+        ),
+        5
+    );
+    // Five responses of two bytes each.
+    assert_eq!(
+        metric_sum(&agent, "istio_response_bytes_sum", &labels("200")),
+        10
+    );
+}
