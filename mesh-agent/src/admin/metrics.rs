@@ -18,6 +18,8 @@ use crate::{
 
 pub struct Metrics {
     registry: Registry,
+    /// The names of every registered metric, for checks of dashboards.
+    names: Mutex<Vec<String>>,
     pub ready: IntGauge,
     pub pods_enrolled: IntGauge,
     pub pods_failed: IntGauge,
@@ -190,6 +192,7 @@ impl Metrics {
                 &["event"],
             ),
             last_totals: Mutex::default(),
+            names: Mutex::default(),
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -229,17 +232,23 @@ impl Metrics {
             Box::new(m.fastpath.clone()),
             Box::new(build_info),
         ];
-        for collector in collectors {
-            m.registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
+        m.register(collectors);
         m
+    }
+
+    /// The names of every metric the agent exposes (histograms also expose
+    /// `_bucket`, `_sum` and `_count` series).
+    pub fn names(&self) -> Vec<String> {
+        self.names.lock().expect("metrics lock").clone()
     }
 
     /// Adds collectors kept elsewhere (the data path's Istio metrics).
     pub fn register(&self, collectors: Vec<Box<dyn Collector>>) {
         for collector in collectors {
+            self.names
+                .lock()
+                .expect("metrics lock")
+                .extend(collector.desc().iter().map(|d| d.fq_name.clone()));
             self.registry
                 .register(collector)
                 .expect("metric names are unique");
@@ -470,5 +479,47 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// Every metric the Grafana dashboard in deploy/ queries is one the agent
+    /// exposes: renaming a metric without the dashboard fails here.
+    #[test]
+    fn the_dashboard_queries_only_metrics_the_agent_exposes() {
+        let metrics = Metrics::new();
+        let proxy_tcp = crate::proxy::telemetry::TcpTelemetry::default();
+        let proxy_http = crate::proxy::telemetry::HttpTelemetry::default();
+        metrics.register(proxy_tcp.collectors());
+        metrics.register(proxy_http.collectors());
+        let mut exposed: Vec<String> = Vec::new();
+        for name in metrics.names() {
+            for suffix in ["", "_bucket", "_sum", "_count"] {
+                exposed.push(format!("{name}{suffix}"));
+            }
+        }
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("istio_") || word.starts_with("mesh_") {
+                        queried += 1;
+                        assert!(
+                            exposed.iter().any(|n| n == word),
+                            "the dashboard queries {word}, which the agent does not expose (panel {})",
+                            panel["title"]
+                        );
+                    }
+                }
+            }
+        }
+        assert!(queried >= 15, "only {queried} metric references found");
     }
 }
