@@ -522,4 +522,21 @@ mod dashboard_tests {
         }
         assert!(queried >= 15, "only {queried} metric references found");
     }
+
+    /// Every metric the agent exposes has a row in docs/metrics.md.
+    #[test]
+    fn every_exposed_metric_is_documented() {
+        let metrics = Metrics::new();
+        metrics.register(crate::proxy::telemetry::TcpTelemetry::default().collectors());
+        metrics.register(crate::proxy::telemetry::HttpTelemetry::default().collectors());
+        let doc = include_str!("../../../docs/metrics.md");
+        let names = metrics.names();
+        assert!(names.len() >= 30, "{names:?}");
+        for name in names {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} is exposed but not in docs/metrics.md"
+            );
+        }
+    }
 }
