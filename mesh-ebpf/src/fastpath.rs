@@ -98,42 +98,55 @@ macro_rules! field {
     };
 }
 
+/// The [`SockKey`] of a context with the socket fields of `bpf_sock_ops`
+/// and `sk_msg_md` (same names, same byte orders).
+macro_rules! sock_key {
+    ($ctx:expr, $ptr:expr) => {{
+        let ptr = $ptr;
+        // Every field is read up front, whatever the family: loads chosen by
+        // a branch get merged by the compiler into one load at a computed
+        // context offset, which the verifier refuses.
+        let family = field!(ptr, family);
+        let local4 = field!(ptr, local_ip4);
+        let remote4 = field!(ptr, remote_ip4);
+        let local6 = [
+            field!(ptr, local_ip6[0]),
+            field!(ptr, local_ip6[1]),
+            field!(ptr, local_ip6[2]),
+            field!(ptr, local_ip6[3]),
+        ];
+        let remote6 = [
+            field!(ptr, remote_ip6[0]),
+            field!(ptr, remote_ip6[1]),
+            field!(ptr, remote_ip6[2]),
+            field!(ptr, remote_ip6[3]),
+        ];
+        let local_port = field!(ptr, local_port);
+        let remote_port = field!(ptr, remote_port);
+        match family {
+            AF_INET | AF_INET6 => {
+                let (local, remote) = if family == AF_INET {
+                    (addr4(local4), addr4(remote4))
+                } else {
+                    (addr6(local6), addr6(remote6))
+                };
+                Some(SockKey {
+                    // SAFETY: the helper only reads the socket behind the context.
+                    netns_cookie: unsafe { bpf_get_netns_cookie($ctx.as_ptr()) },
+                    local,
+                    remote,
+                    local_port: local_port as u16,
+                    remote_port: port_from_be32(remote_port),
+                    _pad: 0,
+                })
+            }
+            _ => None,
+        }
+    }};
+}
+
 fn ops_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    let ops = ctx.ops;
-    // Every field is read up front, whatever the family: loads chosen by a
-    // branch get merged by the compiler into one load at a computed context
-    // offset, which the verifier refuses.
-    let family = field!(ops, family);
-    let local4 = field!(ops, local_ip4);
-    let remote4 = field!(ops, remote_ip4);
-    let local6 = [
-        field!(ops, local_ip6[0]),
-        field!(ops, local_ip6[1]),
-        field!(ops, local_ip6[2]),
-        field!(ops, local_ip6[3]),
-    ];
-    let remote6 = [
-        field!(ops, remote_ip6[0]),
-        field!(ops, remote_ip6[1]),
-        field!(ops, remote_ip6[2]),
-        field!(ops, remote_ip6[3]),
-    ];
-    let local_port = field!(ops, local_port);
-    let remote_port = field!(ops, remote_port);
-    let (local, remote) = match family {
-        AF_INET => (addr4(local4), addr4(remote4)),
-        AF_INET6 => (addr6(local6), addr6(remote6)),
-        _ => return None,
-    };
-    Some(SockKey {
-        // SAFETY: the helper only reads the socket behind the context.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local,
-        remote,
-        local_port: local_port as u16,
-        remote_port: port_from_be32(remote_port),
-        _pad: 0,
-    })
+    sock_key!(ctx, ctx.ops)
 }
 
 /// sock_ops hook: called from `mesh_sockops` for every op.
@@ -180,41 +193,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
 }
 
 fn msg_key(ctx: &SkMsgContext) -> Option<SockKey> {
-    let md = ctx.msg;
-    // Every field is read up front, whatever the family: loads chosen by a
-    // branch get merged by the compiler into one load at a computed context
-    // offset, which the verifier refuses.
-    let family = field!(md, family);
-    let local4 = field!(md, local_ip4);
-    let remote4 = field!(md, remote_ip4);
-    let local6 = [
-        field!(md, local_ip6[0]),
-        field!(md, local_ip6[1]),
-        field!(md, local_ip6[2]),
-        field!(md, local_ip6[3]),
-    ];
-    let remote6 = [
-        field!(md, remote_ip6[0]),
-        field!(md, remote_ip6[1]),
-        field!(md, remote_ip6[2]),
-        field!(md, remote_ip6[3]),
-    ];
-    let local_port = field!(md, local_port);
-    let remote_port = field!(md, remote_port);
-    let (local, remote) = match family {
-        AF_INET => (addr4(local4), addr4(remote4)),
-        AF_INET6 => (addr6(local6), addr6(remote6)),
-        _ => return None,
-    };
-    Some(SockKey {
-        // SAFETY: the helper only reads the socket behind the context.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local,
-        remote,
-        local_port: local_port as u16,
-        remote_port: port_from_be32(remote_port),
-        _pad: 0,
-    })
+    sock_key!(ctx, ctx.msg)
 }
 
 #[sk_msg]
