@@ -146,6 +146,14 @@ pub fn workloads_yaml(pods: &[&Pod], rename_sa: Option<(&str, &str)>) -> String 
     yaml
 }
 
+/// One issuer per node, all minting from `ca` and trusting only it.
+pub fn node_issuers(topo: &Topology, ca: &TestCa) -> Result<Vec<NodeIssuer>> {
+    topo.nodes()
+        .iter()
+        .map(|n| NodeIssuer::new(topo, n, &ca.ca, &[&ca.ca]))
+        .collect()
+}
+
 /// Pods named `outsider...` stay out of the mesh: not enrolled, not known as
 /// workloads (clients "from outside the mesh" in tests).
 pub fn in_mesh(pod: &Pod) -> bool {

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use mesh_agent::proxy::connections::Direction;
 use mesh_e2e::{
-    mesh::{NodeIssuer, TestCa, pod_identity, start_mesh},
+    mesh::{TestCa, node_issuers, pod_identity, start_mesh},
     traffic_servers, two_nodes,
 };
 use mesh_testbed::{
@@ -49,11 +49,7 @@ fn cross_node_traffic_leaves_the_node_only_as_tls_on_the_tunnel_port() {
     let topo = two_nodes("mtls_wire");
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
     let _servers = traffic_servers(&[a, b, c], PORT);
 

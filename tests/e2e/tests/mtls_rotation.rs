@@ -9,7 +9,7 @@ use std::{
 
 use mesh_e2e::{
     NodeAgent,
-    mesh::{NodeIssuer, TestCa, pod_identity, start_mesh, start_mesh_with},
+    mesh::{TestCa, node_issuers, pod_identity, start_mesh, start_mesh_with},
     traffic_servers, two_nodes,
 };
 use mesh_testbed::{Pod, Process, e2e_enabled, traffic::bulk_upload, wait_until};
@@ -77,11 +77,7 @@ fn rotating_the_ca_under_traffic_fails_no_request() {
     let (a, c) = (topo.pod("a"), topo.pod("c"));
     let old = TestCa::new(&topo, "old").unwrap();
     let new = TestCa::new(&topo, "new").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &old.ca, &[&old.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &old).unwrap();
     // A tiny idle timeout: the pooled tunnel connection closes between two
     // requests, so every request makes a new mutual-TLS handshake, at every
     // stage of the rotation.
@@ -159,11 +155,7 @@ fn short_lived_certificates_are_renewed_before_they_expire() {
     let topo = two_nodes("renewal");
     let (a, c) = (topo.pod("a"), topo.pod("c"));
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     let agents = start_mesh(&topo, &issuers, "4s").unwrap();
     let _servers = traffic_servers(&[c], PORT);
     let c_id = pod_identity(c).to_string();

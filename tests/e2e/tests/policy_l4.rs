@@ -6,7 +6,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use mesh_e2e::{
-    mesh::{NodeIssuer, TestCa, start_mesh},
+    mesh::{TestCa, node_issuers, start_mesh},
     traffic_servers,
 };
 use mesh_testbed::{Pod, Topology, e2e_enabled, traffic::bulk_upload, wait_until};
@@ -71,11 +71,7 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         topo.pod("outsider"),
     );
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     // The outsider is not enrolled on n1 and not a mesh workload for n2.
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
     let _servers = traffic_servers(&[b, c], PORT);

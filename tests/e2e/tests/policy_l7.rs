@@ -10,7 +10,7 @@ use hyper::{
     body::{Bytes, Frame, Incoming},
     service::service_fn,
 };
-use mesh_e2e::mesh::{NodeIssuer, TestCa, start_mesh};
+use mesh_e2e::mesh::{TestCa, node_issuers, start_mesh};
 use mesh_testbed::{Pod, Topology, e2e_enabled, wait_until};
 
 const HTTP1: u16 = 8080;
@@ -193,11 +193,7 @@ fn every_http_request_is_authorized_on_its_own() {
         topo.pod("outsider"),
     );
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
     let _http = [start_http1_server(b), start_http1_server(c)];
     start_h2_server(c);

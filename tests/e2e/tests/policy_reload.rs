@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mesh_e2e::{
-    mesh::{NodeIssuer, TestCa, start_mesh},
+    mesh::{TestCa, node_issuers, start_mesh},
     two_nodes,
 };
 use mesh_testbed::{Pod, e2e_enabled, wait_until};
@@ -131,11 +131,7 @@ fn policy_changes_under_load_apply_to_each_request_as_it_arrives() {
     let topo = two_nodes("policy_reload");
     let (a, c) = (topo.pod("a"), topo.pod("c"));
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
     let _server = start_server(c);
     let c_agent = &agents[1];

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, time::Duration};
 use mesh_e2e::{
     NodeAgent,
     backend::HttpBackend,
-    mesh::{NodeIssuer, TestCa, start_mesh},
+    mesh::{TestCa, node_issuers, start_mesh},
 };
 use mesh_testbed::{Pod, Topology, e2e_enabled, wait_until};
 use serde_json::Value;
@@ -209,6 +209,26 @@ fn ejected_from(agent: &NodeAgent, service: &str, endpoint: &str) -> bool {
     ) == Some(1.0)
 }
 
+/// Writes the client node's services.yaml and waits until it is applied.
+fn apply_services(agent: &NodeAgent, yaml: &str) {
+    let generation = agent.status().unwrap().config_generation;
+    agent.write_file("services.yaml", yaml).unwrap();
+    agent.wait_generation_after(generation).unwrap();
+}
+
+/// An HTTP backend named after its pod in each of b, c, d and e.
+fn start_backends(topo: &Topology) -> BTreeMap<&'static str, HttpBackend> {
+    ["b", "c", "d", "e"]
+        .into_iter()
+        .map(|name| {
+            (
+                name,
+                HttpBackend::start(topo.pod(name), PORT, name).unwrap(),
+            )
+        })
+        .collect()
+}
+
 struct Mesh {
     topo: Topology,
 }
@@ -230,27 +250,11 @@ fn http_requests_are_balanced_per_request_around_slow_and_failing_endpoints() {
     }
     let Mesh { topo } = mesh("svc-http");
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
-    let backends: BTreeMap<&str, HttpBackend> = ["b", "c", "d", "e"]
-        .into_iter()
-        .map(|name| {
-            (
-                name,
-                HttpBackend::start(topo.pod(name), PORT, name).unwrap(),
-            )
-        })
-        .collect();
+    let backends = start_backends(&topo);
     let client_agent = &agents[0];
-    let generation = client_agent.status().unwrap().config_generation;
-    client_agent
-        .write_file("services.yaml", &services_yaml(&topo, &["c", "d", "e"]))
-        .unwrap();
-    client_agent.wait_generation_after(generation).unwrap();
+    apply_services(client_agent, &services_yaml(&topo, &["c", "d", "e"]));
     let a = topo.pod("a");
     let web = format!("http://{WEB}/");
 
@@ -491,29 +495,15 @@ fn http_endpoints_change_under_traffic_without_a_failed_request() {
     }
     let Mesh { topo } = mesh("svc-http-chg");
     let ca = TestCa::new(&topo, "root").unwrap();
-    let issuers: Vec<NodeIssuer> = topo
-        .nodes()
-        .iter()
-        .map(|n| NodeIssuer::new(&topo, n, &ca.ca, &[&ca.ca]).unwrap())
-        .collect();
+    let issuers = node_issuers(&topo, &ca).unwrap();
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
-    let backends: BTreeMap<&str, HttpBackend> = ["b", "c", "d", "e"]
-        .into_iter()
-        .map(|name| {
-            let backend = HttpBackend::start(topo.pod(name), PORT, name).unwrap();
-            // Requests take a while, so some are in flight at every change.
-            backend.set_delay(Duration::from_millis(20));
-            (name, backend)
-        })
-        .collect();
+    let backends = start_backends(&topo);
+    for backend in backends.values() {
+        // Requests take a while, so some are in flight at every change.
+        backend.set_delay(Duration::from_millis(20));
+    }
     let client_agent = &agents[0];
-    let apply = |web: &[&str]| {
-        let generation = client_agent.status().unwrap().config_generation;
-        client_agent
-            .write_file("services.yaml", &services_yaml(&topo, web))
-            .unwrap();
-        client_agent.wait_generation_after(generation).unwrap();
-    };
+    let apply = |web: &[&str]| apply_services(client_agent, &services_yaml(&topo, web));
     apply(&["c", "d", "e"]);
 
     // 100 requests/s for 6 s over one HTTP/2 connection (8 in flight at most)
@@ -585,21 +575,13 @@ fn http_endpoints_change_under_traffic_without_a_failed_request() {
         )
     };
     let served_before = backends["e"].served();
-    let generation = client_agent.status().unwrap().config_generation;
-    client_agent
-        .write_file("services.yaml", &pinned("not-e"))
-        .unwrap();
-    client_agent.wait_generation_after(generation).unwrap();
+    apply_services(client_agent, &pinned("not-e"));
     let url = format!("http://{PINNED}/");
     let wrong = load(a, &url, &["--requests", "3"]);
     eprintln!("endpoint with the wrong service account: {wrong}");
     assert_eq!(wrong.status(503), 3, "{wrong}");
     assert_eq!(backends["e"].served(), served_before, "a request reached e");
-    let generation = client_agent.status().unwrap().config_generation;
-    client_agent
-        .write_file("services.yaml", &pinned("e"))
-        .unwrap();
-    client_agent.wait_generation_after(generation).unwrap();
+    apply_services(client_agent, &pinned("e"));
     let right = load(a, &url, &["--requests", "3"]);
     assert!(right.all_ok(), "{right}");
     assert_eq!(right.served_by("e"), 3, "{right}");
