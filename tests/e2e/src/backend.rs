@@ -408,8 +408,8 @@ async fn serve_connection(tcp: TcpStream, state: Arc<State>) {
 }
 
 /// Whether the client opened with the HTTP/2 preface; `None` if it closed or
-/// said nothing conclusive in time.
-async fn speaks_h2(tcp: &TcpStream) -> Option<bool> {
+/// said nothing conclusive in time. (Also used by the `http-serve` tool.)
+pub async fn speaks_h2(tcp: &TcpStream) -> Option<bool> {
     let sniff = async {
         let mut buf = [0u8; H2_PREFACE.len()];
         loop {

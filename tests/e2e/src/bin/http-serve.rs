@@ -22,12 +22,10 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_e2e::backend::speaks_h2;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
-/// How long a new connection may take to show whether it speaks HTTP/2.
-const SNIFF_DEADLINE: Duration = Duration::from_secs(5);
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Connections waiting to be accepted (the kernel caps it at somaxconn).
 const BACKLOG: i32 = 4096;
 /// Streams a client may have open on one HTTP/2 connection: high enough that
@@ -160,32 +158,6 @@ async fn serve_connection(tcp: TcpStream, body: Bytes) {
             .serve_connection(io, service)
             .await;
     }
-}
-
-/// Whether the client opened with the HTTP/2 preface; `None` if it closed or
-/// said nothing conclusive in time.
-async fn speaks_h2(tcp: &TcpStream) -> Option<bool> {
-    let sniff = async {
-        let mut buf = [0u8; H2_PREFACE.len()];
-        loop {
-            let n = tcp.peek(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if buf[..n] != H2_PREFACE[..n] {
-                return Some(false);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(true);
-            }
-            // Part of the preface so far: peeking again would return at once.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    };
-    tokio::time::timeout(SNIFF_DEADLINE, sniff)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Reads (and discards) the whole request body, then answers 200 with `body`.
