@@ -235,6 +235,7 @@ impl ProxyContext {
             } else {
                 "none"
             },
+            series: Default::default(),
         };
         let options = L7Options {
             request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),

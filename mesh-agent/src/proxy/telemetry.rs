@@ -195,33 +195,56 @@ impl HttpTelemetry {
 }
 
 /// The labels fixed for one connection's requests (all but the response
-/// code), and where to count them.
+/// code), and where to count them. The series of each response code are
+/// looked up once per connection, not per request.
 pub struct ConnectionRequests {
     pub telemetry: HttpTelemetry,
     /// reporter, source workload, namespace and principal, destination
     /// workload, namespace and principal, destination service.
     pub labels: [String; 8],
     pub security: &'static str,
+    pub series: std::sync::Mutex<Vec<(u16, Series)>>,
+}
+
+/// The series of one response code.
+#[derive(Clone)]
+pub struct Series {
+    requests: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    request_bytes: prometheus::Histogram,
+    response_bytes: prometheus::Histogram,
+}
+
+impl ConnectionRequests {
+    fn series(&self, status: u16) -> Series {
+        let mut cache = self.series.lock().expect("series lock");
+        if let Some((_, series)) = cache.iter().find(|(code, _)| *code == status) {
+            return series.clone();
+        }
+        let code = status.to_string();
+        let flags = if status == 403 { "DENY" } else { "-" };
+        let [a, b, c, d, e, f, g, h] = &self.labels;
+        let labels = [a.as_str(), b, c, d, e, f, g, h, &code, flags, self.security];
+        let t = &self.telemetry;
+        let series = Series {
+            requests: t.requests.with_label_values(&labels),
+            duration: t.duration.with_label_values(&labels),
+            request_bytes: t.request_bytes.with_label_values(&labels),
+            response_bytes: t.response_bytes.with_label_values(&labels),
+        };
+        cache.push((status, series.clone()));
+        series
+    }
 }
 
 impl crate::l7::RequestMetrics for ConnectionRequests {
     fn record(&self, outcome: &crate::l7::RequestOutcome) {
-        let code = outcome.status.to_string();
-        let flags = if outcome.status == 403 { "DENY" } else { "-" };
-        let [a, b, c, d, e, f, g, h] = &self.labels;
-        let labels = [a.as_str(), b, c, d, e, f, g, h, &code, flags, self.security];
-        self.telemetry.requests.with_label_values(&labels).inc();
-        self.telemetry
+        let series = self.series(outcome.status);
+        series.requests.inc();
+        series
             .duration
-            .with_label_values(&labels)
             .observe(outcome.duration.as_secs_f64() * 1000.0);
-        self.telemetry
-            .request_bytes
-            .with_label_values(&labels)
-            .observe(outcome.request_bytes as f64);
-        self.telemetry
-            .response_bytes
-            .with_label_values(&labels)
-            .observe(outcome.response_bytes as f64);
+        series.request_bytes.observe(outcome.request_bytes as f64);
+        series.response_bytes.observe(outcome.response_bytes as f64);
     }
 }
