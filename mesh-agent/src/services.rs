@@ -68,8 +68,6 @@ pub struct ServicePortEntry {
 struct PortState {
     balancer: Mutex<balance::Service>,
     budget: Mutex<RetryBudget>,
-    /// Requests that found no endpoint (503) or connections that found none (reset).
-    no_endpoint: std::sync::atomic::AtomicU64,
     /// Requests answered 504 because their route's timeout passed.
     timeouts: std::sync::atomic::AtomicU64,
 }
@@ -96,10 +94,7 @@ impl ServicePortEntry {
     /// Picks an endpoint for a new connection; Err when the service has none.
     pub fn choose(&self) -> Result<Chosen> {
         let mut balancer = self.state.balancer.lock().expect("balancer lock");
-        let pick = balancer.pick().map_err(|e| {
-            self.count_no_endpoint();
-            anyhow!("{}: {e}", self.key)
-        })?;
+        let pick = balancer.pick().map_err(|e| anyhow!("{}: {e}", self.key))?;
         let token = balancer.on_open(&pick.id);
         Ok(Chosen {
             addr: pick.addr,
@@ -126,10 +121,9 @@ impl ServicePortEntry {
     /// this request already failed on; Err when the service has none.
     pub fn pick_request(&self, avoid: &[Arc<str>]) -> Result<RequestPick> {
         let mut balancer = self.state.balancer.lock().expect("balancer lock");
-        let pick = balancer.pick_avoiding(avoid).map_err(|e| {
-            self.count_no_endpoint();
-            anyhow!("{}: {e}", self.key)
-        })?;
+        let pick = balancer
+            .pick_avoiding(avoid)
+            .map_err(|e| anyhow!("{}: {e}", self.key))?;
         let token = balancer.start_request(&pick.id);
         Ok(RequestPick {
             peer: self.peers.get(&pick.addr).cloned(),
@@ -177,12 +171,6 @@ impl ServicePortEntry {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn count_no_endpoint(&self) {
-        self.state
-            .no_endpoint
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Where the endpoints are.
     pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
         self.state
@@ -197,10 +185,6 @@ impl ServicePortEntry {
         ServicePortStats {
             balancer: self.state.balancer.lock().expect("balancer lock").stats(),
             retries: self.state.budget.lock().expect("budget lock").stats(),
-            no_endpoint: self
-                .state
-                .no_endpoint
-                .load(std::sync::atomic::Ordering::Relaxed),
             timeouts: self
                 .state
                 .timeouts
@@ -214,7 +198,6 @@ impl ServicePortEntry {
 pub struct ServicePortStats {
     pub balancer: ServiceStats,
     pub retries: RetryStats,
-    pub no_endpoint: u64,
     pub timeouts: u64,
 }
 
@@ -356,7 +339,6 @@ impl ServiceTable {
                             state: Arc::new(PortState {
                                 balancer: Mutex::new(balancer),
                                 budget: Mutex::new(budget),
-                                no_endpoint: Default::default(),
                                 timeouts: Default::default(),
                             }),
                         })

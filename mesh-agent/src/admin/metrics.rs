@@ -379,7 +379,11 @@ impl Metrics {
                 &[service],
                 stats.balancer.ejections,
             );
-            self.sync(&self.service_no_endpoint, &[service], stats.no_endpoint);
+            self.sync(
+                &self.service_no_endpoint,
+                &[service],
+                stats.balancer.no_healthy_endpoint,
+            );
             self.sync(
                 &self.service_retries,
                 &[service, "allowed"],

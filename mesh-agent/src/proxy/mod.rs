@@ -96,8 +96,6 @@ pub struct ProxyContext {
     decisions: Mutex<BTreeMap<(String, String), u64>>,
     /// Services by VIP and port; replaced whole on reload.
     services: RwLock<Arc<ServiceTable>>,
-    /// Connections to a service that had no endpoint to give.
-    pub no_endpoint: std::sync::atomic::AtomicU64,
     /// Upstream connections of per-request balancing (HTTP service ports).
     pub http_pool: http_pool::HttpPool,
     /// The kernel fast path, when loaded: splices authorized local flows.
@@ -129,7 +127,6 @@ impl ProxyContext {
             )),
             decisions: Mutex::default(),
             services: RwLock::default(),
-            no_endpoint: Default::default(),
             http_pool: http_pool::HttpPool::new(HTTP_POOL_MAX_IDLE),
             fast_path: None,
             telemetry: telemetry::TcpTelemetry::default(),
@@ -249,13 +246,7 @@ impl ProxyContext {
                 .map_err(std::io::Error::other)
         };
         match l7::serve(downstream, connect, authorizer, normalize_path, options).await {
-            Ok(stats) => (
-                format!(
-                    "http: {} requests, {} denied, {} bad",
-                    stats.requests, stats.denied, stats.bad_requests
-                ),
-                false,
-            ),
+            Ok(stats) => (http_outcome(&stats), false),
             Err(L7Error::NotHttp(not_http)) => {
                 if let Err(by) =
                     self.authorize_tcp(&target, source.as_ref(), source_ip, remote_ip, dst)
@@ -308,13 +299,7 @@ impl ProxyContext {
         )
         .await
         {
-            Ok(stats) => (
-                format!(
-                    "http: {} requests, {} denied, {} bad",
-                    stats.requests, stats.denied, stats.bad_requests
-                ),
-                false,
-            ),
+            Ok(stats) => (http_outcome(&stats), false),
             Err(L7Error::NotHttp(not_http)) => {
                 tracing::warn!(pod = %source.key, service = %service.key, reason = %not_http.reason, "not HTTP on an HTTP service port; reset");
                 if let Ok((_, downstream)) = not_http.into_parts::<TcpStream>() {
@@ -517,8 +502,6 @@ impl ProxyContext {
                 }
                 Err(err) => {
                     // Fail fast and say so: the client gets a reset at once.
-                    self.no_endpoint
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(pod = %pod.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service; reset");
                     reset(downstream);
                     record.outcome = format!("no-healthy-endpoint: {}", service.key);
@@ -926,6 +909,14 @@ impl ProxyContext {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+/// The connection record's outcome of an HTTP connection.
+fn http_outcome(stats: &l7::L7Stats) -> String {
+    format!(
+        "http: {} requests, {} denied, {} bad",
+        stats.requests, stats.denied, stats.bad_requests
+    )
 }
 
 fn relay_outcome(outcome: RelayOutcome) -> &'static str {
