@@ -19,6 +19,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use http_body_util::{Either, Full};
@@ -48,6 +49,14 @@ pub struct PoolKey {
     /// for one expected identity never serves another.
     pub peer_identity: Option<String>,
     pub http2: bool,
+}
+
+/// A response, and when its request left on a ready connection: the
+/// balancer measures latency from there, so a connection's set-up (dial,
+/// mTLS handshake) never makes one endpoint look slow for good.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub dispatched: Instant,
 }
 
 /// Why a request got no response.
@@ -88,7 +97,7 @@ impl HttpPool {
         key: &PoolKey,
         connect: C,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendError>
+    ) -> Result<Sent, SendError>
     where
         C: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<BoxIo>>,
@@ -105,7 +114,7 @@ impl HttpPool {
         key: &PoolKey,
         connect: C,
         mut request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendError>
+    ) -> Result<Sent, SendError>
     where
         C: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<BoxIo>>,
@@ -117,10 +126,14 @@ impl HttpPool {
                 Some(sender) => sender,
                 None => dial_http1(connect().await.map_err(SendError::Connect)?).await?,
             };
+            let dispatched = Instant::now();
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.put_http1(key, sender);
-                    return Ok(response);
+                    return Ok(Sent {
+                        response,
+                        dispatched,
+                    });
                 }
                 Err(mut err) => match err.take_message() {
                     Some(unsent) if !fresh => request = unsent,
@@ -155,7 +168,7 @@ impl HttpPool {
         key: &PoolKey,
         connect: C,
         mut request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendError>
+    ) -> Result<Sent, SendError>
     where
         C: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<BoxIo>>,
@@ -188,8 +201,14 @@ impl HttpPool {
                 }
                 continue;
             }
+            let dispatched = Instant::now();
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    return Ok(Sent {
+                        response,
+                        dispatched,
+                    });
+                }
                 Err(mut err) => match err.take_message() {
                     Some(unsent) if !fresh => request = unsent,
                     _ => return Err(SendError::Request(err.into_error())),
@@ -254,4 +273,70 @@ async fn dial_http2(io: BoxIo) -> Result<http2::SendRequest<UpstreamBody>, SendE
         }
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use hyper::{server::conn::http1 as server, service::service_fn};
+
+    use super::*;
+
+    /// A connection that takes `delay` to make, to an HTTP/1.1 server that
+    /// answers 204 at once.
+    async fn slow_dial(delay: Duration, dials: &AtomicUsize) -> anyhow::Result<BoxIo> {
+        dials.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(delay).await;
+        let (client, server_io) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let answer = service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(204)
+                        .body(Full::new(Bytes::new()))
+                        .expect("response"),
+                )
+            });
+            let _ = server::Builder::new()
+                .serve_connection(TokioIo::new(server_io), answer)
+                .await;
+        });
+        Ok(Box::new(client))
+    }
+
+    fn request() -> Request<UpstreamBody> {
+        Request::builder()
+            .uri("/")
+            .header("host", "endpoint")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_requests_latency_starts_once_its_connection_is_made() {
+        let pool = HttpPool::new(4);
+        let key = PoolKey {
+            source_pod: "ns/a".into(),
+            endpoint: "10.0.0.1:80".parse().unwrap(),
+            peer_identity: None,
+            http2: false,
+        };
+        let dials = AtomicUsize::new(0);
+        let delay = Duration::from_millis(200);
+        let connect = || slow_dial(delay, &dials);
+
+        let started = Instant::now();
+        let sent = pool.send(&key, connect, request()).await.expect("sent");
+        assert_eq!(sent.response.status(), 204);
+        assert!(
+            sent.dispatched.duration_since(started) >= delay,
+            "the connection's set-up is not part of the request's latency"
+        );
+        assert_eq!(dials.load(Ordering::SeqCst), 1);
+    }
 }

@@ -32,7 +32,7 @@ use hyper::{
 
 use super::{
     PodHandle, ProxyContext, authz,
-    http_pool::{BoxIo, PoolKey, SendError, UpstreamBody},
+    http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
 };
 use crate::{
     balance::{Outcome, retryable},
@@ -67,10 +67,17 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    fn finish(mut self, outcome: Outcome) {
+    /// A failure's latency runs from the attempt's start.
+    fn finish(self, outcome: Outcome) {
+        let started = self.started;
+        self.finish_since(started, outcome);
+    }
+
+    /// A response's latency runs from `since`, when the request left on a
+    /// ready connection.
+    fn finish_since(mut self, since: Instant, outcome: Outcome) {
         if let Some(pick) = self.pick.take() {
-            self.service
-                .finish_request(pick, self.started.elapsed(), outcome);
+            self.service.finish_request(pick, since.elapsed(), outcome);
         }
     }
 }
@@ -164,17 +171,25 @@ impl ServiceForwarder {
                 None => sent.await,
             };
             let (outcome, response) = match result {
-                Ok(response) => (Outcome::Status(response.status().as_u16()), Some(response)),
+                Ok(Sent {
+                    response,
+                    dispatched,
+                }) => {
+                    let outcome = Outcome::Status(response.status().as_u16());
+                    attempt.finish_since(dispatched, outcome);
+                    (outcome, Some(response))
+                }
                 Err(SendError::Connect(err)) => {
                     tracing::info!(service = %service.key, endpoint = %id, %addr, error = format!("{err:#}"), "endpoint connect failed");
+                    attempt.finish(Outcome::ConnectFailed);
                     (Outcome::ConnectFailed, None)
                 }
                 Err(err) => {
                     tracing::info!(service = %service.key, endpoint = %id, %addr, error = %err, "request to the endpoint failed");
+                    attempt.finish(Outcome::Failed);
                     (Outcome::Failed, None)
                 }
             };
-            attempt.finish(outcome);
             let retry = replayable
                 && retryable(parts.method.as_str(), &outcome)
                 && tried.len() < service.config.retries.attempts as usize
