@@ -1,7 +1,7 @@
 //! `mesh-agent run`: load config and kernel programs, enrol pods, proxy their
 //! traffic, follow config changes, and stop as `onStop` says on SIGTERM/SIGINT.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{os::fd::AsFd, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
@@ -11,7 +11,7 @@ use crate::{
     capture::Enroller,
     config::{self, Config, OnStop, mesh::IdentityConfig, watch::ConfigWatch},
     ebpf::{KernelPrograms, LoadOptions, bpffs},
-    logging,
+    handover, logging,
     mtls::Mtls,
     proxy::ProxyContext,
     services::ServiceTable,
@@ -22,6 +22,44 @@ use crate::{
 /// they must be to go.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const SWEEP_AGE: Duration = Duration::from_secs(30);
+/// How long a new agent waits for the one it replaces to let go of the
+/// pinned state.
+const HANDOVER_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// This agent's side of a handover to its successor.
+struct Handing {
+    state: Arc<AgentState>,
+    admin_socket: std::os::fd::OwnedFd,
+    handed: tokio::sync::oneshot::Sender<()>,
+}
+
+impl handover::Handing for Handing {
+    fn offer(&mut self) -> handover::Offer {
+        // From here the successor owns the kernel state: configuration
+        // changes are its to apply.
+        self.state.set_handing_over(true);
+        let mut enroller = self.state.enroller.lock().expect("enroller lock");
+        enroller.programs.release_pin_lock();
+        let mut offer = enroller.offer();
+        offer.admin = self.admin_socket.try_clone().ok();
+        offer
+    }
+
+    fn resume(&mut self) {
+        let mut enroller = self.state.enroller.lock().expect("enroller lock");
+        match enroller.programs.retake_pin_lock() {
+            Ok(()) => self.state.set_handing_over(false),
+            Err(err) => tracing::error!(
+                error = format!("{err:#}"),
+                "the pinned state stays with the other agent; this one applies no configuration change"
+            ),
+        }
+    }
+
+    fn handed_over(self) {
+        let _ = self.handed.send(());
+    }
+}
 
 pub async fn run(config_dir: &Path) -> Result<()> {
     let config = config::load_dir(config_dir).map_err(|e| anyhow!("invalid configuration: {e}"))?;
@@ -30,10 +68,25 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     bpffs::ensure_mounted(&node.bpffs)?;
     raise_limits();
 
+    // An agent already running on this node hands over its listeners: this
+    // one serves on the same sockets, so no connection is refused meanwhile.
+    let handover_name = handover::socket_name(&node.pin_dir());
+    let mut inherited = tokio::task::spawn_blocking({
+        let name = handover_name.clone();
+        move || handover::take_over(&name)
+    })
+    .await?
+    .context("taking over from the agent running on this node")?;
     let mut programs = KernelPrograms::load(&LoadOptions {
         pin_dir: node.pin_dir(),
         max_connections: node.max_connections,
         kernel_log_level: logging::max_level(),
+        // The agent handing over lets go of the pinned state as it does.
+        lock_wait: if inherited.is_some() {
+            HANDOVER_LOCK_WAIT
+        } else {
+            Duration::ZERO
+        },
     })?;
     tracing::info!(programs = ?programs.program_names(), pin_dir = %node.pin_dir().display(), "kernel programs loaded");
     let mtls = Arc::new(Mtls::new(
@@ -77,12 +130,26 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         None,
     )?);
     let mut enroller = Enroller::new(programs, proxy.clone());
+    if let Some(inherited) = &mut inherited {
+        tracing::info!(
+            pods = inherited.pods.len(),
+            "an agent runs on this node: taking over its listeners"
+        );
+        enroller.adopt(std::mem::take(&mut inherited.pods));
+    }
     enroller.reconcile(&config.pods);
     let released = enroller.programs.release_inherited();
     if released > 0 {
         tracing::info!(
             released,
             "released pods an earlier agent enrolled that are no longer configured"
+        );
+    }
+    let unadopted = enroller.close_unadopted();
+    if unadopted > 0 {
+        tracing::info!(
+            pods = unadopted,
+            "closed handed-over listeners of pods no longer configured"
         );
     }
     let state = Arc::new(AgentState::new(
@@ -103,7 +170,15 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         .with_label_values(&["ok"])
         .inc();
 
-    let listener = admin::bind(node.admin_address).await?;
+    let listener = match inherited.as_mut().and_then(|i| i.admin.take()) {
+        Some(fd) => {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)?
+        }
+        None => admin::bind(node.admin_address).await?,
+    };
+    let admin_socket = listener.as_fd().try_clone_to_owned()?;
     tracing::info!(address = %node.admin_address, "admin API listening");
     let admin_task = tokio::spawn(admin::serve(listener, state.clone()));
     // Watching starts before the agent says it is ready, and the first pass
@@ -116,24 +191,63 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     let identity_task = tokio::spawn(keep_identities_fresh(mtls.clone(), node.identity.clone()));
     state.set_ready(true);
     tracing::info!("agent ready");
+    if let Some(inherited) = inherited {
+        tokio::task::spawn_blocking(move || inherited.serving())
+            .await?
+            .context("telling the previous agent this one serves")?;
+        tracing::info!("took over from the previous agent");
+    }
+    let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
+    handover::serve(
+        handover_name,
+        Handing {
+            state: state.clone(),
+            admin_socket,
+            handed: handed_tx,
+        },
+    )?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut handed_over = false;
     let signal_name = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
+        Ok(()) = handed_rx => {
+            handed_over = true;
+            "handover"
+        }
     };
-    tracing::info!(signal = signal_name, "shutting down: draining");
+    tracing::info!(reason = signal_name, "shutting down: draining");
     // Readiness off first (the admin API keeps answering, with 503), then no
     // new connection is accepted, then the ones in flight get up to
-    // `drainTimeout` to finish.
+    // `drainTimeout` to finish. After a handover the listeners (the admin
+    // API's too) are the new agent's: this one only stops accepting on them.
+    watch_task.abort();
     state.set_ready(false);
+    if handed_over {
+        admin_task.abort();
+    }
     state.enroller.lock().expect("enroller lock").stop_serving();
+    proxy.start_draining();
     drain(&proxy, node.drain_timeout).await;
-    for task in [admin_task, watch_task, sweep_task, identity_task, trim_task] {
+    if handed_over {
+        // Exiting on our own would have a restart policy start this agent
+        // again, over the new one: wait to be stopped.
+        tracing::info!("handed over to a new agent; waiting for SIGTERM to exit");
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    }
+    for task in [admin_task, sweep_task, identity_task, trim_task] {
         task.abort();
     }
     let mut enroller = state.enroller.lock().expect("enroller lock");
+    if handed_over {
+        tracing::info!("kernel programs stay attached: they are the new agent's");
+        return Ok(());
+    }
     match node.on_stop {
         OnStop::KeepCapture => tracing::info!(
             "kernel programs stay attached (onStop: keepCapture): enrolled pods' connections are refused until an agent is back"
@@ -165,6 +279,12 @@ async fn follow_config(
     };
     let mut first_pass = true;
     while std::mem::take(&mut first_pass) || watch.changed().await {
+        if state.handing_over() {
+            tracing::warn!(
+                "configuration change not applied: a new agent is taking over and applies it"
+            );
+            continue;
+        }
         match config::load_dir(&state.config_dir) {
             Ok(new) if new == current => {
                 // Back to what is running (e.g. a bad edit undone): nothing to
@@ -318,7 +438,9 @@ async fn drain(proxy: &ProxyContext, deadline: Duration) {
     use crate::proxy::connections::Direction;
     let started = std::time::Instant::now();
     let in_flight = || {
-        proxy.connections.active(Direction::Outbound) + proxy.connections.active(Direction::Inbound)
+        proxy.connections.active(Direction::Outbound)
+            + proxy.connections.active(Direction::Inbound)
+            + proxy.tunnel_connections() as u64
     };
     loop {
         let left = in_flight();

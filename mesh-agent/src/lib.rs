@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
+pub mod handover;
 pub mod identity;
 pub mod l7;
 pub mod logging;

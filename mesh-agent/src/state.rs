@@ -104,6 +104,8 @@ pub struct AgentState {
     pub node: String,
     pub config_dir: PathBuf,
     ready: AtomicBool,
+    /// A successor has asked for this agent's listeners.
+    handing_over: AtomicBool,
     pub enroller: Mutex<Enroller>,
     pub proxy: Arc<ProxyContext>,
     pub metrics: Metrics,
@@ -125,6 +127,7 @@ impl AgentState {
             node,
             config_dir,
             ready: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
             enroller: Mutex::new(enroller),
             proxy,
             metrics: Metrics::new(),
@@ -141,6 +144,14 @@ impl AgentState {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
+    }
+
+    pub fn set_handing_over(&self, handing_over: bool) {
+        self.handing_over.store(handing_over, Ordering::SeqCst);
+    }
+
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::SeqCst)
     }
 
     /// Pod statuses with fresh counters from the kernel maps.

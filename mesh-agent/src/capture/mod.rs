@@ -8,19 +8,20 @@
 pub mod netns_worker;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     sync::Arc,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use mesh_common::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     config::PodConfig,
     ebpf::{InboundListeners, KernelPrograms},
+    handover::{ListenerKind, Offer, PodSockets},
     proxy::{PodHandle, ProxyContext},
     state::{PodCountersView, PodStatus},
 };
@@ -30,6 +31,9 @@ struct PodRuntime {
     config: PodConfig,
     netns_cookie: u64,
     accept_loops: Vec<JoinHandle<()>>,
+    /// The listeners' sockets (copies of the descriptors the accept loops
+    /// own), to hand to a successor.
+    sockets: Vec<(ListenerKind, OwnedFd)>,
 }
 
 impl Drop for PodRuntime {
@@ -48,6 +52,8 @@ pub struct Enroller {
     running: BTreeMap<String, PodRuntime>,
     /// Last outcome per configured pod (errors included), in config order.
     statuses: Vec<PodStatus>,
+    /// Listeners taken over from the agent this one replaces, not used yet.
+    inherited: HashMap<String, PodSockets>,
 }
 
 impl Enroller {
@@ -57,7 +63,40 @@ impl Enroller {
             proxy,
             running: BTreeMap::new(),
             statuses: Vec::new(),
+            inherited: HashMap::new(),
         }
+    }
+
+    /// Listeners handed over by the agent this one replaces: pods enrolled
+    /// from now on serve on them instead of binding new ones.
+    pub fn adopt(&mut self, pods: HashMap<String, PodSockets>) {
+        self.inherited = pods;
+    }
+
+    /// Closes the handed-over listeners no configured pod took (the pod left
+    /// the configuration, or moved to another namespace); their number.
+    pub fn close_unadopted(&mut self) -> usize {
+        std::mem::take(&mut self.inherited).len()
+    }
+
+    /// Copies of every pod's listeners, for a successor.
+    pub fn offer(&self) -> Offer {
+        let mut offer = Offer::default();
+        for (key, runtime) in &self.running {
+            let listeners = runtime
+                .sockets
+                .iter()
+                .filter_map(|(kind, fd)| Some((*kind, fd.try_clone().ok()?)))
+                .collect();
+            offer.pods.insert(
+                key.clone(),
+                PodSockets {
+                    netns_cookie: runtime.netns_cookie,
+                    listeners,
+                },
+            );
+        }
+        offer
     }
 
     /// Enrols configured pods that are not running (or changed), releases running
@@ -128,15 +167,29 @@ impl Enroller {
             .run_blocking(crate::ebpf::current_netns_cookie)
             .and_then(|r| r)
             .context("reading the pod's netns cookie")?;
-        let listeners = worker.run_blocking(bind_listeners)?.with_context(|| {
-            format!("binding the agent's listeners in the pod (ports {OUTBOUND_PORT} and {INBOUND_PORT} are reserved in enrolled pods)")
-        })?;
+        let tunnel = self.proxy.mtls.identities.is_some();
+        let listeners = match self.inherited.remove(&key) {
+            Some(sockets) if sockets.netns_cookie == netns_cookie => {
+                adopt_listeners(sockets, tunnel)
+                    .context("checking the listeners handed over by the previous agent")?
+            }
+            // Another namespace (the pod was recreated): its listeners go.
+            _ => worker.run_blocking(move || bind_listeners(tunnel))?.with_context(|| {
+                format!("binding the agent's listeners in the pod (ports {OUTBOUND_PORT} and {INBOUND_PORT} are reserved in enrolled pods; {TUNNEL_PORT} too with mutual TLS)")
+            })?,
+        };
+        let inbound = |kind| {
+            listeners
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, l)| l.as_fd())
+        };
         let enrolment = self.programs.enrol(
             pod,
             netns_cookie,
             InboundListeners {
-                ipv4: listeners.inbound_v4.as_fd(),
-                ipv6: listeners.inbound_v6.as_ref().map(|l| l.as_fd()),
+                ipv4: inbound(ListenerKind::InboundV4).context("no IPv4 inbound listener")?,
+                ipv6: inbound(ListenerKind::InboundV6),
             },
         )?;
         let identity = self
@@ -149,17 +202,6 @@ impl Enroller {
             .into_iter()
             .chain(pod.ipv6.map(IpAddr::V6))
             .collect();
-        // The tunnel listener exists only where mutual TLS can be done; without
-        // it, connections to the tunnel port are refused.
-        let tunnel_listeners = if self.proxy.mtls.identities.is_some() {
-            worker
-                .run_blocking(bind_tunnel_listeners)?
-                .with_context(|| {
-                    format!("binding the agent's tunnel listener (port {TUNNEL_PORT}) in the pod")
-                })?
-        } else {
-            Vec::new()
-        };
         let workload = crate::policy::Workload {
             namespace: pod.namespace.clone(),
             labels: pod.labels.clone(),
@@ -173,15 +215,11 @@ impl Enroller {
             workload,
         });
         self.proxy.add_local_pod(handle.clone());
-        let mut accept_loops = listeners.spawn_accept_loops(&self.proxy, &handle)?;
-        for listener in tunnel_listeners {
-            let listener = TcpListener::from_std(listener)?;
-            accept_loops.push(tokio::spawn(tunnel_accept_loop(
-                listener,
-                self.proxy.clone(),
-                handle.clone(),
-            )));
-        }
+        let sockets = listeners
+            .iter()
+            .map(|(kind, l)| Ok((*kind, l.as_fd().try_clone_to_owned()?)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let accept_loops = spawn_accept_loops(listeners, &self.proxy, &handle)?;
         tracing::info!(pod = %key, netns_cookie, slot = enrolment.slot, cgroup = %pod.cgroup.display(), "pod enrolled");
         self.running.insert(
             key,
@@ -189,6 +227,7 @@ impl Enroller {
                 config: pod.clone(),
                 netns_cookie,
                 accept_loops,
+                sockets,
             },
         );
         Ok(netns_cookie)
@@ -225,41 +264,92 @@ impl Enroller {
 }
 
 /// The agent's listeners in one pod's namespace.
-struct PodListeners {
-    outbound_v4: std::net::TcpListener,
-    outbound_v6: Option<std::net::TcpListener>,
-    inbound_v4: std::net::TcpListener,
-    inbound_v6: Option<std::net::TcpListener>,
+type PodListeners = Vec<(ListenerKind, std::net::TcpListener)>;
+
+impl ListenerKind {
+    fn port(self) -> u16 {
+        match self {
+            Self::OutboundV4 | Self::OutboundV6 => OUTBOUND_PORT,
+            Self::InboundV4 | Self::InboundV6 => INBOUND_PORT,
+            Self::TunnelV4 | Self::TunnelV6 => TUNNEL_PORT,
+        }
+    }
 }
 
 /// Runs on the pod's namespace worker. IPv6 listeners are optional (a pod may
 /// have IPv6 off); without one, IPv6 connections of the pod are refused by the
-/// kernel programs, never let through.
-fn bind_listeners() -> std::io::Result<PodListeners> {
+/// kernel programs, never let through. The tunnel listener (on all of the
+/// pod's addresses: its namespace has only the pod's own) exists only where
+/// mutual TLS can be done; without it, connections to the tunnel port are
+/// refused.
+fn bind_listeners(tunnel: bool) -> std::io::Result<PodListeners> {
     let v4 = |port| listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     let v6 = |port| listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)).ok();
-    Ok(PodListeners {
-        outbound_v4: v4(OUTBOUND_PORT)?,
-        outbound_v6: v6(OUTBOUND_PORT),
-        inbound_v4: v4(INBOUND_PORT)?,
-        inbound_v6: v6(INBOUND_PORT),
-    })
-}
-
-/// The tunnel listener on all of the pod's addresses (its namespace has only
-/// the pod's own), IPv4 and, where available, IPv6.
-fn bind_tunnel_listeners() -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut listeners = vec![listen(SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        TUNNEL_PORT,
-    ))?];
-    if let Ok(v6) = listen(SocketAddr::new(
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        TUNNEL_PORT,
-    )) {
-        listeners.push(v6);
+    let mut listeners = vec![
+        (ListenerKind::OutboundV4, v4(OUTBOUND_PORT)?),
+        (ListenerKind::InboundV4, v4(INBOUND_PORT)?),
+    ];
+    listeners.extend(v6(OUTBOUND_PORT).map(|l| (ListenerKind::OutboundV6, l)));
+    listeners.extend(v6(INBOUND_PORT).map(|l| (ListenerKind::InboundV6, l)));
+    if tunnel {
+        let any_v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), TUNNEL_PORT);
+        listeners.push((ListenerKind::TunnelV4, listen(any_v4)?));
+        let any_v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), TUNNEL_PORT);
+        listeners.extend(listen(any_v6).ok().map(|l| (ListenerKind::TunnelV6, l)));
     }
     Ok(listeners)
+}
+
+/// The listeners of a pod handed over by the previous agent, each checked
+/// (listening, on its port, in the pod's namespace). The tunnel listeners go
+/// if this agent does no mutual TLS.
+fn adopt_listeners(sockets: PodSockets, tunnel: bool) -> Result<PodListeners> {
+    let mut listeners = Vec::new();
+    for (kind, fd) in sockets.listeners {
+        if matches!(kind, ListenerKind::TunnelV4 | ListenerKind::TunnelV6) && !tunnel {
+            continue;
+        }
+        crate::handover::check_listener(&fd, kind.port(), sockets.netns_cookie)
+            .with_context(|| format!("the {kind:?} listener"))?;
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        listeners.push((kind, listener));
+    }
+    if !listeners
+        .iter()
+        .any(|(k, _)| *k == ListenerKind::OutboundV4)
+        || !listeners.iter().any(|(k, _)| *k == ListenerKind::InboundV4)
+    {
+        bail!("the IPv4 outbound or inbound listener is missing");
+    }
+    if tunnel && !listeners.iter().any(|(k, _)| *k == ListenerKind::TunnelV4) {
+        bail!("the tunnel listener is missing");
+    }
+    Ok(listeners)
+}
+
+fn spawn_accept_loops(
+    listeners: PodListeners,
+    proxy: &Arc<ProxyContext>,
+    pod: &Arc<PodHandle>,
+) -> Result<Vec<JoinHandle<()>>> {
+    let mut loops = Vec::new();
+    for (kind, listener) in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        loops.push(match kind {
+            ListenerKind::OutboundV4 | ListenerKind::OutboundV6 => {
+                tokio::spawn(accept_loop(listener, true, proxy, pod))
+            }
+            ListenerKind::InboundV4 | ListenerKind::InboundV6 => {
+                tokio::spawn(accept_loop(listener, false, proxy, pod))
+            }
+            ListenerKind::TunnelV4 | ListenerKind::TunnelV6 => {
+                tokio::spawn(tunnel_accept_loop(listener, proxy, pod))
+            }
+        });
+    }
+    Ok(loops)
 }
 
 async fn tunnel_accept_loop(listener: TcpListener, proxy: Arc<ProxyContext>, pod: Arc<PodHandle>) {
@@ -274,32 +364,6 @@ async fn tunnel_accept_loop(listener: TcpListener, proxy: Arc<ProxyContext>, pod
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-impl PodListeners {
-    fn spawn_accept_loops(
-        self,
-        proxy: &Arc<ProxyContext>,
-        pod: &Arc<PodHandle>,
-    ) -> Result<Vec<JoinHandle<()>>> {
-        let mut loops = Vec::new();
-        for (listener, outbound) in [
-            (Some(self.outbound_v4), true),
-            (self.outbound_v6, true),
-            (Some(self.inbound_v4), false),
-            (self.inbound_v6, false),
-        ] {
-            let Some(listener) = listener else { continue };
-            let listener = TcpListener::from_std(listener)?;
-            loops.push(tokio::spawn(accept_loop(
-                listener,
-                outbound,
-                proxy.clone(),
-                pod.clone(),
-            )));
-        }
-        Ok(loops)
     }
 }
 

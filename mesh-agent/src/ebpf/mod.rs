@@ -67,6 +67,9 @@ pub struct LoadOptions {
     pub max_connections: u32,
     /// Kernel log records at or above this level reach the agent's log.
     pub kernel_log_level: log::LevelFilter,
+    /// How long to wait for the agent holding the pin directory to let go of
+    /// it (during a handover it does so as it hands over); zero: fail at once.
+    pub lock_wait: std::time::Duration,
 }
 
 /// What the kernel knows about one enrolled pod.
@@ -94,7 +97,8 @@ struct EnrolledPod {
 pub struct KernelPrograms {
     ebpf: Ebpf,
     /// Exclusive lock on the pin directory: one agent per pinned state.
-    _pin_lock: File,
+    /// Held while this agent owns the pinned state; let go of at a handover.
+    pin_lock: Option<File>,
     pin_dir: PathBuf,
     pods: BTreeMap<String, EnrolledPod>,
     /// Slots of pods enrolled by an earlier agent (netns cookie -> slot), found in
@@ -110,7 +114,7 @@ impl KernelPrograms {
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
         std::fs::create_dir_all(options.pin_dir.join("links"))?;
-        let pin_lock = lock_pin_dir(&options.pin_dir)?;
+        let pin_lock = lock_pin_dir(&options.pin_dir, options.lock_wait)?;
         let level = options.kernel_log_level as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -147,7 +151,7 @@ impl KernelPrograms {
         let free_slots = (0..MAX_PODS).rev().filter(|s| !used.contains(s)).collect();
         Ok(Self {
             ebpf,
-            _pin_lock: pin_lock,
+            pin_lock: Some(pin_lock),
             pin_dir: options.pin_dir.clone(),
             pods: BTreeMap::new(),
             inherited,
@@ -363,6 +367,20 @@ impl KernelPrograms {
         Ok(())
     }
 
+    /// Lets go of the pinned state for a successor (handover): this agent
+    /// changes nothing in the kernel from now on.
+    pub fn release_pin_lock(&mut self) {
+        self.pin_lock = None;
+    }
+
+    /// Takes the pinned state back after a handover that did not complete.
+    pub fn retake_pin_lock(&mut self) -> Result<()> {
+        if self.pin_lock.is_none() {
+            self.pin_lock = Some(lock_pin_dir(&self.pin_dir, std::time::Duration::ZERO)?);
+        }
+        Ok(())
+    }
+
     /// Releases a pod: detaches its programs and removes its map entries.
     pub fn release(&mut self, pod_key: &str) -> Result<()> {
         let pod = self
@@ -527,16 +545,21 @@ impl KernelPrograms {
 
 /// Two agents on one pinned state would release each other's pods. The lock
 /// goes away with the process, however it ends.
-fn lock_pin_dir(pin_dir: &Path) -> Result<File> {
+fn lock_pin_dir(pin_dir: &Path, wait: std::time::Duration) -> Result<File> {
     let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    let deadline = std::time::Instant::now() + wait;
     // SAFETY: flock on a valid fd.
-    if unsafe {
+    let try_lock = || unsafe {
         libc::flock(
             std::os::fd::AsRawFd::as_raw_fd(&dir),
             libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
+        ) == 0
+    };
+    while !try_lock() {
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
         bail!(
             "another agent is running with the pin directory {} (only one agent per node's pinned state)",
             pin_dir.display()

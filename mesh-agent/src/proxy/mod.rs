@@ -104,6 +104,10 @@ pub struct ProxyContext {
     pub telemetry: telemetry::TcpTelemetry,
     /// Istio's HTTP metrics (requests decided by this node's L7 policies).
     pub http_telemetry: telemetry::HttpTelemetry,
+    /// Turns true when the agent drains: tunnel connections get a GOAWAY.
+    draining: tokio::sync::watch::Sender<bool>,
+    /// Tunnel connections served (from other nodes), open now.
+    tunnel_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
@@ -131,7 +135,21 @@ impl ProxyContext {
             fast_path: None,
             telemetry: telemetry::TcpTelemetry::default(),
             http_telemetry: telemetry::HttpTelemetry::default(),
+            draining: tokio::sync::watch::Sender::new(false),
+            tunnel_connections: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Starts draining: every served tunnel connection gets a GOAWAY (its
+    /// open streams carry on; new streams go to a new connection).
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Tunnel connections from other nodes still open.
+    pub fn tunnel_connections(&self) -> usize {
+        self.tunnel_connections
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn services(&self) -> Arc<ServiceTable> {
@@ -516,9 +534,7 @@ impl ProxyContext {
         let mut splice_into = None;
         let upstream = if let Some(target) = self.local_pod(dst.ip()) {
             record.upstream = format!("pod:{}", target.key);
-            record.peers.destination_workload = target.workload_name();
-            record.peers.destination_namespace = target.workload.namespace.clone();
-            record.peers.destination_principal = Some(target.identity.to_string());
+            record.peers.set_local_destination(&target);
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
             let source_ip = pod.addr_like(dst.ip());
@@ -587,9 +603,7 @@ impl ProxyContext {
     ) {
         let started = Instant::now();
         let mut record = self.record(Direction::Inbound, &pod, client);
-        record.peers.destination_workload = pod.workload_name();
-        record.peers.destination_namespace = pod.workload.namespace.clone();
-        record.peers.destination_principal = Some(pod.identity.to_string());
+        record.peers.set_local_destination(&pod);
         let original_dst = downstream.local_addr().unwrap_or(client);
         record.original_dst = original_dst;
         record.upstream = format!("pod:{}", pod.key);
@@ -656,7 +670,20 @@ impl ProxyContext {
             let proxy = proxy.clone();
             async move { proxy.open_tunnel_stream(request).await }
         };
-        match tunnel::serve_connection(tcp, config, self.mtls.handshake_timeout, open).await {
+        let mut draining = self.draining.subscribe();
+        let shutdown = async move {
+            let _ = draining.wait_for(|draining| *draining).await;
+        };
+        let _open = OpenCount::new(&self.tunnel_connections);
+        match tunnel::serve_connection_until(
+            tcp,
+            config,
+            self.mtls.handshake_timeout,
+            open,
+            shutdown,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(ServeError::Handshake(err)) => {
                 let reason = tunnel_rejection_reason(&err);
@@ -671,6 +698,27 @@ impl ProxyContext {
                 tracing::debug!(pod = %pod.key, %peer, error = %err, "tunnel connection ended")
             }
         }
+    }
+
+    /// The record of a tunnel stream into `target`: the source is known by
+    /// the identity it proved, and by name when workloads.yaml has a
+    /// workload with that identity at the client's address.
+    fn tunnel_record(
+        &self,
+        target: &PodHandle,
+        client: SocketAddr,
+        peer_identity: &SpiffeId,
+    ) -> ConnectionRecord {
+        let mut record = self.record(Direction::Inbound, target, client);
+        record.peers.set_local_destination(target);
+        if let Some(source) = self.mtls.remote_peer(client.ip())
+            && source.identity == *peer_identity
+            && let Some((namespace, name)) = source.key.split_once('/')
+        {
+            record.peers.source_workload = name.to_string();
+            record.peers.source_namespace = namespace.to_string();
+        }
+        record
     }
 
     async fn open_tunnel_stream(
@@ -701,7 +749,7 @@ impl ProxyContext {
             let proxy = self.clone();
             let (peer_ip, authority) = (request.peer_addr.ip(), request.authority);
             tokio::spawn(async move {
-                let mut record = proxy.record(Direction::Inbound, &target, client);
+                let mut record = proxy.tunnel_record(&target, client, &peer_identity);
                 record.original_dst = authority;
                 record.upstream = format!("pod:{}", target.key);
                 record.source_identity = Some(peer_identity.to_string());
@@ -738,22 +786,35 @@ impl ProxyContext {
             self.connections.record(record, true);
             return Err(Rejection::Forbidden(format!("RBAC: access denied ({by})")));
         }
-        let mut record = self.record(Direction::Inbound, &target, client);
+        let mut record = self.tunnel_record(&target, client, &peer_identity);
         record.original_dst = request.authority;
         record.upstream = format!("pod:{}", target.key);
         record.source_identity = Some(peer_identity.to_string());
         record.peer_identity = Some(target.identity.to_string());
         record.security = "mutual_tls".to_string();
-        let result = self.connect_inside(&target, request.authority).await;
-        record.outcome = match &result {
-            Ok(_) => "tunnel-stream-opened".to_string(),
-            Err(err) => format!("upstream-failed: {err:#}"),
-        };
-        let failed = result.is_err();
-        self.connections.record(record, failed);
-        result
-            .map(tunnel::Upstream::Tcp)
-            .map_err(|e| Rejection::UpstreamUnavailable(format!("{e:#}")))
+        let started = Instant::now();
+        match self.connect_inside(&target, request.authority).await {
+            Ok(tcp) => {
+                // Recorded (log, metrics, the drain's count) when the stream
+                // ends, with the bytes it carried.
+                self.telemetry.opened(&record);
+                let proxy = self.clone();
+                let done = move |relayed: tunnel::Relayed| {
+                    record.bytes_sent = relayed.to_upstream;
+                    record.bytes_received = relayed.from_upstream;
+                    record.outcome = if relayed.aborted { "reset" } else { "closed" }.to_string();
+                    record.duration_ms = started.elapsed().as_millis() as u64;
+                    proxy.telemetry.closed(&record);
+                    proxy.connections.record(record, false);
+                };
+                Ok(tunnel::Upstream::Observed(tcp, Box::new(done)))
+            }
+            Err(err) => {
+                record.outcome = format!("upstream-failed: {err:#}");
+                self.connections.record(record, true);
+                Err(Rejection::UpstreamUnavailable(format!("{err:#}")))
+            }
+        }
     }
 
     async fn finish(
@@ -990,4 +1051,29 @@ fn normalize_path(raw: &str) -> Result<String, String> {
 pub fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+impl connections::Peers {
+    /// The destination is `pod`, a pod of this node.
+    fn set_local_destination(&mut self, pod: &PodHandle) {
+        self.destination_workload = pod.workload_name();
+        self.destination_namespace = pod.workload.namespace.clone();
+        self.destination_principal = Some(pod.identity.to_string());
+    }
+}
+
+/// Counts one open thing while it lives.
+struct OpenCount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> OpenCount<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for OpenCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -27,7 +27,10 @@ use std::time::Duration;
 
 pub use client::{PoolKey, TunnelClient, TunnelClientConfig, TunnelTarget};
 pub use headers::{format_forwarded, parse_forwarded_for};
-pub use server::{ConnectRequest, Rejection, ServeError, Upstream, serve_connection};
+pub use server::{
+    ConnectRequest, Rejection, Relayed, ServeError, Upstream, serve_connection,
+    serve_connection_until,
+};
 pub use stream::TunnelStream;
 
 /// The HBONE port on every pod address.

@@ -8,7 +8,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::server::Upstream;
+use super::server::{Relayed, Upstream};
 
 /// Large enough that one read fills several TLS records / h2 frames.
 const BUF_SIZE: usize = 128 * 1024;
@@ -35,7 +35,10 @@ struct Failure {
 ///   CONNECT_ERROR).
 pub(super) async fn relay(stream: TokioIo<Upgraded>, upstream: Upstream, dest: SocketAddr) {
     match upstream {
-        Upstream::Tcp(tcp) => relay_tcp(stream, tcp, dest).await,
+        Upstream::Tcp(tcp) => {
+            relay_tcp(stream, tcp, dest).await;
+        }
+        Upstream::Observed(tcp, done) => done(relay_tcp(stream, tcp, dest).await),
         Upstream::Local(local) => relay_local(stream, local, dest).await,
     }
 }
@@ -45,50 +48,94 @@ pub(super) async fn relay(stream: TokioIo<Upgraded>, upstream: Upstream, dest: S
 async fn relay_local(stream: TokioIo<Upgraded>, local: tokio::io::DuplexStream, dest: SocketAddr) {
     let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
     let (mut up_rd, mut up_wr) = tokio::io::split(local);
+    let (mut sent, mut received) = (0, 0);
     let result = tokio::try_join!(
-        pump(&mut stream_rd, &mut up_wr, Side::Stream, Side::Upstream),
-        pump(&mut up_rd, &mut stream_wr, Side::Upstream, Side::Stream),
+        pump(
+            &mut stream_rd,
+            &mut up_wr,
+            Side::Stream,
+            Side::Upstream,
+            &mut sent
+        ),
+        pump(
+            &mut up_rd,
+            &mut stream_wr,
+            Side::Upstream,
+            Side::Stream,
+            &mut received
+        ),
     );
     if let Err(Failure { side, error }) = result {
         tracing::debug!(%dest, ?side, %error, "HBONE stream to a local handler aborted");
     }
 }
 
-async fn relay_tcp(stream: TokioIo<Upgraded>, mut upstream: TcpStream, dest: SocketAddr) {
+async fn relay_tcp(
+    stream: TokioIo<Upgraded>,
+    mut upstream: TcpStream,
+    dest: SocketAddr,
+) -> Relayed {
     let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
     let (mut up_rd, mut up_wr) = upstream.split();
+    let (mut to_upstream, mut from_upstream) = (0, 0);
     let result = tokio::try_join!(
-        pump(&mut stream_rd, &mut up_wr, Side::Stream, Side::Upstream),
-        pump(&mut up_rd, &mut stream_wr, Side::Upstream, Side::Stream),
+        pump(
+            &mut stream_rd,
+            &mut up_wr,
+            Side::Stream,
+            Side::Upstream,
+            &mut to_upstream
+        ),
+        pump(
+            &mut up_rd,
+            &mut stream_wr,
+            Side::Upstream,
+            Side::Stream,
+            &mut from_upstream
+        ),
     );
-    match result {
-        Ok((sent, received)) => {
-            tracing::debug!(%dest, sent, received, "HBONE stream finished");
+    let aborted = match result {
+        Ok(_) => {
+            tracing::debug!(%dest, to_upstream, from_upstream, "HBONE stream finished");
+            false
         }
         Err(Failure { side, error }) => {
             tracing::debug!(%dest, ?side, %error, "HBONE stream aborted");
             if side == Side::Stream {
                 let _ = upstream.set_zero_linger();
             }
+            true
         }
+    };
+    Relayed {
+        to_upstream,
+        from_upstream,
+        aborted,
     }
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, from: Side, to: Side) -> Result<u64, Failure>
+/// Copies until EOF (passed on as a shutdown); `total` counts what was
+/// written, also when it ends in an error.
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    from: Side,
+    to: Side,
+    total: &mut u64,
+) -> Result<(), Failure>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let fail = |side| move |error| Failure { side, error };
     let mut buf = vec![0u8; BUF_SIZE];
-    let mut total = 0u64;
     loop {
         let n = r.read(&mut buf).await.map_err(fail(from))?;
         if n == 0 {
             w.shutdown().await.map_err(fail(to))?;
-            return Ok(total);
+            return Ok(());
         }
         w.write_all(&buf[..n]).await.map_err(fail(to))?;
-        total += n as u64;
+        *total += n as u64;
     }
 }

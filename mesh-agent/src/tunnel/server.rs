@@ -99,7 +99,18 @@ impl ServeError {
 /// in-process handler holding the other end of a duplex pipe.
 pub enum Upstream {
     Tcp(TcpStream),
+    /// A TCP connection, and what to do with the byte counts at its end.
+    Observed(TcpStream, Box<dyn FnOnce(Relayed) + Send>),
     Local(tokio::io::DuplexStream),
+}
+
+/// What a stream relayed to its TCP upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    pub to_upstream: u64,
+    pub from_upstream: u64,
+    /// Ended by an error (a reset on either side), not by both EOFs.
+    pub aborted: bool,
 }
 
 impl From<TcpStream> for Upstream {
@@ -113,6 +124,24 @@ pub async fn serve_connection<O, Fut>(
     tls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
     open: O,
+) -> Result<(), ServeError>
+where
+    O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Upstream, Rejection>> + Send,
+{
+    serve_connection_until(tcp, tls, handshake_timeout, open, std::future::pending()).await
+}
+
+/// [`serve_connection`], shutting down gracefully once `shutdown` resolves:
+/// the client gets a GOAWAY (it opens new streams elsewhere: a new
+/// connection reaches whichever agent accepts then) and the streams already
+/// open carry on to their end.
+pub async fn serve_connection_until<O, Fut>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    open: O,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError>
 where
     O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
@@ -144,10 +173,17 @@ where
         let peer_certificates = peer_certificates.clone();
         async move { Ok::<_, Infallible>(handle_stream(req, open, &peer_certificates, peer_addr).await) }
     });
-    h2_server_builder()
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-        .map_err(|e| ServeError::Http(error_chain(&e)))
+    let connection = h2_server_builder().serve_connection(TokioIo::new(tls), service);
+    let mut connection = std::pin::pin!(connection);
+    let shutdown = std::pin::pin!(shutdown);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = shutdown => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    ended.map_err(|e| ServeError::Http(error_chain(&e)))
 }
 
 async fn handle_stream<O, Fut>(
@@ -197,8 +233,19 @@ where
             Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, authority).await,
             Err(e) => {
                 tracing::debug!(%peer_addr, %authority, error = %e, "HBONE stream gone before upgrade");
-                if let Upstream::Tcp(tcp) = &upstream {
-                    let _ = tcp.set_zero_linger();
+                match upstream {
+                    Upstream::Tcp(tcp) => {
+                        let _ = tcp.set_zero_linger();
+                    }
+                    Upstream::Observed(tcp, done) => {
+                        let _ = tcp.set_zero_linger();
+                        done(Relayed {
+                            to_upstream: 0,
+                            from_upstream: 0,
+                            aborted: true,
+                        });
+                    }
+                    Upstream::Local(_) => {}
                 }
             }
         }

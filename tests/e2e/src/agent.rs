@@ -122,13 +122,48 @@ impl<'t> NodeAgent<'t> {
         if self.process.is_some() {
             bail!("the agent is still running");
         }
+        self.process = Some(self.spawn()?);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn spawn(&self) -> Result<Process> {
         let mut cmd = std::process::Command::new(agent_binary());
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config_dir)
             .env("MESH_LOG", "info,mesh_ebpf=debug");
-        self.process = Some(self.node.spawn_with(cmd)?);
-        self.wait_ready(Duration::from_secs(20))
+        self.node.spawn_with(cmd)
+    }
+
+    /// Starts a new agent process next to the running one, as a rolling
+    /// update does, and waits until it has taken over (the old one handed
+    /// its listeners over). From then on this handle is the new agent; the
+    /// old process is returned, still running (draining, then waiting for
+    /// SIGTERM), to be stopped with [`RetiredAgent::stop`].
+    pub fn replace(&mut self) -> Result<RetiredAgent> {
+        let mut old = self.process.take().context("the agent is not running")?;
+        let mut new = self.spawn()?;
+        let waited = wait_until(
+            "the new agent to take over",
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = new.try_status()? {
+                    bail!("the new agent exited with {status}");
+                }
+                Ok(new.stderr_so_far().contains(TOOK_OVER))
+            },
+        );
+        if let Err(err) = waited {
+            let log = new.stderr_so_far();
+            new.kill();
+            self.process = Some(old);
+            return Err(err.context(format!("new agent log:\n{log}")));
+        }
+        if let Some(status) = old.try_status()? {
+            bail!("the old agent exited ({status}) during the handover");
+        }
+        self.process = Some(new);
+        Ok(RetiredAgent { process: old })
     }
 
     fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
@@ -196,6 +231,21 @@ impl<'t> NodeAgent<'t> {
 
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         self.node.http_get(ADMIN.parse()?, path)
+    }
+
+    /// The sum of a metric's series whose labels include `labels`, from
+    /// `/metrics`.
+    pub fn metric_sum(&self, metric: &str, labels: &[(&str, &str)]) -> u64 {
+        let (_, text) = self.get("/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|line| line.starts_with(&format!("{metric}{{")))
+            .filter(|line| {
+                labels
+                    .iter()
+                    .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     pub fn status(&self) -> Result<StatusReport> {
@@ -292,6 +342,38 @@ impl<'t> NodeAgent<'t> {
             .as_ref()
             .context("the agent is not running")?
             .signal(signal)
+    }
+}
+
+/// What the new agent logs once the old one has handed over.
+const TOOK_OVER: &str = "took over from the previous agent";
+
+/// An agent that handed over to a new one.
+pub struct RetiredAgent {
+    process: Process,
+}
+
+impl RetiredAgent {
+    /// Sends SIGTERM (as Kubernetes does to the old pod) and waits for a
+    /// clean exit; its log.
+    pub fn stop(mut self, deadline: Duration) -> Result<String> {
+        self.process.signal(Signal::SIGTERM)?;
+        let out = self.process.wait_with_deadline(deadline)?;
+        let log = self.process.stderr_so_far();
+        if !out.status.success() {
+            bail!("the old agent exited with {}; log:\n{log}", out.status);
+        }
+        Ok(log)
+    }
+
+    pub fn log(&self) -> String {
+        self.process.stderr_so_far()
+    }
+}
+
+impl Drop for RetiredAgent {
+    fn drop(&mut self) {
+        self.process.kill();
     }
 }
 

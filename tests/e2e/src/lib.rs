@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod backend;
 pub mod kernel;
+pub mod load;
 pub mod mesh;
 
 pub use agent::{NodeAgent, agent_binary, pod_yaml, pods_yaml};

@@ -1,8 +1,12 @@
 //! The admin API's `/config_dump`: the configuration in force, with each
 //! policy's source file, updated on reload, and never a private key.
 
-use mesh_e2e::{NodeAgent, pods_yaml};
-use mesh_testbed::{Topology, e2e_enabled};
+use mesh_e2e::{
+    NodeAgent,
+    mesh::{TestCa, node_issuers, start_mesh},
+    pods_yaml,
+};
+use mesh_testbed::{Pod, Topology, e2e_enabled};
 use serde_json::Value;
 
 const POLICY: &str = "apiVersion: security.istio.io/v1
@@ -94,34 +98,10 @@ fn config_dump_shows_the_configuration_in_force_and_follows_reloads() {
     assert_eq!(third["policies"].as_array().unwrap().len(), 2);
 }
 
-/// The sum of the `metric` series whose labels include every `labels` pair.
-fn metric_sum(agent: &NodeAgent, metric: &str, labels: &[(&str, &str)]) -> u64 {
-    let (_, text) = agent.get("/metrics").unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{metric}{{")))
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
-#[test]
-fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
-    if !e2e_enabled("istio_tcp_metrics_count_connections_and_bytes_exactly") {
-        return;
-    }
-    let topo = Topology::builder("istiotcp")
-        .node("n1", &["a", "b"])
-        .build()
-        .unwrap();
-    let (a, b) = (topo.pod("a"), topo.pod("b"));
-    let _server = mesh_testbed::traffic::TrafficServer::start(b, 7400).unwrap();
-    let agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a, b]), "").unwrap();
-    // Three connections, each sending `ECHO\n` and 1,000 bytes and reading
-    // the 1,000 echoed back: 3,015 bytes sent, 3,000 received.
+/// Three connections from `client` to `server`'s echo port (7400), each
+/// sending `ECHO\n` and 1,000 bytes and reading the 1,000 echoed back: 3,015
+/// bytes sent, 3,000 received.
+fn echo_three_times(client: &Pod, server: &Pod) {
     let script = format!(
         r#"
 import socket
@@ -139,14 +119,70 @@ for i in range(3):
     assert got == 1000, got
 print("ok")
 "#,
-        b.ipv4()
+        server.ipv4()
     );
-    a.run(
-        "python3",
-        &["-c", &script],
-        std::time::Duration::from_secs(30),
-    )
-    .unwrap();
+    client
+        .run(
+            "python3",
+            &["-c", &script],
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+}
+
+#[test]
+fn both_nodes_count_a_cross_node_connection_as_mutual_tls_with_its_bytes() {
+    if !e2e_enabled("both_nodes_count_a_cross_node_connection_as_mutual_tls_with_its_bytes") {
+        return;
+    }
+    let topo = Topology::builder("istiotcpx")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let _server = mesh_testbed::traffic::TrafficServer::start(c, 7400).unwrap();
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    echo_three_times(a, c);
+    for (agent, reporter) in [(&agents[0], "source"), (&agents[1], "destination")] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "a"),
+            ("source_principal", "spiffe://cluster.local/ns/default/sa/a"),
+            ("destination_workload", "c"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/c",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        mesh_testbed::wait_until(
+            "three closed connections in the metrics",
+            std::time::Duration::from_secs(5),
+            || Ok(agent.metric_sum("istio_tcp_connections_closed_total", &labels) == 3),
+        )
+        .unwrap_or_else(|e| panic!("{reporter}: {e:#}: {}", agent.get("/metrics").unwrap().1));
+        let sum = |metric| agent.metric_sum(metric, &labels);
+        assert_eq!(sum("istio_tcp_connections_opened_total"), 3, "{reporter}");
+        assert_eq!(sum("istio_tcp_sent_bytes_total"), 3015, "{reporter}");
+        assert_eq!(sum("istio_tcp_received_bytes_total"), 3000, "{reporter}");
+    }
+}
+
+#[test]
+fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
+    if !e2e_enabled("istio_tcp_metrics_count_connections_and_bytes_exactly") {
+        return;
+    }
+    let topo = Topology::builder("istiotcp")
+        .node("n1", &["a", "b"])
+        .build()
+        .unwrap();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let _server = mesh_testbed::traffic::TrafficServer::start(b, 7400).unwrap();
+    let agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a, b]), "").unwrap();
+    echo_three_times(a, b);
     let labels = [
         ("reporter", "source"),
         ("source_workload", "a"),
@@ -165,24 +201,24 @@ print("ok")
     mesh_testbed::wait_until(
         "three closed connections in the metrics",
         std::time::Duration::from_secs(5),
-        || Ok(metric_sum(&agent, "istio_tcp_connections_closed_total", &labels) == 3),
+        || Ok(agent.metric_sum("istio_tcp_connections_closed_total", &labels) == 3),
     )
     .unwrap();
     assert_eq!(
-        metric_sum(&agent, "istio_tcp_connections_opened_total", &labels),
+        agent.metric_sum("istio_tcp_connections_opened_total", &labels),
         3
     );
     assert_eq!(
-        metric_sum(&agent, "istio_tcp_sent_bytes_total", &labels),
+        agent.metric_sum("istio_tcp_sent_bytes_total", &labels),
         3015
     );
     assert_eq!(
-        metric_sum(&agent, "istio_tcp_received_bytes_total", &labels),
+        agent.metric_sum("istio_tcp_received_bytes_total", &labels),
         3000
     );
     // Nothing else was counted under other labels.
     assert_eq!(
-        metric_sum(&agent, "istio_tcp_connections_opened_total", &[]),
+        agent.metric_sum("istio_tcp_connections_opened_total", &[]),
         3
     );
 
@@ -379,33 +415,22 @@ fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
             ("response_code", code),
         ]
     };
+    assert_eq!(agent.metric_sum("istio_requests_total", &labels("200")), 5);
+    assert_eq!(agent.metric_sum("istio_requests_total", &labels("403")), 3);
     assert_eq!(
-        metric_sum(&agent, "istio_requests_total", &labels("200")),
-        5
-    );
-    assert_eq!(
-        metric_sum(&agent, "istio_requests_total", &labels("403")),
-        3
-    );
-    assert_eq!(
-        metric_sum(
-            &agent,
+        agent.metric_sum(
             "istio_requests_total",
             &[("response_code", "403"), ("response_flags", "DENY")]
         ),
         3
     );
     assert_eq!(
-        metric_sum(
-            &agent,
-            "istio_request_duration_milliseconds_count",
-            &labels("200")
-        ),
+        agent.metric_sum("istio_request_duration_milliseconds_count", &labels("200")),
         5
     );
     // Five responses of two bytes each.
     assert_eq!(
-        metric_sum(&agent, "istio_response_bytes_sum", &labels("200")),
+        agent.metric_sum("istio_response_bytes_sum", &labels("200")),
         10
     );
 }

@@ -15,10 +15,10 @@ use std::{collections::BTreeMap, time::Duration};
 use mesh_e2e::{
     NodeAgent,
     backend::HttpBackend,
+    load::{Load, load},
     mesh::{TestCa, node_issuers, start_mesh},
 };
 use mesh_testbed::{Pod, Topology, e2e_enabled, wait_until};
-use serde_json::Value;
 
 const PORT: u16 = 8080;
 const WEB: &str = "10.96.0.30";
@@ -29,79 +29,6 @@ const WEB_H2: &str = "10.96.0.34";
 const PINNED: &str = "10.96.0.35";
 const OUTAGE: &str = "10.96.0.36";
 const WEB_V6: &str = "fd00:96::30";
-
-/// What `http-load` reports.
-struct Load {
-    json: Value,
-}
-
-impl Load {
-    fn requests(&self) -> u64 {
-        self.json["requests"].as_u64().unwrap()
-    }
-    fn ok(&self) -> u64 {
-        self.json["ok"].as_u64().unwrap()
-    }
-    fn errors(&self) -> u64 {
-        self.json["errors"].as_u64().unwrap()
-    }
-    fn status(&self, code: u16) -> u64 {
-        self.json["statuses"][code.to_string()]
-            .as_u64()
-            .unwrap_or(0)
-    }
-    fn served_by(&self, endpoint: &str) -> u64 {
-        self.json["tally"][endpoint].as_u64().unwrap_or(0)
-    }
-    fn p99_us(&self) -> u64 {
-        self.json["latency_us"]["p99"].as_u64().unwrap()
-    }
-    fn endpoint_p99_us(&self, endpoint: &str) -> u64 {
-        self.json["tally_latency_us"][endpoint]["p99"]
-            .as_u64()
-            .unwrap_or(0)
-    }
-    fn all_ok(&self) -> bool {
-        self.ok() == self.requests() && self.errors() == 0
-    }
-}
-
-impl std::fmt::Display for Load {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} requests: ok {}, errors {} {}, statuses {}, by endpoint {}, p50 {} us, p99 {} us",
-            self.requests(),
-            self.ok(),
-            self.errors(),
-            self.json["error_kinds"],
-            self.json["statuses"],
-            self.json["tally"],
-            self.json["latency_us"]["p50"],
-            self.json["latency_us"]["p99"]
-        )
-    }
-}
-
-/// Runs `http-load` in `client` (its cgroup and netns: captured) with `args`.
-fn load(client: &Pod, url: &str, args: &[&str]) -> Load {
-    let mut all = vec!["--url", url];
-    all.extend_from_slice(args);
-    let out = client
-        .run(
-            env!("CARGO_BIN_EXE_http-load"),
-            &all,
-            Duration::from_secs(120),
-        )
-        .unwrap_or_else(|e| panic!("http-load: {e:#}"));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "http-load output: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    Load { json }
-}
 
 fn endpoint(pod: &Pod, labels: &str) -> String {
     format!(
