@@ -200,19 +200,25 @@ fn a_full_connection_map_refuses_new_connections_and_counts_them() {
     .unwrap();
 }
 
+/// A second agent on the node takes over from the first (tests/restart.rs).
+/// One that cannot reach the first (another network namespace, so no
+/// handover socket) but shares its pinned state must not touch it.
 #[test]
-fn a_second_agent_on_the_same_pinned_state_refuses_to_start() {
-    if !e2e_enabled("a_second_agent_on_the_same_pinned_state_refuses_to_start") {
+fn a_second_agent_on_the_same_pinned_state_that_cannot_take_over_refuses_to_start() {
+    if !e2e_enabled(
+        "a_second_agent_on_the_same_pinned_state_that_cannot_take_over_refuses_to_start",
+    ) {
         return;
     }
     let topo = Topology::builder("second")
         .node("n1", &["a"])
+        .node("n2", &[])
         .build()
         .unwrap();
     let agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[topo.pod("a")]).unwrap();
     let config = agent.config_dir().to_str().unwrap().to_string();
     let err = topo
-        .node("n1")
+        .node("n2")
         .run(
             mesh_e2e::agent_binary(),
             &["run", "--config", &config],
