@@ -248,6 +248,52 @@ impl<'t> NodeAgent<'t> {
             .sum::<f64>() as u64
     }
 
+    /// `/metrics`, checked line by line with a Prometheus text-format
+    /// parser: every sample line must parse (the parser skips what it does
+    /// not understand, so the samples it returns are counted against the
+    /// lines), and every family must have its HELP and TYPE.
+    pub fn scrape_valid_metrics(&self) -> Result<prometheus_parse::Scrape> {
+        let (code, text) = self.get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines)
+            .with_context(|| format!("parsing /metrics:\n{text}"))?;
+        let sample_lines = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .count();
+        let parsed: usize = scrape
+            .samples
+            .iter()
+            // A histogram's `_sum` and `_count` come back as samples of
+            // their own; its buckets as one sample.
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(buckets) => buckets.len(),
+                prometheus_parse::Value::Summary(quantiles) => quantiles.len(),
+                _ => 1,
+            })
+            .sum();
+        if parsed != sample_lines {
+            bail!("{sample_lines} sample lines, {parsed} parsed:\n{text}");
+        }
+        for sample in &scrape.samples {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| sample.metric.strip_suffix(suffix))
+                .filter(|base| scrape.docs.contains_key(*base))
+                .unwrap_or(&sample.metric);
+            if !scrape.docs.contains_key(family) {
+                bail!("{} has no HELP line", sample.metric);
+            }
+            if !text.contains(&format!("# TYPE {family} ")) {
+                bail!("{family} has no TYPE line");
+            }
+        }
+        Ok(scrape)
+    }
+
     pub fn status(&self) -> Result<StatusReport> {
         let (code, body) = self.get("/status")?;
         if code != 200 {

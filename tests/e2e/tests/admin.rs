@@ -167,6 +167,9 @@ fn both_nodes_count_a_cross_node_connection_as_mutual_tls_with_its_bytes() {
         assert_eq!(sum("istio_tcp_connections_opened_total"), 3, "{reporter}");
         assert_eq!(sum("istio_tcp_sent_bytes_total"), 3015, "{reporter}");
         assert_eq!(sum("istio_tcp_received_bytes_total"), 3000, "{reporter}");
+        agent
+            .scrape_valid_metrics()
+            .unwrap_or_else(|e| panic!("{reporter}: {e:#}"));
     }
 }
 
@@ -433,4 +436,18 @@ fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
         agent.metric_sum("istio_response_bytes_sum", &labels("200")),
         10
     );
+    // Decisions by the policy (rule) that made them.
+    let decisions = |decision, policy| {
+        agent.metric_sum(
+            "mesh_authorization_decisions_total",
+            &[("decision", decision), ("policy", policy)],
+        )
+    };
+    assert_eq!(decisions("allow", "default/only-ok rule[0]"), 5);
+    assert_eq!(
+        decisions("deny", "allow-nothing (no ALLOW policy matched)"),
+        3
+    );
+    // The whole exposition, histograms included, is valid text format.
+    agent.scrape_valid_metrics().unwrap();
 }
