@@ -358,17 +358,32 @@ async fn keep_identities_fresh(mtls: Arc<Mtls>, identity: Option<IdentityConfig>
     let Some(manager) = mtls.identities.clone() else {
         return;
     };
-    let watched = identity.map(|i| identity_files(&i)).unwrap_or_default();
-    let mut last_seen = files_fingerprint(&watched);
+    // Listed again at every look: a certificate for a new pod is a new file.
+    let watched = || identity.as_ref().map(identity_files).unwrap_or_default();
+    let mut last_seen = files_fingerprint(&watched());
     let mut every = tokio::time::interval(Duration::from_millis(500));
     loop {
         every.tick().await;
-        let fingerprint = files_fingerprint(&watched);
+        let fingerprint = files_fingerprint(&watched());
         if fingerprint != last_seen {
             last_seen = fingerprint;
-            let manager = manager.clone();
-            match tokio::task::spawn_blocking(move || manager.reload()).await {
-                Ok(Ok(())) => tracing::info!("identity material changed on disk and was reloaded"),
+            let reloading = manager.clone();
+            match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                Ok(Ok(())) => {
+                    tracing::info!("identity material changed on disk and was reloaded");
+                    let manager = manager.clone();
+                    match tokio::task::spawn_blocking(move || manager.retry_missing()).await {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(missing)) => {
+                            tracing::info!(missing, "missing workload certificates loaded")
+                        }
+                        Ok(Err(err)) => tracing::error!(
+                            error = format!("{err:#}"),
+                            "some workload certificates are still missing"
+                        ),
+                        Err(err) => tracing::error!(error = %err, "certificate task failed"),
+                    }
+                }
                 // Keep the previous material; try again when the files change.
                 Ok(Err(err)) => tracing::error!(
                     error = format!("{err:#}"),
@@ -406,15 +421,17 @@ fn identity_files(identity: &IdentityConfig) -> Vec<std::path::PathBuf> {
 
 /// Modification time and size of each file (following symlinks, as ConfigMap
 /// and Secret volumes use them).
-type Fingerprint = Vec<Option<(std::time::SystemTime, u64)>>;
+type Fingerprint =
+    std::collections::BTreeMap<std::path::PathBuf, Option<(std::time::SystemTime, u64)>>;
 
 fn files_fingerprint(files: &[std::path::PathBuf]) -> Fingerprint {
     files
         .iter()
         .map(|f| {
-            std::fs::metadata(f)
+            let seen = std::fs::metadata(f)
                 .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            (f.clone(), seen)
         })
         .collect()
 }

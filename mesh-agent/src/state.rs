@@ -49,6 +49,9 @@ pub struct StatusReport {
     pub version: String,
     pub config_dir: PathBuf,
     pub ready: bool,
+    /// Why `/readyz` says no, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_reason: Option<String>,
     pub programs: Vec<String>,
     pub attachments: usize,
     pub pods: Vec<PodStatus>,
@@ -141,6 +144,45 @@ impl AgentState {
         self.ready.load(Ordering::SeqCst)
     }
 
+    /// Why `/readyz` says no, if it does: still starting or draining; pods
+    /// enrolled but no kernel program attached; with mutual TLS, an enrolled
+    /// pod without a certificate in force (its peers could not verify it).
+    pub fn unready_reason(&self) -> Option<String> {
+        if !self.is_ready() {
+            return Some("starting or draining".into());
+        }
+        let enroller = self.enroller.lock().expect("enroller lock");
+        let enrolled = enroller.enrolled_count();
+        if enrolled > 0 && enroller.programs.attachment_count() == 0 {
+            return Some(format!(
+                "{enrolled} pods enrolled but no kernel program attached"
+            ));
+        }
+        drop(enroller);
+        if let Some(identities) = &self.proxy.mtls.identities {
+            let now = std::time::SystemTime::now();
+            let valid: std::collections::HashSet<String> = identities
+                .certificates()
+                .into_iter()
+                .filter(|c| c.not_before <= now && now < c.not_after)
+                .map(|c| c.identity.to_string())
+                .collect();
+            let mut missing: Vec<String> = self
+                .proxy
+                .local_identities()
+                .into_iter()
+                .map(|id| id.to_string())
+                .filter(|id| !valid.contains(id))
+                .collect();
+            if !missing.is_empty() {
+                missing.sort();
+                missing.dedup();
+                return Some(format!("no valid certificate for {}", missing.join(", ")));
+            }
+        }
+        None
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
@@ -160,12 +202,14 @@ impl AgentState {
     }
 
     pub fn status(&self) -> StatusReport {
+        let not_ready_reason = self.unready_reason();
         let enroller = self.enroller.lock().expect("enroller lock");
         StatusReport {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             config_dir: self.config_dir.clone(),
-            ready: self.is_ready(),
+            ready: not_ready_reason.is_none(),
+            not_ready_reason,
             programs: enroller
                 .programs
                 .program_names()

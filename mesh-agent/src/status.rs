@@ -26,12 +26,12 @@ pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let enrolled = report.pods.iter().filter(|p| p.enrolled).count();
     let _ = writeln!(out, "node:        {}", report.node);
-    let _ = writeln!(
-        out,
-        "agent:       {} ({})",
-        report.version,
-        if report.ready { "ready" } else { "NOT READY" }
-    );
+    let readiness = match (&report.not_ready_reason, report.ready) {
+        (Some(reason), _) => format!("NOT READY: {reason}"),
+        (None, true) => "ready".to_string(),
+        (None, false) => "NOT READY".to_string(),
+    };
+    let _ = writeln!(out, "agent:       {} ({readiness})", report.version);
     let _ = writeln!(out, "config:      {}", report.config_dir.display());
     let _ = writeln!(
         out,
@@ -45,11 +45,18 @@ pub fn render(report: &StatusReport) -> String {
         "trust domain: {} ({} roots in the bundle)",
         report.trust_domain, report.trust_roots
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for cert in &report.certificates {
+        let expiry = match cert.not_after.checked_sub(now) {
+            Some(left) => format!("expires in {}", human_duration(left)),
+            None => format!("EXPIRED {} ago", human_duration(now - cert.not_after)),
+        };
         let _ = writeln!(
             out,
-            "certificate: {} ({}, expires at unix {})",
-            cert.identity, cert.source, cert.not_after
+            "certificate: {} ({}, {expiry})",
+            cert.identity, cert.source
         );
     }
     let _ = writeln!(
@@ -138,6 +145,7 @@ mod tests {
             version: "0.1.0".into(),
             config_dir: "/etc/mesh".into(),
             ready: false,
+            not_ready_reason: Some("no valid certificate for spiffe://td/ns/a/sa/b".into()),
             programs: vec!["mesh_connect4".into(), "mesh_connect6".into()],
             attachments: 2,
             pods: vec![
@@ -161,7 +169,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("node:        node-1"), "{text}");
-        assert!(text.contains("NOT READY"), "{text}");
+        assert!(
+            text.contains("NOT READY: no valid certificate for spiffe://td/ns/a/sa/b"),
+            "{text}"
+        );
         assert!(
             text.contains("mesh_connect4, mesh_connect6 (2 attachments)"),
             "{text}"
@@ -181,6 +192,7 @@ mod tests {
             version: "v".into(),
             config_dir: "/c".into(),
             ready: true,
+            not_ready_reason: None,
             programs: vec![],
             attachments: 0,
             pods: vec![pod("web", true, None, Some((1, 2)))],
@@ -196,5 +208,42 @@ mod tests {
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");
         assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), report);
+    }
+}
+
+/// `2d 3h`, `5h 12m`, `7m 3s`, `42s`: the two largest units.
+fn human_duration(secs: u64) -> String {
+    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let parts: Vec<String> = units
+        .iter()
+        .scan(secs, |left, (size, name)| {
+            let n = *left / size;
+            *left %= size;
+            Some((n, name))
+        })
+        .skip_while(|(n, _)| *n == 0)
+        .take(2)
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, name)| format!("{n}{name}"))
+        .collect();
+    if parts.is_empty() {
+        "0s".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::human_duration;
+
+    #[test]
+    fn durations_read_as_their_two_largest_units() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(42), "42s");
+        assert_eq!(human_duration(7 * 60 + 3), "7m 3s");
+        assert_eq!(human_duration(5 * 3600 + 12 * 60 + 59), "5h 12m");
+        assert_eq!(human_duration(2 * 86_400 + 3 * 3600), "2d 3h");
+        assert_eq!(human_duration(86_400 + 30), "1d");
     }
 }

@@ -69,8 +69,13 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         PATH_HEALTHZ => text(StatusCode::OK, "ok\n"),
-        PATH_READYZ if state.is_ready() => text(StatusCode::OK, "ready\n"),
-        PATH_READYZ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        PATH_READYZ => match state.unready_reason() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+        },
         PATH_METRICS => {
             state.refresh_metrics();
             let mut resp = text(StatusCode::OK, state.metrics.render());

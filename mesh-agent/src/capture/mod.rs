@@ -244,6 +244,11 @@ impl Enroller {
         tracing::info!(pod = %key, "pod released");
     }
 
+    /// Pods served now.
+    pub fn enrolled_count(&self) -> usize {
+        self.running.len()
+    }
+
     /// Pod statuses with fresh counters.
     pub fn statuses(&self) -> Vec<PodStatus> {
         let mut statuses = self.statuses.clone();

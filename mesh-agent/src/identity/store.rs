@@ -101,6 +101,9 @@ pub struct IdentityManager {
     state: RwLock<State>,
     /// Serialises ensure/reload/renew so that none undoes another's work.
     update: Mutex<()>,
+    /// The identities last asked for, so missing ones can be tried again
+    /// when the files change.
+    wanted: Mutex<Vec<SpiffeId>>,
 }
 
 impl fmt::Debug for IdentityManager {
@@ -144,6 +147,7 @@ impl IdentityManager {
                 certs: BTreeMap::new(),
             }),
             update: Mutex::new(()),
+            wanted: Mutex::default(),
         };
         Ok(manager)
     }
@@ -202,6 +206,7 @@ impl IdentityManager {
     /// missing files) are skipped and reported in the error, the rest are applied.
     pub fn ensure(&self, ids: &[SpiffeId]) -> Result<()> {
         let _guard = self.lock_updates();
+        *self.wanted.lock().unwrap_or_else(PoisonError::into_inner) = ids.to_vec();
         let (bundle, issuer, held) = {
             let s = self.read();
             (s.bundle.clone(), s.issuer.clone(), s.certs.clone())
@@ -233,6 +238,27 @@ impl IdentityManager {
         }
         self.write().certs = next;
         combine(failures)
+    }
+
+    /// Tries again to obtain the wanted certificates not held (e.g. a file
+    /// that was missing has appeared); how many were missing.
+    pub fn retry_missing(&self) -> Result<usize> {
+        let wanted = self
+            .wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let missing = {
+            let s = self.read();
+            wanted
+                .iter()
+                .filter(|id| !s.certs.contains_key(*id))
+                .count()
+        };
+        if missing > 0 {
+            self.ensure(&wanted)?;
+        }
+        Ok(missing)
     }
 
     /// Re-reads the bundle, and the certificate files or the issuer, from disk. All or

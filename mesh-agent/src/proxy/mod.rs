@@ -140,6 +140,16 @@ impl ProxyContext {
         }
     }
 
+    /// The identities of the pods of this node the agent serves.
+    pub fn local_identities(&self) -> Vec<SpiffeId> {
+        self.local_pods
+            .read()
+            .expect("local pods lock")
+            .values()
+            .map(|pod| pod.identity.clone())
+            .collect()
+    }
+
     /// Starts draining: every served tunnel connection gets a GOAWAY (its
     /// open streams carry on; new streams go to a new connection).
     pub fn start_draining(&self) {

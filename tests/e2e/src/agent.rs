@@ -84,6 +84,20 @@ impl<'t> NodeAgent<'t> {
         node_extra: &str,
         extra_files: &[(&str, String)],
     ) -> Result<Self> {
+        let mut agent = Self::configure(topo, node, pods_yaml, node_extra, extra_files)?;
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// Writes the config as [`Self::start_with`] does, without starting an
+    /// agent.
+    pub fn configure(
+        topo: &Topology,
+        node: &'t Node,
+        pods_yaml: &str,
+        node_extra: &str,
+        extra_files: &[(&str, String)],
+    ) -> Result<Self> {
         let config_dir = topo.tmp_dir().join(format!("agent-config-{}", node.name()));
         std::fs::create_dir_all(&config_dir)?;
         let pin_dir = topo.bpffs_dir().join(node.name());
@@ -103,13 +117,20 @@ impl<'t> NodeAgent<'t> {
             }
             std::fs::write(path, content)?;
         }
-        let mut agent = Self {
+        Ok(Self {
             node,
             config_dir,
             process: None,
-        };
-        agent.restart()?;
-        Ok(agent)
+        })
+    }
+
+    /// Starts the agent process without waiting for it to be ready.
+    pub fn start_process(&mut self) -> Result<()> {
+        if self.process.is_some() {
+            bail!("the agent is still running");
+        }
+        self.process = Some(self.spawn()?);
+        Ok(())
     }
 
     /// Enrols `pods` with default settings.
@@ -166,7 +187,8 @@ impl<'t> NodeAgent<'t> {
         Ok(RetiredAgent { process: old })
     }
 
-    fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
+    /// Waits until `/readyz` answers 200 (the process must keep running).
+    pub fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
         let admin: SocketAddr = ADMIN.parse()?;
         let node = self.node;
         let process = self.process.as_mut().expect("started");

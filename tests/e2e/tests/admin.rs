@@ -451,3 +451,60 @@ fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
     // The whole exposition, histograms included, is valid text format.
     agent.scrape_valid_metrics().unwrap();
 }
+
+/// `/readyz` says no, and why, while an enrolled pod has no certificate (its
+/// peers could not verify it); the certificate appearing on disk makes the
+/// agent ready without a restart.
+#[test]
+fn readyz_waits_for_every_enrolled_pods_certificate() {
+    if !e2e_enabled("readyz_waits_for_every_enrolled_pods_certificate") {
+        return;
+    }
+    use std::time::Duration;
+    let topo = Topology::builder("readycert")
+        .node("n1", &["a", "b"])
+        .build()
+        .unwrap();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let certs = topo.tmp_dir().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    // Files named as the agent looks for them: <namespace>.<serviceAccount>.
+    let install = |pod: &Pod| {
+        let (crt, key) = ca
+            .issue_valid_files(&mesh_e2e::mesh::pod_identity(pod))
+            .unwrap();
+        let stem = format!("default.{}", pod.name());
+        std::fs::copy(key, certs.join(format!("{stem}.key"))).unwrap();
+        std::fs::copy(crt, certs.join(format!("{stem}.crt"))).unwrap();
+    };
+    install(a);
+    let identity = format!(
+        "identity:\n  files: {{dir: {}, trustBundle: {}}}\n",
+        certs.display(),
+        ca.cert_path().display()
+    );
+    let mut agent =
+        NodeAgent::configure(&topo, topo.node("n1"), &pods_yaml(&[a, b]), &identity, &[]).unwrap();
+    agent.start_process().unwrap();
+    let mut answer = (0, String::new());
+    mesh_testbed::wait_until("/readyz to say why not", Duration::from_secs(20), || {
+        answer = agent.get("/readyz").unwrap_or_default();
+        Ok(answer.1.contains("no valid certificate"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {answer:?}\n{}", agent.log()));
+    assert_eq!(answer.0, 503);
+    assert!(
+        answer.1.contains("spiffe://cluster.local/ns/default/sa/b"),
+        "{answer:?}"
+    );
+    assert!(!answer.1.contains("sa/a"), "{answer:?}");
+    // Alive all the same: liveness must not restart it for this.
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+
+    install(b);
+    agent
+        .wait_ready(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(agent.get("/readyz").unwrap(), (200, "ready\n".to_string()));
+}
