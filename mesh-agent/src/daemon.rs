@@ -152,13 +152,23 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             "closed handed-over listeners of pods no longer configured"
         );
     }
-    let state = Arc::new(AgentState::new(
-        node.name.clone(),
-        config_dir.to_path_buf(),
-        enroller,
-        proxy.clone(),
-        config.clone(),
-    ));
+    let map_gauges = enroller.programs.map_gauges().unwrap_or_else(|err| {
+        tracing::warn!(
+            error = format!("{err:#}"),
+            "kernel map occupancy will not be exposed"
+        );
+        Vec::new()
+    });
+    let state = Arc::new(
+        AgentState::new(
+            node.name.clone(),
+            config_dir.to_path_buf(),
+            enroller,
+            proxy.clone(),
+            config.clone(),
+        )
+        .with_map_gauges(map_gauges),
+    );
     state.metrics.register(proxy.telemetry.collectors());
     state.metrics.register(proxy.http_telemetry.collectors());
     state

@@ -116,6 +116,8 @@ pub struct AgentState {
     pub last_reload_error: Mutex<Option<String>>,
     /// The configuration in force (the last one loaded without error).
     pub config: std::sync::RwLock<Arc<crate::config::Config>>,
+    /// How full the kernel's hash maps are (empty if they could not be opened).
+    map_gauges: Vec<crate::ebpf::occupancy::MapGauge>,
 }
 
 impl AgentState {
@@ -137,7 +139,14 @@ impl AgentState {
             config_generation: AtomicU64::new(0),
             last_reload_error: Mutex::new(None),
             config: std::sync::RwLock::new(Arc::new(config)),
+            map_gauges: Vec::new(),
         }
+    }
+
+    /// Gauges of the kernel maps, exposed at every scrape.
+    pub fn with_map_gauges(mut self, gauges: Vec<crate::ebpf::occupancy::MapGauge>) -> Self {
+        self.map_gauges = gauges;
+        self
     }
 
     pub fn is_ready(&self) -> bool {
@@ -306,5 +315,6 @@ impl AgentState {
         if let Some(fast_path) = &self.proxy.fast_path {
             m.sync_fast_path(&fast_path.stats());
         }
+        m.sync_maps(&self.map_gauges);
     }
 }

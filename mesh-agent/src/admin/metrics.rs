@@ -46,6 +46,8 @@ pub struct Metrics {
     service_timeouts: IntCounterVec,
     http_pooled: IntGauge,
     fastpath: IntCounterVec,
+    bpf_map_entries: IntGaugeVec,
+    bpf_map_capacity: IntGaugeVec,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
 }
@@ -114,6 +116,22 @@ impl Metrics {
                 "Bytes the agent relayed",
                 &["direction", "flow"],
             ),
+            bpf_map_entries: IntGaugeVec::new(
+                Opts::new(
+                    "mesh_bpf_map_entries",
+                    "Entries in a kernel hash map (mesh_bpf_map_capacity is its size)",
+                ),
+                &["map"],
+            )
+            .expect("valid metric"),
+            bpf_map_capacity: IntGaugeVec::new(
+                Opts::new(
+                    "mesh_bpf_map_capacity",
+                    "Most entries a kernel hash map holds",
+                ),
+                &["map"],
+            )
+            .expect("valid metric"),
             proxy_active: IntGaugeVec::new(
                 Opts::new("mesh_proxy_active_connections", "Connections being proxied"),
                 &["direction"],
@@ -230,6 +248,8 @@ impl Metrics {
             Box::new(m.service_timeouts.clone()),
             Box::new(m.http_pooled.clone()),
             Box::new(m.fastpath.clone()),
+            Box::new(m.bpf_map_entries.clone()),
+            Box::new(m.bpf_map_capacity.clone()),
             Box::new(build_info),
         ];
         m.register(collectors);
@@ -397,6 +417,17 @@ impl Metrics {
             self.sync(&self.service_timeouts, &[service], stats.timeouts);
         }
         self.http_pooled.set(pooled as i64);
+    }
+
+    pub fn sync_maps(&self, gauges: &[crate::ebpf::occupancy::MapGauge]) {
+        for gauge in gauges {
+            self.bpf_map_entries
+                .with_label_values(&[gauge.name])
+                .set(i64::from(gauge.entries()));
+            self.bpf_map_capacity
+                .with_label_values(&[gauge.name])
+                .set(i64::from(gauge.capacity));
+        }
     }
 
     pub fn sync_fast_path(&self, s: &crate::ebpf::FastPathStats) {

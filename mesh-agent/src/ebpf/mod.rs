@@ -10,6 +10,7 @@
 pub mod bpffs;
 pub mod fastpath;
 mod netns;
+pub mod occupancy;
 pub mod orig_dst;
 
 use std::{
@@ -160,6 +161,25 @@ impl KernelPrograms {
     }
 
     /// Moves the captured-connection maps out for the data path.
+    /// Gauges of the hash maps that can fill up, each on its own descriptor
+    /// of the pinned map.
+    pub fn map_gauges(&self) -> Result<Vec<occupancy::MapGauge>> {
+        let maps_dir = self.pin_dir.join("maps");
+        [
+            MAP_PENDING,
+            MAP_CLIENTS,
+            MAP_PODS,
+            MAP_POD_ADDRS,
+            MAP_EXCLUDED_PORTS,
+            MAP_SOCKS,
+            MAP_SOCK_STATE,
+            MAP_SPLICE,
+        ]
+        .into_iter()
+        .map(|name| occupancy::MapGauge::open(name, &maps_dir.join(name)))
+        .collect()
+    }
+
     pub fn orig_dst_table(&mut self) -> Result<OrigDstTable> {
         let pending = self
             .ebpf

@@ -190,6 +190,10 @@ fn a_full_connection_map_refuses_new_connections_and_counts_them() {
         (1, 4),
         "{counters:?}"
     );
+    // Operators see it coming: the map's occupancy is exposed.
+    let pending = [("map", "MESH_PENDING")];
+    assert_eq!(agent.metric_sum("mesh_bpf_map_capacity", &pending), 4);
+    assert_eq!(agent.metric_sum("mesh_bpf_map_entries", &pending), 4);
 
     holder.kill();
     wait_until(
@@ -197,6 +201,10 @@ fn a_full_connection_map_refuses_new_connections_and_counts_them() {
         Duration::from_secs(10),
         || Ok(connect_result(a, c_ip, PORT)? == ConnectOutcome::Connected),
     )
+    .unwrap();
+    wait_until("an empty connection map", Duration::from_secs(10), || {
+        Ok(agent.metric_sum("mesh_bpf_map_entries", &pending) == 0)
+    })
     .unwrap();
 }
 
