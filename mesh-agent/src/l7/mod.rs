@@ -134,20 +134,25 @@ impl Authorizer for AllowAll {
 /// query): `Ok(normalised path)` or `Err(reason)`, answered with `400`.
 pub type PathNormalizer = fn(&str) -> Result<String, String>;
 
-/// What happened to one request, for metrics.
+/// What happened to one request, for metrics and the access log.
 #[derive(Debug, Clone, Copy)]
-pub struct RequestOutcome {
+pub struct RequestOutcome<'a> {
+    pub method: &'a hyper::Method,
+    /// The path as the client sent it.
+    pub path: &'a str,
     pub status: u16,
     /// From the request's arrival to the response head.
     pub duration: Duration,
     /// The bodies' `Content-Length`, when given (0 otherwise).
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// For a request denied here: the policy (rule) that decided it.
+    pub denied_by: Option<&'a str>,
 }
 
 /// Told about every request answered (forwarded or refused here).
 pub trait RequestMetrics: Send + Sync + 'static {
-    fn record(&self, outcome: &RequestOutcome);
+    fn record(&self, outcome: &RequestOutcome<'_>);
 }
 
 /// A [`RequestMetrics`] in [`L7Options`].

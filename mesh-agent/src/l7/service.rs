@@ -189,16 +189,29 @@ impl Relay {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let request_bytes = content_length(request.headers());
-        let response = match self.check(request) {
-            Ok(request) => self.forwarder.forward(request, self.protocol).await,
-            Err(refusal) => refusal.into_response(),
+        // For the access log only (never a metric label).
+        let method = request.method().clone();
+        let path = self
+            .metrics
+            .as_ref()
+            .map(|_| request.uri().path().to_owned())
+            .unwrap_or_default();
+        let (response, denied_by) = match self.check(request) {
+            Ok(request) => (self.forwarder.forward(request, self.protocol).await, None),
+            Err(refusal) => {
+                let denied_by = refusal.denied_by.clone();
+                (refusal.into_response(), denied_by)
+            }
         };
         if let Some(metrics) = &self.metrics {
             metrics.record(&super::RequestOutcome {
+                method: &method,
+                path: &path,
                 status: response.status().as_u16(),
                 duration: started.elapsed(),
                 request_bytes,
                 response_bytes: content_length(response.headers()),
+                denied_by: denied_by.as_deref(),
             });
         }
         Ok(response)
@@ -210,14 +223,18 @@ impl Relay {
         let h1 = self.protocol == Protocol::Http1;
         if request.method() == Method::CONNECT {
             tracing::debug!("CONNECT refused");
-            return Err(Refusal(StatusCode::NOT_IMPLEMENTED, "Not Implemented", h1));
+            return Err(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "Not Implemented",
+                h1,
+            ));
         }
         let host = match request_host(request.uri(), request.headers()) {
             Ok(host) => host,
             Err(reason) => {
                 tracing::debug!(reason, "bad request authority");
                 self.bad_requests.fetch_add(1, Ordering::Relaxed);
-                return Err(Refusal(StatusCode::BAD_REQUEST, "Bad Request", h1));
+                return Err(Refusal::new(StatusCode::BAD_REQUEST, "Bad Request", h1));
             }
         };
         let path = match (self.normalize)(request.uri().path()) {
@@ -225,7 +242,7 @@ impl Relay {
             Err(reason) => {
                 tracing::debug!(reason, raw = request.uri().path(), "path rejected");
                 self.bad_requests.fetch_add(1, Ordering::Relaxed);
-                return Err(Refusal(StatusCode::BAD_REQUEST, "Bad Request", h1));
+                return Err(Refusal::new(StatusCode::BAD_REQUEST, "Bad Request", h1));
             }
         };
         let verdict = self.authorizer.authorize(&RequestInfo {
@@ -243,11 +260,11 @@ impl Relay {
                 "request denied"
             );
             self.denied.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal(StatusCode::FORBIDDEN, DENIED_BODY, false));
+            return Err(Refusal::denied(reason));
         }
         if h1 && !strip_h2c_upgrade(request.headers_mut()) {
             tracing::debug!("upgrade refused");
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "Not Implemented",
                 false,
@@ -258,7 +275,7 @@ impl Relay {
             Err(reason) => {
                 tracing::debug!(reason, path, "normalised path unusable");
                 self.bad_requests.fetch_add(1, Ordering::Relaxed);
-                return Err(Refusal(StatusCode::BAD_REQUEST, "Bad Request", h1));
+                return Err(Refusal::new(StatusCode::BAD_REQUEST, "Bad Request", h1));
             }
         }
         Ok(request)
@@ -338,12 +355,33 @@ fn content_length(headers: &HeaderMap) -> u64 {
 }
 
 /// A local answer to a request that is not forwarded.
-struct Refusal(StatusCode, &'static str, bool);
+struct Refusal {
+    status: StatusCode,
+    body: &'static str,
+    close: bool,
+    /// The policy (rule) that denied the request, for a 403.
+    denied_by: Option<String>,
+}
 
 impl Refusal {
+    fn new(status: StatusCode, body: &'static str, close: bool) -> Self {
+        Self {
+            status,
+            body,
+            close,
+            denied_by: None,
+        }
+    }
+
+    fn denied(by: String) -> Self {
+        Self {
+            denied_by: Some(by),
+            ..Self::new(StatusCode::FORBIDDEN, DENIED_BODY, false)
+        }
+    }
+
     fn into_response(self) -> Response<ResponseBody> {
-        let Self(status, body, close) = self;
-        local_response(status, body, close)
+        local_response(self.status, self.body, self.close)
     }
 }
 

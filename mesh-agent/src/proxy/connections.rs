@@ -147,6 +147,10 @@ pub struct ConnectionLog {
 
 impl ConnectionLog {
     /// One access-log line per connection, or none.
+    pub fn access_log_enabled(&self) -> bool {
+        self.access_log.load(Ordering::Relaxed)
+    }
+
     pub fn set_access_log(&self, enabled: bool) {
         self.access_log.store(enabled, Ordering::Relaxed);
     }

@@ -241,6 +241,7 @@ impl ProxyContext {
         let (source_workload, source_namespace) = self.workload_of(remote_ip);
         let request_metrics = telemetry::ConnectionRequests {
             telemetry: self.http_telemetry.clone(),
+            access_log: self.connections.access_log_enabled(),
             labels: [
                 "destination".to_string(),
                 source_workload,

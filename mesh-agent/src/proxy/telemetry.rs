@@ -199,6 +199,8 @@ impl HttpTelemetry {
 /// looked up once per connection, not per request.
 pub struct ConnectionRequests {
     pub telemetry: HttpTelemetry,
+    /// One `access` log line per request.
+    pub access_log: bool,
     /// reporter, source workload, namespace and principal, destination
     /// workload, namespace and principal, destination service.
     pub labels: [String; 8],
@@ -246,5 +248,37 @@ impl crate::l7::RequestMetrics for ConnectionRequests {
             .observe(outcome.duration.as_secs_f64() * 1000.0);
         series.request_bytes.observe(outcome.request_bytes as f64);
         series.response_bytes.observe(outcome.response_bytes as f64);
+        if self.access_log {
+            let [
+                reporter,
+                source_workload,
+                source_namespace,
+                source_principal,
+                destination_workload,
+                destination_namespace,
+                destination_principal,
+                destination_service,
+            ] = &self.labels;
+            tracing::info!(
+                target: "access",
+                reporter = %reporter,
+                method = %outcome.method,
+                path = outcome.path,
+                response_code = outcome.status,
+                duration_ms = outcome.duration.as_millis() as u64,
+                request_bytes = outcome.request_bytes,
+                response_bytes = outcome.response_bytes,
+                source_workload = %source_workload,
+                source_namespace = %source_namespace,
+                source_principal = %source_principal,
+                destination_workload = %destination_workload,
+                destination_namespace = %destination_namespace,
+                destination_principal = %destination_principal,
+                destination_service = %destination_service,
+                security = self.security,
+                denied_by = outcome.denied_by.unwrap_or("-"),
+                "request"
+            );
+        }
     }
 }

@@ -450,6 +450,31 @@ fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
     );
     // The whole exposition, histograms included, is valid text format.
     agent.scrape_valid_metrics().unwrap();
+
+    // One access-log line per request, with its path and code; a denied
+    // one names the policy decision.
+    let requests: Vec<String> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains(" access: request") && l.contains("destination_workload=b"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(requests.len(), 8, "{requests:#?}");
+    let allowed = requests
+        .iter()
+        .filter(|l| {
+            l.contains("response_code=200") && l.contains("/ok/1") && l.contains("method=GET")
+        })
+        .count();
+    let denied = requests
+        .iter()
+        .filter(|l| {
+            l.contains("response_code=403")
+                && l.contains("\"/no\"")
+                && l.contains("allow-nothing (no ALLOW policy matched)")
+        })
+        .count();
+    assert_eq!((allowed, denied), (5, 3), "{requests:#?}");
 }
 
 /// `/readyz` says no, and why, while an enrolled pod has no certificate (its
