@@ -202,10 +202,15 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     state.set_ready(true);
     tracing::info!("agent ready");
     if let Some(inherited) = inherited {
-        tokio::task::spawn_blocking(move || inherited.serving())
-            .await?
-            .context("telling the previous agent this one serves")?;
-        tracing::info!("took over from the previous agent");
+        // This agent serves whatever the answer: if the old one is gone
+        // meanwhile (stopped early), it has nothing more to hand over.
+        match tokio::task::spawn_blocking(move || inherited.serving()).await? {
+            Ok(()) => tracing::info!("took over from the previous agent"),
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                "took over the previous agent's sockets, but it did not confirm; serving anyway"
+            ),
+        }
     }
     let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
     handover::serve(

@@ -160,6 +160,11 @@ impl AgentState {
         if !self.is_ready() {
             return Some("starting or draining".into());
         }
+        // Both agents answer on the admin socket during a handover: only
+        // the new one may say ready.
+        if self.handing_over() {
+            return Some("handing over to a new agent".into());
+        }
         let enroller = self.enroller.lock().expect("enroller lock");
         let enrolled = enroller.enrolled_count();
         if enrolled > 0 && enroller.programs.attachment_count() == 0 {

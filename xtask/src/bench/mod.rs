@@ -29,7 +29,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -62,6 +62,7 @@ struct Plan {
     idle_tcp: u32,
     idle_pods: usize,
     idle_policies: usize,
+    idle_services: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -197,6 +198,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             idle_tcp: 1_000,
             idle_pods: 100,
             idle_policies: 1_000,
+            idle_services: 50,
         }
     } else {
         Plan {
@@ -210,6 +212,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             idle_tcp: 1_000,
             idle_pods: 100,
             idle_policies: 1_000,
+            idle_services: 50,
         }
     };
     setup::build_ebpf(workspace)?;
@@ -315,17 +318,18 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     drop(servers);
     drop(topo);
 
-    let idle_rss_kib = idle_rss_with_pods_and_policies(&plan, &tools, &ca)?;
+    let idle = idle_agent_with_pods_and_policies(&plan, &tools, &ca)?;
+    let idle_rss_kib = idle.rss_kib;
     step(format!(
-        "idle agent with {} pods and {} policies: {idle_rss_kib} KiB RSS",
-        plan.idle_pods, plan.idle_policies
+        "idle agent with {} pods, {} policies and {} services: {idle_rss_kib} KiB RSS; a /metrics scrape takes {:.2} ms for {} bytes",
+        plan.idle_pods, plan.idle_policies, plan.idle_services, idle.scrape_ms, idle.scrape_bytes
     ));
 
     let report = Report {
         plan: &plan,
         samples: &samples,
         memory: &memory,
-        idle_rss_kib,
+        idle: &idle,
     };
     let out_dir = workspace.join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -572,13 +576,25 @@ fn measure_memory(
     })
 }
 
-/// An agent on a node of its own with `idle_pods` enrolled pods and
-/// `idle_policies` policies, no traffic: its RSS once settled.
-fn idle_rss_with_pods_and_policies(
+/// The idle agent's figures.
+struct Idle {
+    rss_kib: u64,
+    /// Median time of a whole `/metrics` scrape (request to last byte).
+    scrape_ms: f64,
+    scrape_bytes: usize,
+}
+
+/// How many scrapes the median is taken over.
+const SCRAPES: usize = 21;
+
+/// An agent on a node of its own with `idle_pods` enrolled pods,
+/// `idle_policies` policies and `idle_services` services, no traffic: its
+/// RSS once settled, and what a Prometheus scrape costs.
+fn idle_agent_with_pods_and_policies(
     plan: &Plan,
     tools: &Tools,
     ca: &crate::pki::BenchCa,
-) -> Result<u64> {
+) -> Result<Idle> {
     let names: Vec<String> = (0..plan.idle_pods).map(|i| format!("p{i:03}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     step(format!("building a node with {} pods", plan.idle_pods));
@@ -604,10 +620,30 @@ fn idle_rss_with_pods_and_policies(
     let dir = topo.tmp_dir().join("idle-config");
     std::fs::create_dir_all(dir.join("policies"))?;
     std::fs::write(dir.join("policies").join("idle.yaml"), policies)?;
+    // Services of two endpoints each, on pods of the node, HTTP and TCP ports.
+    let mut services = String::from("services:\n");
+    let pod_list = node.pods();
+    for i in 0..plan.idle_services {
+        let (a, b) = (
+            &pod_list[(2 * i) % pod_list.len()],
+            &pod_list[(2 * i + 1) % pod_list.len()],
+        );
+        let _ = write!(
+            services,
+            "  - name: svc-{i}\n    namespace: bench\n    vips: [10.97.{}.{}]\n    ports: [{{port: 80, targetPort: 8080, protocol: http}}, {{port: 5432, protocol: tcp}}]\n    endpoints:\n      - {{name: {}, address: {}, node: m1}}\n      - {{name: {}, address: {}, node: m1}}\n",
+            i / 250,
+            i % 250 + 1,
+            a.name(),
+            a.ipv4(),
+            b.name(),
+            b.ipv4()
+        );
+    }
+    let extra = [("services.yaml", services)];
     let config = agents::AgentConfig {
         dir: &dir,
         pods_yaml: &pods,
-        extra_files: &[],
+        extra_files: &extra,
         log: "warn",
         node_extra: "",
     };
@@ -639,7 +675,22 @@ fn idle_rss_with_pods_and_policies(
             Ok(stable >= 5)
         },
     )?;
-    Ok(last)
+    let mut times = Vec::with_capacity(SCRAPES);
+    let mut scrape_bytes = 0;
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        let (code, body) = node.http_get(ADMIN.parse()?, "/metrics")?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        scrape_bytes = body.len();
+    }
+    Ok(Idle {
+        rss_kib: last,
+        scrape_ms: median(&times),
+        scrape_bytes,
+    })
 }
 
 /// Samples the RSS of some processes until stopped.
@@ -729,7 +780,7 @@ struct Report<'a> {
     plan: &'a Plan,
     samples: &'a [Vec<Sample>],
     memory: &'a Memory,
-    idle_rss_kib: u64,
+    idle: &'a Idle,
 }
 
 /// The median of a path's rounds, field by field.
@@ -883,8 +934,17 @@ impl Report<'_> {
             plan.idle_tls,
             plan.idle_pods,
             plan.idle_policies,
-            self.idle_rss_kib as f64 / 1024.0,
+            self.idle.rss_kib as f64 / 1024.0,
             self.memory.handshakes_per_s
+        );
+        let _ = writeln!(
+            t,
+            "\nScrape cost: with {} pods, {} policies and {} services configured (no traffic), a whole `/metrics` scrape takes {:.2} ms (median of {SCRAPES}, request to last byte, from the node) and returns {:.1} KiB.",
+            plan.idle_pods,
+            plan.idle_policies,
+            plan.idle_services,
+            self.idle.scrape_ms,
+            self.idle.scrape_bytes as f64 / 1024.0
         );
         let _ = writeln!(t, "\n| goal | measured | met |\n|---|---|---|");
         for (goal, measured, met) in self.goals() {
@@ -939,10 +999,12 @@ impl Report<'_> {
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,
-                "idle_rss_kib": self.idle_rss_kib,
+                "idle_rss_kib": self.idle.rss_kib,
                 "idle_pods": self.plan.idle_pods,
                 "idle_policies": self.plan.idle_policies,
+                "idle_services": self.plan.idle_services,
             },
+            "scrape": {"ms": self.idle.scrape_ms, "bytes": self.idle.scrape_bytes},
             "tunnel_handshakes_per_s": self.memory.handshakes_per_s,
             "goals": self.goals().into_iter().map(|(g, m, met)| json!({"goal": g, "measured": m, "met": met})).collect::<Vec<_>>(),
         })
