@@ -319,12 +319,34 @@ impl ProxyContext {
             source: source.clone(),
             service: service.clone(),
         });
+        // Each request is reported by this node as the source's: the
+        // endpoint (and so the destination workload) is chosen per request.
+        let request_metrics = telemetry::ConnectionRequests {
+            telemetry: self.http_telemetry.clone(),
+            access_log: self.connections.access_log_enabled(),
+            labels: [
+                "source".to_string(),
+                source.workload_name(),
+                source.workload.namespace.clone(),
+                source.identity.to_string(),
+                "unknown".to_string(),
+                service.config.namespace.clone(),
+                "unknown".to_string(),
+                service_host(&service.config),
+            ],
+            security: "unknown",
+            series: Default::default(),
+        };
+        let options = L7Options {
+            request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),
+            ..L7Options::default()
+        };
         match l7::serve_with(
             downstream,
             forwarder,
             Arc::new(l7::AllowAll),
             normalize_path,
-            L7Options::default(),
+            options,
         )
         .await
         {
@@ -503,10 +525,7 @@ impl ProxyContext {
         // A service address: one of its endpoints serves this connection.
         let service = self.services.read().expect("services lock").lookup(dst);
         if let Some(service) = &service {
-            record.peers.destination_service = format!(
-                "{}.{}.svc.cluster.local",
-                service.config.name, service.config.namespace
-            );
+            record.peers.destination_service = service_host(&service.config);
         }
         if let Some(service) = service.as_ref().filter(|s| s.protocol != PortProtocol::Tcp) {
             // An HTTP port: an endpoint per request, not per connection.
@@ -1062,6 +1081,11 @@ fn normalize_path(raw: &str) -> Result<String, String> {
 pub fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+/// A service's name as Istio's `destination_service` label gives it.
+fn service_host(service: &crate::config::ServiceConfig) -> String {
+    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
 }
 
 impl connections::Peers {

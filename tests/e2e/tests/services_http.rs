@@ -198,6 +198,22 @@ fn http_requests_are_balanced_per_request_around_slow_and_failing_endpoints() {
             "{name} served {share:.3} of the requests (a third ± 0.1): {spread}"
         );
     }
+    // The client's agent reports every request as the source, Istio-style.
+    let source = [
+        ("reporter", "source"),
+        ("source_workload", "a"),
+        ("source_principal", "spiffe://cluster.local/ns/default/sa/a"),
+        ("destination_service", "web.default.svc.cluster.local"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(
+        client_agent.metric_sum("istio_requests_total", &source),
+        1500
+    );
+    assert_eq!(
+        client_agent.metric_sum("istio_request_duration_milliseconds_count", &source),
+        1500
+    );
 
     // The same over HTTP/2 to an http2 port: 8 requests in flight on one
     // client connection, multiplexed to every endpoint.
