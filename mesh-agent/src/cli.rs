@@ -59,6 +59,7 @@ pub enum Command {
 /// Entry point shared by the `mesh-agent` binary and the e2e test build of it.
 pub fn main() -> ExitCode {
     limit_malloc_arenas();
+    count_panics();
     let cli = Cli::parse();
     match execute(cli) {
         Ok(code) => code,
@@ -68,6 +69,19 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A panic in a connection's task ends that task only (tokio catches it):
+/// the agent keeps serving, but it is a bug. Each one is logged at error
+/// level (also in JSON logs) and counted in `mesh_agent_panics_total`, so it
+/// pages someone and fails the tests.
+fn count_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        crate::admin::metrics::PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(target: "panic", "{info}");
+        default(info);
+    }));
 }
 
 /// glibc gives every thread that allocates an arena of its own (up to eight

@@ -321,5 +321,6 @@ impl AgentState {
             m.sync_fast_path(&fast_path.stats());
         }
         m.sync_maps(&self.map_gauges);
+        m.sync_panics();
     }
 }

@@ -16,6 +16,9 @@ use crate::{
     state::PodCountersView,
 };
 
+/// Panics since start (set by the panic hook, read at each scrape).
+pub static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct Metrics {
     registry: Registry,
     /// The names of every registered metric, for checks of dashboards.
@@ -48,6 +51,7 @@ pub struct Metrics {
     fastpath: IntCounterVec,
     bpf_map_entries: IntGaugeVec,
     bpf_map_capacity: IntGaugeVec,
+    panics: IntCounterVec,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
 }
@@ -115,6 +119,11 @@ impl Metrics {
                 "mesh_proxy_bytes_total",
                 "Bytes the agent relayed",
                 &["direction", "flow"],
+            ),
+            panics: counter(
+                "mesh_agent_panics_total",
+                "Panics in the agent (a task ended by a bug; the agent keeps serving)",
+                &[],
             ),
             bpf_map_entries: IntGaugeVec::new(
                 Opts::new(
@@ -248,6 +257,7 @@ impl Metrics {
             Box::new(m.service_timeouts.clone()),
             Box::new(m.http_pooled.clone()),
             Box::new(m.fastpath.clone()),
+            Box::new(m.panics.clone()),
             Box::new(m.bpf_map_entries.clone()),
             Box::new(m.bpf_map_capacity.clone()),
             Box::new(build_info),
@@ -417,6 +427,16 @@ impl Metrics {
             self.sync(&self.service_timeouts, &[service], stats.timeouts);
         }
         self.http_pooled.set(pooled as i64);
+    }
+
+    pub fn sync_panics(&self) {
+        // Exposed at 0 too: an alert on `> 0` needs the series.
+        self.panics.with_label_values::<&str>(&[]);
+        self.sync(
+            &self.panics,
+            &[],
+            PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        );
     }
 
     pub fn sync_maps(&self, gauges: &[crate::ebpf::occupancy::MapGauge]) {

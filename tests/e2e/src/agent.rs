@@ -376,6 +376,7 @@ impl<'t> NodeAgent<'t> {
         process.signal(signal)?;
         let out = process.wait_with_deadline(Duration::from_secs(10))?;
         let log = process.stderr_so_far();
+        fail_on_panic(&log);
         if !out.status.success() {
             bail!(
                 "the agent exited with {} after {signal:?}; log:\n{log}",
@@ -391,6 +392,7 @@ impl<'t> NodeAgent<'t> {
         let mut process = self.process.take().context("the agent is not running")?;
         let out = process.wait_with_deadline(deadline)?;
         let log = process.stderr_so_far();
+        fail_on_panic(&log);
         if !out.status.success() {
             bail!("the agent exited with {}; log:\n{log}", out.status);
         }
@@ -401,6 +403,7 @@ impl<'t> NodeAgent<'t> {
     pub fn kill(&mut self) -> Result<()> {
         let mut process = self.process.take().context("the agent is not running")?;
         process.kill();
+        fail_on_panic(&process.stderr_so_far());
         Ok(())
     }
 
@@ -442,6 +445,7 @@ impl RetiredAgent {
 impl Drop for RetiredAgent {
     fn drop(&mut self) {
         self.process.kill();
+        fail_on_panic(&self.process.stderr_so_far());
     }
 }
 
@@ -450,6 +454,14 @@ impl Drop for NodeAgent<'_> {
         if let Some(mut process) = self.process.take() {
             let _ = process.signal(Signal::SIGCONT);
             process.kill();
+            fail_on_panic(&process.stderr_so_far());
         }
+    }
+}
+
+/// Every test fails if its agent panicked, whatever else it checked.
+fn fail_on_panic(log: &str) {
+    if !std::thread::panicking() && log.contains("panicked at") {
+        panic!("the agent panicked; its log:\n{log}");
     }
 }
