@@ -78,6 +78,8 @@ mod detect;
 mod service;
 
 #[cfg(test)]
+mod hostile_h2_tests;
+#[cfg(test)]
 mod tests;
 
 use std::any::Any;

@@ -25,7 +25,7 @@ use super::*;
 
 /// Generous bound on anything that should happen promptly: only reached when
 /// a test fails.
-const BOUND: Duration = Duration::from_secs(10);
+pub(super) const BOUND: Duration = Duration::from_secs(10);
 
 /// Denies `/admin` and everything below it.
 struct DenyAdmin;
@@ -126,20 +126,20 @@ fn classify_first_bytes() {
 
 /// A request as the upstream application saw it.
 #[derive(Debug, Clone)]
-struct Seen {
+pub(super) struct Seen {
     method: String,
-    target: String,
+    pub(super) target: String,
     headers: HeaderMap,
 }
 
-struct UpstreamApp {
-    addr: SocketAddr,
+pub(super) struct UpstreamApp {
+    pub(super) addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicUsize>,
 }
 
 impl UpstreamApp {
-    fn seen(&self) -> Vec<Seen> {
+    pub(super) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 
@@ -150,7 +150,7 @@ impl UpstreamApp {
 
 /// An HTTP/1.1 application: records every request; `POST` echoes the body
 /// (streaming), anything else answers `ok <target>`.
-async fn spawn_h1_upstream() -> UpstreamApp {
+pub(super) async fn spawn_h1_upstream() -> UpstreamApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -250,8 +250,8 @@ async fn spawn_h2_upstream() -> UpstreamApp {
 // ---------------------------------------------------------------------------
 // The relay under test.
 
-struct RelayHandle {
-    addr: SocketAddr,
+pub(super) struct RelayHandle {
+    pub(super) addr: SocketAddr,
     /// One outcome of [`serve`] per downstream connection.
     results: mpsc::UnboundedReceiver<Result<L7Stats, L7Error>>,
     /// How often `connect` was called.
@@ -269,7 +269,7 @@ impl RelayHandle {
 }
 
 /// Accepts connections and serves each with [`serve`] towards `upstream`.
-async fn spawn_relay(upstream: SocketAddr, options: L7Options) -> RelayHandle {
+pub(super) async fn spawn_relay(upstream: SocketAddr, options: L7Options) -> RelayHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, results) = mpsc::unbounded_channel();
@@ -330,7 +330,7 @@ async fn h1_get(
 }
 
 /// Writes `bytes` on a new connection and reads until the relay closes it.
-async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+pub(super) async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
     let mut response = Vec::new();
@@ -342,7 +342,7 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Status codes of the HTTP/1.1 responses in `raw`.
-fn statuses(raw: &[u8]) -> Vec<u16> {
+pub(super) fn statuses(raw: &[u8]) -> Vec<u16> {
     let text = String::from_utf8_lossy(raw);
     text.match_indices("HTTP/1.1 ")
         .filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok())
