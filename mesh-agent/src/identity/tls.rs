@@ -154,6 +154,9 @@ pub enum HandshakeRejection {
     ProtocolVersion,
     /// What arrived was not TLS at all (plaintext, garbage).
     NotTls,
+    /// A handshake message beyond what TLS allows (e.g. a huge certificate
+    /// chain): refused before it is buffered whole.
+    TooLarge,
     Other(String),
 }
 
@@ -170,6 +173,7 @@ impl HandshakeRejection {
             HandshakeRejection::BadCertificate => "bad_certificate",
             HandshakeRejection::ProtocolVersion => "protocol_version",
             HandshakeRejection::NotTls => "not_tls",
+            HandshakeRejection::TooLarge => "too_large",
             HandshakeRejection::Other(_) => "other",
         }
     }
@@ -221,6 +225,10 @@ pub fn classify_tls_error(err: &rustls::Error) -> HandshakeRejection {
             | AlertDescription::AccessDenied => R::BadCertificate,
             other => R::Other(format!("received alert {other:?}")),
         },
+        rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::HandshakePayloadTooLarge
+            | rustls::InvalidMessage::MessageTooLarge,
+        ) => R::TooLarge,
         rustls::Error::InvalidMessage(_) => R::NotTls,
         other => R::Other(other.to_string()),
     }

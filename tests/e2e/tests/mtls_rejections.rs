@@ -101,6 +101,14 @@ fn the_tunnel_refuses_bad_peers_and_counts_each_refusal() {
         .issue_valid_files(&SpiffeId::new("elsewhere.org", "default", "tester").unwrap())
         .unwrap();
     let pair = |p: &(std::path::PathBuf, std::path::PathBuf)| (p.0.clone(), p.1.clone());
+    // A chain of 300 copies of a valid certificate (~200 KB): more than a
+    // TLS handshake message may carry.
+    let huge_chain = {
+        let pem = std::fs::read_to_string(&valid.0).unwrap();
+        let path = topo.tmp_dir().join("huge-chain.crt");
+        std::fs::write(&path, pem.repeat(300)).unwrap();
+        (path, valid.1.clone())
+    };
 
     // The positive control: a valid certificate of the trust domain is served.
     let (vc, vk) = pair(&valid);
@@ -144,8 +152,21 @@ fn the_tunnel_refuses_bad_peers_and_counts_each_refusal() {
             Some(pair(&other_domain)),
             "wrong_trust_domain",
         ),
+        ("64 KiB of random bytes", "garbage", None, "not_tls"),
+        (
+            "a 200 KB certificate chain",
+            "tls13",
+            Some(pair(&huge_chain)),
+            "too_large",
+        ),
     ];
+    let counted = |reason: &str| {
+        agent2
+            .status()
+            .map(|s| s.tunnel_rejections.get(reason).copied().unwrap_or(0))
+    };
     for (what, mode, cert, reason) in &cases {
+        let before = counted(reason).unwrap();
         let result = tls_client(
             outsider,
             mode,
@@ -159,15 +180,7 @@ fn the_tunnel_refuses_bad_peers_and_counts_each_refusal() {
         mesh_testbed::wait_until(
             &format!("{what} to be counted as {reason}"),
             Duration::from_secs(5),
-            || {
-                Ok(agent2
-                    .status()?
-                    .tunnel_rejections
-                    .get(*reason)
-                    .copied()
-                    .unwrap_or(0)
-                    >= 1)
-            },
+            || Ok(counted(reason)? == before + 1),
         )
         .unwrap_or_else(|e| {
             panic!(

@@ -13,6 +13,12 @@ try:
         data = raw.recv(100)
         print("OPEN" if data.startswith(b"HTTP/") else "REFUSED plaintext answered with %r" % data[:20])
         sys.exit(0)
+    if mode == "garbage":
+        import os
+        raw.sendall(os.urandom(64 * 1024))
+        data = raw.recv(100)
+        print("REFUSED closed" if not data or data[0] == 0x15 else "OPEN answered %r" % data[:20])
+        sys.exit(0)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # this client tests the server's checks, not the other way
