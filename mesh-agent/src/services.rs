@@ -142,6 +142,16 @@ impl ServicePortEntry {
             .finish(pick.token, latency, outcome);
     }
 
+    /// A request's end without a latency sample (see
+    /// [`balance::Service::finish_unsampled`]).
+    pub fn finish_request_unsampled(&self, pick: RequestPick, outcome: Outcome) {
+        self.state
+            .balancer
+            .lock()
+            .expect("balancer lock")
+            .finish_unsampled(pick.token, outcome);
+    }
+
     /// The attempt was never sent.
     pub fn cancel_request(&self, pick: RequestPick) {
         self.state

@@ -39,7 +39,7 @@ pub fn render(report: &StatusReport) -> String {
         report.programs.join(", "),
         report.attachments
     );
-    let _ = writeln!(out, "config gen.:  {}", report.config_generation);
+    let _ = writeln!(out, "config gen.: {}", report.config_generation);
     let _ = writeln!(
         out,
         "trust domain: {} ({} roots in the bundle)",
@@ -163,7 +163,7 @@ mod tests {
         };
         let text = render(&report);
         assert!(text.contains("captured out=0 in=0"), "{text}");
-        assert!(text.contains("config gen.:  3"), "{text}");
+        assert!(text.contains("config gen.: 3"), "{text}");
         assert!(
             text.contains("REJECTED") && text.contains("pods.yaml:2: bad"),
             "{text}"

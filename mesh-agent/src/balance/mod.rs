@@ -480,6 +480,19 @@ impl Service {
         self.record_outcome(i, outcome);
     }
 
+    /// Records a request's end without a latency sample: its time says
+    /// more about setting something up than about the endpoint (the first
+    /// request on a new connection, which may wait for the far side to
+    /// connect to the pod).
+    pub fn finish_unsampled(&mut self, token: RequestToken, outcome: Outcome) {
+        let Some(i) = self.lookup_incarnation(&token.id, token.incarnation) else {
+            return;
+        };
+        let state = &mut self.endpoints[i];
+        state.pending = state.pending.saturating_sub(1);
+        self.record_outcome(i, outcome);
+    }
+
     /// The endpoints' addresses.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.endpoints.iter().map(|s| s.endpoint.addr).collect()

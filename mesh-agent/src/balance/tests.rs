@@ -733,3 +733,21 @@ fn a_cancelled_request_leaves_no_load_and_no_latency_sample() {
     assert_eq!(after.ewma, before.ewma, "no sample recorded");
     assert_eq!(after.consecutive_failures, 0);
 }
+
+#[test]
+fn an_unsampled_request_counts_its_outcome_but_not_its_latency() {
+    let (_, mut svc) = service(config(Protocol::Http), vec![ep(1), ep(2)], 3);
+    let before = endpoint_stats(&svc, "ep-1");
+    let token = svc.start_request("ep-1");
+    svc.finish_unsampled(token, Outcome::Status(503));
+    let after = endpoint_stats(&svc, "ep-1");
+    assert_eq!(after.pending_requests, 0);
+    assert_eq!(after.ewma, before.ewma, "no latency sample");
+    assert_eq!(after.consecutive_failures, 1, "the failure counts");
+    // A slow first response on a new connection would otherwise have
+    // made the endpoint look slow for many seconds.
+    let token = svc.start_request("ep-1");
+    svc.finish_unsampled(token, Outcome::Status(200));
+    assert_eq!(endpoint_stats(&svc, "ep-1").ewma, before.ewma);
+    assert_eq!(endpoint_stats(&svc, "ep-1").consecutive_failures, 0);
+}

@@ -57,6 +57,9 @@ pub struct PoolKey {
 pub struct Sent {
     pub response: Response<Incoming>,
     pub dispatched: Instant,
+    /// Sent on a connection made for it: the far side may have set things
+    /// up for it too (a tunnel stream, a connection to the pod).
+    pub fresh_connection: bool,
 }
 
 /// Why a request got no response.
@@ -122,6 +125,7 @@ impl HttpPool {
         // One retry on a fresh connection when a pooled one turned out closed.
         for fresh in [false, true] {
             let pooled = if fresh { None } else { self.idle_http1(key) };
+            let fresh_connection = pooled.is_none();
             let mut sender = match pooled {
                 Some(sender) => sender,
                 None => dial_http1(connect().await.map_err(SendError::Connect)?).await?,
@@ -133,6 +137,7 @@ impl HttpPool {
                     return Ok(Sent {
                         response,
                         dispatched,
+                        fresh_connection,
                     });
                 }
                 Err(mut err) => match err.take_message() {
@@ -181,17 +186,17 @@ impl HttpPool {
             .or_default()
             .clone();
         for fresh in [false, true] {
-            let mut sender = {
+            let (mut sender, fresh_connection) = {
                 // Held while dialling, so concurrent first requests share one
                 // connection instead of each making their own.
                 let mut current = slot.lock().await;
                 match current.as_ref() {
-                    Some(sender) if !fresh && !sender.is_closed() => sender.clone(),
+                    Some(sender) if !fresh && !sender.is_closed() => (sender.clone(), false),
                     _ => {
                         let sender =
                             dial_http2(connect().await.map_err(SendError::Connect)?).await?;
                         *current = Some(sender.clone());
-                        sender
+                        (sender, true)
                     }
                 }
             };
@@ -207,6 +212,7 @@ impl HttpPool {
                     return Ok(Sent {
                         response,
                         dispatched,
+                        fresh_connection,
                     });
                 }
                 Err(mut err) => match err.take_message() {
@@ -337,6 +343,7 @@ mod tests {
             sent.dispatched.duration_since(started) >= delay,
             "the connection's set-up is not part of the request's latency"
         );
+        assert!(sent.fresh_connection);
         assert_eq!(dials.load(Ordering::SeqCst), 1);
     }
 }

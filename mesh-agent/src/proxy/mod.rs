@@ -808,7 +808,7 @@ impl ProxyContext {
             client.ip(),
             request.authority,
         ) {
-            let mut record = self.record(Direction::Inbound, &target, client);
+            let mut record = self.tunnel_record(&target, client, &peer_identity);
             record.original_dst = request.authority;
             record.source_identity = Some(peer_identity.to_string());
             record.security = "mutual_tls".to_string();

@@ -68,16 +68,23 @@ struct Attempt<'a> {
 
 impl Attempt<'_> {
     /// A failure's latency runs from the attempt's start.
-    fn finish(self, outcome: Outcome) {
-        let started = self.started;
-        self.finish_since(started, outcome);
+    fn finish(mut self, outcome: Outcome) {
+        if let Some(pick) = self.pick.take() {
+            self.service
+                .finish_request(pick, self.started.elapsed(), outcome);
+        }
     }
 
     /// A response's latency runs from `since`, when the request left on a
-    /// ready connection.
-    fn finish_since(mut self, since: Instant, outcome: Outcome) {
+    /// ready connection; the first response on a new connection is no
+    /// sample (the far side may have been setting up for it).
+    fn finish_sent(mut self, since: Instant, fresh_connection: bool, outcome: Outcome) {
         if let Some(pick) = self.pick.take() {
-            self.service.finish_request(pick, since.elapsed(), outcome);
+            if fresh_connection {
+                self.service.finish_request_unsampled(pick, outcome);
+            } else {
+                self.service.finish_request(pick, since.elapsed(), outcome);
+            }
         }
     }
 }
@@ -174,9 +181,10 @@ impl ServiceForwarder {
                 Ok(Sent {
                     response,
                     dispatched,
+                    fresh_connection,
                 }) => {
                     let outcome = Outcome::Status(response.status().as_u16());
-                    attempt.finish_since(dispatched, outcome);
+                    attempt.finish_sent(dispatched, fresh_connection, outcome);
                     (outcome, Some(response))
                 }
                 Err(SendError::Connect(err)) => {
