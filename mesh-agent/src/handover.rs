@@ -456,14 +456,7 @@ mod tests {
         };
         let thread = serve(name.clone(), old).unwrap();
         // A client connects before the handover: it waits in the queue.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let inherited = loop {
-            if let Some(inherited) = take_over(&name).unwrap() {
-                break inherited;
-            }
-            assert!(std::time::Instant::now() < deadline, "the old side listens");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let inherited = take_over_once_listening(&name);
         let waiting = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let pod = &inherited.pods["ns/a"];
         assert_eq!(pod.netns_cookie, cookie);
@@ -492,6 +485,18 @@ mod tests {
         // The name is free again for the successor's own handover socket.
         let again = listen_on(&name).unwrap();
         drop(again);
+    }
+
+    /// The old side's thread may not listen yet: try until it does.
+    fn take_over_once_listening(name: &str) -> Inherited {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(inherited) = take_over(name).unwrap() {
+                return inherited;
+            }
+            assert!(std::time::Instant::now() < deadline, "the old side listens");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     struct OldAgent {
@@ -536,14 +541,7 @@ mod tests {
             done: done_tx,
         };
         let _thread = serve(name.clone(), old).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let inherited = loop {
-            if let Some(inherited) = take_over(&name).unwrap() {
-                break inherited;
-            }
-            assert!(std::time::Instant::now() < deadline, "the old side listens");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let inherited = take_over_once_listening(&name);
         drop(inherited);
         assert_eq!(
             done_rx.recv_timeout(Duration::from_secs(5)),
