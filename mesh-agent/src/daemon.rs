@@ -116,6 +116,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     }
     let mut proxy = ProxyContext::new(programs.orig_dst_table()?, mtls.clone());
     proxy.connections.set_access_log(node.access_log);
+    proxy.admission.set_limits(node.limits);
     proxy.fast_path = Some(Arc::new(fast_path));
     let proxy = Arc::new(proxy);
     let policies = config
@@ -171,6 +172,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     );
     state.metrics.register(proxy.telemetry.collectors());
     state.metrics.register(proxy.http_telemetry.collectors());
+    state.metrics.register(proxy.admission.collectors());
     state
         .config_generation
         .store(1, std::sync::atomic::Ordering::SeqCst);

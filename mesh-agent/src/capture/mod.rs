@@ -22,7 +22,7 @@ use crate::{
     config::PodConfig,
     ebpf::{InboundListeners, KernelPrograms},
     handover::{ListenerKind, Offer, PodSockets},
-    proxy::{PodHandle, ProxyContext},
+    proxy::{PodHandle, ProxyContext, admission::Limit},
     state::{PodCountersView, PodStatus},
 };
 use netns_worker::{NetnsWorker, listen};
@@ -213,6 +213,7 @@ impl Enroller {
             identity,
             addrs,
             workload,
+            open_connections: Arc::default(),
         });
         self.proxy.add_local_pod(handle.clone());
         let sockets = listeners
@@ -361,8 +362,20 @@ async fn tunnel_accept_loop(listener: TcpListener, proxy: Arc<ProxyContext>, pod
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(admitted) = proxy
+                    .admission
+                    .admit(Limit::TunnelConnections, &proxy.tunnel_connections)
+                else {
+                    tracing::debug!(pod = %pod.key, %peer, "tunnel connection limit reached: reset");
+                    crate::proxy::reset(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(proxy.clone().handle_tunnel(pod.clone(), stream, peer));
+                let handle = proxy.clone().handle_tunnel(pod.clone(), stream, peer);
+                tokio::spawn(async move {
+                    handle.await;
+                    drop(admitted);
+                });
             }
             Err(err) => {
                 tracing::warn!(pod = %pod.key, error = %err, "tunnel accept failed");
@@ -381,13 +394,24 @@ async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
+                let Some(admitted) = proxy
+                    .admission
+                    .admit(Limit::ConnectionsPerPod, &pod.open_connections)
+                else {
+                    tracing::debug!(pod = %pod.key, %client, outbound, "the pod's connection limit is reached: reset");
+                    crate::proxy::reset(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
-                if outbound {
-                    tokio::spawn(proxy.handle_outbound(pod, stream, client));
-                } else {
-                    tokio::spawn(proxy.handle_inbound(pod, stream, client));
-                }
+                tokio::spawn(async move {
+                    if outbound {
+                        proxy.handle_outbound(pod, stream, client).await;
+                    } else {
+                        proxy.handle_inbound(pod, stream, client).await;
+                    }
+                    drop(admitted);
+                });
             }
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning.

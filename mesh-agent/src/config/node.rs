@@ -53,6 +53,42 @@ pub struct NodeConfig {
     /// once readiness is off and no new connection is accepted (default 5 s).
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: std::time::Duration,
+    /// What one pod, or the whole node's tunnel port, may hold at once.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `limits`: beyond them new connections are refused at once (reset) and
+/// counted in `mesh_limit_refusals_total{limit}`; the ones open carry on.
+/// The node-wide limit of captured connections is `maxConnections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Limits {
+    /// Connections of one pod being proxied at once (in and out): one busy
+    /// pod cannot take the whole node's share (default 16384).
+    #[serde(default = "default_connections_per_pod")]
+    pub connections_per_pod: u32,
+    /// Tunnel connections from other nodes open at once, handshakes
+    /// included (default 4096).
+    #[serde(default = "default_tunnel_connections")]
+    pub tunnel_connections: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections_per_pod: default_connections_per_pod(),
+            tunnel_connections: default_tunnel_connections(),
+        }
+    }
+}
+
+fn default_connections_per_pod() -> u32 {
+    16384
+}
+
+fn default_tunnel_connections() -> u32 {
+    4096
 }
 
 fn default_drain_timeout() -> std::time::Duration {

@@ -17,6 +17,7 @@
 //! pod's identity, the peer's identity recorded, each CONNECT delivered to the
 //! pod of this node it names.
 
+pub mod admission;
 mod authz;
 pub mod connections;
 pub mod http_pool;
@@ -60,6 +61,8 @@ pub struct PodHandle {
     pub addrs: Vec<IpAddr>,
     /// Namespace and labels, for selecting its authorization policies.
     pub workload: policy::Workload,
+    /// Its connections being proxied now (for `limits.connectionsPerPod`).
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PodHandle {
@@ -107,7 +110,9 @@ pub struct ProxyContext {
     /// Turns true when the agent drains: tunnel connections get a GOAWAY.
     draining: tokio::sync::watch::Sender<bool>,
     /// Tunnel connections served (from other nodes), open now.
-    tunnel_connections: std::sync::atomic::AtomicUsize,
+    pub tunnel_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// What may be open at once.
+    pub admission: admission::Admission,
 }
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
@@ -136,7 +141,8 @@ impl ProxyContext {
             telemetry: telemetry::TcpTelemetry::default(),
             http_telemetry: telemetry::HttpTelemetry::default(),
             draining: tokio::sync::watch::Sender::new(false),
-            tunnel_connections: std::sync::atomic::AtomicUsize::new(0),
+            tunnel_connections: Arc::default(),
+            admission: admission::Admission::default(),
         }
     }
 
@@ -704,7 +710,6 @@ impl ProxyContext {
         let shutdown = async move {
             let _ = draining.wait_for(|draining| *draining).await;
         };
-        let _open = OpenCount::new(&self.tunnel_connections);
         match tunnel::serve_connection_until(
             tcp,
             config,
@@ -1094,21 +1099,5 @@ impl connections::Peers {
         self.destination_workload = pod.workload_name();
         self.destination_namespace = pod.workload.namespace.clone();
         self.destination_principal = Some(pod.identity.to_string());
-    }
-}
-
-/// Counts one open thing while it lives.
-struct OpenCount<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> OpenCount<'a> {
-    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self(count)
-    }
-}
-
-impl Drop for OpenCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -240,3 +240,82 @@ fn a_second_agent_on_the_same_pinned_state_that_cannot_take_over_refuses_to_star
     // The first one is unharmed.
     assert!(agent.status().unwrap().pods.iter().all(|p| p.enrolled));
 }
+
+/// One connection to the traffic server's echo: `Ok` if the line came back.
+fn echo_once(pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
+    let script = format!(
+        r#"
+import socket
+c = socket.create_connection(("{ip}", {PORT}), timeout=5)
+c.settimeout(5)
+c.sendall(b"ECHO\nping\n")
+got = b""
+while len(got) < 5:
+    k = c.recv(64)
+    if not k:
+        break
+    got += k
+assert got == b"ping\n", got
+"#
+    );
+    pod.run("python3", &["-c", &script], Duration::from_secs(10))
+        .map(|_| ())
+}
+
+#[test]
+fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
+    if !e2e_enabled("a_pods_connection_limit_resets_new_connections_and_spares_open_ones") {
+        return;
+    }
+    let topo = Topology::builder("podlimit")
+        .node("n1", &["a", "b"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
+    let _server = TrafficServer::start(c, PORT).unwrap();
+    let agent = NodeAgent::start(
+        &topo,
+        topo.node("n1"),
+        &pods_yaml(&[a, b]),
+        "limits: {connectionsPerPod: 4}\n",
+    )
+    .unwrap();
+    let c_ip = IpAddr::V4(c.ipv4());
+    // Four of a's connections open: three idle, one busy.
+    let mut holder = hold_connections(a, c_ip, 3, 30);
+    let mut chatty = start_chatty_connection(a, c_ip);
+    let active = [("direction", "outbound")];
+    wait_until(
+        "a's four connections in the agent",
+        Duration::from_secs(10),
+        || Ok(agent.metric_sum("mesh_proxy_active_connections", &active) == 4),
+    )
+    .unwrap();
+
+    // A fifth is reset at once, and counted.
+    let started = std::time::Instant::now();
+    let fifth = echo_once(a, c_ip);
+    assert!(fifth.is_err(), "the fifth connection must fail");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused fast");
+    let refused = [("limit", "connections_per_pod")];
+    wait_until("the refusal counted", Duration::from_secs(5), || {
+        Ok(agent.metric_sum("mesh_limit_refusals_total", &refused) >= 1)
+    })
+    .unwrap();
+    // Another pod is not limited by a's share.
+    echo_once(b, c_ip).unwrap();
+    // The open ones carry on.
+    assert!(
+        chatty.try_status().unwrap().is_none(),
+        "the busy connection broke: {}",
+        chatty.output_report()
+    );
+
+    holder.kill();
+    wait_until("room for a again", Duration::from_secs(10), || {
+        Ok(echo_once(a, c_ip).is_ok())
+    })
+    .unwrap();
+    chatty.kill();
+}
