@@ -7,6 +7,7 @@ mod agents;
 mod bench;
 mod demo;
 mod ebpf_build;
+mod fuzz;
 mod pki;
 mod setup;
 mod test;
@@ -46,6 +47,15 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Run the fuzz targets (fuzz/, cargo-fuzz with libFuzzer and
+    /// AddressSanitizer; nightly). `cargo xtask test` runs each for 20 s.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +66,7 @@ fn main() -> ExitCode {
         Task::Bench { quick } => bench::run(&workspace, quick),
         Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
         Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
+        Task::Fuzz { seconds, targets } => fuzz::run(&workspace, seconds, &targets),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

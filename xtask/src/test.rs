@@ -35,6 +35,10 @@ pub fn run(workspace: &Path, cargo_test_args: &[String]) -> Result<()> {
             .args(cargo_test_args),
     )
     .context("the test suite failed")?;
+    // A filtered run (test name given) is someone's quick check: no fuzzing.
+    if cargo_test_args.is_empty() {
+        crate::fuzz::run(workspace, crate::fuzz::TEST_SECONDS, &[])?;
+    }
     step(format!(
         "all tests passed ({:.0}s)",
         started.elapsed().as_secs_f64()
