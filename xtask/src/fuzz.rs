@@ -61,27 +61,42 @@ pub fn run(workspace: &Path, seconds: u32, targets: &[String]) -> Result<()> {
         std::fs::create_dir_all(&corpus)?;
         let seeds = workspace.join("fuzz").join("seeds").join(target);
         let target_started = Instant::now();
-        setup::run(
-            Command::new("rustup")
-                .args(["run", EBPF_TOOLCHAIN])
-                .arg(&cargo_fuzz)
-                .args(["fuzz", "run", target])
-                .arg(&corpus)
-                .arg(&seeds)
-                .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
-                .arg("-rss_limit_mb=2048")
-                .arg("-print_final_stats=1")
-                .current_dir(workspace),
-        )
-        .with_context(|| {
-            format!(
-                "fuzz target {target} failed: the input is in fuzz/artifacts/{target}/; \
-                 reproduce with `cargo +nightly fuzz run {target} <that file>`"
-            )
-        })?;
+        // libFuzzer reports every new input: that goes to a log file, and
+        // only its last lines are shown if the target fails.
+        let log_path = workspace.join("target").join(format!("fuzz-{target}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let status = Command::new("rustup")
+            .args(["run", EBPF_TOOLCHAIN])
+            .arg(&cargo_fuzz)
+            .args(["fuzz", "run", target])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-rss_limit_mb=2048")
+            .arg("-print_final_stats=1")
+            .current_dir(workspace)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("starting cargo-fuzz")?;
+        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if !status.success() {
+            let lines: Vec<&str> = output.lines().collect();
+            eprintln!("{}", lines[lines.len().saturating_sub(60)..].join("\n"));
+            bail!(
+                "fuzz target {target} failed ({status}; whole log: {}): the input is in \
+                 fuzz/artifacts/{target}/; reproduce with `cargo +nightly fuzz run {target} <that file>`",
+                log_path.display()
+            );
+        }
+        let runs = output
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units: "))
+            .unwrap_or("?");
         step(format!(
-            "fuzz target {target}: no crash in {:.0} s",
+            "fuzz target {target}: {runs} runs in {:.0} s, no crash",
             target_started.elapsed().as_secs_f64()
         ));
     }
