@@ -545,6 +545,49 @@ async fn h1_smuggling_shapes() {
 }
 
 #[tokio::test]
+async fn h1_obs_fold_and_bad_chunks_never_reach_the_upstream_whole() {
+    let upstream = spawn_h1_upstream().await;
+    let mut relay = spawn_relay(upstream.addr, L7Options::default()).await;
+    // A header folded onto a second line (obs-fold, RFC 9112 §5.2): rejected.
+    let raw = raw_exchange(
+        relay.addr,
+        b"GET /allowed HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&raw), [400], "{}", String::from_utf8_lossy(&raw));
+    assert!(relay.next_result().await.is_err());
+    // Too many header fields: refused before anything is forwarded.
+    let mut many = b"GET /allowed HTTP/1.1\r\nHost: a\r\n".to_vec();
+    for i in 0..500 {
+        many.extend(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    many.extend(b"\r\n");
+    let raw = raw_exchange(relay.addr, &many).await;
+    let answered = statuses(&raw);
+    assert!(
+        answered == [431] || answered == [400],
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(relay.next_result().await.is_err());
+    assert!(upstream.seen().is_empty());
+    // A chunk size that is not hex, after a valid head: the body is cut off
+    // there, the client gets no success, and the connection ends.
+    let raw = raw_exchange(
+        relay.addr,
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        !statuses(&raw).contains(&200),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let _ = relay.next_result().await;
+}
+
+#[tokio::test]
 async fn h1_slow_headers_are_cut_off() {
     let upstream = spawn_h1_upstream().await;
     let options = L7Options {
