@@ -72,6 +72,10 @@ pub struct Limits {
     /// included (default 4096).
     #[serde(default = "default_tunnel_connections")]
     pub tunnel_connections: u32,
+    /// Tunnel TLS handshakes in progress at once (default 256): handshakes
+    /// cost CPU, and a peer that stalls one holds it for `handshakeTimeout`.
+    #[serde(default = "default_pending_handshakes")]
+    pub pending_handshakes: u32,
 }
 
 impl Default for Limits {
@@ -79,6 +83,7 @@ impl Default for Limits {
         Self {
             connections_per_pod: default_connections_per_pod(),
             tunnel_connections: default_tunnel_connections(),
+            pending_handshakes: default_pending_handshakes(),
         }
     }
 }
@@ -89,6 +94,10 @@ fn default_connections_per_pod() -> u32 {
 
 fn default_tunnel_connections() -> u32 {
     4096
+}
+
+fn default_pending_handshakes() -> u32 {
+    256
 }
 
 fn default_drain_timeout() -> std::time::Duration {

@@ -30,6 +30,7 @@ impl Drop for Admitted {
 pub enum Limit {
     ConnectionsPerPod,
     TunnelConnections,
+    PendingHandshakes,
 }
 
 impl Limit {
@@ -37,6 +38,7 @@ impl Limit {
         match self {
             Limit::ConnectionsPerPod => "connections_per_pod",
             Limit::TunnelConnections => "tunnel_connections",
+            Limit::PendingHandshakes => "pending_handshakes",
         }
     }
 }
@@ -70,6 +72,7 @@ impl Admission {
             match limit {
                 Limit::ConnectionsPerPod => limits.connections_per_pod,
                 Limit::TunnelConnections => limits.tunnel_connections,
+                Limit::PendingHandshakes => limits.pending_handshakes,
             }
         } as usize;
         let admitted = open
@@ -86,7 +89,11 @@ impl Admission {
     }
 
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        for limit in [Limit::ConnectionsPerPod, Limit::TunnelConnections] {
+        for limit in [
+            Limit::ConnectionsPerPod,
+            Limit::TunnelConnections,
+            Limit::PendingHandshakes,
+        ] {
             // Exposed at 0 too, for alerts on any increase.
             self.refusals.with_label_values(&[limit.label()]);
         }

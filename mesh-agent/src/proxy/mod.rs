@@ -113,6 +113,8 @@ pub struct ProxyContext {
     pub tunnel_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// What may be open at once.
     pub admission: admission::Admission,
+    /// Tunnel TLS handshakes in progress now.
+    pending_handshakes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
@@ -143,6 +145,7 @@ impl ProxyContext {
             draining: tokio::sync::watch::Sender::new(false),
             tunnel_connections: Arc::default(),
             admission: admission::Admission::default(),
+            pending_handshakes: Arc::default(),
         }
     }
 
@@ -710,15 +713,22 @@ impl ProxyContext {
         let shutdown = async move {
             let _ = draining.wait_for(|draining| *draining).await;
         };
-        match tunnel::serve_connection_until(
-            tcp,
-            config,
-            self.mtls.handshake_timeout,
-            open,
-            shutdown,
-        )
-        .await
-        {
+        let Some(pending) = self.admission.admit(
+            admission::Limit::PendingHandshakes,
+            &self.pending_handshakes,
+        ) else {
+            tracing::debug!(pod = %pod.key, %peer, "too many tunnel handshakes in progress: reset");
+            reset(tcp);
+            return;
+        };
+        let served = async {
+            let (tls, peer_addr) = {
+                let _pending = pending;
+                tunnel::accept_tls(tcp, config, self.mtls.handshake_timeout).await?
+            };
+            tunnel::serve_tls(tls, peer_addr, open, shutdown).await
+        };
+        match served.await {
             Ok(()) => {}
             Err(ServeError::Handshake(err)) => {
                 let reason = tunnel_rejection_reason(&err);

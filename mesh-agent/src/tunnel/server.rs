@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::headers::{parse_authority, parse_forwarded_for};
 use super::pool::error_chain;
@@ -147,18 +147,44 @@ where
     O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Upstream, Rejection>> + Send,
 {
+    let (tls, peer_addr) = accept_tls(tcp, tls, handshake_timeout).await?;
+    serve_tls(tls, peer_addr, open, shutdown).await
+}
+
+/// The mutual-TLS handshake of a tunnel connection, within
+/// `handshake_timeout`: the first half of [`serve_connection`].
+pub async fn accept_tls(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+) -> Result<(TlsStream<TcpStream>, SocketAddr), ServeError> {
     let peer_addr = tcp.peer_addr().map_err(ServeError::Handshake)?;
     let _ = tcp.set_nodelay(true);
     let acceptor = TlsAcceptor::from(with_h2_alpn(tls));
     let accept = acceptor.accept(tcp).into_fallible();
-    let tls = match tokio::time::timeout(handshake_timeout, accept).await {
-        Err(_elapsed) => return Err(ServeError::HandshakeTimeout),
+    match tokio::time::timeout(handshake_timeout, accept).await {
+        Err(_elapsed) => Err(ServeError::HandshakeTimeout),
         Ok(Err((e, tcp))) => {
             tokio::spawn(lingering_close(tcp));
-            return Err(ServeError::Handshake(e));
+            Err(ServeError::Handshake(e))
         }
-        Ok(Ok(tls)) => tls,
-    };
+        Ok(Ok(tls)) => Ok((tls, peer_addr)),
+    }
+}
+
+/// HTTP/2 over an accepted TLS connection, one CONNECT stream after
+/// another, until the client goes or `shutdown` resolves (then GOAWAY):
+/// the second half of [`serve_connection`].
+pub async fn serve_tls<O, Fut>(
+    tls: TlsStream<TcpStream>,
+    peer_addr: SocketAddr,
+    open: O,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError>
+where
+    O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Upstream, Rejection>> + Send,
+{
     let peer_certificates: Arc<[CertificateDer<'static>]> = tls
         .get_ref()
         .1

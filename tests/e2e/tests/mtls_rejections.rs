@@ -303,3 +303,83 @@ fn connect_through_tunnel(
         })
     })
 }
+
+/// Peers that open the tunnel port and stall the handshake can hold at most
+/// `limits.pendingHandshakes` of them; beyond it a connection is reset at
+/// once and counted, and once they go the mesh's own traffic flows.
+#[test]
+fn stalled_handshakes_beyond_the_limit_are_reset_at_once() {
+    if !e2e_enabled("stalled_handshakes_beyond_the_limit_are_reset_at_once") {
+        return;
+    }
+    let topo = Topology::builder("mtls_pending")
+        .node("n1", &["a", "outsider"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, outsider, c) = (topo.pod("a"), topo.pod("outsider"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let _servers = traffic_servers(&[c], PORT);
+    let agents = mesh_e2e::mesh::start_mesh_with(
+        &topo,
+        &mesh_e2e::mesh::node_issuers(&topo, &ca).unwrap(),
+        "1h",
+        "limits: {pendingHandshakes: 2}\n",
+    )
+    .unwrap();
+    let agent2 = &agents[1];
+    let c_ip = c.ipv4();
+    // Two connections that never say anything hold the two handshakes.
+    let stall = format!(
+        r#"
+import socket, time
+held = [socket.create_connection(("{c_ip}", {TUNNEL}), timeout=5) for _ in range(2)]
+print("holding", flush=True)
+time.sleep(30)
+"#
+    );
+    let mut holder = outsider.spawn("python3", &["-c", &stall]).unwrap();
+    mesh_testbed::wait_until("the stalled handshakes", Duration::from_secs(10), || {
+        Ok(holder.stdout_so_far().contains("holding"))
+    })
+    .unwrap();
+    // The agent may accept them a moment after the client connected: wait
+    // until a third one is refused.
+    let third = format!(
+        r#"
+import socket, time
+c = socket.create_connection(("{c_ip}", {TUNNEL}), timeout=5)
+c.settimeout(3)
+started = time.monotonic()
+try:
+    got = c.recv(1)
+    print("closed" if not got else "answered", round(time.monotonic() - started, 3))
+except ConnectionResetError:
+    print("reset", round(time.monotonic() - started, 3))
+except socket.timeout:
+    print("held")
+"#
+    );
+    let refused = [("limit", "pending_handshakes")];
+    let mut said = String::new();
+    mesh_testbed::wait_until("a third handshake refused", Duration::from_secs(10), || {
+        let out = outsider
+            .run("python3", &["-c", &third], Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(said.starts_with("reset") || said.starts_with("closed"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {said}"));
+    let seconds: f64 = said.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(seconds < 1.0, "refused at once: {said}");
+    assert!(agent2.metric_sum("mesh_limit_refusals_total", &refused) >= 1);
+
+    // The stalled ones go: the mesh's own connection through the tunnel works.
+    holder.kill();
+    mesh_testbed::wait_until(
+        "a to reach c through the tunnel",
+        Duration::from_secs(15),
+        || Ok(bulk_upload(a, IpAddr::V4(c_ip), PORT, 64 * 1024).is_ok()),
+    )
+    .unwrap();
+}
