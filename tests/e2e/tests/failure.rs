@@ -319,3 +319,70 @@ fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
     .unwrap();
     chatty.kill();
 }
+
+/// The config directory misbehaving under a running agent: a file cut off
+/// mid-write, then the whole directory gone for a while. The last good
+/// configuration keeps serving, the error is reported with its file, and
+/// the agent follows the directory again once it is back.
+#[test]
+fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving() {
+    if !e2e_enabled("a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving")
+    {
+        return;
+    }
+    let topo = Topology::builder("cfgfault")
+        .node("n1", &["a", "b"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
+    let _server = TrafficServer::start(c, PORT).unwrap();
+    let agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a]), "").unwrap();
+    let c_ip = IpAddr::V4(c.ipv4());
+    echo_once(a, c_ip).unwrap();
+    let captured = |agent: &NodeAgent| agent.counters(a).unwrap().captured_outbound;
+    let before = captured(&agent);
+
+    // pods.yaml written in place and cut off half-way (no atomic rename).
+    let full = pods_yaml(&[a, b]);
+    let pods = agent.config_dir().join("pods.yaml");
+    std::fs::write(&pods, &full[..full.len() / 2 + 7]).unwrap();
+    wait_until(
+        "the truncated file to be rejected",
+        Duration::from_secs(10),
+        || Ok(agent.status()?.last_reload_error.is_some()),
+    )
+    .unwrap();
+    let status = agent.status().unwrap();
+    let error = status.last_reload_error.clone().unwrap();
+    assert!(error.contains("pods.yaml"), "{error}");
+    assert!(
+        status.pods.iter().all(|p| p.name == "a" && p.enrolled),
+        "the last good set serves: {:?}",
+        status.pods
+    );
+    echo_once(a, c_ip).unwrap();
+    assert!(captured(&agent) > before, "a is still captured");
+
+    // The whole directory gone, then back (an operator's mistake, a volume
+    // remount): still serving meanwhile, following it again afterwards.
+    let dir = agent.config_dir().to_path_buf();
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).unwrap();
+    echo_once(a, c_ip).unwrap();
+    assert_eq!(agent.get("/readyz").unwrap().0, 200);
+    std::fs::rename(&away, &dir).unwrap();
+    let generation = agent.status().unwrap().config_generation;
+    agent.write_pods(&full).unwrap();
+    agent
+        .wait_generation_after(generation)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+    let status = agent.status().unwrap();
+    assert!(status.last_reload_error.is_none(), "{status:?}");
+    assert!(
+        status.pods.iter().all(|p| p.enrolled) && status.pods.len() == 2,
+        "{:?}",
+        status.pods
+    );
+    echo_once(b, c_ip).unwrap();
+}
