@@ -92,7 +92,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use detect::{NotHttpReason, PrefixedIo, Protocol};
-pub use service::{DENIED_BODY, Forward, ResponseBody, local_response};
+pub use service::{DENIED_BODY, DeniedBy, Forward, ResponseBody, local_response};
 
 /// What the authorizer sees of one request.
 #[derive(Debug, Clone, Copy)]

@@ -26,6 +26,12 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 /// Body of the 403 answer (what Envoy/Istio send).
 pub const DENIED_BODY: &str = "RBAC: access denied";
 
+/// A response extension a [`Forward`] sets on a 403 it decided itself (e.g.
+/// by the policies of the endpoint it picked): the deciding policy, for the
+/// access log.
+#[derive(Debug, Clone)]
+pub struct DeniedBy(pub String);
+
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<Upstream, String>> + Send>>;
 
 /// Makes the upstream connection (once).
@@ -197,7 +203,11 @@ impl Relay {
             .map(|_| request.uri().path().to_owned())
             .unwrap_or_default();
         let (response, denied_by) = match self.check(request) {
-            Ok(request) => (self.forwarder.forward(request, self.protocol).await, None),
+            Ok(request) => {
+                let mut response = self.forwarder.forward(request, self.protocol).await;
+                let denied_by = response.extensions_mut().remove::<DeniedBy>().map(|d| d.0);
+                (response, denied_by)
+            }
             Err(refusal) => {
                 let denied_by = refusal.denied_by.clone();
                 (refusal.into_response(), denied_by)

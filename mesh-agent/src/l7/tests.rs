@@ -1050,3 +1050,72 @@ async fn closed_without_bytes_is_ok() {
     .await;
     assert_eq!(result.unwrap(), L7Stats::default());
 }
+
+// ---------------------------------------------------------------------------
+// What the access log is told
+
+/// Answers every request 403 as if the policies of the endpoint it picked
+/// had denied it.
+struct DenyingForward;
+
+impl Forward for DenyingForward {
+    fn forward(
+        &self,
+        _request: Request<Incoming>,
+        _downstream: Protocol,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<ResponseBody>> + Send + '_>>
+    {
+        Box::pin(async {
+            let mut response = local_response(StatusCode::FORBIDDEN, DENIED_BODY, false);
+            response
+                .extensions_mut()
+                .insert(DeniedBy("ns/endpoint-policy rule[0]".into()));
+            response
+        })
+    }
+}
+
+#[derive(Default)]
+struct Outcomes(Mutex<Vec<(u16, Option<String>)>>);
+
+impl RequestMetrics for Outcomes {
+    fn record(&self, outcome: &RequestOutcome<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((outcome.status, outcome.denied_by.map(str::to_owned)));
+    }
+}
+
+#[tokio::test]
+async fn a_deny_decided_by_the_forwarder_names_its_policy() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let outcomes = Arc::new(Outcomes::default());
+    let options = L7Options {
+        request_metrics: Some(RequestMetricsHandle(outcomes.clone())),
+        ..L7Options::default()
+    };
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        serve_with(
+            stream,
+            Arc::new(DenyingForward),
+            Arc::new(AllowAll),
+            test_normalize,
+            options,
+        )
+        .await
+    });
+    let raw = raw_exchange(
+        addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&raw), [403]);
+    let _ = tokio::time::timeout(BOUND, server).await.unwrap();
+    assert_eq!(
+        *outcomes.0.lock().unwrap(),
+        [(403, Some("ns/endpoint-policy rule[0]".to_string()))]
+    );
+}

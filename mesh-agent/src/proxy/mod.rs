@@ -1071,6 +1071,12 @@ fn tunnel_rejection_reason(err: &std::io::Error) -> String {
 
 fn tunnel_rejection_reason_anyhow(err: &anyhow::Error) -> String {
     for cause in err.chain() {
+        if let Some(refused) = cause.downcast_ref::<tunnel::PeerRefused>() {
+            return match refused.0.as_u16() {
+                403 => "denied_by_peer".to_string(),
+                _ => "refused_by_peer".to_string(),
+            };
+        }
         if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
             return crate::identity::classify_tls_error(tls)
                 .as_label()

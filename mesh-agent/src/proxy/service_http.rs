@@ -135,7 +135,10 @@ impl ServiceForwarder {
             {
                 drop(attempt);
                 tracing::debug!(service = %service.key, endpoint = %id, policy = by, "request denied");
-                return local_response(StatusCode::FORBIDDEN, crate::l7::DENIED_BODY, false);
+                let mut response =
+                    local_response(StatusCode::FORBIDDEN, crate::l7::DENIED_BODY, false);
+                response.extensions_mut().insert(crate::l7::DeniedBy(by));
+                return response;
             }
             let request_body = if replayable {
                 Either::Right(Full::new(Bytes::new()))

@@ -96,6 +96,13 @@ struct ClientInner {
     connect_timeout: Duration,
 }
 
+/// The peer's agent answered a CONNECT with something other than 200: `403`
+/// when the destination's policies deny the stream, `502`/`503` when it
+/// cannot reach the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("was answered with status {0}")]
+pub struct PeerRefused(pub StatusCode);
+
 enum ConnectFailure {
     /// The peer answered; retrying elsewhere would not help.
     Refused(anyhow::Error),
@@ -294,10 +301,9 @@ async fn send_connect(
         .map_err(connection_failed)?;
     let status = response.status();
     if status != StatusCode::OK {
-        return Err(ConnectFailure::Refused(anyhow!(
-            "{} was answered with status {status}",
-            what()
-        )));
+        return Err(ConnectFailure::Refused(
+            anyhow::Error::new(PeerRefused(status)).context(what()),
+        ));
     }
     hyper::upgrade::on(&mut response)
         .await

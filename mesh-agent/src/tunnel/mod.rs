@@ -25,7 +25,7 @@ mod tests;
 
 use std::time::Duration;
 
-pub use client::{PoolKey, TunnelClient, TunnelClientConfig, TunnelTarget};
+pub use client::{PeerRefused, PoolKey, TunnelClient, TunnelClientConfig, TunnelTarget};
 pub use headers::{format_authority, format_forwarded, parse_authority, parse_forwarded_for};
 pub use server::{
     ConnectRequest, Rejection, Relayed, ServeError, Upstream, accept_tls, serve_connection,

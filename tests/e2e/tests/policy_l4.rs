@@ -120,6 +120,17 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         "a deny log line on n2"
     );
     let n1 = agents[0].status().unwrap();
+    // On a's node, c's deny shows as what it is, not as a tunnel failure.
+    assert!(
+        n1.tunnel_rejections
+            .get("denied_by_peer")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+            && !n1.tunnel_rejections.contains_key("tunnel_failed"),
+        "{:?}",
+        n1.tunnel_rejections
+    );
     assert!(
         n1.authorization
             .iter()
