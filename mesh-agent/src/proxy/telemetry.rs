@@ -8,7 +8,9 @@ use prometheus::{IntCounterVec, Opts, core::Collector};
 
 use super::connections::{ConnectionRecord, Direction};
 
-const LABELS: [&str; 10] = [
+/// The labels naming both ends, shared by Istio's TCP and HTTP metrics (and
+/// in this order in [`ConnectionRequests::labels`]).
+const PEER_LABELS: [&str; 8] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
@@ -17,9 +19,16 @@ const LABELS: [&str; 10] = [
     "destination_workload_namespace",
     "destination_principal",
     "destination_service",
-    "connection_security_policy",
-    "response_flags",
 ];
+
+/// Istio's TCP metrics: the peers, then these.
+fn tcp_labels() -> Vec<&'static str> {
+    [
+        PEER_LABELS.as_slice(),
+        &["connection_security_policy", "response_flags"],
+    ]
+    .concat()
+}
 
 #[derive(Clone)]
 pub struct TcpTelemetry {
@@ -32,7 +41,7 @@ pub struct TcpTelemetry {
 impl Default for TcpTelemetry {
     fn default() -> Self {
         let counter = |name: &str, help: &str| {
-            IntCounterVec::new(Opts::new(name, help), &LABELS).expect("valid metric")
+            IntCounterVec::new(Opts::new(name, help), &tcp_labels()).expect("valid metric")
         };
         Self {
             opened: counter(
@@ -118,19 +127,18 @@ fn labels<'a>(record: &'a ConnectionRecord, flags: &'a str) -> [&'a str; 10] {
     ]
 }
 
-const REQUEST_LABELS: [&str; 11] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_service",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
-];
+/// Istio's HTTP metrics: the peers, then these.
+fn request_labels() -> Vec<&'static str> {
+    [
+        PEER_LABELS.as_slice(),
+        &[
+            "response_code",
+            "response_flags",
+            "connection_security_policy",
+        ],
+    ]
+    .concat()
+}
 
 /// Istio's standard HTTP metrics: `istio_requests_total`,
 /// `istio_request_duration_milliseconds`, `istio_request_bytes`,
@@ -148,7 +156,7 @@ impl Default for HttpTelemetry {
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             prometheus::HistogramVec::new(
                 prometheus::HistogramOpts::new(name, help).buckets(buckets),
-                &REQUEST_LABELS,
+                &request_labels(),
             )
             .expect("valid metric")
         };
@@ -161,7 +169,7 @@ impl Default for HttpTelemetry {
         Self {
             requests: IntCounterVec::new(
                 Opts::new("istio_requests_total", "HTTP requests"),
-                &REQUEST_LABELS,
+                &request_labels(),
             )
             .expect("valid metric"),
             duration: histogram(
