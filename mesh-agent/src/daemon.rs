@@ -534,5 +534,8 @@ fn raise_limits() {
             tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
         }
     }
-    tracing::debug!(nofile = nofile.rlim_cur, "file descriptor limit");
+    tracing::info!(
+        open_files = nofile.rlim_cur,
+        "file descriptor limit (each proxied connection takes one or two)"
+    );
 }

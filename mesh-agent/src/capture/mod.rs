@@ -378,8 +378,8 @@ async fn tunnel_accept_loop(listener: TcpListener, proxy: Arc<ProxyContext>, pod
                 });
             }
             Err(err) => {
-                tracing::warn!(pod = %pod.key, error = %err, "tunnel accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let pod = pod.key.to_string();
+                proxy.admission.accept_failed(&listener, &err, &pod).await;
             }
         }
     }
@@ -414,9 +414,8 @@ async fn accept_loop(
                 });
             }
             Err(err) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(pod = %pod.key, error = %err, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let pod = pod.key.to_string();
+                proxy.admission.accept_failed(&listener, &err, &pod).await;
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Limits on what is open at once: connections per pod, tunnel connections
-//! per node. Beyond a limit a new connection is reset at once and counted;
-//! the ones open are not touched.
+//! per node, and the process's file descriptors. Beyond a limit a new
+//! connection is reset at once and counted; the ones open are not touched.
 
 use std::sync::{
     Arc,
@@ -9,12 +9,17 @@ use std::sync::{
 
 use prometheus::{IntCounterVec, Opts, core::Collector};
 
+use super::descriptors::{self, DescriptorReserve};
 use crate::config::Limits;
 
 pub struct Admission {
     limits: std::sync::RwLock<Limits>,
     refusals: IntCounterVec,
+    descriptors: DescriptorReserve,
 }
+
+/// The refusal label of connections reset for want of a file descriptor.
+const FILE_DESCRIPTORS: &str = "file_descriptors";
 
 /// Held while one admitted connection lives.
 pub struct Admitted(Arc<AtomicUsize>);
@@ -55,6 +60,7 @@ impl Default for Admission {
                 &["limit"],
             )
             .expect("valid metric"),
+            descriptors: DescriptorReserve::default(),
         }
     }
 }
@@ -88,6 +94,41 @@ impl Admission {
         }
     }
 
+    /// An accept on `listener` (a listener of `pod`) failed. Out of file
+    /// descriptors, the waiting connection is reset with the reserve
+    /// descriptor and counted; otherwise the loop backs off a little
+    /// instead of spinning.
+    pub async fn accept_failed(
+        &self,
+        listener: &impl std::os::fd::AsFd,
+        err: &std::io::Error,
+        pod: &str,
+    ) {
+        if descriptors::is_exhaustion(err) && self.descriptors.reset_waiting(listener) {
+            self.refusals.with_label_values(&[FILE_DESCRIPTORS]).inc();
+            if self.descriptors.should_warn() {
+                tracing::warn!(pod, error = %err, "out of file descriptors: new connections are reset (counted as mesh_limit_refusals_total, limit file_descriptors)");
+            }
+            return;
+        }
+        if self.descriptors.should_warn() {
+            tracing::warn!(pod, error = %err, "accept failed");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    /// An upstream connection could not be made: if that was for want of a
+    /// file descriptor, it is counted as a refusal like the ones above.
+    pub fn count_if_out_of_descriptors(&self, err: &anyhow::Error) {
+        let exhausted = err
+            .chain()
+            .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+            .any(descriptors::is_exhaustion);
+        if exhausted {
+            self.refusals.with_label_values(&[FILE_DESCRIPTORS]).inc();
+        }
+    }
+
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         for limit in [
             Limit::ConnectionsPerPod,
@@ -97,6 +138,7 @@ impl Admission {
             // Exposed at 0 too, for alerts on any increase.
             self.refusals.with_label_values(&[limit.label()]);
         }
+        self.refusals.with_label_values(&[FILE_DESCRIPTORS]);
         vec![Box::new(self.refusals.clone())]
     }
 }

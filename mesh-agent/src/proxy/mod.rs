@@ -20,6 +20,7 @@
 pub mod admission;
 mod authz;
 pub mod connections;
+mod descriptors;
 pub mod http_pool;
 pub mod relay;
 mod service_http;
@@ -884,6 +885,7 @@ impl ProxyContext {
             }
             Err(err) => {
                 tracing::info!(pod = %record.pod, dst = %record.original_dst, error = format!("{err:#}"), "upstream connect failed; client reset");
+                self.admission.count_if_out_of_descriptors(&err);
                 // The client sees what it would have seen directly: a reset.
                 reset(downstream);
                 record.outcome = format!("upstream-failed: {err:#}");

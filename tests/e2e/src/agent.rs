@@ -61,6 +61,8 @@ pub struct NodeAgent<'t> {
     node: &'t Node,
     config_dir: PathBuf,
     process: Option<Process>,
+    /// RLIMIT_NOFILE (soft and hard) the agent is started with, if set.
+    open_file_limit: Option<u64>,
 }
 
 impl<'t> NodeAgent<'t> {
@@ -121,7 +123,14 @@ impl<'t> NodeAgent<'t> {
             node,
             config_dir,
             process: None,
+            open_file_limit: None,
         })
+    }
+
+    /// Agents started from now on may open at most `limit` file descriptors
+    /// (soft and hard RLIMIT_NOFILE, so the agent cannot raise it).
+    pub fn limit_open_files(&mut self, limit: u64) {
+        self.open_file_limit = Some(limit);
     }
 
     /// Starts the agent process without waiting for it to be ready.
@@ -153,6 +162,23 @@ impl<'t> NodeAgent<'t> {
             .arg("--config")
             .arg(&self.config_dir)
             .env("MESH_LOG", "info,mesh_ebpf=debug");
+        if let Some(limit) = self.open_file_limit {
+            use std::os::unix::process::CommandExt;
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads `rlimit`.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         self.node.spawn_with(cmd)
     }
 

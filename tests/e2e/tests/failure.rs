@@ -4,7 +4,11 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use mesh_e2e::{NodeAgent, pods_yaml};
+use mesh_e2e::{
+    NodeAgent,
+    mesh::{TestCa, node_issuers, start_mesh},
+    pods_yaml,
+};
 use mesh_testbed::{
     Pod, Process, Topology, e2e_enabled,
     traffic::{ConnectOutcome, TrafficServer, bulk_upload, connect_result},
@@ -386,3 +390,176 @@ fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving
     );
     echo_once(b, c_ip).unwrap();
 }
+
+/// Opens up to `count` echo connections to `ip:PORT` one after the other and
+/// keeps those that worked; prints `opened ok=.. failed=.. slow=..` (slow: a
+/// failure that took over 3 s). Once `go` exists it checks every kept one
+/// again and prints `rechecked ok=.. bad=..`.
+fn open_until_refused(pod: &Pod, ip: IpAddr, count: u32, go: &std::path::Path) -> Process {
+    let go = go.display();
+    let script = format!(
+        r#"
+import os, socket, time
+def echo(c, line):
+    c.sendall(line)
+    got = b""
+    while len(got) < len(line):
+        k = c.recv(64)
+        if not k:
+            raise OSError("closed")
+        got += k
+    if got != line:
+        raise OSError("got %r" % got)
+kept, failed, slow = [], 0, 0
+for i in range({count}):
+    t = time.monotonic()
+    try:
+        c = socket.create_connection(("{ip}", {PORT}), timeout=5)
+        c.settimeout(5)
+        c.sendall(b"ECHO\n")
+        echo(c, b"ping\n")
+        kept.append(c)
+    except OSError as e:
+        failed += 1
+        if time.monotonic() - t > 3:
+            slow += 1
+            print("slow failure %d after %.1f s: %s" % (i, time.monotonic() - t, e), flush=True)
+print("opened ok=%d failed=%d slow=%d" % (len(kept), failed, slow), flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists("{go}") and time.monotonic() < deadline:
+    time.sleep(0.05)
+bad = 0
+for c in kept:
+    try:
+        echo(c, b"again\n")
+    except OSError:
+        bad += 1
+print("rechecked ok=%d bad=%d" % (len(kept) - bad, bad), flush=True)
+time.sleep(60)
+"#
+    );
+    pod.spawn("python3", &["-c", &script]).unwrap()
+}
+
+/// A `key=value` count from a line the holder printed.
+fn printed_count(output: &str, line_start: &str, key: &str) -> Option<u32> {
+    let line = output.lines().find(|l| l.starts_with(line_start))?;
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(&format!("{key}=")))?
+        .parse()
+        .ok()
+}
+
+/// Opens connections from `pod` to `ip` until the agent runs out of
+/// descriptors, checks that each refusal was fast and that the connections
+/// already open carry on, then closes them and waits until new connections
+/// work again. Returns how many were refused.
+fn exhaust_descriptors(
+    topo: &Topology,
+    agent: &NodeAgent,
+    pod: &Pod,
+    ip: IpAddr,
+    phase: &str,
+) -> u32 {
+    let go = topo.tmp_dir().join(format!("fdlimit-go-{phase}"));
+    let mut holder = open_until_refused(pod, ip, FD_LIMIT as u32, &go);
+    wait_until("the holder's connections", Duration::from_secs(60), || {
+        Ok(holder.stdout_so_far().contains("opened"))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{phase}: {e:#}\n{}\nagent: {}",
+            holder.output_report(),
+            agent.log()
+        )
+    });
+    let out = holder.stdout_so_far();
+    eprintln!("{phase}: {out}");
+    let opened = printed_count(&out, "opened", "ok").unwrap();
+    let failed = printed_count(&out, "opened", "failed").unwrap();
+    let slow = printed_count(&out, "opened", "slow").unwrap();
+    assert!(
+        opened >= 20,
+        "{phase}: too few connections before exhaustion: {out}"
+    );
+    assert!(
+        failed >= 20,
+        "{phase}: the descriptors never ran out: {out}"
+    );
+    assert_eq!(slow, 0, "{phase}: refusals must be fast, not hang: {out}");
+
+    // Out of descriptors, the open connections still carry data.
+    std::fs::write(&go, "").unwrap();
+    wait_until("the recheck", Duration::from_secs(60), || {
+        Ok(holder.stdout_so_far().contains("rechecked"))
+    })
+    .unwrap_or_else(|e| panic!("{phase}: {e:#}\n{}", holder.output_report()));
+    let out = holder.stdout_so_far();
+    assert_eq!(
+        printed_count(&out, "rechecked", "bad"),
+        Some(0),
+        "{phase}: {out}"
+    );
+    assert_eq!(
+        printed_count(&out, "rechecked", "ok"),
+        Some(opened),
+        "{phase}: {out}"
+    );
+
+    holder.kill();
+    wait_until(
+        "new connections work again",
+        Duration::from_secs(20),
+        || Ok(echo_once(pod, ip).is_ok()),
+    )
+    .unwrap_or_else(|e| panic!("{phase}: {e:#}"));
+    failed
+}
+
+/// The agent out of file descriptors, both ways it can happen: with no
+/// descriptor for the upstream connection (a plain destination costs two per
+/// connection, so the accept takes the last one), and with none to accept
+/// (a tunnel destination costs one: its streams share a connection).
+#[test]
+fn running_out_of_file_descriptors_resets_new_connections_and_spares_open_ones() {
+    if !e2e_enabled("running_out_of_file_descriptors_resets_new_connections_and_spares_open_ones") {
+        return;
+    }
+    let topo = Topology::builder("fdlimit")
+        .node("n1", &["a", "b"])
+        .node("n2", &["c", "outsider"])
+        .build()
+        .unwrap();
+    let (a, b, c, outsider) = (
+        topo.pod("a"),
+        topo.pod("b"),
+        topo.pod("c"),
+        topo.pod("outsider"),
+    );
+    let _servers = [c, outsider].map(|p| TrafficServer::start(p, PORT).unwrap());
+    let ca = TestCa::new(&topo, "fdlimit").unwrap();
+    let issuers = node_issuers(&topo, &ca).unwrap();
+    let mut agents = start_mesh(&topo, &issuers, "1h").unwrap();
+    // n1's agent again, with room for its own descriptors and a few hundred
+    // connections; the per-pod limit is far above.
+    let agent = &mut agents[0];
+    agent.stop(Signal::SIGTERM).unwrap();
+    agent.limit_open_files(FD_LIMIT);
+    agent.restart().unwrap();
+
+    let refused_plain = exhaust_descriptors(&topo, agent, a, IpAddr::V4(outsider.ipv4()), "plain");
+    let refused_tunnel = exhaust_descriptors(&topo, agent, a, IpAddr::V4(c.ipv4()), "tunnel");
+    let counted = agent.metric_sum(
+        "mesh_limit_refusals_total",
+        &[("limit", "file_descriptors")],
+    );
+    assert!(
+        counted >= u64::from(refused_plain + refused_tunnel),
+        "{refused_plain} + {refused_tunnel} connections refused, {counted} counted as out of descriptors"
+    );
+    echo_once(b, IpAddr::V4(c.ipv4())).unwrap();
+    assert!(agent.status().unwrap().pods.iter().all(|p| p.enrolled));
+}
+
+/// RLIMIT_NOFILE of the agent in the descriptor test.
+const FD_LIMIT: u64 = 320;
