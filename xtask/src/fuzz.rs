@@ -33,6 +33,9 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Runs `targets` (all when empty) for `seconds` each.
 pub fn run(workspace: &Path, seconds: u32, targets: &[String]) -> Result<()> {
     let started = Instant::now();
+    // The targets link mesh-agent, whose build script needs the kernel
+    // programs (and so bpf-linker) built first.
+    setup::build_ebpf(workspace)?;
     let cargo_fuzz = ensure_cargo_fuzz(workspace)?;
     let chosen: Vec<&str> = if targets.is_empty() {
         TARGETS.to_vec()
