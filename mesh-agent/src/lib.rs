@@ -19,6 +19,7 @@ pub mod logging;
 pub mod mtls;
 pub mod policy;
 pub mod proxy;
+pub mod pump;
 pub mod services;
 pub mod state;
 pub mod status;

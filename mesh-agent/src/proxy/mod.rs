@@ -1039,26 +1039,26 @@ fn relay_outcome(outcome: RelayOutcome) -> &'static str {
 /// Relays between a captured connection and a tunnel stream. Half-close goes
 /// both ways (shutdown on EOF); an error on either side resets the client and
 /// drops the stream (which resets it in the tunnel).
-async fn relay_to_tunnel(mut downstream: TcpStream, mut upstream: TunnelStream) -> RelayStats {
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut downstream,
-        &mut upstream,
-        64 * 1024,
-        64 * 1024,
-    )
-    .await
-    {
-        Ok((sent, received)) => RelayStats {
+async fn relay_to_tunnel(mut downstream: TcpStream, upstream: TunnelStream) -> RelayStats {
+    let (mut sent, mut received) = (0u64, 0u64);
+    let (mut down_rd, mut down_wr) = downstream.split();
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    let result = tokio::try_join!(
+        crate::pump::pump(&mut down_rd, &mut up_wr, |n| sent += n as u64),
+        crate::pump::pump(&mut up_rd, &mut down_wr, |n| received += n as u64),
+    );
+    match result {
+        Ok(_) => RelayStats {
             downstream_to_upstream: sent,
             upstream_to_downstream: received,
             outcome: RelayOutcome::Closed,
         },
         Err(err) => {
-            tracing::debug!(error = %err, "tunnel relay ended with an error");
+            tracing::debug!(error = ?err, "tunnel relay ended with an error");
             reset(downstream);
             RelayStats {
-                downstream_to_upstream: 0,
-                upstream_to_downstream: 0,
+                downstream_to_upstream: sent,
+                upstream_to_downstream: received,
                 outcome: RelayOutcome::UpstreamReset,
             }
         }

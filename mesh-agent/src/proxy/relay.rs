@@ -32,8 +32,12 @@
 //!   same reason as above: the applications must not mistake it for an orderly
 //!   end.
 //!
-//! Both directions run as futures of the caller's task (no spawning), each with
-//! one fixed buffer of [`BUFFER_SIZE`] bytes allocated once per relay.
+//! Both directions run as futures of the caller's task (no spawning). Neither
+//! holds a buffer while idle: a read goes into a scratch buffer of
+//! [`BUFFER_SIZE`] bytes on the thread's stack and is written on at once;
+//! only what the other side cannot take yet is kept, on the heap, until it
+//! is written (see also `crate::pump`). Ten thousand idle connections cost
+//! their sockets and little else.
 
 use std::future::{self, Future};
 use std::io;
@@ -189,6 +193,16 @@ impl Activity {
     }
 }
 
+/// What one read brought.
+enum Forwarded {
+    /// Nothing to read after all, or all of it written on.
+    Nothing,
+    /// `from` ended.
+    End,
+    /// `to` took part of it: the rest, to write once it can.
+    AllBut(Vec<u8>),
+}
+
 /// One direction of the relay: bytes read from `from` are written to `to`.
 struct Direction<'a> {
     from: Peer<'a>,
@@ -215,8 +229,6 @@ async fn run(
         stream: &upstream,
         side: Side::Upstream,
     };
-    let mut buffers = vec![0u8; 2 * BUFFER_SIZE];
-    let (down_to_up_buffer, up_to_down_buffer) = buffers.split_at_mut(BUFFER_SIZE);
     let down_to_up = Direction {
         from: down,
         to: up,
@@ -232,8 +244,8 @@ async fn run(
         observer,
     };
     let result = relay_until_done(
-        down_to_up.pump(down_to_up_buffer),
-        up_to_down.pump(up_to_down_buffer),
+        down_to_up.pump(),
+        up_to_down.pump(),
         [down, up],
         &activity,
         idle_timeout,
@@ -288,42 +300,72 @@ async fn relay_until_done(
 
 impl Direction<'_> {
     /// Copies until EOF from `from`, then shuts down the write half of `to`.
-    async fn pump(self, buffer: &mut [u8]) -> Result<(), Abort> {
+    async fn pump(self) -> Result<(), Abort> {
         loop {
-            let read = read_some(self.from.stream, buffer)
+            self.from
+                .stream
+                .readable()
                 .await
                 .map_err(Abort::failed(self.from.side))?;
-            if read == 0 {
-                self.observer.finished(self.from.side == Side::Downstream);
-                return shut_down_writing(self.to.stream).map_err(Abort::failed(self.to.side));
+            match self.forward_now()? {
+                Forwarded::Nothing => {}
+                Forwarded::End => {
+                    self.observer.finished(self.from.side == Side::Downstream);
+                    return shut_down_writing(self.to.stream).map_err(Abort::failed(self.to.side));
+                }
+                Forwarded::AllBut(rest) => self
+                    .write_all(&rest)
+                    .await
+                    .map_err(Abort::failed(self.to.side))?,
             }
-            self.activity.touch();
-            self.write_all(&buffer[..read])
-                .await
-                .map_err(Abort::failed(self.to.side))?;
         }
+    }
+
+    /// Reads what is there into a scratch buffer on the stack and writes as
+    /// much of it as `to` takes now; returns the rest, if any.
+    fn forward_now(&self) -> Result<Forwarded, Abort> {
+        let mut scratch = [0u8; BUFFER_SIZE];
+        let read = match self.from.stream.try_read(&mut scratch) {
+            Err(error) if is_transient(&error) => return Ok(Forwarded::Nothing),
+            result => result.map_err(Abort::failed(self.from.side))?,
+        };
+        if read == 0 {
+            return Ok(Forwarded::End);
+        }
+        self.activity.touch();
+        let mut offset = 0;
+        while offset < read {
+            match self.to.stream.try_write(&scratch[offset..read]) {
+                Ok(0) => return Err(Abort::failed(self.to.side)(io::ErrorKind::WriteZero.into())),
+                Ok(written) => {
+                    offset += written;
+                    self.count(written);
+                }
+                Err(error) if is_transient(&error) => break,
+                Err(error) => return Err(Abort::failed(self.to.side)(error)),
+            }
+        }
+        Ok(if offset == read {
+            Forwarded::Nothing
+        } else {
+            Forwarded::AllBut(scratch[offset..read].to_vec())
+        })
+    }
+
+    fn count(&self, written: usize) {
+        let total = self.moved.fetch_add(written as u64, Ordering::Relaxed) + written as u64;
+        self.activity.touch();
+        self.observer
+            .forwarded(self.from.side == Side::Downstream, total);
     }
 
     async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             let written = write_some(self.to.stream, bytes).await?;
             bytes = &bytes[written..];
-            let total = self.moved.fetch_add(written as u64, Ordering::Relaxed) + written as u64;
-            self.activity.touch();
-            self.observer
-                .forwarded(self.from.side == Side::Downstream, total);
+            self.count(written);
         }
         Ok(())
-    }
-}
-
-async fn read_some(stream: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read(buffer) {
-            Err(error) if is_transient(&error) => continue,
-            result => return result,
-        }
     }
 }
 

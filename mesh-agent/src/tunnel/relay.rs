@@ -5,13 +5,10 @@ use std::net::SocketAddr;
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::server::{Relayed, Upstream};
-
-/// Large enough that one read fills several TLS records / h2 frames.
-const BUF_SIZE: usize = 128 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -127,15 +124,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let fail = |side| move |error| Failure { side, error };
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let n = r.read(&mut buf).await.map_err(fail(from))?;
-        if n == 0 {
-            w.shutdown().await.map_err(fail(to))?;
-            return Ok(());
-        }
-        w.write_all(&buf[..n]).await.map_err(fail(to))?;
-        *total += n as u64;
-    }
+    crate::pump::pump(r, w, |n| *total += n as u64)
+        .await
+        .map_err(|err| match err {
+            crate::pump::PumpError::Read(error) => Failure { side: from, error },
+            crate::pump::PumpError::Write(error) => Failure { side: to, error },
+        })
 }
