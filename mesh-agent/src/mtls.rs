@@ -125,6 +125,16 @@ impl Mtls {
         Ok(cfg)
     }
 
+    /// When `local`'s certificate in use now expires.
+    pub fn certificate_expiry(&self, local: &SpiffeId) -> Option<std::time::SystemTime> {
+        let manager = self.identities.as_ref()?;
+        manager
+            .certificates()
+            .into_iter()
+            .find(|c| &c.identity == local)
+            .map(|c| c.not_after)
+    }
+
     pub fn server_config(&self, local: &SpiffeId) -> Result<Arc<rustls::ServerConfig>> {
         let manager = self.identities.as_ref().ok_or_else(no_identity_source)?;
         let mut cache = self.server_configs.lock().expect("server config lock");

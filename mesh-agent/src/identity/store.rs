@@ -542,6 +542,12 @@ fn cert_info(id: &SpiffeId, der: &[u8], source: CertSource) -> Result<Certificat
     })
 }
 
+/// When a DER certificate stops being valid; `None` if it does not parse.
+pub fn not_after_of(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(to_system_time(cert.validity().not_after.timestamp()))
+}
+
 fn to_system_time(unix: i64) -> SystemTime {
     if unix >= 0 {
         UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())

@@ -976,6 +976,7 @@ impl ProxyContext {
             authority: dst,
             forwarded_for: source_ip,
             pool_key: PoolKey::new(pod.identity.to_string(), peer.identity.to_string(), gateway),
+            local_cert_expiry: self.mtls.certificate_expiry(&pod.identity),
         };
         let server_name = rustls_pki_types::ServerName::IpAddress(dst.ip().into());
         let dial_pod = pod.clone();

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, anyhow, bail};
 use http_body_util::Empty;
@@ -61,6 +61,9 @@ pub struct TunnelTarget {
     /// Original client, sent as `Forwarded: for=...`.
     pub forwarded_for: Option<IpAddr>,
     pub pool_key: PoolKey,
+    /// When the certificate we present expires: a pooled connection takes
+    /// no new stream past its own or the peer's certificate's expiry.
+    pub local_cert_expiry: Option<SystemTime>,
 }
 
 /// Tunables of [`TunnelClient`].
@@ -228,24 +231,35 @@ impl TunnelClient {
                 .connect(server_name, tcp)
                 .await
                 .with_context(|| format!("TLS handshake with HBONE gateway {gateway}"))?;
+            let peer_cert_expiry = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::identity::not_after_of(leaf));
             let (sender, connection) = h2_client_builder()
                 .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
                 .await
                 .with_context(|| format!("HTTP/2 handshake with HBONE gateway {gateway}"))?;
-            anyhow::Ok((sender, connection))
+            anyhow::Ok((sender, connection, peer_cert_expiry))
         };
-        let (sender, connection) = tokio::time::timeout(self.inner.connect_timeout, handshake)
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "connecting to HBONE gateway {gateway} timed out after {:?}",
-                    self.inner.connect_timeout
-                )
-            })??;
+        let (sender, connection, peer_cert_expiry) =
+            tokio::time::timeout(self.inner.connect_timeout, handshake)
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "connecting to HBONE gateway {gateway} timed out after {:?}",
+                        self.inner.connect_timeout
+                    )
+                })??;
+        let usable_until = match (target.local_cert_expiry, peer_cert_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(self
             .inner
             .pool
-            .insert(target.pool_key.clone(), sender, connection))
+            .insert(target.pool_key.clone(), sender, connection, usable_until))
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -52,6 +52,9 @@ pub(super) struct PooledConn {
     // The peer's SETTINGS_MAX_CONCURRENT_STREAMS, refreshed by the driver.
     peer_max_streams: AtomicUsize,
     closed: AtomicBool,
+    // No new stream from then on: a certificate of its handshake expires.
+    // The streams open carry on (TLS checks certificates at the handshake).
+    usable_until: Option<SystemTime>,
     // Why the connection ended, set by the driver before it drops the
     // connection (so before hyper fails the requests still pending on it).
     ended: watch::Sender<Option<String>>,
@@ -73,7 +76,11 @@ impl PooledConn {
     }
 
     fn usable(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && !self.sender.is_closed()
+        !self.closed.load(Ordering::Acquire)
+            && !self.sender.is_closed()
+            && self
+                .usable_until
+                .is_none_or(|until| SystemTime::now() < until)
     }
 
     /// Our own cap, lowered to the peer's SETTINGS_MAX_CONCURRENT_STREAMS.
@@ -136,6 +143,7 @@ impl Pool {
         key: PoolKey,
         sender: Sender,
         connection: Conn,
+        usable_until: Option<SystemTime>,
     ) -> (Arc<PooledConn>, StreamLease) {
         let conn = Arc::new(PooledConn {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
@@ -144,6 +152,7 @@ impl Pool {
             active: watch::Sender::new(0),
             peer_max_streams: AtomicUsize::new(connection.current_max_send_streams()),
             closed: AtomicBool::new(false),
+            usable_until,
             ended: watch::Sender::new(None),
         });
         let leased = {

@@ -281,6 +281,7 @@ fn target(
             dst_id,
             gateway,
         ),
+        local_cert_expiry: None,
     }
 }
 
@@ -450,6 +451,38 @@ async fn stream_limit_opens_another_connection() {
     streams.truncate(6);
     streams.push(connect(&client, &t, &tls).await.unwrap());
     assert_eq!(server.accepted(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_takes_no_new_stream_once_its_certificate_expired() {
+    let pki = Pki::new();
+    let opener = Opener::new(echo_upstream().await);
+    let server = Hbone::start(pki.server_config(), DEADLINE, opener.open()).await;
+    let client = TunnelClient::new(Duration::from_secs(60));
+    let tls = pki.client_config(true);
+    let mut t = target(server.addr, "10.0.0.1:80", None, "dst");
+    t.local_cert_expiry = Some(std::time::SystemTime::now() + Duration::from_millis(500));
+    let mut first = connect(&client, &t, &tls).await.unwrap();
+    let _second = connect(&client, &t, &tls).await.unwrap();
+    assert_eq!(
+        server.accepted(),
+        1,
+        "shared while the certificate is valid"
+    );
+
+    // Past the expiry: a new connection (whose handshake would then fail if
+    // nothing renewed the certificate); the open stream carries on.
+    wait_until("the certificate expired", || {
+        std::time::SystemTime::now() > t.local_cert_expiry.unwrap()
+    })
+    .await;
+    t.local_cert_expiry = None;
+    let _third = connect(&client, &t, &tls).await.unwrap();
+    assert_eq!(server.accepted(), 2, "a new connection after the expiry");
+    first.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    within("echo", first.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"still here");
 }
 
 // ---------------------------------------------------------------- 3. throughput

@@ -291,6 +291,7 @@ fn connect_through_tunnel(
                 authority,
                 forwarded_for: None,
                 pool_key: PoolKey::new(local, peer, gateway),
+                local_cert_expiry: None,
             };
             let name = rustls_pki_types::ServerName::IpAddress(gateway.ip().into());
             client
