@@ -18,6 +18,9 @@ pub struct AgentConfig<'a> {
     pub log: &'a str,
     /// Extra node.yaml lines (e.g. `fastPath: ...`).
     pub node_extra: &'a str,
+    /// Extra lines of the `identity.issuer` block, indented (e.g.
+    /// `    lifetime: 2m`).
+    pub issuer_extra: &'a str,
 }
 
 /// Writes the config directory: node.yaml (pins under the test bed's bpffs
@@ -37,13 +40,14 @@ pub fn start(
         extra_files,
         log,
         node_extra,
+        issuer_extra,
     } = *config;
     std::fs::create_dir_all(config_dir)?;
     let pin_dir = topo.bpffs_dir().join(node.name());
     std::fs::write(
         config_dir.join("node.yaml"),
         format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n{node_extra}",
+            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n{issuer_extra}{node_extra}",
             node.name(),
             pin_dir.display(),
             pki.join("ca.crt").display(),

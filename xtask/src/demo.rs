@@ -28,13 +28,13 @@ use crate::{
     setup, step,
 };
 
-const NAMESPACE: &str = "shop";
+pub(crate) const NAMESPACE: &str = "shop";
 const TRUST_DOMAIN: &str = "cluster.local";
 /// The backend service: its VIP and port, and the backends' own port.
-const BACKEND_VIP: &str = "10.96.0.10";
-const BACKEND_VIP_PORT: u16 = 80;
-const HTTP_PORT: u16 = 8080;
-const DB_PORT: u16 = 5432;
+pub(crate) const BACKEND_VIP: &str = "10.96.0.10";
+pub(crate) const BACKEND_VIP_PORT: u16 = 80;
+pub(crate) const HTTP_PORT: u16 = 8080;
+pub(crate) const DB_PORT: u16 = 5432;
 /// GET /api/... requests the frontend sends through the service.
 const API_REQUESTS: usize = 20;
 /// ... over this many connections at the same time.
@@ -88,7 +88,7 @@ fn mesh_name(pod: &Pod) -> &'static str {
     workload(pod.name()).name
 }
 
-const BACKEND_POLICY: &str = "apiVersion: security.istio.io/v1
+pub(crate) const BACKEND_POLICY: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: backend-from-frontend, namespace: shop}
 spec:
@@ -248,7 +248,7 @@ pub fn run(workspace: &Path) -> Result<()> {
     let mut agents = Vec::new();
     for node in topo.nodes() {
         let agent_started = Instant::now();
-        let agent = start_agent(&agent_bin, node, &topo, &pki)?;
+        let agent = start_agent(&agent_bin, node, &topo, &pki, "")?;
         println!(
             "    agent on {} ready in {} ms (pid {})",
             node.name(),
@@ -490,7 +490,7 @@ impl Demo<'_> {
 }
 
 /// Checks python3 is there: every server and client in the pods is one.
-fn which_python() -> Result<()> {
+pub(crate) fn which_python() -> Result<()> {
     let found = std::process::Command::new("python3")
         .arg("--version")
         .output()
@@ -503,7 +503,7 @@ fn which_python() -> Result<()> {
     Ok(())
 }
 
-fn start_http_server(pod: &Pod) -> Result<Process> {
+pub(crate) fn start_http_server(pod: &Pod) -> Result<Process> {
     let port = HTTP_PORT.to_string();
     let server = pod.spawn("python3", &["-c", HTTP_SERVER, mesh_name(pod), &port])?;
     mesh_testbed::wait_until(
@@ -752,7 +752,13 @@ fn print_rows(rows: &[Row]) {
 /// Starts the agent of `node`, enrolling its pods; the other nodes' pods are
 /// mesh workloads, reached through mTLS. node1 also gets the backend service;
 /// each node gets the policies of its own pods.
-fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<Process> {
+pub(crate) fn start_agent(
+    bin: &Path,
+    node: &Node,
+    topo: &Topology,
+    pki: &Path,
+    issuer_extra: &str,
+) -> Result<Process> {
     let mut pods = String::from("pods:\n");
     for pod in node.pods() {
         let w = workload(pod.name());
@@ -821,6 +827,7 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<P
         extra_files: &extra,
         log: "info",
         node_extra: &format!("trustDomain: {TRUST_DOMAIN}\ndrainTimeout: 2s\n"),
+        issuer_extra,
     };
     agents::start(bin, topo, node, pki, &config)
 }
@@ -828,7 +835,7 @@ fn start_agent(bin: &Path, node: &Node, topo: &Topology, pki: &Path) -> Result<P
 /// Stops the agents as a node would (SIGTERM: they drain and detach their
 /// programs, `onStop: release`) and says how that went; one that does not
 /// exit in time is killed when dropped (teardown removes its pins anyway).
-fn stop_agents(topo: &Topology, agents: &mut [Process]) {
+pub(crate) fn stop_agents(topo: &Topology, agents: &mut [Process]) {
     let started = Instant::now();
     for agent in agents.iter_mut() {
         // Only while it runs (`try_status` reaps it otherwise), by its own pid.
@@ -865,7 +872,7 @@ fn stop_agents(topo: &Topology, agents: &mut [Process]) {
     }
 }
 
-fn admin_get(node: &Node, path: &str) -> Result<String> {
+pub(crate) fn admin_get(node: &Node, path: &str) -> Result<String> {
     let (code, body) = node.http_get(ADMIN.parse()?, path)?;
     if code != 200 {
         bail!("{path} on {} answered {code}: {body}", node.name());

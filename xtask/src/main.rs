@@ -10,6 +10,7 @@ mod ebpf_build;
 mod fuzz;
 mod pki;
 mod setup;
+mod soak;
 mod test;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -47,6 +48,15 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// The demo's mesh under a steady mixed load (HTTP and TCP, cross-node and
+    /// same-node) with policy reloads and certificate rotations every minute,
+    /// sampling the agents' RSS and descriptors; fails on any failure or
+    /// growth. Needs root; not part of `test`.
+    Soak {
+        /// How long the load runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
+    },
     /// Run the fuzz targets (fuzz/, cargo-fuzz with libFuzzer and
     /// AddressSanitizer; nightly). `cargo xtask test` runs each for 20 s.
     Fuzz {
@@ -67,6 +77,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
         Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
         Task::Fuzz { seconds, targets } => fuzz::run(&workspace, seconds, &targets),
+        Task::Soak { minutes } => soak::run(&workspace, minutes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -646,6 +646,7 @@ fn idle_agent_with_pods_and_policies(
         extra_files: &extra,
         log: "warn",
         node_extra: "",
+        issuer_extra: "",
     };
     let agent = agents::start(&tools.agent, &topo, node, &pki, &config)?;
     let pid = agent.pid();
@@ -1097,6 +1098,7 @@ fn start_agent(
         extra_files: &[],
         log: "warn",
         node_extra,
+        issuer_extra: "",
     };
     agents::start(bin, topo, node, pki, &config)
 }
