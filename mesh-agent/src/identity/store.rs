@@ -316,7 +316,9 @@ impl IdentityManager {
         let mut failures = Vec::new();
         for (id, h) in &held {
             let result = match (h.info.source, h.renew_after) {
-                (CertSource::Minted, Some(at)) if now >= at => {
+                // Also when the clock went back before the certificate's
+                // start: peers would take it for one not yet valid.
+                (CertSource::Minted, Some(at)) if now >= at || now < h.info.not_before => {
                     self.obtain(id, issuer.as_deref(), &bundle).map(Some)
                 }
                 (CertSource::File, _) => self.reload_file_if_changed(id, h, &bundle),
