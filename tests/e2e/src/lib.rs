@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod echo;
 pub mod kernel;
 pub mod load;
 pub mod mesh;

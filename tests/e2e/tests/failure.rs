@@ -6,6 +6,7 @@ use std::{net::IpAddr, time::Duration};
 
 use mesh_e2e::{
     NodeAgent,
+    echo::{echo_once, start_chatty_connection},
     mesh::{TestCa, node_issuers, start_mesh},
     pods_yaml,
 };
@@ -39,33 +40,6 @@ time.sleep({secs})
     holder
 }
 
-/// A connection that keeps exchanging lines; exits non-zero when it breaks.
-fn start_chatty_connection(pod: &Pod, ip: IpAddr) -> Process {
-    let script = format!(
-        r#"
-import socket, sys, time
-s = socket.create_connection(("{ip}", {PORT}), timeout=5)
-s.settimeout(5)
-s.sendall(b"ECHO\n")
-print("connected", flush=True)
-for i in range(100000):
-    try:
-        s.sendall(b"x\n")
-        if s.recv(2) != b"x\n":
-            sys.exit("broken after %d" % i)
-    except OSError as e:
-        sys.exit("broken after %d: %s" % (i, e))
-    time.sleep(0.01)
-"#
-    );
-    let p = pod.spawn("python3", &["-c", &script]).unwrap();
-    wait_until("the chatty connection", Duration::from_secs(10), || {
-        Ok(p.stdout_so_far().contains("connected"))
-    })
-    .unwrap();
-    p
-}
-
 #[test]
 fn a_stopped_agent_means_refused_connections_and_a_restarted_one_serves_again() {
     if !e2e_enabled("a_stopped_agent_means_refused_connections_and_a_restarted_one_serves_again") {
@@ -88,7 +62,7 @@ fn a_stopped_agent_means_refused_connections_and_a_restarted_one_serves_again() 
         connect_result(a, c_ip, PORT).unwrap(),
         ConnectOutcome::Connected
     );
-    let chatty = start_chatty_connection(a, c_ip);
+    let chatty = start_chatty_connection(a, c_ip, PORT);
 
     agent.stop(Signal::SIGTERM).unwrap();
     // Open connections went with the agent (documented: no drain yet).
@@ -142,7 +116,7 @@ fn a_killed_agent_leaves_pods_captured_and_a_restart_recovers() {
     let _server = TrafficServer::start(c, PORT).unwrap();
     let mut agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a]).unwrap();
     let c_ip = IpAddr::V4(c.ipv4());
-    let mut chatty = start_chatty_connection(a, c_ip);
+    let mut chatty = start_chatty_connection(a, c_ip, PORT);
 
     agent.kill().unwrap();
     let out = chatty.wait_with_deadline(Duration::from_secs(10)).unwrap();
@@ -245,27 +219,6 @@ fn a_second_agent_on_the_same_pinned_state_that_cannot_take_over_refuses_to_star
     assert!(agent.status().unwrap().pods.iter().all(|p| p.enrolled));
 }
 
-/// One connection to the traffic server's echo: `Ok` if the line came back.
-fn echo_once(pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
-    let script = format!(
-        r#"
-import socket
-c = socket.create_connection(("{ip}", {PORT}), timeout=5)
-c.settimeout(5)
-c.sendall(b"ECHO\nping\n")
-got = b""
-while len(got) < 5:
-    k = c.recv(64)
-    if not k:
-        break
-    got += k
-assert got == b"ping\n", got
-"#
-    );
-    pod.run("python3", &["-c", &script], Duration::from_secs(10))
-        .map(|_| ())
-}
-
 #[test]
 fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
     if !e2e_enabled("a_pods_connection_limit_resets_new_connections_and_spares_open_ones") {
@@ -288,7 +241,7 @@ fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
     let c_ip = IpAddr::V4(c.ipv4());
     // Four of a's connections open: three idle, one busy.
     let mut holder = hold_connections(a, c_ip, 3, 30);
-    let mut chatty = start_chatty_connection(a, c_ip);
+    let mut chatty = start_chatty_connection(a, c_ip, PORT);
     let active = [("direction", "outbound")];
     wait_until(
         "a's four connections in the agent",
@@ -299,7 +252,7 @@ fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
 
     // A fifth is reset at once, and counted.
     let started = std::time::Instant::now();
-    let fifth = echo_once(a, c_ip);
+    let fifth = echo_once(a, c_ip, PORT);
     assert!(fifth.is_err(), "the fifth connection must fail");
     assert!(started.elapsed() < Duration::from_secs(5), "refused fast");
     let refused = [("limit", "connections_per_pod")];
@@ -308,7 +261,7 @@ fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
     })
     .unwrap();
     // Another pod is not limited by a's share.
-    echo_once(b, c_ip).unwrap();
+    echo_once(b, c_ip, PORT).unwrap();
     // The open ones carry on.
     assert!(
         chatty.try_status().unwrap().is_none(),
@@ -318,7 +271,7 @@ fn a_pods_connection_limit_resets_new_connections_and_spares_open_ones() {
 
     holder.kill();
     wait_until("room for a again", Duration::from_secs(10), || {
-        Ok(echo_once(a, c_ip).is_ok())
+        Ok(echo_once(a, c_ip, PORT).is_ok())
     })
     .unwrap();
     chatty.kill();
@@ -343,7 +296,7 @@ fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving
     let _server = TrafficServer::start(c, PORT).unwrap();
     let agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a]), "").unwrap();
     let c_ip = IpAddr::V4(c.ipv4());
-    echo_once(a, c_ip).unwrap();
+    echo_once(a, c_ip, PORT).unwrap();
     let captured = |agent: &NodeAgent| agent.counters(a).unwrap().captured_outbound;
     let before = captured(&agent);
 
@@ -365,7 +318,7 @@ fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving
         "the last good set serves: {:?}",
         status.pods
     );
-    echo_once(a, c_ip).unwrap();
+    echo_once(a, c_ip, PORT).unwrap();
     assert!(captured(&agent) > before, "a is still captured");
 
     // The whole directory gone, then back (an operator's mistake, a volume
@@ -373,7 +326,7 @@ fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving
     let dir = agent.config_dir().to_path_buf();
     let away = dir.with_extension("away");
     std::fs::rename(&dir, &away).unwrap();
-    echo_once(a, c_ip).unwrap();
+    echo_once(a, c_ip, PORT).unwrap();
     assert_eq!(agent.get("/readyz").unwrap().0, 200);
     std::fs::rename(&away, &dir).unwrap();
     let generation = agent.status().unwrap().config_generation;
@@ -388,7 +341,7 @@ fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving
         "{:?}",
         status.pods
     );
-    echo_once(b, c_ip).unwrap();
+    echo_once(b, c_ip, PORT).unwrap();
 }
 
 /// Opens up to `count` echo connections to `ip:PORT` one after the other and
@@ -510,7 +463,7 @@ fn exhaust_descriptors(
     wait_until(
         "new connections work again",
         Duration::from_secs(20),
-        || Ok(echo_once(pod, ip).is_ok()),
+        || Ok(echo_once(pod, ip, PORT).is_ok()),
     )
     .unwrap_or_else(|e| panic!("{phase}: {e:#}"));
     failed
@@ -557,7 +510,7 @@ fn running_out_of_file_descriptors_resets_new_connections_and_spares_open_ones()
         counted >= u64::from(refused_plain + refused_tunnel),
         "{refused_plain} + {refused_tunnel} connections refused, {counted} counted as out of descriptors"
     );
-    echo_once(b, IpAddr::V4(c.ipv4())).unwrap();
+    echo_once(b, IpAddr::V4(c.ipv4()), PORT).unwrap();
     assert!(agent.status().unwrap().pods.iter().all(|p| p.enrolled));
 }
 

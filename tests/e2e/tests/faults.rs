@@ -11,68 +11,13 @@ use std::{
 
 use mesh_e2e::{
     NodeAgent,
+    echo::{assert_still_going, echo_once, start_chatty_connection},
     mesh::{TestCa, pod_identity, workloads_yaml},
     pods_yaml,
 };
-use mesh_testbed::{Node, Pod, Process, Topology, e2e_enabled, traffic::TrafficServer, wait_until};
+use mesh_testbed::{Node, Pod, Topology, e2e_enabled, traffic::TrafficServer, wait_until};
 
 const PORT: u16 = 7400;
-
-/// A connection that keeps exchanging lines; exits non-zero when it breaks.
-fn start_chatty_connection(pod: &Pod, ip: IpAddr) -> Process {
-    let script = format!(
-        r#"
-import socket, sys, time
-s = socket.create_connection(("{ip}", {PORT}), timeout=5)
-s.settimeout(5)
-s.sendall(b"ECHO\n")
-print("connected", flush=True)
-for i in range(100000):
-    try:
-        s.sendall(b"x\n")
-        if s.recv(2) != b"x\n":
-            sys.exit("broken after %d" % i)
-    except OSError as e:
-        sys.exit("broken after %d: %s" % (i, e))
-    time.sleep(0.01)
-"#
-    );
-    let p = pod.spawn("python3", &["-c", &script]).unwrap();
-    wait_until("the chatty connection", Duration::from_secs(10), || {
-        Ok(p.stdout_so_far().contains("connected"))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", p.output_report()));
-    p
-}
-
-/// One connection to the traffic server's echo: `Ok` if the line came back.
-fn echo_once(pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
-    let script = format!(
-        r#"
-import socket
-c = socket.create_connection(("{ip}", {PORT}), timeout=5)
-c.settimeout(5)
-c.sendall(b"ECHO\nping\n")
-got = b""
-while len(got) < 5:
-    k = c.recv(64)
-    if not k:
-        break
-    got += k
-assert got == b"ping\n", got
-"#
-    );
-    pod.run("python3", &["-c", &script], Duration::from_secs(10))
-        .map(|_| ())
-}
-
-fn assert_still_going(p: &mut Process, what: &str) {
-    assert!(
-        p.try_status().unwrap().is_none(),
-        "{what} broke: {}",
-        p.output_report()
-    );
-}
 
 /// Whether the node-side end of a pod's veth (`p<k>`, k counting the node's
 /// pods from 1) is still there: it goes when the pod's namespace is freed.
@@ -105,8 +50,8 @@ fn a_pod_namespace_deleted_under_open_connections_is_let_go() {
     let _server = TrafficServer::start(c, PORT).unwrap();
     let agent = NodeAgent::start(&topo, n1, &pods_yaml(&[a, b]), "").unwrap();
     let c_ip = IpAddr::V4(c.ipv4());
-    let mut a_chatty = start_chatty_connection(a, c_ip);
-    let mut b_chatty = start_chatty_connection(b, c_ip);
+    let mut a_chatty = start_chatty_connection(a, c_ip, PORT);
+    let mut b_chatty = start_chatty_connection(b, c_ip, PORT);
     let outbound = [("direction", "outbound")];
     wait_until(
         "both connections in the agent",
@@ -130,7 +75,7 @@ fn a_pod_namespace_deleted_under_open_connections_is_let_go() {
     })
     .unwrap();
     assert_still_going(&mut b_chatty, "b's connection");
-    echo_once(b, c_ip).unwrap();
+    echo_once(b, c_ip, PORT).unwrap();
 
     // a leaves the config: the agent lets go of its namespace.
     let generation = agent.status().unwrap().config_generation;
@@ -148,7 +93,7 @@ fn a_pod_namespace_deleted_under_open_connections_is_let_go() {
         )
     });
     assert_still_going(&mut b_chatty, "b's connection");
-    echo_once(b, c_ip).unwrap();
+    echo_once(b, c_ip, PORT).unwrap();
     assert!(agent.status().unwrap().pods.iter().all(|p| p.enrolled));
 }
 
@@ -218,8 +163,8 @@ fn a_certificate_expiring_under_an_open_connection() {
         );
     }
     let c_ip = IpAddr::V4(c.ipv4());
-    echo_once(a, c_ip).unwrap();
-    let mut chatty = start_chatty_connection(a, c_ip);
+    echo_once(a, c_ip, PORT).unwrap();
+    let mut chatty = start_chatty_connection(a, c_ip, PORT);
 
     // Past the expiry.
     let now = SystemTime::now();
@@ -232,7 +177,7 @@ fn a_certificate_expiring_under_an_open_connection() {
     let expired = [("reason", "expired")];
     let rejected_before = agents[1].metric_sum("mesh_tunnel_rejections_total", &expired);
     assert!(
-        echo_once(a, c_ip).is_err(),
+        echo_once(a, c_ip, PORT).is_err(),
         "a new connection with an expired certificate must fail"
     );
     wait_until(
@@ -257,7 +202,7 @@ fn a_certificate_expiring_under_an_open_connection() {
     wait_until(
         "connections with the new certificate",
         Duration::from_secs(30),
-        || Ok(echo_once(a, c_ip).is_ok()),
+        || Ok(echo_once(a, c_ip, PORT).is_ok()),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", agents[0].log()));
     assert_still_going(&mut chatty, "the connection opened before the expiry");
