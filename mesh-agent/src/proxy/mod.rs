@@ -540,9 +540,11 @@ impl ProxyContext {
         if let Some(service) = service.as_ref().filter(|s| s.protocol != PortProtocol::Tcp) {
             // An HTTP port: an endpoint per request, not per connection.
             record.upstream = format!("service:{}", service.key);
-            let (outcome, failed) = self
-                .serve_service_http(downstream, pod, service.clone())
-                .await;
+            // Boxed, here and below: the state of the HTTP paths is large, and
+            // would otherwise be reserved in every connection's future,
+            // idle TCP relays included.
+            let (outcome, failed) =
+                Box::pin(self.serve_service_http(downstream, pod, service.clone())).await;
             record.outcome = outcome;
             record.duration_ms = started.elapsed().as_millis() as u64;
             self.connections.record(record, failed);
@@ -580,9 +582,10 @@ impl ProxyContext {
             let source_ip = pod.addr_like(dst.ip());
             if self.needs_http(&target) {
                 let source = Some(pod.identity.clone());
-                let (outcome, failed) = self
-                    .serve_http(downstream, target, source, source_ip, source_ip, dst)
-                    .await;
+                let (outcome, failed) = Box::pin(
+                    self.serve_http(downstream, target, source, source_ip, source_ip, dst),
+                )
+                .await;
                 record.outcome = outcome;
                 record.duration_ms = started.elapsed().as_millis() as u64;
                 self.connections.record(record, failed);
@@ -597,7 +600,9 @@ impl ProxyContext {
                 return;
             }
             splice_into = Some(target.netns_cookie);
-            self.connect_inside(&target, dst).await.map(Upstream::Tcp)
+            Box::pin(self.connect_inside(&target, dst))
+                .await
+                .map(Upstream::Tcp)
         } else if let Some(peer) = endpoint_peer.or_else(|| self.mtls.remote_peer(dst.ip())) {
             record.upstream = format!("tunnel:{}", peer.key);
             record.peer_identity = Some(peer.identity.to_string());
@@ -607,23 +612,25 @@ impl ProxyContext {
                 record.peers.destination_namespace = namespace.to_string();
             }
             record.security = "mutual_tls".to_string();
-            self.connect_tunnel(&pod, &peer, dst)
+            Box::pin(self.connect_tunnel(&pod, &peer, dst))
                 .await
                 .map(Upstream::Tunnel)
         } else {
             record.upstream = "direct".to_string();
-            self.connect_from(&pod, dst).await.map(Upstream::Tcp)
+            Box::pin(self.connect_from(&pod, dst))
+                .await
+                .map(Upstream::Tcp)
         };
         let failed = match (splice_into, upstream) {
             (Some(server_netns), Ok(Upstream::Tcp(tcp))) => {
-                self.finish_local(
+                Box::pin(self.finish_local(
                     record,
                     started,
                     downstream,
                     pod.netns_cookie,
                     tcp,
                     server_netns,
-                )
+                ))
                 .await
             }
             (_, upstream) => self.finish(record, started, downstream, upstream).await,
@@ -649,16 +656,15 @@ impl ProxyContext {
         record.upstream = format!("pod:{}", pod.key);
         // Plaintext from outside the mesh: no principal, no namespace.
         if self.needs_http(&pod) {
-            let (outcome, failed) = self
-                .serve_http(
-                    downstream,
-                    pod.clone(),
-                    None,
-                    client.ip(),
-                    client.ip(),
-                    original_dst,
-                )
-                .await;
+            let (outcome, failed) = Box::pin(self.serve_http(
+                downstream,
+                pod.clone(),
+                None,
+                client.ip(),
+                client.ip(),
+                original_dst,
+            ))
+            .await;
             record.outcome = outcome;
             record.duration_ms = started.elapsed().as_millis() as u64;
             self.connections.record(record, failed);
@@ -873,9 +879,10 @@ impl ProxyContext {
         let failed = match upstream {
             Ok(upstream) => {
                 self.telemetry.opened(&record);
+                // Each relay boxed: a connection's future holds the one it runs.
                 let stats = match upstream {
-                    Upstream::Tcp(tcp) => relay(downstream, tcp).await,
-                    Upstream::Tunnel(stream) => relay_to_tunnel(downstream, stream).await,
+                    Upstream::Tcp(tcp) => Box::pin(relay(downstream, tcp)).await,
+                    Upstream::Tunnel(stream) => Box::pin(relay_to_tunnel(downstream, stream)).await,
                 };
                 record.bytes_sent = stats.downstream_to_upstream;
                 record.bytes_received = stats.upstream_to_downstream;
