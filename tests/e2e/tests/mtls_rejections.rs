@@ -384,3 +384,61 @@ except socket.timeout:
     )
     .unwrap();
 }
+
+/// TLS 1.3 has no renegotiation (TLS 1.2, which has, is refused above); its
+/// post-handshake counterpart is KeyUpdate. A client with a valid
+/// certificate that floods KeyUpdate requests (openssl s_client's `K`) must
+/// not hurt the agent: it stays up, its memory bounded, and a good client is
+/// served meanwhile.
+#[test]
+fn a_key_update_flood_does_no_harm() {
+    if !e2e_enabled("a_key_update_flood_does_no_harm") {
+        return;
+    }
+    let topo = Topology::builder("keyupdate")
+        .node("n1", &["a", "outsider"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, outsider, c) = (topo.pod("a"), topo.pod("outsider"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let _servers = traffic_servers(&[c], PORT);
+    let issuers = mesh_e2e::mesh::node_issuers(&topo, &ca).unwrap();
+    let agents = mesh_e2e::mesh::start_mesh(&topo, &issuers, "1h").unwrap();
+    let server_agent = &agents[1];
+    let c_ip = IpAddr::V4(c.ipv4());
+    let tester = SpiffeId::new("cluster.local", "default", "tester").unwrap();
+    let (cert, key) = ca.issue_valid_files(&tester).unwrap();
+    let rss = || {
+        let pid = server_agent.pid().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let script = format!(
+        "yes K | head -n 20000 | timeout 30 openssl s_client -connect {c_ip}:{TUNNEL} -tls1_3 -alpn h2 -cert {} -key {} -no_ign_eof 2>&1 | tail -n 5; echo exit=$?",
+        cert.display(),
+        key.display()
+    );
+    let mut flood = outsider.spawn("sh", &["-c", &script]).unwrap();
+    // Meanwhile a good client is served.
+    for _ in 0..5 {
+        bulk_upload(a, c_ip, PORT, 1 << 20).unwrap();
+    }
+    let out = flood
+        .wait_with_deadline(Duration::from_secs(40))
+        .unwrap_or_else(|e| panic!("the flood did not end: {e:#}"));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    eprintln!("openssl: {printed}");
+    let after = rss();
+    assert!(
+        after < before + 50 * 1024,
+        "the agent's RSS went from {before} to {after} KiB"
+    );
+    assert!(server_agent.status().unwrap().ready);
+    bulk_upload(a, c_ip, PORT, 1 << 20).unwrap();
+}
