@@ -33,8 +33,8 @@
 //!   end.
 //!
 //! Both directions run as futures of the caller's task (no spawning). Neither
-//! holds a buffer while idle: a read goes into a scratch buffer of
-//! [`BUFFER_SIZE`] bytes on the thread's stack and is written on at once;
+//! holds a buffer while idle: a read goes into the thread's scratch buffer of
+//! [`BUFFER_SIZE`] bytes and is written on at once;
 //! only what the other side cannot take yet is kept, on the heap, until it
 //! is written (see also `crate::pump`). Ten thousand idle connections cost
 //! their sockets and little else.
@@ -193,6 +193,14 @@ impl Activity {
     }
 }
 
+thread_local! {
+    /// The read buffer of every relay on this thread, zeroed once: relays
+    /// hold no buffer of their own while idle, and a fresh zeroed one per
+    /// read would cost a 64 KiB memset each time.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; BUFFER_SIZE].into_boxed_slice());
+}
+
 /// What one read brought.
 enum Forwarded {
     /// Nothing to read after all, or all of it written on.
@@ -321,11 +329,14 @@ impl Direction<'_> {
         }
     }
 
-    /// Reads what is there into a scratch buffer on the stack and writes as
+    /// Reads what is there into the thread's scratch buffer and writes as
     /// much of it as `to` takes now; returns the rest, if any.
     fn forward_now(&self) -> Result<Forwarded, Abort> {
-        let mut scratch = [0u8; BUFFER_SIZE];
-        let read = match self.from.stream.try_read(&mut scratch) {
+        SCRATCH.with_borrow_mut(|scratch| self.forward_through(&mut scratch[..]))
+    }
+
+    fn forward_through(&self, scratch: &mut [u8]) -> Result<Forwarded, Abort> {
+        let read = match self.from.stream.try_read(scratch) {
             Err(error) if is_transient(&error) => return Ok(Forwarded::Nothing),
             result => result.map_err(Abort::failed(self.from.side))?,
         };
