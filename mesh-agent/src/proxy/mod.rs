@@ -957,6 +957,12 @@ impl ProxyContext {
         } else {
             IpAddr::V4(Ipv4Addr::from(AGENT_SOURCE_IPV4))
         };
+        // The port is chosen at connect, not at bind: every connection into
+        // the pod leaves from this one address, and a port picked at bind
+        // must be free of every other socket on it (TIME_WAIT included), so
+        // a few tens of thousands of connections a minute would run out.
+        // Chosen at connect it only has to make the 4-tuple unique.
+        bind_address_no_port(&socket);
         socket
             .bind(SocketAddr::new(source, 0))
             .with_context(|| format!("binding {source} in {}", target.key))?;
@@ -1024,6 +1030,23 @@ impl ProxyContext {
             .with_context(|| format!("connecting to {dst}"))?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+/// IP_BIND_ADDRESS_NO_PORT (Linux 4.2): bind(addr, 0) leaves the port to
+/// connect(). Best effort: without it, bind picks the port as before.
+fn bind_address_no_port(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
