@@ -783,6 +783,18 @@ impl ProxyContext {
             .ok_or_else(|| "no client certificate".to_string())
             .and_then(|der| spiffe_id_of(der.as_ref()))
             .map_err(|e| Rejection::Forbidden(format!("client identity: {e}")))?;
+        // A connection can outlive the certificate it was made with: no new
+        // stream past its expiry, the client must handshake again.
+        if request
+            .peer_certificate_expiry
+            .is_some_and(|until| std::time::SystemTime::now() > until)
+        {
+            self.mtls.count_rejection("expired");
+            tracing::warn!(peer = %peer_identity, peer_addr = %request.peer_addr, "CONNECT on a connection whose client certificate has expired refused");
+            return Err(Rejection::Unauthorized(format!(
+                "the certificate of {peer_identity} on this connection has expired"
+            )));
+        }
         let Some(target) = self.local_pod(request.authority.ip()) else {
             self.mtls.count_rejection("connect_not_a_local_pod");
             tracing::warn!(authority = %request.authority, peer = %peer_identity, "CONNECT to an address that is not a pod of this node refused");

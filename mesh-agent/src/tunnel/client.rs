@@ -252,16 +252,23 @@ impl TunnelClient {
                         self.inner.connect_timeout
                     )
                 })??;
+        // A little before the expiry: the peer refuses streams past it
+        // (401), and its clock and the way there are not ours.
         let usable_until = match (target.local_cert_expiry, peer_cert_expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
+        }
+        .map(|expiry| expiry - EXPIRY_MARGIN);
         Ok(self
             .inner
             .pool
             .insert(target.pool_key.clone(), sender, connection, usable_until))
     }
 }
+
+/// How long before a certificate's expiry its pooled connection stops
+/// taking new streams.
+pub(super) const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 
 fn h2_client_builder() -> hyper::client::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());

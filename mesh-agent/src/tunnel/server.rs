@@ -39,6 +39,9 @@ pub struct ConnectRequest {
     pub peer_certificates: Vec<CertificateDer<'static>>,
     /// The TCP peer (the remote node or pod).
     pub peer_addr: SocketAddr,
+    /// When the peer's certificate expires: TLS checked it at the handshake
+    /// only, and the connection may outlive it.
+    pub peer_certificate_expiry: Option<std::time::SystemTime>,
 }
 
 /// Why `open` refused a stream; each maps to the status ztunnel uses.
@@ -47,6 +50,9 @@ pub enum Rejection {
     /// 400.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// 401: the client's certificate has expired since the handshake.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     /// 403: policy denied it.
     #[error("forbidden: {0}")]
     Forbidden(String),
@@ -59,6 +65,7 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Rejection::Forbidden(_) => StatusCode::FORBIDDEN,
             Rejection::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -193,11 +200,25 @@ where
         .iter()
         .map(|c| c.clone().into_owned())
         .collect();
+    let peer_certificate_expiry = peer_certificates
+        .first()
+        .and_then(|leaf| crate::identity::not_after_of(leaf));
 
     let service = service_fn(move |req| {
         let open = open.clone();
         let peer_certificates = peer_certificates.clone();
-        async move { Ok::<_, Infallible>(handle_stream(req, open, &peer_certificates, peer_addr).await) }
+        async move {
+            Ok::<_, Infallible>(
+                handle_stream(
+                    req,
+                    open,
+                    &peer_certificates,
+                    peer_certificate_expiry,
+                    peer_addr,
+                )
+                .await,
+            )
+        }
     });
     let connection = h2_server_builder().serve_connection(TokioIo::new(tls), service);
     let mut connection = std::pin::pin!(connection);
@@ -216,6 +237,7 @@ async fn handle_stream<O, Fut>(
     mut req: Request<Incoming>,
     open: O,
     peer_certificates: &[CertificateDer<'static>],
+    peer_certificate_expiry: Option<std::time::SystemTime>,
     peer_addr: SocketAddr,
 ) -> Response<Empty<Bytes>>
 where
@@ -246,6 +268,7 @@ where
         forwarded_for,
         peer_certificates: peer_certificates.to_vec(),
         peer_addr,
+        peer_certificate_expiry,
     };
     let upstream = match open(request).await {
         Ok(upstream) => upstream,

@@ -442,3 +442,100 @@ fn a_key_update_flood_does_no_harm() {
     assert!(server_agent.status().unwrap().ready);
     bulk_upload(a, c_ip, PORT, 1 << 20).unwrap();
 }
+
+/// TLS checks the client's certificate at the handshake only. A client that
+/// keeps its connection open past its certificate's expiry (our own clients
+/// dial again; a hostile one need not) gets no new stream on it: 401,
+/// counted as `expired`.
+#[test]
+fn no_new_stream_on_a_connection_whose_client_certificate_expired() {
+    if !e2e_enabled("no_new_stream_on_a_connection_whose_client_certificate_expired") {
+        return;
+    }
+    let topo = Topology::builder("oldconn")
+        .node("n1", &["outsider"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (outsider, c) = (topo.pod("outsider"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let _servers = traffic_servers(&[c], PORT);
+    let issuer = NodeIssuer::new(&topo, topo.node("n2"), &ca.ca, &[&ca.ca]).unwrap();
+    let agent = NodeAgent::start_with(
+        &topo,
+        topo.node("n2"),
+        &pods_yaml(&[c]),
+        &issuer.node_yaml("1h"),
+        &[("workloads.yaml", workloads_yaml(&[], None))],
+    )
+    .unwrap();
+    let tester = SpiffeId::new("cluster.local", "default", "tester").unwrap();
+    // A certificate of 3 seconds, never renewed.
+    let issuer_dir = ca.dir.join("short-issuer");
+    std::fs::create_dir_all(&issuer_dir).unwrap();
+    std::fs::write(issuer_dir.join("ca.crt"), &ca.ca.cert_pem).unwrap();
+    std::fs::write(issuer_dir.join("ca.key"), &ca.ca.key_pem).unwrap();
+    let manager = Arc::new(
+        IdentityManager::new(
+            "cluster.local",
+            IdentitySource::Issuer {
+                cert: issuer_dir.join("ca.crt"),
+                key: issuer_dir.join("ca.key"),
+                trust_bundle: None,
+                lifetime: Duration::from_secs(3),
+                renew_at: 1.0,
+            },
+        )
+        .unwrap(),
+    );
+    manager.ensure(std::slice::from_ref(&tester)).unwrap();
+    let tls = manager.client_config(&tester, &pod_identity(c)).unwrap();
+    let gateway = SocketAddr::new(IpAddr::V4(c.ipv4()), TUNNEL);
+    let authority = SocketAddr::new(IpAddr::V4(c.ipv4()), PORT);
+    let pool_key = PoolKey::new(tester.to_string(), pod_identity(c).to_string(), gateway);
+    let expired_before = agent
+        .status()
+        .unwrap()
+        .tunnel_rejections
+        .get("expired")
+        .copied()
+        .unwrap_or(0);
+    let (first, second) = outsider.in_netns(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = TunnelClient::new(Duration::from_secs(60));
+            // No expiry given: this client keeps using its pooled connection.
+            let target = TunnelTarget {
+                gateway,
+                authority,
+                forwarded_for: None,
+                pool_key,
+                local_cert_expiry: None,
+            };
+            let name = rustls_pki_types::ServerName::IpAddress(gateway.ip().into());
+            let open = || {
+                client.connect(&target, tls.clone(), name.clone(), || {
+                    tokio::net::TcpStream::connect(gateway)
+                })
+            };
+            let first = open().await.map_err(|e| format!("{e:#}"));
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let second = open().await.map(|_| ()).map_err(|e| format!("{e:#}"));
+            (first.map(drop), second)
+        })
+    });
+    first.expect("the first stream, while the certificate is valid");
+    let err = second.expect_err("a new stream past the certificate's expiry must be refused");
+    assert!(err.contains("401"), "{err}");
+    let expired_after = agent
+        .status()
+        .unwrap()
+        .tunnel_rejections
+        .get("expired")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(expired_after, expired_before + 1);
+}
