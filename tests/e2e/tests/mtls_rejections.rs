@@ -249,17 +249,15 @@ fn the_tunnel_refuses_bad_peers_and_counts_each_refusal() {
     let _ = ConnectOutcome::Connected;
 }
 
-/// Opens one HBONE stream with our own tunnel client, from `from`'s namespace,
-/// as `local` (certificate minted from `ca`), expecting the server to be `peer`.
-fn connect_through_tunnel(
-    from: &Pod,
+/// A client TLS config as `local` towards `peer`, with a certificate minted
+/// from `ca` for `lifetime` (and never renewed).
+fn client_tls(
     ca: &TestCa,
     local: &SpiffeId,
     peer: &SpiffeId,
-    gateway: SocketAddr,
-    authority: SocketAddr,
-) -> Result<(), String> {
-    let issuer_dir = ca.dir.join("tester-issuer");
+    lifetime: Duration,
+) -> Arc<rustls::ClientConfig> {
+    let issuer_dir = ca.dir.join(format!("tester-issuer-{}", lifetime.as_secs()));
     std::fs::create_dir_all(&issuer_dir).unwrap();
     std::fs::write(issuer_dir.join("ca.crt"), &ca.ca.cert_pem).unwrap();
     std::fs::write(issuer_dir.join("ca.key"), &ca.ca.key_pem).unwrap();
@@ -270,14 +268,27 @@ fn connect_through_tunnel(
                 cert: issuer_dir.join("ca.crt"),
                 key: issuer_dir.join("ca.key"),
                 trust_bundle: None,
-                lifetime: Duration::from_secs(3600),
-                renew_at: 0.5,
+                lifetime,
+                renew_at: 1.0,
             },
         )
         .unwrap(),
     );
     manager.ensure(std::slice::from_ref(local)).unwrap();
-    let tls = manager.client_config(local, peer).unwrap();
+    manager.client_config(local, peer).unwrap()
+}
+
+/// Opens one HBONE stream with our own tunnel client, from `from`'s namespace,
+/// as `local` (certificate minted from `ca`), expecting the server to be `peer`.
+fn connect_through_tunnel(
+    from: &Pod,
+    ca: &TestCa,
+    local: &SpiffeId,
+    peer: &SpiffeId,
+    gateway: SocketAddr,
+    authority: SocketAddr,
+) -> Result<(), String> {
+    let tls = client_tls(ca, local, peer, Duration::from_secs(3600));
     let (local, peer) = (local.to_string(), peer.to_string());
     from.in_netns(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -471,25 +482,7 @@ fn no_new_stream_on_a_connection_whose_client_certificate_expired() {
     .unwrap();
     let tester = SpiffeId::new("cluster.local", "default", "tester").unwrap();
     // A certificate of 3 seconds, never renewed.
-    let issuer_dir = ca.dir.join("short-issuer");
-    std::fs::create_dir_all(&issuer_dir).unwrap();
-    std::fs::write(issuer_dir.join("ca.crt"), &ca.ca.cert_pem).unwrap();
-    std::fs::write(issuer_dir.join("ca.key"), &ca.ca.key_pem).unwrap();
-    let manager = Arc::new(
-        IdentityManager::new(
-            "cluster.local",
-            IdentitySource::Issuer {
-                cert: issuer_dir.join("ca.crt"),
-                key: issuer_dir.join("ca.key"),
-                trust_bundle: None,
-                lifetime: Duration::from_secs(3),
-                renew_at: 1.0,
-            },
-        )
-        .unwrap(),
-    );
-    manager.ensure(std::slice::from_ref(&tester)).unwrap();
-    let tls = manager.client_config(&tester, &pod_identity(c)).unwrap();
+    let tls = client_tls(&ca, &tester, &pod_identity(c), Duration::from_secs(3));
     let gateway = SocketAddr::new(IpAddr::V4(c.ipv4()), TUNNEL);
     let authority = SocketAddr::new(IpAddr::V4(c.ipv4()), PORT);
     let pool_key = PoolKey::new(tester.to_string(), pod_identity(c).to_string(), gateway);
