@@ -127,12 +127,7 @@ impl Mtls {
 
     /// When `local`'s certificate in use now expires.
     pub fn certificate_expiry(&self, local: &SpiffeId) -> Option<std::time::SystemTime> {
-        let manager = self.identities.as_ref()?;
-        manager
-            .certificates()
-            .into_iter()
-            .find(|c| &c.identity == local)
-            .map(|c| c.not_after)
+        self.identities.as_ref()?.expiry_of(local)
     }
 
     pub fn server_config(&self, local: &SpiffeId) -> Result<Arc<rustls::ServerConfig>> {

@@ -362,6 +362,12 @@ impl IdentityManager {
         self.read().certs.values().map(|h| h.info.clone()).collect()
     }
 
+    /// When the certificate held for `id` expires (a lookup, no copies: it
+    /// is asked on every tunnelled connection).
+    pub fn expiry_of(&self, id: &SpiffeId) -> Option<SystemTime> {
+        self.read().certs.get(id).map(|h| h.info.not_after)
+    }
+
     fn obtain(&self, id: &SpiffeId, issuer: Option<&Ca>, bundle: &TrustBundle) -> Result<HeldCert> {
         let held = match (&self.source, issuer) {
             (IdentitySource::Files { dir, .. }, _) => {
