@@ -7,14 +7,13 @@ use anyhow::{Context, Result, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    admin,
+    admin, apply,
     capture::Enroller,
-    config::{self, Config, OnStop, mesh::IdentityConfig, watch::ConfigWatch},
+    config::{self, OnStop, mesh::IdentityConfig},
     ebpf::{KernelPrograms, LoadOptions, bpffs},
     handover, logging,
     mtls::Mtls,
     proxy::ProxyContext,
-    services::ServiceTable,
     state::AgentState,
 };
 
@@ -38,7 +37,7 @@ impl handover::Handing for Handing {
         // From here the successor owns the kernel state: configuration
         // changes are its to apply.
         self.state.set_handing_over(true);
-        let mut enroller = self.state.enroller.lock().expect("enroller lock");
+        let mut enroller = self.state.enroller.lock();
         enroller.programs.release_pin_lock();
         let mut offer = enroller.offer();
         offer.admin = self.admin_socket.try_clone().ok();
@@ -46,7 +45,7 @@ impl handover::Handing for Handing {
     }
 
     fn resume(&mut self) {
-        let mut enroller = self.state.enroller.lock().expect("enroller lock");
+        let mut enroller = self.state.enroller.lock();
         match enroller.programs.retake_pin_lock() {
             Ok(()) => self.state.set_handing_over(false),
             Err(err) => tracing::error!(
@@ -95,7 +94,6 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         node.tunnel.idle_timeout,
         node.tunnel.handshake_timeout,
     )?);
-    mtls.set_remote_workloads(&config.workloads)?;
     match &mtls.identities {
         Some(ids) => {
             tracing::info!(trust_domain = %node.trust_domain, roots = ids.trust_bundle_len(), "workload identities ready")
@@ -119,17 +117,6 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     proxy.admission.set_limits(node.limits);
     proxy.fast_path = Some(Arc::new(fast_path));
     let proxy = Arc::new(proxy);
-    let policies = config
-        .policies()
-        .map_err(|e| anyhow!("invalid policy: {e}"))?;
-    tracing::info!(policies = policies.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
-    proxy.set_policies(policies.compile(&node.root_namespace));
-    proxy.set_services(ServiceTable::build(
-        &config.services,
-        &node.name,
-        &node.trust_domain,
-        None,
-    )?);
     let mut enroller = Enroller::new(programs, proxy.clone());
     if let Some(inherited) = &mut inherited {
         tracing::info!(
@@ -137,21 +124,6 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             "an agent runs on this node: taking over its listeners"
         );
         enroller.adopt(std::mem::take(&mut inherited.pods));
-    }
-    enroller.reconcile(&config.pods);
-    let released = enroller.programs.release_inherited();
-    if released > 0 {
-        tracing::info!(
-            released,
-            "released pods an earlier agent enrolled that are no longer configured"
-        );
-    }
-    let unadopted = enroller.close_unadopted();
-    if unadopted > 0 {
-        tracing::info!(
-            pods = unadopted,
-            "closed handed-over listeners of pods no longer configured"
-        );
     }
     let map_gauges = enroller.programs.map_gauges().unwrap_or_else(|err| {
         tracing::warn!(
@@ -166,21 +138,17 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             config_dir.to_path_buf(),
             enroller,
             proxy.clone(),
-            config.clone(),
+            node.clone(),
         )
         .with_map_gauges(map_gauges),
     );
+    tracing::info!(policies = config.policies.set.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
+    apply::apply(&state, config).context("applying the configuration")?;
+    state.set_reload_result(None);
+    release_what_was_not_taken_over(&state);
     state.metrics.register(proxy.telemetry.collectors());
     state.metrics.register(proxy.http_telemetry.collectors());
     state.metrics.register(proxy.admission.collectors());
-    state
-        .config_generation
-        .store(1, std::sync::atomic::Ordering::SeqCst);
-    state
-        .metrics
-        .config_reloads
-        .with_label_values(&["ok"])
-        .inc();
 
     let listener = match inherited.as_mut().and_then(|i| i.admin.take()) {
         Some(fd) => {
@@ -196,8 +164,9 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     // Watching starts before the agent says it is ready, and the first pass
     // compares the files with what was loaded: a change made at any time
     // after the load is seen.
-    let watch = ConfigWatch::start(&state.config_dir);
-    let watch_task = tokio::spawn(follow_config(state.clone(), config, watch));
+    let (updates, received) = tokio::sync::mpsc::channel(1);
+    let source_task = tokio::spawn(config::source::run(state.config_dir.clone(), updates));
+    let watch_task = tokio::spawn(follow_source(state.clone(), received));
     let sweep_task = tokio::spawn(sweep_stale_records(proxy.clone()));
     let trim_task = tokio::spawn(return_freed_memory());
     let identity_task = tokio::spawn(keep_identities_fresh(mtls.clone(), node.identity.clone()));
@@ -241,11 +210,12 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     // `drainTimeout` to finish. After a handover the listeners (the admin
     // API's too) are the new agent's: this one only stops accepting on them.
     watch_task.abort();
+    source_task.abort();
     state.set_ready(false);
     if handed_over {
         admin_task.abort();
     }
-    state.enroller.lock().expect("enroller lock").stop_serving();
+    state.enroller.lock().stop_serving();
     proxy.start_draining();
     drain(&proxy, node.drain_timeout).await;
     if handed_over {
@@ -260,7 +230,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     for task in [admin_task, sweep_task, identity_task, trim_task] {
         task.abort();
     }
-    let mut enroller = state.enroller.lock().expect("enroller lock");
+    let mut enroller = state.enroller.lock();
     if handed_over {
         tracing::info!("kernel programs stay attached: they are the new agent's");
         return Ok(());
@@ -277,93 +247,51 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Applies every valid change of the configuration directory; an invalid one is
-/// reported (file, line, field) and the last good configuration keeps serving.
-async fn follow_config(
+/// After the first apply: pods and listeners an earlier agent had that
+/// are no longer wanted go.
+fn release_what_was_not_taken_over(state: &AgentState) {
+    let mut enroller = state.enroller.lock();
+    let released = enroller.programs.release_inherited();
+    if released > 0 {
+        tracing::info!(
+            released,
+            "released pods an earlier agent enrolled that are no longer configured"
+        );
+    }
+    let unadopted = enroller.close_unadopted();
+    if unadopted > 0 {
+        tracing::info!(
+            pods = unadopted,
+            "closed handed-over listeners of pods no longer configured"
+        );
+    }
+}
+
+/// Applies every desired state the source sends, whole or not at all; a
+/// refused or failed one is reported and the last good state keeps serving.
+async fn follow_source(
     state: Arc<AgentState>,
-    mut current: Config,
-    watch: anyhow::Result<ConfigWatch>,
+    mut updates: tokio::sync::mpsc::Receiver<crate::desired::Update>,
 ) {
-    let mut watch = match watch {
-        Ok(watch) => watch,
-        Err(err) => {
-            tracing::error!(
-                error = format!("{err:#}"),
-                "configuration changes will NOT be followed"
-            );
-            return;
-        }
-    };
-    let mut first_pass = true;
-    while std::mem::take(&mut first_pass) || watch.changed().await {
+    use crate::desired::Update;
+    while let Some(update) = updates.recv().await {
         if state.handing_over() {
             tracing::warn!(
                 "configuration change not applied: a new agent is taking over and applies it"
             );
             continue;
         }
-        match config::load_dir(&state.config_dir) {
-            Ok(new) if new == current => {
-                // Back to what is running (e.g. a bad edit undone): nothing to
-                // apply, but the files are valid again.
-                *state.last_reload_error.lock().expect("reload error lock") = None;
-            }
-            Ok(new) => {
-                if new.node != current.node {
+        match update {
+            Update::Desired(desired) => {
+                let pending = state.pending_node.read().clone();
+                if desired.node != state.node_config() && pending.as_ref() != Some(&desired.node) {
                     tracing::warn!(
-                        "node.yaml changed: node settings apply at the next restart; pods apply now"
+                        "node.yaml changed: node settings apply at the next restart (shown as pending in /config_dump); the rest applies now"
                     );
                 }
-                match new.policies() {
-                    Ok(policies) => {
-                        tracing::info!(policies = policies.len(), "authorization policies applied");
-                        state
-                            .proxy
-                            .set_policies(policies.compile(&current.node.root_namespace));
-                    }
-                    Err(err) => tracing::error!(error = %err, "policies not applied"),
-                }
-                let previous = state.proxy.services();
-                match ServiceTable::build(
-                    &new.services,
-                    &current.node.name,
-                    &current.node.trust_domain,
-                    Some(&previous),
-                ) {
-                    Ok(services) => state.proxy.set_services(services),
-                    Err(err) => tracing::error!(error = format!("{err:#}"), "services not applied"),
-                }
-                if let Err(err) = state.proxy.mtls.set_remote_workloads(&new.workloads) {
-                    tracing::error!(error = format!("{err:#}"), "workloads not applied");
-                }
-                state
-                    .enroller
-                    .lock()
-                    .expect("enroller lock")
-                    .reconcile(&new.pods);
-                let generation = state
-                    .config_generation
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                    + 1;
-                *state.last_reload_error.lock().expect("reload error lock") = None;
-                state
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["ok"])
-                    .inc();
-                tracing::info!(generation, pods = new.pods.len(), "configuration reloaded");
-                *state.config.write().expect("config lock") = Arc::new(new.clone());
-                current = new;
+                apply::reload(&state, *desired);
             }
-            Err(err) => {
-                tracing::error!(error = %err, "configuration change rejected; the previous configuration keeps serving");
-                *state.last_reload_error.lock().expect("reload error lock") = Some(err.to_string());
-                state
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["failed"])
-                    .inc();
-            }
+            Update::Rejected(reason) => apply::rejected(&state, reason),
         }
     }
 }

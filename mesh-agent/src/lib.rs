@@ -6,11 +6,13 @@
 //! running agent) -> `admin` (health, readiness, metrics, status).
 
 pub mod admin;
+pub mod apply;
 pub mod balance;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod desired;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;

@@ -3,17 +3,17 @@
 //! tunnel to them. Same-node traffic never needs it (it does not leave the
 //! node); it keeps the source identity for policy.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow};
 
 use crate::{
-    config::{RemoteWorkload, mesh::IdentityConfig},
+    config::mesh::IdentityConfig,
     identity::{IdentityManager, IdentitySource, SpiffeId},
     tunnel::TunnelClient,
 };
@@ -35,7 +35,6 @@ pub struct Mtls {
     pub identities: Option<Arc<IdentityManager>>,
     pub tunnel: TunnelClient,
     pub handshake_timeout: Duration,
-    remote: RwLock<HashMap<IpAddr, Arc<RemotePeer>>>,
     client_configs: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<rustls::ClientConfig>>>,
     server_configs: Mutex<HashMap<SpiffeId, Arc<rustls::ServerConfig>>>,
     /// Refused tunnel handshakes and requests, by reason (both directions).
@@ -61,7 +60,6 @@ impl Mtls {
             identities,
             tunnel: TunnelClient::new(idle_timeout),
             handshake_timeout,
-            remote: RwLock::default(),
             client_configs: Mutex::default(),
             server_configs: Mutex::default(),
             rejections: Mutex::default(),
@@ -71,32 +69,6 @@ impl Mtls {
     pub fn workload_identity(&self, namespace: &str, service_account: &str) -> Result<SpiffeId> {
         SpiffeId::new(&self.trust_domain, namespace, service_account)
             .map_err(|e| anyhow!("no valid SPIFFE ID for {namespace}/{service_account}: {e}"))
-    }
-
-    /// Replaces the set of remote workloads (applied on every config load).
-    pub fn set_remote_workloads(&self, workloads: &[RemoteWorkload]) -> Result<()> {
-        let mut map = HashMap::new();
-        for w in workloads {
-            let peer = Arc::new(RemotePeer {
-                key: w.key(),
-                node: w.node.clone(),
-                identity: self.workload_identity(&w.namespace, &w.service_account)?,
-            });
-            for ip in w
-                .ipv4
-                .map(IpAddr::V4)
-                .into_iter()
-                .chain(w.ipv6.map(IpAddr::V6))
-            {
-                map.insert(ip, peer.clone());
-            }
-        }
-        *self.remote.write().expect("remote lock") = map;
-        Ok(())
-    }
-
-    pub fn remote_peer(&self, ip: IpAddr) -> Option<Arc<RemotePeer>> {
-        self.remote.read().expect("remote lock").get(&ip).cloned()
     }
 
     /// Makes sure certificates are held for these local identities.
@@ -116,7 +88,7 @@ impl Mtls {
     ) -> Result<Arc<rustls::ClientConfig>> {
         let manager = self.identities.as_ref().ok_or_else(no_identity_source)?;
         let key = (local.clone(), peer.clone());
-        let mut cache = self.client_configs.lock().expect("client config lock");
+        let mut cache = self.client_configs.lock();
         if let Some(cfg) = cache.get(&key) {
             return Ok(cfg.clone());
         }
@@ -132,7 +104,7 @@ impl Mtls {
 
     pub fn server_config(&self, local: &SpiffeId) -> Result<Arc<rustls::ServerConfig>> {
         let manager = self.identities.as_ref().ok_or_else(no_identity_source)?;
-        let mut cache = self.server_configs.lock().expect("server config lock");
+        let mut cache = self.server_configs.lock();
         if let Some(cfg) = cache.get(local) {
             return Ok(cfg.clone());
         }
@@ -145,13 +117,12 @@ impl Mtls {
         *self
             .rejections
             .lock()
-            .expect("rejections lock")
             .entry(reason.to_string())
             .or_default() += 1;
     }
 
     pub fn rejections(&self) -> BTreeMap<String, u64> {
-        self.rejections.lock().expect("rejections lock").clone()
+        self.rejections.lock().clone()
     }
 }
 

@@ -5,12 +5,8 @@
 //! budget; the HTTP side lives in `proxy::service_http`. Locality, subsets
 //! and outlier ejection apply to both.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Result, anyhow};
 
@@ -20,7 +16,7 @@ use crate::{
         OutlierConfig, Protocol, RequestToken, RetryBudget, RetryBudgetConfig, RetryStats,
         ServiceStats, SplitMix64, Subset,
     },
-    config::{LocalityConfig, ServiceConfig},
+    config::{LocalityConfig, NodeConfig, ServiceConfig},
     identity::SpiffeId,
     mtls::RemotePeer,
 };
@@ -93,7 +89,7 @@ pub struct RequestPick {
 impl ServicePortEntry {
     /// Picks an endpoint for a new connection; Err when the service has none.
     pub fn choose(&self) -> Result<Chosen> {
-        let mut balancer = self.state.balancer.lock().expect("balancer lock");
+        let mut balancer = self.state.balancer.lock();
         let pick = balancer.pick().map_err(|e| anyhow!("{}: {e}", self.key))?;
         let token = balancer.on_open(&pick.id);
         Ok(Chosen {
@@ -110,17 +106,13 @@ impl ServicePortEntry {
         } else {
             Outcome::Success
         };
-        self.state
-            .balancer
-            .lock()
-            .expect("balancer lock")
-            .on_close(chosen.token, outcome);
+        self.state.balancer.lock().on_close(chosen.token, outcome);
     }
 
     /// Picks an endpoint for one attempt of a request, avoiding the ones
     /// this request already failed on; Err when the service has none.
     pub fn pick_request(&self, avoid: &[Arc<str>]) -> Result<RequestPick> {
-        let mut balancer = self.state.balancer.lock().expect("balancer lock");
+        let mut balancer = self.state.balancer.lock();
         let pick = balancer
             .pick_avoiding(avoid)
             .map_err(|e| anyhow!("{}: {e}", self.key))?;
@@ -138,7 +130,6 @@ impl ServicePortEntry {
         self.state
             .balancer
             .lock()
-            .expect("balancer lock")
             .finish(pick.token, latency, outcome);
     }
 
@@ -148,31 +139,22 @@ impl ServicePortEntry {
         self.state
             .balancer
             .lock()
-            .expect("balancer lock")
             .finish_unsampled(pick.token, outcome);
     }
 
     /// The attempt was never sent.
     pub fn cancel_request(&self, pick: RequestPick) {
-        self.state
-            .balancer
-            .lock()
-            .expect("balancer lock")
-            .cancel(pick.token);
+        self.state.balancer.lock().cancel(pick.token);
     }
 
     /// Counts an original request for the retry budget.
     pub fn record_request(&self) {
-        self.state
-            .budget
-            .lock()
-            .expect("budget lock")
-            .record_request();
+        self.state.budget.lock().record_request();
     }
 
     /// Whether the budget allows one more retry (counted if so).
     pub fn try_retry(&self) -> bool {
-        self.state.budget.lock().expect("budget lock").try_retry()
+        self.state.budget.lock().try_retry()
     }
 
     pub fn count_timeout(&self) {
@@ -183,18 +165,14 @@ impl ServicePortEntry {
 
     /// Where the endpoints are.
     pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
-        self.state
-            .balancer
-            .lock()
-            .expect("balancer lock")
-            .addresses()
+        self.state.balancer.lock().addresses()
     }
 
     /// Balancer, retry and failure counters, for metrics and status.
     pub fn stats(&self) -> ServicePortStats {
         ServicePortStats {
-            balancer: self.state.balancer.lock().expect("balancer lock").stats(),
-            retries: self.state.budget.lock().expect("budget lock").stats(),
+            balancer: self.state.balancer.lock().stats(),
+            retries: self.state.budget.lock().stats(),
             timeouts: self
                 .state
                 .timeouts
@@ -218,16 +196,20 @@ pub struct ServiceTable {
 }
 
 impl ServiceTable {
-    /// Builds balancers for `services` as seen from node `node`, keeping the
-    /// state (load, latency estimates, ejections, retry budget, counters) of
-    /// service ports that are in `previous` with the same shape: a reload
-    /// changes endpoints in place.
+    /// Builds balancers for `services` as seen from `node` (its name and
+    /// zone, for locality), keeping the state (load, latency estimates,
+    /// ejections, retry budget, counters) of service ports that are in
+    /// `previous` with the same shape: a reload changes endpoints in place.
+    /// All-or-nothing: `previous` is left untouched unless every service
+    /// builds (its kept balancers learn their new endpoints only then).
     pub fn build(
         services: &[ServiceConfig],
-        node: &str,
-        trust_domain: &str,
+        node: &NodeConfig,
         previous: Option<&ServiceTable>,
     ) -> Result<Self> {
+        let trust_domain = node.trust_domain.as_str();
+        // Endpoint updates of kept balancers, applied once nothing can fail.
+        let mut updates: Vec<(Arc<PortState>, Vec<Endpoint>)> = Vec::new();
         let kept: HashMap<String, Arc<ServicePortEntry>> = previous
             .map(|t| {
                 t.by_address
@@ -312,11 +294,7 @@ impl ServiceTable {
                     .filter(|e| e.shape == shape && e.protocol == protocol)
                 {
                     Some(old) => {
-                        old.state
-                            .balancer
-                            .lock()
-                            .expect("balancer lock")
-                            .update_endpoints(endpoints);
+                        updates.push((old.state.clone(), endpoints));
                         // Same balancer and budget; the settings that are read
                         // per request (timeouts, routes) take the new values.
                         Arc::new(ServicePortEntry {
@@ -332,7 +310,7 @@ impl ServiceTable {
                         let clock = Arc::new(MonotonicClock::new());
                         let mut balancer = balance::Service::new(
                             shape.0.clone(),
-                            ClientLocality::new(node, None),
+                            ClientLocality::new(&node.name, node.zone.as_deref()),
                             clock.clone(),
                             Box::new(SplitMix64::from_entropy()),
                         )
@@ -358,6 +336,9 @@ impl ServiceTable {
                     by_address.insert(SocketAddr::new(*vip, port.port), entry.clone());
                 }
             }
+        }
+        for (state, endpoints) in updates {
+            state.balancer.lock().update_endpoints(endpoints);
         }
         Ok(Self { by_address })
     }
@@ -422,6 +403,10 @@ mod tests {
         }
     }
 
+    fn node(yaml_name: &str) -> NodeConfig {
+        serde_yaml::from_str(&format!("name: {yaml_name}")).unwrap()
+    }
+
     fn vip() -> SocketAddr {
         "10.96.0.1:80".parse().unwrap()
     }
@@ -432,8 +417,7 @@ mod tests {
         let two = [("e1", "10.2.0.2", "v1"), ("e2", "10.2.0.3", "v1")];
         let first = ServiceTable::build(
             &[service(LocalityConfig::None, &one, vec![])],
-            "n1",
-            "cluster.local",
+            &node("n1"),
             None,
         )
         .unwrap();
@@ -447,8 +431,7 @@ mod tests {
         // connection is still accounted for).
         let second = ServiceTable::build(
             &[service(LocalityConfig::None, &two, vec![])],
-            "n1",
-            "cluster.local",
+            &node("n1"),
             Some(&first),
         )
         .unwrap();
@@ -460,8 +443,7 @@ mod tests {
         // Locality changed: a new balancer.
         let third = ServiceTable::build(
             &[service(LocalityConfig::PreferNode, &two, vec![])],
-            "n1",
-            "cluster.local",
+            &node("n1"),
             Some(&second),
         )
         .unwrap();
@@ -494,8 +476,7 @@ mod tests {
         ];
         let table = ServiceTable::build(
             &[service(LocalityConfig::None, &endpoints, subsets)],
-            "n1",
-            "cluster.local",
+            &node("n1"),
             None,
         )
         .unwrap();
@@ -520,11 +501,62 @@ mod tests {
     fn a_service_without_endpoints_gives_none() {
         let table = ServiceTable::build(
             &[service(LocalityConfig::None, &[], vec![])],
-            "n1",
-            "cluster.local",
+            &node("n1"),
             None,
         )
         .unwrap();
         assert!(table.lookup(vip()).unwrap().choose().is_err());
+    }
+
+    #[test]
+    fn prefer_zone_prefers_the_zone_node_yaml_gives() {
+        // Two endpoints on other nodes: one in this node's zone, one not.
+        let mut svc = service(
+            LocalityConfig::PreferZone,
+            &[("near", "10.2.0.2", "v1"), ("far", "10.3.0.2", "v1")],
+            vec![],
+        );
+        svc.endpoints[0].zone = Some("z1".into());
+        svc.endpoints[1].zone = Some("z2".into());
+        let node: NodeConfig = serde_yaml::from_str("name: n1\nzone: z1").unwrap();
+        let table = ServiceTable::build(&[svc], &node, None).unwrap();
+        let entry = table.lookup(vip()).unwrap();
+        let near: SocketAddr = "10.2.0.2:8080".parse().unwrap();
+        for _ in 0..200 {
+            let chosen = entry.choose().unwrap();
+            assert_eq!(
+                chosen.addr, near,
+                "an endpoint outside the node's zone was chosen"
+            );
+            entry.done(chosen, false);
+        }
+    }
+
+    #[test]
+    fn a_failed_build_leaves_the_previous_balancers_untouched() {
+        let one = [("e1", "10.2.0.2", "v1")];
+        let first = ServiceTable::build(
+            &[service(LocalityConfig::None, &one, vec![])],
+            &node("n1"),
+            None,
+        )
+        .unwrap();
+        // The same service with a new endpoint, beside a service whose
+        // endpoint names an impossible identity: the build fails whole.
+        let changed = service(
+            LocalityConfig::None,
+            &[("e1", "10.2.0.2", "v1"), ("e2", "10.2.0.3", "v1")],
+            vec![],
+        );
+        let mut bad = service(LocalityConfig::None, &one, vec![]);
+        bad.name = "broken".into();
+        bad.vips = vec!["10.96.0.2".parse().unwrap()];
+        bad.endpoints[0].service_account = Some("Not A Valid/Name".into());
+        assert!(ServiceTable::build(&[changed, bad], &node("n1"), Some(&first)).is_err());
+        assert_eq!(
+            first.lookup(vip()).unwrap().endpoint_addrs(),
+            vec!["10.2.0.2:8080".parse::<SocketAddr>().unwrap()],
+            "the failed build changed the running balancer's endpoints"
+        );
     }
 }

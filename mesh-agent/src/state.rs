@@ -1,16 +1,20 @@
 //! What the running agent knows, shared by the daemon loop and the admin API.
 
+use parking_lot::{Mutex, RwLock};
 use std::{
     path::PathBuf,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
     },
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{admin::metrics::Metrics, capture::Enroller, proxy::ProxyContext};
+use crate::{
+    admin::metrics::Metrics, capture::Enroller, config::NodeConfig, desired::Desired,
+    proxy::ProxyContext,
+};
 
 /// One configured pod and whether the kernel programs cover it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,10 +116,15 @@ pub struct AgentState {
     pub enroller: Mutex<Enroller>,
     pub proxy: Arc<ProxyContext>,
     pub metrics: Metrics,
-    pub config_generation: AtomicU64,
-    pub last_reload_error: Mutex<Option<String>>,
-    /// The configuration in force (the last one loaded without error).
-    pub config: std::sync::RwLock<Arc<crate::config::Config>>,
+    /// Why the last change was refused or failed, until one succeeds.
+    last_reload_error: Mutex<Option<String>>,
+    /// The node settings the agent started with (they apply at start only).
+    running_node: NodeConfig,
+    /// The desired state in force (the last one applied without error).
+    pub desired: RwLock<Arc<Desired>>,
+    /// Node settings that differ from the running ones: they wait for a
+    /// restart.
+    pub pending_node: RwLock<Option<NodeConfig>>,
     /// How full the kernel's hash maps are (empty if they could not be opened).
     map_gauges: Vec<crate::ebpf::occupancy::MapGauge>,
 }
@@ -126,8 +135,17 @@ impl AgentState {
         config_dir: PathBuf,
         enroller: Enroller,
         proxy: Arc<ProxyContext>,
-        config: crate::config::Config,
+        running_node: NodeConfig,
     ) -> Self {
+        // Nothing is in force until the first desired state is applied.
+        let empty = Desired {
+            dir: config_dir.clone(),
+            node: running_node.clone(),
+            pods: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            policies: Default::default(),
+        };
         Self {
             node,
             config_dir,
@@ -136,11 +154,46 @@ impl AgentState {
             enroller: Mutex::new(enroller),
             proxy,
             metrics: Metrics::new(),
-            config_generation: AtomicU64::new(0),
             last_reload_error: Mutex::new(None),
-            config: std::sync::RwLock::new(Arc::new(config)),
+            running_node,
+            desired: RwLock::new(Arc::new(empty)),
+            pending_node: RwLock::new(None),
             map_gauges: Vec::new(),
         }
+    }
+
+    /// The node settings in force.
+    pub fn node_config(&self) -> NodeConfig {
+        self.running_node.clone()
+    }
+
+    /// The desired state in force.
+    pub fn desired(&self) -> Arc<Desired> {
+        self.desired.read().clone()
+    }
+
+    /// The generation of the snapshot in force (1 after the first load).
+    pub fn config_generation(&self) -> u64 {
+        self.proxy.snapshot().generation
+    }
+
+    /// Records how the last change went: `None` for applied, else why not.
+    pub fn set_reload_result(&self, error: Option<String>) {
+        let result = if error.is_none() { "ok" } else { "failed" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+        *self.last_reload_error.lock() = error;
+    }
+
+    /// The source is valid again, and says what is in force already.
+    pub fn clear_reload_error(&self) {
+        *self.last_reload_error.lock() = None;
+    }
+
+    pub fn last_reload_error(&self) -> Option<String> {
+        self.last_reload_error.lock().clone()
     }
 
     /// Gauges of the kernel maps, exposed at every scrape.
@@ -165,7 +218,7 @@ impl AgentState {
         if self.handing_over() {
             return Some("handing over to a new agent".into());
         }
-        let enroller = self.enroller.lock().expect("enroller lock");
+        let enroller = self.enroller.lock();
         let enrolled = enroller.enrolled_count();
         if enrolled > 0 && enroller.programs.attachment_count() == 0 {
             return Some(format!(
@@ -212,12 +265,12 @@ impl AgentState {
 
     /// Pod statuses with fresh counters from the kernel maps.
     pub fn pods_with_counters(&self) -> Vec<PodStatus> {
-        self.enroller.lock().expect("enroller lock").statuses()
+        self.enroller.lock().statuses()
     }
 
     pub fn status(&self) -> StatusReport {
         let not_ready_reason = self.unready_reason();
-        let enroller = self.enroller.lock().expect("enroller lock");
+        let enroller = self.enroller.lock();
         StatusReport {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -232,12 +285,8 @@ impl AgentState {
                 .collect(),
             attachments: enroller.programs.attachment_count(),
             pods: enroller.statuses(),
-            config_generation: self.config_generation.load(Ordering::SeqCst),
-            last_reload_error: self
-                .last_reload_error
-                .lock()
-                .expect("reload error lock")
-                .clone(),
+            config_generation: self.config_generation(),
+            last_reload_error: self.last_reload_error(),
             trust_domain: self.proxy.mtls.trust_domain.clone(),
             certificates: self.certificates(),
             tunnel_rejections: self.proxy.mtls.rejections(),
@@ -250,6 +299,7 @@ impl AgentState {
                 .map_or(0, |m| m.trust_bundle_len()),
             authorization: self
                 .proxy
+                .authorizer
                 .decisions()
                 .into_iter()
                 .map(|((policy, decision), count)| DecisionCount {
@@ -286,7 +336,7 @@ impl AgentState {
     /// Brings the metrics up to date; called on every scrape.
     pub fn refresh_metrics(&self) {
         let (pods, attachments) = {
-            let enroller = self.enroller.lock().expect("enroller lock");
+            let enroller = self.enroller.lock();
             (enroller.statuses(), enroller.programs.attachment_count())
         };
         let m = &self.metrics;
@@ -301,17 +351,17 @@ impl AgentState {
             }
         }
         m.sync_proxy(&self.proxy.connections);
-        m.config_generation
-            .set(self.config_generation.load(Ordering::SeqCst) as i64);
+        m.config_generation.set(self.config_generation() as i64);
         m.sync_mtls(
             &self.certificates(),
             &self.proxy.mtls.rejections(),
             self.proxy.mtls.tunnel.pooled_connections(),
         );
-        m.sync_decisions(&self.proxy.decisions());
+        m.sync_decisions(&self.proxy.authorizer.decisions());
         let services: Vec<_> = self
             .proxy
-            .services()
+            .snapshot()
+            .services
             .entries()
             .iter()
             .map(|entry| (entry.key.clone(), entry.stats()))

@@ -28,7 +28,8 @@ use k8s_openapi::{
 use mesh_agent::{
     admin,
     cli::{Cli, Command},
-    config::{self, Config},
+    config,
+    desired::Desired,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -299,7 +300,7 @@ impl Manifests {
 
     /// The ConfigMap written out as the DaemonSet mounts it, and loaded with the
     /// agent's own loader. The directory lives as long as the returned guard.
-    fn mounted_config(&self) -> (tempfile::TempDir, Config) {
+    fn mounted_config(&self) -> (tempfile::TempDir, Desired) {
         let (volume, _) = self.config_volume();
         let source = volume.config_map.as_ref().expect("a ConfigMap volume");
         let data = self.configmap.data.clone().unwrap_or_default();

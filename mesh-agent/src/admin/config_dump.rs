@@ -1,6 +1,7 @@
 //! `/config_dump`: the configuration in force, as JSON, for operators (what
 //! is enrolled, which services and policies apply and where each policy came
-//! from, which certificates are held). Never a private key.
+//! from, which certificates are held), and node settings that wait for a
+//! restart. Never a private key.
 
 use std::collections::BTreeMap;
 
@@ -15,12 +16,23 @@ use crate::{
 #[serde(rename_all = "camelCase")]
 pub struct ConfigDump {
     pub config_generation: u64,
+    /// The node settings in force (those the agent started with).
     pub node: NodeConfig,
+    /// Settings changed since the start that apply at the next restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_restart: Option<PendingRestart>,
     pub pods: Vec<PodConfig>,
     pub workloads: Vec<RemoteWorkload>,
     pub services: Vec<ServiceConfig>,
     pub policies: Vec<PolicyView>,
     pub certificates: Vec<CertificateView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRestart {
+    /// `node.yaml` as it is now.
+    pub node: NodeConfig,
 }
 
 /// One authorization policy as compiled, with the file it came from.
@@ -39,35 +51,33 @@ pub struct PolicyView {
 }
 
 pub fn dump(state: &AgentState) -> ConfigDump {
-    let config = state.config.read().expect("config lock").clone();
-    let mut policies = Vec::new();
-    // Each file on its own, to say where each policy came from; they were
-    // validated together when the configuration was loaded.
-    for (path, text) in &config.policy_files {
-        match crate::policy::load([(path, text.as_str())]) {
-            Ok(set) => policies.extend(set.iter().map(|p| PolicyView {
-                namespace: p.name().namespace.clone(),
-                name: p.name().name.clone(),
-                file: path.display().to_string(),
-                action: p.action().to_string(),
-                dry_run: p.dry_run(),
-                selector: p.selector().cloned(),
-                rules: p.rule_count(),
-                http_rules: p.has_http_rules(),
-            })),
-            Err(err) => {
-                tracing::warn!(file = %path.display(), error = %err, "policy file not shown in the config dump")
-            }
-        }
-    }
+    let desired = state.desired();
+    let policies = desired
+        .policies
+        .set
+        .iter()
+        .map(|p| PolicyView {
+            namespace: p.name().namespace.clone(),
+            name: p.name().name.clone(),
+            file: p.source().display().to_string(),
+            action: p.action().to_string(),
+            dry_run: p.dry_run(),
+            selector: p.selector().cloned(),
+            rules: p.rule_count(),
+            http_rules: p.has_http_rules(),
+        })
+        .collect();
     ConfigDump {
-        config_generation: state
-            .config_generation
-            .load(std::sync::atomic::Ordering::SeqCst),
-        node: config.node.clone(),
-        pods: config.pods.clone(),
-        workloads: config.workloads.clone(),
-        services: config.services.clone(),
+        config_generation: state.config_generation(),
+        node: desired.node.clone(),
+        pending_restart: state
+            .pending_node
+            .read()
+            .clone()
+            .map(|node| PendingRestart { node }),
+        pods: desired.pods.clone(),
+        workloads: desired.workloads.clone(),
+        services: desired.services.clone(),
         policies,
         certificates: state.certificates(),
     }

@@ -1,10 +1,8 @@
 //! Prometheus metrics of the agent itself. Label sets are bounded: per pod on
 //! this node at most, never per connection.
 
-use std::{
-    collections::HashMap,
-    sync::{Mutex, atomic::Ordering},
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, sync::atomic::Ordering};
 
 use prometheus::{
     Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -269,7 +267,7 @@ impl Metrics {
     /// The names of every metric the agent exposes (histograms also expose
     /// `_bucket`, `_sum` and `_count` series).
     pub fn names(&self) -> Vec<String> {
-        self.names.lock().expect("metrics lock").clone()
+        self.names.lock().clone()
     }
 
     /// Adds collectors kept elsewhere (the data path's Istio metrics).
@@ -277,7 +275,6 @@ impl Metrics {
         for collector in collectors {
             self.names
                 .lock()
-                .expect("metrics lock")
                 .extend(collector.desc().iter().map(|d| d.fq_name.clone()));
             self.registry
                 .register(collector)
@@ -292,7 +289,7 @@ impl Metrics {
     fn sync(&self, vec: &IntCounterVec, labels: &[&str], total: u64) {
         let mut key: Vec<String> = vec![vec.desc()[0].fq_name.clone()];
         key.extend(labels.iter().map(|l| l.to_string()));
-        let mut last = self.last_totals.lock().expect("metrics lock");
+        let mut last = self.last_totals.lock();
         let previous = last.insert(key, total).unwrap_or(0);
         let increment = if total >= previous {
             total - previous

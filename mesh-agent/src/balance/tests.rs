@@ -684,7 +684,7 @@ fn balancer_types_can_be_shared_behind_a_mutex() {
     fn send_sync<T: Send + Sync>() {}
     send::<Service>();
     send::<RetryBudget>();
-    send_sync::<std::sync::Mutex<Service>>();
+    send_sync::<parking_lot::Mutex<Service>>();
     send_sync::<ManualClock>();
     send_sync::<MonotonicClock>();
 }

@@ -3,7 +3,9 @@
 //! For each pod: a worker in its network namespace, the agent's listeners there
 //! (outbound 15001, inbound 15006, IPv4 and IPv6), the kernel programs attached
 //! (see `ebpf`), and accept loops feeding the proxy. `reconcile` moves from the
-//! running set to the configured one, touching only the pods that changed.
+//! running set to the configured one, touching only the pods that changed;
+//! the daemon then publishes a snapshot with `pods()` and calls
+//! `start_serving`, so no connection of a new pod meets a snapshot without it.
 
 pub mod netns_worker;
 
@@ -22,7 +24,7 @@ use crate::{
     config::PodConfig,
     ebpf::{InboundListeners, KernelPrograms},
     handover::{ListenerKind, Offer, PodSockets},
-    proxy::{PodHandle, ProxyContext, admission::Limit},
+    proxy::{self, PodHandle, ProxyContext, admission::Limit, tunnel_inbound},
     state::{PodCountersView, PodStatus},
 };
 use netns_worker::{NetnsWorker, listen};
@@ -30,6 +32,10 @@ use netns_worker::{NetnsWorker, listen};
 struct PodRuntime {
     config: PodConfig,
     netns_cookie: u64,
+    handle: Arc<PodHandle>,
+    /// Bound but not accepted on yet: a pod is served only once the
+    /// snapshot that knows it is in force (see `start_serving`).
+    pending: Option<PodListeners>,
     accept_loops: Vec<JoinHandle<()>>,
     /// The listeners' sockets (copies of the descriptors the accept loops
     /// own), to hand to a successor.
@@ -215,23 +221,45 @@ impl Enroller {
             workload,
             open_connections: Arc::default(),
         });
-        self.proxy.add_local_pod(handle.clone());
         let sockets = listeners
             .iter()
             .map(|(kind, l)| Ok((*kind, l.as_fd().try_clone_to_owned()?)))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let accept_loops = spawn_accept_loops(listeners, &self.proxy, &handle)?;
         tracing::info!(pod = %key, netns_cookie, slot = enrolment.slot, cgroup = %pod.cgroup.display(), "pod enrolled");
         self.running.insert(
             key,
             PodRuntime {
                 config: pod.clone(),
                 netns_cookie,
-                accept_loops,
+                handle,
+                pending: Some(listeners),
+                accept_loops: Vec::new(),
                 sockets,
             },
         );
         Ok(netns_cookie)
+    }
+
+    /// The pods enrolled now, for the next snapshot.
+    pub fn pods(&self) -> Vec<Arc<PodHandle>> {
+        self.running.values().map(|rt| rt.handle.clone()).collect()
+    }
+
+    /// Starts accepting on the listeners of pods enrolled since the last
+    /// call. Until then the kernel queues their connections in the
+    /// listeners' backlogs.
+    pub fn start_serving(&mut self) {
+        for (key, runtime) in &mut self.running {
+            let Some(listeners) = runtime.pending.take() else {
+                continue;
+            };
+            match spawn_accept_loops(listeners, &self.proxy, &runtime.handle) {
+                Ok(loops) => runtime.accept_loops = loops,
+                Err(err) => {
+                    tracing::error!(pod = %key, error = format!("{err:#}"), "the pod's listeners cannot be served")
+                }
+            }
+        }
     }
 
     /// Detaches the kernel programs first, then closes the listeners: open
@@ -240,7 +268,6 @@ impl Enroller {
         if let Err(err) = self.programs.release(key) {
             tracing::warn!(pod = %key, error = %err, "releasing the kernel side failed");
         }
-        self.proxy.remove_local_pod(key);
         self.running.remove(key);
         tracing::info!(pod = %key, "pod released");
     }
@@ -371,7 +398,7 @@ async fn tunnel_accept_loop(listener: TcpListener, proxy: Arc<ProxyContext>, pod
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let handle = proxy.clone().handle_tunnel(pod.clone(), stream, peer);
+                let handle = tunnel_inbound::handle(proxy.clone(), pod.clone(), stream, peer);
                 tokio::spawn(async move {
                     handle.await;
                     drop(admitted);
@@ -406,9 +433,9 @@ async fn accept_loop(
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
                     if outbound {
-                        proxy.handle_outbound(pod, stream, client).await;
+                        proxy::outbound::handle(proxy, pod, stream, client).await;
                     } else {
-                        proxy.handle_inbound(pod, stream, client).await;
+                        proxy::inbound::handle(proxy, pod, stream, client).await;
                     }
                     drop(admitted);
                 });

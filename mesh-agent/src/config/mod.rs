@@ -8,6 +8,7 @@ pub mod mesh;
 mod node;
 mod pods;
 mod services;
+pub mod source;
 pub mod watch;
 mod workloads;
 
@@ -32,26 +33,16 @@ pub const SERVICES_FILE: &str = "services.yaml";
 /// Istio `AuthorizationPolicy` documents: every `*.yaml` / `*.yml` in here.
 pub const POLICIES_DIR: &str = "policies";
 
-/// A complete, validated configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub dir: PathBuf,
-    pub node: NodeConfig,
-    pub pods: Vec<PodConfig>,
-    /// Mesh workloads on other nodes.
-    pub workloads: Vec<RemoteWorkload>,
-    /// The policy files (path, text), already validated.
-    pub policy_files: Vec<(PathBuf, String)>,
-    /// Services with virtual IPs.
-    pub services: Vec<ServiceConfig>,
-}
+use crate::desired::Desired;
 
-impl Config {
-    /// The policies, loaded (they were validated with the rest of the config).
-    pub fn policies(&self) -> Result<crate::policy::PolicySet, ConfigError> {
-        crate::policy::load(self.policy_files.iter().map(|(p, t)| (p, t.as_str())))
-            .map_err(policy_error)
-    }
+/// Parses every policy file once (all-or-nothing: the first error rejects).
+fn load_policies(files: Vec<(PathBuf, String)>) -> Result<crate::desired::Policies, ConfigError> {
+    let set =
+        crate::policy::load(files.iter().map(|(p, t)| (p, t.as_str()))).map_err(policy_error)?;
+    Ok(crate::desired::Policies {
+        files,
+        set: std::sync::Arc::new(set),
+    })
 }
 
 fn policy_error(e: crate::policy::LoadError) -> ConfigError {
@@ -95,7 +86,7 @@ fn read_policy_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> 
 }
 
 /// Loads and validates the configuration directory.
-pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+pub fn load_dir(dir: &Path) -> Result<Desired, ConfigError> {
     if !dir.is_dir() {
         return Err(ConfigError::new(
             dir,
@@ -155,16 +146,14 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     } else {
         Vec::new()
     };
-    let config = Config {
+    Ok(Desired {
         dir: dir.to_path_buf(),
         node,
         pods,
         workloads,
-        policy_files,
+        policies: load_policies(policy_files)?,
         services,
-    };
-    config.policies()?;
-    Ok(config)
+    })
 }
 
 fn validate_services(

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub struct NodeConfig {
     /// The Kubernetes node name.
     pub name: String,
+    /// The node's zone (Kubernetes' `topology.kubernetes.io/zone` label):
+    /// services with `locality: preferZone` prefer endpoints in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     /// Where the admin API (health, readiness, metrics, status) listens.
     /// Loopback by default: it is for the node's own probes and operators.
     #[serde(default = "default_admin_address")]

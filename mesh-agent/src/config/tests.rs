@@ -275,7 +275,7 @@ fn a_policy_typo_is_reported_with_file_line_column_and_field() {
     )
     .unwrap();
     std::fs::write(dir.path().join(POLICIES_DIR).join("notes.txt"), "not yaml").unwrap();
-    assert_eq!(load_dir(dir.path()).unwrap().policy_files.len(), 1);
+    assert_eq!(load_dir(dir.path()).unwrap().policies.files.len(), 1);
 }
 
 const HTTP_SERVICE: &str = "services:
@@ -426,7 +426,7 @@ fn the_configuration_reference_examples_load_together() {
     assert_eq!(cfg.pods.len(), 1);
     assert_eq!(cfg.workloads.len(), 1);
     assert_eq!(cfg.services.len(), 1);
-    assert_eq!(cfg.policies().unwrap().len(), 1);
+    assert_eq!(cfg.policies.set.len(), 1);
 }
 
 /// Every node.yaml field is in the reference (by its dotted path).

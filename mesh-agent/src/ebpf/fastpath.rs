@@ -4,11 +4,11 @@
 //! sockets are one end of every loopback leg), arms splices of authorized
 //! flows, tells the kernel how far the agent's relay got, and reads counters.
 
+use parking_lot::Mutex;
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Mutex,
 };
 
 use anyhow::{Context, Result, anyhow};
@@ -161,7 +161,6 @@ impl FastPath {
     pub fn arm(&self, app: SockKey, peer: SockKey, via: SockKey) -> Result<()> {
         self.splices
             .lock()
-            .expect("splice map lock")
             .insert(
                 app,
                 Splice {
@@ -176,7 +175,7 @@ impl FastPath {
 
     /// The agent has relayed `total` bytes of `app`'s direction so far.
     pub fn forwarded(&self, app: &SockKey, peer: SockKey, via: SockKey, total: u64) {
-        let result = self.splices.lock().expect("splice map lock").insert(
+        let result = self.splices.lock().insert(
             app,
             Splice {
                 peer,
@@ -193,7 +192,7 @@ impl FastPath {
 
     /// Forgets a direction's splice request (the flow ended).
     pub fn disarm(&self, app: &SockKey) {
-        let _ = self.splices.lock().expect("splice map lock").remove(app);
+        let _ = self.splices.lock().remove(app);
     }
 
     /// What the kernel knows of a socket's sends, while it is open.

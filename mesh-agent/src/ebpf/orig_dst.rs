@@ -1,10 +1,10 @@
 //! Where a captured outbound connection was going: the data path's view of the
 //! PENDING and CLIENTS maps.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    sync::Mutex,
     time::Duration,
 };
 
@@ -58,7 +58,7 @@ impl OrigDstTable {
             family,
             _pad: [0; 5],
         };
-        let mut maps = self.maps.lock().expect("orig dst lock");
+        let mut maps = self.maps.lock();
         let cookie = maps.clients.get(&key, 0).map_err(|e| {
             anyhow!("no capture record for client {client} (netns {netns_cookie}): {e}")
         })?;
@@ -77,7 +77,7 @@ impl OrigDstTable {
 
     /// The agent is done with a connection.
     pub fn forget(&self, socket_cookie: u64) {
-        let mut maps = self.maps.lock().expect("orig dst lock");
+        let mut maps = self.maps.lock();
         maps.live.remove(&socket_cookie);
         let _ = maps.pending.remove(&socket_cookie);
     }
@@ -87,7 +87,7 @@ impl OrigDstTable {
     /// Returns how many were removed.
     pub fn sweep(&self, age: Duration) -> usize {
         let now = monotonic_ns();
-        let mut maps = self.maps.lock().expect("orig dst lock");
+        let mut maps = self.maps.lock();
         let stale: Vec<u64> = maps
             .pending
             .iter()
@@ -108,7 +108,6 @@ impl OrigDstTable {
     pub fn pending_count(&self) -> usize {
         self.maps
             .lock()
-            .expect("orig dst lock")
             .pending
             .keys()
             .filter(|k| k.is_ok())

@@ -2,10 +2,11 @@
 //! identity, loaded from files or minted from an issuing CA, and swaps them atomically on
 //! reload and renewal.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -189,16 +190,16 @@ impl IdentityManager {
         Ok(())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, State> {
+        self.state.read()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, State> {
+        self.state.write()
     }
 
-    fn lock_updates(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.update.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_updates(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.update.lock()
     }
 
     /// Makes sure certificates are held for exactly these identities: loads or mints missing
@@ -206,7 +207,7 @@ impl IdentityManager {
     /// missing files) are skipped and reported in the error, the rest are applied.
     pub fn ensure(&self, ids: &[SpiffeId]) -> Result<()> {
         let _guard = self.lock_updates();
-        *self.wanted.lock().unwrap_or_else(PoisonError::into_inner) = ids.to_vec();
+        *self.wanted.lock() = ids.to_vec();
         let (bundle, issuer, held) = {
             let s = self.read();
             (s.bundle.clone(), s.issuer.clone(), s.certs.clone())
@@ -243,11 +244,7 @@ impl IdentityManager {
     /// Tries again to obtain the wanted certificates not held (e.g. a file
     /// that was missing has appeared); how many were missing.
     pub fn retry_missing(&self) -> Result<usize> {
-        let wanted = self
-            .wanted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let wanted = self.wanted.lock().clone();
         let missing = {
             let s = self.read();
             wanted

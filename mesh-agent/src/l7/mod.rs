@@ -231,7 +231,7 @@ pub struct NotHttp {
     peeked: Vec<u8>,
     // `Mutex` only to make the error `Sync` (for `anyhow`); it is only ever
     // taken apart by value.
-    downstream: std::sync::Mutex<Box<dyn Any + Send>>,
+    downstream: parking_lot::Mutex<Box<dyn Any + Send>>,
 }
 
 impl NotHttp {
@@ -243,16 +243,13 @@ impl NotHttp {
     /// The bytes read and the downstream stream; `D` must be the type given
     /// to [`serve`] (otherwise `self` is returned unchanged).
     pub fn into_parts<D: 'static>(self) -> Result<(Vec<u8>, D), Self> {
-        let downstream = self
-            .downstream
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let downstream = self.downstream.into_inner();
         match downstream.downcast::<D>() {
             Ok(stream) => Ok((self.peeked, *stream)),
             Err(downstream) => Err(Self {
                 reason: self.reason,
                 peeked: self.peeked,
-                downstream: std::sync::Mutex::new(downstream),
+                downstream: parking_lot::Mutex::new(downstream),
             }),
         }
     }
@@ -372,7 +369,7 @@ where
             Err(L7Error::NotHttp(NotHttp {
                 reason,
                 peeked,
-                downstream: std::sync::Mutex::new(Box::new(downstream)),
+                downstream: parking_lot::Mutex::new(Box::new(downstream)),
             }))
         }
     }

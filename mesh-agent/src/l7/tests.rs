@@ -1,11 +1,12 @@
 //! Tests of the L7 relay over real sockets on 127.0.0.1, with real hyper
 //! clients and servers (and raw bytes where the shape of the bytes matters).
 
+use parking_lot::Mutex;
 use std::convert::Infallible;
 use std::future::Ready;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::combinators::WithTrailers;
@@ -140,7 +141,7 @@ pub(super) struct UpstreamApp {
 
 impl UpstreamApp {
     pub(super) fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().clone()
     }
 
     fn targets(&self) -> Vec<String> {
@@ -167,7 +168,7 @@ pub(super) async fn spawn_h1_upstream() -> UpstreamApp {
                 let seen = Arc::clone(&seen);
                 async move {
                     let target = request.uri().to_string();
-                    seen.lock().unwrap().push(Seen {
+                    seen.lock().push(Seen {
                         method: request.method().to_string(),
                         target: target.clone(),
                         headers: request.headers().clone(),
@@ -214,7 +215,7 @@ async fn spawn_h2_upstream() -> UpstreamApp {
                 let seen = Arc::clone(&seen);
                 async move {
                     let path = request.uri().path().to_owned();
-                    seen.lock().unwrap().push(Seen {
+                    seen.lock().push(Seen {
                         method: request.method().to_string(),
                         target: path.clone(),
                         headers: request.headers().clone(),
@@ -1082,7 +1083,6 @@ impl RequestMetrics for Outcomes {
     fn record(&self, outcome: &RequestOutcome<'_>) {
         self.0
             .lock()
-            .unwrap()
             .push((outcome.status, outcome.denied_by.map(str::to_owned)));
     }
 }
@@ -1115,7 +1115,7 @@ async fn a_deny_decided_by_the_forwarder_names_its_policy() {
     assert_eq!(statuses(&raw), [403]);
     let _ = tokio::time::timeout(BOUND, server).await.unwrap();
     assert_eq!(
-        *outcomes.0.lock().unwrap(),
+        *outcomes.0.lock(),
         [(403, Some("ns/endpoint-policy rule[0]".to_string()))]
     );
 }

@@ -1,8 +1,9 @@
 //! Validated policies, their grouping per workload, and the per-workload cache.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -55,9 +56,14 @@ pub struct Policy {
     pub(crate) selector: Option<BTreeMap<String, String>>,
     pub(crate) rules: Vec<Rule>,
     pub(crate) has_http: bool,
+    /// The file it was loaded from (for operators: `/config_dump`, logs).
+    pub(crate) source: Arc<std::path::Path>,
 }
 
 impl Policy {
+    pub fn source(&self) -> &std::path::Path {
+        &self.source
+    }
     pub fn name(&self) -> &PolicyName {
         &self.id
     }
@@ -205,7 +211,7 @@ impl CompiledPolicies {
     pub fn for_workload(&self, workload: &Workload) -> WorkloadPolicy {
         // A poisoned lock only means another thread panicked mid-insert; the
         // map itself is still consistent.
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache.lock();
         if let Some(wp) = cache.get(workload) {
             return wp.clone();
         }

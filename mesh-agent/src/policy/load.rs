@@ -621,6 +621,7 @@ fn convert(ctx: &DocCtx<'_>, raw: RawPolicy) -> Result<Policy, LoadError> {
         selector,
         rules,
         has_http,
+        source: Arc::from(ctx.file),
     })
 }
 

@@ -13,7 +13,7 @@ use super::descriptors::{self, DescriptorReserve};
 use crate::config::Limits;
 
 pub struct Admission {
-    limits: std::sync::RwLock<Limits>,
+    limits: parking_lot::RwLock<Limits>,
     refusals: IntCounterVec,
     descriptors: DescriptorReserve,
 }
@@ -51,7 +51,7 @@ impl Limit {
 impl Default for Admission {
     fn default() -> Self {
         Self {
-            limits: std::sync::RwLock::new(Limits::default()),
+            limits: parking_lot::RwLock::new(Limits::default()),
             refusals: IntCounterVec::new(
                 Opts::new(
                     "mesh_limit_refusals_total",
@@ -67,14 +67,14 @@ impl Default for Admission {
 
 impl Admission {
     pub fn set_limits(&self, limits: Limits) {
-        *self.limits.write().expect("limits lock") = limits;
+        *self.limits.write() = limits;
     }
 
     /// Admits one more connection on `open` if it stays within `limit`;
     /// else counts the refusal.
     pub fn admit(&self, limit: Limit, open: &Arc<AtomicUsize>) -> Option<Admitted> {
         let max = {
-            let limits = self.limits.read().expect("limits lock");
+            let limits = self.limits.read();
             match limit {
                 Limit::ConnectionsPerPod => limits.connections_per_pod,
                 Limit::TunnelConnections => limits.tunnel_connections,

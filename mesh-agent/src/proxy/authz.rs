@@ -1,34 +1,139 @@
-//! Per-request authorization for the HTTP (L7) path: the connection's
-//! attributes (who, from where, to where) plus each request's method, host,
-//! normalised path and headers go to the destination workload's policies.
+//! Authorization: every connection (L4) and every HTTP request (L7) into a
+//! pod of this node is decided by that pod's policies in the snapshot in
+//! force; denies and dry-run would-denies are logged with the deciding
+//! policy and rule, and every decision is counted.
 
-use std::{net::SocketAddr, sync::Arc};
-
-use hyper::HeaderMap;
-
-use crate::{
-    identity::SpiffeId,
-    l7::{Authorizer, RequestInfo, Verdict},
-    policy::{self, HeaderLookup, HttpAttributes},
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
-use super::ProxyContext;
+use hyper::HeaderMap;
+use parking_lot::Mutex;
 
-/// What is fixed for a connection; built once, used for every request on it.
+use super::{pod::PodHandle, snapshot::SnapshotCell};
+use crate::{
+    identity::SpiffeId,
+    l7::{self, RequestInfo, Verdict},
+    policy::{self, CompiledPolicies, Decision, HeaderLookup, HttpAttributes},
+};
+
+/// Decides, logs and counts.
+#[derive(Default)]
+pub struct Authorizer {
+    /// Decisions by (policy or rule, decision), for metrics and status.
+    decisions: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+impl Authorizer {
+    /// Decisions so far: (policy rule or `-`, decision) -> count.
+    pub fn decisions(&self) -> BTreeMap<(String, String), u64> {
+        self.decisions.lock().clone()
+    }
+
+    fn count(&self, by: &str, decision: &str) {
+        *self
+            .decisions
+            .lock()
+            .entry((by.to_string(), decision.to_string()))
+            .or_default() += 1;
+    }
+
+    /// Authorizes a plain TCP connection into `target` (L4: HTTP-only rules
+    /// are judged as Istio does for TCP traffic). Err names the deciding
+    /// policy and rule.
+    pub fn connection(
+        &self,
+        policies: &CompiledPolicies,
+        target: &PodHandle,
+        source: Option<&SpiffeId>,
+        source_ip: IpAddr,
+        remote_ip: IpAddr,
+        dst: SocketAddr,
+    ) -> Result<(), String> {
+        let principal = source.map(|id| id.to_string());
+        let request = policy::Request {
+            source_principal: principal.as_deref(),
+            source_namespace: source.map(|id| id.namespace()),
+            source_ip,
+            remote_ip,
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+            sni: None,
+            http: None,
+        };
+        self.decide(policies, &target.key, &target.workload, &request)
+    }
+
+    /// Authorizes a connection (L4) or an HTTP request (`request.http` set)
+    /// into the pod `pod_key`, by `policies` for `workload`.
+    pub fn decide(
+        &self,
+        policies: &CompiledPolicies,
+        pod_key: &str,
+        workload: &policy::Workload,
+        request: &policy::Request<'_>,
+    ) -> Result<(), String> {
+        let decision = policies.for_workload(workload).decide(request);
+        let (dry_run_denies, allowed_by, denied_by) = match decision {
+            Decision::Allow {
+                by, dry_run_denies, ..
+            } => (dry_run_denies, by, None),
+            Decision::Deny {
+                by, dry_run_denies, ..
+            } => (dry_run_denies, None, Some(by)),
+        };
+        let source = request.source_principal.unwrap_or("-");
+        let (method, path) = request
+            .http
+            .as_ref()
+            .map_or(("-", "-"), |h| (h.method, h.path));
+        let what = if request.http.is_some() {
+            "request"
+        } else {
+            "connection"
+        };
+        for would in &dry_run_denies {
+            tracing::info!(pod = %pod_key, source, src = %request.source_ip, dst_port = request.destination_port, method, path, policy = %would, "dry-run: this {what} would be denied");
+            self.count(&would.to_string(), "dry_run_deny");
+        }
+        match denied_by {
+            None => {
+                self.count(
+                    &allowed_by.map_or_else(|| "-".to_string(), |by| by.to_string()),
+                    "allow",
+                );
+                Ok(())
+            }
+            Some(by) => {
+                tracing::warn!(pod = %pod_key, source, src = %request.source_ip, dst_port = request.destination_port, method, path, policy = %by, "{what} denied");
+                self.count(&by.to_string(), "deny");
+                Err(by.to_string())
+            }
+        }
+    }
+}
+
+/// Per-request authorization of one HTTP connection: what is fixed for the
+/// connection (who, from where, to where), built once; each request's
+/// method, host, normalised path and headers added to it.
 pub struct ConnectionAuthorizer {
-    pub proxy: Arc<ProxyContext>,
+    pub authorizer: Arc<Authorizer>,
+    /// The policies are those in force when each request arrives, so a
+    /// request on a long-lived connection follows a reload.
+    pub snapshots: SnapshotCell,
     /// `namespace/name` of the destination pod, for logs.
     pub pod: String,
-    /// Whose policies apply; looked up for every request, so a request on a
-    /// long-lived connection is decided by the set in force when it arrives.
+    /// Whose policies apply.
     pub workload: policy::Workload,
     pub source: Option<SpiffeId>,
-    pub source_ip: std::net::IpAddr,
-    pub remote_ip: std::net::IpAddr,
+    pub source_ip: IpAddr,
+    pub remote_ip: IpAddr,
     pub destination: SocketAddr,
 }
 
-impl Authorizer for ConnectionAuthorizer {
+impl l7::Authorizer for ConnectionAuthorizer {
     fn authorize(&self, request: &RequestInfo<'_>) -> Verdict {
         let headers = Headers::new(request.headers);
         let principal = self.source.as_ref().map(|id| id.to_string());
@@ -47,10 +152,13 @@ impl Authorizer for ConnectionAuthorizer {
                 headers: &headers,
             }),
         };
-        match self
-            .proxy
-            .authorize(&self.pod, &self.workload, &decision_request)
-        {
+        let snapshot = self.snapshots.load();
+        match self.authorizer.decide(
+            &snapshot.policies,
+            &self.pod,
+            &self.workload,
+            &decision_request,
+        ) {
             Ok(()) => Verdict::Allow,
             Err(by) => Verdict::Deny { reason: by },
         }

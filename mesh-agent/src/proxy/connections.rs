@@ -1,13 +1,11 @@
 //! What the proxy did, per connection: a bounded log of recent connections (for
 //! `/debug/connections` and tests) and totals (for metrics).
 
+use parking_lot::Mutex;
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use serde::{Deserialize, Serialize};
@@ -188,7 +186,7 @@ impl ConnectionLog {
         totals
             .bytes_received
             .fetch_add(record.bytes_received, Ordering::Relaxed);
-        let mut recent = self.recent.lock().expect("connection log lock");
+        let mut recent = self.recent.lock();
         if recent.len() == self.capacity {
             recent.pop_front();
         }
@@ -196,12 +194,7 @@ impl ConnectionLog {
     }
 
     pub fn recent(&self) -> Vec<ConnectionRecord> {
-        self.recent
-            .lock()
-            .expect("connection log lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.recent.lock().iter().cloned().collect()
     }
 
     pub fn totals(&self, direction: Direction) -> &Totals {

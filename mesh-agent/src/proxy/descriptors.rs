@@ -4,14 +4,12 @@
 //! freed to take the waiting connection off the queue and reset it (the
 //! client learns at once, and the refusal is counted), then taken back.
 
+use parking_lot::Mutex;
 use std::{
     fs::File,
     io,
     os::fd::AsFd,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -45,7 +43,7 @@ impl DescriptorReserve {
     /// reserve descriptor and resets it. False if there was none waiting or
     /// the reserve is in use (then the caller backs off).
     pub fn reset_waiting(&self, listener: &impl AsFd) -> bool {
-        let mut spare = self.spare.lock().expect("descriptor reserve lock");
+        let mut spare = self.spare.lock();
         if spare.is_none() {
             *spare = open_spare();
         }
@@ -102,7 +100,7 @@ mod tests {
         let err = std::io::Read::read(&mut client, &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         // The reserve is back for the next one.
-        assert!(reserve.spare.lock().unwrap().is_some());
+        assert!(reserve.spare.lock().is_some());
     }
 
     #[test]

@@ -14,13 +14,8 @@
 //! tunnel (itself one HTTP/2 connection per node pair), so many pooled
 //! connections cost one TLS session.
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::{Either, Full};
 use hyper::{
@@ -150,7 +145,7 @@ impl HttpPool {
     }
 
     fn idle_http1(&self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
-        let mut pools = self.http1.lock().expect("pool lock");
+        let mut pools = self.http1.lock();
         let idle = pools.get_mut(key)?;
         idle.retain(|sender| !sender.is_closed());
         let ready = idle.iter().position(http1::SendRequest::is_ready)?;
@@ -160,7 +155,7 @@ impl HttpPool {
     /// Back to the pool as soon as the response head is in: it becomes ready
     /// again when the response body has been read.
     fn put_http1(&self, key: &PoolKey, sender: http1::SendRequest<UpstreamBody>) {
-        let mut pools = self.http1.lock().expect("pool lock");
+        let mut pools = self.http1.lock();
         let idle = pools.entry(key.clone()).or_default();
         idle.retain(|sender| !sender.is_closed());
         if idle.len() < self.max_idle {
@@ -178,13 +173,7 @@ impl HttpPool {
         C: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<BoxIo>>,
     {
-        let slot = self
-            .http2
-            .lock()
-            .expect("pool lock")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let slot = self.http2.lock().entry(key.clone()).or_default().clone();
         for fresh in [false, true] {
             let (mut sender, fresh_connection) = {
                 // Held while dialling, so concurrent first requests share one
@@ -229,14 +218,12 @@ impl HttpPool {
         let http1: usize = self
             .http1
             .lock()
-            .expect("pool lock")
             .values()
             .map(|idle| idle.iter().filter(|s| !s.is_closed()).count())
             .sum();
         let http2 = self
             .http2
             .lock()
-            .expect("pool lock")
             .values()
             .filter(|slot| {
                 slot.try_lock()
@@ -250,8 +237,8 @@ impl HttpPool {
     /// Drops the pools of endpoints no longer in `keep` (their connections
     /// close once their in-flight requests end).
     pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) {
-        self.http1.lock().expect("pool lock").retain(|k, _| keep(k));
-        self.http2.lock().expect("pool lock").retain(|k, _| keep(k));
+        self.http1.lock().retain(|k, _| keep(k));
+        self.http2.lock().retain(|k, _| keep(k));
     }
 }
 

@@ -30,19 +30,93 @@ use hyper::{
     http::{request::Parts, uri::Uri},
 };
 
+use tokio::net::TcpStream;
+
 use super::{
-    PodHandle, ProxyContext, authz,
+    authz,
+    context::ProxyContext,
+    deliver::{http_outcome, normalize_path},
+    finish::reset,
     http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
+    pod::PodHandle,
+    telemetry,
 };
 use crate::{
     balance::{Outcome, retryable},
-    l7::{Authorizer, Forward, Protocol, RequestInfo, ResponseBody, Verdict, local_response},
+    l7::{
+        self, Authorizer, Forward, L7Error, L7Options, Protocol, RequestInfo, ResponseBody,
+        Verdict, local_response,
+    },
     services::{PortProtocol, RequestPick, ServicePortEntry},
 };
 
+/// Serves a client connection to a service's HTTP port: each request goes
+/// to an endpoint of its own. The policies that apply are the endpoints':
+/// decided here for endpoints on this node, by their node's agent for the
+/// others. A client that does not speak HTTP to an HTTP port is reset.
+/// Returns the record's outcome and whether it failed.
+pub async fn serve(
+    ctx: &Arc<ProxyContext>,
+    downstream: TcpStream,
+    source: Arc<PodHandle>,
+    service: Arc<ServicePortEntry>,
+) -> (String, bool) {
+    let forwarder = Arc::new(ServiceForwarder {
+        ctx: ctx.clone(),
+        source: source.clone(),
+        service: service.clone(),
+    });
+    // Each request is reported by this node as the source's: the
+    // endpoint (and so the destination workload) is chosen per request.
+    let request_metrics = telemetry::ConnectionRequests {
+        telemetry: ctx.http_telemetry.clone(),
+        access_log: ctx.connections.access_log_enabled(),
+        labels: [
+            "source".to_string(),
+            source.workload_name(),
+            source.workload.namespace.clone(),
+            source.identity.to_string(),
+            "unknown".to_string(),
+            service.config.namespace.clone(),
+            "unknown".to_string(),
+            service_host(&service.config),
+        ],
+        security: "unknown",
+        series: Default::default(),
+    };
+    let options = L7Options {
+        request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),
+        ..L7Options::default()
+    };
+    match l7::serve_with(
+        downstream,
+        forwarder,
+        Arc::new(l7::AllowAll),
+        normalize_path,
+        options,
+    )
+    .await
+    {
+        Ok(stats) => (http_outcome(&stats), false),
+        Err(L7Error::NotHttp(not_http)) => {
+            tracing::warn!(pod = %source.key, service = %service.key, reason = %not_http.reason, "not HTTP on an HTTP service port; reset");
+            if let Ok((_, downstream)) = not_http.into_parts::<TcpStream>() {
+                reset(downstream);
+            }
+            (format!("not HTTP on HTTP port {}", service.key), true)
+        }
+        Err(err) => (format!("http connection ended: {err}"), false),
+    }
+}
+
+/// A service's name as Istio's `destination_service` label gives it.
+pub fn service_host(service: &crate::config::ServiceConfig) -> String {
+    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+}
+
 /// Sends each request of one client connection to an endpoint of `service`.
 pub struct ServiceForwarder {
-    pub proxy: Arc<ProxyContext>,
+    pub ctx: Arc<ProxyContext>,
     /// The client's pod: its identity and namespace are used upstream.
     pub source: Arc<PodHandle>,
     pub service: Arc<ServicePortEntry>,
@@ -129,7 +203,10 @@ impl ServiceForwarder {
                 pick: Some(pick),
                 started: Instant::now(),
             };
-            let target = self.proxy.local_pod(addr.ip());
+            // The snapshot in force for this request: where the endpoint
+            // is, and whose policies decide it.
+            let snapshot = self.ctx.snapshot();
+            let target = snapshot.local_pod(addr.ip()).cloned();
             if let Some(target) = &target
                 && let Err(by) = self.authorize_local(target, &parts, addr)
             {
@@ -154,7 +231,7 @@ impl ServiceForwarder {
             // pool key says which connections may serve this request.
             let peer = match &target {
                 Some(_) => None,
-                None => peer.or_else(|| self.proxy.mtls.remote_peer(addr.ip())),
+                None => peer.or_else(|| snapshot.remote_peer(addr.ip()).cloned()),
             };
             let key = PoolKey {
                 source_pod: self.source.key.clone(),
@@ -163,7 +240,7 @@ impl ServiceForwarder {
                 http2,
             };
             let connect = || self.connect(addr, target.clone(), peer.clone());
-            let sent = self.proxy.http_pool.send(&key, connect, upstream_request);
+            let sent = self.ctx.http_pool.send(&key, connect, upstream_request);
             let result = match deadline {
                 Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
                     Ok(result) => result,
@@ -232,7 +309,8 @@ impl ServiceForwarder {
     ) -> Result<(), String> {
         let source_ip = self.source.addr_like(addr.ip());
         let authorizer = authz::ConnectionAuthorizer {
-            proxy: self.proxy.clone(),
+            authorizer: self.ctx.authorizer.clone(),
+            snapshots: self.ctx.snapshots(),
             pod: target.key.clone(),
             workload: target.workload.clone(),
             source: Some(self.source.identity.clone()),
@@ -274,11 +352,11 @@ impl ServiceForwarder {
         let timeout = self.service.config.connect_timeout;
         let connect = async {
             Ok::<BoxIo, anyhow::Error>(if let Some(target) = local {
-                Box::new(self.proxy.connect_inside(&target, addr).await?)
+                Box::new(self.ctx.dial.into_pod(&target, addr).await?)
             } else if let Some(peer) = peer {
-                Box::new(self.proxy.connect_tunnel(&self.source, &peer, addr).await?)
+                Box::new(self.ctx.dial.tunnel(&self.source, &peer, addr).await?)
             } else {
-                Box::new(self.proxy.connect_from(&self.source, addr).await?)
+                Box::new(self.ctx.dial.from_pod(&self.source, addr).await?)
             })
         };
         tokio::time::timeout(timeout, connect)

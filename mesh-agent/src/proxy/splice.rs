@@ -10,7 +10,7 @@
 //! many bytes of that direction it has relayed; a direction switches to the
 //! kernel at the first send made once the agent has caught up.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use mesh_common::{SockKey, SockState};
 use tokio::net::TcpStream;
@@ -86,7 +86,7 @@ impl<'f> Splice<'f> {
     pub fn finish(self, relayed_up: u64, relayed_down: u64) -> SplicedBytes {
         self.fast_path.disarm(&self.a);
         self.fast_path.disarm(&self.b);
-        let [a, b] = *self.sent.lock().expect("splice lock");
+        let [a, b] = *self.sent.lock();
         let a = a.or_else(|| self.fast_path.state(&self.a));
         let b = b.or_else(|| self.fast_path.state(&self.b));
         SplicedBytes {
@@ -115,7 +115,7 @@ impl RelayObserver for Splice<'_> {
             (self.b, 1)
         };
         if let Some(state) = self.fast_path.state(&key) {
-            self.sent.lock().expect("splice lock")[slot] = Some(state);
+            self.sent.lock()[slot] = Some(state);
         }
     }
 }

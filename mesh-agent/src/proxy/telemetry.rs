@@ -213,7 +213,7 @@ pub struct ConnectionRequests {
     /// workload, namespace and principal, destination service.
     pub labels: [String; 8],
     pub security: &'static str,
-    pub series: std::sync::Mutex<Vec<(u16, Series)>>,
+    pub series: parking_lot::Mutex<Vec<(u16, Series)>>,
 }
 
 /// The series of one response code.
@@ -227,7 +227,7 @@ pub struct Series {
 
 impl ConnectionRequests {
     fn series(&self, status: u16) -> Series {
-        let mut cache = self.series.lock().expect("series lock");
+        let mut cache = self.series.lock();
         if let Some((_, series)) = cache.iter().find(|(code, _)| *code == status) {
             return series.clone();
         }

@@ -5,10 +5,11 @@
 //! stream count lives in a `watch` channel so the driver can restart its idle
 //! timer on every change without polling.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use http_body_util::Empty;
@@ -198,7 +199,7 @@ fn lease(conn: Arc<PooledConn>) -> (Arc<PooledConn>, StreamLease) {
 impl PoolInner {
     fn lock(&self) -> MutexGuard<'_, PoolState> {
         // A panic while holding the lock leaves the map consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     fn remove(&self, conn: &Arc<PooledConn>) {

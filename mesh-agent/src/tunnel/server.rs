@@ -35,8 +35,9 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// The original client from `Forwarded: for=`, if sent and parseable.
     pub forwarded_for: Option<IpAddr>,
-    /// The peer's verified chain, leaf first.
-    pub peer_certificates: Vec<CertificateDer<'static>>,
+    /// The peer's verified chain, leaf first (shared by the connection's
+    /// streams, not copied per stream).
+    pub peer_certificates: Arc<[CertificateDer<'static>]>,
     /// The TCP peer (the remote node or pod).
     pub peer_addr: SocketAddr,
     /// When the peer's certificate expires: TLS checked it at the handshake
@@ -236,7 +237,7 @@ where
 async fn handle_stream<O, Fut>(
     mut req: Request<Incoming>,
     open: O,
-    peer_certificates: &[CertificateDer<'static>],
+    peer_certificates: &Arc<[CertificateDer<'static>]>,
     peer_certificate_expiry: Option<std::time::SystemTime>,
     peer_addr: SocketAddr,
 ) -> Response<Empty<Bytes>>
@@ -266,7 +267,7 @@ where
     let request = ConnectRequest {
         authority,
         forwarded_for,
-        peer_certificates: peer_certificates.to_vec(),
+        peer_certificates: peer_certificates.clone(),
         peer_addr,
         peer_certificate_expiry,
     };

@@ -1,10 +1,11 @@
 //! End-to-end tests: real TCP on loopback, real TLS 1.3 with client
 //! certificates, real HTTP/2.
 
+use parking_lot::Mutex;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
@@ -184,7 +185,7 @@ impl Hbone {
                     let res = serve_connection(tcp, tls, handshake_timeout, open).await;
                     let _ = tx.send((idx, res));
                 });
-                cs.lock().unwrap().push(task);
+                cs.lock().push(task);
             }
         });
         Self {
@@ -207,7 +208,7 @@ impl Hbone {
 
     /// Kills the server side of connection `idx` (drops its socket).
     fn kill(&self, idx: usize) {
-        self.conns.lock().unwrap()[idx].abort();
+        self.conns.lock()[idx].abort();
     }
 }
 
@@ -229,7 +230,7 @@ impl Opener {
     fn open(&self) -> impl Fn(ConnectRequest) -> OpenFut + Clone + Send + Sync + 'static {
         let this = self.clone();
         move |req| {
-            this.seen.lock().unwrap().push(req.clone());
+            this.seen.lock().push(req.clone());
             let upstream = this.upstream;
             Box::pin(async move {
                 if req.authority.port() == 403 {
@@ -243,7 +244,7 @@ impl Opener {
     }
 
     fn seen(&self) -> Vec<ConnectRequest> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().clone()
     }
 }
 
@@ -358,7 +359,7 @@ async fn one_stream_carries_bytes_and_half_closes_both_ways() {
         for req in &seen[2 * i..] {
             assert_eq!(req.authority, authority.parse::<SocketAddr>().unwrap());
             assert_eq!(req.forwarded_for, Some(forwarded.parse().unwrap()));
-            assert_eq!(req.peer_certificates, vec![pki.client.0.clone()]);
+            assert_eq!(req.peer_certificates.to_vec(), vec![pki.client.0.clone()]);
             assert_eq!(req.peer_addr.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
         }
     }

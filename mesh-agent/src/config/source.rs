@@ -1,0 +1,36 @@
+//! The files as a source of the desired state: the directory is watched,
+//! and every change is read and validated whole. A valid one is sent as a
+//! new desired state, an invalid one as a rejection naming file, line and
+//! field (the previous state keeps serving).
+
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+
+use super::{load_dir, watch::ConfigWatch};
+use crate::desired::Update;
+
+/// Follows `dir` until the receiver goes. Watching starts before the first
+/// read, so a change made at any time after the agent's own load is seen.
+pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>) {
+    let mut watch = match ConfigWatch::start(&dir) {
+        Ok(watch) => watch,
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "configuration changes will NOT be followed"
+            );
+            return;
+        }
+    };
+    let mut first_pass = true;
+    while std::mem::take(&mut first_pass) || watch.changed().await {
+        let update = match load_dir(&dir) {
+            Ok(desired) => Update::Desired(Box::new(desired)),
+            Err(err) => Update::Rejected(err.to_string()),
+        };
+        if updates.send(update).await.is_err() {
+            return;
+        }
+    }
+}

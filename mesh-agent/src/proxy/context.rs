@@ -1,0 +1,154 @@
+//! What every connection handler shares: the snapshot in force, the ways
+//! out (dialer, pool), authorization, and what is counted and recorded.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+
+use super::{
+    admission,
+    authz::Authorizer,
+    connections::{ConnectionLog, ConnectionRecord, Direction, Peers},
+    dial::Dialer,
+    http_pool::HttpPool,
+    pod::PodHandle,
+    snapshot::{Snapshot, SnapshotCell},
+    telemetry,
+};
+use crate::{ebpf::OrigDstTable, identity::SpiffeId, mtls::Mtls};
+
+/// Idle HTTP/1.1 connections kept per (client pod, endpoint).
+const HTTP_POOL_MAX_IDLE: usize = 64;
+
+pub struct ProxyContext {
+    pub orig_dst: OrigDstTable,
+    pub mtls: Arc<Mtls>,
+    /// Pods, remote workloads, services and policies in force, swapped whole.
+    snapshots: SnapshotCell,
+    pub dial: Dialer,
+    pub authorizer: Arc<Authorizer>,
+    pub connections: ConnectionLog,
+    /// Upstream connections of per-request balancing (HTTP service ports).
+    pub http_pool: HttpPool,
+    /// The kernel fast path, when loaded: splices authorized local flows.
+    pub fast_path: Option<Arc<crate::ebpf::FastPath>>,
+    /// Istio's TCP metrics.
+    pub telemetry: telemetry::TcpTelemetry,
+    /// Istio's HTTP metrics (requests decided by this node's L7 policies).
+    pub http_telemetry: telemetry::HttpTelemetry,
+    /// Turns true when the agent drains: tunnel connections get a GOAWAY.
+    pub(super) draining: tokio::sync::watch::Sender<bool>,
+    /// Tunnel connections served (from other nodes), open now.
+    pub tunnel_connections: Arc<AtomicUsize>,
+    /// What may be open at once.
+    pub admission: admission::Admission,
+    /// Tunnel TLS handshakes in progress now.
+    pub(super) pending_handshakes: Arc<AtomicUsize>,
+}
+
+impl ProxyContext {
+    pub fn new(orig_dst: OrigDstTable, mtls: Arc<Mtls>) -> Self {
+        Self {
+            orig_dst,
+            dial: Dialer {
+                mtls: mtls.clone(),
+                connect_timeout: Duration::from_secs(10),
+            },
+            mtls,
+            snapshots: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
+            authorizer: Arc::default(),
+            connections: ConnectionLog::new(1024),
+            http_pool: HttpPool::new(HTTP_POOL_MAX_IDLE),
+            fast_path: None,
+            telemetry: telemetry::TcpTelemetry::default(),
+            http_telemetry: telemetry::HttpTelemetry::default(),
+            draining: tokio::sync::watch::Sender::new(false),
+            tunnel_connections: Arc::default(),
+            admission: admission::Admission::default(),
+            pending_handshakes: Arc::default(),
+        }
+    }
+
+    /// The snapshot in force now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.load_full()
+    }
+
+    /// Where per-request decisions look up the snapshot in force.
+    pub(super) fn snapshots(&self) -> SnapshotCell {
+        self.snapshots.clone()
+    }
+
+    /// Puts `snapshot` in force in one step. Pools to endpoints that left
+    /// every service are dropped: they get no new requests, and their
+    /// connections close when the requests in flight on them end.
+    pub fn publish(&self, snapshot: Snapshot) {
+        let endpoints: std::collections::HashSet<SocketAddr> = snapshot
+            .services
+            .entries()
+            .iter()
+            .flat_map(|entry| entry.endpoint_addrs())
+            .collect();
+        self.snapshots.store(Arc::new(snapshot));
+        self.http_pool
+            .retain(|key| endpoints.contains(&key.endpoint));
+    }
+
+    /// The identities of the pods of this node the agent serves.
+    pub fn local_identities(&self) -> Vec<SpiffeId> {
+        self.snapshot().local_identities()
+    }
+
+    /// Starts draining: every served tunnel connection gets a GOAWAY (its
+    /// open streams carry on; new streams go to a new connection).
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Tunnel connections from other nodes still open.
+    pub fn tunnel_connections(&self) -> usize {
+        self.tunnel_connections.load(Ordering::SeqCst)
+    }
+
+    /// A new record of a connection of `pod` from `client`.
+    pub(super) fn record(
+        &self,
+        direction: Direction,
+        pod: &PodHandle,
+        client: SocketAddr,
+    ) -> ConnectionRecord {
+        ConnectionRecord {
+            id: self.connections.open(direction),
+            direction,
+            pod: pod.key.clone(),
+            client,
+            original_dst: client,
+            upstream: String::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            outcome: String::new(),
+            duration_ms: 0,
+            source_identity: None,
+            peer_identity: None,
+            security: "none".to_string(),
+            spliced_bytes: 0,
+            peers: Peers::default(),
+        }
+    }
+}
+
+impl Peers {
+    /// The destination is `pod`, a pod of this node.
+    pub(super) fn set_local_destination(&mut self, pod: &PodHandle) {
+        self.destination_workload = pod.workload_name();
+        self.destination_namespace = pod.workload.namespace.clone();
+        self.destination_principal = Some(pod.identity.to_string());
+    }
+}

@@ -1,0 +1,142 @@
+//! Delivering a connection into a pod of this node, the last step of all
+//! three entry paths (outbound to a local pod, plaintext inbound, tunnel
+//! inbound): the pod's policies decide per request when they have HTTP
+//! rules (the connection is served as HTTP), else once for the connection.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{authz::ConnectionAuthorizer, context::ProxyContext, pod::PodHandle, telemetry};
+use crate::{
+    identity::SpiffeId,
+    l7::{self, L7Error, L7Options},
+    policy,
+};
+
+/// Who is on the other end of a connection being delivered.
+pub struct Client {
+    /// The identity the client proved (tunnel) or the capture knows (a pod
+    /// of this node); none for plaintext from outside the mesh.
+    pub identity: Option<SpiffeId>,
+    /// Istio's `source.ip`: the address the connection came from.
+    pub source_ip: IpAddr,
+    /// Istio's `remote.ip`: the original client (X-Forwarded-For of a
+    /// tunnel stream).
+    pub remote_ip: IpAddr,
+}
+
+/// Serves `downstream` as HTTP into `target`, deciding each request (403
+/// `RBAC: access denied` for a denied one, the connection stays usable).
+/// Traffic that turns out not to be HTTP gets the L4 decision instead.
+/// Returns the record's outcome and whether it failed.
+pub async fn serve_http<D>(
+    ctx: &Arc<ProxyContext>,
+    downstream: D,
+    target: Arc<PodHandle>,
+    client: Client,
+    dst: SocketAddr,
+) -> (String, bool)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let snapshot = ctx.snapshot();
+    let authorizer = Arc::new(ConnectionAuthorizer {
+        authorizer: ctx.authorizer.clone(),
+        snapshots: ctx.snapshots(),
+        pod: target.key.clone(),
+        workload: target.workload.clone(),
+        source: client.identity.clone(),
+        source_ip: client.source_ip,
+        remote_ip: client.remote_ip,
+        destination: dst,
+    });
+    // Each request is reported by this node as the destination's.
+    let (source_workload, source_namespace) = snapshot.workload_of(client.remote_ip);
+    let request_metrics = telemetry::ConnectionRequests {
+        telemetry: ctx.http_telemetry.clone(),
+        access_log: ctx.connections.access_log_enabled(),
+        labels: [
+            "destination".to_string(),
+            source_workload,
+            source_namespace,
+            client
+                .identity
+                .as_ref()
+                .map_or_else(|| "unknown".to_string(), |id| id.to_string()),
+            target.workload_name(),
+            target.workload.namespace.clone(),
+            target.identity.to_string(),
+            "unknown".to_string(),
+        ],
+        // An identified client that is not a pod of this node came
+        // through the tunnel.
+        security: if client.identity.is_some() && snapshot.local_pod(client.remote_ip).is_none() {
+            "mutual_tls"
+        } else {
+            "none"
+        },
+        series: Default::default(),
+    };
+    let options = L7Options {
+        request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),
+        ..L7Options::default()
+    };
+    let (dialing, inside) = (ctx.clone(), target.clone());
+    let connect = move || async move {
+        dialing
+            .dial
+            .into_pod(&inside, dst)
+            .await
+            .map_err(std::io::Error::other)
+    };
+    match l7::serve(downstream, connect, authorizer, normalize_path, options).await {
+        Ok(stats) => (http_outcome(&stats), false),
+        Err(L7Error::NotHttp(not_http)) => {
+            let snapshot = ctx.snapshot();
+            if let Err(by) = ctx.authorizer.connection(
+                &snapshot.policies,
+                &target,
+                client.identity.as_ref(),
+                client.source_ip,
+                client.remote_ip,
+                dst,
+            ) {
+                return (format!("denied by {by} (not HTTP)"), true);
+            }
+            let Ok((peeked, mut downstream)) = not_http.into_parts::<D>() else {
+                return ("internal error: stream type".to_string(), true);
+            };
+            match ctx.dial.into_pod(&target, dst).await {
+                Ok(mut upstream) => {
+                    if upstream.write_all(&peeked).await.is_err() {
+                        return ("upstream-reset".to_string(), true);
+                    }
+                    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+                        Ok(_) => ("closed (not HTTP)".to_string(), false),
+                        Err(_) => ("reset (not HTTP)".to_string(), false),
+                    }
+                }
+                Err(err) => (format!("upstream-failed: {err:#}"), true),
+            }
+        }
+        Err(err) => (format!("http connection ended: {err}"), false),
+    }
+}
+
+/// The connection record's outcome of an HTTP connection.
+pub fn http_outcome(stats: &l7::L7Stats) -> String {
+    format!(
+        "http: {} requests, {} denied, {} bad",
+        stats.requests, stats.denied, stats.bad_requests
+    )
+}
+
+/// The L7 relay's path normaliser: the policy engine's (one definition, so
+/// what is matched is what is forwarded).
+pub fn normalize_path(raw: &str) -> Result<String, String> {
+    policy::normalize_path(raw).map_err(|e| e.to_string())
+}

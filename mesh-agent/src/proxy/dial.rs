@@ -1,0 +1,151 @@
+//! Upstream connections, each made from the right network namespace: from a
+//! pod's own address (passthrough), into a pod of this node over its
+//! loopback (delivery), or through the mTLS tunnel to another node's agent.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use mesh_common::{AGENT_SOURCE_IPV4, TUNNEL_PORT};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::pod::PodHandle;
+use crate::{
+    mtls::{Mtls, RemotePeer},
+    tunnel::{self, PoolKey, TunnelStream, TunnelTarget},
+};
+
+pub struct Dialer {
+    pub mtls: Arc<Mtls>,
+    pub connect_timeout: Duration,
+}
+
+impl Dialer {
+    /// Connects to `dst` from `pod`'s namespace (the pod's own address).
+    pub async fn from_pod(&self, pod: &PodHandle, dst: SocketAddr) -> Result<TcpStream> {
+        let socket = pod.netns.tcp_socket(dst.is_ipv6()).await?;
+        self.connect(socket, dst).await
+    }
+
+    /// Connects to `dst` inside `target`'s namespace over its loopback, from
+    /// the agent's reserved source address, so inbound capture leaves it alone.
+    pub async fn into_pod(&self, target: &PodHandle, dst: SocketAddr) -> Result<TcpStream> {
+        let socket = target.netns.tcp_socket(dst.is_ipv6()).await?;
+        let source: IpAddr = if dst.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::from(AGENT_SOURCE_IPV4))
+        };
+        // The port is chosen at connect, not at bind: every connection into
+        // the pod leaves from this one address, and a port picked at bind
+        // must be free of every other socket on it (TIME_WAIT included), so
+        // a few tens of thousands of connections a minute would run out.
+        // Chosen at connect it only has to make the 4-tuple unique.
+        bind_address_no_port(&socket);
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .with_context(|| format!("binding {source} in {}", target.key))?;
+        self.connect(socket, dst).await
+    }
+
+    /// Opens a tunnel stream to `dst` through its node's agent, as `pod`'s
+    /// identity; the TCP connection leaves from `pod`'s namespace.
+    pub async fn tunnel(
+        &self,
+        pod: &Arc<PodHandle>,
+        peer: &RemotePeer,
+        dst: SocketAddr,
+    ) -> Result<TunnelStream> {
+        let tls = self.mtls.client_config(&pod.identity, &peer.identity)?;
+        let gateway = SocketAddr::new(dst.ip(), TUNNEL_PORT);
+        let source_ip = pod
+            .addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == dst.is_ipv4());
+        let target = TunnelTarget {
+            gateway,
+            authority: dst,
+            forwarded_for: source_ip,
+            pool_key: PoolKey::new(pod.identity.to_string(), peer.identity.to_string(), gateway),
+            local_cert_expiry: self.mtls.certificate_expiry(&pod.identity),
+        };
+        let server_name = rustls_pki_types::ServerName::IpAddress(dst.ip().into());
+        let dial_pod = pod.clone();
+        let timeout = self.connect_timeout;
+        let stream = self
+            .mtls
+            .tunnel
+            .connect(&target, tls, server_name, move || async move {
+                let socket = dial_pod
+                    .netns
+                    .tcp_socket(gateway.is_ipv6())
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let stream = tokio::time::timeout(timeout, socket.connect(gateway))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "tunnel connect timed out",
+                        )
+                    })??;
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            })
+            .await;
+        stream.map_err(|err| {
+            let reason = tunnel_failure_reason(&err);
+            self.mtls.count_rejection(&reason);
+            tracing::warn!(pod = %pod.key, peer = %peer.identity, %gateway, reason, error = format!("{err:#}"), "tunnel to the peer failed");
+            anyhow!("tunnel to {} ({}): {err:#}", peer.key, peer.identity)
+        })
+    }
+
+    async fn connect(&self, socket: TcpSocket, dst: SocketAddr) -> Result<TcpStream> {
+        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(dst))
+            .await
+            .with_context(|| format!("connecting to {dst} timed out"))?
+            .with_context(|| format!("connecting to {dst}"))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// IP_BIND_ADDRESS_NO_PORT (Linux 4.2): bind(addr, 0) leaves the port to
+/// connect(). Best effort: without it, bind picks the port as before.
+fn bind_address_no_port(socket: &TcpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
+    if let Err(err) = setsockopt(socket, IpBindAddressNoPort, &true) {
+        tracing::debug!(error = %err, "IP_BIND_ADDRESS_NO_PORT not set");
+    }
+}
+
+/// Why a tunnel stream could not be opened, as counted: the peer's refusal
+/// (a 403 from its agent is its policy), a TLS failure by kind, or
+/// the dial.
+fn tunnel_failure_reason(err: &anyhow::Error) -> String {
+    for cause in err.chain() {
+        if let Some(refused) = cause.downcast_ref::<tunnel::PeerRefused>() {
+            return match refused.0.as_u16() {
+                403 => "denied_by_peer".to_string(),
+                _ => "refused_by_peer".to_string(),
+            };
+        }
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return crate::identity::classify_tls_error(tls)
+                .as_label()
+                .to_string();
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            let rejection = crate::identity::classify_io_error(io);
+            if !matches!(rejection, crate::identity::HandshakeRejection::Other(_)) {
+                return rejection.as_label().to_string();
+            }
+        }
+    }
+    "tunnel_failed".to_string()
+}

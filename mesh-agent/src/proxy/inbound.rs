@@ -1,0 +1,77 @@
+//! Plaintext inbound: a connection from outside the mesh to a pod of this
+//! node, steered by sk_lookup to the agent's listener on 127.0.0.1:15006 in
+//! the pod. The accepted socket's local address is where the client was
+//! going; it is delivered inside the pod by the pod's policies.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::net::TcpStream;
+
+use super::{
+    connections::Direction,
+    context::ProxyContext,
+    deliver::{self, Client},
+    finish::{self, Upstream},
+    pod::PodHandle,
+};
+
+/// Serves one plaintext connection captured on its way into `pod`.
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    downstream: TcpStream,
+    client: SocketAddr,
+) {
+    let started = Instant::now();
+    let mut record = ctx.record(Direction::Inbound, &pod, client);
+    record.peers.set_local_destination(&pod);
+    record.upstream = format!("pod:{}", pod.key);
+    // The accepted socket's own address is the destination; without it
+    // there is nowhere to deliver (never guess one).
+    let original_dst = match downstream.local_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            tracing::warn!(pod = %pod.key, %client, error = %err, "inbound connection without a local address; reset");
+            let outcome = format!("no-original-destination: {err}");
+            finish::refuse(&ctx, record, started, downstream, outcome);
+            return;
+        }
+    };
+    record.original_dst = original_dst;
+    let snapshot = ctx.snapshot();
+    // Plaintext from outside the mesh: no principal, no namespace.
+    if snapshot.needs_http(&pod) {
+        let from = Client {
+            identity: None,
+            source_ip: client.ip(),
+            remote_ip: client.ip(),
+        };
+        let served = Box::pin(deliver::serve_http(
+            &ctx,
+            downstream,
+            pod.clone(),
+            from,
+            original_dst,
+        ))
+        .await;
+        finish::record_served(&ctx, record, started, served);
+        return;
+    }
+    if let Err(by) = ctx.authorizer.connection(
+        &snapshot.policies,
+        &pod,
+        None,
+        client.ip(),
+        client.ip(),
+        original_dst,
+    ) {
+        finish::refuse(&ctx, record, started, downstream, format!("denied by {by}"));
+        return;
+    }
+    let upstream = ctx
+        .dial
+        .into_pod(&pod, original_dst)
+        .await
+        .map(Upstream::Tcp);
+    finish::finish(&ctx, record, started, downstream, upstream).await;
+}

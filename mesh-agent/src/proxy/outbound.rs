@@ -1,0 +1,159 @@
+//! Outbound: a connection captured on its way out of a pod of this node
+//! (via the agent's listener on 127.0.0.1:15001 in that pod). The kernel's
+//! record says where it was going; the route says how to get there.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::net::TcpStream;
+
+use super::{
+    connections::Direction,
+    context::ProxyContext,
+    deliver::{self, Client},
+    finish::{self, Upstream},
+    pod::PodHandle,
+    route::{self, Hop, Route},
+    service_http,
+};
+
+/// Serves one connection captured on its way out of `pod`.
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodHandle>,
+    downstream: TcpStream,
+    client: std::net::SocketAddr,
+) {
+    let started = Instant::now();
+    let mut record = ctx.record(Direction::Outbound, &pod, client);
+    record.source_identity = Some(pod.identity.to_string());
+    record.peers.source_workload = pod.workload_name();
+    record.peers.source_namespace = pod.workload.namespace.clone();
+    let captured = match ctx.orig_dst.take(pod.netns_cookie, client) {
+        Ok(captured) => captured,
+        Err(err) => {
+            // Never guess a destination: close, and say why.
+            tracing::warn!(pod = %pod.key, %client, error = %err, "captured connection without a record; reset");
+            let outcome = format!("no-original-destination: {err}");
+            finish::refuse(&ctx, record, started, downstream, outcome);
+            return;
+        }
+    };
+    let mut dst = captured.original_dst;
+    record.original_dst = dst;
+    // One snapshot for the whole connection: its route and its decision
+    // come from the same generation.
+    let snapshot = ctx.snapshot();
+    let mut chosen = None;
+    let hop = match route::route(&snapshot, dst) {
+        Route::ServiceHttp(service) => {
+            // An HTTP port: an endpoint per request, not per connection.
+            record.peers.destination_service = service_http::service_host(&service.config);
+            record.upstream = format!("service:{}", service.key);
+            // Boxed, here and below: the state of the HTTP paths is large, and
+            // would otherwise be reserved in every connection's future,
+            // idle TCP relays included.
+            let served =
+                Box::pin(service_http::serve(&ctx, downstream, pod, service.clone())).await;
+            finish::record_served(&ctx, record, started, served);
+            ctx.orig_dst.forget(captured.socket_cookie);
+            return;
+        }
+        Route::ServiceTcp(service) => {
+            record.peers.destination_service = service_http::service_host(&service.config);
+            match service.choose() {
+                Ok(endpoint) => {
+                    dst = endpoint.addr;
+                    let hop = route::endpoint_route(&snapshot, dst, endpoint.peer.clone());
+                    chosen = Some((service, endpoint));
+                    hop
+                }
+                Err(err) => {
+                    // Fail fast and say so: the client gets a reset at once.
+                    tracing::warn!(pod = %pod.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service; reset");
+                    let outcome = format!("no-healthy-endpoint: {}", service.key);
+                    finish::refuse(&ctx, record, started, downstream, outcome);
+                    ctx.orig_dst.forget(captured.socket_cookie);
+                    return;
+                }
+            }
+        }
+        Route::Address(hop) => hop,
+    };
+    // An authorized L4 flow between two pods of this node may be spliced.
+    let mut splice_into = None;
+    let upstream = match hop {
+        Hop::LocalPod(target) => {
+            record.upstream = format!("pod:{}", target.key);
+            record.peers.set_local_destination(&target);
+            // Same node: the destination's policy applies here, with the source
+            // identity known from the capture.
+            let source_ip = pod.addr_like(dst.ip());
+            if snapshot.needs_http(&target) {
+                let client = Client {
+                    identity: Some(pod.identity.clone()),
+                    source_ip,
+                    remote_ip: source_ip,
+                };
+                let served =
+                    Box::pin(deliver::serve_http(&ctx, downstream, target, client, dst)).await;
+                finish::record_served(&ctx, record, started, served);
+                ctx.orig_dst.forget(captured.socket_cookie);
+                return;
+            }
+            if let Err(by) = ctx.authorizer.connection(
+                &snapshot.policies,
+                &target,
+                Some(&pod.identity),
+                source_ip,
+                source_ip,
+                dst,
+            ) {
+                finish::refuse(&ctx, record, started, downstream, format!("denied by {by}"));
+                ctx.orig_dst.forget(captured.socket_cookie);
+                return;
+            }
+            splice_into = Some(target.netns_cookie);
+            Box::pin(ctx.dial.into_pod(&target, dst))
+                .await
+                .map(Upstream::Tcp)
+        }
+        Hop::Tunnel(peer) => {
+            record.upstream = format!("tunnel:{}", peer.key);
+            record.peer_identity = Some(peer.identity.to_string());
+            record.peers.destination_principal = Some(peer.identity.to_string());
+            if let Some((namespace, name)) = peer.key.split_once('/') {
+                record.peers.destination_workload = name.to_string();
+                record.peers.destination_namespace = namespace.to_string();
+            }
+            record.security = "mutual_tls".to_string();
+            Box::pin(ctx.dial.tunnel(&pod, &peer, dst))
+                .await
+                .map(Upstream::Tunnel)
+        }
+        Hop::Passthrough => {
+            record.upstream = "direct".to_string();
+            Box::pin(ctx.dial.from_pod(&pod, dst))
+                .await
+                .map(Upstream::Tcp)
+        }
+    };
+    let failed = match (splice_into, upstream) {
+        (Some(server_netns), Ok(Upstream::Tcp(tcp))) => {
+            Box::pin(finish::finish_local(
+                &ctx,
+                record,
+                started,
+                downstream,
+                pod.netns_cookie,
+                tcp,
+                server_netns,
+            ))
+            .await
+        }
+        (_, upstream) => finish::finish(&ctx, record, started, downstream, upstream).await,
+    };
+    if let Some((service, endpoint)) = chosen {
+        service.done(endpoint, failed);
+    }
+    ctx.orig_dst.forget(captured.socket_cookie);
+}

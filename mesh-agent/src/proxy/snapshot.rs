@@ -1,0 +1,158 @@
+//! The state the data path reads: built whole from a desired state and
+//! swapped in one step, so a connection sees all of one generation (pods,
+//! remote workloads, services, policies) and never half of the next.
+//!
+//! A connection takes the snapshot once when it starts; per-request
+//! decisions on a long-lived HTTP connection take the current one.
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use anyhow::{Result, anyhow};
+use arc_swap::ArcSwap;
+
+use super::pod::PodHandle;
+use crate::{
+    desired::Desired,
+    identity::SpiffeId,
+    mtls::RemotePeer,
+    policy::{self, CompiledPolicies},
+    services::ServiceTable,
+};
+
+/// Everything a connection is routed and decided by.
+pub struct Snapshot {
+    /// Which applied desired state this is (1 for the first; 0: empty).
+    pub generation: u64,
+    local_pods: HashMap<IpAddr, Arc<PodHandle>>,
+    remote: HashMap<IpAddr, Arc<RemotePeer>>,
+    pub services: Arc<ServiceTable>,
+    pub policies: Arc<CompiledPolicies>,
+}
+
+/// Where the data path finds the snapshot in force.
+pub type SnapshotCell = Arc<ArcSwap<Snapshot>>;
+
+/// The parts of a snapshot that a desired state alone decides, built before
+/// anything running is touched: if one fails, nothing changes.
+pub struct Plan {
+    remote: HashMap<IpAddr, Arc<RemotePeer>>,
+    services: Arc<ServiceTable>,
+    policies: Arc<CompiledPolicies>,
+}
+
+impl Plan {
+    /// Builds remote workloads, services (keeping the balancers of
+    /// `previous` where their shape is the same) and compiled policies.
+    pub fn build(desired: &Desired, previous: &Snapshot) -> Result<Self> {
+        let node = &desired.node;
+        let remote = remote_peers(desired, &node.trust_domain)?;
+        let services = ServiceTable::build(&desired.services, node, Some(&previous.services))
+            .map_err(|e| anyhow!("services: {e:#}"))?;
+        let policies = desired.policies.set.compile(&node.root_namespace);
+        Ok(Self {
+            remote,
+            services: Arc::new(services),
+            policies: Arc::new(policies),
+        })
+    }
+
+    /// The snapshot serving `pods` (the enrolled ones) with this plan.
+    pub fn with_pods(self, pods: &[Arc<PodHandle>], generation: u64) -> Snapshot {
+        let mut local_pods = HashMap::new();
+        for pod in pods {
+            for addr in &pod.addrs {
+                local_pods.insert(*addr, pod.clone());
+            }
+        }
+        Snapshot {
+            generation,
+            local_pods,
+            remote: self.remote,
+            services: self.services,
+            policies: self.policies,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Nothing enrolled, nothing known: what the data path reads before the
+    /// first desired state is applied.
+    pub fn empty() -> Self {
+        Self {
+            generation: 0,
+            local_pods: HashMap::new(),
+            remote: HashMap::new(),
+            services: Arc::default(),
+            policies: Arc::new(
+                policy::PolicySet::default().compile(policy::DEFAULT_ROOT_NAMESPACE),
+            ),
+        }
+    }
+
+    pub fn local_pod(&self, ip: IpAddr) -> Option<&Arc<PodHandle>> {
+        self.local_pods.get(&ip)
+    }
+
+    pub fn remote_peer(&self, ip: IpAddr) -> Option<&Arc<RemotePeer>> {
+        self.remote.get(&ip)
+    }
+
+    /// The identities of the pods of this node.
+    pub fn local_identities(&self) -> Vec<SpiffeId> {
+        self.local_pods
+            .values()
+            .map(|pod| pod.identity.clone())
+            .collect()
+    }
+
+    /// The workload name and namespace of a mesh address (a pod of this node
+    /// or a workload of another), `unknown` otherwise.
+    pub fn workload_of(&self, ip: IpAddr) -> (String, String) {
+        if let Some(pod) = self.local_pod(ip) {
+            return (pod.workload_name(), pod.workload.namespace.clone());
+        }
+        if let Some(peer) = self.remote_peer(ip)
+            && let Some((namespace, name)) = peer.key.split_once('/')
+        {
+            return (name.to_string(), namespace.to_string());
+        }
+        ("unknown".to_string(), "unknown".to_string())
+    }
+
+    /// Whether `target`'s policies have HTTP rules: then every request is
+    /// decided on its own (L7) instead of the connection (L4).
+    pub fn needs_http(&self, target: &PodHandle) -> bool {
+        self.policies
+            .for_workload(&target.workload)
+            .has_http_rules()
+    }
+}
+
+/// Mesh workloads on other nodes by address, with the identity each must prove.
+fn remote_peers(desired: &Desired, trust_domain: &str) -> Result<HashMap<IpAddr, Arc<RemotePeer>>> {
+    let mut map = HashMap::new();
+    for w in &desired.workloads {
+        let identity =
+            SpiffeId::new(trust_domain, &w.namespace, &w.service_account).map_err(|e| {
+                anyhow!(
+                    "workloads: no valid SPIFFE ID for {}/{}: {e}",
+                    w.namespace,
+                    w.service_account
+                )
+            })?;
+        let peer = Arc::new(RemotePeer {
+            key: w.key(),
+            node: w.node.clone(),
+            identity,
+        });
+        for ip in w
+            .ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(w.ipv6.map(IpAddr::V6))
+        {
+            map.insert(ip, peer.clone());
+        }
+    }
+    Ok(map)
+}
