@@ -406,30 +406,11 @@ pub fn check_listener(fd: &OwnedFd, port: u16, netns_cookie: u64) -> Result<()> 
     if local.port() != port {
         bail!("listens on port {}, not {port}", local.port());
     }
-    let cookie = socket_netns_cookie(fd.as_fd())?;
+    let cookie = crate::ebpf::socket_netns_cookie(fd.as_fd())?;
     if cookie != netns_cookie {
         bail!("belongs to network namespace {cookie}, not the pod's {netns_cookie}");
     }
     Ok(())
-}
-
-fn socket_netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid descriptor, and a buffer of the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading a socket's netns cookie");
-    }
-    Ok(cookie)
 }
 
 #[cfg(test)]
@@ -446,7 +427,7 @@ mod tests {
         let name = format!("mesh-agent.test.{}", std::process::id());
         let outbound = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = outbound.local_addr().unwrap().port();
-        let cookie = socket_netns_cookie(outbound.as_fd()).unwrap();
+        let cookie = crate::ebpf::socket_netns_cookie(outbound.as_fd()).unwrap();
         let admin = listener(0);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let old = OldAgent {
@@ -533,7 +514,7 @@ mod tests {
     fn a_successor_that_goes_away_before_serving_changes_nothing() {
         let name = format!("mesh-agent.test.gone.{}", std::process::id());
         let outbound = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let cookie = socket_netns_cookie(outbound.as_fd()).unwrap();
+        let cookie = crate::ebpf::socket_netns_cookie(outbound.as_fd()).unwrap();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let old = OldAgent {
             sockets: Some((OwnedFd::from(outbound), listener(0))),

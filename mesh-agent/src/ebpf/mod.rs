@@ -12,12 +12,13 @@ pub mod fastpath;
 mod netns;
 pub mod occupancy;
 pub mod orig_dst;
+mod pins;
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     os::fd::AsFd,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -40,8 +41,10 @@ use mesh_common::{
     MAP_PODS, MAP_SOCK_STATE, MAP_SOCKS, MAP_SPLICE, MAX_PODS, PodAddr, PodCounters, PodInfo,
     PortKey,
 };
-pub use netns::{current_netns_cookie, netns_cookie};
+pub use netns::{current_netns_cookie, netns_cookie, socket_netns_cookie};
 pub use orig_dst::OrigDstTable;
+pub use pins::remove_pinned_state;
+use pins::{lock_pin_dir, pin_replacing, remove_pins};
 
 use crate::config::PodConfig;
 
@@ -563,31 +566,6 @@ impl KernelPrograms {
     }
 }
 
-/// Two agents on one pinned state would release each other's pods. The lock
-/// goes away with the process, however it ends.
-fn lock_pin_dir(pin_dir: &Path, wait: std::time::Duration) -> Result<File> {
-    let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
-    let deadline = std::time::Instant::now() + wait;
-    // SAFETY: flock on a valid fd.
-    let try_lock = || unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            libc::LOCK_EX | libc::LOCK_NB,
-        ) == 0
-    };
-    while !try_lock() {
-        if std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            continue;
-        }
-        bail!(
-            "another agent is running with the pin directory {} (only one agent per node's pinned state)",
-            pin_dir.display()
-        );
-    }
-    Ok(dir)
-}
-
 fn read_pod_map(ebpf: &mut Ebpf) -> Result<HashMap<u64, u32>> {
     let map = ebpf
         .map_mut(MAP_PODS)
@@ -598,51 +576,6 @@ fn read_pod_map(ebpf: &mut Ebpf) -> Result<HashMap<u64, u32>> {
         .filter_map(|e| e.ok())
         .map(|(cookie, info)| (cookie, info.slot))
         .collect())
-}
-
-/// Pins `link` at `path`. A pin left there by an earlier agent is removed only
-/// after the new link is attached, so the pod is never without its program.
-fn pin_replacing(link: FdLink, path: &Path) -> Result<PinnedLink> {
-    if path.exists() {
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the old pin {}", path.display()))?;
-    }
-    link.pin(path)
-        .with_context(|| format!("pinning {}", path.display()))
-}
-
-fn remove_pins(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-}
-
-/// Removes everything pinned under `pin_dir` (links and maps): with no agent
-/// running, this detaches every program of the node. For uninstalling.
-pub fn remove_pinned_state(pin_dir: &Path) -> Result<usize> {
-    let mut removed = 0;
-    for sub in ["links", "maps"] {
-        let dir = pin_dir.join(sub);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                remove_pins(&path);
-            } else {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-            removed += 1;
-        }
-        let _ = std::fs::remove_dir(&dir);
-    }
-    let _ = std::fs::remove_dir(pin_dir);
-    Ok(removed)
 }
 
 fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {

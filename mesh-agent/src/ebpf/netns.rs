@@ -1,6 +1,10 @@
 //! Network-namespace cookies: the kernel's own id for a pod's network namespace.
 
-use std::{fs::File, os::fd::AsRawFd, path::Path};
+use std::{
+    fs::File,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use anyhow::{Context, Result, anyhow};
 use nix::sched::{CloneFlags, setns};
@@ -20,7 +24,7 @@ pub fn netns_cookie(path: &Path) -> Result<u64> {
                 // Any socket will do; the wildcard address works even with no link up.
                 let socket = std::net::UdpSocket::bind("0.0.0.0:0")
                     .context("creating a socket in the namespace")?;
-                socket_netns_cookie(socket.as_raw_fd())
+                socket_netns_cookie(socket.as_fd())
             })
             .join()
             .map_err(|_| anyhow!("netns cookie thread panicked"))?
@@ -32,16 +36,18 @@ pub fn netns_cookie(path: &Path) -> Result<u64> {
 pub fn current_netns_cookie() -> Result<u64> {
     let socket =
         std::net::UdpSocket::bind("0.0.0.0:0").context("creating a socket in the namespace")?;
-    socket_netns_cookie(socket.as_raw_fd())
+    socket_netns_cookie(socket.as_fd())
 }
 
-fn socket_netns_cookie(fd: i32) -> Result<u64> {
+/// The cookie of the network namespace a socket belongs to
+/// (SO_NETNS_COOKIE, Linux 5.14; neither std, nix nor socket2 wrap it).
+pub fn socket_netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, and a u64 buffer with its length, as SO_NETNS_COOKIE wants.
     let rc = unsafe {
         libc::getsockopt(
-            fd,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_NETNS_COOKIE,
             (&mut cookie as *mut u64).cast(),

@@ -34,6 +34,7 @@
 //!   reported in [`Decision`]'s `dry_run_denies`, never enforced.
 
 mod compile;
+mod convert;
 mod decide;
 mod load;
 mod matcher;

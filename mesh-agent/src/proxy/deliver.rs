@@ -43,7 +43,15 @@ pub async fn serve_http<D>(
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Who the client is, from the snapshot in force now; not held for the
+    // connection's life (requests look up the policies in force each).
     let snapshot = ctx.snapshot();
+    let (source_workload, source_namespace) = snapshot.workload_of(client.remote_ip);
+    // An identified client that is not a pod of this node came through the
+    // tunnel.
+    let through_tunnel =
+        client.identity.is_some() && snapshot.local_pod(client.remote_ip).is_none();
+    drop(snapshot);
     let authorizer = Arc::new(ConnectionAuthorizer {
         authorizer: ctx.authorizer.clone(),
         snapshots: ctx.snapshots(),
@@ -55,7 +63,6 @@ where
         destination: dst,
     });
     // Each request is reported by this node as the destination's.
-    let (source_workload, source_namespace) = snapshot.workload_of(client.remote_ip);
     let request_metrics = telemetry::ConnectionRequests {
         telemetry: ctx.http_telemetry.clone(),
         access_log: ctx.connections.access_log_enabled(),
@@ -72,13 +79,7 @@ where
             target.identity.to_string(),
             "unknown".to_string(),
         ],
-        // An identified client that is not a pod of this node came
-        // through the tunnel.
-        security: if client.identity.is_some() && snapshot.local_pod(client.remote_ip).is_none() {
-            "mutual_tls"
-        } else {
-            "none"
-        },
+        security: if through_tunnel { "mutual_tls" } else { "none" },
         series: Default::default(),
     };
     let options = L7Options {
@@ -96,9 +97,8 @@ where
     match l7::serve(downstream, connect, authorizer, normalize_path, options).await {
         Ok(stats) => (http_outcome(&stats), false),
         Err(L7Error::NotHttp(not_http)) => {
-            let snapshot = ctx.snapshot();
             if let Err(by) = ctx.authorizer.connection(
-                &snapshot.policies,
+                &ctx.snapshot().policies,
                 &target,
                 client.identity.as_ref(),
                 client.source_ip,

@@ -38,9 +38,11 @@ pub async fn handle(
         }
     };
     record.original_dst = original_dst;
-    let snapshot = ctx.snapshot();
+    // The policies in force now decide; the snapshot itself is not held
+    // for the connection's life (it holds every pod of its generation).
+    let policies = ctx.snapshot().policies.clone();
     // Plaintext from outside the mesh: no principal, no namespace.
-    if snapshot.needs_http(&pod) {
+    if policies.for_workload(&pod.workload).has_http_rules() {
         let from = Client {
             identity: None,
             source_ip: client.ip(),
@@ -58,7 +60,7 @@ pub async fn handle(
         return;
     }
     if let Err(by) = ctx.authorizer.connection(
-        &snapshot.policies,
+        &policies,
         &pod,
         None,
         client.ip(),

@@ -40,8 +40,9 @@ pub async fn handle(
     };
     let mut dst = captured.original_dst;
     record.original_dst = dst;
-    // One snapshot for the whole connection: its route and its decision
-    // come from the same generation.
+    // One snapshot for the connection's route and decision: both come from
+    // the same generation. It is let go before the relay, so a long-lived
+    // connection does not keep released pods (their namespaces) alive.
     let snapshot = ctx.snapshot();
     let mut chosen = None;
     let hop = match route::route(&snapshot, dst) {
@@ -49,6 +50,7 @@ pub async fn handle(
             // An HTTP port: an endpoint per request, not per connection.
             record.peers.destination_service = service_http::service_host(&service.config);
             record.upstream = format!("service:{}", service.key);
+            drop(snapshot);
             // Boxed, here and below: the state of the HTTP paths is large, and
             // would otherwise be reserved in every connection's future,
             // idle TCP relays included.
@@ -79,6 +81,8 @@ pub async fn handle(
         }
         Route::Address(hop) => hop,
     };
+    let policies = snapshot.policies.clone();
+    drop(snapshot);
     // An authorized L4 flow between two pods of this node may be spliced.
     let mut splice_into = None;
     let upstream = match hop {
@@ -88,7 +92,7 @@ pub async fn handle(
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
             let source_ip = pod.addr_like(dst.ip());
-            if snapshot.needs_http(&target) {
+            if policies.for_workload(&target.workload).has_http_rules() {
                 let client = Client {
                     identity: Some(pod.identity.clone()),
                     source_ip,
@@ -101,7 +105,7 @@ pub async fn handle(
                 return;
             }
             if let Err(by) = ctx.authorizer.connection(
-                &snapshot.policies,
+                &policies,
                 &target,
                 Some(&pod.identity),
                 source_ip,

