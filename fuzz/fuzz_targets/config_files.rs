@@ -26,13 +26,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    if let Ok(config) = mesh_agent::config::load_dir(dir) {
-        let _ = config.policies();
-        let _ = mesh_agent::services::ServiceTable::build(
-            &config.services,
-            &config.node.name,
-            &config.node.trust_domain,
-            None,
-        );
+    if let Ok(desired) = mesh_agent::config::load_dir(dir) {
+        // What a reload builds before anything changes: services, remote
+        // workloads, compiled policies.
+        let _ = mesh_agent::proxy::Plan::build(&desired, &mesh_agent::proxy::Snapshot::empty());
     }
 });

@@ -13,6 +13,7 @@ mod netns;
 pub mod occupancy;
 pub mod orig_dst;
 mod pins;
+mod programs;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,7 +30,7 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode,
         links::{FdLink, Link, PinnedLink},
     },
     util::nr_cpus,
@@ -45,6 +46,9 @@ pub use netns::{current_netns_cookie, netns_cookie, socket_netns_cookie};
 pub use orig_dst::OrigDstTable;
 pub use pins::remove_pinned_state;
 use pins::{lock_pin_dir, pin_replacing, remove_pins};
+use programs::{
+    sk_lookup_program, sock_addr_program, sock_ops_program, start_kernel_log_forwarding,
+};
 
 use crate::config::PodConfig;
 
@@ -576,65 +580,6 @@ fn read_pod_map(ebpf: &mut Ebpf) -> Result<HashMap<u64, u32>> {
         .filter_map(|e| e.ok())
         .map(|(cookie, info)| (cookie, info.slot))
         .collect())
-}
-
-fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} is missing from the kernel object"))?;
-    Ok(program.try_into()?)
-}
-
-fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps> {
-    let program = ebpf
-        .program_mut(SOCK_OPS_PROGRAM)
-        .ok_or_else(|| anyhow!("program {SOCK_OPS_PROGRAM} missing"))?;
-    Ok(program.try_into()?)
-}
-
-fn sk_lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
-    let program = ebpf
-        .program_mut(SK_LOOKUP_PROGRAM)
-        .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing"))?;
-    Ok(program.try_into()?)
-}
-
-/// Forwards records of aya-log-ebpf into the agent's log (through the `log` facade,
-/// which tracing-subscriber picks up).
-fn start_kernel_log_forwarding(ebpf: &mut Ebpf) {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(logger) => logger,
-        Err(err) => {
-            tracing::warn!(error = %err, "kernel log forwarding is off");
-            return;
-        }
-    };
-    // SAFETY: the logger owns its ring-buffer fd, which stays open and the same for
-    // as long as the logger lives inside the AsyncFd.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let mut logger = match registered {
-        Ok(fd) => fd,
-        Err(err) => {
-            tracing::warn!(error = %err, "kernel log forwarding is off");
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        loop {
-            match logger.readable_mut().await {
-                Ok(mut guard) => {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "kernel log forwarding stopped");
-                    return;
-                }
-            }
-        }
-    });
 }
 
 #[allow(dead_code)]
