@@ -9,7 +9,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin, apply,
     capture::Enroller,
-    config::{self, OnStop, mesh::IdentityConfig},
+    config::{
+        self, OnStop,
+        mesh::IdentityConfig,
+        watch::{Changes, FileWatch},
+    },
     ebpf::{KernelPrograms, LoadOptions, bpffs},
     handover, logging,
     mtls::Mtls,
@@ -164,12 +168,33 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     // Watching starts before the agent says it is ready, and the first pass
     // compares the files with what was loaded: a change made at any time
     // after the load is seen.
+    let identity_paths = node
+        .identity
+        .as_ref()
+        .map(identity_paths)
+        .unwrap_or_default();
+    let (_file_watch, config_changes, identity_changes) =
+        match FileWatch::start(&state.config_dir, &identity_paths) {
+            Ok((watch, config, identity)) => (Some(watch), Some(config), Some(identity)),
+            Err(err) => {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "configuration and identity file changes will NOT be followed"
+                );
+                (None, None, None)
+            }
+        };
     let (updates, received) = tokio::sync::mpsc::channel(1);
-    let source_task = tokio::spawn(config::source::run(state.config_dir.clone(), updates));
+    let state_dir = state.config_dir.clone();
+    let source_task = tokio::spawn(async move {
+        if let Some(changes) = config_changes {
+            config::source::run(state_dir, changes, updates).await;
+        }
+    });
     let watch_task = tokio::spawn(follow_source(state.clone(), received));
     let sweep_task = tokio::spawn(sweep_stale_records(proxy.clone()));
     let trim_task = tokio::spawn(return_freed_memory());
-    let identity_task = tokio::spawn(keep_identities_fresh(mtls.clone(), node.identity.clone()));
+    let identity_task = tokio::spawn(keep_identities_fresh(mtls.clone(), identity_changes));
     state.set_ready(true);
     tracing::info!("agent ready");
     if let Some(inherited) = inherited {
@@ -299,43 +324,30 @@ async fn follow_source(
 /// Renews minted certificates before they expire, and reloads the issuer,
 /// bundle and certificate files when they change on disk (no restart needed;
 /// open connections keep the certificates they were made with).
-async fn keep_identities_fresh(mtls: Arc<Mtls>, identity: Option<IdentityConfig>) {
+async fn keep_identities_fresh(mtls: Arc<Mtls>, mut changes: Option<Changes>) {
     let Some(manager) = mtls.identities.clone() else {
         return;
     };
-    // Listed again at every look: a certificate for a new pod is a new file.
-    let watched = || identity.as_ref().map(identity_files).unwrap_or_default();
-    let mut last_seen = files_fingerprint(&watched());
+    // Renewal is due by the clock (and a clock set back is seen at the next
+    // look); files changing is the watcher's to say.
     let mut every = tokio::time::interval(Duration::from_millis(500));
     loop {
-        every.tick().await;
-        let fingerprint = files_fingerprint(&watched());
-        if fingerprint != last_seen {
-            last_seen = fingerprint;
-            let reloading = manager.clone();
-            match tokio::task::spawn_blocking(move || reloading.reload()).await {
-                Ok(Ok(())) => {
-                    tracing::info!("identity material changed on disk and was reloaded");
-                    let manager = manager.clone();
-                    match tokio::task::spawn_blocking(move || manager.retry_missing()).await {
-                        Ok(Ok(0)) => {}
-                        Ok(Ok(missing)) => {
-                            tracing::info!(missing, "missing workload certificates loaded")
-                        }
-                        Ok(Err(err)) => tracing::error!(
-                            error = format!("{err:#}"),
-                            "some workload certificates are still missing"
-                        ),
-                        Err(err) => tracing::error!(error = %err, "certificate task failed"),
-                    }
+        let files_changed = tokio::select! {
+            _ = every.tick() => false,
+            changed = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.changed().await,
+                    None => std::future::pending().await,
                 }
-                // Keep the previous material; try again when the files change.
-                Ok(Err(err)) => tracing::error!(
-                    error = format!("{err:#}"),
-                    "identity reload failed; previous certificates stay in force"
-                ),
-                Err(err) => tracing::error!(error = %err, "identity reload task failed"),
+            } => {
+                if !changed {
+                    changes = None;
+                }
+                changed
             }
+        };
+        if files_changed {
+            reload_identities(&manager).await;
         }
         let manager = manager.clone();
         match tokio::task::spawn_blocking(move || manager.renew_due()).await {
@@ -349,36 +361,48 @@ async fn keep_identities_fresh(mtls: Arc<Mtls>, identity: Option<IdentityConfig>
     }
 }
 
-fn identity_files(identity: &IdentityConfig) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    if let Some(issuer) = &identity.issuer {
-        files.extend([issuer.cert.clone(), issuer.key.clone()]);
-        files.extend(issuer.trust_bundle.clone());
-    }
-    if let Some(f) = &identity.files {
-        files.push(f.trust_bundle.clone());
-        if let Ok(entries) = std::fs::read_dir(&f.dir) {
-            files.extend(entries.flatten().map(|e| e.path()));
+/// The identity files changed: reload the issuer and bundle (keeping the
+/// previous material if the new one is broken), then load certificates that
+/// were missing.
+async fn reload_identities(manager: &Arc<crate::identity::IdentityManager>) {
+    let reloading = manager.clone();
+    match tokio::task::spawn_blocking(move || reloading.reload()).await {
+        Ok(Ok(())) => {
+            tracing::info!("identity material changed on disk and was reloaded");
+            let manager = manager.clone();
+            match tokio::task::spawn_blocking(move || manager.retry_missing()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(missing)) => {
+                    tracing::info!(missing, "missing workload certificates loaded")
+                }
+                Ok(Err(err)) => tracing::error!(
+                    error = format!("{err:#}"),
+                    "some workload certificates are still missing"
+                ),
+                Err(err) => tracing::error!(error = %err, "certificate task failed"),
+            }
         }
+        // Keep the previous material; try again when the files change.
+        Ok(Err(err)) => tracing::error!(
+            error = format!("{err:#}"),
+            "identity reload failed; previous certificates stay in force"
+        ),
+        Err(err) => tracing::error!(error = %err, "identity reload task failed"),
     }
-    files
 }
 
-/// Modification time and size of each file (following symlinks, as ConfigMap
-/// and Secret volumes use them).
-type Fingerprint =
-    std::collections::BTreeMap<std::path::PathBuf, Option<(std::time::SystemTime, u64)>>;
-
-fn files_fingerprint(files: &[std::path::PathBuf]) -> Fingerprint {
-    files
-        .iter()
-        .map(|f| {
-            let seen = std::fs::metadata(f)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())));
-            (f.clone(), seen)
-        })
-        .collect()
+/// Where the identity material lives: the files themselves, and the
+/// directory of workload certificates.
+fn identity_paths(identity: &IdentityConfig) -> Vec<std::path::PathBuf> {
+    let mut paths = Vec::new();
+    if let Some(issuer) = &identity.issuer {
+        paths.extend([issuer.cert.clone(), issuer.key.clone()]);
+        paths.extend(issuer.trust_bundle.clone());
+    }
+    if let Some(files) = &identity.files {
+        paths.extend([files.trust_bundle.clone(), files.dir.clone()]);
+    }
+    paths
 }
 
 async fn sweep_stale_records(proxy: Arc<ProxyContext>) {
@@ -444,26 +468,25 @@ async fn return_freed_memory() {
 /// since 5.11 charge BPF memory to the memory cgroup, so RLIMIT_MEMLOCK matters
 /// no more; raise it where allowed, else just say so.
 fn raise_limits() {
-    let mut nofile = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    let open_files = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not raise the open file limit to its hard limit");
+                soft
+            }
+        },
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read the open file limit");
+            0
+        }
     };
-    // SAFETY: plain syscalls with valid structs.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 {
-            nofile.rlim_cur = nofile.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
-        }
-        let unlimited = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
-        }
+    if let Err(err) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!(error = %err, "could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
     }
     tracing::info!(
-        open_files = nofile.rlim_cur,
+        open_files,
         "file descriptor limit (each proxied connection takes one or two)"
     );
 }

@@ -7,24 +7,15 @@ use std::path::PathBuf;
 
 use tokio::sync::mpsc;
 
-use super::{load_dir, watch::ConfigWatch};
+use super::{load_dir, watch::Changes};
 use crate::desired::Update;
 
-/// Follows `dir` until the receiver goes. Watching starts before the first
-/// read, so a change made at any time after the agent's own load is seen.
-pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>) {
-    let mut watch = match ConfigWatch::start(&dir) {
-        Ok(watch) => watch,
-        Err(err) => {
-            tracing::error!(
-                error = format!("{err:#}"),
-                "configuration changes will NOT be followed"
-            );
-            return;
-        }
-    };
+/// Follows `dir` until the receiver goes. The watch (`changes`) started
+/// before this first read, so a change made at any time after the agent's
+/// own load is seen.
+pub async fn run(dir: PathBuf, mut changes: Changes, updates: mpsc::Sender<Update>) {
     let mut first_pass = true;
-    while std::mem::take(&mut first_pass) || watch.changed().await {
+    while std::mem::take(&mut first_pass) || changes.changed().await {
         let update = match load_dir(&dir) {
             Ok(desired) => Update::Desired(Box::new(desired)),
             Err(err) => Update::Rejected(err.to_string()),

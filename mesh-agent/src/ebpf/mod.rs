@@ -106,7 +106,7 @@ pub struct KernelPrograms {
     ebpf: Ebpf,
     /// Exclusive lock on the pin directory: one agent per pinned state.
     /// Held while this agent owns the pinned state; let go of at a handover.
-    pin_lock: Option<File>,
+    pin_lock: Option<pins::PinLock>,
     pin_dir: PathBuf,
     pods: BTreeMap<String, EnrolledPod>,
     /// Slots of pods enrolled by an earlier agent (netns cookie -> slot), found in

@@ -139,13 +139,11 @@ pub fn ip_to_pod_addr(ip: IpAddr) -> PodAddr {
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    use nix::time::{ClockId, clock_gettime};
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only make records look old.
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

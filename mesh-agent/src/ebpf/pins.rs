@@ -6,31 +6,30 @@ use std::{fs::File, path::Path};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::links::{FdLink, PinnedLink};
+use nix::fcntl::{Flock, FlockArg};
 
 /// Two agents on one pinned state would release each other's pods. The lock
 /// goes away with the process, however it ends.
-pub(super) fn lock_pin_dir(pin_dir: &Path, wait: std::time::Duration) -> Result<File> {
-    let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+pub(super) fn lock_pin_dir(pin_dir: &Path, wait: std::time::Duration) -> Result<PinLock> {
+    let mut dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
     let deadline = std::time::Instant::now() + wait;
-    // SAFETY: flock on a valid fd.
-    let try_lock = || unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            libc::LOCK_EX | libc::LOCK_NB,
-        ) == 0
-    };
-    while !try_lock() {
-        if std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            continue;
+    loop {
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((file, _)) if std::time::Instant::now() < deadline => {
+                dir = file;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(_) => bail!(
+                "another agent is running with the pin directory {} (only one agent per node's pinned state)",
+                pin_dir.display()
+            ),
         }
-        bail!(
-            "another agent is running with the pin directory {} (only one agent per node's pinned state)",
-            pin_dir.display()
-        );
     }
-    Ok(dir)
 }
+
+/// The pin directory, locked for this agent until dropped.
+pub type PinLock = Flock<File>;
 
 /// Pins `link` at `path`. A pin left there by an earlier agent is removed only
 /// after the new link is attached, so the pod is never without its program.

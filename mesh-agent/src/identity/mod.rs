@@ -23,7 +23,7 @@ mod tests;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{
     CertSource, CertificateInfo, DEFAULT_RENEW_AT, IdentityManager, IdentitySource,
-    NOT_BEFORE_BACKDATE, not_after_of,
+    NOT_BEFORE_BACKDATE, SystemClock, WallClock, not_after_of,
 };
 pub use tls::{ALPN_H2, HandshakeRejection, classify_io_error, classify_tls_error};
 pub use verify::{PeerIdentityError, peer_spiffe_id, spiffe_id_of};

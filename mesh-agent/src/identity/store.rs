@@ -84,6 +84,22 @@ struct HeldCert {
     file_contents: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The wall clock certificates are minted, renewed and judged by. The agent
+/// uses the system's; tests inject their own, so certificate-time behaviour
+/// is tested without moving the machine's clock.
+pub trait WallClock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock.
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
 struct State {
     bundle: Arc<TrustBundle>,
     issuer: Option<Arc<Ca>>,
@@ -99,6 +115,7 @@ pub struct IdentityManager {
     trust_domain: String,
     source: IdentitySource,
     provider: Arc<CryptoProvider>,
+    clock: Arc<dyn WallClock>,
     state: RwLock<State>,
     /// Serialises ensure/reload/renew so that none undoes another's work.
     update: Mutex<()>,
@@ -122,6 +139,15 @@ impl fmt::Debug for IdentityManager {
 impl IdentityManager {
     /// Loads the trust bundle (and, for `Issuer`, the issuing CA) now.
     pub fn new(trust_domain: &str, source: IdentitySource) -> Result<Self> {
+        Self::with_clock(trust_domain, source, Arc::new(SystemClock))
+    }
+
+    /// As [`Self::new`], on `clock` instead of the system's.
+    pub fn with_clock(
+        trust_domain: &str,
+        source: IdentitySource,
+        clock: Arc<dyn WallClock>,
+    ) -> Result<Self> {
         // Validates the trust domain with the same rules as IDs.
         SpiffeId::new(trust_domain, "x", "x")
             .with_context(|| format!("invalid trust domain {trust_domain:?}"))?;
@@ -142,6 +168,7 @@ impl IdentityManager {
             trust_domain: trust_domain.to_owned(),
             source,
             provider,
+            clock,
             state: RwLock::new(State {
                 bundle,
                 issuer,
@@ -308,7 +335,7 @@ impl IdentityManager {
             let s = self.read();
             (s.bundle.clone(), s.issuer.clone(), s.certs.clone())
         };
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut replaced = Vec::new();
         let mut failures = Vec::new();
         for (id, h) in &held {
@@ -392,7 +419,7 @@ impl IdentityManager {
             &self.provider,
             &held.key.cert[0],
             &held.key.cert[1..],
-            UnixTime::now(),
+            unix_time(self.clock.now()),
             KeyUsage::server_auth(),
         ) {
             tracing::warn!(identity = %id, error = %e, "certificate does not verify against the current trust bundle");
@@ -400,7 +427,7 @@ impl IdentityManager {
     }
 
     fn mint(&self, id: &SpiffeId, ca: &Ca, lifetime: Duration, renew_at: f64) -> Result<HeldCert> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let issued = ca.issue_der(id, now - NOT_BEFORE_BACKDATE, now + lifetime)?;
         let key = CertifiedKey::from_der(issued.chain, issued.key, &self.provider)
             .with_context(|| format!("loading minted key for {id}"))?;
@@ -444,7 +471,7 @@ impl IdentityManager {
                 )
             })?;
         let info = cert_info(id, &certified.cert[0], CertSource::File)?;
-        if info.not_after <= SystemTime::now() {
+        if info.not_after <= self.clock.now() {
             tracing::warn!(identity = %id, path = %crt_path.display(), "certificate file has expired");
         }
         Ok(HeldCert {
@@ -570,4 +597,11 @@ fn combine(failures: Vec<anyhow::Error>) -> Result<()> {
             Err(anyhow!("{n} identities failed: {}", all.join("; ")))
         }
     }
+}
+
+fn unix_time(at: SystemTime) -> UnixTime {
+    UnixTime::since_unix_epoch(
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
 }

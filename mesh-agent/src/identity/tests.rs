@@ -908,3 +908,79 @@ fn manager_is_send_and_sync() {
     check::<IdentityManager>();
     check::<Ca>();
 }
+
+/// A wall clock the test moves by hand.
+struct ManualWallClock(parking_lot::Mutex<SystemTime>);
+
+impl ManualWallClock {
+    fn set(&self, at: SystemTime) {
+        *self.0.lock() = at;
+    }
+}
+
+impl WallClock for ManualWallClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock()
+    }
+}
+
+/// Renewal follows the store's clock, not the machine's: nothing is due
+/// before the renewal point, everything at it, and a clock set back before a
+/// certificate's start mints it again (peers would take it for one not yet
+/// valid). No sleeping, no moving the machine's clock.
+#[test]
+fn renewal_and_a_clock_set_back_follow_the_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new_root("root").unwrap();
+    let (cert, key) = write_ca(dir.path(), "issuer", &ca);
+    let start = SystemTime::now();
+    let clock = Arc::new(ManualWallClock(parking_lot::Mutex::new(start)));
+    let m = IdentityManager::with_clock(
+        TD,
+        IdentitySource::Issuer {
+            cert,
+            key,
+            trust_bundle: None,
+            lifetime: HOUR,
+            renew_at: 0.5,
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let a = id("ns", "a");
+    m.ensure(std::slice::from_ref(&a)).unwrap();
+    let first = info_for(&m, &a);
+    assert_eq!(m.next_renewal(), Some(start + HOUR / 2));
+    assert!(first.not_after >= start + HOUR - Duration::from_secs(1));
+
+    clock.set(start + HOUR / 2 - Duration::from_secs(1));
+    assert_eq!(
+        m.renew_due().unwrap(),
+        0,
+        "renewed before half the lifetime"
+    );
+    clock.set(start + HOUR / 2);
+    assert_eq!(
+        m.renew_due().unwrap(),
+        1,
+        "not renewed at half the lifetime"
+    );
+    let second = info_for(&m, &a);
+    assert_ne!(second.serial, first.serial);
+    assert!(second.not_before <= start + HOUR / 2 && second.not_after > first.not_after);
+    assert_eq!(m.renew_due().unwrap(), 0, "renewed twice");
+
+    // The clock goes back a day: before the certificate's start.
+    let earlier = start - 24 * HOUR;
+    clock.set(earlier);
+    assert_eq!(
+        m.renew_due().unwrap(),
+        1,
+        "a certificate from the future was kept"
+    );
+    let third = info_for(&m, &a);
+    assert!(
+        third.not_before <= earlier && earlier < third.not_after,
+        "the new certificate is valid at the clock's time"
+    );
+}

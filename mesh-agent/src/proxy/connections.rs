@@ -10,6 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use super::outcome::{Outcome, Path, Security};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Direction {
@@ -31,13 +33,13 @@ pub struct ConnectionRecord {
     /// of an inbound connection).
     pub original_dst: SocketAddr,
     /// How the agent reached it: `pod:<ns/name>` (a pod on this node, entered
-    /// through its namespace) or `direct`.
-    pub upstream: String,
+    /// through its namespace), `tunnel:<ns/name>`, `service:<key>` or `direct`.
+    pub upstream: Path,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// `closed`, `client-reset`, `upstream-reset`, `upstream-failed: ...`,
-    /// `no-original-destination: ...`.
-    pub outcome: String,
+    /// How it ended (its text: `closed`, `client-reset`, `denied by ...`,
+    /// `upstream-failed: ...`, ...).
+    pub outcome: Outcome,
     pub duration_ms: u64,
     /// The source workload's SPIFFE ID, when known (from the capture on this
     /// node, or proven by the peer's certificate through the tunnel).
@@ -48,8 +50,8 @@ pub struct ConnectionRecord {
     pub peer_identity: Option<String>,
     /// `mutual_tls` when this connection crossed nodes inside the tunnel,
     /// `none` otherwise (as Istio's connection_security_policy label).
-    #[serde(default = "no_security")]
-    pub security: String,
+    #[serde(default)]
+    pub security: Security,
     /// Of the bytes both ways, those the kernel moved straight from one
     /// application to the other (a spliced flow); 0 otherwise.
     #[serde(default)]
@@ -120,10 +122,6 @@ impl Default for Peers {
     }
 }
 
-fn no_security() -> String {
-    "none".to_string()
-}
-
 /// Totals since start, by direction.
 #[derive(Debug, Default)]
 pub struct Totals {
@@ -171,13 +169,14 @@ impl ConnectionLog {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn record(&self, record: ConnectionRecord, failed: bool) {
+    /// Records a connection that ended (once: see `finish::Recording`).
+    pub fn record(&self, record: ConnectionRecord) {
         if self.access_log.load(Ordering::Relaxed) {
             access_log(&record);
         }
         let totals = self.totals(record.direction);
         totals.closed.fetch_add(1, Ordering::Relaxed);
-        if failed {
+        if record.outcome.failed() {
             totals.failed.fetch_add(1, Ordering::Relaxed);
         }
         totals
@@ -223,14 +222,14 @@ mod tests {
             pod: "ns/a".into(),
             client: "127.0.0.1:4000".parse().unwrap(),
             original_dst: "10.1.0.3:80".parse().unwrap(),
-            upstream: "direct".into(),
+            upstream: Path::Direct,
             bytes_sent: 10,
             bytes_received: 20,
-            outcome: "closed".into(),
+            outcome: Outcome::Closed,
             duration_ms: 1,
             source_identity: None,
             peer_identity: None,
-            security: "none".into(),
+            security: Security::None,
             spliced_bytes: 0,
             peers: Peers::default(),
         }
@@ -242,7 +241,7 @@ mod tests {
         for _ in 0..3 {
             let id = log.open(Direction::Outbound);
             assert_eq!(log.active(Direction::Outbound), 1);
-            log.record(record(id, Direction::Outbound), false);
+            log.record(record(id, Direction::Outbound));
         }
         let recent = log.recent();
         assert_eq!(recent.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 3]);

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use super::{
     admission,
     authz::Authorizer,
-    connections::{ConnectionLog, ConnectionRecord, Direction, Peers},
+    connections::{ConnectionLog, Peers},
     dial::Dialer,
     http_pool::HttpPool,
     pod::PodHandle,
@@ -115,32 +115,6 @@ impl ProxyContext {
     /// Tunnel connections from other nodes still open.
     pub fn tunnel_connections(&self) -> usize {
         self.tunnel_connections.load(Ordering::SeqCst)
-    }
-
-    /// A new record of a connection of `pod` from `client`.
-    pub(super) fn record(
-        &self,
-        direction: Direction,
-        pod: &PodHandle,
-        client: SocketAddr,
-    ) -> ConnectionRecord {
-        ConnectionRecord {
-            id: self.connections.open(direction),
-            direction,
-            pod: pod.key.clone(),
-            client,
-            original_dst: client,
-            upstream: String::new(),
-            bytes_sent: 0,
-            bytes_received: 0,
-            outcome: String::new(),
-            duration_ms: 0,
-            source_identity: None,
-            peer_identity: None,
-            security: "none".to_string(),
-            spliced_bytes: 0,
-            peers: Peers::default(),
-        }
     }
 }
 

@@ -10,7 +10,9 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{authz::ConnectionAuthorizer, context::ProxyContext, pod::PodHandle, telemetry};
+use super::{
+    authz::ConnectionAuthorizer, context::ProxyContext, outcome::Outcome, pod::PodHandle, telemetry,
+};
 use crate::{
     identity::SpiffeId,
     l7::{self, L7Error, L7Options},
@@ -32,14 +34,13 @@ pub struct Client {
 /// Serves `downstream` as HTTP into `target`, deciding each request (403
 /// `RBAC: access denied` for a denied one, the connection stays usable).
 /// Traffic that turns out not to be HTTP gets the L4 decision instead.
-/// Returns the record's outcome and whether it failed.
 pub async fn serve_http<D>(
     ctx: &Arc<ProxyContext>,
     downstream: D,
     target: Arc<PodHandle>,
     client: Client,
     dst: SocketAddr,
-) -> (String, bool)
+) -> Outcome
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -95,7 +96,7 @@ where
             .map_err(std::io::Error::other)
     };
     match l7::serve(downstream, connect, authorizer, normalize_path, options).await {
-        Ok(stats) => (http_outcome(&stats), false),
+        Ok(stats) => http_outcome(&stats),
         Err(L7Error::NotHttp(not_http)) => {
             if let Err(by) = ctx.authorizer.connection(
                 &ctx.snapshot().policies,
@@ -105,34 +106,36 @@ where
                 client.remote_ip,
                 dst,
             ) {
-                return (format!("denied by {by} (not HTTP)"), true);
+                return Outcome::Denied { by, not_http: true };
             }
             let Ok((peeked, mut downstream)) = not_http.into_parts::<D>() else {
-                return ("internal error: stream type".to_string(), true);
+                return Outcome::UpstreamFailed("internal error: the stream's type".into());
             };
             match ctx.dial.into_pod(&target, dst).await {
                 Ok(mut upstream) => {
-                    if upstream.write_all(&peeked).await.is_err() {
-                        return ("upstream-reset".to_string(), true);
+                    if let Err(err) = upstream.write_all(&peeked).await {
+                        return Outcome::UpstreamFailed(format!("writing the first bytes: {err}"));
                     }
-                    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-                        Ok(_) => ("closed (not HTTP)".to_string(), false),
-                        Err(_) => ("reset (not HTTP)".to_string(), false),
+                    let relayed =
+                        tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                    Outcome::RelayedNotHttp {
+                        reset: relayed.is_err(),
                     }
                 }
-                Err(err) => (format!("upstream-failed: {err:#}"), true),
+                Err(err) => Outcome::UpstreamFailed(format!("{err:#}")),
             }
         }
-        Err(err) => (format!("http connection ended: {err}"), false),
+        Err(err) => Outcome::HttpEnded(err.to_string()),
     }
 }
 
 /// The connection record's outcome of an HTTP connection.
-pub fn http_outcome(stats: &l7::L7Stats) -> String {
-    format!(
-        "http: {} requests, {} denied, {} bad",
-        stats.requests, stats.denied, stats.bad_requests
-    )
+pub fn http_outcome(stats: &l7::L7Stats) -> Outcome {
+    Outcome::Http {
+        requests: stats.requests,
+        denied: stats.denied,
+        bad: stats.bad_requests,
+    }
 }
 
 /// The L7 relay's path normaliser: the policy engine's (one definition, so

@@ -1,18 +1,109 @@
 //! The end of a connection's life in the proxy: relayed to its upstream (or
-//! reset when there is none), then counted and recorded once.
+//! reset when there is none), then counted and recorded exactly once.
 
-use std::time::Instant;
+use std::{
+    net::SocketAddr,
+    ops::{Deref, DerefMut},
+    sync::Arc,
+    time::Instant,
+};
 
 use anyhow::Result;
 use tokio::net::TcpStream;
 
 use super::{
-    connections::ConnectionRecord,
+    connections::{ConnectionRecord, Direction, Peers},
     context::ProxyContext,
+    outcome::{Outcome, Path, Security},
+    pod::PodHandle,
     relay::{self, RelayOutcome, RelayStats, relay},
     splice,
 };
 use crate::tunnel::TunnelStream;
+
+/// A connection's record from its start to its end. It is written once:
+/// by [`Recording::end`], or, if the handler goes away first (cancelled,
+/// panicked), on drop as `abandoned`, so the counts of open connections
+/// never drift.
+pub struct Recording {
+    ctx: Arc<ProxyContext>,
+    started: Instant,
+    record: Option<ConnectionRecord>,
+}
+
+impl Recording {
+    /// A connection of `pod` from `client`, opened now.
+    pub fn start(
+        ctx: &Arc<ProxyContext>,
+        direction: Direction,
+        pod: &PodHandle,
+        client: SocketAddr,
+    ) -> Self {
+        let record = ConnectionRecord {
+            id: ctx.connections.open(direction),
+            direction,
+            pod: pod.key.clone(),
+            client,
+            original_dst: client,
+            upstream: Path::None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            outcome: Outcome::Open,
+            duration_ms: 0,
+            source_identity: None,
+            peer_identity: None,
+            security: Security::None,
+            spliced_bytes: 0,
+            peers: Peers::default(),
+        };
+        Self {
+            ctx: ctx.clone(),
+            started: Instant::now(),
+            record: Some(record),
+        }
+    }
+
+    /// Ends the connection with `outcome` and records it; whether it failed.
+    pub fn end(mut self, outcome: Outcome) -> bool {
+        let failed = outcome.failed();
+        if let Some(record) = self.record.take() {
+            self.write(record, outcome);
+        }
+        failed
+    }
+
+    fn write(&self, mut record: ConnectionRecord, outcome: Outcome) {
+        record.outcome = outcome;
+        record.duration_ms = self.started.elapsed().as_millis() as u64;
+        tracing::debug!(?record, "connection done");
+        self.ctx.connections.record(record);
+    }
+}
+
+impl Deref for Recording {
+    type Target = ConnectionRecord;
+    fn deref(&self) -> &ConnectionRecord {
+        self.record
+            .as_ref()
+            .expect("a recording is ended only by `end`, which consumes it")
+    }
+}
+
+impl DerefMut for Recording {
+    fn deref_mut(&mut self) -> &mut ConnectionRecord {
+        self.record
+            .as_mut()
+            .expect("a recording is ended only by `end`, which consumes it")
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.write(record, Outcome::Abandoned);
+        }
+    }
+}
 
 /// Where an accepted connection's bytes go.
 pub enum Upstream {
@@ -25,12 +116,11 @@ pub enum Upstream {
 /// whether it failed.
 pub async fn finish(
     ctx: &ProxyContext,
-    mut record: ConnectionRecord,
-    started: Instant,
+    mut record: Recording,
     downstream: TcpStream,
     upstream: Result<Upstream>,
 ) -> bool {
-    let failed = match upstream {
+    match upstream {
         Ok(upstream) => {
             ctx.telemetry.opened(&record);
             // Each relay boxed: a connection's future holds the one it runs.
@@ -40,31 +130,25 @@ pub async fn finish(
             };
             record.bytes_sent = stats.downstream_to_upstream;
             record.bytes_received = stats.upstream_to_downstream;
-            record.outcome = relay_outcome(stats.outcome).to_string();
+            record.outcome = relay_outcome(stats.outcome);
             ctx.telemetry.closed(&record);
-            false
+            record.end(relay_outcome(stats.outcome))
         }
         Err(err) => {
             tracing::info!(pod = %record.pod, dst = %record.original_dst, error = format!("{err:#}"), "upstream connect failed; client reset");
             ctx.admission.count_if_out_of_descriptors(&err);
             // The client sees what it would have seen directly: a reset.
             reset(downstream);
-            record.outcome = format!("upstream-failed: {err:#}");
-            true
+            record.end(Outcome::UpstreamFailed(format!("{err:#}")))
         }
-    };
-    record.duration_ms = started.elapsed().as_millis() as u64;
-    tracing::debug!(?record, "connection done");
-    ctx.connections.record(record, failed);
-    failed
+    }
 }
 
 /// Relays a flow between two pods of this node, spliced in the kernel when
 /// the fast path allows it (see `splice`).
 pub async fn finish_local(
     ctx: &ProxyContext,
-    mut record: ConnectionRecord,
-    started: Instant,
+    mut record: Recording,
     downstream: TcpStream,
     client_netns: u64,
     upstream: TcpStream,
@@ -76,14 +160,7 @@ pub async fn finish_local(
         .filter(|fp| fp.splicing())
         .and_then(|fp| splice::Splice::arm(fp, client_netns, &downstream, server_netns, &upstream));
     let Some(splice) = splice else {
-        return finish(
-            ctx,
-            record,
-            started,
-            downstream,
-            Ok(Upstream::Tcp(upstream)),
-        )
-        .await;
+        return finish(ctx, record, downstream, Ok(Upstream::Tcp(upstream))).await;
     };
     ctx.telemetry.opened(&record);
     let stats = relay::relay_observed(downstream, upstream, &splice).await;
@@ -91,47 +168,24 @@ pub async fn finish_local(
     record.bytes_sent = bytes.client_sent;
     record.bytes_received = bytes.server_sent;
     record.spliced_bytes = bytes.spliced;
-    record.outcome = relay_outcome(stats.outcome).to_string();
-    record.duration_ms = started.elapsed().as_millis() as u64;
+    record.outcome = relay_outcome(stats.outcome);
     ctx.telemetry.closed(&record);
-    tracing::debug!(?record, "spliced connection done");
-    ctx.connections.record(record, false);
-    false
+    record.end(relay_outcome(stats.outcome))
 }
 
 /// A connection refused before it reached an upstream (denied, no
 /// destination, no endpoint): closed at once with a reset, and recorded.
-pub fn refuse(
-    ctx: &ProxyContext,
-    mut record: ConnectionRecord,
-    started: Instant,
-    downstream: TcpStream,
-    outcome: String,
-) {
+pub fn refuse(record: Recording, downstream: TcpStream, outcome: Outcome) {
     reset(downstream);
-    record.outcome = outcome;
-    record.duration_ms = started.elapsed().as_millis() as u64;
-    ctx.connections.record(record, true);
+    record.end(outcome);
 }
 
-/// Records a connection served by another path (HTTP) that set its outcome.
-pub fn record_served(
-    ctx: &ProxyContext,
-    mut record: ConnectionRecord,
-    started: Instant,
-    (outcome, failed): (String, bool),
-) {
-    record.outcome = outcome;
-    record.duration_ms = started.elapsed().as_millis() as u64;
-    ctx.connections.record(record, failed);
-}
-
-pub fn relay_outcome(outcome: RelayOutcome) -> &'static str {
+pub fn relay_outcome(outcome: RelayOutcome) -> Outcome {
     match outcome {
-        RelayOutcome::Closed => "closed",
-        RelayOutcome::DownstreamReset => "client-reset",
-        RelayOutcome::UpstreamReset => "upstream-reset",
-        RelayOutcome::IdleTimeout => "idle-timeout",
+        RelayOutcome::Closed => Outcome::Closed,
+        RelayOutcome::DownstreamReset => Outcome::ClientReset,
+        RelayOutcome::UpstreamReset => Outcome::UpstreamReset,
+        RelayOutcome::IdleTimeout => Outcome::IdleTimeout,
     }
 }
 

@@ -3,7 +3,7 @@
 //! the pod. The accepted socket's local address is where the client was
 //! going; it is delivered inside the pod by the pod's policies.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
@@ -11,7 +11,8 @@ use super::{
     connections::Direction,
     context::ProxyContext,
     deliver::{self, Client},
-    finish::{self, Upstream},
+    finish::{self, Recording, Upstream},
+    outcome::{Outcome, Path},
     pod::PodHandle,
 };
 
@@ -22,18 +23,20 @@ pub async fn handle(
     downstream: TcpStream,
     client: SocketAddr,
 ) {
-    let started = Instant::now();
-    let mut record = ctx.record(Direction::Inbound, &pod, client);
+    let mut record = Recording::start(&ctx, Direction::Inbound, &pod, client);
     record.peers.set_local_destination(&pod);
-    record.upstream = format!("pod:{}", pod.key);
+    record.upstream = Path::Pod(pod.key.clone());
     // The accepted socket's own address is the destination; without it
     // there is nowhere to deliver (never guess one).
     let original_dst = match downstream.local_addr() {
         Ok(addr) => addr,
         Err(err) => {
             tracing::warn!(pod = %pod.key, %client, error = %err, "inbound connection without a local address; reset");
-            let outcome = format!("no-original-destination: {err}");
-            finish::refuse(&ctx, record, started, downstream, outcome);
+            finish::refuse(
+                record,
+                downstream,
+                Outcome::NoOriginalDestination(err.to_string()),
+            );
             return;
         }
     };
@@ -56,7 +59,7 @@ pub async fn handle(
             original_dst,
         ))
         .await;
-        finish::record_served(&ctx, record, started, served);
+        record.end(served);
         return;
     }
     if let Err(by) = ctx.authorizer.connection(
@@ -67,7 +70,11 @@ pub async fn handle(
         client.ip(),
         original_dst,
     ) {
-        finish::refuse(&ctx, record, started, downstream, format!("denied by {by}"));
+        let outcome = Outcome::Denied {
+            by,
+            not_http: false,
+        };
+        finish::refuse(record, downstream, outcome);
         return;
     }
     let upstream = ctx
@@ -75,5 +82,5 @@ pub async fn handle(
         .into_pod(&pod, original_dst)
         .await
         .map(Upstream::Tcp);
-    finish::finish(&ctx, record, started, downstream, upstream).await;
+    finish::finish(&ctx, record, downstream, upstream).await;
 }

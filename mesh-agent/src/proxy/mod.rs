@@ -25,6 +25,7 @@ pub mod finish;
 pub mod http_pool;
 pub mod inbound;
 pub mod outbound;
+pub mod outcome;
 pub mod pod;
 pub mod relay;
 pub mod route;

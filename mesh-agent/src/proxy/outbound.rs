@@ -2,7 +2,7 @@
 //! (via the agent's listener on 127.0.0.1:15001 in that pod). The kernel's
 //! record says where it was going; the route says how to get there.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
@@ -10,7 +10,8 @@ use super::{
     connections::Direction,
     context::ProxyContext,
     deliver::{self, Client},
-    finish::{self, Upstream},
+    finish::{self, Recording, Upstream},
+    outcome::{Outcome, Path, Security},
     pod::PodHandle,
     route::{self, Hop, Route},
     service_http,
@@ -23,8 +24,7 @@ pub async fn handle(
     downstream: TcpStream,
     client: std::net::SocketAddr,
 ) {
-    let started = Instant::now();
-    let mut record = ctx.record(Direction::Outbound, &pod, client);
+    let mut record = Recording::start(&ctx, Direction::Outbound, &pod, client);
     record.source_identity = Some(pod.identity.to_string());
     record.peers.source_workload = pod.workload_name();
     record.peers.source_namespace = pod.workload.namespace.clone();
@@ -33,8 +33,11 @@ pub async fn handle(
         Err(err) => {
             // Never guess a destination: close, and say why.
             tracing::warn!(pod = %pod.key, %client, error = %err, "captured connection without a record; reset");
-            let outcome = format!("no-original-destination: {err}");
-            finish::refuse(&ctx, record, started, downstream, outcome);
+            finish::refuse(
+                record,
+                downstream,
+                Outcome::NoOriginalDestination(err.to_string()),
+            );
             return;
         }
     };
@@ -49,14 +52,14 @@ pub async fn handle(
         Route::ServiceHttp(service) => {
             // An HTTP port: an endpoint per request, not per connection.
             record.peers.destination_service = service_http::service_host(&service.config);
-            record.upstream = format!("service:{}", service.key);
+            record.upstream = Path::Service(service.key.clone());
             drop(snapshot);
             // Boxed, here and below: the state of the HTTP paths is large, and
             // would otherwise be reserved in every connection's future,
             // idle TCP relays included.
             let served =
                 Box::pin(service_http::serve(&ctx, downstream, pod, service.clone())).await;
-            finish::record_served(&ctx, record, started, served);
+            record.end(served);
             ctx.orig_dst.forget(captured.socket_cookie);
             return;
         }
@@ -72,8 +75,8 @@ pub async fn handle(
                 Err(err) => {
                     // Fail fast and say so: the client gets a reset at once.
                     tracing::warn!(pod = %pod.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service; reset");
-                    let outcome = format!("no-healthy-endpoint: {}", service.key);
-                    finish::refuse(&ctx, record, started, downstream, outcome);
+                    let outcome = Outcome::NoHealthyEndpoint(service.key.clone());
+                    finish::refuse(record, downstream, outcome);
                     ctx.orig_dst.forget(captured.socket_cookie);
                     return;
                 }
@@ -87,7 +90,7 @@ pub async fn handle(
     let mut splice_into = None;
     let upstream = match hop {
         Hop::LocalPod(target) => {
-            record.upstream = format!("pod:{}", target.key);
+            record.upstream = Path::Pod(target.key.clone());
             record.peers.set_local_destination(&target);
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
@@ -100,7 +103,7 @@ pub async fn handle(
                 };
                 let served =
                     Box::pin(deliver::serve_http(&ctx, downstream, target, client, dst)).await;
-                finish::record_served(&ctx, record, started, served);
+                record.end(served);
                 ctx.orig_dst.forget(captured.socket_cookie);
                 return;
             }
@@ -112,7 +115,11 @@ pub async fn handle(
                 source_ip,
                 dst,
             ) {
-                finish::refuse(&ctx, record, started, downstream, format!("denied by {by}"));
+                let outcome = Outcome::Denied {
+                    by,
+                    not_http: false,
+                };
+                finish::refuse(record, downstream, outcome);
                 ctx.orig_dst.forget(captured.socket_cookie);
                 return;
             }
@@ -122,20 +129,20 @@ pub async fn handle(
                 .map(Upstream::Tcp)
         }
         Hop::Tunnel(peer) => {
-            record.upstream = format!("tunnel:{}", peer.key);
+            record.upstream = Path::Tunnel(peer.key.clone());
             record.peer_identity = Some(peer.identity.to_string());
             record.peers.destination_principal = Some(peer.identity.to_string());
             if let Some((namespace, name)) = peer.key.split_once('/') {
                 record.peers.destination_workload = name.to_string();
                 record.peers.destination_namespace = namespace.to_string();
             }
-            record.security = "mutual_tls".to_string();
+            record.security = Security::MutualTls;
             Box::pin(ctx.dial.tunnel(&pod, &peer, dst))
                 .await
                 .map(Upstream::Tunnel)
         }
         Hop::Passthrough => {
-            record.upstream = "direct".to_string();
+            record.upstream = Path::Direct;
             Box::pin(ctx.dial.from_pod(&pod, dst))
                 .await
                 .map(Upstream::Tcp)
@@ -146,7 +153,6 @@ pub async fn handle(
             Box::pin(finish::finish_local(
                 &ctx,
                 record,
-                started,
                 downstream,
                 pod.netns_cookie,
                 tcp,
@@ -154,7 +160,7 @@ pub async fn handle(
             ))
             .await
         }
-        (_, upstream) => finish::finish(&ctx, record, started, downstream, upstream).await,
+        (_, upstream) => finish::finish(&ctx, record, downstream, upstream).await,
     };
     if let Some((service, endpoint)) = chosen {
         service.done(endpoint, failed);

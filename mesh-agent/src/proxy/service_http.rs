@@ -38,6 +38,7 @@ use super::{
     deliver::{http_outcome, normalize_path},
     finish::reset,
     http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
+    outcome::Outcome as ConnectionOutcome,
     pod::PodHandle,
     telemetry,
 };
@@ -54,13 +55,12 @@ use crate::{
 /// to an endpoint of its own. The policies that apply are the endpoints':
 /// decided here for endpoints on this node, by their node's agent for the
 /// others. A client that does not speak HTTP to an HTTP port is reset.
-/// Returns the record's outcome and whether it failed.
 pub async fn serve(
     ctx: &Arc<ProxyContext>,
     downstream: TcpStream,
     source: Arc<PodHandle>,
     service: Arc<ServicePortEntry>,
-) -> (String, bool) {
+) -> ConnectionOutcome {
     let forwarder = Arc::new(ServiceForwarder {
         ctx: ctx.clone(),
         source: source.clone(),
@@ -97,15 +97,15 @@ pub async fn serve(
     )
     .await
     {
-        Ok(stats) => (http_outcome(&stats), false),
+        Ok(stats) => http_outcome(&stats),
         Err(L7Error::NotHttp(not_http)) => {
             tracing::warn!(pod = %source.key, service = %service.key, reason = %not_http.reason, "not HTTP on an HTTP service port; reset");
             if let Ok((_, downstream)) = not_http.into_parts::<TcpStream>() {
                 reset(downstream);
             }
-            (format!("not HTTP on HTTP port {}", service.key), true)
+            ConnectionOutcome::NotHttpOnHttpPort(service.key.clone())
         }
-        Err(err) => (format!("http connection ended: {err}"), false),
+        Err(err) => ConnectionOutcome::HttpEnded(err.to_string()),
     }
 }
 

@@ -82,13 +82,7 @@ impl TcpTelemetry {
 
     /// The connection ended; its bytes are in the record.
     pub fn closed(&self, record: &ConnectionRecord) {
-        let flags = match record.outcome.as_str() {
-            "closed" => "-",
-            "client-reset" => "DC",
-            "upstream-reset" => "UR",
-            "idle-timeout" => "IT",
-            _ => "-",
-        };
+        let flags = record.outcome.response_flags();
         // Opened and closed share label values (Istio dashboards subtract
         // them); the flags only mark the closing.
         let open_labels = labels(record, "-");
@@ -118,11 +112,7 @@ fn labels<'a>(record: &'a ConnectionRecord, flags: &'a str) -> [&'a str; 10] {
         &peers.destination_namespace,
         peers.destination_principal.as_deref().unwrap_or(unknown),
         &peers.destination_service,
-        if record.security == "mutual_tls" {
-            "mutual_tls"
-        } else {
-            "none"
-        },
+        record.security.as_label(),
         flags,
     ]
 }

@@ -3,16 +3,17 @@
 //! identity is read once per connection; each CONNECT stream is delivered
 //! to the pod of this node it names, by that pod's policies.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
 use super::{
     admission,
-    connections::{ConnectionRecord, Direction},
+    connections::Direction,
     context::ProxyContext,
     deliver::{self, Client},
-    finish,
+    finish::{self, Recording},
+    outcome::{Outcome, Path, Security},
     pod::PodHandle,
     snapshot::Snapshot,
 };
@@ -91,18 +92,19 @@ pub async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodHandle>, tcp: TcpStream,
 /// the identity it proved, and by name when a workload with that identity
 /// is known at the client's address.
 fn stream_record(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     snapshot: &Snapshot,
     target: &PodHandle,
     client: SocketAddr,
     request: &ConnectRequest,
     peer_identity: &SpiffeId,
-) -> ConnectionRecord {
-    let mut record = ctx.record(Direction::Inbound, target, client);
+) -> Recording {
+    let mut record = Recording::start(ctx, Direction::Inbound, target, client);
     record.peers.set_local_destination(target);
+    record.upstream = Path::Pod(target.key.clone());
     record.original_dst = request.authority;
     record.source_identity = Some(peer_identity.to_string());
-    record.security = "mutual_tls".to_string();
+    record.security = Security::MutualTls;
     if let Some(source) = snapshot.remote_peer(client.ip())
         && source.identity == *peer_identity
         && let Some((namespace, name)) = source.key.split_once('/')
@@ -153,11 +155,9 @@ async fn open_stream(
             source_ip: request.peer_addr.ip(),
             remote_ip: client.ip(),
         };
-        record.upstream = format!("pod:{}", target.key);
         tokio::spawn(async move {
-            let started = Instant::now();
             let served = deliver::serve_http(&ctx, http_end, target, from, request.authority).await;
-            finish::record_served(&ctx, record, started, served);
+            record.end(served);
         });
         return Ok(tunnel::Upstream::Local(stream_end));
     }
@@ -169,13 +169,14 @@ async fn open_stream(
         client.ip(),
         request.authority,
     ) {
-        record.outcome = format!("denied by {by}");
-        ctx.connections.record(record, true);
-        return Err(Rejection::Forbidden(format!("RBAC: access denied ({by})")));
+        let refusal = Rejection::Forbidden(format!("RBAC: access denied ({by})"));
+        record.end(Outcome::Denied {
+            by,
+            not_http: false,
+        });
+        return Err(refusal);
     }
-    record.upstream = format!("pod:{}", target.key);
     record.peer_identity = Some(target.identity.to_string());
-    let started = Instant::now();
     match ctx.dial.into_pod(&target, request.authority).await {
         Ok(tcp) => {
             // Recorded (log, metrics, the drain's count) when the stream
@@ -183,19 +184,23 @@ async fn open_stream(
             ctx.telemetry.opened(&record);
             let ctx = ctx.clone();
             let done = move |relayed: tunnel::Relayed| {
+                let outcome = if relayed.aborted {
+                    Outcome::Reset
+                } else {
+                    Outcome::Closed
+                };
                 record.bytes_sent = relayed.to_upstream;
                 record.bytes_received = relayed.from_upstream;
-                record.outcome = if relayed.aborted { "reset" } else { "closed" }.to_string();
-                record.duration_ms = started.elapsed().as_millis() as u64;
+                record.outcome = outcome.clone();
                 ctx.telemetry.closed(&record);
-                ctx.connections.record(record, false);
+                record.end(outcome);
             };
             Ok(tunnel::Upstream::Observed(tcp, Box::new(done)))
         }
         Err(err) => {
-            record.outcome = format!("upstream-failed: {err:#}");
-            ctx.connections.record(record, true);
-            Err(Rejection::UpstreamUnavailable(format!("{err:#}")))
+            let why = format!("{err:#}");
+            record.end(Outcome::UpstreamFailed(why.clone()));
+            Err(Rejection::UpstreamUnavailable(why))
         }
     }
 }
