@@ -79,7 +79,7 @@ fn lookup_pairs<'s, K: AsRef<str>, V: AsRef<str>>(
 }
 
 /// Which policy produced (or would have produced) a denial.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PolicyRef {
     /// A DENY policy's rule matched (index into `spec.rules`).
     Rule {

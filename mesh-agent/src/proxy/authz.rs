@@ -4,7 +4,7 @@
 //! policy and rule, and every decision is counted.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -16,28 +16,44 @@ use super::{pod::PodHandle, snapshot::SnapshotCell};
 use crate::{
     identity::SpiffeId,
     l7::{self, RequestInfo, Verdict},
-    policy::{self, CompiledPolicies, Decision, HeaderLookup, HttpAttributes},
+    policy::{self, CompiledPolicies, Decision, HeaderLookup, HttpAttributes, PolicyRef},
 };
 
 /// Decides, logs and counts.
 #[derive(Default)]
 pub struct Authorizer {
-    /// Decisions by (policy or rule, decision), for metrics and status.
-    decisions: Mutex<BTreeMap<(String, String), u64>>,
+    /// Decisions by policy rule (none: allowed with no ALLOW policy in
+    /// play): allow, deny, dry-run deny. Keyed by the rule itself, so
+    /// counting a decision costs a lookup, not a string.
+    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 3]>>,
 }
+
+/// The kinds of decision counted, in the order of the counters.
+const DECISIONS: [&str; 3] = ["allow", "deny", "dry_run_deny"];
+const ALLOW: usize = 0;
+const DENY: usize = 1;
+const DRY_RUN_DENY: usize = 2;
 
 impl Authorizer {
     /// Decisions so far: (policy rule or `-`, decision) -> count.
     pub fn decisions(&self) -> BTreeMap<(String, String), u64> {
-        self.decisions.lock().clone()
+        let mut out = BTreeMap::new();
+        for (by, counts) in self.decisions.lock().iter() {
+            let by = by
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |by| by.to_string());
+            for (kind, &count) in DECISIONS.iter().zip(counts) {
+                if count > 0 {
+                    out.insert((by.clone(), kind.to_string()), count);
+                }
+            }
+        }
+        out
     }
 
-    fn count(&self, by: &str, decision: &str) {
-        *self
-            .decisions
-            .lock()
-            .entry((by.to_string(), decision.to_string()))
-            .or_default() += 1;
+    /// Counts one decision of kind `kind` (an index into [`DECISIONS`]).
+    fn count(&self, by: Option<&PolicyRef>, kind: usize) {
+        self.decisions.lock().entry(by.cloned()).or_default()[kind] += 1;
     }
 
     /// Authorizes a plain TCP connection into `target` (L4: HTTP-only rules
@@ -96,19 +112,16 @@ impl Authorizer {
         };
         for would in &dry_run_denies {
             tracing::info!(pod = %pod_key, source, src = %request.source_ip, dst_port = request.destination_port, method, path, policy = %would, "dry-run: this {what} would be denied");
-            self.count(&would.to_string(), "dry_run_deny");
+            self.count(Some(would), DRY_RUN_DENY);
         }
         match denied_by {
             None => {
-                self.count(
-                    &allowed_by.map_or_else(|| "-".to_string(), |by| by.to_string()),
-                    "allow",
-                );
+                self.count(allowed_by.as_ref(), ALLOW);
                 Ok(())
             }
             Some(by) => {
                 tracing::warn!(pod = %pod_key, source, src = %request.source_ip, dst_port = request.destination_port, method, path, policy = %by, "{what} denied");
-                self.count(&by.to_string(), "deny");
+                self.count(Some(&by), DENY);
                 Err(by.to_string())
             }
         }
