@@ -85,10 +85,12 @@ fn count_panics() {
 }
 
 /// glibc gives every thread that allocates an arena of its own (up to eight
-/// per core), and the agent has a thread per enrolled pod (its network
-/// namespace worker) besides the runtime's: memory freed in one arena cannot
-/// serve another, so RSS grew with every burst. Two arenas are plenty for a
-/// runtime of two worker threads. Must run before any thread starts.
+/// per core): memory freed in one arena cannot serve another, so RSS grew
+/// with every burst. The thread per pod that made this worst is gone (pods'
+/// sockets are made on the calling thread, `capture::pod_netns`), but the
+/// runtime's workers (one per core) and its blocking pool remain; whether two
+/// arenas still pay for themselves there is not measured yet, so the limit
+/// stays. Must run before any thread starts.
 fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {

@@ -7,7 +7,7 @@
 //! the daemon then publishes a snapshot with `pods()` and calls
 //! `start_serving`, so no connection of a new pod meets a snapshot without it.
 
-pub mod netns_worker;
+pub mod pod_netns;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,7 +27,7 @@ use crate::{
     proxy::{self, PodHandle, ProxyContext, admission::Limit, tunnel_inbound},
     state::{PodCountersView, PodStatus},
 };
-use netns_worker::{NetnsWorker, listen};
+use pod_netns::{PodNetns, listen};
 
 struct PodRuntime {
     config: PodConfig,
@@ -168,9 +168,9 @@ impl Enroller {
 
     fn enrol(&mut self, pod: &PodConfig) -> Result<u64> {
         let key = pod.key();
-        let worker = NetnsWorker::start(&pod.netns, &pod.name)?;
-        let netns_cookie = worker
-            .run_blocking(crate::ebpf::current_netns_cookie)
+        let netns = PodNetns::open(&pod.netns)?;
+        let netns_cookie = netns
+            .run(crate::ebpf::current_netns_cookie)
             .and_then(|r| r)
             .context("reading the pod's netns cookie")?;
         let tunnel = self.proxy.mtls.identities.is_some();
@@ -180,7 +180,7 @@ impl Enroller {
                     .context("checking the listeners handed over by the previous agent")?
             }
             // Another namespace (the pod was recreated): its listeners go.
-            _ => worker.run_blocking(move || bind_listeners(tunnel))?.with_context(|| {
+            _ => netns.run(move || bind_listeners(tunnel))?.with_context(|| {
                 format!("binding the agent's listeners in the pod (ports {OUTBOUND_PORT} and {INBOUND_PORT} are reserved in enrolled pods; {TUNNEL_PORT} too with mutual TLS)")
             })?,
         };
@@ -215,7 +215,7 @@ impl Enroller {
         let handle = Arc::new(PodHandle {
             key: key.clone(),
             netns_cookie,
-            netns: worker,
+            netns,
             identity,
             addrs,
             workload,
@@ -309,7 +309,7 @@ impl ListenerKind {
     }
 }
 
-/// Runs on the pod's namespace worker. IPv6 listeners are optional (a pod may
+/// Runs in the pod's namespace. IPv6 listeners are optional (a pod may
 /// have IPv6 off); without one, IPv6 connections of the pod are refused by the
 /// kernel programs, never let through. The tunnel listener (on all of the
 /// pod's addresses: its namespace has only the pod's own) exists only where

@@ -26,14 +26,14 @@ pub struct Dialer {
 impl Dialer {
     /// Connects to `dst` from `pod`'s namespace (the pod's own address).
     pub async fn from_pod(&self, pod: &PodHandle, dst: SocketAddr) -> Result<TcpStream> {
-        let socket = pod.netns.tcp_socket(dst.is_ipv6()).await?;
+        let socket = pod.netns.tcp_socket(dst.is_ipv6())?;
         self.connect(socket, dst).await
     }
 
     /// Connects to `dst` inside `target`'s namespace over its loopback, from
     /// the agent's reserved source address, so inbound capture leaves it alone.
     pub async fn into_pod(&self, target: &PodHandle, dst: SocketAddr) -> Result<TcpStream> {
-        let socket = target.netns.tcp_socket(dst.is_ipv6()).await?;
+        let socket = target.netns.tcp_socket(dst.is_ipv6())?;
         let source: IpAddr = if dst.is_ipv6() {
             IpAddr::V6(Ipv6Addr::LOCALHOST)
         } else {
@@ -83,7 +83,6 @@ impl Dialer {
                 let socket = dial_pod
                     .netns
                     .tcp_socket(gateway.is_ipv6())
-                    .await
                     .map_err(std::io::Error::other)?;
                 let stream = tokio::time::timeout(timeout, socket.connect(gateway))
                     .await

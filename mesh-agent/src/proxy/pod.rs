@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, atomic::AtomicUsize},
 };
 
-use crate::{capture::netns_worker::NetnsWorker, identity::SpiffeId, policy};
+use crate::{capture::pod_netns::PodNetns, identity::SpiffeId, policy};
 
 /// An enrolled pod: its namespace (to make sockets in), identity and
 /// addresses, and what selects its policies.
@@ -13,7 +13,7 @@ pub struct PodHandle {
     /// `namespace/name`.
     pub key: String,
     pub netns_cookie: u64,
-    pub netns: NetnsWorker,
+    pub netns: PodNetns,
     /// The pod's workload identity.
     pub identity: SpiffeId,
     pub addrs: Vec<IpAddr>,

@@ -62,8 +62,7 @@ pub fn endpoint_route(snapshot: &Snapshot, addr: SocketAddr, peer: Option<Arc<Re
 mod tests {
     use super::*;
     use crate::{
-        capture::netns_worker::NetnsWorker, desired::Desired, identity::SpiffeId,
-        proxy::snapshot::Plan,
+        capture::pod_netns::PodNetns, desired::Desired, identity::SpiffeId, proxy::snapshot::Plan,
     };
 
     const NODE: &str = "name: n1\n";
@@ -85,7 +84,7 @@ services:
         Arc::new(PodHandle {
             key: format!("shop/{name}"),
             netns_cookie: 1,
-            netns: NetnsWorker::detached(),
+            netns: PodNetns::detached(),
             identity: SpiffeId::new("cluster.local", "shop", name).unwrap(),
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             workload: crate::policy::Workload {
