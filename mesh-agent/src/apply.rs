@@ -28,12 +28,19 @@ pub enum Applied {
 /// and the one in force stays.
 pub fn apply(state: &AgentState, mut desired: Desired) -> Result<Applied> {
     let running_node = state.node_config();
+    let mut pending = state.pending_node.write();
     if desired.node != running_node {
-        *state.pending_node.write() = Some(desired.node.clone());
+        if pending.as_ref() != Some(&desired.node) {
+            tracing::warn!(
+                "node.yaml changed: node settings apply at the next restart (shown as pending in /config_dump); the rest applies now"
+            );
+        }
+        *pending = Some(desired.node.clone());
         desired.node = running_node;
     } else {
-        *state.pending_node.write() = None;
+        *pending = None;
     }
+    drop(pending);
     let previous = state.proxy.snapshot();
     if previous.generation > 0 && *state.desired() == desired {
         return Ok(Applied::Unchanged);

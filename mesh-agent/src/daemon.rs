@@ -138,7 +138,6 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     });
     let state = Arc::new(
         AgentState::new(
-            node.name.clone(),
             config_dir.to_path_buf(),
             enroller,
             proxy.clone(),
@@ -307,15 +306,7 @@ async fn follow_source(
             continue;
         }
         match update {
-            Update::Desired(desired) => {
-                let pending = state.pending_node.read().clone();
-                if desired.node != state.node_config() && pending.as_ref() != Some(&desired.node) {
-                    tracing::warn!(
-                        "node.yaml changed: node settings apply at the next restart (shown as pending in /config_dump); the rest applies now"
-                    );
-                }
-                apply::reload(&state, *desired);
-            }
+            Update::Desired(desired) => apply::reload(&state, *desired),
             Update::Rejected(reason) => apply::rejected(&state, reason),
         }
     }
@@ -324,31 +315,25 @@ async fn follow_source(
 /// Renews minted certificates before they expire, and reloads the issuer,
 /// bundle and certificate files when they change on disk (no restart needed;
 /// open connections keep the certificates they were made with).
-async fn keep_identities_fresh(mtls: Arc<Mtls>, mut changes: Option<Changes>) {
+async fn keep_identities_fresh(mtls: Arc<Mtls>, changes: Option<Changes>) {
     let Some(manager) = mtls.identities.clone() else {
         return;
     };
+    // Files changing is the watcher's to say, on a task of its own: a
+    // change being debounced is never dropped for a renewal tick.
+    if let Some(mut changes) = changes {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            while changes.changed().await {
+                reload_identities(&manager).await;
+            }
+        });
+    }
     // Renewal is due by the clock (and a clock set back is seen at the next
-    // look); files changing is the watcher's to say.
+    // look).
     let mut every = tokio::time::interval(Duration::from_millis(500));
     loop {
-        let files_changed = tokio::select! {
-            _ = every.tick() => false,
-            changed = async {
-                match changes.as_mut() {
-                    Some(changes) => changes.changed().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if !changed {
-                    changes = None;
-                }
-                changed
-            }
-        };
-        if files_changed {
-            reload_identities(&manager).await;
-        }
+        every.tick().await;
         let manager = manager.clone();
         match tokio::task::spawn_blocking(move || manager.renew_due()).await {
             Ok(Ok(0)) => {}

@@ -108,7 +108,6 @@ pub struct CertificateView {
 }
 
 pub struct AgentState {
-    pub node: String,
     pub config_dir: PathBuf,
     ready: AtomicBool,
     /// A successor has asked for this agent's listeners.
@@ -131,7 +130,6 @@ pub struct AgentState {
 
 impl AgentState {
     pub fn new(
-        node: String,
         config_dir: PathBuf,
         enroller: Enroller,
         proxy: Arc<ProxyContext>,
@@ -147,7 +145,6 @@ impl AgentState {
             policies: Default::default(),
         };
         Self {
-            node,
             config_dir,
             ready: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
@@ -272,7 +269,7 @@ impl AgentState {
         let not_ready_reason = self.unready_reason();
         let enroller = self.enroller.lock();
         StatusReport {
-            node: self.node.clone(),
+            node: self.running_node.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             config_dir: self.config_dir.clone(),
             ready: not_ready_reason.is_none(),
