@@ -164,3 +164,45 @@ fn a_change_that_cannot_be_applied_changes_nothing_and_is_reported_as_failed() {
         )
     );
 }
+
+/// node.yaml applies at the next start: a change to it is shown as pending,
+/// never as in force, and the rest of the configuration still applies.
+#[test]
+fn node_settings_changed_at_run_time_are_shown_as_pending_not_in_force() {
+    if !e2e_enabled("node_settings_changed_at_run_time_are_shown_as_pending_not_in_force") {
+        return;
+    }
+    let topo = Topology::builder("pending")
+        .node("n1", &["a", "b"])
+        .build()
+        .unwrap();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a]), "").unwrap();
+    let before = in_force(&agent);
+    assert_eq!(before["node"]["accessLog"], true);
+    assert!(before.get("pendingRestart").is_none(), "{before}");
+    let generation = agent.status().unwrap().config_generation;
+
+    // node.yaml changes (access log off) together with pods.yaml.
+    let node_yaml = std::fs::read_to_string(agent.config_dir().join("node.yaml")).unwrap();
+    agent
+        .write_file("node.yaml", &format!("{node_yaml}\naccessLog: false\n"))
+        .unwrap();
+    agent.write_pods(&pods_yaml(&[a, b])).unwrap();
+    agent.wait_generation_after(generation).unwrap();
+    wait_until("b to be enrolled", Duration::from_secs(10), || {
+        Ok(agent
+            .status()?
+            .pods
+            .iter()
+            .any(|p| p.name == "b" && p.enrolled))
+    })
+    .unwrap();
+    let after = in_force(&agent);
+    assert_eq!(
+        after["node"]["accessLog"], true,
+        "a pending node setting shown as in force: {after}"
+    );
+    assert_eq!(after["pendingRestart"]["node"]["accessLog"], false, "{after}");
+    assert!(agent.log().contains("node settings apply at the next restart"));
+}
