@@ -6,7 +6,9 @@
 //! - each pod is a network namespace (with `eth0` on its node's bridge) plus
 //!   a cgroup v2 directory under its node's cgroup;
 //! - processes are started straight into a pod (its cgroup and netns) or a
-//!   node (its netns and a `system` cgroup), with output captured to files.
+//!   node (its netns and a `system` cgroup), with output captured to files;
+//! - the servers and clients they run are this package's own binary,
+//!   `pod-tool` ([`tool`]), so the tests need nothing cargo does not build.
 //!
 //! Every name carries a per-topology id `mtb-<pid>-<starttime>-<n>`, so tests
 //! (threads, and several test processes) run in parallel. A [`Topology`]
@@ -32,7 +34,7 @@
 //!         .build()
 //!         .unwrap();
 //!     let c = topo.pod("c");
-//!     let server = c.spawn("python3", &["-m", "http.server", "8080"]).unwrap();
+//!     let server = c.spawn_tool(&["http-server", "0.0.0.0:8080"]).unwrap();
 //!     // Pod a (node n1) reaches pod c (node n2) over the fabric.
 //!     let url = format!("http://{}:8080/", c.ipv4());
 //!     mesh_testbed::wait_until("pod c serving", Duration::from_secs(10), || {
@@ -52,6 +54,7 @@ mod preflight;
 mod process;
 mod reap;
 mod sweep;
+pub mod tool;
 mod topology;
 pub mod traffic;
 mod wait;

@@ -21,50 +21,11 @@ use crate::{Pod, Process, Topology, cgroup, e2e_enabled, netns, sweep_leftovers,
 const DEADLINE: Duration = Duration::from_secs(20);
 const ECHO_PORT: &str = "7000";
 
-/// Dual-stack TCP server: for each connection, reads until EOF and answers
-/// `<peer ip>|<data>`, so tests see both the bytes and who connected.
-const ECHO_SERVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", int(sys.argv[1])))
-s.listen(64)
-print("ready", flush=True)
-while True:
-    c, peer = s.accept()
-    host = peer[0]
-    if host.startswith("::ffff:"):
-        host = host[len("::ffff:"):]
-    data = b""
-    while True:
-        d = c.recv(4096)
-        if not d:
-            break
-        data += d
-    c.sendall(host.encode() + b"|" + data)
-    c.close()
-"#;
-
-/// Connects to argv[1]:argv[2], sends argv[3], prints the whole answer.
-const ECHO_CLIENT: &str = r#"
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-c.sendall(sys.argv[3].encode())
-c.shutdown(socket.SHUT_WR)
-out = b""
-while True:
-    d = c.recv(4096)
-    if not d:
-        break
-    out += d
-sys.stdout.write(out.decode())
-"#;
-
+/// `pod-tool peer-echo-server`: dual-stack; for each connection, reads until
+/// EOF and answers `<peer ip>|<data>`, so tests see both the bytes and who
+/// connected.
 fn start_echo_server(pod: &Pod) -> Process {
-    let mut server = pod
-        .spawn("python3", &["-c", ECHO_SERVER, ECHO_PORT])
-        .unwrap();
+    let mut server = pod.spawn_tool(&["peer-echo-server", ECHO_PORT]).unwrap();
     wait_until(
         &format!("echo server in pod {}", pod.name()),
         DEADLINE,
@@ -79,7 +40,8 @@ fn start_echo_server(pod: &Pod) -> Process {
     server
 }
 
-/// Runs the python echo client in `from` against `to` and checks the answer.
+/// Runs the echo client (`pod-tool send`) in `from` against `to` and checks
+/// the answer.
 fn check_echo(from: &Pod, to: &Pod, v6: bool) {
     let (client_ip, server_ip): (IpAddr, IpAddr) = if v6 {
         (from.ipv6().into(), to.ipv6().into())
@@ -88,11 +50,7 @@ fn check_echo(from: &Pod, to: &Pod, v6: bool) {
     };
     let msg = format!("hello {} -> {}", from.name(), to.name());
     let out = from
-        .run(
-            "python3",
-            &["-c", ECHO_CLIENT, &server_ip.to_string(), ECHO_PORT, &msg],
-            DEADLINE,
-        )
+        .run_tool(&["send", &server_ip.to_string(), ECHO_PORT, &msg], DEADLINE)
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -183,12 +141,12 @@ fn node_http_get_and_spawn_with() {
     std::fs::create_dir(&docroot).unwrap();
     std::fs::write(docroot.join("hello.txt"), "hello from n1").unwrap();
 
-    let mut cmd = Command::new("python3");
-    cmd.args(["-m", "http.server", "--bind", "127.0.0.1", "8000"])
-        .current_dir(&docroot);
+    // Serves the files of its working directory: spawn_with keeps the cwd.
+    let mut cmd = crate::tool::command(&["http-server", "127.0.0.1:8000", "--files", "."]).unwrap();
+    cmd.current_dir(&docroot);
     let mut server = node.spawn_with(cmd).unwrap();
     let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
-    wait_until("http.server in node n1", DEADLINE, || {
+    wait_until("HTTP server in node n1", DEADLINE, || {
         if let Some(status) = server.try_status()? {
             anyhow::bail!("it exited ({status}): {}", server.stderr_so_far());
         }

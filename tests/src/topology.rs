@@ -493,6 +493,17 @@ impl Node {
         process::spawn(&self.shared, &self.system, cmd)
     }
 
+    /// Starts `pod-tool` (see [`crate::tool`]) with `args` in the node, as
+    /// [`Node::spawn`] does.
+    pub fn spawn_tool(&self, args: &[&str]) -> anyhow::Result<Process> {
+        self.spawn_with(crate::tool::command(args)?)
+    }
+
+    /// Runs `pod-tool` with `args` in the node to completion, as [`Node::run`].
+    pub fn run_tool(&self, args: &[&str], deadline: Duration) -> anyhow::Result<Output> {
+        self.spawn_tool(args)?.wait_success(deadline)
+    }
+
     /// Runs a command in the node to completion within `deadline`; an error
     /// (naming node, command, exit status, stdout and stderr) if it fails.
     pub fn run(
@@ -577,6 +588,17 @@ impl Pod {
     /// Its stdin, stdout and stderr are replaced.
     pub fn spawn_with(&self, cmd: Command) -> anyhow::Result<Process> {
         process::spawn(&self.shared, &self.place, cmd)
+    }
+
+    /// Starts `pod-tool` (see [`crate::tool`]) with `args` in the pod, as
+    /// [`Pod::spawn`] does.
+    pub fn spawn_tool(&self, args: &[&str]) -> anyhow::Result<Process> {
+        self.spawn_with(crate::tool::command(args)?)
+    }
+
+    /// Runs `pod-tool` with `args` in the pod to completion, as [`Pod::run`].
+    pub fn run_tool(&self, args: &[&str], deadline: Duration) -> anyhow::Result<Output> {
+        self.spawn_tool(args)?.wait_success(deadline)
     }
 
     /// Runs a command in the pod to completion within `deadline`; an error

@@ -1255,79 +1255,24 @@ mod tests {
 
     const DEADLINE: Duration = Duration::from_secs(30);
 
-    /// Line echo over TCP, optionally TLS (stdlib `ssl`):
-    /// `server plain|tls <port> <cert> <key>`: dual-stack, answers each
-    /// connection's first line (up to `\n`) and closes;
-    /// `client plain|tls <host> <port> <marker> <pad>`: sends `pad` bytes of
-    /// `p`, the marker and `\n`, checks the echo, prints `ok <bytes>`.
-    const SCRIPT: &str = r#"
-import socket, ssl, sys
-mode, tls = sys.argv[1], sys.argv[2] == "tls"
-def readline(s):
-    chunks = []
-    while True:
-        d = s.recv(1 << 20)
-        if not d:
-            break
-        chunks.append(d)
-        if d.endswith(b"\n"):
-            break
-    return b"".join(chunks)
-if mode == "server":
-    port = int(sys.argv[3])
-    ctx = None
-    if tls:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(sys.argv[4], sys.argv[5])
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port))
-    s.listen(64)
-    print("ready", flush=True)
-    while True:
-        c, _ = s.accept()
-        try:
-            if ctx:
-                c = ctx.wrap_socket(c, server_side=True)
-            c.sendall(readline(c))
-            c.close()
-        except Exception as e:
-            print("error:", repr(e), file=sys.stderr, flush=True)
-else:
-    host, port, marker, pad = sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-    c = socket.create_connection((host, port), timeout=20)
-    if tls:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        c = ctx.wrap_socket(c)
-    msg = b"p" * pad + marker.encode() + b"\n"
-    c.sendall(msg)
-    got = readline(c)
-    if got != msg:
-        sys.exit("echo mismatch: sent %d bytes, got %d" % (len(msg), len(got)))
-    print("ok", len(got))
-"#;
-
     fn marker(what: &str) -> String {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(std::process::id().into());
         format!("wire-marker-{what}-{:016x}", h.finish())
     }
 
+    /// A line echo (`pod-tool line-echo-server`): dual-stack, answers each
+    /// connection's first line and closes; over TLS (rustls) with `tls`'s
+    /// certificate and key.
     fn start_server(pod: &Pod, port: u16, tls: Option<(&Path, &Path)>) -> Process {
         let port_s = port.to_string();
-        let (mode, cert, key) = match tls {
-            Some((c, k)) => ("tls", c.to_str().unwrap(), k.to_str().unwrap()),
-            None => ("plain", "-", "-"),
-        };
-        let mut server = pod
-            .spawn(
-                "python3",
-                &["-c", SCRIPT, "server", mode, &port_s, cert, key],
-            )
-            .unwrap();
+        let mode = if tls.is_some() { "tls" } else { "plain" };
+        let mut args = vec!["line-echo-server", port_s.as_str()];
+        if let Some((cert, key)) = tls {
+            args.extend(["--cert", cert.to_str().unwrap()]);
+            args.extend(["--key", key.to_str().unwrap()]);
+        }
+        let mut server = pod.spawn_tool(&args).unwrap();
         wait_until(
             &format!("{mode} server on {}:{port}", pod.name()),
             DEADLINE,
@@ -1342,9 +1287,10 @@ else:
         server
     }
 
+    /// `pod-tool line-echo`: sends `pad` bytes of `p`, the marker and `\n`
+    /// (over TLS with `tls`), checks the echo, prints `ok <bytes>`.
     fn client_args(to: IpAddr, port: u16, tls: bool, marker: &str, pad: usize) -> Vec<String> {
-        let mode = if tls { "tls" } else { "plain" };
-        ["-c", SCRIPT, "client", mode]
+        ["line-echo"]
             .into_iter()
             .map(String::from)
             .chain([
@@ -1353,13 +1299,14 @@ else:
                 marker.to_string(),
                 pad.to_string(),
             ])
+            .chain(tls.then(|| "--tls".to_string()))
             .collect()
     }
 
     fn run_client(from: &Pod, to: IpAddr, port: u16, tls: bool, marker: &str, pad: usize) {
         let args = client_args(to, port, tls, marker, pad);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = from.run("python3", &args, DEADLINE).unwrap();
+        let out = from.run_tool(&args, DEADLINE).unwrap();
         let expected = format!("ok {}", pad + marker.len() + 1);
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
     }
@@ -1587,7 +1534,7 @@ else:
         let (name, inode) = (capture.thread_name.clone(), capture.socket_inode);
         let args = client_args(c.ipv4().into(), port, false, &marker("busy"), 256 << 20);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut client = a.spawn("python3", &args).unwrap();
+        let mut client = a.spawn_tool(&args).unwrap();
         wait_until("bulk traffic on the wire", DEADLINE, || {
             if let Some(status) = client.try_status()? {
                 anyhow::bail!("client exited early ({status}): {}", client.output_report());

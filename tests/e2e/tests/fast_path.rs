@@ -122,7 +122,8 @@ fn with_the_fast_path_on_a_blocking_reader_can_see_a_reset_as_eagain() {
     }
     let outcomes = |log: &str| {
         (
-            log.matches("BlockingIOError(11").count(),
+            log.matches("Resource temporarily unavailable (os error 11)")
+                .count(),
             log.matches("reset-observed").count(),
         )
     };

@@ -1,4 +1,5 @@
-//! Real traffic: Python servers and clients run inside pods.
+//! Real traffic: servers and clients (`pod-tool`, see [`crate::tool`]) run
+//! inside pods.
 //!
 //! Two generations live here:
 //! - [`start_echo_server`] and [`echo_round_trips`]: a minimal echo check;
@@ -10,17 +11,14 @@
 //!   writes, how a connect fails). They are meant to give the same results on
 //!   a direct connection and on one captured and proxied by the mesh agent.
 //!
-//! Server and clients are one stdlib-only Python script (`traffic.py`),
-//! passed to `python3 -c` through an environment variable so that commands
-//! in error messages stay short (`python3 -c <bootstrap> upload 10.1.0.3
-//! 7100 67108864 ...`). Clients print `result ...` on success, and
-//! `FAIL: <reason>` on stderr (exit status 1) on failure; the errors of the
-//! helpers name the helper, the client pod and the target, and include the
-//! client's command, exit status, stdout and stderr.
+//! Server and clients are `pod-tool traffic <command>` (`pod-tool traffic
+//! upload 10.1.0.3 7100 67108864 ...`). Clients print `result ...` on
+//! success, and `FAIL: <reason>` on stderr (exit status 1) on failure; the
+//! errors of the helpers name the helper, the client pod and the target,
+//! and include the client's command, exit status, stdout and stderr.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,15 +28,6 @@ use crate::{Pod, Process, wait_until};
 
 #[cfg(test)]
 mod tests;
-
-/// The Python script with the server and all clients.
-const SCRIPT: &str = include_str!("traffic.py");
-/// Environment variable that carries [`SCRIPT`] to `python3 -c`.
-const SCRIPT_ENV: &str = "MESH_TESTBED_TRAFFIC_PY";
-/// Runs the script from [`SCRIPT_ENV`]; registered with `linecache` so that
-/// Python tracebacks show the source lines.
-const BOOTSTRAP: &str = "import os,linecache as l;s=os.environ[\"MESH_TESTBED_TRAFFIC_PY\"];\
-    n=\"<traffic.py>\";l.cache[n]=(len(s),None,s.splitlines(1),n);exec(compile(s,n,\"exec\"))";
 
 /// How long [`TrafficServer::start`] waits for `ready`.
 const SERVER_START_DEADLINE: Duration = Duration::from_secs(15);
@@ -51,11 +40,12 @@ const HALF_CLOSE_BYTES: u64 = 100_000;
 /// Size of the big bulk variant, [`bulk_big_both_ways`].
 pub const BIG_BULK_BYTES: u64 = 300 << 20;
 
-/// A long-running multi-purpose TCP server (one Python process) in a pod.
+/// A long-running multi-purpose TCP server (one `pod-tool traffic server`
+/// process) in a pod.
 ///
 /// It listens on `0.0.0.0` and `::` (`IPV6_V6ONLY`, so two sockets) on two
 /// ports, with a backlog of 4096, `RLIMIT_NOFILE` raised to its hard limit
-/// and one thread per connection (thousands of concurrent connections work):
+/// and a task per connection (thousands of concurrent connections work):
 ///
 /// - [`port`](Self::port), the command port: the client starts each
 ///   connection with one line, `ECHO`, `SINK`, `SOURCE <n> <seed>`,
@@ -123,7 +113,7 @@ impl TrafficServer {
             .context("TrafficServer needs port + 1 for its banner port")?;
         let (p, b) = (port.to_string(), banner_port.to_string());
         let mut process = pod
-            .spawn_with(python(&["server", &p, &b]))
+            .spawn_tool(&["traffic", "server", &p, &b])
             .with_context(|| format!("starting the traffic server in pod `{}`", pod.name()))?;
         let ready = format!("ready {port} {banner_port}");
         let started = wait_until(
@@ -251,17 +241,7 @@ fn parse_stats(reply: &str) -> Result<ServerStats> {
     })
 }
 
-/// `python3 -c <bootstrap> <args...>` with the script in the environment.
-fn python(args: &[&str]) -> Command {
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c")
-        .arg(BOOTSTRAP)
-        .args(args)
-        .env(SCRIPT_ENV, SCRIPT);
-    cmd
-}
-
-/// Runs the client script in `client` with `args` (a subcommand, then host
+/// Runs `pod-tool traffic` in `client` with `args` (a subcommand, then host
 /// and port) and returns the words after `result <subcommand>` on its
 /// stdout. Errors name `what`, the pod and the target.
 fn run_client(
@@ -273,7 +253,7 @@ fn run_client(
     deadline: Duration,
 ) -> Result<Vec<String>> {
     let (host_s, port_s) = (host.to_string(), port.to_string());
-    let mut argv = vec![args[0], host_s.as_str(), port_s.as_str()];
+    let mut argv = vec!["traffic", args[0], host_s.as_str(), port_s.as_str()];
     argv.extend_from_slice(&args[1..]);
     let context = || {
         format!(
@@ -283,7 +263,7 @@ fn run_client(
         )
     };
     let output = client
-        .spawn_with(python(&argv))
+        .spawn_tool(&argv)
         .and_then(|mut p| p.wait_success(deadline))
         .with_context(context)?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -310,8 +290,8 @@ fn parse_addr(words: &[String]) -> Result<SocketAddr> {
     }
 }
 
-/// Deadline for moving `bytes`: 30 s plus 8 MiB/s (far below what Python
-/// does, to leave room for a proxy and busy CI machines).
+/// Deadline for moving `bytes`: 30 s plus 8 MiB/s (far below what the
+/// debug-built tool does, to leave room for a proxy and busy CI machines).
 pub fn bulk_deadline(bytes: u64) -> Duration {
     Duration::from_secs(30) + Duration::from_secs_f64(bytes as f64 / f64::from(8u32 << 20))
 }
@@ -540,72 +520,46 @@ pub fn connect_result(client: &Pod, host: impl Into<IpAddr>, port: u16) -> Resul
     })
 }
 
-/// A TCP echo server on `port` (IPv4 and IPv6, all addresses) in `pod`. Prints
-/// `ready` once both sockets listen.
+/// A TCP echo server on `port` (IPv4 and IPv6, all addresses) in `pod`
+/// (`pod-tool echo-server`: a task per connection, so thousands of idle
+/// connections cost little). Returns once both sockets listen.
 pub fn start_echo_server(pod: &Pod, port: u16) -> Result<Process> {
-    let script = format!(
-        r#"
-import socket, threading, sys
-def serve(family, addr):
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, {port}))
-    s.listen(128)
-    return s
-def loop(s):
-    while True:
-        c, peer = s.accept()
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
-def echo(c):
-    with c:
-        while True:
-            data = c.recv(65536)
-            if not data:
-                return
-            c.sendall(data)
-socks = [serve(socket.AF_INET, "0.0.0.0"), serve(socket.AF_INET6, "::")]
-for s in socks:
-    threading.Thread(target=loop, args=(s,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"#
-    );
-    let server = pod.spawn("python3", &["-c", &script])?;
+    let mut server = pod.spawn_tool(&["echo-server", &port.to_string()])?;
     wait_until(
         &format!("echo server in pod {} to listen", pod.name()),
         Duration::from_secs(10),
-        || Ok(server.stdout_so_far().contains("ready")),
-    )?;
+        || {
+            if let Some(status) = server.try_status()? {
+                bail!("it exited ({status})");
+            }
+            Ok(server.stdout_so_far().contains("ready"))
+        },
+    )
+    .with_context(|| server.output_report())?;
     Ok(server)
 }
 
-/// From `client`, opens `count` TCP connections to `host:port`, sends a line on
-/// each and checks the echo. Returns after all succeeded; errors name the pod.
+/// From `client`, opens `count` TCP connections to `host:port` (a plain echo,
+/// as [`start_echo_server`]'s), sends a line on each and checks the echo.
+/// Returns after all succeeded; errors name the pod.
 pub fn echo_round_trips(client: &Pod, host: &str, port: u16, count: u32) -> Result<()> {
-    let script = format!(
-        r#"
-import socket
-for i in range({count}):
-    c = socket.create_connection(("{host}", {port}), timeout=5)
-    msg = ("hello %d\n" % i).encode()
-    c.sendall(msg)
-    got = b""
-    while len(got) < len(msg):
-        chunk = c.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    c.close()
-    assert got == msg, (got, msg)
-print("ok", {count})
-"#
-    );
-    let out = client.run("python3", &["-c", &script], Duration::from_secs(30))?;
+    let (port, times) = (port.to_string(), count.to_string());
+    let out = client.run_tool(
+        &[
+            "echo",
+            host,
+            &port,
+            "--plain",
+            "--line",
+            "hello {i}",
+            "--times",
+            &times,
+        ],
+        Duration::from_secs(30),
+    )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
-        stdout.contains(&format!("ok {count}")),
+        stdout.contains(&format!("result echo {count}")),
         "client in {} printed {stdout:?}",
         client.name()
     );
