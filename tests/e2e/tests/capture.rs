@@ -390,31 +390,15 @@ fn start_long_lived_echo(
     port: u16,
     duration: Duration,
 ) -> anyhow::Result<mesh_testbed::Process> {
-    let script = format!(
-        r#"
-import socket, time, sys
-s = socket.create_connection(("{ip}", {port}), timeout=5)
-s.sendall(b"ECHO\n")
-end = time.time() + {secs}
-i = 0
-while time.time() < end:
-    msg = ("line %d\n" % i).encode()
-    s.sendall(msg)
-    got = b""
-    while len(got) < len(msg):
-        chunk = s.recv(len(msg) - len(got))
-        if not chunk:
-            sys.exit("connection closed after %d lines" % i)
-        got += chunk
-    if got != msg:
-        sys.exit("corrupted line %d" % i)
-    i += 1
-    time.sleep(0.02)
-print("ok", i)
-"#,
-        secs = duration.as_secs_f64()
-    );
-    pod.spawn("python3", &["-c", &script])
+    pod.spawn_tool(&[
+        "chat",
+        &ip.to_string(),
+        &port.to_string(),
+        "--every-ms",
+        "20",
+        "--for-secs",
+        &duration.as_secs_f64().to_string(),
+    ])
 }
 
 #[test]

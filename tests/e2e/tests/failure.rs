@@ -19,22 +19,23 @@ use nix::sys::signal::Signal;
 
 const PORT: u16 = 7100;
 
-/// Holds `count` connections to `ip:port` open for `secs`; prints `ready` once
-/// all are connected.
+/// Holds `count` connections to `ip:port` open for `secs`, each sent `ECHO`;
+/// returns once all are connected (the holder prints `opened ...`).
 fn hold_connections(pod: &Pod, ip: IpAddr, count: u32, secs: u32) -> Process {
-    let script = format!(
-        r#"
-import socket, time
-socks = [socket.create_connection(("{ip}", {PORT}), timeout=5) for _ in range({count})]
-for s in socks:
-    s.sendall(b"ECHO\n")
-print("ready", flush=True)
-time.sleep({secs})
-"#
-    );
-    let holder = pod.spawn("python3", &["-c", &script]).unwrap();
+    let holder = pod
+        .spawn_tool(&[
+            "hold",
+            &ip.to_string(),
+            &PORT.to_string(),
+            "--count",
+            &count.to_string(),
+            "--echo",
+            "--then-secs",
+            &secs.to_string(),
+        ])
+        .unwrap();
     wait_until("the holder's connections", Duration::from_secs(10), || {
-        Ok(holder.stdout_so_far().contains("ready"))
+        Ok(holder.stdout_so_far().contains("opened"))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", holder.output_report()));
     holder
@@ -344,54 +345,29 @@ fn a_truncated_file_or_a_vanished_config_dir_leaves_the_last_good_config_serving
     echo_once(b, c_ip, PORT).unwrap();
 }
 
-/// Opens up to `count` echo connections to `ip:PORT` one after the other and
-/// keeps those that worked; prints `opened ok=.. failed=.. slow=..` (slow: a
-/// failure that took over 3 s). Once `go` exists it checks every kept one
-/// again and prints `rechecked ok=.. bad=..`.
+/// Opens up to `count` echo connections to `ip:PORT` one after the other
+/// (each checked with an exchange) and keeps those that worked; prints
+/// `opened ok=.. failed=.. slow=..` (slow: a failure that took over 3 s).
+/// Once `go` exists it checks every kept one again and prints `rechecked
+/// ok=.. bad=..`.
 fn open_until_refused(pod: &Pod, ip: IpAddr, count: u32, go: &std::path::Path) -> Process {
-    let go = go.display();
-    let script = format!(
-        r#"
-import os, socket, time
-def echo(c, line):
-    c.sendall(line)
-    got = b""
-    while len(got) < len(line):
-        k = c.recv(64)
-        if not k:
-            raise OSError("closed")
-        got += k
-    if got != line:
-        raise OSError("got %r" % got)
-kept, failed, slow = [], 0, 0
-for i in range({count}):
-    t = time.monotonic()
-    try:
-        c = socket.create_connection(("{ip}", {PORT}), timeout=5)
-        c.settimeout(5)
-        c.sendall(b"ECHO\n")
-        echo(c, b"ping\n")
-        kept.append(c)
-    except OSError as e:
-        failed += 1
-        if time.monotonic() - t > 3:
-            slow += 1
-            print("slow failure %d after %.1f s: %s" % (i, time.monotonic() - t, e), flush=True)
-print("opened ok=%d failed=%d slow=%d" % (len(kept), failed, slow), flush=True)
-deadline = time.monotonic() + 60
-while not os.path.exists("{go}") and time.monotonic() < deadline:
-    time.sleep(0.05)
-bad = 0
-for c in kept:
-    try:
-        echo(c, b"again\n")
-    except OSError:
-        bad += 1
-print("rechecked ok=%d bad=%d" % (len(kept) - bad, bad), flush=True)
-time.sleep(60)
-"#
-    );
-    pod.spawn("python3", &["-c", &script]).unwrap()
+    pod.spawn_tool(&[
+        "hold",
+        &ip.to_string(),
+        &PORT.to_string(),
+        "--count",
+        &count.to_string(),
+        "--echo",
+        "--probe",
+        "--tolerate-failures",
+        "--go",
+        &go.display().to_string(),
+        "--go-timeout-secs",
+        "60",
+        "--then-secs",
+        "60",
+    ])
+    .unwrap()
 }
 
 /// A `key=value` count from a line the holder printed.
@@ -542,34 +518,27 @@ fn short_connections_into_a_pod_do_not_run_out_of_source_ports() {
     .unwrap();
     let _server = TrafficServer::start(b, PORT).unwrap();
     let _agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
-    let script = format!(
-        r#"
-import socket, time
-failed = []
-for i in range(1500):
-    try:
-        c = socket.create_connection(("{ip}", {PORT}), timeout=5)
-        c.settimeout(5)
-        c.sendall(b"ECHO\nping\n")
-        got = b""
-        while len(got) < 5:
-            k = c.recv(64)
-            if not k:
-                break
-            got += k
-        c.close()
-        if got != b"ping\n":
-            failed.append((i, got))
-    except OSError as e:
-        failed.append((i, str(e)))
-    time.sleep(0.004)
-print("failed %d %r" % (len(failed), failed[:3]), flush=True)
-"#,
-        ip = b.ipv4()
-    );
     let out = a
-        .run("python3", &["-c", &script], Duration::from_secs(120))
+        .run_tool(
+            &[
+                "echo",
+                &b.ipv4().to_string(),
+                &PORT.to_string(),
+                "--line",
+                "ping",
+                "--times",
+                "1500",
+                "--every-ms",
+                "4",
+                "--tally",
+            ],
+            Duration::from_secs(120),
+        )
         .unwrap();
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.starts_with("failed 0 "), "{printed}");
+    assert_eq!(
+        printed.lines().last(),
+        Some("ok 1500 failed 0"),
+        "{printed}"
+    );
 }

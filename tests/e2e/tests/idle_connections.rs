@@ -11,7 +11,7 @@ use mesh_e2e::{
     NodeAgent,
     mesh::{TestCa, node_issuers, start_mesh_with},
 };
-use mesh_testbed::{Pod, Process, Topology, e2e_enabled, wait_until};
+use mesh_testbed::{Pod, Process, Topology, e2e_enabled, traffic::start_echo_server, wait_until};
 
 const PORT: u16 = 7300;
 const CONNECTIONS: u32 = 10_000;
@@ -20,74 +20,6 @@ const ROUNDS: u32 = 3;
 /// about 4 KiB (cargo xtask bench); this is a debug build, and the bound is
 /// there to catch per-connection buffers or leaks, which cost far more.
 const MAX_KIB_PER_CONNECTION: f64 = 16.0;
-
-/// Holds every accepted connection and echoes what comes; one thread.
-const SERVER: &str = r#"
-import resource, selectors, socket, sys
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-sel = selectors.DefaultSelector()
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("0.0.0.0", int(sys.argv[1])))
-ls.listen(4096)
-ls.setblocking(False)
-sel.register(ls, selectors.EVENT_READ)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        s = key.fileobj
-        if s is ls:
-            try:
-                c, _ = ls.accept()
-            except BlockingIOError:
-                continue
-            c.setblocking(False)
-            sel.register(c, selectors.EVENT_READ)
-            continue
-        try:
-            data = s.recv(4096)
-        except OSError:
-            data = b""
-        if data:
-            s.sendall(data)
-        else:
-            sel.unregister(s)
-            s.close()
-"#;
-
-/// Opens the connections and prints `ready N`; once the file argv[4] exists,
-/// checks every hundredth one still echoes, prints `checked N`, closes all.
-const CLIENT: &str = r#"
-import os, resource, socket, sys, time
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-host, port, count, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-held = [socket.create_connection((host, port), timeout=10) for _ in range(count)]
-print("ready %d" % len(held), flush=True)
-deadline = time.monotonic() + 300
-while not os.path.exists(go) and time.monotonic() < deadline:
-    time.sleep(0.05)
-checked = 0
-for i in range(0, count, 100):
-    s = held[i]
-    s.settimeout(10)
-    line = b"still there %d\n" % i
-    s.sendall(line)
-    got = b""
-    while len(got) < len(line):
-        k = s.recv(64)
-        if not k:
-            sys.exit("connection %d closed" % i)
-        got += k
-    if got != line:
-        sys.exit("connection %d echoed %r" % (i, got))
-    checked += 1
-for s in held:
-    s.close()
-print("checked %d" % checked, flush=True)
-time.sleep(300)
-"#;
 
 /// The last lines of a log.
 fn tail(log: &str) -> String {
@@ -138,10 +70,30 @@ fn raise_open_file_limit() {
     );
 }
 
-fn spawn_python(pod: &Pod, script: &str, args: &[&str]) -> Process {
-    let mut all = vec!["-c", script];
-    all.extend_from_slice(args);
-    pod.spawn("python3", &all).unwrap()
+/// `pod-tool hold`: opens `count` connections to `c_ip:PORT` (plain echo)
+/// and prints `opened ok=<count> ...`; once the file `go` exists, checks
+/// that every hundredth one still echoes, closes them all and prints
+/// `rechecked ok=<checked> bad=0`. A connection that fails ends it.
+fn spawn_holder(pod: &Pod, c_ip: &str, count: u32, go: &std::path::Path) -> Process {
+    pod.spawn_tool(&[
+        "hold",
+        c_ip,
+        &PORT.to_string(),
+        "--count",
+        &count.to_string(),
+        "--timeout-secs",
+        "10",
+        "--go",
+        &go.display().to_string(),
+        "--go-timeout-secs",
+        "300",
+        "--recheck-every",
+        "100",
+        "--close",
+        "--then-secs",
+        "300",
+    ])
+    .unwrap()
 }
 
 #[test]
@@ -156,11 +108,8 @@ fn ten_thousand_idle_connections_cost_each_agent_a_bounded_few_kib() {
         .build()
         .unwrap();
     let (a, c) = (topo.pod("a"), topo.pod("c"));
-    let server = spawn_python(c, SERVER, &[&PORT.to_string()]);
-    wait_until("the server", Duration::from_secs(10), || {
-        Ok(server.stdout_so_far().contains("ready"))
-    })
-    .unwrap();
+    // Holds every accepted connection and echoes what comes; one thread.
+    let _server = start_echo_server(c, PORT).unwrap();
     let ca = TestCa::new(&topo, "idle10k").unwrap();
     let issuers = node_issuers(&topo, &ca).unwrap();
     // Pooled tunnel connections (a hundred streams each) close after 3 s
@@ -173,21 +122,12 @@ fn ten_thousand_idle_connections_cost_each_agent_a_bounded_few_kib() {
     let go_warm = topo.tmp_dir().join("idle10k-warm");
     std::fs::write(&go_warm, "").unwrap();
     let c_ip = IpAddr::V4(c.ipv4()).to_string();
-    let mut warm = spawn_python(
-        a,
-        CLIENT,
-        &[
-            &c_ip,
-            &PORT.to_string(),
-            "100",
-            &go_warm.display().to_string(),
-        ],
-    );
+    let mut warm = spawn_holder(a, &c_ip, 100, &go_warm);
     wait_until("the warm-up", Duration::from_secs(60), || {
         if let Some(status) = warm.try_status()? {
             anyhow::bail!("the warm-up exited: {status}\n{}", warm.output_report());
         }
-        Ok(warm.stdout_so_far().contains("checked 1"))
+        Ok(warm.stdout_so_far().contains("rechecked ok=1 bad=0"))
     })
     .unwrap();
     warm.kill();
@@ -285,16 +225,7 @@ fn hold_idle_connections(
     round: u32,
 ) -> [f64; 2] {
     let go = topo.tmp_dir().join(format!("idle10k-go-{round}"));
-    let mut holder = spawn_python(
-        a,
-        CLIENT,
-        &[
-            c_ip,
-            &PORT.to_string(),
-            &CONNECTIONS.to_string(),
-            &go.display().to_string(),
-        ],
-    );
+    let mut holder = spawn_holder(a, c_ip, CONNECTIONS, &go);
     let expected = u64::from(CONNECTIONS);
     wait_until(
         "10,000 connections through both agents",
@@ -303,7 +234,7 @@ fn hold_idle_connections(
             if let Some(status) = holder.try_status()? {
                 anyhow::bail!("the client exited: {status}\n{}", holder.output_report());
             }
-            Ok(holder.stdout_so_far().contains("ready")
+            Ok(holder.stdout_so_far().contains("opened")
                 && active(agents[0], "outbound") == expected
                 && active(agents[1], "inbound") == expected)
         },
@@ -325,7 +256,7 @@ fn hold_idle_connections(
         if let Some(status) = holder.try_status()? {
             anyhow::bail!("the client exited: {status}\n{}", holder.output_report());
         }
-        Ok(holder.stdout_so_far().contains("checked 100"))
+        Ok(holder.stdout_so_far().contains("rechecked ok=100 bad=0"))
     })
     .unwrap();
     holder.kill();

@@ -18,26 +18,21 @@ use mesh_testbed::{
 const PORT: u16 = 7100;
 const MIB: u64 = 1 << 20;
 
-/// Sends `marker` to the traffic server's echo and checks it comes back.
+/// Sends `marker` to the traffic server's echo, half-closes, and checks it
+/// comes back, then EOF.
 fn echo_marker(client: &Pod, ip: IpAddr, marker: &str) {
-    let script = format!(
-        r#"
-import socket
-s = socket.create_connection(("{ip}", {PORT}), timeout=5)
-s.sendall(b"ECHO\n{marker}\n")
-s.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    k = s.recv(65536)
-    if not k:
-        break
-    got += k
-assert got == b"{marker}\n", got
-print("ok")
-"#
-    );
     client
-        .run("python3", &["-c", &script], Duration::from_secs(20))
+        .run_tool(
+            &[
+                "echo",
+                &ip.to_string(),
+                &PORT.to_string(),
+                "--line",
+                marker,
+                "--shutdown",
+            ],
+            Duration::from_secs(20),
+        )
         .unwrap();
 }
 

@@ -21,36 +21,21 @@ const PORT: u16 = 7100;
 /// `ok <n> failed <m>` at the end. Each new connection is a new tunnel stream;
 /// new tunnel connections are made as pools expire.
 fn start_requests(pod: &Pod, ip: IpAddr, secs: u32) -> Process {
-    let script = format!(
-        r#"
-import socket, sys, time
-ok = failed = 0
-end = time.time() + {secs}
-while time.time() < end:
-    try:
-        s = socket.create_connection(("{ip}", {PORT}), timeout=5)
-        s.sendall(b"ECHO\nping\n")
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while True:
-            k = s.recv(100)
-            if not k:
-                break
-            got += k
-        s.close()
-        if got != b"ping\n":
-            raise Exception("bad echo %r" % got)
-        ok += 1
-        if ok == 1:
-            print("started", flush=True)
-    except Exception as e:
-        failed += 1
-        print("FAILED", repr(e), flush=True)
-    time.sleep(0.01)
-print("ok", ok, "failed", failed, flush=True)
-"#
-    );
-    let p = pod.spawn("python3", &["-c", &script]).unwrap();
+    let p = pod
+        .spawn_tool(&[
+            "echo",
+            &ip.to_string(),
+            &PORT.to_string(),
+            "--line",
+            "ping",
+            "--shutdown",
+            "--for-secs",
+            &secs.to_string(),
+            "--every-ms",
+            "10",
+            "--tally",
+        ])
+        .unwrap();
     wait_until("the first request", Duration::from_secs(10), || {
         Ok(p.stdout_so_far().contains("started"))
     })

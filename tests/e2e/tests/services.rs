@@ -10,26 +10,20 @@ use mesh_testbed::{Pod, Topology, e2e_enabled, traffic::TrafficServer};
 /// `count` connections, one after the other, each an ECHO exchange with the
 /// traffic server behind `vip:80`.
 fn connections(client: &Pod, vip: &str, count: u32) -> anyhow::Result<()> {
-    let script = format!(
-        r#"
-import socket
-for i in range({count}):
-    c = socket.create_connection(("{vip}", 80), timeout=5)
-    c.sendall(b"ECHO\nhi\n")
-    c.shutdown(socket.SHUT_WR)
-    got = b""
-    while True:
-        k = c.recv(100)
-        if not k:
-            break
-        got += k
-    c.close()
-    assert got == b"hi\n", got
-print("ok")
-"#
-    );
     client
-        .run("python3", &["-c", &script], Duration::from_secs(60))
+        .run_tool(
+            &[
+                "echo",
+                vip,
+                "80",
+                "--line",
+                "hi",
+                "--shutdown",
+                "--times",
+                &count.to_string(),
+            ],
+            Duration::from_secs(60),
+        )
         .map(|_| ())
 }
 
@@ -177,34 +171,23 @@ fn a_95_5_split_is_honoured_and_endpoints_change_without_failures() {
 
     // Endpoints change while a client keeps connecting: d removed, then b
     // removed and d back. No connection fails; a removed endpoint gets no new
-    // connections.
-    let script = r#"
-import socket, time
-ok = failed = 0
-end = time.time() + 4
-while time.time() < end:
-    try:
-        s = socket.create_connection(("10.96.0.20", 80), timeout=5)
-        s.sendall(b"ECHO\nhi\n")
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while True:
-            k = s.recv(100)
-            if not k:
-                break
-            got += k
-        s.close()
-        assert got == b"hi\n", got
-        ok += 1
-        if ok == 1:
-            print("started", flush=True)
-    except Exception as e:
-        failed += 1
-        print("FAILED", repr(e), flush=True)
-    time.sleep(0.002)
-print("ok", ok, "failed", failed, flush=True)
-"#;
-    let mut client = a.spawn("python3", &["-c", script]).unwrap();
+    // connections. The client opens a connection every 2 ms, each an echo,
+    // counting failures.
+    let mut client = a
+        .spawn_tool(&[
+            "echo",
+            "10.96.0.20",
+            "80",
+            "--line",
+            "hi",
+            "--shutdown",
+            "--for-secs",
+            "4",
+            "--every-ms",
+            "2",
+            "--tally",
+        ])
+        .unwrap();
     mesh_testbed::wait_until("the client to start", Duration::from_secs(10), || {
         Ok(client.stdout_so_far().contains("started"))
     })
