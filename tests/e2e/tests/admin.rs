@@ -6,7 +6,10 @@ use mesh_e2e::{
     mesh::{TestCa, node_issuers, start_mesh},
     pods_yaml,
 };
-use mesh_testbed::{Pod, Topology, e2e_enabled};
+use mesh_testbed::{
+    Pod, Topology, e2e_enabled,
+    traffic::{ConnectOutcome, connect_result},
+};
 use serde_json::Value;
 
 const POLICY: &str = "apiVersion: security.istio.io/v1
@@ -102,29 +105,18 @@ fn config_dump_shows_the_configuration_in_force_and_follows_reloads() {
 /// sending `ECHO\n` and 1,000 bytes and reading the 1,000 echoed back: 3,015
 /// bytes sent, 3,000 received.
 fn echo_three_times(client: &Pod, server: &Pod) {
-    let script = format!(
-        r#"
-import socket
-for i in range(3):
-    c = socket.create_connection(("{}", 7400), timeout=5)
-    c.sendall(b"ECHO\n" + b"x" * 1000)
-    c.shutdown(socket.SHUT_WR)
-    got = 0
-    while True:
-        k = c.recv(65536)
-        if not k:
-            break
-        got += len(k)
-    c.close()
-    assert got == 1000, got
-print("ok")
-"#,
-        server.ipv4()
-    );
     client
-        .run(
-            "python3",
-            &["-c", &script],
+        .run_tool(
+            &[
+                "echo",
+                &server.ipv4().to_string(),
+                "7400",
+                "--bytes",
+                "1000",
+                "--shutdown",
+                "--times",
+                "3",
+            ],
             std::time::Duration::from_secs(30),
         )
         .unwrap();
@@ -253,14 +245,17 @@ fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
         )
         .unwrap();
     agent.wait_generation_after(generation).unwrap();
-    // The client is reset (what it sees is the policy tests' concern).
-    let denied = format!(
-        "import socket\ntry:\n    c = socket.create_connection((\"{}\", 7400), timeout=5)\n    c.sendall(b\"ECHO\\nx\")\n    c.recv(10)\nexcept OSError:\n    pass\n",
-        b.ipv4()
-    );
-    a.run(
-        "python3",
-        &["-c", &denied],
+    // The client is reset (what it sees is the policy tests' concern): it
+    // sends `ECHO\nx`, tries to read, and exits 0 whatever happens.
+    a.run_tool(
+        &[
+            "echo",
+            &b.ipv4().to_string(),
+            "7400",
+            "--bytes",
+            "1",
+            "--tally",
+        ],
         std::time::Duration::from_secs(30),
     )
     .unwrap();
@@ -296,36 +291,27 @@ fn sigterm_turns_readiness_off_refuses_new_connections_and_lets_open_ones_finish
         "onStop: release\ndrainTimeout: 8s\n",
     )
     .unwrap();
-    // A connection that is still sending for two seconds after SIGTERM.
-    let script = format!(
-        r#"
-import socket, time
-c = socket.create_connection(("{}", 7500), timeout=10)
-c.sendall(b"ECHO\n" + b"x" * 100)
-got = b""
-while len(got) < 100:
-    got += c.recv(1000)
-print("started", flush=True)
-time.sleep(0.5)
-for i in range(10):
-    c.sendall(b"y" * 100)
-    time.sleep(0.2)
-c.shutdown(socket.SHUT_WR)
-while True:
-    k = c.recv(65536)
-    if not k:
-        break
-    got += k
-assert len(got) == 1100, len(got)
-print("ok", flush=True)
-"#,
-        b.ipv4()
-    );
-    let mut client = a.spawn("python3", &["-c", &script]).unwrap();
+    // A connection that is still sending for two seconds after SIGTERM: an
+    // echo of 100 bytes, then ten more every 250 ms, then a half-close and
+    // EOF. It prints `connected` after the first echo and `ok 11` at the end.
+    let mut client = a
+        .spawn_tool(&[
+            "chat",
+            &b.ipv4().to_string(),
+            "7500",
+            "--bytes",
+            "100",
+            "--times",
+            "11",
+            "--every-ms",
+            "250",
+            "--shutdown",
+        ])
+        .unwrap();
     mesh_testbed::wait_until(
         "the long connection to start",
         Duration::from_secs(10),
-        || Ok(client.stdout_so_far().contains("started")),
+        || Ok(client.stdout_so_far().contains("connected")),
     )
     .unwrap();
     let signalled = Instant::now();
@@ -339,20 +325,13 @@ print("ok", flush=True)
     })
     .unwrap();
     // No new connection is accepted while draining.
-    let refused = format!(
-        "import socket\ntry:\n    socket.create_connection((\"{}\", 7500), timeout=3)\n    print(\"connected\")\nexcept OSError as e:\n    print(\"refused\", e)\n",
-        b.ipv4()
-    );
-    let out = a
-        .run("python3", &["-c", &refused], Duration::from_secs(10))
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(said.starts_with("refused"), "{said}");
+    let outcome = connect_result(a, b.ipv4(), 7500).unwrap();
+    assert_ne!(outcome, ConnectOutcome::Connected);
     // The open connection finishes intact, then the agent exits by itself,
     // well before the drain deadline.
     let out = client.wait_with_deadline(Duration::from_secs(20)).unwrap();
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("ok"),
+        String::from_utf8_lossy(&out.stdout).contains("ok 11"),
         "{}",
         client.output_report()
     );
@@ -375,14 +354,9 @@ fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
         .build()
         .unwrap();
     let (a, b) = (topo.pod("a"), topo.pod("b"));
+    // Every answer is `ok`: two bytes.
     let server = b
-        .spawn(
-            "python3",
-            &[
-                "-c",
-                "import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    protocol_version = 'HTTP/1.1'\n    def do_GET(self):\n        self.send_response(200)\n        self.send_header('content-length', '2')\n        self.end_headers()\n        self.wfile.write(b'ok')\n    def log_message(self, *a):\n        pass\ns = h.HTTPServer(('0.0.0.0', 7600), H)\nprint('ready', flush=True)\ns.serve_forever()\n",
-            ],
-        )
+        .spawn_tool(&["http-server", "0.0.0.0:7600", "--body", "ok"])
         .unwrap();
     mesh_testbed::wait_until("the HTTP server", Duration::from_secs(10), || {
         Ok(server.stdout_so_far().contains("ready"))
@@ -398,12 +372,34 @@ fn istio_request_metrics_count_allowed_and_denied_requests_by_code() {
     )
     .unwrap();
     // Five allowed and three denied requests on one keep-alive connection.
-    let script = format!(
-        "import http.client\nc = http.client.HTTPConnection('{}', 7600, timeout=10)\nfor path, want in [('/ok/1', 200)] * 5 + [('/no', 403)] * 3:\n    c.request('GET', path)\n    r = c.getresponse()\n    r.read()\n    assert r.status == want, (path, r.status)\nprint('ok')\n",
-        b.ipv4()
-    );
-    a.run("python3", &["-c", &script], Duration::from_secs(30))
+    let out = a
+        .run_tool(
+            &[
+                "http-client",
+                &b.ipv4().to_string(),
+                "7600",
+                "/ok/1",
+                "/ok/1",
+                "/ok/1",
+                "/ok/1",
+                "/ok/1",
+                "/no",
+                "/no",
+                "/no",
+            ],
+            Duration::from_secs(30),
+        )
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let statuses: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["200", "200", "200", "200", "200", "403", "403", "403"],
+        "{stdout}"
+    );
     let labels = |code: &'static str| {
         [
             ("reporter", "destination"),

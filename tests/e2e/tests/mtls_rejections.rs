@@ -1,5 +1,6 @@
-//! Every refusal of the tunnel, each with a real TLS client (Python's ssl) or
-//! our own HBONE client, each counted and none affecting other connections.
+//! Every refusal of the tunnel, each with a real TLS client (rustls, in
+//! `pod-tool tls-probe`) or our own HBONE client, each counted and none
+//! affecting other connections.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -24,7 +25,6 @@ use mesh_testbed::{
 
 const PORT: u16 = 7100;
 const TUNNEL: u16 = 15008;
-const CLIENT: &str = include_str!("tls_client.py");
 
 /// What is tried, how (client mode), with which certificate, and the reason the
 /// agent must count.
@@ -35,19 +35,17 @@ type Case<'a> = (
     &'a str,
 );
 
+/// A real TLS client (`pod-tool tls-probe`: rustls, ALPN h2, any server
+/// certificate accepted) in `from`: `OPEN <n>` if the peer answered HTTP/2
+/// after the handshake, else `REFUSED <why>`.
 fn tls_client(from: &Pod, mode: &str, to: IpAddr, cert: Option<(&Path, &Path)>) -> String {
-    let (c, k) = cert.map_or(("-".to_string(), "-".to_string()), |(c, k)| {
-        (c.display().to_string(), k.display().to_string())
-    });
-    let host = to.to_string();
-    let port = TUNNEL.to_string();
-    let out = from
-        .run(
-            "python3",
-            &["-c", CLIENT, mode, &host, &port, &c, &k],
-            Duration::from_secs(20),
-        )
-        .unwrap();
+    let (host, port) = (to.to_string(), TUNNEL.to_string());
+    let mut args = vec!["tls-probe", mode, &host, &port];
+    let paths = cert.map(|(c, k)| (c.display().to_string(), k.display().to_string()));
+    if let Some((c, k)) = &paths {
+        args.extend(["--cert", c, "--key", k]);
+    }
+    let out = from.run_tool(&args, Duration::from_secs(20)).unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -342,41 +340,31 @@ fn stalled_handshakes_beyond_the_limit_are_reset_at_once() {
     let agent2 = &agents[1];
     let c_ip = c.ipv4();
     // Two connections that never say anything hold the two handshakes.
-    let stall = format!(
-        r#"
-import socket, time
-held = [socket.create_connection(("{c_ip}", {TUNNEL}), timeout=5) for _ in range(2)]
-print("holding", flush=True)
-time.sleep(30)
-"#
-    );
-    let mut holder = outsider.spawn("python3", &["-c", &stall]).unwrap();
+    let mut holder = outsider
+        .spawn_tool(&[
+            "hold",
+            &c_ip.to_string(),
+            &TUNNEL.to_string(),
+            "--count",
+            "2",
+            "--then-secs",
+            "30",
+        ])
+        .unwrap();
     mesh_testbed::wait_until("the stalled handshakes", Duration::from_secs(10), || {
-        Ok(holder.stdout_so_far().contains("holding"))
+        Ok(holder.stdout_so_far().contains("opened"))
     })
     .unwrap();
     // The agent may accept them a moment after the client connected: wait
-    // until a third one is refused.
-    let third = format!(
-        r#"
-import socket, time
-c = socket.create_connection(("{c_ip}", {TUNNEL}), timeout=5)
-c.settimeout(3)
-started = time.monotonic()
-try:
-    got = c.recv(1)
-    print("closed" if not got else "answered", round(time.monotonic() - started, 3))
-except ConnectionResetError:
-    print("reset", round(time.monotonic() - started, 3))
-except socket.timeout:
-    print("held")
-"#
-    );
+    // until a third one is refused (its first read ends within 3 s: closed
+    // or reset, with the seconds it took; or `held`).
+    let (c_ip_s, tunnel_s) = (c_ip.to_string(), TUNNEL.to_string());
+    let third = ["first-read", &c_ip_s, &tunnel_s, "--timeout-secs", "3"];
     let refused = [("limit", "pending_handshakes")];
     let mut said = String::new();
     mesh_testbed::wait_until("a third handshake refused", Duration::from_secs(10), || {
         let out = outsider
-            .run("python3", &["-c", &third], Duration::from_secs(10))
+            .run_tool(&third, Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         said = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Ok(said.starts_with("reset") || said.starts_with("closed"))

@@ -51,34 +51,12 @@ spec:
     to: [{operation: {methods: ["DELETE"]}}]
 "#;
 
-/// A Python HTTP/1.1 server answering `ok <method> <path>` to everything.
+/// An HTTP/1.1 server (`pod-tool http-server`) answering `ok <method> <path>`
+/// to everything.
 fn start_http1_server(pod: &Pod) -> mesh_testbed::Process {
-    let script = format!(
-        r#"
-import http.server, socketserver
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def answer(self):
-        n = int(self.headers.get("content-length") or 0)
-        if n:
-            self.rfile.read(n)
-        body = ("ok %s %s" % (self.command, self.path)).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_POST = do_DELETE = do_PUT = answer
-    def log_message(self, *a):
-        pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-s = S(("0.0.0.0", {HTTP1}), H)
-print("ready", flush=True)
-s.serve_forever()
-"#
-    );
-    let p = pod.spawn("python3", &["-c", &script]).unwrap();
+    let p = pod
+        .spawn_tool(&["http-server", &format!("0.0.0.0:{HTTP1}")])
+        .unwrap();
     wait_until("the HTTP server", Duration::from_secs(10), || {
         Ok(p.stdout_so_far().contains("ready"))
     })

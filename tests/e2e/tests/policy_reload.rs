@@ -33,28 +33,11 @@ spec:
   - to: [{operation: {paths: ["/x"]}}]
 "#;
 
+/// An HTTP/1.1 server (`pod-tool http-server`) answering `ok` to everything.
 fn start_server(pod: &Pod) -> mesh_testbed::Process {
-    let script = format!(
-        r#"
-import http.server, socketserver
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-    def log_message(self, *a):
-        pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-s = S(("0.0.0.0", {HTTP}), H)
-print("ready", flush=True)
-s.serve_forever()
-"#
-    );
-    let p = pod.spawn("python3", &["-c", &script]).unwrap();
+    let p = pod
+        .spawn_tool(&["http-server", &format!("0.0.0.0:{HTTP}"), "--body", "ok"])
+        .unwrap();
     wait_until("the HTTP server", Duration::from_secs(10), || {
         Ok(p.stdout_so_far().contains("ready"))
     })
@@ -64,37 +47,22 @@ s.serve_forever()
 
 /// One keep-alive connection, a GET /x every 5 ms for `secs`; prints the
 /// number of responses per status, the number of status changes seen, and
-/// every failure (which must not happen).
+/// every failure (which must not happen; a connection that closes is one).
 fn start_client(pod: &Pod, host: &str, secs: u32) -> mesh_testbed::Process {
-    let script = format!(
-        r#"
-import http.client, time
-conn = http.client.HTTPConnection("{host}", {HTTP}, timeout=5)
-counts = {{}}
-changes = 0
-last = None
-errors = 0
-end = time.time() + {secs}
-while time.time() < end:
-    try:
-        conn.request("GET", "/x")
-        r = conn.getresponse()
-        r.read()
-        counts[r.status] = counts.get(r.status, 0) + 1
-        if last is not None and r.status != last:
-            changes += 1
-        last = r.status
-        if counts[r.status] == 1 and len(counts) == 1:
-            print("started", flush=True)
-    except Exception as e:
-        errors += 1
-        print("ERROR", repr(e), flush=True)
-        conn = http.client.HTTPConnection("{host}", {HTTP}, timeout=5)
-    time.sleep(0.005)
-print("result", counts.get(200, 0), counts.get(403, 0), sum(v for k, v in counts.items() if k not in (200, 403)), changes, errors, flush=True)
-"#
-    );
-    let p = pod.spawn("python3", &["-c", &script]).unwrap();
+    let p = pod
+        .spawn_tool(&[
+            "http-client",
+            host,
+            &HTTP.to_string(),
+            "/x",
+            "--for-secs",
+            &secs.to_string(),
+            "--every-ms",
+            "5",
+            "--timeout-secs",
+            "5",
+        ])
+        .unwrap();
     wait_until("the first response", Duration::from_secs(10), || {
         Ok(p.stdout_so_far().contains("started"))
     })
