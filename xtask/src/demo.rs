@@ -109,93 +109,16 @@ spec:
   - from: [{source: {principals: [\"cluster.local/ns/shop/sa/backend\"]}}]
 ";
 
-/// An HTTP/1.1 server (keep-alive, a thread per connection) that answers
-/// every GET and POST with its own name. Args: name, port.
-const HTTP_SERVER: &str = r#"
-import http.server, sys
-name, port = sys.argv[1], int(sys.argv[2])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def answer(self):
-        n = int(self.headers.get("content-length") or 0)
-        if n:
-            self.rfile.read(n)
-        body = (name + "\n").encode()
-        self.send_response(200)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_POST = answer
-    def log_message(self, *args):
-        pass
-server = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
-server.daemon_threads = True
-print("ready", flush=True)
-server.serve_forever()
-"#;
-
-/// An HTTP client: `count` requests, spread over `conns` keep-alive
-/// connections used at the same time (a thread each); prints `<status>
-/// <body>` per request. Args: host, port, method, path, count, conns.
-const HTTP_CLIENT: &str = r#"
-import http.client, sys, threading
-host, port, method, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-count, conns = int(sys.argv[5]), int(sys.argv[6])
-lock = threading.Lock()
-def client(k):
-    c = http.client.HTTPConnection(host, port, timeout=10)
-    for i in range(k, count, conns):
-        c.request(method, path.replace("{i}", str(i)))
-        r = c.getresponse()
-        body = r.read().decode(errors="replace").strip().replace("\n", " ")
-        with lock:
-            print(r.status, body, flush=True)
-threads = [threading.Thread(target=client, args=(k,)) for k in range(conns)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"#;
-
-/// A TCP client: connects, sends a line and expects it echoed; prints how
-/// it went: `echo`, `reset`, `refused`, `eof`, `timeout` or `error ...`.
-/// Args: host, port.
-const TCP_CLIENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-msg = b"SELECT 1;\n"
-try:
-    c = socket.create_connection((host, port), timeout=5)
-    c.sendall(msg)
-    got = b""
-    while len(got) < len(msg):
-        k = c.recv(65536)
-        if not k:
-            break
-        got += k
-    print("echo" if got == msg else ("eof" if not got else "garbled %r" % got))
-except ConnectionRefusedError:
-    print("refused")
-except (ConnectionResetError, BrokenPipeError):
-    print("reset")
-except socket.timeout:
-    print("timeout")
-except OSError as e:
-    print("error", e)
-"#;
-
 pub fn run(workspace: &Path) -> Result<()> {
     let started = Instant::now();
     e2e_preflight().map_err(|why| {
         anyhow::anyhow!("the demo builds network namespaces and loads kernel programs: {why}")
     })?;
-    which_python()?;
     step("[1/6] kernel toolchain and programs");
     setup::build_ebpf(workspace)?;
-    step("[2/6] building mesh-agent (release)");
+    step("[2/6] building mesh-agent (release) and pod-tool (the servers and clients in the pods)");
     let agent_bin = setup::build_agent_release(workspace)?;
+    setup::build_pod_tool(workspace)?;
     let mesh_started = Instant::now();
 
     step("[3/6] test bed: node1 {frontend, backend-1}, node2 {backend-2, database}");
@@ -489,23 +412,15 @@ impl Demo<'_> {
     }
 }
 
-/// Checks python3 is there: every server and client in the pods is one.
-pub(crate) fn which_python() -> Result<()> {
-    let found = std::process::Command::new("python3")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ensure!(
-        found,
-        "the demo runs its servers and clients in the pods with python3, which is not in PATH"
-    );
-    Ok(())
-}
-
+/// An HTTP/1.1 server (keep-alive, `pod-tool http-server`) in `pod` that
+/// answers every request with its own name.
 pub(crate) fn start_http_server(pod: &Pod) -> Result<Process> {
-    let port = HTTP_PORT.to_string();
-    let server = pod.spawn("python3", &["-c", HTTP_SERVER, mesh_name(pod), &port])?;
+    let server = pod.spawn_tool(&[
+        "http-server",
+        &format!("0.0.0.0:{HTTP_PORT}"),
+        "--body",
+        &format!("{}\n", mesh_name(pod)),
+    ])?;
     mesh_testbed::wait_until(
         &format!("the HTTP server in {}", mesh_name(pod)),
         Duration::from_secs(10),
@@ -529,16 +444,18 @@ fn http_calls(
         count.to_string(),
         conns.to_string(),
     );
-    let out = client.run(
-        "python3",
+    // Prints `<status> <body>` per request; request i on connection i mod conns.
+    let out = client.run_tool(
         &[
-            "-c",
-            HTTP_CLIENT,
+            "http-client",
             BACKEND_VIP,
             &port,
-            method,
             path,
+            "--method",
+            method,
+            "--count",
             &count_arg,
+            "--connections",
             &conns_arg,
         ],
         Duration::from_secs(30),
@@ -559,15 +476,33 @@ fn http_calls(
     Ok(answers)
 }
 
-/// One TCP connection from `client` to the database: how it went.
+/// One TCP connection from `client` to the database, sending a line and
+/// expecting it echoed: how it went, `echo`, or `refused`, `reset`, `eof`,
+/// `timeout`, `garbled` or `error`.
 fn tcp_call(client: &Pod, host: &str) -> Result<String> {
     let port = DB_PORT.to_string();
-    let out = client.run(
-        "python3",
-        &["-c", TCP_CLIENT, host, &port],
+    let out = client.run_tool(
+        &[
+            "echo",
+            host,
+            &port,
+            "--plain",
+            "--line",
+            "SELECT 1;",
+            "--tally",
+        ],
         Duration::from_secs(20),
     )?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.lines().any(|l| l == "ok 1 failed 0") {
+        return Ok("echo".to_string());
+    }
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("FAILED 0 "))
+        .and_then(|rest| rest.split(':').next())
+        .map(str::to_string)
+        .with_context(|| format!("the TCP client's output: {stdout:?}"))
 }
 
 /// The policies that decided a call, from the agents' decision counters

@@ -212,3 +212,25 @@ pub fn build_agent_release(workspace: &Path) -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// Builds `pod-tool`, the servers and clients the test bed runs in pods
+/// (mesh-testbed's binary; a debug build, as the tests use), and makes the
+/// test bed use that one.
+pub fn build_pod_tool(workspace: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).current_dir(workspace).args([
+        "build",
+        "-p",
+        "mesh-testbed",
+        "--bin",
+        mesh_testbed::tool::NAME,
+    ]))?;
+    let bin = workspace
+        .join("target/debug")
+        .join(mesh_testbed::tool::NAME);
+    if !bin.is_file() {
+        bail!("cargo built pod-tool but {} is missing", bin.display());
+    }
+    mesh_testbed::tool::use_binary(&bin)?;
+    Ok(bin)
+}

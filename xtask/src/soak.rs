@@ -29,7 +29,7 @@ use mesh_testbed::{Node, Pod, Process, Topology, e2e_preflight, traffic::start_e
 use crate::{
     demo::{
         self, BACKEND_POLICY, BACKEND_VIP, BACKEND_VIP_PORT, DB_PORT, admin_get, start_agent,
-        start_http_server, stop_agents, which_python,
+        start_http_server, stop_agents,
     },
     setup, step,
 };
@@ -155,6 +155,8 @@ pub fn run(workspace: &Path, minutes: u32) -> Result<()> {
     step("kernel programs and the agent (release)");
     setup::build_ebpf(workspace)?;
     let agent_bin = setup::build_agent_release(workspace)?;
+    // Its servers, shared with the demo, are pod-tool's; its load is python.
+    setup::build_pod_tool(workspace)?;
 
     step("test bed: node1 {frontend, backend-1}, node2 {backend-2, database}");
     let topo = Topology::builder("soak")
@@ -183,6 +185,20 @@ pub fn run(workspace: &Path, minutes: u32) -> Result<()> {
     drop(agents);
     drop(topo);
     result
+}
+
+/// Checks python3 is there: the soak's load clients in the pods are python.
+fn which_python() -> Result<()> {
+    let found = std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ensure!(
+        found,
+        "the soak runs its load clients in the pods with python3, which is not in PATH"
+    );
+    Ok(())
 }
 
 fn soak(workspace: &Path, topo: &Topology, agents: &mut [Process], minutes: u32) -> Result<()> {
