@@ -203,6 +203,13 @@ fn node_settings_changed_at_run_time_are_shown_as_pending_not_in_force() {
         after["node"]["accessLog"], true,
         "a pending node setting shown as in force: {after}"
     );
-    assert_eq!(after["pendingRestart"]["node"]["accessLog"], false, "{after}");
-    assert!(agent.log().contains("node settings apply at the next restart"));
+    assert_eq!(
+        after["pendingRestart"]["node"]["accessLog"], false,
+        "{after}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("node settings apply at the next restart")
+    );
 }
