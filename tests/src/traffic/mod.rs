@@ -45,7 +45,8 @@ pub const BIG_BULK_BYTES: u64 = 300 << 20;
 ///
 /// It listens on `0.0.0.0` and `::` (`IPV6_V6ONLY`, so two sockets) on two
 /// ports, with a backlog of 4096, `RLIMIT_NOFILE` raised to its hard limit
-/// and a task per connection (thousands of concurrent connections work):
+/// and a thread per connection on plain blocking sockets (thousands of
+/// concurrent connections work):
 ///
 /// - [`port`](Self::port), the command port: the client starts each
 ///   connection with one line, `ECHO`, `SINK`, `SOURCE <n> <seed>`,
