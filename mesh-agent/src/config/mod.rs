@@ -85,8 +85,40 @@ fn read_policy_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> 
         .collect()
 }
 
-/// Loads and validates the configuration directory.
+/// Kubernetes' ConfigMap volumes: every file is a symlink through this one,
+/// which is swapped in a single rename when the ConfigMap changes.
+const CONFIGMAP_VERSION_LINK: &str = "..data";
+
+/// How many times a read that spanned a ConfigMap swap is started again.
+const CONFIGMAP_READ_ATTEMPTS: usize = 5;
+
+/// Loads and validates the configuration directory, as one version of it: a
+/// read that spans a ConfigMap update (some files old, some new) is never
+/// returned; it is read again.
 pub fn load_dir(dir: &Path) -> Result<Desired, ConfigError> {
+    read_one_version(dir, load_dir_once)
+}
+
+/// Runs `read` until the ConfigMap version (`..data`'s target) is the same
+/// before and after it; a directory without one is read once.
+fn read_one_version<T>(dir: &Path, mut read: impl FnMut(&Path) -> T) -> T {
+    let version = || std::fs::read_link(dir.join(CONFIGMAP_VERSION_LINK)).ok();
+    let mut before = version();
+    for _ in 1..CONFIGMAP_READ_ATTEMPTS {
+        let result = read(dir);
+        let after = version();
+        if after == before {
+            return result;
+        }
+        before = after;
+    }
+    // Swapped under every attempt: this last read is as good as any; a mix
+    // of versions that does not validate is rejected like any bad change,
+    // and the swap's own event brings another read.
+    read(dir)
+}
+
+fn load_dir_once(dir: &Path) -> Result<Desired, ConfigError> {
     if !dir.is_dir() {
         return Err(ConfigError::new(
             dir,

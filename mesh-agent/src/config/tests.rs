@@ -464,3 +464,56 @@ fn the_configuration_reference_names_every_node_field() {
         "not in docs/configuration.md's table: {missing:?}"
     );
 }
+
+/// Lays `files` out as Kubernetes' AtomicWriter does for a ConfigMap
+/// volume: the files in a new hidden version directory, `..data` swapped to
+/// it in one rename, and each top-level name a symlink through `..data`.
+fn publish_configmap_version(dir: &Path, version: &str, files: &[(&str, &str)]) {
+    let version_dir = dir.join(version);
+    for (name, text) in files {
+        let path = version_dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join(CONFIGMAP_VERSION_LINK)).unwrap();
+    for (name, _) in files {
+        let top = name.split('/').next().unwrap();
+        let link = dir.join(top);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(Path::new(CONFIGMAP_VERSION_LINK).join(top), link).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_read_that_spans_a_configmap_update_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_configmap_version(
+        dir.path(),
+        "..v1",
+        &[(NODE_FILE, "name: old\n"), ("policies/p.yaml", "")],
+    );
+    assert_eq!(load_dir(dir.path()).unwrap().node.name, "old");
+
+    // The ConfigMap changes while a read is under way: that read's result
+    // (old, or a mix) is not returned; the new version is.
+    let mut reads = 0;
+    let name = read_one_version(dir.path(), |d| {
+        reads += 1;
+        let read = load_dir_once(d).map(|desired| desired.node.name);
+        if reads == 1 {
+            publish_configmap_version(d, "..v2", &[(NODE_FILE, "name: new\n")]);
+        }
+        read
+    });
+    assert_eq!(name.unwrap(), "new");
+    assert_eq!(reads, 2);
+
+    // No ConfigMap (plain files): read once.
+    let plain = dir_with(NODE, None);
+    let mut reads = 0;
+    read_one_version(plain.path(), |_| reads += 1);
+    assert_eq!(reads, 1);
+}

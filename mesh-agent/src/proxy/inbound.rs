@@ -26,17 +26,11 @@ pub async fn handle(
     let mut record = Recording::start(&ctx, Direction::Inbound, &pod, client);
     record.peers.set_local_destination(&pod);
     record.upstream = Path::Pod(pod.key.clone());
-    // The accepted socket's own address is the destination; without it
-    // there is nowhere to deliver (never guess one).
-    let original_dst = match downstream.local_addr() {
+    let original_dst = match original_destination(downstream.local_addr()) {
         Ok(addr) => addr,
-        Err(err) => {
-            tracing::warn!(pod = %pod.key, %client, error = %err, "inbound connection without a local address; reset");
-            finish::refuse(
-                record,
-                downstream,
-                Outcome::NoOriginalDestination(err.to_string()),
-            );
+        Err(outcome) => {
+            tracing::warn!(pod = %pod.key, %client, %outcome, "inbound connection without a local address; reset");
+            finish::refuse(record, downstream, outcome);
             return;
         }
     };
@@ -83,4 +77,29 @@ pub async fn handle(
         .await
         .map(Upstream::Tcp);
     finish::finish(&ctx, record, downstream, upstream).await;
+}
+
+/// The accepted socket's own address is where the client was going; without
+/// it there is nowhere to deliver, and no other address (the client's, the
+/// listener's) is ever taken in its place.
+fn original_destination(local: std::io::Result<SocketAddr>) -> Result<SocketAddr, Outcome> {
+    local.map_err(|err| Outcome::NoOriginalDestination(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_its_local_address_an_inbound_connection_has_no_destination() {
+        let to: SocketAddr = "10.1.0.2:8080".parse().unwrap();
+        assert_eq!(original_destination(Ok(to)).unwrap(), to);
+        let unknown = std::io::Error::from_raw_os_error(nix::libc::ENOTCONN);
+        match original_destination(Err(unknown)) {
+            Err(Outcome::NoOriginalDestination(reason)) => {
+                assert!(reason.contains("not connected"), "{reason}")
+            }
+            other => panic!("a destination was made up: {other:?}"),
+        }
+    }
 }
