@@ -29,16 +29,20 @@ pub struct TopologyBuilder {
     nodes: Vec<(String, Vec<String>)>,
 }
 
+/// A Linux bridge takes at most 1,024 ports; one pod is one port.
+pub const MAX_PODS_PER_NODE: usize = 1_000;
+
 /// A set of simulated nodes (network namespaces) joined by a fabric, each
 /// with pods (a netns plus a cgroup). Dropping it removes everything.
 ///
 /// Addressing, for node index `i` (1-based, declaration order) and pod `k`
 /// (1-based on its node):
 /// - fabric: node `i` is `10.255.0.i/24` and `fd00:ff::i/64` on `fab0`;
-/// - node `i` bridge `br0`: `10.i.0.1/24`, `fd00:i::1/64` (`i` in hex);
-/// - pod `k` on node `i`: `eth0` = `10.i.0.(k+1)/24`, `fd00:i::(k+1)/64`,
-///   default routes via the node bridge; nodes route each other's pod
-///   subnets over the fabric.
+/// - node `i` bridge `br0`: `10.i.0.1/16`, `fd00:i::1/64` (`i` in hex);
+/// - pod `k` on node `i`: `eth0` = `10.i.0.(k+1)/16`, `fd00:i::(k+1)/64`;
+///   beyond 253 pods the next ones are `10.i.1.2`..`10.i.1.254`, and so on
+///   (at most [`MAX_PODS_PER_NODE`]); default routes via the node bridge;
+///   nodes route each other's pod subnets over the fabric.
 #[derive(Debug)]
 pub struct Topology {
     shared: Arc<Shared>,
@@ -203,7 +207,10 @@ impl Topology {
                 pods: Vec::new(),
             };
             for (k, pod_name) in pods.iter().enumerate() {
-                let host = u8::try_from(k + 2).expect("checked by build");
+                let (block, host) = (
+                    u8::try_from(k / 253).expect("checked by build"),
+                    u8::try_from(k % 253 + 2).expect("below 255"),
+                );
                 let pod_ns = format!("{id}-{node_name}-{pod_name}");
                 self.add_netns(&pod_ns, &no_dad)?;
                 let pod_cgroup = node.cgroup_dir.join(pod_name);
@@ -212,8 +219,17 @@ impl Topology {
                     shared: self.shared.clone(),
                     name: pod_name.clone(),
                     node_name: node_name.clone(),
-                    ipv4: Ipv4Addr::new(10, index, 0, host),
-                    ipv6: Ipv6Addr::new(0xfd00, index.into(), 0, 0, 0, 0, 0, host.into()),
+                    ipv4: Ipv4Addr::new(10, index, block, host),
+                    ipv6: Ipv6Addr::new(
+                        0xfd00,
+                        index.into(),
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        u16::try_from(k + 2).expect("checked by build"),
+                    ),
                     place: Place {
                         what: format!(
                             "pod `{pod_name}` on node `{node_name}` ({})",
@@ -253,7 +269,7 @@ impl Topology {
             let _ = writeln!(s, "addr add {}/64 dev fab0 nodad", node.fabric_ipv6());
             let _ = writeln!(s, "link set fab0 up");
             let _ = writeln!(s, "link add br0 type bridge mcast_snooping 0");
-            let _ = writeln!(s, "addr add {}/24 dev br0", node.bridge_ipv4());
+            let _ = writeln!(s, "addr add {}/16 dev br0", node.bridge_ipv4());
             let _ = writeln!(s, "addr add {}/64 dev br0 nodad", node.bridge_ipv6());
             let _ = writeln!(s, "link set br0 up");
             for (k, pod) in node.pods.iter().enumerate() {
@@ -267,7 +283,7 @@ impl Topology {
             }
             for other in self.nodes.iter().filter(|o| o.index != i) {
                 let j = other.index;
-                let _ = writeln!(s, "route add 10.{j}.0.0/24 via {}", other.fabric_ipv4());
+                let _ = writeln!(s, "route add 10.{j}.0.0/16 via {}", other.fabric_ipv4());
                 let _ = writeln!(s, "route add fd00:{j:x}::/64 via {}", other.fabric_ipv6());
             }
             netns::ip_batch(&node.netns_name, &s)?;
@@ -275,7 +291,7 @@ impl Topology {
             for pod in &node.pods {
                 let mut s = String::new();
                 let _ = writeln!(s, "link set lo up");
-                let _ = writeln!(s, "addr add {}/24 dev eth0", pod.ipv4);
+                let _ = writeln!(s, "addr add {}/16 dev eth0", pod.ipv4);
                 let _ = writeln!(s, "addr add {}/64 dev eth0 nodad", pod.ipv6);
                 let _ = writeln!(s, "link set eth0 up");
                 let _ = writeln!(s, "route add default via {}", node.bridge_ipv4());
@@ -401,8 +417,8 @@ impl TopologyBuilder {
             if !node_names.insert(node) {
                 bail!("node `{node}` is declared twice");
             }
-            if pods.len() > 253 {
-                bail!("node `{node}`: at most 253 pods per node are supported");
+            if pods.len() > MAX_PODS_PER_NODE {
+                bail!("node `{node}`: at most {MAX_PODS_PER_NODE} pods per node are supported");
             }
             for pod in pods {
                 naming::check_name("pod", pod)?;

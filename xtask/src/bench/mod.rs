@@ -17,8 +17,10 @@
 //! coordinated omission), saturation (64 connections), one bulk TCP stream,
 //! connection churn (connect, one request, close). For the agents: CPU seconds
 //! per 1,000 requests and peak RSS during the fixed-rate load; memory per idle
-//! connection and per pooled TLS connection; idle RSS with 100 pods and 1,000
-//! policies. Output: target/bench/results.{json,md,svg}.
+//! connection and per pooled TLS connection. Scale: an agent with 100, then
+//! 1,000 enrolled pods, 1,000 policies and 50 services: idle RSS, scrape
+//! cost, and agent CPU and RSS per connection under connection churn.
+//! Output: target/bench/results.{json,md,svg}.
 
 mod plot;
 
@@ -60,7 +62,10 @@ struct Plan {
     handshake_secs: u32,
     idle_tls: u32,
     idle_tcp: u32,
-    idle_pods: usize,
+    /// The scale measurements: an agent with this many enrolled pods, each.
+    scale_pods: &'static [usize],
+    /// Connections (one request each) opened for the per-connection cost.
+    scale_connections: u32,
     idle_policies: usize,
     idle_services: usize,
 }
@@ -196,7 +201,8 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             handshake_secs: 2,
             idle_tls: 200,
             idle_tcp: 1_000,
-            idle_pods: 100,
+            scale_pods: &[100, 1_000],
+            scale_connections: 4_000,
             idle_policies: 1_000,
             idle_services: 50,
         }
@@ -210,7 +216,8 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             handshake_secs: 5,
             idle_tls: 1_000,
             idle_tcp: 1_000,
-            idle_pods: 100,
+            scale_pods: &[100, 1_000],
+            scale_connections: 10_000,
             idle_policies: 1_000,
             idle_services: 50,
         }
@@ -318,18 +325,28 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     drop(servers);
     drop(topo);
 
-    let idle = idle_agent_with_pods_and_policies(&plan, &tools, &ca)?;
-    let idle_rss_kib = idle.rss_kib;
-    step(format!(
-        "idle agent with {} pods, {} policies and {} services: {idle_rss_kib} KiB RSS; a /metrics scrape takes {:.2} ms for {} bytes",
-        plan.idle_pods, plan.idle_policies, plan.idle_services, idle.scrape_ms, idle.scrape_bytes
-    ));
+    let mut scale = Vec::new();
+    for &pods in plan.scale_pods {
+        let at = agent_at_scale(&plan, &tools, &http_serve, &ca, pods)?;
+        step(format!(
+            "agent with {pods} pods, {} policies and {} services: idle {} KiB RSS; a /metrics scrape takes {:.2} ms for {} bytes; {:.1} µs of agent CPU per connection, RSS {} KiB after {} connections",
+            plan.idle_policies,
+            plan.idle_services,
+            at.rss_kib,
+            at.scrape_ms,
+            at.scrape_bytes,
+            at.cpu_us_per_connection,
+            at.rss_after_churn_kib,
+            plan.scale_connections
+        ));
+        scale.push(at);
+    }
 
     let report = Report {
         plan: &plan,
         samples: &samples,
         memory: &memory,
-        idle: &idle,
+        scale: &scale,
     };
     let out_dir = workspace.join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -577,27 +594,38 @@ fn measure_memory(
 }
 
 /// The idle agent's figures.
-struct Idle {
+/// An agent at one scale (pods enrolled).
+struct Scale {
+    pods: usize,
+    /// Idle, settled.
     rss_kib: u64,
     /// Median time of a whole `/metrics` scrape (request to last byte).
     scrape_ms: f64,
     scrape_bytes: usize,
+    /// User+system CPU of the agent per connection (one HTTP request each,
+    /// same node, decided by L7 policy), over `scale_connections`.
+    cpu_us_per_connection: f64,
+    rss_after_churn_kib: u64,
 }
 
 /// How many scrapes the median is taken over.
 const SCRAPES: usize = 21;
 
-/// An agent on a node of its own with `idle_pods` enrolled pods,
-/// `idle_policies` policies and `idle_services` services, no traffic: its
-/// RSS once settled, and what a Prometheus scrape costs.
-fn idle_agent_with_pods_and_policies(
+/// An agent on a node of its own with `pods` enrolled pods,
+/// `idle_policies` policies and `idle_services` services: its RSS once
+/// settled with no traffic, what a Prometheus scrape costs, then its CPU and
+/// RSS per connection while connections (one request each) come and go
+/// between two of its pods.
+fn agent_at_scale(
     plan: &Plan,
     tools: &Tools,
+    http_serve: &Path,
     ca: &crate::pki::BenchCa,
-) -> Result<Idle> {
-    let names: Vec<String> = (0..plan.idle_pods).map(|i| format!("p{i:03}")).collect();
+    pod_count: usize,
+) -> Result<Scale> {
+    let names: Vec<String> = (0..pod_count).map(|i| format!("p{i:03}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    step(format!("building a node with {} pods", plan.idle_pods));
+    step(format!("building a node with {pod_count} pods"));
     let topo = Topology::builder("bench-idle").node("m1", &refs).build()?;
     let node = topo.node("m1");
     let pki = topo.tmp_dir().join("pki");
@@ -656,7 +684,7 @@ fn idle_agent_with_pods_and_policies(
         let enrolled = status["pods"]
             .as_array()
             .map_or(0, |p| p.iter().filter(|p| p["enrolled"] == true).count());
-        Ok(enrolled == plan.idle_pods)
+        Ok(enrolled == pod_count)
     })?;
     // Settled: RSS stops moving (certificates minted, caches filled).
     let mut last = rss_kib(pid)?;
@@ -687,10 +715,40 @@ fn idle_agent_with_pods_and_policies(
         }
         scrape_bytes = body.len();
     }
-    Ok(Idle {
+    // Churn: p002 opens connections to p001, one GET each, which p001's
+    // policy (`idle-1`) allows on L7 rules.
+    let (server, client) = (&pod_list[1], &pod_list[2]);
+    let _server = start_http_server(server, http_serve)?;
+    let url = format!("http://{}:{HTTP_PORT}/v1/item", server.ipv4());
+    let connections = plan.scale_connections.to_string();
+    let cpu_before = cpu_ticks(&[pid])?;
+    let churn = http_load(
+        tools,
+        client,
+        &[
+            "--url",
+            &url,
+            "--requests",
+            &connections,
+            "--concurrency",
+            "4",
+            "--connections",
+            "4",
+            "--new-connection-per-request",
+        ],
+    )?;
+    let cpu_s = (cpu_ticks(&[pid])? - cpu_before) as f64 / clock_ticks_per_second();
+    let made = churn["requests"].as_f64().unwrap_or(0.0);
+    if made < 1.0 {
+        bail!("no connection was made: {churn}");
+    }
+    Ok(Scale {
+        pods: pod_count,
         rss_kib: last,
         scrape_ms: median(&times),
         scrape_bytes,
+        cpu_us_per_connection: cpu_s * 1e6 / made,
+        rss_after_churn_kib: rss_kib(pid)?,
     })
 }
 
@@ -781,7 +839,7 @@ struct Report<'a> {
     plan: &'a Plan,
     samples: &'a [Vec<Sample>],
     memory: &'a Memory,
-    idle: &'a Idle,
+    scale: &'a [Scale],
 }
 
 /// The median of a path's rounds, field by field.
@@ -928,25 +986,30 @@ impl Report<'_> {
         }
         let _ = writeln!(
             t,
-            "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections); idle agent with {} pods and {} policies: {:.1} MB RSS. Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
+            "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
             self.memory.per_idle_tcp_kib,
             plan.idle_tcp,
             self.memory.per_idle_tls_kib,
             plan.idle_tls,
-            plan.idle_pods,
-            plan.idle_policies,
-            self.idle.rss_kib as f64 / 1024.0,
             self.memory.handshakes_per_s
         );
         let _ = writeln!(
             t,
-            "\nScrape cost: with {} pods, {} policies and {} services configured (no traffic), a whole `/metrics` scrape takes {:.2} ms (median of {SCRAPES}, request to last byte, from the node) and returns {:.1} KiB.",
-            plan.idle_pods,
-            plan.idle_policies,
-            plan.idle_services,
-            self.idle.scrape_ms,
-            self.idle.scrape_bytes as f64 / 1024.0
+            "\nScale: one agent with this many enrolled pods, {} policies (HTTP rules) and {} services. Idle RSS once settled; a whole `/metrics` scrape (median of {SCRAPES}, request to last byte, from the node); then {} connections of one GET each between two of its pods (4 at a time, L7 policy), with the agent's user+system CPU per connection and its RSS after them.\n\n| pods | idle RSS | scrape | scrape size | agent CPU per connection | RSS after the connections |\n|---|---|---|---|---|---|",
+            plan.idle_policies, plan.idle_services, plan.scale_connections,
         );
+        for at in self.scale {
+            let _ = writeln!(
+                t,
+                "| {} | {:.1} MB | {:.2} ms | {:.1} KiB | {:.0} µs | {:.1} MB |",
+                at.pods,
+                at.rss_kib as f64 / 1024.0,
+                at.scrape_ms,
+                at.scrape_bytes as f64 / 1024.0,
+                at.cpu_us_per_connection,
+                at.rss_after_churn_kib as f64 / 1024.0
+            );
+        }
         let _ = writeln!(t, "\n| goal | measured | met |\n|---|---|---|");
         for (goal, measured, met) in self.goals() {
             let _ = writeln!(
@@ -1000,12 +1063,20 @@ impl Report<'_> {
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,
-                "idle_rss_kib": self.idle.rss_kib,
-                "idle_pods": self.plan.idle_pods,
-                "idle_policies": self.plan.idle_policies,
-                "idle_services": self.plan.idle_services,
             },
-            "scrape": {"ms": self.idle.scrape_ms, "bytes": self.idle.scrape_bytes},
+            "scale": {
+                "policies": self.plan.idle_policies,
+                "services": self.plan.idle_services,
+                "connections": self.plan.scale_connections,
+                "agents": self.scale.iter().map(|at| json!({
+                    "pods": at.pods,
+                    "idle_rss_kib": at.rss_kib,
+                    "scrape_ms": at.scrape_ms,
+                    "scrape_bytes": at.scrape_bytes,
+                    "cpu_us_per_connection": at.cpu_us_per_connection,
+                    "rss_after_connections_kib": at.rss_after_churn_kib,
+                })).collect::<Vec<_>>(),
+            },
             "tunnel_handshakes_per_s": self.memory.handshakes_per_s,
             "goals": self.goals().into_iter().map(|(g, m, met)| json!({"goal": g, "measured": m, "met": met})).collect::<Vec<_>>(),
         })
