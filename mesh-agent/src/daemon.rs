@@ -119,6 +119,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     let mut proxy = ProxyContext::new(programs.orig_dst_table()?, mtls.clone());
     proxy.connections.set_access_log(node.access_log);
     proxy.admission.set_limits(node.limits);
+    proxy.set_http(node.http);
     proxy.fast_path = Some(Arc::new(fast_path));
     let proxy = Arc::new(proxy);
     let mut enroller = Enroller::new(programs, proxy.clone());

@@ -116,7 +116,26 @@ impl Enroller {
             .filter(|(key, rt)| wanted.get(*key).is_none_or(|cfg| **cfg != rt.config))
             .map(|(key, _)| key.clone())
             .collect();
+        let mut carried_over = Vec::new();
         for key in obsolete {
+            // Changed, not gone (new labels, ports, ...): its listeners carry
+            // over to the new enrolment, as in a handover. Binding new ones
+            // would race the old accept loops, which close theirs only
+            // once their tasks are dropped: "address in use".
+            if wanted.contains_key(&key)
+                && let Some(runtime) = self.running.get_mut(&key)
+            {
+                let listeners = std::mem::take(&mut runtime.sockets);
+                let netns_cookie = runtime.netns_cookie;
+                self.inherited.insert(
+                    key.clone(),
+                    PodSockets {
+                        netns_cookie,
+                        listeners,
+                    },
+                );
+                carried_over.push(key.clone());
+            }
             self.release(&key);
         }
         let identities: Vec<_> = desired
@@ -164,6 +183,11 @@ impl Enroller {
             });
         }
         self.statuses = statuses;
+        // Listeners carried over for a pod that could not be enrolled again
+        // are closed now.
+        for key in carried_over {
+            self.inherited.remove(&key);
+        }
     }
 
     fn enrol(&mut self, pod: &PodConfig) -> Result<u64> {
@@ -220,6 +244,12 @@ impl Enroller {
             addrs,
             workload,
             open_connections: Arc::default(),
+            opaque_ports: {
+                let mut ports = pod.opaque_ports.clone();
+                ports.sort_unstable();
+                ports.dedup();
+                ports
+            },
         });
         let sockets = listeners
             .iter()

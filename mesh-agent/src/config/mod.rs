@@ -18,7 +18,7 @@ use std::{
 };
 
 pub use error::ConfigError;
-pub use node::{Limits, NodeConfig, OnStop, default_admin_address};
+pub use node::{HttpSettings, Limits, NodeConfig, OnStop, default_admin_address};
 pub use pods::{CaptureExclusions, PodConfig, PodsFile};
 pub use services::{
     EndpointConfig, LocalityConfig, OutlierDetectionConfig, RetriesConfig, RouteConfig,

@@ -60,6 +60,46 @@ pub struct NodeConfig {
     /// What one pod, or the whole node's tunnel port, may hold at once.
     #[serde(default)]
     pub limits: Limits,
+    /// Timeouts of the HTTP connections the agent serves and makes.
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// `http`: timeouts of HTTP connections, the same on every path (into a
+/// pod with HTTP rules, a service's HTTP port, the tunnel's streams).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpSettings {
+    /// A client connection with no request in progress for this long is
+    /// closed (HTTP/1) or sent GOAWAY (HTTP/2). Default 1h, Envoy's.
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: std::time::Duration,
+    /// A connection to an application that carried no byte for this long is
+    /// closed. Default 1h.
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub upstream_idle_timeout: std::time::Duration,
+    /// An HTTP/1 request head must arrive whole within this time of its
+    /// first byte (default 10s).
+    #[serde(default = "default_request_headers_timeout", with = "humantime_serde")]
+    pub request_headers_timeout: std::time::Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: default_http_idle_timeout(),
+            upstream_idle_timeout: default_http_idle_timeout(),
+            request_headers_timeout: default_request_headers_timeout(),
+        }
+    }
+}
+
+fn default_http_idle_timeout() -> std::time::Duration {
+    crate::l7::DEFAULT_IDLE_TIMEOUT
+}
+
+fn default_request_headers_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 /// `limits`: beyond them new connections are refused at once (reset) and

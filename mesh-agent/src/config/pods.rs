@@ -38,6 +38,11 @@ pub struct PodConfig {
     /// Traffic of this pod that is not captured.
     #[serde(default)]
     pub capture_exclusions: CaptureExclusions,
+    /// Ports of this pod that serve plain TCP (MySQL, SMTP, ...): connections
+    /// to them are never parsed as HTTP; its policies decide each connection
+    /// as a whole (HTTP fields as on any TCP traffic), at once.
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
 }
 
 /// What capture leaves alone for one pod. Everything else of an enrolled pod goes

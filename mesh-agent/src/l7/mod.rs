@@ -14,7 +14,7 @@
 //! 3. asks the [`Authorizer`] about the normalised path (query stripped);
 //!    [`Verdict::Deny`] → `403` with body `RBAC: access denied`
 //!    (`text/plain`, what Envoy/Istio send); the connection stays usable;
-//! 4. refuses upgrades with `501` (see below);
+//! 4. relays upgrades (WebSocket) where it can, else `501` (see below);
 //! 5. forwards the request upstream with the path replaced by the normalised
 //!    one plus the original query string (what Envoy does with
 //!    `normalize_path`), so the application routes on exactly the path that
@@ -50,14 +50,27 @@
 //!
 //! ## Upgrades
 //!
+//! An HTTP/1.1 `Upgrade` request (WebSocket) is authorized like any other
+//! (a denied one gets `403` and the connection stays usable) and forwarded
+//! with its `Upgrade`; when the application answers `101 Switching
+//! Protocols`, the client's connection and the upstream one are relayed as
+//! bytes both ways until either ends ([`L7Stats::upgrades`]; the request is
+//! logged and counted with its 101). Only where the upstream connection is
+//! the client's own ([`Forward::relays_upgrades`]: into a pod); a service's
+//! HTTP port, whose upstream connections are pooled, answers `501`.
 //! `CONNECT` (HTTP/1.1 and HTTP/2; extended CONNECT is not enabled) is
 //! answered `501 Not Implemented` before anything else (it has no path to
-//! authorize); on HTTP/1.1 the connection is then closed. WebSocket and other
-//! `Upgrade` requests are answered `501` after authorization (a denied one
-//! gets `403`) and the connection stays usable. An `Upgrade: h2c` offer alone
-//! is not refused: the offer (`Upgrade`, `HTTP2-Settings` and their
-//! `Connection` options) is removed, as a server may ignore it, and the
-//! request is relayed as HTTP/1.1.
+//! authorize); on HTTP/1.1 the connection is then closed. An `Upgrade: h2c`
+//! offer alone is not relayed: the offer (`Upgrade`, `HTTP2-Settings` and
+//! their `Connection` options) is removed, as a server may ignore it, and
+//! the request is relayed as HTTP/1.1.
+//!
+//! ## Answers made here
+//!
+//! A `HEAD` answered here (403, 400, 502) has no body, its `Content-Length`
+//! says what a GET would get. A refused HTTP/2 request's body is read and
+//! discarded (bounded) so its stream ends cleanly rather than with a reset
+//! that clients report as an error instead of the answer.
 //!
 //! ## HTTP/1.1 hardening (hyper's parser)
 //!
@@ -70,11 +83,17 @@
 //! so bytes smuggled after the chunked body never become a request. Those
 //! parser-level rejections are not counted in [`L7Stats`].
 //!
-//! [`L7Options::header_read_timeout`] applies to every request head on an
-//! HTTP/1 connection, from the moment the server starts waiting for it; so it
-//! also closes a keep-alive connection idle for that long.
+//! ## Timeouts
+//!
+//! [`L7Options::idle_timeout`]: a downstream connection with no request in
+//! progress for that long is closed gracefully (HTTP/1 closes, HTTP/2 sends
+//! GOAWAY). [`L7Options::header_read_timeout`]: an HTTP/1 request head must
+//! arrive whole within that time of its first byte. Upstream connections
+//! made here close after [`L7Options::upstream_idle_timeout`] without a byte
+//! either way. See [`idle`].
 
 mod detect;
+pub mod idle;
 mod service;
 
 #[cfg(test)]
@@ -170,9 +189,15 @@ impl std::fmt::Debug for RequestMetricsHandle {
 /// Limits of [`serve`].
 #[derive(Debug, Clone)]
 pub struct L7Options {
-    /// Time a client has to send a whole HTTP/1 request head (also the idle
-    /// timeout of a keep-alive connection between requests).
+    /// Time a client has to send a whole HTTP/1 request head, from its first
+    /// byte.
     pub header_read_timeout: Duration,
+    /// A downstream connection with no request in progress for this long is
+    /// closed gracefully.
+    pub idle_timeout: Duration,
+    /// An upstream connection made by [`serve`] that carried no byte for this
+    /// long is closed.
+    pub upstream_idle_timeout: Duration,
     /// Largest request head (HTTP/1; answered `431`) or header list (HTTP/2).
     pub max_header_bytes: usize,
     /// Time the first bytes have to say whether the connection is HTTP.
@@ -181,10 +206,16 @@ pub struct L7Options {
     pub request_metrics: Option<RequestMetricsHandle>,
 }
 
+/// Envoy's default for both sides (`common_http_protocol_options.idle_timeout`):
+/// clients' pools commonly keep connections for minutes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl Default for L7Options {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            upstream_idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: 64 * 1024,
             detect_timeout: Duration::from_secs(5),
             request_metrics: None,
@@ -201,6 +232,8 @@ pub struct L7Stats {
     pub denied: u64,
     /// Requests answered `400` by the relay (path normalisation, authority).
     pub bad_requests: u64,
+    /// Requests that switched protocols (WebSocket), then relayed as bytes.
+    pub upgrades: u64,
 }
 
 /// Why [`serve`] ended without serving HTTP to completion.
@@ -212,8 +245,12 @@ pub enum L7Error {
     /// Reading the first bytes failed.
     #[error("reading the first bytes: {0}")]
     Detect(#[source] std::io::Error),
-    /// The HTTP connection failed (I/O error, protocol error, header read
-    /// timeout, ...) after `stats`.
+    /// A request head took longer than the header read timeout, after
+    /// `stats`.
+    #[error("request head not received within {0:?} of its first byte")]
+    HeadTimeout(Duration, L7Stats),
+    /// The HTTP connection failed (I/O error, protocol error, ...) after
+    /// `stats`.
     #[error("{protocol:?} connection: {source}")]
     Connection {
         protocol: Protocol,
@@ -307,11 +344,17 @@ where
     // requests finish, then HTTP/1 closes and HTTP/2 sends GOAWAY, so clients
     // reconnect instead of getting `502` on an idle keep-alive connection.
     let upstream_closed = Arc::new(tokio::sync::Notify::new());
-    let forwarder = Arc::new(service::SingleUpstream::new(service::connector(
-        protocol,
-        connect,
-        Arc::clone(&upstream_closed),
-    )));
+    let upgrading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forwarder = Arc::new(service::SingleUpstream::new(
+        service::connector(
+            protocol,
+            connect,
+            Arc::clone(&upstream_closed),
+            options.upstream_idle_timeout,
+            Arc::clone(&upgrading),
+        ),
+        upgrading,
+    ));
     serve_sniffed(
         protocol,
         io,
@@ -396,20 +439,36 @@ where
         normalize,
         options.request_metrics.clone().map(|h| h.0),
     ));
+    let activity = idle::Activity::new();
     let svc = {
-        let relay = Arc::clone(&relay);
-        hyper::service::service_fn(move |request| Arc::clone(&relay).handle(request))
+        let (relay, activity) = (Arc::clone(&relay), Arc::clone(&activity));
+        hyper::service::service_fn(move |request| {
+            // In progress from its head until its answer's body is sent.
+            let in_progress = activity.request_started();
+            let relay = Arc::clone(&relay);
+            async move {
+                let response = relay.handle(request).await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| idle::Tracked::new(body, in_progress)),
+                )
+            }
+        })
     };
-    let io = TokioIo::new(io);
+    let expired = activity.expired(options.idle_timeout, options.header_read_timeout);
+    let mut expired = std::pin::pin!(expired);
     let result = match protocol {
         Protocol::Http1 => {
+            // hyper's header timer is not used: it runs while a keep-alive
+            // connection waits for its next request, closing idle ones.
+            let io = TokioIo::new(idle::HeadWatch::new(io, Arc::clone(&activity)));
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(options.header_read_timeout)
+                .header_read_timeout(None)
                 .max_header_size(options.max_header_bytes)
                 .auto_date_header(false)
                 .keep_alive(true)
-                .serve_connection(io, svc);
+                .serve_connection(io, svc)
+                .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => result,
@@ -418,9 +477,21 @@ where
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
+                expiry = expired.as_mut() => match expiry {
+                    idle::Expiry::Idle => {
+                        tracing::debug!("downstream HTTP/1 connection idle: closing");
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                    idle::Expiry::HeadTimeout => {
+                        tracing::debug!("request head too slow: closing");
+                        return Err(L7Error::HeadTimeout(options.header_read_timeout, relay.stats()));
+                    }
+                },
             }
         }
         Protocol::Http2 => {
+            let io = TokioIo::new(io);
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
@@ -434,9 +505,20 @@ where
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
+                // No head timeout on HTTP/2 (no bytes are watched): idle only.
+                _ = expired.as_mut() => {
+                    tracing::debug!("downstream HTTP/2 connection idle: GOAWAY");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
             }
         }
     };
+    // Upgraded connections (WebSocket) carry on after their HTTP
+    // connection: this one is over when they are.
+    for upgraded in relay.take_upgraded() {
+        let _ = upgraded.await;
+    }
     let stats = relay.stats();
     match result {
         Ok(()) => Ok(stats),

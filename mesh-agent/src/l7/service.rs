@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::idle::drive_until_idle;
 use super::{Authorizer, L7Stats, PathNormalizer, Protocol, RequestInfo, Verdict};
 
 /// Body of the responses sent downstream: the upstream's, or a local one.
@@ -53,6 +54,8 @@ pub(super) fn connector<C, Fut, U>(
     protocol: Protocol,
     connect: C,
     upstream_closed: Arc<Notify>,
+    idle_timeout: std::time::Duration,
+    upgrading: Arc<std::sync::atomic::AtomicBool>,
 ) -> Connector
 where
     C: FnOnce() -> Fut + Send + 'static,
@@ -64,6 +67,7 @@ where
             let io = connect()
                 .await
                 .map_err(|e| format!("connecting upstream: {e}"))?;
+            let (io, last_bytes) = super::idle::BytesWatch::new(io);
             let io = TokioIo::new(io);
             match protocol {
                 Protocol::Http1 => {
@@ -71,8 +75,19 @@ where
                         .await
                         .map_err(|e| format!("upstream HTTP/1.1 handshake: {e}"))?;
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, "upstream HTTP/1.1 connection failed");
+                        // With upgrades: a 101 hands the connection to the
+                        // client's upgraded one (WebSocket).
+                        let connection = connection.with_upgrades();
+                        match drive_until_idle(connection, last_bytes, idle_timeout).await {
+                            Some(Err(error)) => {
+                                tracing::debug!(%error, "upstream HTTP/1.1 connection failed");
+                            }
+                            None => tracing::debug!("upstream HTTP/1.1 connection idle: closed"),
+                            // Handed over to an upgrade: the client's side is
+                            // being upgraded too, and must not be told to
+                            // close (its 101 would say `Connection: close`).
+                            Some(Ok(())) if upgrading.load(Ordering::Relaxed) => return,
+                            Some(Ok(())) => {}
                         }
                         upstream_closed.notify_one();
                     });
@@ -85,8 +100,12 @@ where
                         .await
                         .map_err(|e| format!("upstream HTTP/2 handshake: {e}"))?;
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, "upstream HTTP/2 connection failed");
+                        match drive_until_idle(connection, last_bytes, idle_timeout).await {
+                            Some(Err(error)) => {
+                                tracing::debug!(%error, "upstream HTTP/2 connection failed");
+                            }
+                            None => tracing::debug!("upstream HTTP/2 connection idle: closed"),
+                            Some(Ok(())) => {}
                         }
                         upstream_closed.notify_one();
                     });
@@ -109,6 +128,12 @@ pub trait Forward: Send + Sync + 'static {
         request: Request<Incoming>,
         downstream: Protocol,
     ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>>;
+
+    /// Whether an HTTP/1.1 upgrade (WebSocket) can be relayed: the upstream
+    /// connection is this client's own, and can be handed over whole.
+    fn relays_upgrades(&self) -> bool {
+        false
+    }
 }
 
 /// The upstream connection's life: made on the first forwarded request.
@@ -127,12 +152,15 @@ enum Slot {
 /// caller's `connect` on the first forwarded request.
 pub(super) struct SingleUpstream {
     upstream: tokio::sync::Mutex<Slot>,
+    /// Set once an upgrade is asked for (see [`connector`]).
+    upgrading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SingleUpstream {
-    pub(super) fn new(connector: Connector) -> Self {
+    pub(super) fn new(connector: Connector, upgrading: Arc<std::sync::atomic::AtomicBool>) -> Self {
         Self {
             upstream: tokio::sync::Mutex::new(Slot::Idle(connector)),
+            upgrading,
         }
     }
 }
@@ -144,6 +172,10 @@ impl Forward for SingleUpstream {
         downstream: Protocol,
     ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
         Box::pin(self.relay(request, downstream == Protocol::Http1))
+    }
+
+    fn relays_upgrades(&self) -> bool {
+        true
     }
 }
 
@@ -157,6 +189,10 @@ pub(super) struct Relay {
     requests: AtomicU64,
     denied: AtomicU64,
     bad_requests: AtomicU64,
+    upgrades: AtomicU64,
+    /// Upgraded connections (WebSocket) being relayed: the downstream
+    /// connection is not over until they are.
+    upgraded: parking_lot::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Relay {
@@ -176,7 +212,14 @@ impl Relay {
             requests: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             bad_requests: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
+            upgraded: parking_lot::Mutex::default(),
         }
+    }
+
+    /// The relays of upgraded connections, to be waited for.
+    pub(super) fn take_upgraded(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.upgraded.lock())
     }
 
     pub(super) fn stats(&self) -> L7Stats {
@@ -184,6 +227,7 @@ impl Relay {
             requests: self.requests.load(Ordering::Relaxed),
             denied: self.denied.load(Ordering::Relaxed),
             bad_requests: self.bad_requests.load(Ordering::Relaxed),
+            upgrades: self.upgrades.load(Ordering::Relaxed),
         }
     }
 
@@ -202,17 +246,33 @@ impl Relay {
             .as_ref()
             .map(|_| request.uri().path().to_owned())
             .unwrap_or_default();
-        let (response, denied_by) = match self.check(request) {
-            Ok(request) => {
+        let mut request = request;
+        let (mut response, denied_by) = match self.check(&mut request) {
+            Ok(()) => {
+                // The client's side of an upgrade, taken before the request
+                // leaves (it goes with the request otherwise).
+                let client_upgrade =
+                    is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
                 let mut response = self.forwarder.forward(request, self.protocol).await;
+                if let Some(client_upgrade) = client_upgrade
+                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    self.relay_upgraded(client_upgrade, hyper::upgrade::on(&mut response));
+                }
                 let denied_by = response.extensions_mut().remove::<DeniedBy>().map(|d| d.0);
                 (response, denied_by)
             }
             Err(refusal) => {
+                if self.protocol == Protocol::Http2 {
+                    drain_refused_body(request.into_body());
+                }
                 let denied_by = refusal.denied_by.clone();
                 (refusal.into_response(), denied_by)
             }
         };
+        if method == Method::HEAD {
+            without_body(&mut response);
+        }
         if let Some(metrics) = &self.metrics {
             metrics.record(&super::RequestOutcome {
                 method: &method,
@@ -220,16 +280,37 @@ impl Relay {
                 status: response.status().as_u16(),
                 duration: started.elapsed(),
                 request_bytes,
-                response_bytes: content_length(response.headers()),
+                response_bytes: body_length(&response),
                 denied_by: denied_by.as_deref(),
             });
         }
         Ok(response)
     }
 
+    /// Once both sides have switched protocols (the 101 is on its way to the
+    /// client), their bytes are relayed both ways until either ends.
+    fn relay_upgraded(&self, client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+        self.upgrades.fetch_add(1, Ordering::Relaxed);
+        let relay = tokio::spawn(async move {
+            let (client, server) = match tokio::try_join!(client, server) {
+                Ok(both) => both,
+                Err(error) => {
+                    tracing::debug!(%error, "upgrade not completed");
+                    return;
+                }
+            };
+            let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                Ok((up, down)) => tracing::debug!(up, down, "upgraded connection ended"),
+                Err(error) => tracing::debug!(%error, "upgraded connection failed"),
+            }
+        });
+        self.upgraded.lock().push(relay);
+    }
+
     /// Everything decided locally: `Ok` with the request to forward (path
     /// rewritten), or `Err` with the answer.
-    fn check(&self, mut request: Request<Incoming>) -> Result<Request<Incoming>, Refusal> {
+    fn check(&self, request: &mut Request<Incoming>) -> Result<(), Refusal> {
         let h1 = self.protocol == Protocol::Http1;
         if request.method() == Method::CONNECT {
             tracing::debug!("CONNECT refused");
@@ -272,8 +353,8 @@ impl Relay {
             self.denied.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::denied(reason));
         }
-        if h1 && !strip_h2c_upgrade(request.headers_mut()) {
-            tracing::debug!("upgrade refused");
+        if h1 && !strip_h2c_upgrade(request.headers_mut()) && !self.forwarder.relays_upgrades() {
+            tracing::debug!("upgrade refused: not relayed on this path");
             return Err(Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "Not Implemented",
@@ -288,13 +369,16 @@ impl Relay {
                 return Err(Refusal::new(StatusCode::BAD_REQUEST, "Bad Request", h1));
             }
         }
-        Ok(request)
+        Ok(())
     }
 }
 
 impl SingleUpstream {
     /// Relays an allowed request upstream and hands back the response.
     async fn relay(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
+        if is_upgrade(request.headers()) {
+            self.upgrading.store(true, Ordering::Relaxed);
+        }
         let upstream = match self.upstream().await {
             Ok(upstream) => upstream,
             Err(error) => {
@@ -352,6 +436,66 @@ impl SingleUpstream {
                 Slot::Empty => return Err("upstream connect lost".to_owned()),
             }
         }
+    }
+}
+
+/// How much of a refused HTTP/2 request's body is read, and for how long,
+/// so its stream ends cleanly instead of being reset.
+const DRAIN_BYTES: u64 = 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and discards the body of a request answered here, in the
+/// background. Without it, HTTP/2 resets the stream (RST_STREAM NO_ERROR,
+/// which RFC 9113 allows) as soon as the answer is sent while the client is
+/// still sending, and common clients (curl) then report an error instead of
+/// the 403. Bounded: beyond [`DRAIN_BYTES`] or [`DRAIN_TIME`] the stream is
+/// reset after all.
+fn drain_refused_body(body: Incoming) {
+    use http_body_util::BodyExt;
+    use hyper::body::Body;
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let drain = async move {
+            let mut body = body;
+            let mut read = 0u64;
+            while read <= DRAIN_BYTES {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    }
+                    _ => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    });
+}
+
+/// The answer to a HEAD carries no body (RFC 9110 §9.3.2); its
+/// `Content-Length` says what a GET would get. hyper's HTTP/2 server does
+/// not know the request was a HEAD: an answer made here would be sent as
+/// DATA, and an application's (whose `Content-Length` promises bytes that
+/// never come) would end in a reset. Clients reject both.
+fn without_body(response: &mut Response<ResponseBody>) {
+    use hyper::body::Body;
+    if let Either::Right(full) = response.body() {
+        let length = full.size_hint().exact().unwrap_or(0);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    *response.body_mut() = Either::Right(Full::new(Bytes::new()));
+}
+
+/// The bytes of a response body: its `Content-Length`, else its exact size
+/// when known (an answer made here), else 0 (a streamed body).
+fn body_length(response: &Response<ResponseBody>) -> u64 {
+    use hyper::body::Body;
+    match response.headers().get(header::CONTENT_LENGTH) {
+        Some(_) => content_length(response.headers()),
+        None => response.body().size_hint().exact().unwrap_or(0),
     }
 }
 
@@ -449,6 +593,12 @@ fn rewrite_path(uri: &Uri, path: &str) -> Result<Uri, String> {
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(path_and_query);
     Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (`Upgrade` other
+/// than `h2c`, which is removed before this is asked).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
 }
 
 /// Handles an HTTP/1.1 `Upgrade` offer. No offer, or only `h2c` (which the

@@ -381,7 +381,8 @@ async fn h1_keep_alive_allows_and_denies_per_request() {
         L7Stats {
             requests: 3,
             denied: 1,
-            bad_requests: 0
+            bad_requests: 0,
+            upgrades: 0,
         }
     );
     assert_eq!(upstream.targets(), ["/allowed", "/allowed?x=1"]);
@@ -618,10 +619,7 @@ async fn h1_slow_headers_are_cut_off() {
     assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     match relay.next_result().await {
-        Err(L7Error::Connection { source, stats, .. }) => {
-            assert!(source.is_timeout(), "{source:?}");
-            assert_eq!(stats.requests, 0);
-        }
+        Err(L7Error::HeadTimeout(_, stats)) => assert_eq!(stats.requests, 0),
         other => panic!("{other:?}"),
     }
     slowloris.abort();
@@ -647,20 +645,84 @@ async fn h1_oversized_headers_get_431() {
     assert!(upstream.seen().is_empty());
 }
 
+/// An HTTP/1.1 server that switches every request to an echo of bytes.
+async fn spawn_upgrading_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let reply = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+                if stream.write_all(reply).await.is_err() {
+                    return;
+                }
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test]
-async fn h1_upgrades_are_refused_but_h2c_offers_ignored() {
+async fn h1_upgrades_switch_and_relay_bytes_both_ways() {
+    let upstream = spawn_upgrading_upstream().await;
+    let mut relay = spawn_relay(upstream, L7Options::default()).await;
+    let mut stream = TcpStream::connect(relay.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(BOUND, stream.read_exact(&mut byte))
+            .await
+            .expect("no answer")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert_eq!(statuses(&head), [101], "{}", String::from_utf8_lossy(&head));
+    // Switched: bytes, not HTTP, both ways.
+    for message in [&b"not http at all\n"[..], b"\x81\x05hello"] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(BOUND, stream.read_exact(&mut echoed))
+            .await
+            .expect("no echo")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+    drop(stream);
+    let stats = relay.next_result().await.unwrap();
+    assert_eq!((stats.requests, stats.upgrades), (1, 1));
+}
+
+#[tokio::test]
+async fn h1_denied_upgrades_get_403_and_connect_501_but_h2c_offers_ignored() {
     let upstream = spawn_h1_upstream().await;
     let mut relay = spawn_relay(upstream.addr, L7Options::default()).await;
     let raw = raw_exchange(
         relay.addr,
-        b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        b"GET /admin/chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
           GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!(
         statuses(&raw),
-        [501, 200],
+        [403, 200],
         "{}",
         String::from_utf8_lossy(&raw)
     );
@@ -822,7 +884,8 @@ async fn h2_concurrent_streams_with_trailers() {
         L7Stats {
             requests: 20,
             denied: 7,
-            bad_requests: 0
+            bad_requests: 0,
+            upgrades: 0,
         }
     );
     let seen = upstream.seen();

@@ -103,6 +103,21 @@ pub(crate) struct Rule {
     pub(crate) has_http: bool,
 }
 
+impl Rule {
+    /// Whether deciding this rule for a connection to `port` may need the
+    /// HTTP request: it uses HTTP fields and nothing in it rules the port out
+    /// (its operations' `ports`, a `destination.port` condition). A rule
+    /// that rules the port out matches the same with or without HTTP.
+    pub(crate) fn may_need_http_on(&self, port: u16) -> bool {
+        self.has_http
+            && (self.to.is_empty() || self.to.iter().any(|o| o.ports.matches(Some(&port))))
+            && self.when.iter().all(|c| match c {
+                Condition::DestinationPort(ports) => ports.matches(Some(&port)),
+                _ => true,
+            })
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Source {
     pub(crate) principals: Field<StringMatcher>,
@@ -271,6 +286,24 @@ impl WorkloadPolicy {
     /// HTTP-only fields, i.e. whether the agent must parse HTTP to decide.
     pub fn has_http_rules(&self) -> bool {
         self.inner.has_http
+    }
+
+    /// Whether a connection to `port` must be parsed as HTTP to be decided:
+    /// some applicable rule with HTTP fields may apply on that port. When
+    /// none can, the connection's decision is the same for every request on
+    /// it, so it is decided once, at once (no protocol detection, no wait for
+    /// the client's first bytes).
+    pub fn has_http_rules_on(&self, port: u16) -> bool {
+        let i = &self.inner;
+        i.has_http
+            && i.deny
+                .iter()
+                .chain(&i.allow)
+                .chain(&i.audit)
+                .chain(&i.dry_run_deny)
+                .chain(&i.dry_run_allow)
+                .flat_map(|p| &p.rules)
+                .any(|rule| rule.may_need_http_on(port))
     }
 
     /// Names of the applicable policies (for status pages and logs).

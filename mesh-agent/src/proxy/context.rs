@@ -22,7 +22,9 @@ use super::{
     snapshot::{Snapshot, SnapshotCell},
     telemetry,
 };
-use crate::{ebpf::OrigDstTable, identity::SpiffeId, mtls::Mtls};
+use crate::{
+    config::HttpSettings, ebpf::OrigDstTable, identity::SpiffeId, l7::L7Options, mtls::Mtls,
+};
 
 /// Idle HTTP/1.1 connections kept per (client pod, endpoint).
 const HTTP_POOL_MAX_IDLE: usize = 64;
@@ -51,6 +53,8 @@ pub struct ProxyContext {
     pub admission: admission::Admission,
     /// Tunnel TLS handshakes in progress now.
     pub(super) pending_handshakes: Arc<AtomicUsize>,
+    /// Timeouts of HTTP connections (node.yaml `http`).
+    http: HttpSettings,
 }
 
 impl ProxyContext {
@@ -65,7 +69,10 @@ impl ProxyContext {
             snapshots: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
             authorizer: Arc::default(),
             connections: ConnectionLog::new(1024),
-            http_pool: HttpPool::new(HTTP_POOL_MAX_IDLE),
+            http_pool: HttpPool::new(
+                HTTP_POOL_MAX_IDLE,
+                HttpSettings::default().upstream_idle_timeout,
+            ),
             fast_path: None,
             telemetry: telemetry::TcpTelemetry::default(),
             http_telemetry: telemetry::HttpTelemetry::default(),
@@ -73,6 +80,24 @@ impl ProxyContext {
             tunnel_connections: Arc::default(),
             admission: admission::Admission::default(),
             pending_handshakes: Arc::default(),
+            http: HttpSettings::default(),
+        }
+    }
+
+    /// The HTTP timeouts of node.yaml (at start).
+    pub fn set_http(&mut self, http: HttpSettings) {
+        self.http = http;
+        self.http_pool = HttpPool::new(HTTP_POOL_MAX_IDLE, http.upstream_idle_timeout);
+    }
+
+    /// Options of the L7 relay: the node's HTTP timeouts, `request_metrics`.
+    pub fn l7_options(&self, request_metrics: crate::l7::RequestMetricsHandle) -> L7Options {
+        L7Options {
+            header_read_timeout: self.http.request_headers_timeout,
+            idle_timeout: self.http.idle_timeout,
+            upstream_idle_timeout: self.http.upstream_idle_timeout,
+            request_metrics: Some(request_metrics),
+            ..L7Options::default()
         }
     }
 

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    l7::{self, L7Error, L7Options},
+    l7::{self, L7Error},
     policy,
 };
 
@@ -83,10 +83,7 @@ where
         security: if through_tunnel { "mutual_tls" } else { "none" },
         series: Default::default(),
     };
-    let options = L7Options {
-        request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),
-        ..L7Options::default()
-    };
+    let options = ctx.l7_options(l7::RequestMetricsHandle(Arc::new(request_metrics)));
     let (dialing, inside) = (ctx.clone(), target.clone());
     let connect = move || async move {
         dialing

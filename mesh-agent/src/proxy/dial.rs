@@ -124,13 +124,13 @@ fn bind_address_no_port(socket: &TcpSocket) {
 }
 
 /// Why a tunnel stream could not be opened, as counted: the peer's refusal
-/// (a 403 from its agent is its policy), a TLS failure by kind, or
-/// the dial.
+/// (a 403 from its agent is its policy; ztunnel answers a denied CONNECT
+/// with 401), a TLS failure by kind, or the dial.
 fn tunnel_failure_reason(err: &anyhow::Error) -> String {
     for cause in err.chain() {
         if let Some(refused) = cause.downcast_ref::<tunnel::PeerRefused>() {
             return match refused.0.as_u16() {
-                403 => "denied_by_peer".to_string(),
+                401 | 403 => "denied_by_peer".to_string(),
                 _ => "refused_by_peer".to_string(),
             };
         }
@@ -147,4 +147,31 @@ fn tunnel_failure_reason(err: &anyhow::Error) -> String {
         }
     }
     "tunnel_failed".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::StatusCode;
+
+    fn refused(status: StatusCode) -> anyhow::Error {
+        anyhow::Error::new(tunnel::PeerRefused(status)).context("opening a tunnel stream")
+    }
+
+    #[test]
+    fn a_peer_that_refuses_by_policy_is_counted_as_denying() {
+        // The agent's peers answer 403; ztunnel answers 401.
+        assert_eq!(
+            tunnel_failure_reason(&refused(StatusCode::FORBIDDEN)),
+            "denied_by_peer"
+        );
+        assert_eq!(
+            tunnel_failure_reason(&refused(StatusCode::UNAUTHORIZED)),
+            "denied_by_peer"
+        );
+        assert_eq!(
+            tunnel_failure_reason(&refused(StatusCode::SERVICE_UNAVAILABLE)),
+            "refused_by_peer"
+        );
+    }
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use super::{
     connections::{ConnectionRecord, Direction, Peers},
     context::ProxyContext,
+    counted::ByteCounts,
     outcome::{Outcome, Path, Security},
     pod::PodHandle,
     relay::{self, RelayOutcome, RelayStats, relay},
@@ -61,6 +62,12 @@ impl Recording {
             started: Instant::now(),
             record: Some(record),
         }
+    }
+
+    /// Takes the client's bytes of a connection served at L7.
+    pub fn count_bytes(&mut self, counts: &ByteCounts) {
+        self.bytes_sent = counts.read();
+        self.bytes_received = counts.written();
     }
 
     /// Ends the connection with `outcome` and records it; whether it failed.

@@ -15,7 +15,13 @@
 //! connections cost one TLS session.
 
 use parking_lot::Mutex;
-use std::{collections::HashMap, future::Future, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http_body_util::{Either, Full};
 use hyper::{
@@ -25,6 +31,8 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::l7::idle::{BytesWatch, drive_until_idle};
 
 /// The body of a request sent upstream: the client's, streamed, or a
 /// replayable one (bodiless requests, which may be retried).
@@ -75,14 +83,17 @@ pub struct HttpPool {
     http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<UpstreamBody>>>>,
     http2: Mutex<HashMap<PoolKey, Http2Slot>>,
     max_idle: usize,
+    /// A connection that carried no byte for this long is closed.
+    idle_timeout: Duration,
 }
 
 impl HttpPool {
-    pub fn new(max_idle: usize) -> Self {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
             http1: Mutex::default(),
             http2: Mutex::default(),
             max_idle,
+            idle_timeout,
         }
     }
 
@@ -123,7 +134,10 @@ impl HttpPool {
             let fresh_connection = pooled.is_none();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => dial_http1(connect().await.map_err(SendError::Connect)?).await?,
+                None => {
+                    let io = connect().await.map_err(SendError::Connect)?;
+                    dial_http1(io, self.idle_timeout).await?
+                }
             };
             let dispatched = Instant::now();
             match sender.try_send_request(request).await {
@@ -182,8 +196,8 @@ impl HttpPool {
                 match current.as_ref() {
                     Some(sender) if !fresh && !sender.is_closed() => (sender.clone(), false),
                     _ => {
-                        let sender =
-                            dial_http2(connect().await.map_err(SendError::Connect)?).await?;
+                        let io = connect().await.map_err(SendError::Connect)?;
+                        let sender = dial_http2(io, self.idle_timeout).await?;
                         *current = Some(sender.clone());
                         (sender, true)
                     }
@@ -242,27 +256,39 @@ impl HttpPool {
     }
 }
 
-async fn dial_http1(io: BoxIo) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
+async fn dial_http1(
+    io: BoxIo,
+    idle_timeout: Duration,
+) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
+    let (io, last_bytes) = BytesWatch::new(io);
     let (sender, connection) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(SendError::Request)?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "pooled HTTP/1.1 connection failed");
+        match drive_until_idle(connection, last_bytes, idle_timeout).await {
+            Some(Err(error)) => tracing::debug!(%error, "pooled HTTP/1.1 connection failed"),
+            None => tracing::debug!("pooled HTTP/1.1 connection idle: closed"),
+            Some(Ok(())) => {}
         }
     });
     Ok(sender)
 }
 
-async fn dial_http2(io: BoxIo) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+async fn dial_http2(
+    io: BoxIo,
+    idle_timeout: Duration,
+) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+    let (io, last_bytes) = BytesWatch::new(io);
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(io))
         .await
         .map_err(SendError::Request)?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "pooled HTTP/2 connection failed");
+        match drive_until_idle(connection, last_bytes, idle_timeout).await {
+            Some(Err(error)) => tracing::debug!(%error, "pooled HTTP/2 connection failed"),
+            None => tracing::debug!("pooled HTTP/2 connection idle: closed"),
+            Some(Ok(())) => {}
         }
     });
     Ok(sender)
@@ -312,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_requests_latency_starts_once_its_connection_is_made() {
-        let pool = HttpPool::new(4);
+        let pool = HttpPool::new(4, Duration::from_secs(3600));
         let key = PoolKey {
             source_pod: "ns/a".into(),
             endpoint: "10.0.0.1:80".parse().unwrap(),

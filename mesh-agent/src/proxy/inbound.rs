@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use super::{
     connections::Direction,
     context::ProxyContext,
+    counted::Counted,
     deliver::{self, Client},
     finish::{self, Recording, Upstream},
     outcome::{Outcome, Path},
@@ -39,12 +40,13 @@ pub async fn handle(
     // for the connection's life (it holds every pod of its generation).
     let policies = ctx.snapshot().policies.clone();
     // Plaintext from outside the mesh: no principal, no namespace.
-    if policies.for_workload(&pod.workload).has_http_rules() {
+    if pod.decided_per_request(&policies, original_dst.port()) {
         let from = Client {
             identity: None,
             source_ip: client.ip(),
             remote_ip: client.ip(),
         };
+        let (downstream, bytes) = Counted::new(downstream);
         let served = Box::pin(deliver::serve_http(
             &ctx,
             downstream,
@@ -53,6 +55,7 @@ pub async fn handle(
             original_dst,
         ))
         .await;
+        record.count_bytes(&bytes);
         record.end(served);
         return;
     }

@@ -18,6 +18,7 @@ pub mod admission;
 pub mod authz;
 pub mod connections;
 pub mod context;
+mod counted;
 mod deliver;
 mod descriptors;
 pub mod dial;

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use super::{
     connections::Direction,
     context::ProxyContext,
+    counted::Counted,
     deliver::{self, Client},
     finish::{self, Recording, Upstream},
     outcome::{Outcome, Path, Security},
@@ -57,8 +58,10 @@ pub async fn handle(
             // Boxed, here and below: the state of the HTTP paths is large, and
             // would otherwise be reserved in every connection's future,
             // idle TCP relays included.
+            let (downstream, bytes) = Counted::new(downstream);
             let served =
                 Box::pin(service_http::serve(&ctx, downstream, pod, service.clone())).await;
+            record.count_bytes(&bytes);
             record.end(served);
             ctx.orig_dst.forget(captured.socket_cookie);
             return;
@@ -95,14 +98,16 @@ pub async fn handle(
             // Same node: the destination's policy applies here, with the source
             // identity known from the capture.
             let source_ip = pod.addr_like(dst.ip());
-            if policies.for_workload(&target.workload).has_http_rules() {
+            if target.decided_per_request(&policies, dst.port()) {
                 let client = Client {
                     identity: Some(pod.identity.clone()),
                     source_ip,
                     remote_ip: source_ip,
                 };
+                let (downstream, bytes) = Counted::new(downstream);
                 let served =
                     Box::pin(deliver::serve_http(&ctx, downstream, target, client, dst)).await;
+                record.count_bytes(&bytes);
                 record.end(served);
                 ctx.orig_dst.forget(captured.socket_cookie);
                 return;

@@ -21,6 +21,8 @@ pub struct PodHandle {
     pub workload: policy::Workload,
     /// Its connections being proxied now (for `limits.connectionsPerPod`).
     pub open_connections: Arc<AtomicUsize>,
+    /// Ports declared plain TCP (`opaquePorts`), sorted.
+    pub opaque_ports: Vec<u16>,
 }
 
 impl PodHandle {
@@ -31,6 +33,17 @@ impl PodHandle {
             .get("app")
             .cloned()
             .unwrap_or_else(|| self.key.rsplit('/').next().unwrap_or(&self.key).to_string())
+    }
+
+    /// Whether connections to `port` are decided per request (parsed as
+    /// HTTP): the port is not declared opaque and one of the pod's HTTP
+    /// rules may apply on it. Otherwise the connection is decided once, at
+    /// once, and a server that speaks first is never kept waiting.
+    pub fn decided_per_request(&self, policies: &policy::CompiledPolicies, port: u16) -> bool {
+        self.opaque_ports.binary_search(&port).is_err()
+            && policies
+                .for_workload(&self.workload)
+                .has_http_rules_on(port)
     }
 
     /// The pod's address of the same family as `other`.

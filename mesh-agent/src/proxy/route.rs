@@ -92,6 +92,7 @@ services:
                 labels: Default::default(),
             },
             open_connections: Arc::default(),
+            opaque_ports: Vec::new(),
         })
     }
 

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use super::{
     authz,
     context::ProxyContext,
+    counted::Counted,
     deliver::{http_outcome, normalize_path},
     finish::reset,
     http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
@@ -45,8 +46,8 @@ use super::{
 use crate::{
     balance::{Outcome, retryable},
     l7::{
-        self, Authorizer, Forward, L7Error, L7Options, Protocol, RequestInfo, ResponseBody,
-        Verdict, local_response,
+        self, Authorizer, Forward, L7Error, Protocol, RequestInfo, ResponseBody, Verdict,
+        local_response,
     },
     services::{PortProtocol, RequestPick, ServicePortEntry},
 };
@@ -57,7 +58,7 @@ use crate::{
 /// others. A client that does not speak HTTP to an HTTP port is reset.
 pub async fn serve(
     ctx: &Arc<ProxyContext>,
-    downstream: TcpStream,
+    downstream: Counted<TcpStream>,
     source: Arc<PodHandle>,
     service: Arc<ServicePortEntry>,
 ) -> ConnectionOutcome {
@@ -84,10 +85,7 @@ pub async fn serve(
         security: "unknown",
         series: Default::default(),
     };
-    let options = L7Options {
-        request_metrics: Some(l7::RequestMetricsHandle(Arc::new(request_metrics))),
-        ..L7Options::default()
-    };
+    let options = ctx.l7_options(l7::RequestMetricsHandle(Arc::new(request_metrics)));
     match l7::serve_with(
         downstream,
         forwarder,
@@ -100,8 +98,8 @@ pub async fn serve(
         Ok(stats) => http_outcome(&stats),
         Err(L7Error::NotHttp(not_http)) => {
             tracing::warn!(pod = %source.key, service = %service.key, reason = %not_http.reason, "not HTTP on an HTTP service port; reset");
-            if let Ok((_, downstream)) = not_http.into_parts::<TcpStream>() {
-                reset(downstream);
+            if let Ok((_, downstream)) = not_http.into_parts::<Counted<TcpStream>>() {
+                reset(downstream.into_inner());
             }
             ConnectionOutcome::NotHttpOnHttpPort(service.key.clone())
         }

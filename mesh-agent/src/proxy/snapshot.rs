@@ -119,12 +119,10 @@ impl Snapshot {
         ("unknown".to_string(), "unknown".to_string())
     }
 
-    /// Whether `target`'s policies have HTTP rules: then every request is
-    /// decided on its own (L7) instead of the connection (L4).
-    pub fn needs_http(&self, target: &PodHandle) -> bool {
-        self.policies
-            .for_workload(&target.workload)
-            .has_http_rules()
+    /// Whether connections to `port` of `target` are decided per request
+    /// (L7) instead of once for the connection (L4).
+    pub fn needs_http(&self, target: &PodHandle, port: u16) -> bool {
+        target.decided_per_request(&self.policies, port)
     }
 }
 

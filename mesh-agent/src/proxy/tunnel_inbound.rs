@@ -11,6 +11,7 @@ use super::{
     admission,
     connections::Direction,
     context::ProxyContext,
+    counted::Counted,
     deliver::{self, Client},
     finish::{self, Recording},
     outcome::{Outcome, Path, Security},
@@ -146,7 +147,7 @@ async fn open_stream(
         .map(|ip| SocketAddr::new(ip, 0))
         .unwrap_or(request.peer_addr);
     let mut record = stream_record(ctx, &snapshot, &target, client, &request, &peer_identity);
-    if snapshot.needs_http(&target) {
+    if snapshot.needs_http(&target, request.authority.port()) {
         // The stream's bytes go to the HTTP authorizer through a pipe.
         let (stream_end, http_end) = tokio::io::duplex(256 * 1024);
         let ctx = ctx.clone();
@@ -156,7 +157,9 @@ async fn open_stream(
             remote_ip: client.ip(),
         };
         tokio::spawn(async move {
+            let (http_end, bytes) = Counted::new(http_end);
             let served = deliver::serve_http(&ctx, http_end, target, from, request.authority).await;
+            record.count_bytes(&bytes);
             record.end(served);
         });
         return Ok(tunnel::Upstream::Local(stream_end));

@@ -272,7 +272,11 @@ fn connections_opened_during_reloads_see_the_whole_old_or_the_whole_new_state() 
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
     let servers = traffic_servers(&[b, c], PORT);
     let version = |v: u32| {
-        let (to, closed) = if v % 2 == 0 { (b, "c") } else { (c, "b") };
+        let (to, closed) = if v.is_multiple_of(2) {
+            (b, "c")
+        } else {
+            (c, "b")
+        };
         vec![
             ("services.yaml", services(&[to], false)),
             ("policies/deny.yaml", deny_a_into(closed)),

@@ -824,6 +824,53 @@ fn has_http_rules() {
     }
 }
 
+/// HTTP rules make a connection HTTP only on the ports they can apply to.
+#[test]
+fn http_rules_apply_only_on_the_ports_they_can_match() {
+    let cases = [
+        // No port restriction: every port.
+        (
+            "{to: [{operation: {paths: [/x]}}]}",
+            &[(80, true), (25, true)][..],
+        ),
+        // Operations restricted to 80 (and 8080).
+        (
+            "{to: [{operation: {ports: ['80', '8080'], methods: [GET]}}]}",
+            &[(80, true), (8080, true), (25, false)],
+        ),
+        // An HTTP operation on 80 and a plain one on 25: the rule has HTTP
+        // fields and may apply on both (conservative: both are parsed).
+        (
+            "{to: [{operation: {ports: ['80'], paths: [/x]}}, {operation: {ports: ['25']}}]}",
+            &[(80, true), (25, true), (3306, false)],
+        ),
+        // notPorts rules its ports out.
+        (
+            "{to: [{operation: {notPorts: ['25'], paths: [/x]}}]}",
+            &[(80, true), (25, false)],
+        ),
+        // A destination.port condition restricts too.
+        (
+            "{when: [{key: destination.port, values: ['80']}, {key: 'request.headers[a]', values: [b]}]}",
+            &[(80, true), (25, false)],
+        ),
+        // No HTTP fields: never.
+        (
+            "{to: [{operation: {ports: ['80']}}]}",
+            &[(80, false), (25, false)],
+        ),
+    ];
+    for (rule, ports) in cases {
+        let yaml = format!(
+            "metadata: {{name: p, namespace: foo}}\nspec: {{action: ALLOW, rules: [{rule}]}}"
+        );
+        let wp = compile(&yaml, ROOT).for_workload(&workload("foo", &[]));
+        for (port, want) in ports {
+            assert_eq!(wp.has_http_rules_on(*port), *want, "{rule} on port {port}");
+        }
+    }
+}
+
 #[test]
 fn workload_cache_returns_the_same_selection() {
     let compiled = compile(

@@ -55,11 +55,21 @@ async fn answer(
         },
         (None, None) => (StatusCode::OK, Bytes::from(format!("ok {method} {path}"))),
     };
+    // HEAD: the length, no body (hyper's HTTP/2 server would send it).
+    let length = body.len();
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        body
+    };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
     Ok(response)
 }
 
@@ -92,9 +102,12 @@ pub fn server(args: ServerArgs) -> Result<()> {
             let args = args.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| answer(req, args.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                // HTTP/1.1, or HTTP/2 when the client starts with its preface.
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
             });
         }
     })
@@ -126,6 +139,10 @@ pub struct ClientArgs {
     for_secs: Option<f64>,
     #[arg(long, default_value_t = 5)]
     every_ms: u64,
+    /// Wait this long between the requests of a connection (a keep-alive
+    /// connection left idle, then used again).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
 }
 
 type Sender = SendRequest<Empty<Bytes>>;
@@ -199,6 +216,7 @@ pub fn client(args: ClientArgs) -> Result<()> {
         }
         let count = args.count.unwrap_or(args.paths.len());
         let conns = args.connections.max(1);
+        let pause = Duration::from_millis(args.pause_ms);
         let paths = Arc::new(args.paths);
         let mut tasks = tokio::task::JoinSet::new();
         for k in 0..conns.min(count) {
@@ -206,6 +224,9 @@ pub fn client(args: ClientArgs) -> Result<()> {
             tasks.spawn(async move {
                 let mut sender = client.connect().await?;
                 for i in (k..count).step_by(conns) {
+                    if i >= conns {
+                        tokio::time::sleep(pause).await;
+                    }
                     let path = paths[i % paths.len()].replace("{i}", &i.to_string());
                     let (status, body) = client.request(&mut sender, &path).await?;
                     let body = String::from_utf8_lossy(&body).trim().replace('\n', " ");

@@ -11,7 +11,9 @@
 //!   one-shot client;
 //! - `line-echo-server`, `line-echo`: a line echo over TCP or TLS;
 //! - `tls-probe`: a TLS client for a server's refusals;
-//! - `http-server`, `http-client`: HTTP/1.1 keep-alive.
+//! - `http-server`, `http-client`: HTTP/1.1 keep-alive (the server also
+//!   HTTP/2 with prior knowledge);
+//! - `ws-server`, `ws-client`: WebSocket.
 //!
 //! Clients print what they saw on stdout. On failure they print `FAIL:
 //! <reason>` on stderr and exit 1.
@@ -22,6 +24,7 @@ mod http;
 mod tls;
 mod traffic_client;
 mod traffic_server;
+mod websocket;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -95,10 +98,19 @@ enum Command {
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
     },
-    /// An HTTP/1.1 keep-alive server.
+    /// An HTTP/1.1 keep-alive server (and HTTP/2 with prior knowledge).
     HttpServer(http::ServerArgs),
     /// HTTP/1.1 requests over keep-alive connections.
     HttpClient(http::ClientArgs),
+    /// A WebSocket echo server (RFC 6455, tungstenite).
+    WsServer { port: u16 },
+    /// A WebSocket client: connects to `url`, sends `--messages` text and
+    /// binary messages, checks each echo, closes; prints `ok <messages>`.
+    WsClient {
+        url: String,
+        #[arg(long, default_value_t = 10)]
+        messages: u32,
+    },
 }
 
 /// The traffic server's protocol (see `traffic_server`) and its clients;
@@ -125,8 +137,15 @@ enum Traffic {
     },
     /// `HALFCLOSE`: n bytes, `shutdown(SHUT_WR)`, then `got <n> bytes`.
     Halfclose { host: IpAddr, port: u16, bytes: u64 },
-    /// The banner port speaks first; then one echo and a clean close.
-    Banner { host: IpAddr, port: u16 },
+    /// The banner port speaks first; then one echo and a clean close. With
+    /// `--times`, that many connections, and the time from connecting to the
+    /// whole banner printed as `latency_us p50 <us> p99 <us> max <us>`.
+    Banner {
+        host: IpAddr,
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        times: u32,
+    },
     /// `RESET`: the server's RST must reach the client.
     ExpectReset { host: IpAddr, port: u16 },
     /// `EXPECTRESET <tag>`: the client closes with an RST.
@@ -189,7 +208,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 verify_seed,
             } => tc::download(host, port, bytes, seed, verify_seed),
             Traffic::Halfclose { host, port, bytes } => tc::halfclose(host, port, bytes),
-            Traffic::Banner { host, port } => tc::banner(host, port),
+            Traffic::Banner { host, port, times } => tc::banners(host, port, times),
             Traffic::ExpectReset { host, port } => tc::expect_reset(host, port),
             Traffic::ClientReset { host, port, tag } => tc::client_reset(host, port, &tag),
             Traffic::Peer { host, port } => tc::peer(host, port),
@@ -250,6 +269,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::HttpServer(args) => http::server(args),
         Command::HttpClient(args) => http::client(args),
+        Command::WsServer { port } => websocket::server(port),
+        Command::WsClient { url, messages } => websocket::client(&url, messages),
     }
 }
 

@@ -136,9 +136,29 @@ pub fn halfclose(host: IpAddr, port: u16, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// [`banner`] `times` times; with more than one, the latencies to the
+/// banner.
+pub fn banners(host: IpAddr, port: u16, times: u32) -> Result<()> {
+    let mut latencies = Vec::with_capacity(times as usize);
+    for i in 0..times.max(1) {
+        let latency = banner(host, port).with_context(|| format!("connection {}", i + 1))?;
+        latencies.push(latency.as_micros() as u64);
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "latency_us p50 {} p99 {} max {}",
+        at(0.5),
+        at(0.99),
+        latencies[latencies.len() - 1]
+    );
+    Ok(())
+}
+
 /// Connects and, sending nothing, must read the banner within 5 s; then one
-/// echo and a clean close.
-pub fn banner(host: IpAddr, port: u16) -> Result<()> {
+/// echo and a clean close. Returns the time from connecting to the banner.
+pub fn banner(host: IpAddr, port: u16) -> Result<Duration> {
+    let started = std::time::Instant::now();
     let mut s = connect(host, port)?;
     s.set_timeout(Duration::from_secs(5));
     let line = match read_line(&mut s, 4096) {
@@ -148,6 +168,7 @@ pub fn banner(host: IpAddr, port: u16) -> Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    let latency = started.elapsed();
     if line != BANNER {
         bail!("banner {}, expected {}", preview(&line), preview(BANNER));
     }
@@ -166,7 +187,7 @@ pub fn banner(host: IpAddr, port: u16) -> Result<()> {
         bail!("unexpected data before EOF: {}", preview(&rest));
     }
     println!("result banner");
-    Ok(())
+    Ok(latency)
 }
 
 /// `RESET`: the read must fail with ECONNRESET within 10 s.
