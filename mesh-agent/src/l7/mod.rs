@@ -58,7 +58,11 @@
 //! logged and counted with its 101). Only where the upstream connection is
 //! the client's own ([`Forward::relays_upgrades`]: into a pod); a service's
 //! HTTP port, whose upstream connections are pooled, answers `501`.
-//! `CONNECT` (HTTP/1.1 and HTTP/2; extended CONNECT is not enabled) is
+//! HTTP/2 extended CONNECT (RFC 8441: `:protocol`, WebSocket over HTTP/2)
+//! is the same: authorized by its `:path` as a `GET` (what it stands for,
+//! and what Envoy's codec shows Istio's RBAC), forwarded as an extended CONNECT
+//! (the application must have enabled it), and once it answers 2xx the
+//! stream is relayed as bytes. A plain `CONNECT` (HTTP/1.1 and HTTP/2) is
 //! answered `501 Not Implemented` before anything else (it has no path to
 //! authorize); on HTTP/1.1 the connection is then closed. An `Upgrade: h2c`
 //! offer alone is not relayed: the offer (`Upgrade`, `HTTP2-Settings` and
@@ -496,6 +500,9 @@ where
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
                 .auto_date_header(false)
+                // Extended CONNECT (WebSocket over HTTP/2), relayed where the
+                // upstream is the client's own; refused (501) elsewhere.
+                .enable_connect_protocol()
                 .serve_connection(io, svc);
             let mut connection = std::pin::pin!(connection);
             tokio::select! {

@@ -251,11 +251,17 @@ impl Relay {
             Ok(()) => {
                 // The client's side of an upgrade, taken before the request
                 // leaves (it goes with the request otherwise).
-                let client_upgrade =
-                    is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+                let tunnel = is_extended_connect(&request);
+                let client_upgrade = (is_upgrade(request.headers()) || tunnel)
+                    .then(|| hyper::upgrade::on(&mut request));
                 let mut response = self.forwarder.forward(request, self.protocol).await;
+                let switched = if tunnel {
+                    response.status().is_success()
+                } else {
+                    response.status() == StatusCode::SWITCHING_PROTOCOLS
+                };
                 if let Some(client_upgrade) = client_upgrade
-                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && switched
                 {
                     self.relay_upgraded(client_upgrade, hyper::upgrade::on(&mut response));
                 }
@@ -312,7 +318,11 @@ impl Relay {
     /// rewritten), or `Err` with the answer.
     fn check(&self, request: &mut Request<Incoming>) -> Result<(), Refusal> {
         let h1 = self.protocol == Protocol::Http1;
-        if request.method() == Method::CONNECT {
+        // Extended CONNECT (RFC 8441, WebSocket over HTTP/2) names a path
+        // and is decided like a request; a plain CONNECT has none.
+        if request.method() == Method::CONNECT
+            && !(is_extended_connect(request) && self.forwarder.relays_upgrades())
+        {
             tracing::debug!("CONNECT refused");
             return Err(Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
@@ -336,8 +346,16 @@ impl Relay {
                 return Err(Refusal::new(StatusCode::BAD_REQUEST, "Bad Request", h1));
             }
         };
+        // An extended CONNECT is decided as the HTTP/1.1 upgrade it stands
+        // for, a GET (as Envoy's codec presents it to Istio's RBAC): one
+        // policy allows WebSocket over either version.
+        let method = if is_extended_connect(request) {
+            "GET"
+        } else {
+            request.method().as_str()
+        };
         let verdict = self.authorizer.authorize(&RequestInfo {
-            method: request.method().as_str(),
+            method,
             host: &host,
             path: &path,
             headers: request.headers(),
@@ -376,7 +394,7 @@ impl Relay {
 impl SingleUpstream {
     /// Relays an allowed request upstream and hands back the response.
     async fn relay(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
-        if is_upgrade(request.headers()) {
+        if is_upgrade(request.headers()) || is_extended_connect(&request) {
             self.upgrading.store(true, Ordering::Relaxed);
         }
         let upstream = match self.upstream().await {
@@ -599,6 +617,12 @@ fn rewrite_path(uri: &Uri, path: &str) -> Result<Uri, String> {
 /// than `h2c`, which is removed before this is asked).
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
+}
+
+/// Whether an HTTP/2 request is an extended CONNECT (`:protocol`, RFC 8441).
+fn is_extended_connect<B>(request: &Request<B>) -> bool {
+    request.method() == Method::CONNECT
+        && request.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
 /// Handles an HTTP/1.1 `Upgrade` offer. No offer, or only `h2c` (which the

@@ -9,7 +9,8 @@
 //! - a keep-alive connection idle for 11 s is still usable;
 //! - a server that speaks first answers at once on an opaque port and on a
 //!   port no HTTP rule applies to (p50/p99 over 100 connections);
-//! - WebSocket (HTTP/1.1 Upgrade) works, and is authorized like a request;
+//! - WebSocket (HTTP/1.1 Upgrade, HTTP/2 extended CONNECT) works, and is
+//!   authorized like a request;
 //! - connections served at L7 record their bytes; a 403's body is counted.
 
 use std::time::Duration;
@@ -23,6 +24,8 @@ use mesh_testbed::{Pod, Process, Topology, e2e_enabled, traffic::TrafficServer, 
 
 const HTTP: u16 = 8080;
 const WS: u16 = 8090;
+/// Extended CONNECT over HTTP/2 (RFC 8441), then an echo.
+const H2_TUNNEL: u16 = 8091;
 /// The traffic server's command port; its banner (server-first) port is +1.
 const TRAFFIC: u16 = 7300;
 const BANNER: u16 = TRAFFIC + 1;
@@ -146,6 +149,11 @@ fn mesh<'t>(topo: &'t Topology) -> (Vec<NodeAgent<'t>>, Servers) {
         [b, d]
             .iter()
             .map(|p| started(p, &["ws-server", &WS.to_string()])),
+    );
+    processes.extend(
+        [b, d]
+            .iter()
+            .map(|p| started(p, &["h2-tunnel-server", &H2_TUNNEL.to_string()])),
     );
     let traffic = [b, c, d]
         .iter()
@@ -351,8 +359,9 @@ fn a_server_that_speaks_first_answers_at_once() {
     }
 }
 
-/// WebSocket: the upgrade is authorized like a request (allowed on /chat,
-/// 403 elsewhere), then messages flow both ways.
+/// WebSocket: the upgrade (HTTP/1.1 `Upgrade`, and HTTP/2 extended
+/// CONNECT) is authorized like a request (allowed on /chat, 403
+/// elsewhere), then messages flow both ways.
 #[test]
 fn websocket_upgrades_are_authorized_then_relayed() {
     if !e2e_enabled("websocket_upgrades_are_authorized_then_relayed") {
@@ -373,4 +382,17 @@ fn websocket_upgrades_are_authorized_then_relayed() {
         &["ws-client", &format!("ws://{}:{WS}/private", b.ipv4())],
     );
     assert!(!ok && err.contains("403"), "a denied upgrade: {err}");
+
+    let port = H2_TUNNEL.to_string();
+    for target in [b, d] {
+        let host = target.ipv4().to_string();
+        let (ok, out, err) = tool(a, &["h2-tunnel-client", &host, &port, "/chat"]);
+        assert!(ok && out.trim() == "ok 10", "{}: {out}{err}", target.name());
+    }
+    let host = b.ipv4().to_string();
+    let (ok, _, err) = tool(a, &["h2-tunnel-client", &host, &port, "/private"]);
+    assert!(
+        !ok && err.contains("403"),
+        "a denied extended CONNECT: {err}"
+    );
 }

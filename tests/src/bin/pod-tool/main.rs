@@ -13,7 +13,8 @@
 //! - `tls-probe`: a TLS client for a server's refusals;
 //! - `http-server`, `http-client`: HTTP/1.1 keep-alive (the server also
 //!   HTTP/2 with prior knowledge);
-//! - `ws-server`, `ws-client`: WebSocket.
+//! - `ws-server`, `ws-client`: WebSocket; `h2-tunnel-server`,
+//!   `h2-tunnel-client`: extended CONNECT over HTTP/2 (RFC 8441).
 //!
 //! Clients print what they saw on stdout. On failure they print `FAIL:
 //! <reason>` on stderr and exit 1.
@@ -108,6 +109,18 @@ enum Command {
     /// binary messages, checks each echo, closes; prints `ok <messages>`.
     WsClient {
         url: String,
+        #[arg(long, default_value_t = 10)]
+        messages: u32,
+    },
+    /// An HTTP/2 server that takes extended CONNECT (RFC 8441) and echoes
+    /// the tunnel's bytes.
+    H2TunnelServer { port: u16 },
+    /// An extended CONNECT (`:protocol websocket`) over HTTP/2, then
+    /// `--messages` echoed messages; prints `ok <messages>`.
+    H2TunnelClient {
+        host: IpAddr,
+        port: u16,
+        path: String,
         #[arg(long, default_value_t = 10)]
         messages: u32,
     },
@@ -271,6 +284,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::HttpClient(args) => http::client(args),
         Command::WsServer { port } => websocket::server(port),
         Command::WsClient { url, messages } => websocket::client(&url, messages),
+        Command::H2TunnelServer { port } => websocket::h2_tunnel_server(port),
+        Command::H2TunnelClient {
+            host,
+            port,
+            path,
+            messages,
+        } => websocket::h2_tunnel_client(host, port, &path, messages),
     }
 }
 
