@@ -356,8 +356,10 @@ fn failed_build_removes_partial_topology() {
         format!("{err:#}").contains("pod `a` is declared twice"),
         "{err:#}"
     );
-    // 254 pods per node is one too many: fails in validation, before creating anything.
-    let many: Vec<String> = (0..254).map(|i| format!("p{i}")).collect();
+    // One pod too many for a node: fails in validation, before creating anything.
+    let many: Vec<String> = (0..=crate::topology::MAX_PODS_PER_NODE)
+        .map(|i| format!("p{i}"))
+        .collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     assert!(Topology::builder("bad").node("n1", &many).build().is_err());
 }

@@ -99,6 +99,7 @@
 mod detect;
 pub mod idle;
 mod service;
+mod upstream;
 
 #[cfg(test)]
 mod hostile_h2_tests;
@@ -349,8 +350,8 @@ where
     // reconnect instead of getting `502` on an idle keep-alive connection.
     let upstream_closed = Arc::new(tokio::sync::Notify::new());
     let upgrading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let forwarder = Arc::new(service::SingleUpstream::new(
-        service::connector(
+    let forwarder = Arc::new(upstream::SingleUpstream::new(
+        upstream::connector(
             protocol,
             connect,
             Arc::clone(&upstream_closed),

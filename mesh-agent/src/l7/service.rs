@@ -1,5 +1,6 @@
-//! The per-request service: authority and path checks, authorization, and the
-//! lazily connected upstream the allowed requests are relayed to.
+//! The per-request service: authority and path checks, authorization,
+//! answers made here, and upgrades; allowed requests go to a [`Forward`]
+//! (`upstream.rs` for traffic into a pod).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,16 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper::http::header::{self, HeaderMap, HeaderValue};
 use hyper::http::uri::{PathAndQuery, Uri};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use hyper_util::rt::TokioIo;
 use tokio::task::JoinHandle;
 
-use super::idle::drive_until_idle;
 use super::{Authorizer, L7Stats, PathNormalizer, Protocol, RequestInfo, Verdict};
 
 /// Body of the responses sent downstream: the upstream's, or a local one.
@@ -32,89 +29,6 @@ pub const DENIED_BODY: &str = "RBAC: access denied";
 /// access log.
 #[derive(Debug, Clone)]
 pub struct DeniedBy(pub String);
-
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<Upstream, String>> + Send>>;
-
-/// Makes the upstream connection (once).
-pub(super) type Connector = Box<dyn FnOnce() -> ConnectFuture + Send>;
-
-/// A handle to send requests on the upstream connection.
-#[derive(Clone)]
-pub(super) enum Upstream {
-    /// One request at a time (the downstream side is HTTP/1 too, so requests
-    /// arrive one at a time anyway).
-    Http1(Arc<tokio::sync::Mutex<client1::SendRequest<Incoming>>>),
-    Http2(client2::SendRequest<Incoming>),
-}
-
-/// Wraps the caller's `connect` into a [`Connector`] that also runs the
-/// client handshake for `protocol` and spawns the connection driver.
-/// `upstream_closed` is notified when the upstream connection ends.
-pub(super) fn connector<C, Fut, U>(
-    protocol: Protocol,
-    connect: C,
-    upstream_closed: Arc<Notify>,
-    idle_timeout: std::time::Duration,
-    upgrading: Arc<std::sync::atomic::AtomicBool>,
-) -> Connector
-where
-    C: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = std::io::Result<U>> + Send,
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    Box::new(move || {
-        Box::pin(async move {
-            let io = connect()
-                .await
-                .map_err(|e| format!("connecting upstream: {e}"))?;
-            let (io, last_bytes) = super::idle::BytesWatch::new(io);
-            let io = TokioIo::new(io);
-            match protocol {
-                Protocol::Http1 => {
-                    let (sender, connection) = client1::handshake(io)
-                        .await
-                        .map_err(|e| format!("upstream HTTP/1.1 handshake: {e}"))?;
-                    tokio::spawn(async move {
-                        // With upgrades: a 101 hands the connection to the
-                        // client's upgraded one (WebSocket).
-                        let connection = connection.with_upgrades();
-                        match drive_until_idle(connection, last_bytes, idle_timeout).await {
-                            Some(Err(error)) => {
-                                tracing::debug!(%error, "upstream HTTP/1.1 connection failed");
-                            }
-                            None => tracing::debug!("upstream HTTP/1.1 connection idle: closed"),
-                            // Handed over to an upgrade: the client's side is
-                            // being upgraded too, and must not be told to
-                            // close (its 101 would say `Connection: close`).
-                            Some(Ok(())) if upgrading.load(Ordering::Relaxed) => return,
-                            Some(Ok(())) => {}
-                        }
-                        upstream_closed.notify_one();
-                    });
-                    Ok(Upstream::Http1(Arc::new(tokio::sync::Mutex::new(sender))))
-                }
-                Protocol::Http2 => {
-                    let (sender, connection) = client2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(io)
-                        .await
-                        .map_err(|e| format!("upstream HTTP/2 handshake: {e}"))?;
-                    tokio::spawn(async move {
-                        match drive_until_idle(connection, last_bytes, idle_timeout).await {
-                            Some(Err(error)) => {
-                                tracing::debug!(%error, "upstream HTTP/2 connection failed");
-                            }
-                            None => tracing::debug!("upstream HTTP/2 connection idle: closed"),
-                            Some(Ok(())) => {}
-                        }
-                        upstream_closed.notify_one();
-                    });
-                    Ok(Upstream::Http2(sender))
-                }
-            }
-        }) as ConnectFuture
-    })
-}
 
 /// Where allowed requests go: one lazily connected upstream ([`SingleUpstream`],
 /// for traffic into a pod) or, for a service port, a balancer that picks an
@@ -133,49 +47,6 @@ pub trait Forward: Send + Sync + 'static {
     /// connection is this client's own, and can be handed over whole.
     fn relays_upgrades(&self) -> bool {
         false
-    }
-}
-
-/// The upstream connection's life: made on the first forwarded request.
-enum Slot {
-    Idle(Connector),
-    /// The connect runs in a task of its own, so a request cancelled while
-    /// waiting for it (an h2 stream reset) does not lose the connection.
-    Connecting(JoinHandle<Result<Upstream, String>>),
-    Ready(Upstream),
-    Failed(String),
-    /// Transient, while moving from `Idle` to `Connecting`.
-    Empty,
-}
-
-/// One upstream connection for the whole downstream connection, made by the
-/// caller's `connect` on the first forwarded request.
-pub(super) struct SingleUpstream {
-    upstream: tokio::sync::Mutex<Slot>,
-    /// Set once an upgrade is asked for (see [`connector`]).
-    upgrading: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl SingleUpstream {
-    pub(super) fn new(connector: Connector, upgrading: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        Self {
-            upstream: tokio::sync::Mutex::new(Slot::Idle(connector)),
-            upgrading,
-        }
-    }
-}
-
-impl Forward for SingleUpstream {
-    fn forward(
-        &self,
-        request: Request<Incoming>,
-        downstream: Protocol,
-    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send + '_>> {
-        Box::pin(self.relay(request, downstream == Protocol::Http1))
-    }
-
-    fn relays_upgrades(&self) -> bool {
-        true
     }
 }
 
@@ -391,72 +262,6 @@ impl Relay {
     }
 }
 
-impl SingleUpstream {
-    /// Relays an allowed request upstream and hands back the response.
-    async fn relay(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
-        if is_upgrade(request.headers()) || is_extended_connect(&request) {
-            self.upgrading.store(true, Ordering::Relaxed);
-        }
-        let upstream = match self.upstream().await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                tracing::debug!(error, "no upstream");
-                return local_response(StatusCode::BAD_GATEWAY, "Bad Gateway", h1);
-            }
-        };
-        let result = match upstream {
-            Upstream::Http1(sender) => {
-                let mut sender = sender.lock().await;
-                match sender.ready().await {
-                    Ok(()) => sender.send_request(request).await,
-                    Err(error) => Err(error),
-                }
-            }
-            Upstream::Http2(mut sender) => match sender.ready().await {
-                Ok(()) => sender.send_request(request).await,
-                Err(error) => Err(error),
-            },
-        };
-        match result {
-            Ok(response) => response.map(Either::Left),
-            Err(error) => {
-                tracing::debug!(%error, "upstream request failed");
-                // An HTTP/1.1 upstream that failed cannot be replaced (the
-                // connect runs once): close, the client will reconnect.
-                local_response(StatusCode::BAD_GATEWAY, "Bad Gateway", h1)
-            }
-        }
-    }
-
-    /// The upstream, connecting it on first use.
-    async fn upstream(&self) -> Result<Upstream, String> {
-        let mut slot = self.upstream.lock().await;
-        loop {
-            match &mut *slot {
-                Slot::Ready(upstream) => return Ok(upstream.clone()),
-                Slot::Failed(error) => return Err(error.clone()),
-                Slot::Connecting(task) => {
-                    // Cancellation-safe: if this request goes away, the task
-                    // stays in the slot for the next one.
-                    let outcome = task.await;
-                    *slot = match outcome {
-                        Ok(Ok(upstream)) => Slot::Ready(upstream),
-                        Ok(Err(error)) => Slot::Failed(error),
-                        Err(error) => Slot::Failed(format!("upstream connect task: {error}")),
-                    };
-                }
-                Slot::Idle(_) => {
-                    let Slot::Idle(connector) = std::mem::replace(&mut *slot, Slot::Empty) else {
-                        unreachable!("matched Idle")
-                    };
-                    *slot = Slot::Connecting(tokio::spawn(connector()));
-                }
-                Slot::Empty => return Err("upstream connect lost".to_owned()),
-            }
-        }
-    }
-}
-
 /// How much of a refused HTTP/2 request's body is read, and for how long,
 /// so its stream ends cleanly instead of being reset.
 const DRAIN_BYTES: u64 = 1024 * 1024;
@@ -615,12 +420,12 @@ fn rewrite_path(uri: &Uri, path: &str) -> Result<Uri, String> {
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Upgrade` other
 /// than `h2c`, which is removed before this is asked).
-fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
 }
 
 /// Whether an HTTP/2 request is an extended CONNECT (`:protocol`, RFC 8441).
-fn is_extended_connect<B>(request: &Request<B>) -> bool {
+pub(super) fn is_extended_connect<B>(request: &Request<B>) -> bool {
     request.method() == Method::CONNECT
         && request.extensions().get::<hyper::ext::Protocol>().is_some()
 }
