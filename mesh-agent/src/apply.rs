@@ -52,6 +52,10 @@ pub fn apply(state: &AgentState, mut desired: Desired) -> Result<Applied> {
     state
         .proxy
         .publish(plan.with_pods(&enroller.pods(), generation));
+    // Balancers kept from the previous table learn their new endpoints only
+    // now that the new table is in force (connections routing by the old
+    // one keep choosing among its endpoints until then).
+    state.proxy.snapshot().services.commit();
     enroller.start_serving();
     drop(enroller);
     *state.desired.write() = Arc::new(desired);

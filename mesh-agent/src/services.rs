@@ -55,6 +55,9 @@ pub struct ServicePortEntry {
     /// Endpoints that are mesh workloads (a service account is given), by
     /// address: the identity their tunnel peer must prove.
     peers: HashMap<SocketAddr, Arc<RemotePeer>>,
+    /// The endpoints of this table's generation (a kept balancer may already
+    /// hold a newer set, see [`ServicePortEntry::serves`]).
+    endpoint_addrs: std::collections::HashSet<SocketAddr>,
     /// Kept across reloads that keep the shape; in-flight connections and
     /// requests report to it through the entry they started with.
     state: Arc<PortState>,
@@ -97,6 +100,14 @@ impl ServicePortEntry {
             peer: self.peers.get(&pick.addr).cloned(),
             token,
         })
+    }
+
+    /// Whether `addr` is one of this generation's endpoints. A balancer kept
+    /// across a reload learns the new endpoints when the new table is in
+    /// force; a connection still routing by the old table may then be
+    /// offered one of them, and must route again by the table in force.
+    pub fn serves(&self, addr: SocketAddr) -> bool {
+        self.endpoint_addrs.contains(&addr)
     }
 
     /// The connection ended; a failed connect counts towards ejection.
@@ -193,6 +204,10 @@ pub struct ServicePortStats {
 #[derive(Default)]
 pub struct ServiceTable {
     by_address: HashMap<SocketAddr, Arc<ServicePortEntry>>,
+    /// Endpoint updates of balancers kept from the previous table, applied
+    /// by [`ServiceTable::commit`] once this table is in force: the table
+    /// in force until then keeps choosing among its own endpoints.
+    pending: parking_lot::Mutex<Vec<(Arc<PortState>, Vec<Endpoint>)>>,
 }
 
 impl ServiceTable {
@@ -200,8 +215,8 @@ impl ServiceTable {
     /// zone, for locality), keeping the state (load, latency estimates,
     /// ejections, retry budget, counters) of service ports that are in
     /// `previous` with the same shape: a reload changes endpoints in place.
-    /// All-or-nothing: `previous` is left untouched unless every service
-    /// builds (its kept balancers learn their new endpoints only then).
+    /// `previous` is left untouched: its kept balancers learn their new
+    /// endpoints at [`ServiceTable::commit`], once this table is in force.
     pub fn build(
         services: &[ServiceConfig],
         node: &NodeConfig,
@@ -289,6 +304,7 @@ impl ServiceTable {
                         endpoint
                     })
                     .collect();
+                let endpoint_addrs = endpoints.iter().map(|e| e.addr).collect();
                 let entry = match kept
                     .get(&key)
                     .filter(|e| e.shape == shape && e.protocol == protocol)
@@ -303,6 +319,7 @@ impl ServiceTable {
                             config: svc.clone(),
                             shape: shape.clone(),
                             peers,
+                            endpoint_addrs,
                             state: old.state.clone(),
                         })
                     }
@@ -324,6 +341,7 @@ impl ServiceTable {
                             config: svc.clone(),
                             shape,
                             peers,
+                            endpoint_addrs,
                             state: Arc::new(PortState {
                                 balancer: Mutex::new(balancer),
                                 budget: Mutex::new(budget),
@@ -337,10 +355,19 @@ impl ServiceTable {
                 }
             }
         }
-        for (state, endpoints) in updates {
+        Ok(Self {
+            by_address,
+            pending: parking_lot::Mutex::new(updates),
+        })
+    }
+
+    /// Gives the kept balancers this table's endpoints (once; later calls do
+    /// nothing). Called when the table is in force, never before: until
+    /// then the previous table's connections choose among its endpoints.
+    pub fn commit(&self) {
+        for (state, endpoints) in std::mem::take(&mut *self.pending.lock()) {
             state.balancer.lock().update_endpoints(endpoints);
         }
-        Ok(Self { by_address })
     }
 
     pub fn lookup(&self, dst: SocketAddr) -> Option<Arc<ServicePortEntry>> {
@@ -453,6 +480,43 @@ mod tests {
         ));
         // Unknown addresses are not services.
         assert!(third.lookup("10.96.0.1:81".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_kept_balancer_learns_new_endpoints_only_when_the_new_table_is_committed() {
+        let old = [("e1", "10.2.0.2", "v1")];
+        let new = [("e2", "10.2.0.3", "v1")];
+        let first = ServiceTable::build(
+            &[service(LocalityConfig::None, &old, vec![])],
+            &node("n1"),
+            None,
+        )
+        .unwrap();
+        let second = ServiceTable::build(
+            &[service(LocalityConfig::None, &new, vec![])],
+            &node("n1"),
+            Some(&first),
+        )
+        .unwrap();
+        let (e1, e2) = (
+            "10.2.0.2:8080".parse().unwrap(),
+            "10.2.0.3:8080".parse().unwrap(),
+        );
+        // Built, not in force: the table in force still picks its own.
+        let picked = first.lookup(vip()).unwrap().choose().unwrap();
+        assert_eq!(picked.addr, e1);
+        first.lookup(vip()).unwrap().done(picked, false);
+        // In force: the kept balancer has the new endpoints, which the old
+        // table's entry does not serve (its connections route again).
+        second.commit();
+        let picked = first.lookup(vip()).unwrap().choose().unwrap();
+        assert_eq!(picked.addr, e2);
+        assert!(!first.lookup(vip()).unwrap().serves(e2));
+        assert!(second.lookup(vip()).unwrap().serves(e2));
+        first.lookup(vip()).unwrap().done(picked, false);
+        // Committing again changes nothing.
+        second.commit();
+        assert_eq!(second.lookup(vip()).unwrap().choose().unwrap().addr, e2);
     }
 
     #[test]

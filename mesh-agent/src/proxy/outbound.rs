@@ -18,6 +18,10 @@ use super::{
     service_http,
 };
 
+/// Routes by a newer table tried, at most, when a reload is being put in
+/// force (each try commits the table in force, so two suffice).
+const STALE_ROUTES: u32 = 4;
+
 /// Serves one connection captured on its way out of `pod`.
 pub async fn handle(
     ctx: Arc<ProxyContext>,
@@ -47,45 +51,62 @@ pub async fn handle(
     // One snapshot for the connection's route and decision: both come from
     // the same generation. It is let go before the relay, so a long-lived
     // connection does not keep released pods (their namespaces) alive.
-    let snapshot = ctx.snapshot();
+    let mut snapshot = ctx.snapshot();
     let mut chosen = None;
-    let hop = match route::route(&snapshot, dst) {
-        Route::ServiceHttp(service) => {
-            // An HTTP port: an endpoint per request, not per connection.
-            record.peers.destination_service = service_http::service_host(&service.config);
-            record.upstream = Path::Service(service.key.clone());
-            drop(snapshot);
-            // Boxed, here and below: the state of the HTTP paths is large, and
-            // would otherwise be reserved in every connection's future,
-            // idle TCP relays included.
-            let (downstream, bytes) = Counted::new(downstream);
-            let served =
-                Box::pin(service_http::serve(&ctx, downstream, pod, service.clone())).await;
-            record.count_bytes(&bytes);
-            record.end(served);
-            ctx.orig_dst.forget(captured.socket_cookie);
-            return;
-        }
-        Route::ServiceTcp(service) => {
-            record.peers.destination_service = service_http::service_host(&service.config);
-            match service.choose() {
-                Ok(endpoint) => {
-                    dst = endpoint.addr;
-                    let hop = route::endpoint_route(&snapshot, dst, endpoint.peer.clone());
-                    chosen = Some((service, endpoint));
-                    hop
-                }
-                Err(err) => {
-                    // Fail fast and say so: the client gets a reset at once.
-                    tracing::warn!(pod = %pod.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service; reset");
-                    let outcome = Outcome::NoHealthyEndpoint(service.key.clone());
-                    finish::refuse(record, downstream, outcome);
-                    ctx.orig_dst.forget(captured.socket_cookie);
-                    return;
+    let mut stale_routes = 0;
+    let hop = loop {
+        match route::route(&snapshot, dst) {
+            Route::ServiceHttp(service) => {
+                // An HTTP port: an endpoint per request, not per connection.
+                record.peers.destination_service = service_http::service_host(&service.config);
+                record.upstream = Path::Service(service.key.clone());
+                drop(snapshot);
+                // Boxed, here and below: the state of the HTTP paths is large, and
+                // would otherwise be reserved in every connection's future,
+                // idle TCP relays included.
+                let (downstream, bytes) = Counted::new(downstream);
+                let served =
+                    Box::pin(service_http::serve(&ctx, downstream, pod, service.clone())).await;
+                record.count_bytes(&bytes);
+                record.end(served);
+                ctx.orig_dst.forget(captured.socket_cookie);
+                return;
+            }
+            Route::ServiceTcp(service) => {
+                record.peers.destination_service = service_http::service_host(&service.config);
+                match service.choose() {
+                    // The balancer (kept across a reload) already holds the
+                    // endpoints of a newer table than this snapshot's: route
+                    // again by the table in force, so that the endpoint and
+                    // the policies deciding it are of one generation.
+                    Ok(endpoint)
+                        if !service.serves(endpoint.addr) && stale_routes < STALE_ROUTES =>
+                    {
+                        service.done(endpoint, false);
+                        stale_routes += 1;
+                        snapshot = ctx.snapshot();
+                        // If that table is not committed yet, this does it.
+                        snapshot.services.commit();
+                        continue;
+                    }
+                    Ok(endpoint) => {
+                        dst = endpoint.addr;
+                        let hop = route::endpoint_route(&snapshot, dst, endpoint.peer.clone());
+                        chosen = Some((service, endpoint));
+                        break hop;
+                    }
+                    Err(err) => {
+                        // Fail fast and say so: the client gets a reset at once.
+                        tracing::warn!(pod = %pod.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service; reset");
+                        let outcome = Outcome::NoHealthyEndpoint(service.key.clone());
+                        finish::refuse(record, downstream, outcome);
+                        ctx.orig_dst.forget(captured.socket_cookie);
+                        return;
+                    }
                 }
             }
+            Route::Address(hop) => break hop,
         }
-        Route::Address(hop) => hop,
     };
     let policies = snapshot.policies.clone();
     drop(snapshot);
