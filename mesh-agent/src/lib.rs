@@ -25,6 +25,7 @@ pub mod pump;
 pub mod services;
 pub mod state;
 pub mod status;
+pub mod tap;
 pub mod tunnel;
 
 /// Default port of the admin API (Istio's ztunnel uses 15000 too).

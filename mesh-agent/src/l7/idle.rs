@@ -13,7 +13,6 @@
 //! the connection (pooled or not).
 
 use std::{
-    io,
     pin::Pin,
     sync::{
         Arc,
@@ -25,10 +24,9 @@ use std::{
 
 use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Instant,
-};
+use tokio::time::Instant;
+
+use crate::tap::{Tap, Tapped};
 
 /// Why a downstream connection is ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,59 +172,11 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 
 /// The client's side of an HTTP/1 connection, telling [`Activity`] when
 /// bytes arrive.
-pub struct HeadWatch<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
+pub type HeadWatch<T> = Tapped<T, Arc<Activity>>;
 
-impl<T> HeadWatch<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for HeadWatch<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.bytes_read();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for HeadWatch<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+impl Tap for Activity {
+    fn read(&self, _bytes: usize) {
+        self.bytes_read();
     }
 }
 
@@ -261,79 +211,25 @@ impl LastBytes {
     }
 }
 
-/// An upstream stream that notes when bytes move, with its [`LastBytes`].
-pub struct BytesWatch<T> {
-    inner: T,
-    last: Arc<LastBytes>,
-}
-
-impl<T> BytesWatch<T> {
-    pub fn new(inner: T) -> (Self, Arc<LastBytes>) {
-        let last = Arc::new(LastBytes {
-            opened: Instant::now(),
-            at_ms: AtomicU64::new(0),
-        });
-        (
-            Self {
-                inner,
-                last: last.clone(),
-            },
-            last,
-        )
+impl Tap for LastBytes {
+    fn read(&self, _bytes: usize) {
+        self.touch();
+    }
+    fn wrote(&self, _bytes: usize) {
+        self.touch();
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for BytesWatch<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.last.touch();
-        }
-        polled
-    }
-}
+/// An upstream stream that notes when bytes move.
+pub type BytesWatch<T> = Tapped<T, Arc<LastBytes>>;
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for BytesWatch<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.last.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.last.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// `inner`, noting when bytes move, and its [`LastBytes`].
+pub fn watch_bytes<T>(inner: T) -> (BytesWatch<T>, Arc<LastBytes>) {
+    let last = Arc::new(LastBytes {
+        opened: Instant::now(),
+        at_ms: AtomicU64::new(0),
+    });
+    (Tapped::new(inner, last.clone()), last)
 }
 
 /// Drives an upstream connection until it ends, or until it has carried
@@ -417,7 +313,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_upstream_is_idle_after_no_byte_for_its_timeout() {
         let (near, mut far) = tokio::io::duplex(64);
-        let (mut watched, last) = BytesWatch::new(near);
+        let (mut watched, last) = watch_bytes(near);
         let timeout = Duration::from_secs(30);
         tokio::time::advance(Duration::from_secs(20)).await;
         tokio::io::AsyncWriteExt::write_all(&mut watched, b"x")

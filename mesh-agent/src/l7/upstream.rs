@@ -55,7 +55,7 @@ where
             let io = connect()
                 .await
                 .map_err(|e| format!("connecting upstream: {e}"))?;
-            let (io, last_bytes) = super::idle::BytesWatch::new(io);
+            let (io, last_bytes) = super::idle::watch_bytes(io);
             let io = TokioIo::new(io);
             match protocol {
                 Protocol::Http1 => {

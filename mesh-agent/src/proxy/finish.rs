@@ -66,8 +66,8 @@ impl Recording {
 
     /// Takes the client's bytes of a connection served at L7.
     pub fn count_bytes(&mut self, counts: &ByteCounts) {
-        self.bytes_sent = counts.read();
-        self.bytes_received = counts.written();
+        self.bytes_sent = counts.read_total();
+        self.bytes_received = counts.written_total();
     }
 
     /// Ends the connection with `outcome` and records it; whether it failed.

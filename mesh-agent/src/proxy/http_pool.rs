@@ -32,7 +32,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::l7::idle::{BytesWatch, drive_until_idle};
+use crate::l7::idle::{drive_until_idle, watch_bytes};
 
 /// The body of a request sent upstream: the client's, streamed, or a
 /// replayable one (bodiless requests, which may be retried).
@@ -260,7 +260,7 @@ async fn dial_http1(
     io: BoxIo,
     idle_timeout: Duration,
 ) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
-    let (io, last_bytes) = BytesWatch::new(io);
+    let (io, last_bytes) = watch_bytes(io);
     let (sender, connection) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(SendError::Request)?;
@@ -278,7 +278,7 @@ async fn dial_http2(
     io: BoxIo,
     idle_timeout: Duration,
 ) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
-    let (io, last_bytes) = BytesWatch::new(io);
+    let (io, last_bytes) = watch_bytes(io);
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(io))

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use super::{
     connections::Direction,
     context::ProxyContext,
-    counted::Counted,
+    counted,
     deliver::{self, Client},
     finish::{self, Recording, Upstream},
     outcome::{Outcome, Path},
@@ -46,7 +46,7 @@ pub async fn handle(
             source_ip: client.ip(),
             remote_ip: client.ip(),
         };
-        let (downstream, bytes) = Counted::new(downstream);
+        let (downstream, bytes) = counted::counting(downstream);
         let served = Box::pin(deliver::serve_http(
             &ctx,
             downstream,

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use super::{
     connections::Direction,
     context::ProxyContext,
-    counted::Counted,
+    counted,
     deliver::{self, Client},
     finish::{self, Recording, Upstream},
     outcome::{Outcome, Path, Security},
@@ -64,7 +64,7 @@ pub async fn handle(
                 // Boxed, here and below: the state of the HTTP paths is large, and
                 // would otherwise be reserved in every connection's future,
                 // idle TCP relays included.
-                let (downstream, bytes) = Counted::new(downstream);
+                let (downstream, bytes) = counted::counting(downstream);
                 let served =
                     Box::pin(service_http::serve(&ctx, downstream, pod, service.clone())).await;
                 record.count_bytes(&bytes);
@@ -125,7 +125,7 @@ pub async fn handle(
                     source_ip,
                     remote_ip: source_ip,
                 };
-                let (downstream, bytes) = Counted::new(downstream);
+                let (downstream, bytes) = counted::counting(downstream);
                 let served =
                     Box::pin(deliver::serve_http(&ctx, downstream, target, client, dst)).await;
                 record.count_bytes(&bytes);

@@ -11,7 +11,7 @@ use super::{
     admission,
     connections::Direction,
     context::ProxyContext,
-    counted::Counted,
+    counted,
     deliver::{self, Client},
     finish::{self, Recording},
     outcome::{Outcome, Path, Security},
@@ -157,7 +157,7 @@ async fn open_stream(
             remote_ip: client.ip(),
         };
         tokio::spawn(async move {
-            let (http_end, bytes) = Counted::new(http_end);
+            let (http_end, bytes) = counted::counting(http_end);
             let served = deliver::serve_http(&ctx, http_end, target, from, request.authority).await;
             record.count_bytes(&bytes);
             record.end(served);
