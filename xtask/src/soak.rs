@@ -44,68 +44,6 @@ const ISSUER_LINES: &str = "    lifetime: 2m\n    renewAt: 0.5\n";
 /// The load generator: `threads` loops of one kind each until `seconds` are
 /// up, then prints the totals as `kind sent ok failed` lines and `done`.
 /// Failures are printed as they come (the first 20).
-const LOAD: &str = r#"
-import http.client, socket, sys, threading, time
-kind, host, port, seconds, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-lock = threading.Lock()
-totals = {"sent": 0, "ok": 0, "failed": 0}
-shown = [0]
-def count(ok, why=""):
-    with lock:
-        totals["sent"] += 1
-        totals["ok" if ok else "failed"] += 1
-        if not ok and shown[0] < 20:
-            shown[0] += 1
-            print("failure: %s" % why, flush=True)
-def http_loop(end):
-    conn = None
-    while time.monotonic() < end:
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-            conn.request("GET", "/api/items")
-            r = conn.getresponse()
-            body = r.read()
-            count(r.status == 200, "status %d %r" % (r.status, body[:80]))
-        except Exception as e:
-            count(False, repr(e))
-            conn = None
-        time.sleep(0.01)
-def tcp_loop(end):
-    n = 0
-    while time.monotonic() < end:
-        n += 1
-        line = b"soak %d\n" % n
-        try:
-            s = socket.create_connection((host, port), timeout=10)
-            s.settimeout(10)
-            s.sendall(line)
-            got = b""
-            while len(got) < len(line):
-                k = s.recv(64)
-                if not k:
-                    break
-                got += k
-            s.close()
-            count(got == line, "echo %r" % got)
-        except Exception as e:
-            count(False, repr(e))
-        time.sleep(0.02)
-end = time.monotonic() + seconds
-loop = http_loop if kind == "http" else tcp_loop
-ts = [threading.Thread(target=loop, args=(end,)) for _ in range(threads)]
-for t in ts:
-    t.start()
-last = time.monotonic()
-while any(t.is_alive() for t in ts):
-    time.sleep(0.5)
-    if time.monotonic() - last >= 10:
-        last = time.monotonic()
-        with lock:
-            print("progress %s %d %d %d" % (kind, totals["sent"], totals["ok"], totals["failed"]), flush=True)
-print("total %s %d %d %d" % (kind, totals["sent"], totals["ok"], totals["failed"]), flush=True)
-print("done", flush=True)
-"#;
 
 /// One load generator: what it runs, from where.
 struct Load {
@@ -151,11 +89,10 @@ pub fn run(workspace: &Path, minutes: u32) -> Result<()> {
     e2e_preflight().map_err(|why| {
         anyhow::anyhow!("the soak builds network namespaces and loads kernel programs: {why}")
     })?;
-    which_python()?;
     step("kernel programs and the agent (release)");
     setup::build_ebpf(workspace)?;
     let agent_bin = setup::build_agent_release(workspace)?;
-    // Its servers, shared with the demo, are pod-tool's; its load is python.
+    // Its servers, shared with the demo, and its load are pod-tool's.
     setup::build_pod_tool(workspace)?;
 
     step("test bed: node1 {frontend, backend-1}, node2 {backend-2, database}");
@@ -187,30 +124,16 @@ pub fn run(workspace: &Path, minutes: u32) -> Result<()> {
     result
 }
 
-/// Checks python3 is there: the soak's load clients in the pods are python.
-fn which_python() -> Result<()> {
-    let found = std::process::Command::new("python3")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ensure!(
-        found,
-        "the soak runs its load clients in the pods with python3, which is not in PATH"
-    );
-    Ok(())
-}
-
 fn soak(workspace: &Path, topo: &Topology, agents: &mut [Process], minutes: u32) -> Result<()> {
     let duration = Duration::from_secs(u64::from(minutes) * 60);
     let seconds = duration.as_secs().to_string();
     let database = topo.pod("database").ipv4().to_string();
     let spawn = |name, pod: &Pod, args: &[&str]| -> Result<Load> {
-        let mut all = vec!["-c", LOAD];
+        let mut all = vec!["load"];
         all.extend_from_slice(args);
         Ok(Load {
             name,
-            process: pod.spawn("python3", &all)?,
+            process: pod.spawn_tool(&all)?,
         })
     };
     let db_port = DB_PORT.to_string();

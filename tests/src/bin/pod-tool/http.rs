@@ -145,17 +145,18 @@ pub struct ClientArgs {
     pause_ms: u64,
 }
 
-type Sender = SendRequest<Empty<Bytes>>;
+pub(crate) type Sender = SendRequest<Empty<Bytes>>;
 
-struct Client {
-    host: IpAddr,
-    port: u16,
-    method: Method,
-    timeout: Duration,
+/// A keep-alive HTTP/1.1 client of one server (also the soak's `load`).
+pub(crate) struct Client {
+    pub(crate) host: IpAddr,
+    pub(crate) port: u16,
+    pub(crate) method: Method,
+    pub(crate) timeout: Duration,
 }
 
 impl Client {
-    async fn connect(&self) -> Result<Sender> {
+    pub(crate) async fn connect(&self) -> Result<Sender> {
         let tcp = tokio::time::timeout(self.timeout, TcpStream::connect((self.host, self.port)))
             .await
             .context("connect timed out")?
@@ -170,7 +171,7 @@ impl Client {
 
     /// One request on `sender`'s connection: status and body. A connection
     /// that closed since its last response is an error here.
-    async fn request(&self, sender: &mut Sender, path: &str) -> Result<(u16, Bytes)> {
+    pub(crate) async fn request(&self, sender: &mut Sender, path: &str) -> Result<(u16, Bytes)> {
         // As Python's http.client: the port only when it is not 80.
         let host = match (self.host, self.port) {
             (IpAddr::V4(ip), 80) => ip.to_string(),

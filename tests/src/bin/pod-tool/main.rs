@@ -13,6 +13,7 @@
 //! - `tls-probe`: a TLS client for a server's refusals;
 //! - `http-server`, `http-client`: HTTP/1.1 keep-alive (the server also
 //!   HTTP/2 with prior knowledge);
+//! - `load`: the steady load of `cargo xtask soak`;
 //! - `ws-server`, `ws-client`: WebSocket; `h2-tunnel-server`,
 //!   `h2-tunnel-client`: extended CONNECT over HTTP/2 (RFC 8441).
 //!
@@ -22,6 +23,7 @@
 mod common;
 mod echo;
 mod http;
+mod load;
 mod tls;
 mod traffic_client;
 mod traffic_server;
@@ -103,6 +105,15 @@ enum Command {
     HttpServer(http::ServerArgs),
     /// HTTP/1.1 requests over keep-alive connections.
     HttpClient(http::ClientArgs),
+    /// The soak's steady load: `http` GETs over keep-alive connections or
+    /// `tcp` echo exchanges, counted (`progress`/`total` lines, `done`).
+    Load {
+        kind: load::Kind,
+        host: IpAddr,
+        port: u16,
+        seconds: f64,
+        threads: usize,
+    },
     /// A WebSocket echo server (RFC 6455, tungstenite).
     WsServer { port: u16 },
     /// A WebSocket client: connects to `url`, sends `--messages` text and
@@ -282,6 +293,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::HttpServer(args) => http::server(args),
         Command::HttpClient(args) => http::client(args),
+        Command::Load {
+            kind,
+            host,
+            port,
+            seconds,
+            threads,
+        } => load::load(kind, host, port, seconds, threads),
         Command::WsServer { port } => websocket::server(port),
         Command::WsClient { url, messages } => websocket::client(&url, messages),
         Command::H2TunnelServer { port } => websocket::h2_tunnel_server(port),
