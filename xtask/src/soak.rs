@@ -41,10 +41,6 @@ const RELOAD_EVERY: Duration = Duration::from_secs(60);
 /// Minted certificates live 2 minutes and are renewed at half: every minute.
 const ISSUER_LINES: &str = "    lifetime: 2m\n    renewAt: 0.5\n";
 
-/// The load generator: `threads` loops of one kind each until `seconds` are
-/// up, then prints the totals as `kind sent ok failed` lines and `done`.
-/// Failures are printed as they come (the first 20).
-
 /// One load generator: what it runs, from where.
 struct Load {
     name: &'static str,
