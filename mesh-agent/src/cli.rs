@@ -15,6 +15,10 @@ pub struct Cli {
     /// Log filter in RUST_LOG syntax, e.g. `info` or `mesh_agent=debug,info`.
     #[arg(long, global = true, default_value = "info", env = "MESH_LOG")]
     pub log: String,
+    /// This node's name, in place of node.yaml's `name` (on Kubernetes, set
+    /// `NODE_NAME` from the downward API's `spec.nodeName`).
+    #[arg(long, global = true, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -99,6 +103,9 @@ fn limit_malloc_arenas() {
 }
 
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(name) = cli.node_name.filter(|n| !n.is_empty()) {
+        config::set_node_name(name);
+    }
     match cli.command {
         Command::Run { config } => {
             logging::init(cli.log_format, &cli.log)?;

@@ -10,12 +10,14 @@ use crate::{
     admin, apply,
     capture::Enroller,
     config::{
-        self, OnStop,
+        self, Discovery, OnStop,
         mesh::IdentityConfig,
         watch::{Changes, FileWatch},
     },
     ebpf::{KernelPrograms, LoadOptions, bpffs},
-    handover, logging,
+    handover,
+    kubernetes::KubeSource,
+    logging,
     mtls::Mtls,
     proxy::ProxyContext,
     state::AgentState,
@@ -65,7 +67,23 @@ impl handover::Handing for Handing {
 }
 
 pub async fn run(config_dir: &Path) -> Result<()> {
-    let config = config::load_dir(config_dir).map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    let mut config =
+        config::load_dir(config_dir).map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    // With the API as the source, the first desired state holds the pods of
+    // the saved state: they are served (and an inherited agent's kept)
+    // before the API answers.
+    let kubernetes = match config.node.discovery {
+        Discovery::Files => None,
+        Discovery::Kubernetes => {
+            let source = KubeSource::new(&config.node.kubernetes, &config.node.name)?;
+            let dir = config_dir.to_path_buf();
+            let reading = source.clone();
+            config = tokio::task::spawn_blocking(move || reading.desired(&dir))
+                .await?
+                .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+            Some(source)
+        }
+    };
     let node = config.node.clone();
     tracing::info!(node = %node.name, dir = %config_dir.display(), pods = config.pods.len(), "configuration loaded");
     bpffs::ensure_mounted(&node.bpffs)?;
@@ -144,7 +162,8 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             proxy.clone(),
             node.clone(),
         )
-        .with_map_gauges(map_gauges),
+        .with_map_gauges(map_gauges)
+        .with_kubernetes(kubernetes.clone()),
     );
     tracing::info!(policies = config.policies.set.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
     apply::apply(&state, config).context("applying the configuration")?;
@@ -187,8 +206,13 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     let (updates, received) = tokio::sync::mpsc::channel(1);
     let state_dir = state.config_dir.clone();
     let source_task = tokio::spawn(async move {
-        if let Some(changes) = config_changes {
-            config::source::run(state_dir, changes, updates).await;
+        match kubernetes {
+            Some(source) => source.run(state_dir, config_changes, updates).await,
+            None => {
+                if let Some(changes) = config_changes {
+                    config::source::run(state_dir, changes, updates).await;
+                }
+            }
         }
     });
     let watch_task = tokio::spawn(follow_source(state.clone(), received));

@@ -16,6 +16,7 @@ pub mod desired;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;
+pub mod kubernetes;
 pub mod l7;
 pub mod logging;
 pub mod mtls;

@@ -82,6 +82,10 @@ pub struct StatusReport {
     /// Authorization decisions so far.
     #[serde(default)]
     pub authorization: Vec<DecisionCount>,
+    /// With `discovery: kubernetes`: the watches' health, pods of the mesh
+    /// waiting to be enrolled and Services not served, with reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::kubernetes::KubernetesStatus>,
 }
 
 /// How often a policy rule decided (`-` for "allowed").
@@ -126,6 +130,8 @@ pub struct AgentState {
     pub pending_node: RwLock<Option<NodeConfig>>,
     /// How full the kernel's hash maps are (empty if they could not be opened).
     map_gauges: Vec<crate::ebpf::occupancy::MapGauge>,
+    /// The Kubernetes source, with `discovery: kubernetes`.
+    pub kubernetes: Option<Arc<crate::kubernetes::KubeSource>>,
 }
 
 impl AgentState {
@@ -156,6 +162,7 @@ impl AgentState {
             desired: RwLock::new(Arc::new(empty)),
             pending_node: RwLock::new(None),
             map_gauges: Vec::new(),
+            kubernetes: None,
         }
     }
 
@@ -191,6 +198,15 @@ impl AgentState {
 
     pub fn last_reload_error(&self) -> Option<String> {
         self.last_reload_error.lock().clone()
+    }
+
+    /// The Kubernetes source, for `/status` and the metrics.
+    pub fn with_kubernetes(mut self, source: Option<Arc<crate::kubernetes::KubeSource>>) -> Self {
+        if let Some(source) = &source {
+            self.metrics.register(source.health.collectors());
+        }
+        self.kubernetes = source;
+        self
     }
 
     /// Gauges of the kernel maps, exposed at every scrape.
@@ -305,6 +321,7 @@ impl AgentState {
                     count,
                 })
                 .collect(),
+            kubernetes: self.kubernetes.as_ref().map(|k| k.status()),
         }
     }
 

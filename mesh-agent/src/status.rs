@@ -160,6 +160,7 @@ mod tests {
             tunnel_pooled_connections: 0,
             trust_roots: 2,
             authorization: vec![],
+            kubernetes: None,
         };
         let text = render(&report);
         assert!(text.contains("captured out=0 in=0"), "{text}");
@@ -204,6 +205,7 @@ mod tests {
             tunnel_pooled_connections: 2,
             trust_roots: 1,
             authorization: vec![],
+            kubernetes: None,
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");

@@ -47,6 +47,7 @@
 
 mod bpffs;
 mod cgroup;
+pub mod kube_api;
 mod naming;
 pub mod netfilter;
 mod netns;

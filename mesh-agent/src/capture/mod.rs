@@ -250,6 +250,7 @@ impl Enroller {
                 ports.dedup();
                 ports
             },
+            kubelet_probes: pod.kubelet_probes.clone(),
         });
         let sockets = listeners
             .iter()

@@ -18,8 +18,10 @@ use std::{
 };
 
 pub use error::ConfigError;
-pub use node::{HttpSettings, Limits, NodeConfig, OnStop, default_admin_address};
-pub use pods::{CaptureExclusions, PodConfig, PodsFile};
+pub use node::{
+    Discovery, HttpSettings, KubernetesSettings, Limits, NodeConfig, OnStop, default_admin_address,
+};
+pub use pods::{CaptureExclusions, KubeletProbes, PodConfig, PodsFile};
 pub use services::{
     EndpointConfig, LocalityConfig, OutlierDetectionConfig, RetriesConfig, RouteConfig,
     ServiceConfig, ServicePort, ServicesFile, SubsetConfig,
@@ -92,6 +94,16 @@ const CONFIGMAP_VERSION_LINK: &str = "..data";
 /// How many times a read that spanned a ConfigMap swap is started again.
 const CONFIGMAP_READ_ATTEMPTS: usize = 5;
 
+/// The node's name given at start, in place of node.yaml's `name`.
+static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the node's name for every later load (`--node-name`, or
+/// `NODE_NAME` from the downward API's `spec.nodeName`): one ConfigMap then
+/// serves every node. The first call wins.
+pub fn set_node_name(name: String) {
+    let _ = NODE_NAME.set(name);
+}
+
 /// Loads and validates the configuration directory, as one version of it: a
 /// read that spans a ConfigMap update (some files old, some new) is never
 /// returned; it is read again.
@@ -127,12 +139,18 @@ fn load_dir_once(dir: &Path) -> Result<Desired, ConfigError> {
     }
     let node_path = dir.join(NODE_FILE);
     let node_text = read(&node_path)?;
-    let node: NodeConfig =
+    let mut node: NodeConfig =
         serde_yaml::from_str(&node_text).map_err(|e| ConfigError::from_yaml(&node_path, &e))?;
+    if let Some(name) = NODE_NAME.get() {
+        node.name = name.clone();
+    }
     if node.name.trim().is_empty() {
-        return Err(ConfigError::new(&node_path, "must not be empty")
-            .with_field("name")
-            .with_line(error::find_line(&node_text, "name", &node.name)));
+        return Err(ConfigError::new(
+            &node_path,
+            "must not be empty (or give the node's name with --node-name or NODE_NAME)",
+        )
+        .with_field("name")
+        .with_line(error::find_line(&node_text, "name", &node.name)));
     }
 
     let pods_path = dir.join(PODS_FILE);

@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeConfig {
-    /// The Kubernetes node name.
+    /// The Kubernetes node name. `--node-name` (or `NODE_NAME`, set from
+    /// the downward API's `spec.nodeName`) takes its place, so one ConfigMap
+    /// serves every node.
+    #[serde(default)]
     pub name: String,
     /// The node's zone (Kubernetes' `topology.kubernetes.io/zone` label):
     /// services with `locality: preferZone` prefer endpoints in it.
@@ -63,6 +66,71 @@ pub struct NodeConfig {
     /// Timeouts of the HTTP connections the agent serves and makes.
     #[serde(default)]
     pub http: HttpSettings,
+    /// Where pods, remote workloads and services come from: `files`
+    /// (pods.yaml, workloads.yaml, services.yaml; the default) or
+    /// `kubernetes` (the API server; docs/kubernetes.md). Policies are
+    /// node-local files either way.
+    #[serde(default)]
+    pub discovery: Discovery,
+    /// Settings of `discovery: kubernetes`.
+    #[serde(default)]
+    pub kubernetes: KubernetesSettings,
+}
+
+/// `discovery`: the source of pods, remote workloads and services.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Discovery {
+    #[default]
+    Files,
+    Kubernetes,
+}
+
+/// `kubernetes`: how the agent reaches the API and finds pods on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesSettings {
+    /// A kubeconfig file, for an agent outside the cluster; without it, the
+    /// pod's service account (in-cluster configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubelet's cgroup driver (`systemd`, the default, or `cgroupfs`).
+    #[serde(default)]
+    pub cgroup_driver: crate::kubernetes::cgroup::CgroupDriver,
+    /// The kubelet's `--cgroup-root` (default `/`), under the cgroup2 mount.
+    #[serde(default = "default_kubelet_cgroup_root")]
+    pub kubelet_cgroup_root: PathBuf,
+    /// Where the container runtime keeps pod network namespaces.
+    #[serde(default = "default_netns_dir")]
+    pub netns_dir: PathBuf,
+    /// Where the last state read from the API is kept, so a restarted agent
+    /// serves its pods before the API answers.
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            cgroup_driver: Default::default(),
+            kubelet_cgroup_root: default_kubelet_cgroup_root(),
+            netns_dir: default_netns_dir(),
+            state_file: default_state_file(),
+        }
+    }
+}
+
+fn default_kubelet_cgroup_root() -> PathBuf {
+    PathBuf::from("/")
+}
+
+fn default_netns_dir() -> PathBuf {
+    PathBuf::from("/var/run/netns")
+}
+
+fn default_state_file() -> PathBuf {
+    PathBuf::from("/var/lib/mesh-agent/cluster.json")
 }
 
 /// `http`: timeouts of HTTP connections, the same on every path (into a

@@ -43,6 +43,23 @@ pub struct PodConfig {
     /// as a whole (HTTP fields as on any TCP traffic), at once.
     #[serde(default)]
     pub opaque_ports: Vec<u16>,
+    /// The kubelet's health probes: connections from these node addresses
+    /// to these ports are let in whatever the pod's policies say (as Istio
+    /// does), and counted; anything else from the node is decided as usual.
+    #[serde(default)]
+    pub kubelet_probes: KubeletProbes,
+}
+
+/// `kubeletProbes`: where the kubelet probes a pod from, and which ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubeletProbes {
+    /// The node's own addresses (the pod's `status.hostIPs`).
+    #[serde(default)]
+    pub from: Vec<std::net::IpAddr>,
+    /// The ports of the pod's HTTP, TCP and gRPC probes.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// What capture leaves alone for one pod. Everything else of an enrolled pod goes

@@ -49,6 +49,27 @@ pub struct ServiceConfig {
     pub outlier_detection: OutlierDetectionConfig,
 }
 
+impl ServiceConfig {
+    /// A service with no name, address, port or endpoint yet and every
+    /// setting at its default (what a source fills in).
+    pub fn with_defaults() -> Self {
+        Self {
+            name: String::new(),
+            namespace: String::new(),
+            vips: Vec::new(),
+            ports: Vec::new(),
+            locality: LocalityConfig::default(),
+            endpoints: Vec::new(),
+            subsets: Vec::new(),
+            connect_timeout: default_connect_timeout(),
+            request_timeout: default_request_timeout(),
+            routes: Vec::new(),
+            retries: RetriesConfig::default(),
+            outlier_detection: OutlierDetectionConfig::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteConfig {

@@ -253,20 +253,5 @@ fn own_cgroup_dir() -> Result<PathBuf> {
             "the agent runs in the root cgroup; run it in a cgroup of its own (as a container does)"
         );
     }
-    Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
-}
-
-/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
-/// `/sys/fs/cgroup/unified` on hybrid hosts), from /proc/self/mountinfo.
-fn cgroup2_mount() -> Result<PathBuf> {
-    let info =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            fs.starts_with("cgroup2 ")
-                .then(|| mount.split(' ').nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .ok_or_else(|| anyhow!("no cgroup2 mount in /proc/self/mountinfo"))
+    Ok(crate::kubernetes::cgroup::cgroup2_mount()?.join(relative.trim_start_matches('/')))
 }

@@ -25,14 +25,15 @@ pub struct Authorizer {
     /// Decisions by policy rule (none: allowed with no ALLOW policy in
     /// play): allow, deny, dry-run deny. Keyed by the rule itself, so
     /// counting a decision costs a lookup, not a string.
-    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 3]>>,
+    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 4]>>,
 }
 
 /// The kinds of decision counted, in the order of the counters.
-const DECISIONS: [&str; 3] = ["allow", "deny", "dry_run_deny"];
+const DECISIONS: [&str; 4] = ["allow", "deny", "dry_run_deny", "kubelet_probe"];
 const ALLOW: usize = 0;
 const DENY: usize = 1;
 const DRY_RUN_DENY: usize = 2;
+const KUBELET_PROBE: usize = 3;
 
 impl Authorizer {
     /// Decisions so far: (policy rule or `-`, decision) -> count.
@@ -54,6 +55,20 @@ impl Authorizer {
     /// Counts one decision of kind `kind` (an index into [`DECISIONS`]).
     fn count(&self, by: Option<&PolicyRef>, kind: usize) {
         self.decisions.lock().entry(by.cloned()).or_default()[kind] += 1;
+    }
+
+    /// Whether a plaintext connection from `client` to `port` of `target`
+    /// is the kubelet probing it: from the node's own address to a probe
+    /// port. Such a connection is let in whatever the pod's policies say
+    /// (as Istio does), and counted as a `kubelet_probe` decision; nothing
+    /// else from the node gets that pass.
+    pub fn kubelet_probe(&self, target: &PodHandle, client: IpAddr, port: u16) -> bool {
+        let probes = &target.kubelet_probes;
+        let is_probe = probes.ports.contains(&port) && probes.from.contains(&client);
+        if is_probe {
+            self.count(None, KUBELET_PROBE);
+        }
+        is_probe
     }
 
     /// Authorizes a plain TCP connection into `target` (L4: HTTP-only rules

@@ -39,6 +39,18 @@ pub async fn handle(
     // The policies in force now decide; the snapshot itself is not held
     // for the connection's life (it holds every pod of its generation).
     let policies = ctx.snapshot().policies.clone();
+    if ctx
+        .authorizer
+        .kubelet_probe(&pod, client.ip(), original_dst.port())
+    {
+        let upstream = ctx
+            .dial
+            .into_pod(&pod, original_dst)
+            .await
+            .map(Upstream::Tcp);
+        finish::finish(&ctx, record, downstream, upstream).await;
+        return;
+    }
     // Plaintext from outside the mesh: no principal, no namespace.
     if pod.decided_per_request(&policies, original_dst.port()) {
         let from = Client {

@@ -23,6 +23,8 @@ pub struct PodHandle {
     pub open_connections: Arc<AtomicUsize>,
     /// Ports declared plain TCP (`opaquePorts`), sorted.
     pub opaque_ports: Vec<u16>,
+    /// Where the kubelet probes this pod from, and which ports.
+    pub kubelet_probes: crate::config::KubeletProbes,
 }
 
 impl PodHandle {

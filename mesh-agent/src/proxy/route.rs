@@ -93,6 +93,7 @@ services:
             },
             open_connections: Arc::default(),
             opaque_ports: Vec::new(),
+            kubelet_probes: Default::default(),
         })
     }
 

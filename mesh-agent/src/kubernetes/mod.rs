@@ -1,0 +1,20 @@
+//! The Kubernetes API as a source of desired state (`discovery: kubernetes`
+//! in node.yaml; docs/kubernetes.md): pods of this node found and enrolled
+//! with no pods.yaml, workloads on other nodes and services from the API,
+//! policies still node-local files.
+//!
+//! - `watch.rs`: the watches (namespaces, pods, Services, EndpointSlices) and their health.
+//! - `cluster.rs`: the facts kept of the cluster, and the desired state's parts made from them.
+//! - `pods.rs`, `services.rs`: API objects to facts; enrolment; Services to services.
+//! - `netns.rs`, `cgroup.rs`: where a pod lives on the node.
+//! - `source.rs`: the source itself: files + watches → `Desired`; the saved state.
+
+pub mod cgroup;
+pub mod cluster;
+pub mod netns;
+pub mod pods;
+pub mod services;
+pub mod source;
+pub mod watch;
+
+pub use source::{KubeSource, KubernetesStatus};

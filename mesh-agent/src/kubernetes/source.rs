@@ -1,0 +1,375 @@
+//! The Kubernetes API as a source of the desired state: node settings and
+//! policies still from the configuration directory; pods of this node,
+//! workloads on other nodes and services from the watches. Every change of
+//! either is sent whole, as the files source does.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+
+use super::{
+    cgroup::{self, pod_cgroup},
+    cluster::{ClusterView, Parts, Placement},
+    netns::NetnsFinder,
+    pods::PodFacts,
+    watch::{self, KindHealth, WatchHealth},
+};
+use crate::{
+    config::{self, KubernetesSettings, watch::Changes},
+    desired::{Desired, Update},
+};
+
+/// A pod of the mesh on this node waits this long between looks for its
+/// network namespace and cgroup (the runtime makes them as the pod starts).
+const PLACEMENT_RETRY: Duration = Duration::from_millis(100);
+/// The saved state is written at most this often.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the source shares with `/status`, the metrics and the daemon.
+pub struct KubeSource {
+    settings: KubernetesSettings,
+    node: String,
+    view: Arc<Mutex<ClusterView>>,
+    changed: Arc<Notify>,
+    pub health: Arc<WatchHealth>,
+    report: Mutex<Report>,
+    /// Pod UID → where it was found, with the addresses it was found by.
+    placements: Mutex<HashMap<String, (Vec<std::net::IpAddr>, Placement)>>,
+    finder: Mutex<NetnsFinder>,
+    cgroup_root: PathBuf,
+}
+
+/// What the last pass made of the cluster, for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// The state came from the saved file and no watch has listed yet.
+    pub from_saved_state: bool,
+    /// Pods of the mesh on this node not enrolled yet, and why.
+    pub waiting: Vec<(String, String)>,
+    /// Services not served, and why.
+    pub skipped_services: Vec<(String, String)>,
+}
+
+/// The Kubernetes part of `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesStatus {
+    /// Every watch has listed at least once.
+    pub synced: bool,
+    pub watches: std::collections::BTreeMap<String, KindHealth>,
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+impl KubeSource {
+    /// The source for `node`, with the saved state (if any) as the view to
+    /// start from.
+    pub fn new(settings: &KubernetesSettings, node: &str) -> Result<Arc<Self>> {
+        let cgroup_root = cgroup::cgroup2_mount()?.join(
+            settings
+                .kubelet_cgroup_root
+                .strip_prefix("/")
+                .unwrap_or(&settings.kubelet_cgroup_root),
+        );
+        let (view, from_saved_state) = match load_saved(&settings.state_file) {
+            Ok(Some(view)) => {
+                tracing::info!(file = %settings.state_file.display(), pods = view.pods.len(), services = view.services.len(), "serving the saved Kubernetes state until the API answers");
+                (view, true)
+            }
+            Ok(None) => (ClusterView::default(), false),
+            Err(err) => {
+                tracing::warn!(file = %settings.state_file.display(), error = format!("{err:#}"), "the saved Kubernetes state is unreadable; starting from the API alone");
+                (ClusterView::default(), false)
+            }
+        };
+        Ok(Arc::new(Self {
+            settings: settings.clone(),
+            node: node.to_string(),
+            view: Arc::new(Mutex::new(view)),
+            changed: Arc::new(Notify::new()),
+            health: Arc::default(),
+            report: Mutex::new(Report {
+                from_saved_state,
+                ..Report::default()
+            }),
+            placements: Mutex::default(),
+            finder: Mutex::new(NetnsFinder::new(&settings.netns_dir)),
+            cgroup_root,
+        }))
+    }
+
+    /// The desired state from the files in `dir` (node settings, policies)
+    /// and the view as it is now. Blocking: it may enter namespaces to
+    /// place new pods.
+    pub fn desired(&self, dir: &Path) -> Result<Desired, config::ConfigError> {
+        let mut desired = config::load_dir(dir)?;
+        for (file, listed) in [
+            (config::PODS_FILE, !desired.pods.is_empty()),
+            (config::WORKLOADS_FILE, !desired.workloads.is_empty()),
+            (config::SERVICES_FILE, !desired.services.is_empty()),
+        ] {
+            if listed {
+                return Err(config::ConfigError::new(
+                    dir.join(file),
+                    "is not read with `discovery: kubernetes` (pods, workloads and services come from the API); remove it",
+                ));
+            }
+        }
+        let parts = self.parts();
+        desired.pods = parts.pods;
+        desired.workloads = parts.workloads;
+        desired.services = parts.services;
+        Ok(desired)
+    }
+
+    fn parts(&self) -> Parts {
+        let view = self.view.lock().clone();
+        let placements = self.place(&view);
+        let parts = view.parts(&self.node, &placements);
+        let mut report = self.report.lock();
+        report.from_saved_state = report.from_saved_state && !self.health.all_synced();
+        report.waiting = parts.waiting.clone();
+        report.skipped_services = parts.skipped.clone();
+        parts
+    }
+
+    /// Finds where each pod of the mesh on this node lives; a pod whose
+    /// namespace or cgroup is not there yet is left out (and looked for again).
+    fn place(&self, view: &ClusterView) -> HashMap<String, Placement> {
+        let mut placements = self.placements.lock();
+        let local: Vec<&PodFacts> = view.local_pods(&self.node).collect();
+        placements.retain(|uid, _| local.iter().any(|p| &p.uid == uid));
+        let mut placed = HashMap::new();
+        for pod in local {
+            let ips: Vec<std::net::IpAddr> = pod.ips().collect();
+            let known = placements
+                .get(&pod.uid)
+                .filter(|(found_by, place)| *found_by == ips && place.netns.exists())
+                .map(|(_, place)| place.clone());
+            let place = match known {
+                Some(place) => Some(place),
+                None => self.find(pod, &ips),
+            };
+            if let Some(place) = place {
+                placements.insert(pod.uid.clone(), (ips, place.clone()));
+                placed.insert(pod.uid.clone(), place);
+            }
+        }
+        placed
+    }
+
+    fn find(&self, pod: &PodFacts, ips: &[std::net::IpAddr]) -> Option<Placement> {
+        let qos = pod.qos?;
+        let cgroup = pod_cgroup(
+            &self.cgroup_root,
+            self.settings.cgroup_driver,
+            qos,
+            &pod.uid,
+        );
+        if !cgroup.is_dir() {
+            tracing::debug!(pod = %pod.key(), cgroup = %cgroup.display(), "pod cgroup not there yet");
+            return None;
+        }
+        let netns = self.finder.lock().find(ips)?;
+        tracing::info!(pod = %pod.key(), netns = %netns.display(), cgroup = %cgroup.display(), "pod found on the node");
+        Some(Placement { netns, cgroup })
+    }
+
+    /// The Kubernetes part of `/status`.
+    pub fn status(&self) -> KubernetesStatus {
+        KubernetesStatus {
+            synced: self.health.all_synced(),
+            watches: self
+                .health
+                .snapshot()
+                .into_iter()
+                .map(|(kind, health)| (kind.name().to_string(), health))
+                .collect(),
+            report: self.report.lock().clone(),
+        }
+    }
+
+    /// The view as last seen (for `/config_dump`).
+    pub fn view(&self) -> ClusterView {
+        self.view.lock().clone()
+    }
+
+    /// Follows the API and the files until the receiver goes: every change
+    /// sends the whole desired state (or why the files were refused).
+    pub async fn run(
+        self: Arc<Self>,
+        dir: PathBuf,
+        mut files: Option<Changes>,
+        updates: mpsc::Sender<Update>,
+    ) {
+        let client = match client(&self.settings).await {
+            Ok(client) => client,
+            Err(err) => {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "no Kubernetes client: pods, workloads and services stay as they are"
+                );
+                let _ = updates
+                    .send(Update::Rejected(format!("no Kubernetes client: {err:#}")))
+                    .await;
+                return;
+            }
+        };
+        let watches = tokio::spawn(watch::follow_all(
+            client,
+            watch::Sink {
+                view: self.view.clone(),
+                changed: self.changed.clone(),
+                health: self.health.clone(),
+            },
+        ));
+        let _stop_watches = AbortOnDrop(watches);
+        let mut last_sent: Option<Desired> = None;
+        let mut last_saved: Option<(Instant, ClusterView)> = None;
+        loop {
+            let waiting = !self.report.lock().waiting.is_empty();
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                more = async {
+                    match files.as_mut() {
+                        Some(files) => files.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => if !more { files = None },
+                _ = tokio::time::sleep(PLACEMENT_RETRY), if waiting => {}
+            }
+            let source = self.clone();
+            let read_dir = dir.clone();
+            let update = match tokio::task::spawn_blocking(move || source.desired(&read_dir)).await
+            {
+                Ok(Ok(desired)) => {
+                    if last_sent.as_ref() == Some(&desired) {
+                        None
+                    } else {
+                        last_sent = Some(desired.clone());
+                        Some(Update::Desired(Box::new(desired)))
+                    }
+                }
+                Ok(Err(err)) => Some(Update::Rejected(err.to_string())),
+                Err(err) => Some(Update::Rejected(format!(
+                    "reading the desired state failed: {err}"
+                ))),
+            };
+            if let Some(update) = update
+                && updates.send(update).await.is_err()
+            {
+                return;
+            }
+            self.save(&mut last_saved).await;
+        }
+    }
+
+    /// Writes the view to the state file when it changed, at most every
+    /// [`SAVE_EVERY`], and only once every watch has listed (a partial
+    /// view is never saved over a whole one).
+    async fn save(&self, last: &mut Option<(Instant, ClusterView)>) {
+        if !self.health.all_synced() {
+            return;
+        }
+        if last
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < SAVE_EVERY)
+        {
+            // A later pass saves it; make sure there is one.
+            let changed = self.changed.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SAVE_EVERY).await;
+                changed.notify_one();
+            });
+            return;
+        }
+        let view = self.view.lock().clone();
+        if last.as_ref().is_some_and(|(_, saved)| *saved == view) {
+            return;
+        }
+        let path = self.settings.state_file.clone();
+        let to_write = view.clone();
+        match tokio::task::spawn_blocking(move || save(&path, &to_write)).await {
+            Ok(Ok(())) => *last = Some((Instant::now(), view)),
+            Ok(Err(err)) => {
+                tracing::warn!(file = %self.settings.state_file.display(), error = format!("{err:#}"), "saving the Kubernetes state failed")
+            }
+            Err(err) => tracing::warn!(error = %err, "saving the Kubernetes state failed"),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn client(settings: &KubernetesSettings) -> Result<kube::Client> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        None => {
+            kube::Config::incluster().context("in-cluster configuration (service account token)")?
+        }
+    };
+    kube::Client::try_from(config).context("making the Kubernetes client")
+}
+
+fn load_saved(path: &Path) -> Result<Option<ClusterView>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Written to a temporary file and renamed over the old one: a crash leaves
+/// the old state or the new, never half of one.
+fn save(path: &Path, view: &ClusterView) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(view)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saved_state_round_trips_and_a_missing_file_is_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/cluster.json");
+        assert_eq!(load_saved(&path).unwrap(), None);
+        let mut view = ClusterView::default();
+        view.namespaces
+            .insert("shop".into(), [("a".to_string(), "b".to_string())].into());
+        save(&path, &view).unwrap();
+        assert_eq!(load_saved(&path).unwrap(), Some(view));
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(load_saved(&path).is_err());
+    }
+}

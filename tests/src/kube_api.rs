@@ -1,0 +1,390 @@
+//! A MODEL of the Kubernetes API server, not the real thing (none can be
+//! installed on these machines): a scripted stand-in that speaks the API's
+//! wire protocol over real HTTP for the four kinds the agent watches
+//! (namespaces, pods, Services, EndpointSlices), as the API concepts page
+//! defines it (<https://kubernetes.io/docs/reference/using-api/api-concepts/>):
+//!
+//! - list: `GET /api/v1/pods` → a `PodList` with `metadata.resourceVersion`;
+//! - watch: `?watch=1&resourceVersion=N` → newline-delimited JSON events
+//!   (`ADDED`, `MODIFIED`, `DELETED`) after N; `BOOKMARK`s every 200 ms when
+//!   `allowWatchBookmarks=true`; an `ERROR` event with a `410 Gone` Status
+//!   when N is older than the compacted history; the stream ends at
+//!   `timeoutSeconds`;
+//! - one global resourceVersion counter, as etcd's revision.
+//!
+//! A test scripts it: put and delete objects, compact the history (the next
+//! resume gets 410 and must relist), cut every open watch, or take the whole
+//! server away and back on the same port (an outage).
+//!
+//! Not modelled: selectors (everything is returned), pagination (`limit` is
+//! ignored, as the API server itself does for lists served from its watch
+//! cache), authentication, other kinds and verbs.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Request, Response, StatusCode, body::Frame};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::broadcast, task::JoinSet};
+
+/// The kinds served: (collection path, kind, list kind, apiVersion).
+const KINDS: [(&str, &str, &str); 4] = [
+    ("/api/v1/namespaces", "Namespace", "v1"),
+    ("/api/v1/pods", "Pod", "v1"),
+    ("/api/v1/services", "Service", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+    ),
+];
+
+const BOOKMARK_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    /// (kind, namespace, name) → object (with its resourceVersion).
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every change: (revision, kind, event type, object).
+    history: Vec<(u64, String, &'static str, Value)>,
+    /// Resumes from before this revision get 410 Gone.
+    compacted: u64,
+    /// Requests served, by `list` / `watch`, for assertions.
+    lists: u64,
+    watches: u64,
+    gone: u64,
+}
+
+/// The stand-in API server. Dropping it stops it.
+pub struct StandInApi {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<()>,
+    /// Cuts every open watch when sent.
+    cut: broadcast::Sender<()>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl StandInApi {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (events, _) = broadcast::channel(1024);
+        let (cut, _) = broadcast::channel(4);
+        let mut api = Self {
+            addr,
+            state: Arc::default(),
+            events,
+            cut,
+            server: None,
+        };
+        api.serve(listener);
+        Ok(api)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig that points at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: model\n  cluster:\n    server: {}\ncontexts:\n- name: model\n  context:\n    cluster: model\n    user: model\ncurrent-context: model\nusers:\n- name: model\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let state = self.state.clone();
+        let events = self.events.clone();
+        let cut = self.cut.clone();
+        self.server = Some(tokio::spawn(async move {
+            // Connections live in this set: aborting the server ends them all.
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (state, events, cut) = (state.clone(), events.clone(), cut.clone());
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (state, events, cut) = (state.clone(), events.clone(), cut.clone());
+                        async move { Ok::<_, Infallible>(handle(req, state, events, cut)) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        }));
+    }
+
+    /// Takes the server away: the port refuses connections and every open
+    /// watch breaks, as when the API server's host is gone.
+    pub fn go_away(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+
+    /// Brings it back on the same port, with everything changed meanwhile.
+    pub async fn come_back(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    let _ = err;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => return Err(err).context("binding the stand-in API's port again"),
+            }
+        };
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// Adds or replaces an object (`kind`, `metadata.name`, optional
+    /// `metadata.namespace`); sets its resourceVersion (and a uid if it has
+    /// none). Returns the revision.
+    pub fn put(&self, mut object: Value) -> u64 {
+        let mut state = self.state.lock().unwrap();
+        state.revision += 1;
+        let revision = state.revision;
+        let key = key_of(&object);
+        let meta = object["metadata"].as_object_mut().expect("metadata");
+        meta.insert("resourceVersion".into(), json!(revision.to_string()));
+        if !meta.contains_key("uid") {
+            meta.insert(
+                "uid".into(),
+                json!(format!("00000000-0000-4000-8000-{revision:012}")),
+            );
+        }
+        let kind = key.0.clone();
+        let event = if state.objects.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        state.history.push((revision, kind, event, object));
+        drop(state);
+        let _ = self.events.send(());
+        revision
+    }
+
+    /// Deletes an object; false if there was none.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let key = (kind.to_string(), namespace.to_string(), name.to_string());
+        let Some(mut object) = state.objects.remove(&key) else {
+            return false;
+        };
+        state.revision += 1;
+        let revision = state.revision;
+        object["metadata"]["resourceVersion"] = json!(revision.to_string());
+        state
+            .history
+            .push((revision, kind.to_string(), "DELETED", object));
+        drop(state);
+        let _ = self.events.send(());
+        true
+    }
+
+    /// Forgets the history up to now: a watch resuming from an older
+    /// resourceVersion gets 410 Gone (as after etcd compaction).
+    pub fn compact(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.compacted = state.revision + 1;
+        state.history.clear();
+    }
+
+    /// Ends every open watch stream (as the API server does at its watch
+    /// timeout or when it restarts); clients resume from their last version.
+    pub fn cut_watches(&self) {
+        let _ = self.cut.send(());
+    }
+
+    /// (lists, watches, 410 answers) served so far.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let state = self.state.lock().unwrap();
+        (state.lists, state.watches, state.gone)
+    }
+}
+
+impl Drop for StandInApi {
+    fn drop(&mut self) {
+        self.go_away();
+    }
+}
+
+fn key_of(object: &Value) -> (String, String, String) {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (
+        text(&object["kind"]),
+        text(&object["metadata"]["namespace"]),
+        text(&object["metadata"]["name"]),
+    )
+}
+
+type Body = BoxBody<bytes::Bytes, Infallible>;
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())).boxed())
+        .expect("valid response")
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn handle(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<()>,
+    cut: broadcast::Sender<()>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    let Some(&(_, kind, api_version)) = KINDS.iter().find(|(p, _, _)| *p == path) else {
+        return full(
+            StatusCode::NOT_FOUND,
+            status(
+                404,
+                "NotFound",
+                "the model serves only the agent's four kinds",
+            ),
+        );
+    };
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    if !watching {
+        let mut state = state.lock().unwrap();
+        state.lists += 1;
+        let items: Vec<Value> = state
+            .objects
+            .iter()
+            .filter(|((k, _, _), _)| k == kind)
+            .map(|(_, object)| object.clone())
+            .collect();
+        return full(
+            StatusCode::OK,
+            json!({"kind": format!("{kind}List"), "apiVersion": api_version,
+                   "metadata": {"resourceVersion": state.revision.to_string()},
+                   "items": items}),
+        );
+    }
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, Infallible>>(64);
+    let mut changed = events.subscribe();
+    let mut cut = cut.subscribe();
+    let kind = kind.to_string();
+    let api_version = api_version.to_string();
+    {
+        let mut s = state.lock().unwrap();
+        s.watches += 1;
+    }
+    tokio::spawn(async move {
+        let send = |value: Value| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(Frame::data(bytes::Bytes::from(format!("{value}\n")))))
+                    .await
+                    .is_ok()
+            }
+        };
+        let mut sent_up_to = from;
+        let expired = {
+            let mut s = state.lock().unwrap();
+            let expired = from != 0 && from < s.compacted;
+            s.gone += u64::from(expired);
+            expired
+        };
+        if expired {
+            let _ = send(json!({"type": "ERROR", "object": status(410, "Expired",
+                &format!("too old resource version: {from}"))}))
+            .await;
+            return;
+        }
+        let end = tokio::time::sleep(timeout);
+        tokio::pin!(end);
+        let mut bookmark = tokio::time::interval(BOOKMARK_EVERY);
+        let mut bookmark_due = false;
+        loop {
+            // What is due, and the revision it brings the client to, read
+            // together: a bookmark never claims an event not yet sent.
+            let (due, revision) = {
+                let s = state.lock().unwrap();
+                let due: Vec<(u64, &'static str, Value)> = s
+                    .history
+                    .iter()
+                    .filter(|(rev, k, _, _)| *rev > sent_up_to && *k == kind)
+                    .map(|(rev, _, event, object)| (*rev, *event, object.clone()))
+                    .collect();
+                (due, s.revision)
+            };
+            for (rev, event, object) in due {
+                if !send(json!({"type": event, "object": object})).await {
+                    return;
+                }
+                sent_up_to = rev;
+            }
+            if std::mem::take(&mut bookmark_due) {
+                sent_up_to = sent_up_to.max(revision);
+                let mark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": revision.to_string()}}});
+                if !send(mark).await {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = changed.recv() => {}
+                _ = cut.recv() => return,
+                _ = &mut end => return,
+                _ = bookmark.tick(), if bookmarks => bookmark_due = true,
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+        .expect("valid response")
+}
+
+/// An mpsc receiver as a stream of body frames.
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<bytes::Bytes>, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Frame<bytes::Bytes>, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
