@@ -22,7 +22,10 @@
 //! cost, and agent CPU and RSS per connection under connection churn.
 //! Output: target/bench/results.{json,md,svg}.
 
+mod compare;
 mod plot;
+
+pub use compare::run as compare;
 
 use std::{
     fmt::Write as _,
@@ -189,9 +192,9 @@ struct Tools {
     http_load: PathBuf,
 }
 
-pub fn run(workspace: &Path, quick: bool) -> Result<()> {
-    e2e_preflight().map_err(|why| anyhow::anyhow!("the benchmark uses the test bed: {why}"))?;
-    let plan = if quick {
+/// The plan of a run: `--quick` or the full one.
+fn plan(quick: bool) -> Plan {
+    if quick {
         Plan {
             rounds: 1,
             rate_secs: 5,
@@ -221,38 +224,74 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             idle_policies: 1_000,
             idle_services: 50,
         }
-    };
+    }
+}
+
+/// The test bed of the paths: two nodes, their pods and servers, a CA.
+struct Bed {
+    topo: Topology,
+    pki: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    /// The servers in b and c; they stop when dropped.
+    _servers: Vec<Process>,
+}
+
+impl Bed {
+    fn build(http_serve: &Path, ca: &crate::pki::BenchCa) -> Result<Self> {
+        let topo = Topology::builder("bench")
+            .node("n1", &["a", "b", "x"])
+            .node("n2", &["c"])
+            .build()?;
+        let pki = topo.tmp_dir().join("pki");
+        std::fs::create_dir_all(&pki)?;
+        std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;
+        std::fs::write(pki.join("ca.key"), &ca.key_pem)?;
+        let (client_cert, client_key) = (pki.join("client.crt"), pki.join("client.key"));
+        ca.write_workload(
+            "spiffe://cluster.local/ns/bench/sa/x",
+            &client_cert,
+            &client_key,
+        )?;
+        let mut servers = Vec::new();
+        for name in ["b", "c"] {
+            servers.push(start_http_server(topo.pod(name), http_serve)?);
+            servers.push(start_raw_server(topo.pod(name))?);
+        }
+        Ok(Self {
+            topo,
+            pki,
+            client_cert,
+            client_key,
+            _servers: servers,
+        })
+    }
+}
+
+/// Builds the kernel programs, the release agent and the load tools.
+fn build_tools(workspace: &Path) -> Result<(Tools, PathBuf)> {
+    e2e_preflight().map_err(|why| anyhow::anyhow!("the benchmark uses the test bed: {why}"))?;
     setup::build_ebpf(workspace)?;
     step("building mesh-agent and the load tools (release)");
     let agent_bin = setup::build_agent_release(workspace)?;
     let (http_load, http_serve) = setup::build_load_tools_release(workspace)?;
-    let tools = Tools {
-        agent: agent_bin,
-        http_load,
-    };
+    Ok((
+        Tools {
+            agent: agent_bin,
+            http_load,
+        },
+        http_serve,
+    ))
+}
 
-    let topo = Topology::builder("bench")
-        .node("n1", &["a", "b", "x"])
-        .node("n2", &["c"])
-        .build()?;
-    let (a, c, x) = (topo.pod("a"), topo.pod("c"), topo.pod("x"));
+pub fn run(workspace: &Path, quick: bool) -> Result<()> {
+    let plan = plan(quick);
+    let (tools, http_serve) = build_tools(workspace)?;
     let ca = crate::pki::BenchCa::new()?;
-    let pki = topo.tmp_dir().join("pki");
-    std::fs::create_dir_all(&pki)?;
-    std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;
-    std::fs::write(pki.join("ca.key"), &ca.key_pem)?;
-    let (client_cert, client_key) = (pki.join("client.crt"), pki.join("client.key"));
-    ca.write_workload(
-        "spiffe://cluster.local/ns/bench/sa/x",
-        &client_cert,
-        &client_key,
-    )?;
-
-    let mut servers = Vec::new();
-    for name in ["b", "c"] {
-        servers.push(start_http_server(topo.pod(name), &http_serve)?);
-        servers.push(start_raw_server(topo.pod(name))?);
-    }
+    let bed = Bed::build(&http_serve, &ca)?;
+    let (topo, pki) = (&bed.topo, &bed.pki);
+    let (client_cert, client_key) = (&bed.client_cert, &bed.client_key);
+    let (a, c, x) = (topo.pod("a"), topo.pod("c"), topo.pod("x"));
     let mut agents: Vec<Process> = Vec::new();
     let mut agents_extra: Option<&str> = None;
 
@@ -266,15 +305,15 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
                     agents.push(start_agent(
                         &tools.agent,
                         node,
-                        &topo,
-                        &pki,
+                        topo,
+                        pki,
                         mode.node_extra(),
                     )?);
                 }
                 agents_extra = Some(mode.node_extra());
             }
-            set_mode(&topo, mode)?;
-            set_policies(&topo, topo.node("n2"), mode == Mode::MtlsL7)?;
+            set_mode(topo, mode)?;
+            set_policies(topo, topo.node("n2"), mode == Mode::MtlsL7)?;
             let pids: Vec<u32> = agents.iter().map(Process::pid).collect();
             for (i, path) in PATHS.iter().enumerate().filter(|(_, p)| p.mode == mode) {
                 let sample = measure(&plan, &tools, a, topo.pod(path.target), path, &pids)?;
@@ -299,18 +338,18 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         }
     }
     // The L7 figures mean something only if the agent decided those requests.
-    set_mode(&topo, Mode::MtlsL7)?;
-    set_policies(&topo, topo.node("n2"), true)?;
+    set_mode(topo, Mode::MtlsL7)?;
+    set_policies(topo, topo.node("n2"), true)?;
     check_l7_decided(&tools, a, c, topo.node("n2"))?;
-    set_policies(&topo, topo.node("n2"), false)?;
+    set_policies(topo, topo.node("n2"), false)?;
 
     // Memory: per idle connection through the agent (a->b), per idle tunnel
     // connection (x -> c's tunnel port), and the tunnel's handshake rate.
     agents.clear();
     for node in topo.nodes() {
-        agents.push(start_agent(&tools.agent, node, &topo, &pki, "")?);
+        agents.push(start_agent(&tools.agent, node, topo, pki, "")?);
     }
-    set_mode(&topo, Mode::Mtls)?;
+    set_mode(topo, Mode::Mtls)?;
     let memory = measure_memory(
         &plan,
         &agents,
@@ -318,12 +357,11 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         topo.pod("b"),
         c,
         x,
-        &client_cert,
-        &client_key,
+        client_cert,
+        client_key,
     )?;
     drop(agents);
-    drop(servers);
-    drop(topo);
+    drop(bed);
 
     let mut scale = Vec::new();
     for &pods in plan.scale_pods {
