@@ -67,6 +67,8 @@ struct State {
 /// The stand-in API server. Dropping it stops it.
 pub struct StandInApi {
     addr: SocketAddr,
+    /// Binds a listener on a port of the server's address.
+    bind: Box<dyn Fn(u16) -> std::io::Result<std::net::TcpListener> + Send + Sync>,
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<()>,
     /// Cuts every open watch when sent.
@@ -77,12 +79,23 @@ pub struct StandInApi {
 impl StandInApi {
     /// Starts on an ephemeral loopback port.
     pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_with(|port| std::net::TcpListener::bind(("127.0.0.1", port))).await
+    }
+
+    /// Starts on a listener `bind(0)` makes; after [`Self::go_away`],
+    /// [`Self::come_back`] binds the same port again with it. E.g. the test
+    /// bed's control-plane address (`Topology::control_plane_binder`), which
+    /// every node reaches.
+    pub async fn start_with(
+        bind: impl Fn(u16) -> std::io::Result<std::net::TcpListener> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let listener = tokio_listener(bind(0)?)?;
         let addr = listener.local_addr()?;
         let (events, _) = broadcast::channel(1024);
         let (cut, _) = broadcast::channel(4);
         let mut api = Self {
             addr,
+            bind: Box::new(bind),
             state: Arc::default(),
             events,
             cut,
@@ -142,7 +155,7 @@ impl StandInApi {
     pub async fn come_back(&mut self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let listener = loop {
-            match TcpListener::bind(self.addr).await {
+            match (self.bind)(self.addr.port()).and_then(tokio_listener) {
                 Ok(listener) => break listener,
                 Err(err) if tokio::time::Instant::now() < deadline => {
                     let _ = err;
@@ -226,6 +239,11 @@ impl Drop for StandInApi {
     fn drop(&mut self) {
         self.go_away();
     }
+}
+
+fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 fn key_of(object: &Value) -> (String, String, String) {

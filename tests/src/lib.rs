@@ -47,6 +47,7 @@
 
 mod bpffs;
 mod cgroup;
+pub mod cri;
 pub mod kube_api;
 mod naming;
 pub mod netfilter;
@@ -64,7 +65,7 @@ pub mod wire;
 pub use preflight::{e2e_enabled, e2e_preflight};
 pub use process::Process;
 pub use sweep::sweep_leftovers;
-pub use topology::{Node, Pod, Topology, TopologyBuilder};
+pub use topology::{CONTROL_PLANE_IPV4, Node, Pod, Topology, TopologyBuilder};
 pub use wait::wait_until;
 
 #[cfg(test)]

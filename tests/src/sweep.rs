@@ -18,6 +18,9 @@ const SWEEP_DEADLINE: Duration = Duration::from_secs(10);
 pub fn sweep_leftovers() {
     #[cfg(test)]
     let _gate = tests_gate::SWEEPS.read().unwrap_or_else(|p| p.into_inner());
+    // A crashed run's container runtime first: its mounts keep the
+    // topology's directories busy.
+    crate::cri::sweep_leftovers();
     let dead = |name: &str| Owner::parse(name).is_some_and(|o| !o.is_alive());
     let report = |what: &Path, e: anyhow::Error| {
         // A parallel sweeper may have removed it first: that is fine.

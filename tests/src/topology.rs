@@ -32,6 +32,10 @@ pub struct TopologyBuilder {
 /// A Linux bridge takes at most 1,024 ports; one pod is one port.
 pub const MAX_PODS_PER_NODE: usize = 1_000;
 
+/// The control plane's address on the fabric (see
+/// [`Topology::control_plane_listener`]).
+pub const CONTROL_PLANE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 254);
+
 /// A set of simulated nodes (network namespaces) joined by a fabric, each
 /// with pods (a netns plus a cgroup). Dropping it removes everything.
 ///
@@ -138,6 +142,43 @@ impl Topology {
     /// Name of the fabric netns (a bridge joining the nodes' `fab0`).
     pub fn fabric_netns_name(&self) -> &str {
         &self.fabric_netns
+    }
+
+    /// Binds TCP listeners on the control plane's address
+    /// ([`CONTROL_PLANE_IPV4`], on the fabric, reachable from every node):
+    /// where a test serves what the cluster's control plane would (the
+    /// stand-in API server, [`crate::kube_api`]). Port 0 picks one.
+    pub fn control_plane_binder(
+        &self,
+    ) -> impl Fn(u16) -> std::io::Result<std::net::TcpListener> + Send + Sync + 'static {
+        let fabric = netns::netns_path(&self.fabric_netns);
+        move |port| {
+            netns::try_in_netns(&fabric, move || {
+                std::net::TcpListener::bind((CONTROL_PLANE_IPV4, port))
+            })
+            .map_err(std::io::Error::other)?
+        }
+    }
+
+    /// Starts a process in `netns` and `cgroup` (for pods the test bed did
+    /// not make, e.g. sandboxes of a container runtime); `what` names it in
+    /// messages. Its output is captured as for [`Pod::spawn`].
+    pub fn spawn_in(
+        &self,
+        what: &str,
+        netns: &Path,
+        cgroup: &Path,
+        cmd: Command,
+    ) -> anyhow::Result<Process> {
+        let place = Place {
+            what: format!(
+                "{what} (test `{}`, {})",
+                self.shared.test_name, self.shared.id
+            ),
+            netns: netns.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+        };
+        process::spawn(&self.shared, &place, cmd)
     }
 
     /// `<cgroup2 mount>/mesh-testbed/<id>`: parent of the node cgroups.
@@ -247,9 +288,14 @@ impl Topology {
         // Links and addresses, one `ip -batch` per namespace. Each veth is
         // created with both ends directly in their target namespaces, so its
         // names only need to be unique there, never in the root netns.
+        // Bridges get a MAC of their own: a bridge without one takes its
+        // lowest port's, and changes it when that port goes (a pod deleted),
+        // which strands every pod's ARP entry for its gateway.
         let mut fabric = String::from(
-            "link set lo up\nlink add br0 type bridge mcast_snooping 0\nlink set br0 up\n",
+            "link set lo up\nlink add br0 address 02:00:00:00:ff:01 type bridge mcast_snooping 0\nlink set br0 up\n",
         );
+        // The control plane's address (a stand-in API server listens there).
+        let _ = writeln!(fabric, "addr add {CONTROL_PLANE_IPV4}/24 dev br0");
         for node in &self.nodes {
             let i = node.index;
             let _ = writeln!(
@@ -268,7 +314,10 @@ impl Topology {
             let _ = writeln!(s, "addr add {}/24 dev fab0", node.fabric_ipv4());
             let _ = writeln!(s, "addr add {}/64 dev fab0 nodad", node.fabric_ipv6());
             let _ = writeln!(s, "link set fab0 up");
-            let _ = writeln!(s, "link add br0 type bridge mcast_snooping 0");
+            let _ = writeln!(
+                s,
+                "link add br0 address 02:00:00:00:{i:02x}:01 type bridge mcast_snooping 0"
+            );
             let _ = writeln!(s, "addr add {}/16 dev br0", node.bridge_ipv4());
             let _ = writeln!(s, "addr add {}/64 dev br0 nodad", node.bridge_ipv6());
             let _ = writeln!(s, "link set br0 up");

@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod ebpf_build;
 mod fuzz;
+mod kube_validate;
 mod pki;
 mod setup;
 mod soak;
@@ -36,6 +37,14 @@ enum Task {
         /// A short sanity run (about a minute).
         #[arg(long)]
         quick: bool,
+        /// Instead: this tree's agent against the agent of this git
+        /// revision, interleaved round by round in one sitting (agent paths
+        /// only; target/bench/compare.md).
+        #[arg(long, value_name = "REVISION")]
+        compare: Option<String>,
+        /// Rounds of `--compare` (each runs both agents).
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
     },
     /// Build the kernel programs (mesh-ebpf), first installing what is missing: the
     /// nightly rust-src component and a project-local bpf-linker in .tools/.
@@ -73,7 +82,12 @@ fn main() -> ExitCode {
     let workspace = workspace_root();
     let result = match cli.task {
         Task::Demo => demo::run(&workspace),
-        Task::Bench { quick } => bench::run(&workspace, quick),
+        Task::Bench {
+            compare: Some(revision),
+            rounds,
+            ..
+        } => bench::compare(&workspace, &revision, rounds),
+        Task::Bench { quick, .. } => bench::run(&workspace, quick),
         Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
         Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
         Task::Fuzz { seconds, targets } => fuzz::run(&workspace, seconds, &targets),

@@ -234,3 +234,135 @@ pub fn build_pod_tool(workspace: &Path) -> Result<PathBuf> {
     mesh_testbed::tool::use_binary(&bin)?;
     Ok(bin)
 }
+
+/// Installs with apt-get what the test bed's container runtime
+/// (`mesh_testbed::cri`) needs and is missing: containerd (with `ctr`), runc,
+/// the CNI plugins, and gcc with a static libc for the pause program. The CRI
+/// client is compiled from hand-written prost messages, so no protoc is
+/// needed. Quick when everything is there. Services the packages would start
+/// are kept from starting (policy-rc.d, as in container images), and a
+/// containerd that starts anyway is stopped by its PID: the tests run their
+/// own, one per node, and a system one would only be in the way.
+// Not called yet: `test::run` should call it before `cargo test`.
+pub fn ensure_container_runtime() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    // (package, a file it installs that the test bed uses)
+    const NEEDED: [(&str, &str); 8] = [
+        ("containerd", "/usr/bin/containerd"),
+        ("containerd", "/usr/bin/ctr"),
+        ("runc", "/usr/sbin/runc"),
+        ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+        ("containernetworking-plugins", "/usr/lib/cni/host-local"),
+        ("containernetworking-plugins", "/usr/lib/cni/loopback"),
+        ("gcc", "/usr/bin/gcc"),
+        // `gcc -static` links this one.
+        ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
+    ];
+    let mut missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(format!(
+        "installing the container runtime for the test bed: {}",
+        missing.join(" ")
+    ));
+    let started = Instant::now();
+
+    // Debian's maintainer scripts ask /usr/sbin/policy-rc.d before starting
+    // a service; 101 means "not allowed". Ours only while we install, and
+    // only if there was none (container images often ship one already).
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    struct RemovePolicy;
+    impl Drop for RemovePolicy {
+        fn drop(&mut self) {
+            if let Err(e) = fs::remove_file(POLICY) {
+                eprintln!("cannot remove {POLICY}: {e}");
+            }
+        }
+    }
+    let _policy = if Path::new(POLICY).exists() {
+        None
+    } else {
+        fs::write(
+            POLICY,
+            "#!/bin/sh\n# mesh xtask: no service starts while it installs\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY}"))?;
+        let guard = RemovePolicy;
+        fs::set_permissions(POLICY, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY} executable"))?;
+        Some(guard)
+    };
+    let before = containerd_pids();
+
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null());
+        run(&mut cmd)
+    };
+    apt(&["update", "-q"]).context("apt-get update failed")?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    let installed = apt(&install);
+
+    // Whatever containerd the install started anyway (no policy-rc.d
+    // honoured, a postinst that starts it by hand): stop it by its PID. A
+    // test's own containerd always has `--config`; a service's has not.
+    for pid in containerd_pids().difference(&before) {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.split(|b| *b == 0).any(|arg| arg == b"--config") {
+            continue;
+        }
+        step(format!(
+            "stopping the containerd (pid {pid}) the install started"
+        ));
+        // SAFETY: kill(2) with integer arguments; the PID was seen just now.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
+    installed.with_context(|| {
+        format!(
+            "installing {} failed; fix: apt-get install -y --no-install-recommends {}",
+            missing.join(" "),
+            missing.join(" ")
+        )
+    })?;
+    let still: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(_, file)| *file)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "installed {} but {} still missing",
+            missing.join(" "),
+            still.join(", ")
+        );
+    }
+    step(format!(
+        "container runtime installed ({:.0}s)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// PIDs of the processes running /usr/bin/containerd.
+fn containerd_pids() -> std::collections::BTreeSet<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe == Path::new("/usr/bin/containerd"))
+        })
+        .collect()
+}

@@ -26,13 +26,19 @@ pub fn run(workspace: &Path, cargo_test_args: &[String]) -> Result<()> {
         }
     }
     setup::build_ebpf(workspace)?;
+    // The end-to-end tests create pods through a real container runtime.
+    if effective_uid() == Some(0) {
+        setup::ensure_container_runtime()?;
+    }
+    let kubernetes_validate = crate::kube_validate::ensure(workspace)?;
     step("building and running the test suite (unit and end-to-end)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     setup::run(
         Command::new(cargo)
             .current_dir(workspace)
             .args(["test", "--workspace", "--exclude", "xtask"])
-            .args(cargo_test_args),
+            .args(cargo_test_args)
+            .env(crate::kube_validate::ENV, &kubernetes_validate),
     )
     .context("the test suite failed")?;
     // A filtered run (test name given) is someone's quick check: no fuzzing.
