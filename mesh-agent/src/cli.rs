@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand};
 
 use crate::{config, daemon, logging, logging::LogFormat, status};
 
+/// The environment variable with the node's name (the DaemonSet sets it
+/// from the downward API's `spec.nodeName`).
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "eBPF-accelerated node proxy for service meshes", long_about = None)]
 pub struct Cli {
@@ -17,7 +21,7 @@ pub struct Cli {
     pub log: String,
     /// This node's name, in place of node.yaml's `name` (on Kubernetes, set
     /// `NODE_NAME` from the downward API's `spec.nodeName`).
-    #[arg(long, global = true, env = "NODE_NAME")]
+    #[arg(long, global = true, env = NODE_NAME_ENV)]
     pub node_name: Option<String>,
     #[command(subcommand)]
     pub command: Command,

@@ -22,6 +22,7 @@ use k8s_openapi::{
         core::v1::{
             ConfigMap, Container, Namespace, PodSpec, Probe, ServiceAccount, Volume, VolumeMount,
         },
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -37,6 +38,8 @@ const DAEMONSET_FILE: &str = "daemonset.yaml";
 const CONFIGMAP_FILE: &str = "configmap.yaml";
 const CONTAINERFILE: &str = "Containerfile";
 const README: &str = "README.md";
+/// The node name the checks give the agent, as the downward API would.
+const NODE_NAME_FROM_DOWNWARD_API: &str = "node-from-downward-api";
 
 /// Capabilities the agent may be given, and what for. Anything else in the
 /// DaemonSet fails: a new capability needs a reason here first.
@@ -95,6 +98,8 @@ fn read_deploy_file(name: &str) -> String {
 struct Manifests {
     namespace: Namespace,
     service_account: ServiceAccount,
+    cluster_role: ClusterRole,
+    cluster_role_binding: ClusterRoleBinding,
     daemonset: DaemonSet,
     configmap: ConfigMap,
 }
@@ -102,6 +107,8 @@ struct Manifests {
 enum Object {
     Namespace(Namespace),
     ServiceAccount(ServiceAccount),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
     DaemonSet(Box<DaemonSet>),
     ConfigMap(ConfigMap),
 }
@@ -183,6 +190,10 @@ fn parse_file(name: &str) -> Vec<Object> {
             Object::Namespace(typed(json, &place))
         } else if is(ServiceAccount::API_VERSION, ServiceAccount::KIND) {
             Object::ServiceAccount(typed(json, &place))
+        } else if is(ClusterRole::API_VERSION, ClusterRole::KIND) {
+            Object::ClusterRole(typed(json, &place))
+        } else if is(ClusterRoleBinding::API_VERSION, ClusterRoleBinding::KIND) {
+            Object::ClusterRoleBinding(typed(json, &place))
         } else if is(DaemonSet::API_VERSION, DaemonSet::KIND) {
             Object::DaemonSet(Box::new(typed(json, &place)))
         } else if is(ConfigMap::API_VERSION, ConfigMap::KIND) {
@@ -190,7 +201,8 @@ fn parse_file(name: &str) -> Vec<Object> {
         } else {
             panic!(
                 "{place}: unknown kind `{api_version}` `{kind}`: this check knows Namespace, \
-                 ServiceAccount, apps/v1 DaemonSet and ConfigMap; teach it the new kind first"
+                 ServiceAccount, ClusterRole, ClusterRoleBinding, apps/v1 DaemonSet and \
+                 ConfigMap; teach it the new kind first"
             )
         });
     }
@@ -200,6 +212,8 @@ fn parse_file(name: &str) -> Vec<Object> {
 fn manifests() -> Manifests {
     let mut namespaces = Vec::new();
     let mut service_accounts = Vec::new();
+    let mut cluster_roles = Vec::new();
+    let mut cluster_role_bindings = Vec::new();
     let mut daemonsets = Vec::new();
     let mut configmaps = Vec::new();
     for file in [DAEMONSET_FILE, CONFIGMAP_FILE] {
@@ -207,6 +221,8 @@ fn manifests() -> Manifests {
             match object {
                 Object::Namespace(o) => namespaces.push(o),
                 Object::ServiceAccount(o) => service_accounts.push(o),
+                Object::ClusterRole(o) => cluster_roles.push(o),
+                Object::ClusterRoleBinding(o) => cluster_role_bindings.push(o),
                 Object::DaemonSet(o) => daemonsets.push(*o),
                 Object::ConfigMap(o) => configmaps.push(o),
             }
@@ -224,6 +240,8 @@ fn manifests() -> Manifests {
     Manifests {
         namespace: one(namespaces, "Namespace"),
         service_account: one(service_accounts, "ServiceAccount"),
+        cluster_role: one(cluster_roles, "ClusterRole"),
+        cluster_role_binding: one(cluster_role_bindings, "ClusterRoleBinding"),
         daemonset: one(daemonsets, "DaemonSet"),
         configmap: one(configmaps, "ConfigMap"),
     }
@@ -347,6 +365,8 @@ impl Manifests {
             std::fs::create_dir_all(file.parent().expect("a file in the directory")).unwrap();
             std::fs::write(&file, text).unwrap();
         }
+        // The DaemonSet gives the node's name (NODE_NAME), as on a node.
+        config::set_node_name(NODE_NAME_FROM_DOWNWARD_API.to_string());
         let config = config::load_dir(dir.path()).unwrap_or_else(|e| {
             panic!(
                 "the agent's configuration loader rejects deploy/{CONFIGMAP_FILE} as the \
@@ -436,7 +456,7 @@ fn every_document_is_a_known_kubernetes_object() {
 }
 
 #[test]
-fn the_pod_runs_as_its_service_account_without_a_token() {
+fn the_pod_runs_as_its_service_account_with_read_only_rbac_on_what_the_agent_watches() {
     let m = manifests();
     let spec = m.daemonset.spec.as_ref().unwrap();
     let labels = spec
@@ -457,16 +477,83 @@ fn the_pod_runs_as_its_service_account_without_a_token() {
         m.service_account.metadata.name,
         "the pod must run as the ServiceAccount of the manifests"
     );
-    // The agent reads only node-local files: no API token anywhere.
-    assert_eq!(
+    // The agent reads the API with the pod's token (in-cluster configuration).
+    assert_ne!(
         m.service_account.automount_service_account_token,
         Some(false),
-        "ServiceAccount: automountServiceAccountToken must be false (the agent never calls the API)"
+        "ServiceAccount: the token must be mounted (the agent watches the API)"
     );
-    assert_eq!(
+    assert_ne!(
         m.pod().automount_service_account_token,
         Some(false),
-        "pod: automountServiceAccountToken must be false (the agent never calls the API)"
+        "pod: the token must be mounted (the agent watches the API)"
+    );
+    // The ClusterRole grants exactly list and watch on exactly what the
+    // agent watches, and the binding gives it to the pod's ServiceAccount.
+    let mut granted = BTreeSet::new();
+    for rule in m.cluster_role.rules.iter().flatten() {
+        let mut verbs = rule.verbs.clone();
+        verbs.sort();
+        assert_eq!(
+            verbs,
+            ["list", "watch"],
+            "the ClusterRole may only list and watch, not {:?}",
+            rule.verbs
+        );
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "the ClusterRole's rules name kinds, nothing else"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                granted.insert((group.clone(), resource.clone()));
+            }
+        }
+    }
+    let watched: BTreeSet<(String, String)> = mesh_agent::kubernetes::watch::Kind::ALL
+        .iter()
+        .map(|k| (k.api_group().to_string(), k.name().to_string()))
+        .collect();
+    assert_eq!(
+        granted, watched,
+        "the ClusterRole must grant list/watch on exactly what the agent watches"
+    );
+    let binding = &m.cluster_role_binding;
+    assert_eq!(
+        (
+            binding.role_ref.kind.as_str(),
+            Some(binding.role_ref.name.as_str())
+        ),
+        ("ClusterRole", m.cluster_role.metadata.name.as_deref())
+    );
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert!(
+        subjects.iter().any(|s| s.kind == "ServiceAccount"
+            && Some(s.name.as_str()) == m.service_account.metadata.name.as_deref()
+            && s.namespace.as_deref() == m.service_account.metadata.namespace.as_deref()),
+        "the ClusterRoleBinding must bind the agent's ServiceAccount: {subjects:?}"
+    );
+    // The node's name from the downward API, in the variable the agent reads.
+    let env = m.container().env.as_deref().unwrap_or_default();
+    let node_name = env
+        .iter()
+        .find(|e| e.name == mesh_agent::cli::NODE_NAME_ENV)
+        .unwrap_or_else(|| {
+            panic!(
+                "the container must set {} (the agent's node name)",
+                mesh_agent::cli::NODE_NAME_ENV
+            )
+        });
+    let field = node_name
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        field,
+        Some("spec.nodeName"),
+        "{} must come from the downward API's spec.nodeName",
+        mesh_agent::cli::NODE_NAME_ENV
     );
     let image = m.container().image.as_deref().unwrap_or_default();
     let version = env!("CARGO_PKG_VERSION");
@@ -804,34 +891,54 @@ fn every_path_the_config_names_is_mounted() {
         );
         mount
     }
-    assert!(
-        !config.pods.is_empty(),
-        "the example pods.yaml should show a pod"
+    // Pods come from the API: their network namespaces are found in
+    // kubernetes.netnsDir, their cgroups under the cgroup tree.
+    assert_eq!(
+        config.node.discovery,
+        config::Discovery::Kubernetes,
+        "the example node.yaml should take pods from the API"
     );
-    for pod in &config.pods {
-        let key = pod.key();
-        if pod.netns.starts_with("/proc") {
-            assert!(
-                host_pid,
-                "pod {key}: netns {} is in /proc, which shows the node's processes only with \
-                 hostPID: true",
-                pod.netns.display()
-            );
-        } else {
-            let mount = node_path(&m, &pod.netns, &format!("pod {key}: netns"));
-            assert!(
-                matches!(
-                    mount.mount_propagation.as_deref(),
-                    Some("HostToContainer" | "Bidirectional")
-                ),
-                "pod {key}: netns {} is under mount `{}` without HostToContainer propagation: \
-                 namespaces the runtime makes after the agent starts would show as empty files",
-                pod.netns.display(),
-                mount.name
-            );
-        }
-        node_path(&m, &pod.cgroup, &format!("pod {key}: cgroup"));
+    assert!(
+        config.pods.is_empty() && config.workloads.is_empty() && config.services.is_empty(),
+        "with the API as the source, the ConfigMap lists no pods, workloads or services"
+    );
+    let kube = &config.node.kubernetes;
+    let netns_dir = kube.netns_dir.join("cni-example");
+    if netns_dir.starts_with("/proc") {
+        assert!(
+            host_pid,
+            "kubernetes.netnsDir is in /proc: needs hostPID: true"
+        );
+    } else {
+        let mount = node_path(&m, &netns_dir, "kubernetes.netnsDir");
+        assert!(
+            matches!(
+                mount.mount_propagation.as_deref(),
+                Some("HostToContainer" | "Bidirectional")
+            ),
+            "kubernetes.netnsDir {} is under mount `{}` without HostToContainer propagation: \
+             namespaces the runtime makes after the agent starts would show as empty files",
+            kube.netns_dir.display(),
+            mount.name
+        );
     }
+    node_path(
+        &m,
+        Path::new("/sys/fs/cgroup/kubepods.slice"),
+        "pod cgroups",
+    );
+    // The saved state outlives the container: a writable node directory.
+    let state = node_path(&m, &kube.state_file, "kubernetes.stateFile");
+    assert_ne!(
+        state.read_only,
+        Some(true),
+        "kubernetes.stateFile {} must be writable",
+        kube.state_file.display()
+    );
+    assert_eq!(
+        config.node.name, NODE_NAME_FROM_DOWNWARD_API,
+        "node.yaml must leave the node's name to NODE_NAME (one ConfigMap for every node)"
+    );
     let cgroup_root = m
         .mounts()
         .iter()
@@ -1108,4 +1215,42 @@ impl Stage {
             })
             .collect()
     }
+}
+
+/// Every manifest validates strictly (unknown fields are errors) against
+/// the Kubernetes 1.35 schemas, with `kubernetes-validate` from PyPI, which
+/// `cargo xtask test` installs under .tools/ and names in
+/// `MESH_KUBERNETES_VALIDATE`. Under CI its absence fails the test.
+#[test]
+fn the_manifests_validate_strictly_against_the_kubernetes_schemas() {
+    let Some(tool) = std::env::var_os("MESH_KUBERNETES_VALIDATE") else {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(
+            !ci,
+            "CI=true but MESH_KUBERNETES_VALIDATE is not set: run the suite with `cargo xtask test`, \
+             which installs kubernetes-validate"
+        );
+        eprintln!(
+            "SKIPPED: MESH_KUBERNETES_VALIDATE is not set (cargo xtask test installs kubernetes-validate and sets it)"
+        );
+        return;
+    };
+    let files = [DAEMONSET_FILE, CONFIGMAP_FILE].map(|f| deploy_dir().join(f));
+    let output = std::process::Command::new(&tool)
+        .args(["--strict", "-k", "1.35.0"])
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", Path::new(&tool).display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "kubernetes-validate --strict:\n{text}"
+    );
+    // One "passed" line per object: nothing was left unchecked.
+    let passed = text.lines().filter(|l| l.contains(" passed ")).count();
+    assert_eq!(passed, 6, "every object validated:\n{text}");
 }

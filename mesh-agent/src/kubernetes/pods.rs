@@ -38,7 +38,7 @@ pub struct PodFacts {
     /// `spec.nodeName` (none while unscheduled).
     pub node: Option<String>,
     pub service_account: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     /// `status.phase` is Running.
@@ -50,6 +50,33 @@ pub struct PodFacts {
     pub host_ips: Vec<IpAddr>,
     /// Ports the kubelet probes (HTTP, TCP and gRPC probes of every container).
     pub probe_ports: Vec<u16>,
+}
+
+/// A pod's labels, kept compact: sorted pairs in one allocation (a
+/// `BTreeMap` spends about half a kilobyte on its first node alone, more
+/// than the rest of a pod's facts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Labels(Box<[(String, String)]>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
+    }
+
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        // A BTreeMap iterates in key order: sorted already.
+        Self(map.into_iter().collect())
+    }
 }
 
 /// Why a pod is not enrolled.
@@ -109,7 +136,7 @@ impl PodFacts {
                 .and_then(|s| s.service_account_name.clone())
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or_else(|| "default".to_string()),
-            labels: meta.labels.clone().unwrap_or_default(),
+            labels: meta.labels.clone().unwrap_or_default().into(),
             ipv4: ips.iter().find_map(|ip| match ip {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
@@ -139,7 +166,7 @@ impl PodFacts {
         &self,
         namespace_labels: Option<&BTreeMap<String, String>>,
     ) -> Result<(), NotEnrolled> {
-        let pod_mode = self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+        let pod_mode = self.labels.get(DATAPLANE_MODE_LABEL);
         let namespace_mode = namespace_labels
             .and_then(|labels| labels.get(DATAPLANE_MODE_LABEL))
             .map(String::as_str);
@@ -300,6 +327,12 @@ status:
         serde_yaml::from_str(yaml).expect("a valid Pod")
     }
 
+    pub(crate) fn with_label(labels: &Labels, key: &str, value: &str) -> Labels {
+        let mut map = labels.to_map();
+        map.insert(key.into(), value.into());
+        map.into()
+    }
+
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -314,7 +347,7 @@ status:
         assert_eq!(facts.key(), "shop/reviews-v2-7d9f8-abcde");
         assert_eq!(facts.node.as_deref(), Some("node-1"));
         assert_eq!(facts.service_account, "bookinfo-reviews");
-        assert_eq!(facts.labels.get("version").map(String::as_str), Some("v2"));
+        assert_eq!(facts.labels.get("version"), Some("v2"));
         assert_eq!(facts.ipv4, Some("10.244.1.17".parse().unwrap()));
         assert_eq!(facts.ipv6, Some("fd00:244:1::17".parse().unwrap()));
         assert!(facts.running);
@@ -343,18 +376,14 @@ status:
         assert_eq!(facts.enrolment(None), Err(NotEnrolled::NotInMesh));
 
         let mut opted_out = facts.clone();
-        opted_out
-            .labels
-            .insert(DATAPLANE_MODE_LABEL.into(), DATAPLANE_MODE_NONE.into());
+        opted_out.labels = with_label(&facts.labels, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE);
         assert_eq!(
             opted_out.enrolment(Some(&ambient)),
             Err(NotEnrolled::OptedOut)
         );
 
         let mut pod_level = facts.clone();
-        pod_level
-            .labels
-            .insert(DATAPLANE_MODE_LABEL.into(), DATAPLANE_MODE_AMBIENT.into());
+        pod_level.labels = with_label(&facts.labels, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_AMBIENT);
         assert_eq!(pod_level.enrolment(None), Ok(()));
     }
 

@@ -282,7 +282,7 @@ pub fn service_config<'a>(
                 zone: e.zone.clone(),
                 weight: 1,
                 labels: member
-                    .map(|p| p.labels.clone())
+                    .map(|p| p.labels.to_map())
                     .unwrap_or_else(BTreeMap::new),
                 service_account: member.map(|p| p.service_account.clone()),
                 namespace: None,
@@ -434,7 +434,7 @@ ports:
             &serde_yaml::from_str(super::super::pods::tests::RUNNING_POD).unwrap(),
         )
         .unwrap();
-        pod.labels.insert("version".into(), "v2".into());
+        pod.labels = super::super::pods::tests::with_label(&pod.labels, "version", "v2");
         pod
     }
 

@@ -57,6 +57,15 @@ impl Kind {
         Kind::EndpointSlices,
     ];
 
+    /// The API group (`""` for the core group), as RBAC rules name it.
+    pub fn api_group(self) -> &'static str {
+        match self {
+            Kind::EndpointSlices => "discovery.k8s.io",
+            _ => "",
+        }
+    }
+
+    /// The resource's name in the API (and in RBAC rules).
     pub fn name(self) -> &'static str {
         match self {
             Kind::Namespaces => "namespaces",
