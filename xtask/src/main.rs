@@ -6,6 +6,7 @@
 mod agents;
 mod bench;
 mod demo;
+mod demo_kubernetes;
 mod ebpf_build;
 mod fuzz;
 mod kube_validate;
@@ -30,7 +31,13 @@ enum Task {
     /// Set up what is needed, build everything and run a demo mesh in the test bed:
     /// two nodes, an agent on each, real traffic between pods, and a summary of
     /// what the agents saw. Needs root.
-    Demo,
+    Demo {
+        /// Kubernetes mode: pods made through a real containerd (CRI), their
+        /// objects served by a model of the API server, agents with
+        /// `discovery: kubernetes` and no pods.yaml.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Measure the data paths against direct connections in the same run (release
     /// build, test bed). Needs root.
     Bench {
@@ -81,7 +88,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let workspace = workspace_root();
     let result = match cli.task {
-        Task::Demo => demo::run(&workspace),
+        Task::Demo { kubernetes: false } => demo::run(&workspace),
+        Task::Demo { kubernetes: true } => demo_kubernetes::run(&workspace),
         Task::Bench {
             compare: Some(revision),
             rounds,

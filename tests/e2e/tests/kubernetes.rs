@@ -30,6 +30,8 @@ use serde_json::json;
 const NAMESPACE: &str = "shop";
 const ECHO_PORT: u16 = 7300;
 const LOAD_PORT: u16 = 7301;
+/// A port of db that the kubelet does not probe.
+const OTHER_PORT: u16 = 7302;
 /// How long the agent may take to enrol a pod once its object is Running.
 /// The figure measured is printed; the bound is loose for busy machines.
 const ENROL_DEADLINE: Duration = Duration::from_secs(10);
@@ -174,7 +176,8 @@ impl<'t> Cluster<'t> {
             "metadata": {"name": pod.name, "namespace": NAMESPACE, "uid": pod.uid,
                          "labels": {"app": pod.name}},
             "spec": {"nodeName": node, "serviceAccountName": pod.name,
-                     "containers": [{"name": "app", "image": "localhost/mesh-pause:1"}]},
+                     "containers": [{"name": "app", "image": "localhost/mesh-pause:1",
+                                     "readinessProbe": {"tcpSocket": {"port": ECHO_PORT}}}]},
             "status": {"phase": "Running", "podIP": pod.sandbox.ip.to_string(),
                        "podIPs": [{"ip": pod.sandbox.ip.to_string()}],
                        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}], "qosClass": "BestEffort"}
@@ -338,6 +341,44 @@ fn model_api_pods_made_through_cri_are_found_enrolled_captured_and_released() {
     assert!(
         cluster.send(&web, &db).is_err(),
         "web is not admitted into db"
+    );
+
+    // The kubelet's probe (db's readiness probe, TCP on ECHO_PORT) from
+    // the node's address passes db's policy; the node's connection to
+    // another port of db does not.
+    let _other = cluster.spawn(&db, &["peer-echo-server", &OTHER_PORT.to_string()]);
+    let from_node = |port: u16| {
+        cluster
+            .node("n2")
+            .node
+            .run_tool(
+                &["send", &db.ip().to_string(), &port.to_string(), "probe"],
+                Duration::from_secs(10),
+            )
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let probed = from_node(ECHO_PORT).expect("the kubelet's probe reaches db");
+    assert!(probed.ends_with("|probe"), "{probed}");
+    let client_other = cluster
+        .spawn(
+            &client,
+            &["send", &db.ip().to_string(), &OTHER_PORT.to_string(), "x"],
+        )
+        .wait_success(Duration::from_secs(10));
+    assert!(
+        client_other.is_ok(),
+        "the client reaches db's other port: {client_other:?}"
+    );
+    assert!(
+        from_node(OTHER_PORT).is_err(),
+        "the node's connection to a port that is not probed must be refused by db's policy"
+    );
+    assert_eq!(
+        n2.metric_sum(
+            "mesh_authorization_decisions_total",
+            &[("decision", "kubelet_probe")]
+        ),
+        1
     );
 
     // A deleted pod is released.

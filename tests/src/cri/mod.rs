@@ -172,17 +172,24 @@ pub struct ListedPod {
 /// with the topology: `/<node cgroup>/kubepods[/<qos>]/pod<uid>`, relative
 /// to the cgroup2 mount.
 pub fn kubelet_cgroup_parent(node: &Node, qos: &str, uid: &str) -> anyhow::Result<String> {
-    let mount = cgroup::cgroup2_mount().context("no cgroup2 filesystem is mounted")?;
-    let node_dir = node
-        .cgroup_dir()
-        .strip_prefix(mount)
-        .context("the node's cgroup is not under the cgroup2 mount")?;
-    let mut parent = format!("/{}/kubepods", node_dir.display());
+    let mut parent = format!("{}/kubepods", kubelet_cgroup_root(node)?);
     if !qos.is_empty() {
         let _ = write!(parent, "/{qos}");
     }
     let _ = write!(parent, "/pod{uid}");
     Ok(parent)
+}
+
+/// The node's cgroup relative to the cgroup2 mount, `/<node cgroup>`: the
+/// `--cgroup-root` of this node's kubelet, and the agent's
+/// `kubernetes.kubeletCgroupRoot`.
+pub fn kubelet_cgroup_root(node: &Node) -> anyhow::Result<String> {
+    let mount = cgroup::cgroup2_mount().context("no cgroup2 filesystem is mounted")?;
+    let node_dir = node
+        .cgroup_dir()
+        .strip_prefix(mount)
+        .context("the node's cgroup is not under the cgroup2 mount")?;
+    Ok(format!("/{}", node_dir.display()))
 }
 
 /// Whether the container runtime's binaries are installed; the error names
