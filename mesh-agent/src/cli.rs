@@ -79,6 +79,39 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `check` with `discovery: kubernetes`: the files, and what the saved state
+/// from the API holds (what a restarted agent serves before the API answers).
+fn check_kubernetes(dir: &std::path::Path, node: &config::NodeConfig) -> anyhow::Result<ExitCode> {
+    let source = crate::kubernetes::KubeSource::new(&node.kubernetes, &node.name)?;
+    let desired = match source.desired(dir) {
+        Ok(desired) => desired,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let status = source.status();
+    let state = &node.kubernetes.state_file;
+    let from = if status.report.from_saved_state {
+        format!("saved state {}", state.display())
+    } else {
+        format!("no saved state at {}", state.display())
+    };
+    println!(
+        "ok: {} (node {}, discovery: kubernetes; {from}: {} pods of this node found on it, {} waiting, {} workloads on other nodes, {} services)",
+        dir.display(),
+        node.name,
+        desired.pods.len(),
+        status.report.waiting.len(),
+        desired.workloads.len(),
+        desired.services.len()
+    );
+    for (pod, why) in &status.report.waiting {
+        println!("  waiting: {pod}: {why}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A panic in a connection's task ends that task only (tokio catches it):
 /// the agent keeps serving, but it is a bug. Each one is logged at error
 /// level (also in JSON logs) and counted in `mesh_agent_panics_total`, so it
@@ -120,6 +153,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => match config::load_dir(&config) {
+            Ok(cfg) if cfg.node.discovery == config::Discovery::Kubernetes => {
+                check_kubernetes(&config, &cfg.node)
+            }
             Ok(cfg) => {
                 println!(
                     "ok: {} (node {}, {} pods)",

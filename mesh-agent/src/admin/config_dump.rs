@@ -26,6 +26,10 @@ pub struct ConfigDump {
     pub services: Vec<ServiceConfig>,
     pub policies: Vec<PolicyView>,
     pub certificates: Vec<CertificateView>,
+    /// With `discovery: kubernetes`: where the pods, workloads and services
+    /// above come from (the API, or the saved state until the API answers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::kubernetes::KubernetesStatus>,
 }
 
 #[derive(Serialize)]
@@ -80,5 +84,6 @@ pub fn dump(state: &AgentState) -> ConfigDump {
         services: desired.services.clone(),
         policies,
         certificates: state.certificates(),
+        kubernetes: state.kubernetes.as_ref().map(|k| k.status()),
     }
 }

@@ -35,48 +35,58 @@ impl NetnsFinder {
         }
     }
 
-    /// The namespace holding any of `ips`, or None if no namespace in the
-    /// directory does (yet). Blocking: it enters namespaces on this thread.
-    pub fn find(&mut self, ips: &[IpAddr]) -> Option<PathBuf> {
+    /// The namespace holding any of `ips`. None if no namespace in the
+    /// directory does (yet); an error if more than one does: a node never
+    /// gives two pods one address, so that is a stale namespace, and which
+    /// one is the pod's is not guessed.
+    /// Blocking: it enters namespaces on this thread.
+    pub fn find(&mut self, ips: &[IpAddr]) -> Result<Option<PathBuf>, String> {
         let entries: Vec<(PathBuf, u64)> = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries
                 .flatten()
                 .filter_map(|e| Some((e.path(), e.metadata().ok()?.ino())))
                 .collect(),
             Err(err) => {
-                tracing::warn!(dir = %self.dir.display(), error = %err, "cannot list network namespaces");
-                return None;
+                return Err(format!(
+                    "cannot list network namespaces in {}: {err}",
+                    self.dir.display()
+                ));
             }
         };
         self.seen
             .retain(|path, _| entries.iter().any(|(p, _)| p == path));
-        // First the namespaces already known; then the new ones, and the
-        // known ones again if they had no pod address when last seen (a CNI
-        // plugin adds the address after the namespace exists).
-        for (path, inode) in &entries {
-            if let Some(seen) = self.seen.get(path)
-                && seen.inode == *inode
-                && seen.addresses.iter().any(|a| ips.contains(a))
-            {
-                return Some(path.clone());
-            }
-        }
+        // Namespaces not seen yet, replaced (new inode), or without a global
+        // address when last seen (a CNI plugin adds it after the namespace
+        // exists) are entered; the others are known.
         for (path, inode) in entries {
             let stale = match self.seen.get(&path) {
                 Some(seen) => seen.inode != inode || seen.addresses.is_empty(),
                 None => true,
             };
-            if !stale {
-                continue;
-            }
-            let addresses = addresses_in(&path).unwrap_or_default();
-            let found = addresses.iter().any(|a| ips.contains(a));
-            self.seen.insert(path.clone(), Seen { inode, addresses });
-            if found {
-                return Some(path);
+            if stale {
+                let addresses = addresses_in(&path).unwrap_or_default();
+                self.seen.insert(path, Seen { inode, addresses });
             }
         }
-        None
+        let mut holding: Vec<&PathBuf> = self
+            .seen
+            .iter()
+            .filter(|(_, seen)| seen.addresses.iter().any(|a| ips.contains(a)))
+            .map(|(path, _)| path)
+            .collect();
+        holding.sort();
+        match holding.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some((*one).clone())),
+            many => Err(format!(
+                "{} network namespaces hold its IP ({}): not guessing which is the pod's",
+                many.len(),
+                many.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     }
 }
 

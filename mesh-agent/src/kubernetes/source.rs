@@ -133,8 +133,19 @@ impl KubeSource {
 
     fn parts(&self) -> Parts {
         let view = self.view.lock().clone();
-        let placements = self.place(&view);
-        let parts = view.parts(&self.node, &placements);
+        let (placements, unplaced) = self.place(&view);
+        let mut parts = view.parts(&self.node, &placements);
+        // Why each waiting pod waits, when the node says more than the view.
+        for (key, why) in &mut parts.waiting {
+            if let Some(reason) = view
+                .pods
+                .values()
+                .find(|p| &p.key() == key)
+                .and_then(|p| unplaced.get(&p.uid))
+            {
+                *why = reason.clone();
+            }
+        }
         let mut report = self.report.lock();
         report.from_saved_state = report.from_saved_state && !self.health.all_synced();
         report.waiting = parts.waiting.clone();
@@ -143,12 +154,14 @@ impl KubeSource {
     }
 
     /// Finds where each pod of the mesh on this node lives; a pod whose
-    /// namespace or cgroup is not there yet is left out (and looked for again).
-    fn place(&self, view: &ClusterView) -> HashMap<String, Placement> {
+    /// namespace or cgroup is not there yet is left out (and looked for
+    /// again), with the reason kept for `/status`.
+    fn place(&self, view: &ClusterView) -> (HashMap<String, Placement>, HashMap<String, String>) {
         let mut placements = self.placements.lock();
         let local: Vec<&PodFacts> = view.local_pods(&self.node).collect();
         placements.retain(|uid, _| local.iter().any(|p| &p.uid == uid));
         let mut placed = HashMap::new();
+        let mut unplaced = HashMap::new();
         for pod in local {
             let ips: Vec<std::net::IpAddr> = pod.ips().collect();
             let known = placements
@@ -156,19 +169,26 @@ impl KubeSource {
                 .filter(|(found_by, place)| *found_by == ips && place.netns.exists())
                 .map(|(_, place)| place.clone());
             let place = match known {
-                Some(place) => Some(place),
+                Some(place) => Ok(place),
                 None => self.find(pod, &ips),
             };
-            if let Some(place) = place {
-                placements.insert(pod.uid.clone(), (ips, place.clone()));
-                placed.insert(pod.uid.clone(), place);
+            match place {
+                Ok(place) => {
+                    placements.insert(pod.uid.clone(), (ips, place.clone()));
+                    placed.insert(pod.uid.clone(), place);
+                }
+                Err(why) => {
+                    unplaced.insert(pod.uid.clone(), why);
+                }
             }
         }
-        placed
+        (placed, unplaced)
     }
 
-    fn find(&self, pod: &PodFacts, ips: &[std::net::IpAddr]) -> Option<Placement> {
-        let qos = pod.qos?;
+    fn find(&self, pod: &PodFacts, ips: &[std::net::IpAddr]) -> Result<Placement, String> {
+        let qos = pod
+            .qos
+            .ok_or("its QoS class is not known yet (status.qosClass)")?;
         let cgroup = pod_cgroup(
             &self.cgroup_root,
             self.settings.cgroup_driver,
@@ -176,12 +196,20 @@ impl KubeSource {
             &pod.uid,
         );
         if !cgroup.is_dir() {
-            tracing::debug!(pod = %pod.key(), cgroup = %cgroup.display(), "pod cgroup not there yet");
-            return None;
+            return Err(format!(
+                "its cgroup {} is not there yet (kubernetes.cgroupDriver: {:?})",
+                cgroup.display(),
+                self.settings.cgroup_driver
+            ));
         }
-        let netns = self.finder.lock().find(ips)?;
+        let netns = self.finder.lock().find(ips)?.ok_or_else(|| {
+            format!(
+                "no network namespace in {} holds its IP yet",
+                self.settings.netns_dir.display()
+            )
+        })?;
         tracing::info!(pod = %pod.key(), netns = %netns.display(), cgroup = %cgroup.display(), "pod found on the node");
-        Some(Placement { netns, cgroup })
+        Ok(Placement { netns, cgroup })
     }
 
     /// The Kubernetes part of `/status`.

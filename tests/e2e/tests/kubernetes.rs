@@ -87,18 +87,20 @@ fn uid(n: u32) -> String {
     format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
 }
 
-/// Pod IPs of this test, apart from other tests' sandboxes on the machine
-/// (the agent finds a pod's namespace by its IP among all of them).
-fn ip_range(node: &Node) -> PodIpRange {
+/// Pod IPs of one test (`block`: the third octet), apart from every other
+/// test's sandboxes on the machine: the agent finds a pod's namespace by its
+/// IP among all of them, and refuses to guess between two (a node never
+/// gives two pods one IP; parallel test beds would).
+fn ip_range(node: &Node, block: u8) -> PodIpRange {
     let i = node.index();
     PodIpRange {
-        first: std::net::Ipv4Addr::new(10, i, 201, 1),
-        last: std::net::Ipv4Addr::new(10, i, 201, 254),
+        first: std::net::Ipv4Addr::new(10, i, block, 1),
+        last: std::net::Ipv4Addr::new(10, i, block, 254),
     }
 }
 
 impl<'t> Cluster<'t> {
-    fn start(topo: &'t Topology) -> Self {
+    fn start(topo: &'t Topology, ip_block: u8) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -116,7 +118,7 @@ impl<'t> Cluster<'t> {
         let cgroup2 = cgroup2_mount();
         let mut nodes = Vec::new();
         for (node, issuer) in topo.nodes().iter().zip(&issuers) {
-            let runtime = ContainerRuntime::start(topo, node, ip_range(node))
+            let runtime = ContainerRuntime::start(topo, node, ip_range(node, ip_block))
                 .unwrap_or_else(|e| panic!("{e:#}"));
             let kubelet_root = node.cgroup_dir().strip_prefix(&cgroup2).unwrap();
             let node_yaml = format!(
@@ -284,7 +286,7 @@ fn model_api_pods_made_through_cri_are_found_enrolled_captured_and_released() {
         .node("n2", &[])
         .build()
         .unwrap();
-    let mut cluster = Cluster::start(&topo);
+    let mut cluster = Cluster::start(&topo, 201);
 
     // Pods appear: each is enrolled by its node's agent, found by its IP
     // and UID alone, soon after its object is Running.
@@ -458,7 +460,7 @@ fn model_api_away_for_a_minute_under_traffic_then_a_change_made_meanwhile_is_app
         .node("n2", &[])
         .build()
         .unwrap();
-    let mut cluster = Cluster::start(&topo);
+    let mut cluster = Cluster::start(&topo, 203);
     let client = cluster.create_pod("n1", "client");
     let db = cluster.create_pod("n2", "db");
     cluster.wait_enrolled("n1", &client);
@@ -516,6 +518,22 @@ fn model_api_away_for_a_minute_under_traffic_then_a_change_made_meanwhile_is_app
             .iter()
             .any(|p| p.name == "db" && p.enrolled),
         "the restarted agent serves db from the saved state"
+    );
+    // `mesh-agent check` shows what the saved state holds, API or not.
+    let check = Command::new(mesh_e2e::agent::agent_binary())
+        .args(["check", "--config"])
+        .arg(cluster.nodes[1].agent.config_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        said.contains("saved state") && said.contains("1 pods of this node found on it"),
+        "{said}"
     );
     let late = cluster.create_pod("n1", "late");
     let errors = |agent: &NodeAgent| -> u64 {
