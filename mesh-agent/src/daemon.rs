@@ -333,6 +333,10 @@ async fn follow_source(
         match update {
             Update::Desired(desired) => apply::reload(&state, *desired),
             Update::Rejected(reason) => apply::rejected(&state, reason),
+            Update::DesiredFilesRefused(desired, reason) => {
+                apply::reload(&state, *desired);
+                state.keep_refusal(reason);
+            }
         }
     }
 }

@@ -49,4 +49,8 @@ impl PartialEq for Policies {
 pub enum Update {
     Desired(Box<Desired>),
     Rejected(String),
+    /// A new desired state from a source with two parts, one of which (the
+    /// files) is still refused for this reason: the other part's change
+    /// applies with the last good files, and the refusal stays shown.
+    DesiredFilesRefused(Box<Desired>, String),
 }

@@ -191,6 +191,12 @@ impl AgentState {
         *self.last_reload_error.lock() = error;
     }
 
+    /// A refusal that still stands after a change from elsewhere applied
+    /// (shown in `/status`; not counted again).
+    pub fn keep_refusal(&self, reason: String) {
+        *self.last_reload_error.lock() = Some(reason);
+    }
+
     /// The source is valid again, and says what is in force already.
     pub fn clear_reload_error(&self) {
         *self.last_reload_error.lock() = None;

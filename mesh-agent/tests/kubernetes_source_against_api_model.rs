@@ -124,7 +124,9 @@ async fn until(
         match update {
             Update::Desired(desired) if done(&desired) => return *desired,
             Update::Desired(_) => {}
-            Update::Rejected(why) => panic!("the source refused: {why}"),
+            Update::Rejected(why) | Update::DesiredFilesRefused(_, why) => {
+                panic!("the source refused: {why}")
+            }
         }
     }
 }
@@ -275,4 +277,91 @@ async fn model_api_pod_files_are_refused_with_the_api_as_source() {
         err.contains("pods.yaml") && err.contains("discovery: kubernetes"),
         "{err}"
     );
+}
+
+const POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-web\n  namespace: shop\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/web-sa\"]\n";
+
+/// Written whole or not at all (an editor's save, a ConfigMap update).
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The next update, within the deadline.
+async fn next(updates: &mut mpsc::Receiver<Update>) -> Update {
+    tokio::time::timeout(DEADLINE, updates.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no update within {DEADLINE:?}"))
+        .expect("the source ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_api_changes_keep_flowing_while_a_policy_file_is_refused() {
+    let api = StandInApi::start().await.unwrap();
+    api.put(namespace("shop", true));
+    api.put(pod("web-1", "n2", "10.1.0.5", "web-sa"));
+    let dir = tempfile::tempdir().unwrap();
+    config_dir(dir.path(), &api);
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/web.yaml"), POLICY).unwrap();
+    let node = mesh_agent::config::load_dir(dir.path()).unwrap().node;
+    let source = KubeSource::new(&node.kubernetes, "n1").unwrap();
+    let (tx, mut updates) = mpsc::channel(16);
+    let changes_dir = dir.path().to_path_buf();
+    let (_watch, changes, _) =
+        mesh_agent::config::watch::FileWatch::start(&changes_dir, &[]).unwrap();
+    let task = tokio::spawn(source.clone().run(changes_dir, Some(changes), tx));
+    until(&mut updates, "web-1 with the policy", |d| {
+        summary(d)
+            .0
+            .contains(&("web-1".to_string(), "web-sa".to_string()))
+            && d.policies.set.len() == 1
+    })
+    .await;
+
+    // A bad edit: refused once, naming the file.
+    write_atomically(&dir.path().join("policies/web.yaml"), "kind: [not a policy");
+    let refusal = loop {
+        match next(&mut updates).await {
+            Update::Rejected(why) => break why,
+            Update::Desired(_) => continue,
+            other => panic!("expected the refusal first, got {other:?}"),
+        }
+    };
+    assert!(refusal.contains("web.yaml"), "{refusal}");
+
+    // The cluster keeps flowing meanwhile, with the last good policies, and
+    // the refusal still said.
+    api.put(pod("web-2", "n2", "10.1.0.6", "web-sa"));
+    let (desired, still) = match next(&mut updates).await {
+        Update::DesiredFilesRefused(desired, why) => (desired, why),
+        Update::Rejected(why) => panic!("refused twice for one edit: {why}"),
+        Update::Desired(_) => panic!("the refusal was forgotten"),
+    };
+    assert!(
+        summary(&desired)
+            .0
+            .contains(&("web-2".to_string(), "web-sa".to_string()))
+    );
+    assert_eq!(
+        desired.policies.set.len(),
+        1,
+        "the last good policy keeps serving"
+    );
+    assert_eq!(still, refusal);
+
+    // Fixed: a plain desired state again (the refusal is over).
+    write_atomically(&dir.path().join("policies/web.yaml"), POLICY);
+    loop {
+        match next(&mut updates).await {
+            Update::Desired(desired) => {
+                assert_eq!(desired.policies.set.len(), 1);
+                break;
+            }
+            Update::DesiredFilesRefused(..) => continue,
+            Update::Rejected(why) => panic!("still refused: {why}"),
+        }
+    }
+    task.abort();
 }

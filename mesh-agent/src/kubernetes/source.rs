@@ -111,24 +111,17 @@ impl KubeSource {
     /// and the view as it is now. Blocking: it may enter namespaces to
     /// place new pods.
     pub fn desired(&self, dir: &Path) -> Result<Desired, config::ConfigError> {
-        let mut desired = config::load_dir(dir)?;
-        for (file, listed) in [
-            (config::PODS_FILE, !desired.pods.is_empty()),
-            (config::WORKLOADS_FILE, !desired.workloads.is_empty()),
-            (config::SERVICES_FILE, !desired.services.is_empty()),
-        ] {
-            if listed {
-                return Err(config::ConfigError::new(
-                    dir.join(file),
-                    "is not read with `discovery: kubernetes` (pods, workloads and services come from the API); remove it",
-                ));
-            }
-        }
+        Ok(self.with_cluster(read_files(dir)?))
+    }
+
+    /// `files` (node settings, policies) with the pods, workloads and
+    /// services of the view as it is now.
+    fn with_cluster(&self, mut files: Desired) -> Desired {
         let parts = self.parts();
-        desired.pods = parts.pods;
-        desired.workloads = parts.workloads;
-        desired.services = parts.services;
-        Ok(desired)
+        files.pods = parts.pods;
+        files.workloads = parts.workloads;
+        files.services = parts.services;
+        files
     }
 
     fn parts(&self) -> Parts {
@@ -263,6 +256,9 @@ impl KubeSource {
         let _stop_watches = AbortOnDrop(watches);
         let mut last_sent: Option<Desired> = None;
         let mut last_saved: Option<(Instant, ClusterView)> = None;
+        // The last files that read well, and why the ones now are refused.
+        let mut last_good: Option<Desired> = None;
+        let mut refused: Option<String> = None;
         loop {
             let waiting = !self.report.lock().waiting.is_empty();
             tokio::select! {
@@ -275,27 +271,52 @@ impl KubeSource {
                 } => if !more { files = None },
                 _ = tokio::time::sleep(PLACEMENT_RETRY), if waiting => {}
             }
-            let source = self.clone();
+            // The files are read whole at every pass; a bad edit is refused
+            // once (named in /status until fixed) while the cluster's
+            // changes keep flowing with the last good files.
             let read_dir = dir.clone();
-            let update = match tokio::task::spawn_blocking(move || source.desired(&read_dir)).await
-            {
-                Ok(Ok(desired)) => {
-                    if last_sent.as_ref() == Some(&desired) {
-                        None
-                    } else {
-                        last_sent = Some(desired.clone());
-                        Some(Update::Desired(Box::new(desired)))
-                    }
+            let read = tokio::task::spawn_blocking(move || read_files(&read_dir))
+                .await
+                .unwrap_or_else(|err| {
+                    Err(config::ConfigError::new(
+                        &dir,
+                        format!("reading failed: {err}"),
+                    ))
+                });
+            let mut out = Vec::new();
+            let mut send_anyway = false;
+            match read {
+                Ok(good) => {
+                    send_anyway = refused.take().is_some();
+                    last_good = Some(good);
                 }
-                Ok(Err(err)) => Some(Update::Rejected(err.to_string())),
-                Err(err) => Some(Update::Rejected(format!(
-                    "reading the desired state failed: {err}"
-                ))),
-            };
-            if let Some(update) = update
-                && updates.send(update).await.is_err()
-            {
-                return;
+                Err(err) => {
+                    let reason = err.to_string();
+                    if refused.as_deref() != Some(reason.as_str()) {
+                        out.push(Update::Rejected(reason.clone()));
+                    }
+                    refused = Some(reason);
+                }
+            }
+            if let Some(good) = last_good.clone() {
+                let source = self.clone();
+                let desired = tokio::task::spawn_blocking(move || source.with_cluster(good))
+                    .await
+                    .expect("placing pods does not panic");
+                if send_anyway || last_sent.as_ref() != Some(&desired) {
+                    last_sent = Some(desired.clone());
+                    out.push(match &refused {
+                        None => Update::Desired(Box::new(desired)),
+                        Some(reason) => {
+                            Update::DesiredFilesRefused(Box::new(desired), reason.clone())
+                        }
+                    });
+                }
+            }
+            for update in out {
+                if updates.send(update).await.is_err() {
+                    return;
+                }
             }
             self.save(&mut last_saved).await;
         }
@@ -334,6 +355,25 @@ impl KubeSource {
             Err(err) => tracing::warn!(error = %err, "saving the Kubernetes state failed"),
         }
     }
+}
+
+/// The files' part of the desired state (node settings, policies); the
+/// files that only the files source reads must be absent.
+fn read_files(dir: &Path) -> Result<Desired, config::ConfigError> {
+    let desired = config::load_dir(dir)?;
+    for (file, listed) in [
+        (config::PODS_FILE, !desired.pods.is_empty()),
+        (config::WORKLOADS_FILE, !desired.workloads.is_empty()),
+        (config::SERVICES_FILE, !desired.services.is_empty()),
+    ] {
+        if listed {
+            return Err(config::ConfigError::new(
+                dir.join(file),
+                "is not read with `discovery: kubernetes` (pods, workloads and services come from the API); remove it",
+            ));
+        }
+    }
+    Ok(desired)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
