@@ -259,6 +259,7 @@ impl KubeSource {
         // The last files that read well, and why the ones now are refused.
         let mut last_good: Option<Desired> = None;
         let mut refused: Option<String> = None;
+        let mut save_due = false;
         loop {
             let waiting = !self.report.lock().waiting.is_empty();
             tokio::select! {
@@ -270,6 +271,7 @@ impl KubeSource {
                     }
                 } => if !more { files = None },
                 _ = tokio::time::sleep(PLACEMENT_RETRY), if waiting => {}
+                _ = tokio::time::sleep(SAVE_EVERY), if save_due => {}
             }
             // The files are read whole at every pass; a bad edit is refused
             // once (named in /status until fixed) while the cluster's
@@ -318,32 +320,28 @@ impl KubeSource {
                     return;
                 }
             }
-            self.save(&mut last_saved).await;
+            save_due = self.save(&mut last_saved).await;
         }
     }
 
     /// Writes the view to the state file when it changed, at most every
     /// [`SAVE_EVERY`], and only once every watch has listed (a partial
     /// view is never saved over a whole one).
-    async fn save(&self, last: &mut Option<(Instant, ClusterView)>) {
+    /// True when a save is still due (too soon since the last one).
+    async fn save(&self, last: &mut Option<(Instant, ClusterView)>) -> bool {
         if !self.health.all_synced() {
-            return;
+            return false;
         }
         if last
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < SAVE_EVERY)
         {
-            // A later pass saves it; make sure there is one.
-            let changed = self.changed.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(SAVE_EVERY).await;
-                changed.notify_one();
-            });
-            return;
+            // Too soon: the run loop comes back once SAVE_EVERY is up.
+            return true;
         }
         let view = self.view.lock().clone();
         if last.as_ref().is_some_and(|(_, saved)| *saved == view) {
-            return;
+            return false;
         }
         let path = self.settings.state_file.clone();
         let to_write = view.clone();
@@ -354,6 +352,7 @@ impl KubeSource {
             }
             Err(err) => tracing::warn!(error = %err, "saving the Kubernetes state failed"),
         }
+        false
     }
 }
 

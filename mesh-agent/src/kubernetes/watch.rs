@@ -223,9 +223,8 @@ trait Watched:
     /// view has no use for.
     fn facts(&self) -> Option<(String, Self::Facts)>;
     fn key(&self) -> Option<String>;
-    fn remove(view: &mut ClusterView, key: &str);
-    fn insert(view: &mut ClusterView, key: String, facts: Self::Facts);
-    fn replace(view: &mut ClusterView, all: Vec<(String, Self::Facts)>);
+    /// Where the view keeps this kind's facts.
+    fn kept(view: &mut ClusterView) -> &mut BTreeMap<String, Self::Facts>;
 }
 
 fn namespaced_key(meta: &kube::api::ObjectMeta) -> Option<String> {
@@ -248,14 +247,8 @@ impl Watched for Namespace {
     fn key(&self) -> Option<String> {
         self.metadata.name.clone()
     }
-    fn remove(view: &mut ClusterView, key: &str) {
-        view.namespaces.remove(key);
-    }
-    fn insert(view: &mut ClusterView, key: String, facts: Self::Facts) {
-        view.namespaces.insert(key, facts);
-    }
-    fn replace(view: &mut ClusterView, all: Vec<(String, Self::Facts)>) {
-        view.namespaces = all.into_iter().collect();
+    fn kept(view: &mut ClusterView) -> &mut BTreeMap<String, Self::Facts> {
+        &mut view.namespaces
     }
 }
 
@@ -269,14 +262,8 @@ impl Watched for Pod {
     fn key(&self) -> Option<String> {
         self.metadata.uid.clone()
     }
-    fn remove(view: &mut ClusterView, key: &str) {
-        view.pods.remove(key);
-    }
-    fn insert(view: &mut ClusterView, key: String, facts: Self::Facts) {
-        view.pods.insert(key, facts);
-    }
-    fn replace(view: &mut ClusterView, all: Vec<(String, Self::Facts)>) {
-        view.pods = all.into_iter().collect();
+    fn kept(view: &mut ClusterView) -> &mut BTreeMap<String, Self::Facts> {
+        &mut view.pods
     }
 }
 
@@ -290,14 +277,8 @@ impl Watched for Service {
     fn key(&self) -> Option<String> {
         namespaced_key(&self.metadata)
     }
-    fn remove(view: &mut ClusterView, key: &str) {
-        view.services.remove(key);
-    }
-    fn insert(view: &mut ClusterView, key: String, facts: Self::Facts) {
-        view.services.insert(key, facts);
-    }
-    fn replace(view: &mut ClusterView, all: Vec<(String, Self::Facts)>) {
-        view.services = all.into_iter().collect();
+    fn kept(view: &mut ClusterView) -> &mut BTreeMap<String, Self::Facts> {
+        &mut view.services
     }
 }
 
@@ -311,14 +292,8 @@ impl Watched for EndpointSlice {
     fn key(&self) -> Option<String> {
         namespaced_key(&self.metadata)
     }
-    fn remove(view: &mut ClusterView, key: &str) {
-        view.slices.remove(key);
-    }
-    fn insert(view: &mut ClusterView, key: String, facts: Self::Facts) {
-        view.slices.insert(key, facts);
-    }
-    fn replace(view: &mut ClusterView, all: Vec<(String, Self::Facts)>) {
-        view.slices = all.into_iter().collect();
+    fn kept(view: &mut ClusterView) -> &mut BTreeMap<String, Self::Facts> {
+        &mut view.slices
     }
 }
 
@@ -368,7 +343,8 @@ async fn follow<K: Watched>(api: Api<K>, sink: Sink) {
                 false
             }
             Event::InitDone => {
-                K::replace(&mut sink.view.lock(), std::mem::take(&mut listing));
+                *K::kept(&mut sink.view.lock()) =
+                    std::mem::take(&mut listing).into_iter().collect();
                 sink.health.listed(kind, now);
                 tracing::info!(kind = kind.name(), "Kubernetes list complete; watching");
                 true
@@ -376,11 +352,13 @@ async fn follow<K: Watched>(api: Api<K>, sink: Sink) {
             Event::Apply(object) => {
                 let mut view = sink.view.lock();
                 match object.facts() {
-                    Some((key, facts)) => K::insert(&mut view, key, facts),
+                    Some((key, facts)) => {
+                        K::kept(&mut view).insert(key, facts);
+                    }
                     // No longer of use (e.g. a slice that lost its Service label).
                     None => {
                         if let Some(key) = object.key() {
-                            K::remove(&mut view, &key)
+                            K::kept(&mut view).remove(&key);
                         }
                     }
                 }
@@ -388,7 +366,7 @@ async fn follow<K: Watched>(api: Api<K>, sink: Sink) {
             }
             Event::Delete(object) => {
                 if let Some(key) = object.key() {
-                    K::remove(&mut sink.view.lock(), &key);
+                    K::kept(&mut sink.view.lock()).remove(&key);
                 }
                 true
             }

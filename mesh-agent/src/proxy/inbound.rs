@@ -39,20 +39,12 @@ pub async fn handle(
     // The policies in force now decide; the snapshot itself is not held
     // for the connection's life (it holds every pod of its generation).
     let policies = ctx.snapshot().policies.clone();
-    if ctx
+    // The kubelet's probe is let in whatever the policies say (counted).
+    let probe = ctx
         .authorizer
-        .kubelet_probe(&pod, client.ip(), original_dst.port())
-    {
-        let upstream = ctx
-            .dial
-            .into_pod(&pod, original_dst)
-            .await
-            .map(Upstream::Tcp);
-        finish::finish(&ctx, record, downstream, upstream).await;
-        return;
-    }
+        .kubelet_probe(&pod, client.ip(), original_dst.port());
     // Plaintext from outside the mesh: no principal, no namespace.
-    if pod.decided_per_request(&policies, original_dst.port()) {
+    if !probe && pod.decided_per_request(&policies, original_dst.port()) {
         let from = Client {
             identity: None,
             source_ip: client.ip(),
@@ -71,14 +63,18 @@ pub async fn handle(
         record.end(served);
         return;
     }
-    if let Err(by) = ctx.authorizer.connection(
-        &policies,
-        &pod,
-        None,
-        client.ip(),
-        client.ip(),
-        original_dst,
-    ) {
+    if let Err(by) = if probe {
+        Ok(())
+    } else {
+        ctx.authorizer.connection(
+            &policies,
+            &pod,
+            None,
+            client.ip(),
+            client.ip(),
+            original_dst,
+        )
+    } {
         let outcome = Outcome::Denied {
             by,
             not_http: false,
