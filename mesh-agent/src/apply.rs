@@ -66,7 +66,9 @@ pub fn apply(state: &AgentState, mut desired: Desired) -> Result<Applied> {
 /// `mesh_config_reloads_total{result}` and shown in `/status`.
 pub fn reload(state: &AgentState, desired: Desired) {
     let pods = desired.pods.len();
-    match apply(state, desired) {
+    let applied = apply(state, desired);
+    state.applied.notify_waiters();
+    match applied {
         Ok(Applied::Unchanged) => {
             // Back to what is running (e.g. a bad edit undone): nothing to
             // apply, but the source is valid again.

@@ -60,8 +60,41 @@ pub enum Command {
         #[arg(long, short, env = "MESH_CONFIG")]
         config: PathBuf,
     },
+    /// Chain the CNI plugin into the node's CNI configuration, so that each
+    /// new pod is enrolled before its containers start (the DaemonSet's
+    /// init container runs this). Idempotent.
+    CniInstall {
+        #[arg(long, short, env = "MESH_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        dirs: CniDirs,
+        /// The plugin binary to install (default: `mesh-cni` beside this
+        /// program).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
+    /// Take the CNI plugin out of the node's CNI configuration (the
+    /// conflist as it was before, when nothing else changed it) and remove
+    /// its binary. Run it when uninstalling, before the agent goes.
+    CniUninstall {
+        #[arg(long, short, env = "MESH_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        dirs: CniDirs,
+    },
     /// Print the version.
     Version,
+}
+
+/// Where the node's CNI plugins and configuration are.
+#[derive(clap::Args)]
+pub struct CniDirs {
+    /// The runtime's CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// The runtime's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
 }
 
 /// Entry point shared by the `mesh-agent` binary and the e2e test build of it.
@@ -192,6 +225,68 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 "released: removed {removed} pinned objects under {}",
                 pin_dir.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CniInstall {
+            config,
+            dirs,
+            plugin,
+        } => {
+            let cfg = config::load_dir(&config)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            let cni = &cfg.node.kubernetes.cni;
+            let plugin = match plugin {
+                Some(plugin) => plugin,
+                None => std::env::current_exe()?.with_file_name(mesh_cni::PLUGIN_TYPE),
+            };
+            let settings = mesh_cni::spec::PluginSettings {
+                agent_socket: cni.socket.clone(),
+                enrolled_namespaces_file: cni.namespaces_file(),
+                // The plugin outwaits the agent's own limit.
+                timeout_seconds: cni.add_timeout.as_secs() + 10,
+            };
+            let installed = mesh_cni::install::install(
+                &plugin,
+                &dirs.bin_dir,
+                &dirs.conf_dir,
+                &cni.state_dir.join("backup"),
+                &settings,
+            )
+            .map_err(anyhow::Error::msg)?;
+            match installed {
+                mesh_cni::install::Installed::Added(path) => {
+                    println!("installed: mesh-cni chained last in {}", path.display())
+                }
+                mesh_cni::install::Installed::AlreadyThere(path) => {
+                    println!(
+                        "installed already: mesh-cni is chained in {}",
+                        path.display()
+                    )
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CniUninstall { config, dirs } => {
+            let cfg = config::load_dir(&config)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            let backup = cfg.node.kubernetes.cni.state_dir.join("backup");
+            match mesh_cni::install::uninstall(&dirs.bin_dir, &dirs.conf_dir, &backup)
+                .map_err(anyhow::Error::msg)?
+            {
+                mesh_cni::install::Uninstalled::Restored(path) => {
+                    println!("uninstalled: {} is as it was before", path.display())
+                }
+                mesh_cni::install::Uninstalled::EntryRemoved(path) => println!(
+                    "uninstalled: mesh-cni removed from {} (changed since the install: only the plugin's entry was removed)",
+                    path.display()
+                ),
+                mesh_cni::install::Uninstalled::NotInstalled => {
+                    println!(
+                        "not installed: no conflist in {} chains mesh-cni",
+                        dirs.conf_dir.display()
+                    )
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {

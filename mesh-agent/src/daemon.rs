@@ -203,6 +203,24 @@ pub async fn run(config_dir: &Path) -> Result<()> {
                 (None, None, None)
             }
         };
+    // The CNI plugin's socket: from here on a new pod's sandbox waits for
+    // its enrolment (before, the plugin finds no agent and the sandbox
+    // waits for one).
+    let cni_task = match &kubernetes {
+        Some(source) => {
+            let listener = crate::kubernetes::cni::bind(&node.kubernetes.cni.socket)?;
+            tracing::info!(socket = %node.kubernetes.cni.socket.display(), "serving the CNI plugin");
+            let metrics = crate::kubernetes::cni::CniMetrics::new();
+            state.metrics.register(metrics.collectors());
+            Some(tokio::spawn(crate::kubernetes::cni::serve(
+                listener,
+                source.clone(),
+                state.clone(),
+                metrics,
+            )))
+        }
+        None => None,
+    };
     let (updates, received) = tokio::sync::mpsc::channel(1);
     let state_dir = state.config_dir.clone();
     let source_task = tokio::spawn(async move {
@@ -260,6 +278,9 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     // API's too) are the new agent's: this one only stops accepting on them.
     watch_task.abort();
     source_task.abort();
+    if let Some(cni_task) = cni_task {
+        cni_task.abort();
+    }
     state.set_ready(false);
     if handed_over {
         admin_task.abort();

@@ -132,6 +132,8 @@ pub struct AgentState {
     map_gauges: Vec<crate::ebpf::occupancy::MapGauge>,
     /// The Kubernetes source, with `discovery: kubernetes`.
     pub kubernetes: Option<Arc<crate::kubernetes::KubeSource>>,
+    /// Woken each time a desired state has been applied (or failed to).
+    pub applied: tokio::sync::Notify,
 }
 
 impl AgentState {
@@ -163,6 +165,7 @@ impl AgentState {
             pending_node: RwLock::new(None),
             map_gauges: Vec::new(),
             kubernetes: None,
+            applied: tokio::sync::Notify::new(),
         }
     }
 

@@ -303,6 +303,19 @@ impl Enroller {
         tracing::info!(pod = %key, "pod released");
     }
 
+    /// The network namespace the pod `key` is enrolled in, if it is.
+    pub fn enrolled_netns(&self, key: &str) -> Option<&std::path::Path> {
+        self.running.get(key).map(|rt| rt.config.netns.as_path())
+    }
+
+    /// Why the pod `key` could not be enrolled at the last change, if so.
+    pub fn enrolment_error(&self, key: &str) -> Option<String> {
+        self.statuses
+            .iter()
+            .find(|s| format!("{}/{}", s.namespace, s.name) == key)
+            .and_then(|s| s.error.clone())
+    }
+
     /// Pods served now.
     pub fn enrolled_count(&self) -> usize {
         self.running.len()

@@ -107,6 +107,61 @@ pub struct KubernetesSettings {
     /// serves its pods before the API answers.
     #[serde(default = "default_state_file")]
     pub state_file: PathBuf,
+    /// The CNI plugin's side of the agent (docs/kubernetes.md).
+    #[serde(default)]
+    pub cni: CniSettings,
+}
+
+/// `kubernetes.cni`: where the CNI plugin reaches the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CniSettings {
+    /// The socket the plugin asks on.
+    #[serde(default = "default_cni_socket")]
+    pub socket: PathBuf,
+    /// Where the agent keeps the sandboxes the plugin announced (for its
+    /// next start) and the namespaces labelled for the mesh (for the
+    /// plugin, when the agent is away).
+    #[serde(default = "default_cni_state_dir")]
+    pub state_dir: PathBuf,
+    /// How long an ADD may wait for the pod to be described by the API and
+    /// enrolled (the plugin's `timeoutSeconds` must be longer). Default 20s.
+    #[serde(default = "default_cni_add_timeout", with = "humantime_serde")]
+    pub add_timeout: std::time::Duration,
+}
+
+impl Default for CniSettings {
+    fn default() -> Self {
+        Self {
+            socket: default_cni_socket(),
+            state_dir: default_cni_state_dir(),
+            add_timeout: default_cni_add_timeout(),
+        }
+    }
+}
+
+impl CniSettings {
+    /// The namespaces labelled for the mesh, as last seen.
+    pub fn namespaces_file(&self) -> PathBuf {
+        self.state_dir.join("namespaces.json")
+    }
+
+    /// The sandboxes announced and not deleted.
+    pub fn sandboxes_file(&self) -> PathBuf {
+        self.state_dir.join("sandboxes.json")
+    }
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from("/var/run/mesh-agent/cni.sock")
+}
+
+fn default_cni_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/mesh-agent/cni")
+}
+
+fn default_cni_add_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(20)
 }
 
 impl Default for KubernetesSettings {
@@ -117,6 +172,7 @@ impl Default for KubernetesSettings {
             kubelet_cgroup_root: default_kubelet_cgroup_root(),
             netns_dir: default_netns_dir(),
             state_file: default_state_file(),
+            cni: CniSettings::default(),
         }
     }
 }

@@ -7,10 +7,12 @@
 //! - `cluster.rs`: the facts kept of the cluster, and the desired state's parts made from them.
 //! - `pods.rs`, `services.rs`: API objects to facts; enrolment; Services to services.
 //! - `netns.rs`, `cgroup.rs`: where a pod lives on the node.
+//! - `cni.rs`: the CNI plugin's requests: pods enrolled before their containers start.
 //! - `source.rs`: the source itself: files + watches → `Desired`; the saved state.
 
 pub mod cgroup;
 pub mod cluster;
+pub mod cni;
 pub mod netns;
 pub mod pods;
 pub mod services;

@@ -4,13 +4,14 @@
 //! either is sent whole, as the files source does.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
+use mesh_cni::protocol::{EnrolledNamespaces, PodSandbox};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
@@ -19,7 +20,7 @@ use super::{
     cgroup::{self, pod_cgroup},
     cluster::{ClusterView, Parts, Placement},
     netns::NetnsFinder,
-    pods::PodFacts,
+    pods::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, NotEnrolled, PodFacts},
     watch::{self, KindHealth, WatchHealth},
 };
 use crate::{
@@ -45,6 +46,11 @@ pub struct KubeSource {
     placements: Mutex<HashMap<String, (Vec<std::net::IpAddr>, Placement)>>,
     finder: Mutex<NetnsFinder>,
     cgroup_root: PathBuf,
+    /// Sandboxes the CNI plugin announced and did not delete yet, by
+    /// sandbox id: their pods are enrolled from the first packet.
+    sandboxes: Mutex<BTreeMap<String, PodSandbox>>,
+    /// The namespaces labelled for the mesh as last written for the plugin.
+    namespaces_written: Mutex<Option<Vec<String>>>,
 }
 
 /// What the last pass made of the cluster, for `/status`.
@@ -104,6 +110,8 @@ impl KubeSource {
             placements: Mutex::default(),
             finder: Mutex::new(NetnsFinder::new(&settings.netns_dir)),
             cgroup_root,
+            sandboxes: Mutex::new(load_sandboxes(&settings.cni.sandboxes_file())),
+            namespaces_written: Mutex::new(None),
         }))
     }
 
@@ -125,8 +133,14 @@ impl KubeSource {
     }
 
     fn parts(&self) -> Parts {
-        let view = self.view.lock().clone();
-        let (placements, unplaced) = self.place(&view);
+        let mut view = self.view.lock().clone();
+        let sandboxes = self.sandboxes.lock().clone();
+        for sandbox in sandboxes.values() {
+            if let Some(pod) = pod_of_mut(&mut view, sandbox) {
+                announced(pod, sandbox);
+            }
+        }
+        let (placements, unplaced) = self.place(&view, &sandboxes);
         let mut parts = view.parts(&self.node, &placements);
         // Why each waiting pod waits, when the node says more than the view.
         for (key, why) in &mut parts.waiting {
@@ -149,13 +163,35 @@ impl KubeSource {
     /// Finds where each pod of the mesh on this node lives; a pod whose
     /// namespace or cgroup is not there yet is left out (and looked for
     /// again), with the reason kept for `/status`.
-    fn place(&self, view: &ClusterView) -> (HashMap<String, Placement>, HashMap<String, String>) {
+    fn place(
+        &self,
+        view: &ClusterView,
+        sandboxes: &BTreeMap<String, PodSandbox>,
+    ) -> (HashMap<String, Placement>, HashMap<String, String>) {
         let mut placements = self.placements.lock();
         let local: Vec<&PodFacts> = view.local_pods(&self.node).collect();
         placements.retain(|uid, _| local.iter().any(|p| &p.uid == uid));
         let mut placed = HashMap::new();
         let mut unplaced = HashMap::new();
         for pod in local {
+            // A sandbox the CNI plugin announced says where the pod is.
+            if let Some(sandbox) = sandboxes.values().find(|s| is_pod_of(pod, s)) {
+                match self.cgroup_of(pod) {
+                    Ok(cgroup) => {
+                        placed.insert(
+                            pod.uid.clone(),
+                            Placement {
+                                netns: PathBuf::from(&sandbox.netns),
+                                cgroup,
+                            },
+                        );
+                    }
+                    Err(why) => {
+                        unplaced.insert(pod.uid.clone(), why);
+                    }
+                }
+                continue;
+            }
             let ips: Vec<std::net::IpAddr> = pod.ips().collect();
             let known = placements
                 .get(&pod.uid)
@@ -179,6 +215,20 @@ impl KubeSource {
     }
 
     fn find(&self, pod: &PodFacts, ips: &[std::net::IpAddr]) -> Result<Placement, String> {
+        let cgroup = self.cgroup_of(pod)?;
+        let netns = self.finder.lock().find(ips)?.ok_or_else(|| {
+            format!(
+                "no network namespace in {} holds its IP yet",
+                self.settings.netns_dir.display()
+            )
+        })?;
+        tracing::info!(pod = %pod.key(), netns = %netns.display(), cgroup = %cgroup.display(), "pod found on the node");
+        Ok(Placement { netns, cgroup })
+    }
+
+    /// The pod's cgroup, from its UID and QoS class, once the kubelet has
+    /// made it.
+    fn cgroup_of(&self, pod: &PodFacts) -> Result<PathBuf, String> {
         let qos = pod
             .qos
             .ok_or("its QoS class is not known yet (status.qosClass)")?;
@@ -195,14 +245,113 @@ impl KubeSource {
                 self.settings.cgroup_driver
             ));
         }
-        let netns = self.finder.lock().find(ips)?.ok_or_else(|| {
-            format!(
-                "no network namespace in {} holds its IP yet",
-                self.settings.netns_dir.display()
-            )
-        })?;
-        tracing::info!(pod = %pod.key(), netns = %netns.display(), cgroup = %cgroup.display(), "pod found on the node");
-        Ok(Placement { netns, cgroup })
+        Ok(cgroup)
+    }
+
+    /// Whether the pod of a sandbox the CNI plugin announces is in the
+    /// mesh, by the view as it is now.
+    pub fn membership(&self, sandbox: &PodSandbox) -> Membership {
+        let view = self.view.lock();
+        let Some(mut pod) = view.pods.values().find(|p| is_pod_of(p, sandbox)).cloned() else {
+            return Membership::Undescribed;
+        };
+        if pod.node.as_deref().is_some_and(|n| n != self.node) {
+            return Membership::ElsewhereScheduled(pod.node.unwrap_or_default());
+        }
+        announced(&mut pod, sandbox);
+        match view.enrolment(&pod) {
+            Ok(()) => Membership::InMesh(pod.key()),
+            Err(why) => Membership::NotInMesh(why),
+        }
+    }
+
+    /// Keeps a sandbox the plugin announced (its pod is enrolled from it)
+    /// and looks again at once.
+    pub fn announce(&self, sandbox: PodSandbox) {
+        let mut sandboxes = self.sandboxes.lock();
+        // A pod has one sandbox: the newest ADD is the one in use.
+        sandboxes.retain(|_, known| {
+            !(known.uid == sandbox.uid
+                && known.namespace == sandbox.namespace
+                && known.name == sandbox.name)
+        });
+        sandboxes.insert(sandbox.container_id.clone(), sandbox);
+        self.save_sandboxes(&sandboxes);
+        drop(sandboxes);
+        self.changed.notify_one();
+    }
+
+    /// Forgets a sandbox (deleted, or its pod not the mesh's); true if it
+    /// was known.
+    pub fn forget(&self, container_id: &str) -> bool {
+        let mut sandboxes = self.sandboxes.lock();
+        let known = sandboxes.remove(container_id).is_some();
+        if known {
+            self.save_sandboxes(&sandboxes);
+            drop(sandboxes);
+            self.changed.notify_one();
+        }
+        known
+    }
+
+    /// Why the pod of `key` waits, if it does.
+    pub fn waiting_reason(&self, key: &str) -> Option<String> {
+        self.report
+            .lock()
+            .waiting
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, why)| why.clone())
+    }
+
+    fn save_sandboxes(&self, sandboxes: &BTreeMap<String, PodSandbox>) {
+        let path = self.settings.cni.sandboxes_file();
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::to_vec(sandboxes)?)?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(err) = written {
+            tracing::warn!(file = %path.display(), error = %err, "saving the announced sandboxes failed: after a restart their pods wait for the API to say they run");
+        }
+    }
+
+    /// Writes the namespaces labelled for the mesh for the plugin, when
+    /// they changed and the view is whole (listed, or saved from a whole
+    /// one).
+    fn write_enrolled_namespaces(&self) {
+        let from_saved = self.report.lock().from_saved_state;
+        if !self.health.all_synced() && !from_saved {
+            return;
+        }
+        let namespaces: Vec<String> = self
+            .view
+            .lock()
+            .namespaces
+            .iter()
+            .filter(|(_, labels)| {
+                labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_AMBIENT)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut written = self.namespaces_written.lock();
+        if written.as_ref() == Some(&namespaces) {
+            return;
+        }
+        let path = self.settings.cni.namespaces_file();
+        match (EnrolledNamespaces {
+            namespaces: namespaces.clone(),
+        })
+        .write(&path)
+        {
+            Ok(()) => *written = Some(namespaces),
+            Err(err) => {
+                tracing::warn!(file = %path.display(), error = %err, "writing the namespaces in the mesh for the CNI plugin failed")
+            }
+        }
     }
 
     /// The Kubernetes part of `/status`.
@@ -320,6 +469,7 @@ impl KubeSource {
                     return;
                 }
             }
+            self.write_enrolled_namespaces();
             save_due = self.save(&mut last_saved).await;
         }
     }
@@ -353,6 +503,60 @@ impl KubeSource {
             Err(err) => tracing::warn!(error = %err, "saving the Kubernetes state failed"),
         }
         false
+    }
+}
+
+/// Whether a pod announced by the CNI plugin is in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// The API has not described the pod yet (as far as the watch says).
+    Undescribed,
+    /// The pod is scheduled to another node (a wrong `NODE_NAME`?).
+    ElsewhereScheduled(String),
+    NotInMesh(NotEnrolled),
+    /// In the mesh: enrolled as `namespace/name`.
+    InMesh(String),
+}
+
+/// Whether `sandbox` is `pod`'s: by UID, or by name when the runtime gave
+/// no UID.
+fn is_pod_of(pod: &PodFacts, sandbox: &PodSandbox) -> bool {
+    if sandbox.uid.is_empty() {
+        pod.namespace == sandbox.namespace && pod.name == sandbox.name
+    } else {
+        pod.uid == sandbox.uid
+    }
+}
+
+fn pod_of_mut<'a>(view: &'a mut ClusterView, sandbox: &PodSandbox) -> Option<&'a mut PodFacts> {
+    view.pods.values_mut().find(|p| is_pod_of(p, sandbox))
+}
+
+/// A pod whose sandbox the plugin announced is enrolled before the API
+/// says it runs: the sandbox's addresses are its own.
+fn announced(pod: &mut PodFacts, sandbox: &PodSandbox) {
+    pod.running = true;
+    if let Some(v4) = sandbox.ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        std::net::IpAddr::V6(_) => None,
+    }) {
+        pod.ipv4 = Some(v4);
+    }
+    if let Some(v6) = sandbox.ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V6(v6) => Some(*v6),
+        std::net::IpAddr::V4(_) => None,
+    }) {
+        pod.ipv6 = Some(v6);
+    }
+}
+
+fn load_sandboxes(path: &Path) -> BTreeMap<String, PodSandbox> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+            tracing::warn!(file = %path.display(), error = %err, "the announced sandboxes are unreadable: their pods wait for the API to say they run");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
     }
 }
 

@@ -20,12 +20,21 @@ pub const ADMIN: &str = "127.0.0.1:15000";
 /// The agent binary built from the same sources as the tests: cargo builds a
 /// package's binaries before its integration tests, next to their `deps/` dir.
 pub fn agent_binary() -> PathBuf {
+    package_binary("mesh-agent-e2e")
+}
+
+/// The CNI plugin built from the same sources as the tests.
+pub fn cni_plugin_binary() -> PathBuf {
+    package_binary("mesh-cni-e2e")
+}
+
+fn package_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
-    let binary = profile_dir.join("mesh-agent-e2e");
+    let binary = profile_dir.join(name);
     assert!(
         binary.is_file(),
         "{} is missing: run the tests with cargo (`cargo xtask test`)",

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod backend;
 pub mod echo;
 pub mod kernel;
+pub mod kube;
 pub mod load;
 pub mod mesh;
 

@@ -47,6 +47,9 @@ pub(crate) struct StatusRequest {
 pub(crate) struct StatusResponse {
     #[prost(message, optional, tag = "1")]
     pub status: Option<RuntimeStatus>,
+    /// With `verbose`: containerd's `cniconfig` (the networks it loaded), ...
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -389,10 +389,17 @@ impl<'t> ContainerRuntime<'t> {
         range: PodIpRange,
         sandbox_image: &str,
     ) -> anyhow::Result<PathBuf> {
-        for sub in ["net.d", "ipam", "logs"] {
+        for sub in ["net.d", "ipam", "logs", "cni-bin"] {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d)
                 .with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        // The runtime's own plugin directory, holding the system's plugins,
+        // so that a test can install one of its own (a CNI plugin) there.
+        for plugin in CNI_PLUGINS {
+            let link = dir.join("cni-bin").join(plugin);
+            std::os::unix::fs::symlink(Path::new(CNI_BIN_DIR).join(plugin), &link)
+                .with_context(|| format!("cannot link {}", link.display()))?;
         }
         let config = dir.join("config.toml");
         std::fs::write(&config, containerd_config(dir, socket, sandbox_image))
@@ -418,6 +425,48 @@ impl ContainerRuntime<'_> {
     /// `<topology temp dir>/cri-<node>`: config, root, state, IPAM data.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// containerd's CNI plugin directory (the system's plugins, linked).
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.join("cni-bin")
+    }
+
+    /// containerd's CNI configuration directory (one conflist: the bridge
+    /// network).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.join("net.d")
+    }
+
+    /// The CNI configuration containerd has loaded (`Status`, verbose:
+    /// `cniconfig`), as JSON text. containerd reloads it when the
+    /// configuration directory changes.
+    pub fn loaded_cni_config(&self) -> anyhow::Result<String> {
+        let response: api::StatusResponse =
+            self.call("Status", api::StatusRequest { verbose: true })?;
+        response
+            .info
+            .get("cniconfig")
+            .cloned()
+            .context("Status(verbose) has no `cniconfig`")
+    }
+
+    /// Waits until containerd has loaded a CNI configuration for which
+    /// `loaded` holds (given its JSON text).
+    pub fn wait_cni_config(
+        &self,
+        what: &str,
+        deadline: Duration,
+        loaded: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        wait_until(what, deadline, || {
+            let config = self.loaded_cni_config()?;
+            if loaded(&config) {
+                Ok(true)
+            } else {
+                anyhow::bail!("loaded now: {config}")
+            }
+        })
     }
 
     /// containerd's PID.
@@ -486,6 +535,12 @@ impl ContainerRuntime<'_> {
                 }
             }
         }
+        // The kubelet makes the pod's cgroup before it asks for the sandbox
+        // (so a CNI plugin sees it); the same here, on the unified hierarchy.
+        let mount = cgroup::cgroup2_mount().context("no cgroup2 filesystem is mounted")?;
+        let pod_cgroup = mount.join(cgroup_parent.trim_start_matches('/'));
+        std::fs::create_dir_all(&pod_cgroup)
+            .with_context(|| format!("cannot create {}", pod_cgroup.display()))?;
         let labels: HashMap<String, String> = [
             ("io.kubernetes.pod.name", name),
             ("io.kubernetes.pod.namespace", namespace),
@@ -883,7 +938,7 @@ disabled_plugins = [
     disable_apparmor = true
     restrict_oom_score_adj = true
     [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "{CNI_BIN_DIR}"
+      bin_dir = "{cni_bin_dir}"
       conf_dir = "{conf_dir}"
       max_conf_num = 1
     [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -900,6 +955,7 @@ disabled_plugins = [
         socket = socket.display(),
         opt = d("opt"),
         conf_dir = d("net.d"),
+        cni_bin_dir = d("cni-bin"),
         runc_root = d("runc"),
     )
 }
