@@ -72,6 +72,11 @@ pub enum Command {
         /// program).
         #[arg(long)]
         plugin: Option<PathBuf>,
+        /// Stay running and put the plugin back whenever the conflist loses
+        /// it (a pod network that rewrites its configuration), looking every
+        /// this many seconds; exit on SIGTERM, leaving it installed.
+        #[arg(long, value_name = "SECONDS")]
+        keep: Option<u64>,
     },
     /// Take the CNI plugin out of the node's CNI configuration (the
     /// conflist as it was before, when nothing else changed it) and remove
@@ -143,6 +148,31 @@ fn check_kubernetes(dir: &std::path::Path, node: &config::NodeConfig) -> anyhow:
         println!("  waiting: {pod}: {why}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits up to `timeout` for one of the blocked `signals`; true if one came.
+fn wait_for_signal(
+    signals: &nix::sys::signal::SigSet,
+    timeout: std::time::Duration,
+) -> anyhow::Result<bool> {
+    let timeout = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: 0,
+    };
+    // SAFETY: sigtimedwait reads the set and the timeout, writes nothing
+    // (no siginfo asked for).
+    let got = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &timeout) };
+    if got >= 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        err if err.raw_os_error() == Some(libc::EAGAIN)
+            || err.raw_os_error() == Some(libc::EINTR) =>
+        {
+            Ok(false)
+        }
+        err => Err(err.into()),
+    }
 }
 
 /// A panic in a connection's task ends that task only (tokio catches it):
@@ -231,6 +261,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             dirs,
             plugin,
+            keep,
         } => {
             let cfg = config::load_dir(&config)
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -245,15 +276,16 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 // The plugin outwaits the agent's own limit.
                 timeout_seconds: cni.add_timeout.as_secs() + 10,
             };
-            let installed = mesh_cni::install::install(
-                &plugin,
-                &dirs.bin_dir,
-                &dirs.conf_dir,
-                &cni.state_dir.join("backup"),
-                &settings,
-            )
-            .map_err(anyhow::Error::msg)?;
-            match installed {
+            let install = || {
+                mesh_cni::install::install(
+                    &plugin,
+                    &dirs.bin_dir,
+                    &dirs.conf_dir,
+                    &cni.state_dir.join("backup"),
+                    &settings,
+                )
+            };
+            match install().map_err(anyhow::Error::msg)? {
                 mesh_cni::install::Installed::Added(path) => {
                     println!("installed: mesh-cni chained last in {}", path.display())
                 }
@@ -264,7 +296,30 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            let Some(every) = keep else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            // Until SIGTERM (or SIGINT): the signal is taken as a wake-up.
+            let signals = nix::sys::signal::SigSet::from_iter([
+                nix::sys::signal::Signal::SIGTERM,
+                nix::sys::signal::Signal::SIGINT,
+            ]);
+            signals.thread_block()?;
+            let every = std::time::Duration::from_secs(every.max(1));
+            loop {
+                if wait_for_signal(&signals, every)? {
+                    println!("stopping: mesh-cni stays installed (cni-uninstall removes it)");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                match install() {
+                    Ok(mesh_cni::install::Installed::Added(path)) => println!(
+                        "put back: {} had lost mesh-cni (rewritten by the pod network?)",
+                        path.display()
+                    ),
+                    Ok(mesh_cni::install::Installed::AlreadyThere(_)) => {}
+                    Err(err) => eprintln!("mesh-agent cni-install: {err}"),
+                }
+            }
         }
         Command::CniUninstall { config, dirs } => {
             let cfg = config::load_dir(&config)

@@ -1254,3 +1254,104 @@ fn the_manifests_validate_strictly_against_the_kubernetes_schemas() {
     let passed = text.lines().filter(|l| l.contains(" passed ")).count();
     assert_eq!(passed, 6, "every object validated:\n{text}");
 }
+
+#[test]
+fn the_cni_sidecar_installs_into_the_nodes_cni_dirs_and_the_socket_is_the_nodes() {
+    let m = manifests();
+    let (_dir, config) = m.mounted_config();
+    let cni = &config.node.kubernetes.cni;
+    let sidecar = m
+        .pod()
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "cni-install")
+        .expect("an init container `cni-install`");
+    assert_eq!(
+        sidecar.restart_policy.as_deref(),
+        Some("Always"),
+        "cni-install keeps the plugin installed: a sidecar (restartPolicy: Always)"
+    );
+    assert_eq!(
+        sidecar.image,
+        m.container().image,
+        "the sidecar runs the agent's image"
+    );
+    let args = sidecar.args.clone().unwrap_or_default();
+    let cli = Cli::try_parse_from(std::iter::once("mesh-agent".to_string()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("the agent refuses the sidecar's args {args:?}:\n{e}"));
+    let Command::CniInstall {
+        config: config_dir,
+        dirs,
+        plugin,
+        keep,
+    } = cli.command
+    else {
+        panic!("the sidecar's args {args:?} are not `cni-install`");
+    };
+    assert!(
+        keep.is_some(),
+        "the sidecar keeps the plugin installed (--keep)"
+    );
+    assert!(
+        plugin.is_none(),
+        "the plugin comes from the image, beside the agent"
+    );
+    let mounts = sidecar.volume_mounts.as_deref().unwrap_or_default();
+    // Each of the node's directories mounted at its own path from the node.
+    let node_dir = |path: &Path, what: &str| {
+        let mount = mounts
+            .iter()
+            .filter(|mount| path.starts_with(&mount.mount_path))
+            .max_by_key(|mount| Path::new(&mount.mount_path).components().count())
+            .unwrap_or_else(|| panic!("the sidecar does not mount {what} {}", path.display()));
+        let host = m
+            .volume(&mount.name)
+            .host_path
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what} {} is not a hostPath", path.display()));
+        assert_eq!(host.path, mount.mount_path, "{what} is the node's own path");
+        assert_ne!(mount.read_only, Some(true), "{what} is written");
+    };
+    node_dir(&dirs.bin_dir, "--bin-dir");
+    node_dir(&dirs.conf_dir, "--conf-dir");
+    node_dir(
+        &cni.state_dir,
+        "kubernetes.cni.stateDir (the conflist's backup)",
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|mount| Path::new(&mount.mount_path) == config_dir.as_path()),
+        "the sidecar reads node.yaml from --config {}",
+        config_dir.display()
+    );
+    // The agent makes the socket where the plugin, on the node, looks.
+    let socket_dir = cni.socket.parent().expect("a socket path");
+    let (mount, volume) = m.covering_mount(&cni.socket).unwrap_or_else(|| {
+        panic!(
+            "kubernetes.cni.socket {} is not mounted",
+            cni.socket.display()
+        )
+    });
+    let host = volume
+        .host_path
+        .as_ref()
+        .expect("the socket's directory is a hostPath");
+    assert_eq!(host.path, mount.mount_path);
+    assert!(socket_dir.starts_with(&mount.mount_path));
+    assert_ne!(
+        mount.read_only,
+        Some(true),
+        "the agent binds the socket there"
+    );
+    let state = m
+        .covering_mount(&cni.state_dir)
+        .expect("kubernetes.cni.stateDir is mounted in the agent")
+        .0;
+    assert_ne!(
+        state.read_only,
+        Some(true),
+        "kubernetes.cni.stateDir is written"
+    );
+}

@@ -19,7 +19,8 @@ use std::{
 
 pub use error::ConfigError;
 pub use node::{
-    Discovery, HttpSettings, KubernetesSettings, Limits, NodeConfig, OnStop, default_admin_address,
+    CniSettings, Discovery, HttpSettings, KubernetesSettings, Limits, NodeConfig, OnStop,
+    default_admin_address,
 };
 pub use pods::{CaptureExclusions, KubeletProbes, PodConfig, PodsFile};
 pub use services::{

@@ -630,6 +630,105 @@ fn save(path: &Path, view: &ClusterView) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn pending_pod(uid: &str, name: &str, node: &str) -> PodFacts {
+        PodFacts {
+            uid: uid.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            node: Some(node.into()),
+            service_account: name.into(),
+            labels: Default::default(),
+            ipv4: None,
+            ipv6: None,
+            running: false,
+            host_network: false,
+            qos: None,
+            host_ips: Vec::new(),
+            probe_ports: Vec::new(),
+        }
+    }
+
+    fn sandbox(uid: &str, name: &str) -> PodSandbox {
+        PodSandbox {
+            container_id: format!("sandbox-{name}"),
+            netns: format!("/var/run/netns/cni-{name}"),
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: uid.into(),
+            ips: vec!["10.1.200.7".parse().unwrap(), "fd00::7".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn an_announced_sandbox_makes_its_pending_pod_a_member_by_the_apis_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = KubernetesSettings {
+            state_file: dir.path().join("cluster.json"),
+            cni: config::CniSettings {
+                state_dir: dir.path().join("cni"),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let source = KubeSource::new(&settings, "n1").unwrap();
+        {
+            let mut view = source.view.lock();
+            view.namespaces.insert(
+                "shop".into(),
+                [(
+                    DATAPLANE_MODE_LABEL.to_string(),
+                    DATAPLANE_MODE_AMBIENT.to_string(),
+                )]
+                .into(),
+            );
+            view.pods
+                .insert("u1".into(), pending_pod("u1", "web", "n1"));
+            let mut opted_out = pending_pod("u2", "batch", "n1");
+            opted_out.labels = std::collections::BTreeMap::from([(
+                DATAPLANE_MODE_LABEL.to_string(),
+                "none".to_string(),
+            )])
+            .into();
+            view.pods.insert("u2".into(), opted_out);
+            view.pods
+                .insert("u3".into(), pending_pod("u3", "away", "n2"));
+        }
+        // Pending, no IP: a member all the same, by its sandbox.
+        assert_eq!(
+            source.membership(&sandbox("u1", "web")),
+            Membership::InMesh("shop/web".into())
+        );
+        assert_eq!(
+            source.membership(&sandbox("u2", "batch")),
+            Membership::NotInMesh(NotEnrolled::OptedOut)
+        );
+        assert_eq!(
+            source.membership(&sandbox("u3", "away")),
+            Membership::ElsewhereScheduled("n2".into())
+        );
+        assert_eq!(
+            source.membership(&sandbox("u9", "new")),
+            Membership::Undescribed
+        );
+        // Announced sandboxes are kept on disk for the next start, and the
+        // newest sandbox of a pod replaces the one before.
+        source.announce(sandbox("u1", "web"));
+        let mut again = sandbox("u1", "web");
+        again.container_id = "sandbox-web-2".into();
+        source.announce(again.clone());
+        let saved = load_sandboxes(&settings.cni.sandboxes_file());
+        assert_eq!(saved.into_values().collect::<Vec<_>>(), vec![again.clone()]);
+        assert!(source.forget("sandbox-web-2"));
+        assert!(!source.forget("sandbox-web-2"));
+        assert!(load_sandboxes(&settings.cni.sandboxes_file()).is_empty());
+        // The overlay: the pod runs with the sandbox's addresses.
+        let mut pod = pending_pod("u1", "web", "n1");
+        announced(&mut pod, &again);
+        assert!(pod.running);
+        assert_eq!(pod.ipv4, Some("10.1.200.7".parse().unwrap()));
+        assert_eq!(pod.ipv6, Some("fd00::7".parse().unwrap()));
+    }
+
     #[test]
     fn the_saved_state_round_trips_and_a_missing_file_is_no_state() {
         let dir = tempfile::tempdir().unwrap();

@@ -251,25 +251,49 @@ impl<'t> Cluster<'t> {
         Ok(out)
     }
 
-    /// `mesh-agent <command> --config <node's config> --bin-dir <containerd's>
-    /// --conf-dir <containerd's> <args>`; its stdout.
-    fn run_agent_command(
-        &self,
-        node: &str,
-        command: &str,
-        args: &[&str],
-    ) -> anyhow::Result<String> {
+    /// `mesh-agent cni-install --keep 1` in `node`, as the DaemonSet's
+    /// sidecar runs it, once containerd has loaded the conflist with the
+    /// plugin. Stopped with the returned process.
+    pub fn keep_cni_installed(&self, node: &str) -> anyhow::Result<Process> {
         let n = self.node(node);
-        let output = Command::new(crate::agent::agent_binary())
-            .arg(command)
+        let plugin = crate::agent::cni_plugin_binary().display().to_string();
+        let keeper = n.node.spawn_with(self.agent_command(
+            node,
+            "cni-install",
+            &["--plugin", &plugin, "--keep", "1"],
+        ))?;
+        n.runtime.wait_cni_config(
+            "containerd to load the conflist with mesh-cni",
+            Duration::from_secs(20),
+            |config| config.contains("mesh-cni"),
+        )?;
+        Ok(keeper)
+    }
+
+    /// `mesh-agent <command> --config <node's config> --bin-dir <containerd's>
+    /// --conf-dir <containerd's> <args>`.
+    fn agent_command(&self, node: &str, command: &str, args: &[&str]) -> Command {
+        let n = self.node(node);
+        let mut cmd = Command::new(crate::agent::agent_binary());
+        cmd.arg(command)
             .arg("--config")
             .arg(n.agent.config_dir())
             .arg("--bin-dir")
             .arg(n.runtime.cni_bin_dir())
             .arg("--conf-dir")
             .arg(n.runtime.cni_conf_dir())
-            .args(args)
-            .output()?;
+            .args(args);
+        cmd
+    }
+
+    /// [`Cluster::agent_command`] run to completion; its stdout.
+    fn run_agent_command(
+        &self,
+        node: &str,
+        command: &str,
+        args: &[&str],
+    ) -> anyhow::Result<String> {
+        let output = self.agent_command(node, command, args).output()?;
         anyhow::ensure!(
             output.status.success(),
             "mesh-agent {command}: {}: {}",

@@ -317,10 +317,30 @@ fn model_api_with_the_agent_stopped_mesh_pods_wait_others_start_and_uninstall_re
         .cni_conf_dir()
         .join("10-mesh-testbed.conflist");
     let original = std::fs::read(&conflist).unwrap();
-    cluster
-        .install_cni("n1")
+    let mut keeper = cluster
+        .keep_cni_installed("n1")
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_ne!(std::fs::read(&conflist).unwrap(), original);
+    // The pod network rewrites its conflist: the plugin is put back.
+    std::fs::write(&conflist, &original).unwrap();
+    wait_until(
+        "the keeper to put mesh-cni back",
+        Duration::from_secs(20),
+        || {
+            Ok(keeper.stdout_so_far().contains("put back")
+                && std::fs::read_to_string(&conflist)?.contains("mesh-cni"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", keeper.output_report()));
+    cluster
+        .node("n1")
+        .runtime
+        .wait_cni_config(
+            "containerd to load mesh-cni again",
+            Duration::from_secs(20),
+            |c| c.contains("mesh-cni"),
+        )
+        .unwrap();
 
     // A pod enrolled through the plugin.
     let (sandbox, _) = start_pod(&mut cluster, "web");
@@ -387,6 +407,9 @@ fn model_api_with_the_agent_stopped_mesh_pods_wait_others_start_and_uninstall_re
 
     // Uninstalled: the conflist is byte for byte what it was, and
     // containerd has loaded it.
+    keeper.signal(Signal::SIGTERM).unwrap();
+    let stopped = keeper.wait_with_deadline(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", keeper.output_report());
     remove_pod(&cluster, &late);
     remove_pod(&cluster, &web);
     cluster.api.delete("Pod", OTHER_NAMESPACE, "job");
