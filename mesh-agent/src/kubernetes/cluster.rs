@@ -71,6 +71,7 @@ impl ClusterView {
         // Two pods never share an address: a pod object that outlived its
         // sandbox (its IP since given to another) is the older; keep the
         // first of each address in UID order and name the rest.
+        let opaque = opaque_ports(self.slices.values());
         let mut addresses = HashSet::new();
         let mut mesh: HashMap<(&str, &str), &PodFacts> = HashMap::new();
         for pod in self.pods.values().filter(|p| self.enrolment(p).is_ok()) {
@@ -83,7 +84,13 @@ impl ClusterView {
             mesh.insert((pod.namespace.as_str(), pod.name.as_str()), pod);
             if pod.node.as_deref() == Some(node) {
                 match placements.get(&pod.uid) {
-                    Some(place) => parts.pods.push(local_pod(pod, place)),
+                    Some(place) => {
+                        let ports = opaque
+                            .get(&(pod.namespace.as_str(), pod.name.as_str()))
+                            .cloned()
+                            .unwrap_or_default();
+                        parts.pods.push(local_pod(pod, place, ports))
+                    }
                     None => parts.waiting.push((
                         pod.key(),
                         "its network namespace or cgroup is not found yet".into(),
@@ -130,7 +137,34 @@ impl ClusterView {
     }
 }
 
-fn local_pod(pod: &PodFacts, place: &Placement) -> PodConfig {
+/// Pod (namespace, name) → its ports that a Service declares not HTTP
+/// (`tcp-…`, `mysql`, `appProtocol: tls`, ...), sorted, from the
+/// EndpointSlices that name the pod.
+fn opaque_ports<'a>(
+    slices: impl Iterator<Item = &'a SliceFacts>,
+) -> HashMap<(&'a str, &'a str), Vec<u16>> {
+    let mut opaque: HashMap<(&str, &str), Vec<u16>> = HashMap::new();
+    for slice in slices {
+        let ports: Vec<u16> = slice
+            .ports
+            .iter()
+            .filter(|p| p.declares_opaque())
+            .map(|p| p.port)
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        for pod in slice.endpoints.iter().filter_map(|e| e.pod.as_deref()) {
+            let entry = opaque.entry((slice.namespace.as_str(), pod)).or_default();
+            entry.extend(&ports);
+            entry.sort_unstable();
+            entry.dedup();
+        }
+    }
+    opaque
+}
+
+fn local_pod(pod: &PodFacts, place: &Placement, opaque_ports: Vec<u16>) -> PodConfig {
     PodConfig {
         name: pod.name.clone(),
         namespace: pod.namespace.clone(),
@@ -141,7 +175,7 @@ fn local_pod(pod: &PodFacts, place: &Placement) -> PodConfig {
         netns: place.netns.clone(),
         cgroup: place.cgroup.clone(),
         capture_exclusions: Default::default(),
-        opaque_ports: Vec::new(),
+        opaque_ports,
         kubelet_probes: crate::config::KubeletProbes {
             from: pod.host_ips.clone(),
             ports: pod.probe_ports.clone(),
@@ -232,6 +266,67 @@ mod tests {
         assert_eq!(workloads, vec![("there", "n2")]);
         let local: Vec<&str> = view.local_pods("n1").map(|p| p.name.as_str()).collect();
         assert_eq!(local, vec!["here", "here-unplaced"]);
+    }
+
+    #[test]
+    fn ports_a_service_declares_not_http_are_the_pods_opaque_ports() {
+        use crate::kubernetes::services::{EndpointFacts, SlicePort};
+        let mut view = view(vec![
+            pod("u1", "db", "n1", "10.0.0.1"),
+            pod("u2", "web", "n1", "10.0.0.2"),
+        ]);
+        let port = |name: Option<&str>, port: u16, app: Option<&str>| SlicePort {
+            name: name.map(Into::into),
+            port,
+            app_protocol: app.map(Into::into),
+        };
+        let endpoint = |pod: &str| EndpointFacts {
+            addresses: vec![],
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: Some("n1".into()),
+            zone: None,
+            pod: Some(pod.into()),
+        };
+        view.slices.insert(
+            "shop/db-1".into(),
+            SliceFacts {
+                namespace: "shop".into(),
+                name: "db-1".into(),
+                service: "db".into(),
+                ports: vec![
+                    port(Some("mysql"), 3306, None),
+                    port(Some("tcp-admin"), 9000, None),
+                    port(Some("metrics"), 9100, Some("tls")),
+                    // Declared HTTP, or nothing: left to detection.
+                    port(Some("http-api"), 8080, None),
+                    port(None, 7000, None),
+                    port(Some("tcp-x"), 7001, Some("http")),
+                ],
+                endpoints: vec![endpoint("db")],
+            },
+        );
+        let place = |uid: &str| {
+            (
+                uid.to_string(),
+                Placement {
+                    netns: format!("/var/run/netns/{uid}").into(),
+                    cgroup: format!("/sys/fs/cgroup/pod{uid}").into(),
+                },
+            )
+        };
+        let parts = view.parts("n1", &HashMap::from([place("u1"), place("u2")]));
+        let opaque = |name: &str| {
+            parts
+                .pods
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.opaque_ports.clone())
+                .unwrap()
+        };
+        assert_eq!(opaque("db"), vec![3306, 9000, 9100]);
+        assert_eq!(opaque("web"), Vec::<u16>::new());
     }
 
     #[test]

@@ -72,6 +72,39 @@ pub struct SliceFacts {
 pub struct SlicePort {
     pub name: Option<String>,
     pub port: u16,
+    /// The Service port's `appProtocol`, copied into the slice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+impl SlicePort {
+    /// Whether the port is declared a protocol that is not HTTP, so that
+    /// the pod's port is never parsed as HTTP ([`declares_opaque`]).
+    pub fn declares_opaque(&self) -> bool {
+        declares_opaque(self.name.as_deref(), self.app_protocol.as_deref())
+    }
+}
+
+/// Whether a Service port declares a protocol other than HTTP, as Istio
+/// reads it: `appProtocol`, else the port name's prefix before `-`
+/// (`tcp`, `tls`, `https`, `mongo`, `mysql`, `redis`; case-insensitive).
+/// Such a port of a pod is served as plain TCP at once, never waiting to
+/// detect HTTP (a server that speaks first is not kept waiting). A port
+/// that declares nothing, or something unknown, is left to detection.
+pub fn declares_opaque(name: Option<&str>, app_protocol: Option<&str>) -> bool {
+    let declared = match app_protocol.filter(|a| !a.is_empty()) {
+        Some(app) => app.to_ascii_lowercase(),
+        None => name
+            .unwrap_or_default()
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    };
+    matches!(
+        declared.as_str(),
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis"
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -151,6 +184,7 @@ impl SliceFacts {
                     Some(SlicePort {
                         name: p.name.clone().filter(|n| !n.is_empty()),
                         port: u16::try_from(p.port?).ok()?,
+                        app_protocol: p.app_protocol.clone(),
                     })
                 })
                 .collect(),
