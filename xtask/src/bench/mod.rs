@@ -24,6 +24,7 @@
 
 mod compare;
 mod plot;
+mod ztunnel;
 
 pub use compare::run as compare;
 
@@ -82,6 +83,9 @@ enum Mode {
     MtlsL7,
     /// The experimental same-node fast path (loopback legs and splicing).
     FastSplice,
+    /// Istio's ztunnel on both sides instead of the agents (which enrol
+    /// nothing meanwhile).
+    Ztunnel,
 }
 
 impl Mode {
@@ -92,6 +96,7 @@ impl Mode {
             Mode::Mtls => "mtls",
             Mode::MtlsL7 => "mtls+l7",
             Mode::FastSplice => "fast path",
+            Mode::Ztunnel => "ztunnel",
         }
     }
 
@@ -105,7 +110,7 @@ impl Mode {
 
     /// Which pods are enrolled, and whether the nodes know each other's pods.
     fn enrols(self) -> bool {
-        self != Mode::Direct
+        !matches!(self, Mode::Direct | Mode::Ztunnel)
     }
 
     fn mesh(self) -> bool {
@@ -114,11 +119,12 @@ impl Mode {
 }
 
 /// Measured in this order each round.
-const MODES: [Mode; 5] = [
+const MODES: [Mode; 6] = [
     Mode::Direct,
     Mode::Passthrough,
     Mode::Mtls,
     Mode::MtlsL7,
+    Mode::Ztunnel,
     Mode::FastSplice,
 ];
 
@@ -131,7 +137,11 @@ struct BenchPath {
     baseline: usize,
 }
 
-const PATHS: [BenchPath; 6] = [
+/// The index in [`PATHS`] of ztunnel's path, which every agent path is
+/// also compared with.
+const ZTUNNEL_PATH: usize = 6;
+
+const PATHS: [BenchPath; 7] = [
     BenchPath {
         name: "direct, same node",
         target: "b",
@@ -168,6 +178,12 @@ const PATHS: [BenchPath; 6] = [
         mode: Mode::MtlsL7,
         baseline: 1,
     },
+    BenchPath {
+        name: "ztunnel, across nodes, mTLS L4 (Istio ambient)",
+        target: "c",
+        mode: Mode::Ztunnel,
+        baseline: 1,
+    },
 ];
 
 /// One round's figures of one path.
@@ -183,6 +199,9 @@ struct Sample {
     /// None where the path carries HTTP only (L7).
     bulk_gbit_s: Option<f64>,
     agent_cpu_s_per_1k: f64,
+    /// The proxies' context switches (all threads, voluntary and not) per
+    /// request during the fixed-rate load.
+    context_switches_per_request: f64,
     agent_peak_rss_kib: u64,
     agent_steady_rss_kib: u64,
 }
@@ -295,6 +314,17 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let mut agents: Vec<Process> = Vec::new();
     let mut agents_extra: Option<&str> = None;
 
+    let ztunnel_bin = ztunnel::binary(workspace);
+    match &ztunnel_bin {
+        Some(path) => step(format!(
+            "ztunnel: {} (its path is measured beside the agent's)",
+            path.display()
+        )),
+        None => step(format!(
+            "ztunnel: not found at {} nor ZTUNNEL_BIN: its path is SKIPPED, no ratios to it",
+            workspace.join("../shared/peer/ztunnel").display()
+        )),
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); PATHS.len()];
     for round in 0..plan.rounds {
         for mode in MODES {
@@ -314,7 +344,17 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             }
             set_mode(topo, mode)?;
             set_policies(topo, topo.node("n2"), mode == Mode::MtlsL7)?;
-            let pids: Vec<u32> = agents.iter().map(Process::pid).collect();
+            let mut pids: Vec<u32> = agents.iter().map(Process::pid).collect();
+            let _ztunnels = if mode == Mode::Ztunnel {
+                let Some(binary) = ztunnel_bin.as_deref() else {
+                    continue;
+                };
+                let pair = ztunnel::Pair::start(binary, &topo.tmp_dir().join("ztunnel"), a, c)?;
+                pids = pair.pids();
+                Some(pair)
+            } else {
+                None
+            };
             for (i, path) in PATHS.iter().enumerate().filter(|(_, p)| p.mode == mode) {
                 let sample = measure(&plan, &tools, a, topo.pod(path.target), path, &pids)?;
                 step(format!(
@@ -422,6 +462,7 @@ fn measure(
         .map(|p| rss_kib(*p).unwrap_or(0))
         .collect();
     let cpu_before = cpu_ticks(agent_pids)?;
+    let switches_before = context_switches(agent_pids);
     let sampler = RssSampler::start(agent_pids.to_vec());
     let fixed = http_load(
         tools,
@@ -439,6 +480,7 @@ fn measure(
     )?;
     let rss = RssFigures::of(&sampler.stop());
     let cpu_s = (cpu_ticks(agent_pids)? - cpu_before) as f64 / clock_ticks_per_second();
+    let switches = context_switches(agent_pids).saturating_sub(switches_before);
     let requests = fixed["requests"].as_f64().unwrap_or(0.0);
     if !agent_pids.is_empty() {
         step(format!(
@@ -505,6 +547,11 @@ fn measure(
             0.0
         } else {
             cpu_s / (requests / 1000.0)
+        },
+        context_switches_per_request: if requests == 0.0 {
+            0.0
+        } else {
+            switches as f64 / requests
         },
         agent_peak_rss_kib: rss.peak_kib,
         agent_steady_rss_kib: rss.steady_kib,
@@ -894,6 +941,7 @@ impl Report<'_> {
         PATHS
             .iter()
             .enumerate()
+            .filter(|(i, _)| !self.path(*i).is_empty())
             .map(|(i, p)| plot::PathLatency {
                 name: p.name.to_string(),
                 p50_us: med(self.path(i), |s| s.p50_us),
@@ -972,14 +1020,18 @@ impl Report<'_> {
         );
         let _ = writeln!(
             t,
-            "| path | p50 | p90 | p99 | p99.9 | +p50 | +p99 | saturation | × direct | churn | × direct | bulk | × direct | agent CPU s / 1k req | agent RSS at 1k req/s | agent peak RSS |"
+            "| path | p50 | p90 | p99 | p99.9 | +p50 | +p99 | saturation | × direct | churn | × direct | bulk | × direct | proxy CPU s / 1k req | context switches / req | proxy RSS at 1k req/s | proxy peak RSS |"
         );
         let _ = writeln!(
             t,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for (i, path) in PATHS.iter().enumerate() {
             let s = self.path(i);
+            if s.is_empty() {
+                let _ = writeln!(t, "| {} | not measured (no ztunnel binary) |", path.name);
+                continue;
+            }
             let d = self.path(path.baseline);
             let m = |f: &dyn Fn(&Sample) -> f64| med(s, f);
             let md = |f: &dyn Fn(&Sample) -> f64| med(d, f);
@@ -988,7 +1040,7 @@ impl Report<'_> {
             let agent = path.mode != Mode::Direct;
             let _ = writeln!(
                 t,
-                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs | {:.0} req/s | {:.2} | {:.0} conn/s | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:+.0} µs | {:+.0} µs | {:.0} req/s | {:.2} | {:.0} conn/s | {:.2} | {} | {} | {} | {} | {} | {} |",
                 path.name,
                 m(&|x| x.p50_us),
                 m(&|x| x.p90_us),
@@ -1011,6 +1063,11 @@ impl Report<'_> {
                     "-".into()
                 },
                 if agent {
+                    format!("{:.1}", m(&|x| x.context_switches_per_request))
+                } else {
+                    "-".into()
+                },
+                if agent {
                     format!("{:.1} MB", m(&|x| x.agent_steady_rss_kib as f64) / 1024.0)
                 } else {
                     "-".into()
@@ -1022,6 +1079,7 @@ impl Report<'_> {
                 },
             );
         }
+        let _ = write!(t, "{}", self.against_ztunnel());
         let _ = writeln!(
             t,
             "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
@@ -1059,6 +1117,54 @@ impl Report<'_> {
         t
     }
 
+    /// Every agent path as a ratio to ztunnel's (measured in the same
+    /// rounds); empty when ztunnel was not measured.
+    fn ratios_to_ztunnel(&self) -> Vec<(&'static str, [f64; 6])> {
+        let z = self.path(ZTUNNEL_PATH);
+        if z.is_empty() {
+            return Vec::new();
+        }
+        let zm = |f: &dyn Fn(&Sample) -> f64| med(z, f);
+        PATHS
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                !matches!(p.mode, Mode::Direct | Mode::Ztunnel) && !self.path(*i).is_empty()
+            })
+            .map(|(i, p)| {
+                let m = |f: &dyn Fn(&Sample) -> f64| med(self.path(i), f) / zm(f);
+                (
+                    p.name,
+                    [
+                        m(&|x| x.p50_us),
+                        m(&|x| x.p99_us),
+                        m(&|x| x.saturation_rps),
+                        m(&|x| x.agent_cpu_s_per_1k),
+                        m(&|x| x.context_switches_per_request),
+                        m(&|x| x.agent_steady_rss_kib as f64),
+                    ],
+                )
+            })
+            .collect()
+    }
+
+    fn against_ztunnel(&self) -> String {
+        let ratios = self.ratios_to_ztunnel();
+        if ratios.is_empty() {
+            return "\nztunnel was not measured (no binary at ../shared/peer/ztunnel nor ZTUNNEL_BIN): no ratios to it.\n".into();
+        }
+        let mut t = String::from(
+            "\nAgainst ztunnel (Istio ambient's node proxy, dedicated mode on both sides, the same loads in the same rounds; its client captured by an iptables redirect, which concerns the peer only). Ratios agent / ztunnel; below 1 is better for latency, CPU, context switches and memory, above 1 for saturation. The agents' CPU counts both agents, ztunnel's both ztunnels. Same-node paths compare the agent's single hop with ztunnel's two across nodes: read them as context, not as like for like.\n\n| path | p50 | p99 | saturation | CPU / req | context switches / req | RSS at 1k req/s |\n|---|---|---|---|---|---|---|\n",
+        );
+        for (name, [p50, p99, sat, cpu, switches, rss]) in ratios {
+            let _ = writeln!(
+                t,
+                "| {name} | {p50:.2} | {p99:.2} | {sat:.2} | {cpu:.2} | {switches:.2} | {rss:.2} |"
+            );
+        }
+        t
+    }
+
     fn json(&self) -> Value {
         let paths: Vec<Value> = PATHS
             .iter()
@@ -1075,6 +1181,7 @@ impl Report<'_> {
                             "churn_connections_per_s": s.churn_per_s,
                             "bulk_gbit_s": s.bulk_gbit_s,
                             "agent_cpu_s_per_1k_requests": s.agent_cpu_s_per_1k,
+                            "context_switches_per_request": s.context_switches_per_request,
                             "agent_peak_rss_kib": s.agent_peak_rss_kib,
                             "agent_steady_rss_kib": s.agent_steady_rss_kib,
                         })
@@ -1098,6 +1205,10 @@ impl Report<'_> {
                 "bulk_mib": self.plan.bulk_mib,
             },
             "paths": paths,
+            "ratios_to_ztunnel": self.ratios_to_ztunnel().into_iter().map(|(name, [p50, p99, sat, cpu, switches, rss])| json!({
+                "path": name, "p50": p50, "p99": p99, "saturation": sat,
+                "cpu_per_request": cpu, "context_switches_per_request": switches, "rss": rss,
+            })).collect::<Vec<_>>(),
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,
@@ -1305,6 +1416,28 @@ fn pod_entry(pod: &Pod, kind: &str) -> String {
         let _ = writeln!(entry, "    node: {}", pod.node_name());
     }
     entry
+}
+
+/// Context switches of every thread of `pids`, voluntary and not.
+fn context_switches(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches:")
+                        || l.starts_with("nonvoluntary_ctxt_switches:")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    total
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
