@@ -457,6 +457,15 @@ fn measure(
     agent_pids: &[u32],
 ) -> Result<Sample> {
     let url = format!("http://{}:{HTTP_PORT}{REQUEST_PATH}", target.ipv4());
+    // ztunnel's client side goes through its SOCKS5 listener (it does not
+    // capture by itself); the agent's is captured by its kernel programs.
+    let http_load = |tools: &Tools, client: &Pod, args: &[&str]| {
+        let mut args = args.to_vec();
+        if path.mode == Mode::Ztunnel {
+            args.extend(["--socks5", ztunnel::SOCKS5]);
+        }
+        http_load(tools, client, &args)
+    };
     let rss_at_start: Vec<u64> = agent_pids
         .iter()
         .map(|p| rss_kib(*p).unwrap_or(0))
@@ -517,8 +526,10 @@ fn measure(
             "--new-connection-per-request",
         ],
     )?;
-    let bulk_gbit_s = if path.mode == Mode::MtlsL7 {
-        // The L7 policies allow HTTP requests only: no raw stream.
+    let bulk_gbit_s = if matches!(path.mode, Mode::MtlsL7 | Mode::Ztunnel) {
+        // The L7 policies allow HTTP requests only: no raw stream. ztunnel's
+        // client is reached through SOCKS5, which the bulk script does not
+        // speak.
         None
     } else {
         let out = run_script(
@@ -1154,7 +1165,7 @@ impl Report<'_> {
             return "\nztunnel was not measured (no binary at ../shared/peer/ztunnel nor ZTUNNEL_BIN): no ratios to it.\n".into();
         }
         let mut t = String::from(
-            "\nAgainst ztunnel (Istio ambient's node proxy, dedicated mode on both sides, the same loads in the same rounds; its client captured by an iptables redirect, which concerns the peer only). Ratios agent / ztunnel; below 1 is better for latency, CPU, context switches and memory, above 1 for saturation. The agents' CPU counts both agents, ztunnel's both ztunnels. Same-node paths compare the agent's single hop with ztunnel's two across nodes: read them as context, not as like for like.\n\n| path | p50 | p99 | saturation | CPU / req | context switches / req | RSS at 1k req/s |\n|---|---|---|---|---|---|---|\n",
+            "\nAgainst ztunnel (Istio ambient's node proxy, dedicated mode on both sides, the same loads in the same rounds; its client connects through ztunnel's own SOCKS5 listener, since ztunnel does not capture by itself; no bulk stream for it). Ratios agent / ztunnel; below 1 is better for latency, CPU, context switches and memory, above 1 for saturation. The agents' CPU counts both agents, ztunnel's both ztunnels. Same-node paths compare the agent's single hop with ztunnel's two across nodes: read them as context, not as like for like.\n\n| path | p50 | p99 | saturation | CPU / req | context switches / req | RSS at 1k req/s |\n|---|---|---|---|---|---|---|\n",
         );
         for (name, [p50, p99, sat, cpu, switches, rss]) in ratios {
             let _ = writeln!(

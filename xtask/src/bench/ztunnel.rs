@@ -3,12 +3,10 @@
 //! client pod a and in the server pod c), both minting from its `FAKE_CA`
 //! test root, with a local XDS file describing a and c as HBONE workloads.
 //!
-//! ztunnel does not capture by itself. Its client side is captured the way
-//! ztunnel's own docs describe for dedicated mode: an iptables `nat OUTPUT`
-//! REDIRECT to its 15001 in pod a, for traffic to c only, excluding the
-//! packets ztunnel marks itself (`PACKET_MARK`). This concerns the peer
-//! only: the agent never uses packet-filter rules. The rule goes with a's
-//! namespace at the end of the run, and is removed when this path ends.
+//! ztunnel does not capture by itself. Its client side is reached through
+//! the SOCKS5 listener ztunnel offers for that (`UNSTABLE_ENABLE_SOCKS5`,
+//! [`SOCKS5`]): the load client connects there and names c. No packet
+//! filter is involved, for ztunnel or the agent.
 
 use std::{
     path::{Path, PathBuf},
@@ -16,11 +14,13 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use mesh_testbed::{Pod, Process, wait_until};
 
-/// ztunnel's mark on its own sockets, excluded from the redirect.
+/// ztunnel's mark on its own sockets (required in dedicated mode).
 const PACKET_MARK: u32 = 1337;
+/// ztunnel's SOCKS5 listener, in the client pod.
+pub const SOCKS5: &str = "127.0.0.1:15080";
 
 /// `ZTUNNEL_BIN`, else `../shared/peer/ztunnel` beside the workspace.
 pub fn binary(workspace: &Path) -> Option<PathBuf> {
@@ -30,21 +30,19 @@ pub fn binary(workspace: &Path) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// The two ztunnels of the path; stopped (and a's redirect removed) on drop.
-pub struct Pair<'t> {
-    client: &'t Pod,
+/// The two ztunnels of the path; stopped on drop.
+pub struct Pair {
     processes: Vec<Process>,
 }
 
-impl<'t> Pair<'t> {
-    /// Starts ztunnel in `client` and in `server`, ready, with `client`'s
-    /// traffic to `server` redirected to its ztunnel.
-    pub fn start(binary: &Path, dir: &Path, client: &'t Pod, server: &Pod) -> Result<Self> {
+impl Pair {
+    /// Starts ztunnel in `client` (with its SOCKS5 listener) and in
+    /// `server`, and waits until both are ready.
+    pub fn start(binary: &Path, dir: &Path, client: &Pod, server: &Pod) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let xds = dir.join("local-xds.yaml");
         std::fs::write(&xds, local_xds(&[(client, "n1"), (server, "n2")]))?;
         let mut pair = Pair {
-            client,
             processes: Vec::new(),
         };
         for pod in [client, server] {
@@ -62,6 +60,7 @@ impl<'t> Pair<'t> {
                 .env("NODE_NAME", pod.node_name())
                 .env("PACKET_MARK", PACKET_MARK.to_string())
                 .env("ENABLE_ORIG_SRC", "false")
+                .env("UNSTABLE_ENABLE_SOCKS5", "true")
                 .env("RUST_LOG", "warn");
             let mut process = pod.spawn_with(cmd)?;
             let ready = wait_until(
@@ -85,11 +84,6 @@ impl<'t> Pair<'t> {
             }
             pair.processes.push(process);
         }
-        let rule = redirect_rule(server);
-        let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-        client
-            .run("iptables", &args, Duration::from_secs(10))
-            .context("redirecting a's traffic to c into its ztunnel (iptables)")?;
         Ok(pair)
     }
 
@@ -99,44 +93,12 @@ impl<'t> Pair<'t> {
     }
 }
 
-impl Drop for Pair<'_> {
+impl Drop for Pair {
     fn drop(&mut self) {
-        let _ = self.client.run(
-            "iptables",
-            &["-t", "nat", "-F", "OUTPUT"],
-            Duration::from_secs(10),
-        );
         for process in &mut self.processes {
             process.kill();
         }
     }
-}
-
-/// `iptables -t nat -A OUTPUT ...`: a's TCP to `server`, but ztunnel's
-/// own (marked) packets, to ztunnel's outbound port.
-fn redirect_rule(server: &Pod) -> Vec<String> {
-    [
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        &server.ipv4().to_string(),
-        "-m",
-        "mark",
-        "!",
-        "--mark",
-        &format!("0x{PACKET_MARK:x}/0xfff"),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]
-    .into_iter()
-    .map(str::to_string)
-    .collect()
 }
 
 /// ztunnel's local XDS file: the pods as HBONE workloads of their nodes.

@@ -94,11 +94,17 @@ struct Args {
     /// Per-request deadline (connect included).
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Connect through this SOCKS5 proxy (a proxy's client side that does not
+    /// capture by itself, as ztunnel's in the benchmark).
+    #[arg(long)]
+    socks5: Option<SocketAddr>,
 }
 
 /// What every request is made of, checked once up front.
 struct Plan {
     addr: SocketAddr,
+    /// The SOCKS5 proxy to connect through, if any.
+    socks5: Option<SocketAddr>,
     /// Origin-form for HTTP/1.1 (with a Host header); absolute for HTTP/2, which
     /// takes `:scheme` and `:authority` from it.
     uri: Uri,
@@ -201,6 +207,7 @@ impl Plan {
         };
         Ok(Plan {
             addr,
+            socks5: args.socks5,
             uri,
             method,
             headers,
@@ -307,7 +314,16 @@ impl Dials {
 /// One TCP connect, bounded by the request's deadline. A connect that does not
 /// finish in time is still a `connect` failure: no connection was ever made.
 async fn connect(plan: &Plan, deadline: Instant) -> Result<TcpStream, Failure> {
-    match timeout_at(deadline, TcpStream::connect(plan.addr)).await {
+    let dial = async {
+        match plan.socks5 {
+            None => TcpStream::connect(plan.addr).await,
+            Some(proxy) => tokio_socks::tcp::Socks5Stream::connect(proxy, plan.addr)
+                .await
+                .map(tokio_socks::tcp::Socks5Stream::into_inner)
+                .map_err(std::io::Error::other),
+        }
+    };
+    match timeout_at(deadline, dial).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
             Ok(tcp)
