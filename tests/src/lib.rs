@@ -62,7 +62,7 @@ pub mod traffic;
 mod wait;
 pub mod wire;
 
-pub use preflight::{e2e_enabled, e2e_preflight};
+pub use preflight::{e2e_enabled, e2e_preflight, runs_or_skips};
 pub use process::Process;
 pub use sweep::sweep_leftovers;
 pub use topology::{CONTROL_PLANE_IPV4, Node, Pod, Topology, TopologyBuilder};

@@ -55,12 +55,24 @@ fn check() -> Result<(), String> {
 /// panics with the reason (CI must never skip quietly), otherwise it prints
 /// `SKIPPED <test>: <reason>` to stderr and returns false.
 pub fn e2e_enabled(test_name: &str) -> bool {
-    match e2e_preflight() {
+    runs_or_skips(
+        test_name,
+        "end-to-end prerequisites missing",
+        e2e_preflight(),
+    )
+}
+
+/// Whether a test whose prerequisite is `ready` runs: `Ok` runs; a missing
+/// prerequisite (`what`: why, in a few words) panics with `CI=true` (CI
+/// never skips quietly) and otherwise prints `SKIPPED <test>: <reason>` and
+/// skips.
+pub fn runs_or_skips(test_name: &str, what: &str, ready: Result<(), String>) -> bool {
+    match ready {
         Ok(()) => true,
         Err(reason) => {
             let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
             if ci {
-                panic!("{test_name}: end-to-end prerequisites missing and CI=true: {reason}");
+                panic!("{test_name}: {what} and CI=true: {reason}");
             }
             eprintln!("SKIPPED {test_name}: {reason}");
             false

@@ -68,6 +68,15 @@ pub struct KubePod {
 }
 
 impl KubePod {
+    /// The pod of a sandbox made with [`Cluster::run_sandbox`].
+    pub fn of(sandbox: &Sandbox) -> Self {
+        Self {
+            name: sandbox.name.clone(),
+            uid: sandbox.uid.clone(),
+            sandbox: sandbox.clone(),
+        }
+    }
+
     pub fn ip(&self) -> IpAddr {
         IpAddr::V4(self.sandbox.ip)
     }
@@ -221,7 +230,6 @@ impl<'t> Cluster<'t> {
     /// Chains the CNI plugin into `node`'s containerd configuration with
     /// `mesh-agent cni-install`, and waits until containerd has loaded it.
     pub fn install_cni(&self, node: &str) -> anyhow::Result<String> {
-        let n = self.node(node);
         let out = self.run_agent_command(
             node,
             "cni-install",
@@ -230,24 +238,15 @@ impl<'t> Cluster<'t> {
                 &crate::agent::cni_plugin_binary().display().to_string(),
             ],
         )?;
-        n.runtime.wait_cni_config(
-            "containerd to load the conflist with mesh-cni",
-            Duration::from_secs(20),
-            |config| config.contains("mesh-cni"),
-        )?;
+        self.wait_plugin_loaded(node, true)?;
         Ok(out)
     }
 
     /// Takes the plugin out again with `mesh-agent cni-uninstall`, and waits
     /// until containerd has loaded the conflist without it.
     pub fn uninstall_cni(&self, node: &str) -> anyhow::Result<String> {
-        let n = self.node(node);
         let out = self.run_agent_command(node, "cni-uninstall", &[])?;
-        n.runtime.wait_cni_config(
-            "containerd to load the conflist without mesh-cni",
-            Duration::from_secs(20),
-            |config| !config.contains("mesh-cni"),
-        )?;
+        self.wait_plugin_loaded(node, false)?;
         Ok(out)
     }
 
@@ -262,12 +261,19 @@ impl<'t> Cluster<'t> {
             "cni-install",
             &["--plugin", &plugin, "--keep", "1"],
         ))?;
-        n.runtime.wait_cni_config(
-            "containerd to load the conflist with mesh-cni",
-            Duration::from_secs(20),
-            |config| config.contains("mesh-cni"),
-        )?;
+        self.wait_plugin_loaded(node, true)?;
         Ok(keeper)
+    }
+
+    /// Waits until `node`'s containerd has loaded its conflist with the
+    /// plugin chained (`chained`) or without it.
+    pub fn wait_plugin_loaded(&self, node: &str, chained: bool) -> anyhow::Result<()> {
+        let what = if chained { "with" } else { "without" };
+        self.node(node).runtime.wait_cni_config(
+            &format!("containerd to load the conflist {what} mesh-cni"),
+            Duration::from_secs(20),
+            |config| config.contains("mesh-cni") == chained,
+        )
     }
 
     /// `mesh-agent <command> --config <node's config> --bin-dir <containerd's>

@@ -66,14 +66,9 @@ fn cluster_with_db(topo: &Topology, ip_block: u8) -> (Cluster<'_>, KubePod) {
 /// The pod's first process: `pod-tool send` to db, started the moment the
 /// sandbox exists; whether db answered.
 fn first_connection(cluster: &Cluster<'_>, sandbox: &Sandbox, db: &KubePod) -> bool {
-    let pod = KubePod {
-        name: sandbox.name.clone(),
-        uid: sandbox.uid.clone(),
-        sandbox: sandbox.clone(),
-    };
     cluster
         .spawn(
-            &pod,
+            &KubePod::of(sandbox),
             &[
                 "send",
                 &db.ip().to_string(),
@@ -102,12 +97,7 @@ fn start_pod(cluster: &mut Cluster<'_>, name: &str) -> (anyhow::Result<Sandbox>,
 /// The sandbox's Pod object says Running with its IP (the kubelet reports
 /// it once the containers run).
 fn report_running(cluster: &Cluster<'_>, sandbox: &Sandbox) {
-    let pod = KubePod {
-        name: sandbox.name.clone(),
-        uid: sandbox.uid.clone(),
-        sandbox: sandbox.clone(),
-    };
-    cluster.put_pod("n1", &pod);
+    cluster.put_pod("n1", &KubePod::of(sandbox));
 }
 
 fn remove_pod(cluster: &Cluster<'_>, sandbox: &Sandbox) {
@@ -332,15 +322,7 @@ fn model_api_with_the_agent_stopped_mesh_pods_wait_others_start_and_uninstall_re
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", keeper.output_report()));
-    cluster
-        .node("n1")
-        .runtime
-        .wait_cni_config(
-            "containerd to load mesh-cni again",
-            Duration::from_secs(20),
-            |c| c.contains("mesh-cni"),
-        )
-        .unwrap();
+    cluster.wait_plugin_loaded("n1", true).unwrap();
 
     // A pod enrolled through the plugin.
     let (sandbox, _) = start_pod(&mut cluster, "web");

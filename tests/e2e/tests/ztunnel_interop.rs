@@ -20,7 +20,7 @@ use std::{
 
 use mesh_agent::proxy::{connections::Direction, outcome::Outcome};
 use mesh_e2e::{NodeAgent, pods_yaml};
-use mesh_testbed::{Pod, Process, Topology, e2e_enabled, wait_until};
+use mesh_testbed::{Pod, Process, Topology, e2e_enabled, runs_or_skips, wait_until};
 
 const ECHO_PORT: u16 = 7000;
 /// ztunnel's policy denies this port of z.
@@ -83,24 +83,15 @@ fn ztunnel_binary() -> Option<PathBuf> {
 /// Whether to run: the e2e prerequisites and the binary. With `CI=true` a
 /// missing binary fails the test (CI never skips quietly).
 fn enabled(test: &str) -> Option<PathBuf> {
-    if !e2e_enabled(test) {
-        return None;
-    }
-    match ztunnel_binary() {
-        Some(path) => Some(path),
-        None => {
-            let why = format!(
-                "no ztunnel binary at {} (or ZTUNNEL_BIN)",
-                peer_dir().join("ztunnel").display()
-            );
-            let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-            if ci {
-                panic!("{test}: {why} and CI=true");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            None
-        }
-    }
+    let binary = ztunnel_binary();
+    let ready = binary.as_ref().map(|_| ()).ok_or_else(|| {
+        format!(
+            "no ztunnel binary at {} (or ZTUNNEL_BIN)",
+            peer_dir().join("ztunnel").display()
+        )
+    });
+    (e2e_enabled(test) && runs_or_skips(test, "the peer is missing", ready))
+        .then(|| binary.expect("checked"))
 }
 
 /// ztunnel's local XDS file: the two workloads and its policy.

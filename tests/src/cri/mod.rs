@@ -219,20 +219,8 @@ pub fn preflight() -> Result<(), String> {
 /// with `CI=true` a missing prerequisite panics (CI never skips quietly);
 /// otherwise it prints `SKIPPED <test>: <reason>` and returns false.
 pub fn cri_enabled(test_name: &str) -> bool {
-    if !crate::e2e_enabled(test_name) {
-        return false;
-    }
-    match preflight() {
-        Ok(()) => true,
-        Err(reason) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-            if ci {
-                panic!("{test_name}: container runtime missing and CI=true: {reason}");
-            }
-            eprintln!("SKIPPED {test_name}: {reason}");
-            false
-        }
-    }
+    crate::e2e_enabled(test_name)
+        && crate::runs_or_skips(test_name, "container runtime missing", preflight())
 }
 
 /// containerd on one test-bed node, with a CRI client. See the module docs.
