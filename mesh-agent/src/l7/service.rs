@@ -141,7 +141,7 @@ impl Relay {
             }
             Err(refusal) => {
                 if self.protocol == Protocol::Http2 {
-                    drain_refused_body(request.into_body());
+                    drain_refused_body(request.into_body()).await;
                 }
                 let denied_by = refusal.denied_by.clone();
                 (refusal.into_response(), denied_by)
@@ -267,32 +267,50 @@ impl Relay {
 const DRAIN_BYTES: u64 = 1024 * 1024;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads and discards the body of a request answered here, in the
-/// background. Without it, HTTP/2 resets the stream (RST_STREAM NO_ERROR,
-/// which RFC 9113 allows) as soon as the answer is sent while the client is
-/// still sending, and common clients (curl) then report an error instead of
-/// the 403. Bounded: beyond [`DRAIN_BYTES`] or [`DRAIN_TIME`] the stream is
-/// reset after all.
-fn drain_refused_body(body: Incoming) {
-    use http_body_util::BodyExt;
+/// Reads and discards the body of a request answered here, before the
+/// answer leaves. An answer that reaches an HTTP/2 client still sending
+/// makes common clients (curl) end the body short with END_STREAM; the
+/// body then no longer matches its `Content-Length`, which RFC 9113 §8.1.1
+/// makes a malformed request, and the stream is reset with PROTOCOL_ERROR
+/// after the 403 was sent: the client reports an error instead of the 403.
+/// Bounded by [`DRAIN_BYTES`] and [`DRAIN_TIME`]: a larger or slower body
+/// is answered then, and the rest is drained in the background (see
+/// [`drain_in_background`]).
+async fn drain_refused_body(body: Incoming) {
     use hyper::body::Body;
     if body.is_end_stream() {
         return;
     }
+    let mut body = body;
+    let mut read = 0u64;
+    let ended = tokio::time::timeout(DRAIN_TIME, drain(&mut body, &mut read)).await;
+    if !matches!(ended, Ok(true)) {
+        drain_in_background(body);
+    }
+}
+
+/// Reads `body` until it ends (true) or more than [`DRAIN_BYTES`] were
+/// read in all (false).
+async fn drain(body: &mut Incoming, read: &mut u64) -> bool {
+    use http_body_util::BodyExt;
+    while *read <= DRAIN_BYTES {
+        match body.frame().await {
+            Some(Ok(frame)) => *read += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => return true,
+        }
+    }
+    false
+}
+
+/// Keeps reading a refused body once the answer is on its way, so the
+/// stream is not cancelled under it; dropped after [`DRAIN_BYTES`] more or
+/// [`DRAIN_TIME`], when HTTP/2 ends the stream with RST_STREAM(NO_ERROR)
+/// (RFC 9113 §8.1: the client stops sending, without error).
+fn drain_in_background(body: Incoming) {
     tokio::spawn(async move {
-        let drain = async move {
-            let mut body = body;
-            let mut read = 0u64;
-            while read <= DRAIN_BYTES {
-                match body.frame().await {
-                    Some(Ok(frame)) => {
-                        read += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    }
-                    _ => return,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        let mut body = body;
+        let mut read = 0u64;
+        let _ = tokio::time::timeout(DRAIN_TIME, drain(&mut body, &mut read)).await;
     });
 }
 

@@ -170,7 +170,12 @@ impl<'t> NodeAgent<'t> {
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config_dir)
-            .env("MESH_LOG", "info,mesh_ebpf=debug");
+            // MESH_E2E_AGENT_LOG: a finer filter while chasing a failure.
+            .env(
+                "MESH_LOG",
+                std::env::var("MESH_E2E_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,mesh_ebpf=debug".to_owned()),
+            );
         if let Some(limit) = self.open_file_limit {
             use std::os::unix::process::CommandExt;
             let rlimit = libc::rlimit {

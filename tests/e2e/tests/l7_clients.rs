@@ -98,6 +98,12 @@ fn started(pod: &Pod, args: &[&str]) -> Process {
     process
 }
 
+/// The last `lines` lines of an agent's log, for a failure message.
+fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// `latency_us p50 <a> p99 <b> max <c>` → (a, b, c) in ms.
 fn latencies(line: &str) -> (f64, f64, f64) {
     let fields: Vec<f64> = line
@@ -249,7 +255,7 @@ fn a_denied_http2_post_with_a_body_is_read_as_a_403() {
     }
     let topo = topology("l7_post");
     let (a, b, _, d) = pods(&topo);
-    let (_agents, _servers) = mesh(&topo);
+    let (agents, _servers) = mesh(&topo);
     let body = topo.tmp_dir().join("body.bin");
     std::fs::write(&body, vec![b'x'; 256 * 1024]).unwrap();
     let data = format!("@{}", body.display());
@@ -272,8 +278,9 @@ fn a_denied_http2_post_with_a_body_is_read_as_a_403() {
             );
             assert!(
                 ok && out == want,
-                "POST {i} to {}: exit ok {ok}, {out:?} {err}",
-                target.name()
+                "POST {i} to {}: exit ok {ok}, {out:?} {err}\n{}",
+                target.name(),
+                log_tail(&agents[1].log(), 300)
             );
         }
     }
