@@ -325,9 +325,25 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             workspace.join("../shared/peer/ztunnel").display()
         )),
     }
+    // MESH_BENCH_MODES=mtls,ztunnel: only those modes, printed, no report
+    // (for profiling one change quickly).
+    let only: Option<Vec<String>> = std::env::var("MESH_BENCH_MODES")
+        .ok()
+        .map(|v| v.split(',').map(|m| m.trim().to_owned()).collect());
+    if let Some(only) = &only {
+        step(format!(
+            "only the modes {only:?} (MESH_BENCH_MODES): no report"
+        ));
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); PATHS.len()];
     for round in 0..plan.rounds {
         for mode in MODES {
+            if only
+                .as_ref()
+                .is_some_and(|only| !only.iter().any(|m| m == mode.name()))
+            {
+                continue;
+            }
             // The fast path is a node setting read at start: restart the agents.
             if agents_extra != Some(mode.node_extra()) {
                 agents.clear();
@@ -376,6 +392,9 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
                 samples[i].push(sample);
             }
         }
+    }
+    if only.is_some() {
+        return Ok(());
     }
     // The L7 figures mean something only if the agent decided those requests.
     set_mode(topo, Mode::MtlsL7)?;
@@ -426,8 +445,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         memory: &memory,
         scale: &scale,
     };
-    let out_dir = workspace.join("target").join("bench");
-    std::fs::create_dir_all(&out_dir)?;
+    let out_dir = bench_dir();
     let table = report.markdown();
     println!("\n{table}");
     std::fs::write(out_dir.join("results.md"), &table)?;
@@ -445,6 +463,13 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         out_dir.join("results.{md,json,svg}").display()
     ));
     Ok(())
+}
+
+/// target/bench of the workspace (made if missing).
+fn bench_dir() -> PathBuf {
+    let dir = crate::workspace_root().join("target").join("bench");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
 }
 
 /// Runs every load of one path.
@@ -471,7 +496,8 @@ fn measure(
         .map(|p| rss_kib(*p).unwrap_or(0))
         .collect();
     let cpu_before = cpu_ticks(agent_pids)?;
-    let switches_before = context_switches(agent_pids);
+    let switches_before = context_switches_by_thread(agent_pids);
+    let perf = PerfStat::start(agent_pids, &bench_dir());
     let sampler = RssSampler::start(agent_pids.to_vec());
     let fixed = http_load(
         tools,
@@ -489,12 +515,37 @@ fn measure(
     )?;
     let rss = RssFigures::of(&sampler.stop());
     let cpu_s = (cpu_ticks(agent_pids)? - cpu_before) as f64 / clock_ticks_per_second();
-    let switches = context_switches(agent_pids).saturating_sub(switches_before);
+    let switches_after = context_switches_by_thread(agent_pids);
     let requests = fixed["requests"].as_f64().unwrap_or(0.0);
+    if let Some(perf) = perf {
+        step(format!("  perf per request: {}", perf.stop(requests)));
+    }
+    // Threads that ended during the load are not counted (none should).
+    let by_thread: Vec<(String, f64)> = switches_after
+        .iter()
+        .map(|(name, after)| {
+            let before = switches_before.get(name).copied().unwrap_or(0);
+            (
+                name.clone(),
+                after.saturating_sub(before) as f64 / requests.max(1.0),
+            )
+        })
+        .filter(|(_, per_request)| *per_request >= 0.01)
+        .collect();
+    let switches: u64 = switches_after
+        .iter()
+        .map(|(name, after)| after.saturating_sub(switches_before.get(name).copied().unwrap_or(0)))
+        .sum();
     if !agent_pids.is_empty() {
         step(format!(
-            "  agent RSS at the start of the fixed-rate load {rss_at_start:?} KiB; during it: peak {} KiB, steady {} KiB",
-            rss.peak_kib, rss.steady_kib
+            "  agent RSS at the start of the fixed-rate load {rss_at_start:?} KiB; during it: peak {} KiB, steady {} KiB; context switches per request by thread: {}",
+            rss.peak_kib,
+            rss.steady_kib,
+            by_thread
+                .iter()
+                .map(|(name, n)| format!("{name} {n:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     let saturation = http_load(
@@ -1429,26 +1480,109 @@ fn pod_entry(pod: &Pod, kind: &str) -> String {
     entry
 }
 
-/// Context switches of every thread of `pids`, voluntary and not.
-fn context_switches(pids: &[u32]) -> u64 {
-    let mut total = 0;
+/// `MESH_BENCH_PERF=stat`: the proxies' syscalls and scheduler events
+/// during the fixed-rate load, counted by `perf stat` and printed per
+/// request (`stat:<events>`: those events instead). `MESH_BENCH_PERF=record:<events>`: `perf record` (DWARF stacks:
+/// build with `CARGO_PROFILE_RELEASE_DEBUG=1`) of those
+/// events instead, into `target/bench/perf-<pids>.data`, for `perf report`.
+/// A profile of where the per-request costs are, not a measurement.
+struct PerfStat {
+    child: std::process::Child,
+    out: PathBuf,
+    counting: bool,
+}
+
+const PERF_EVENTS: &str = "sched:sched_switch,sched:sched_wakeup,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_writev";
+
+impl PerfStat {
+    fn start(pids: &[u32], out_dir: &Path) -> Option<Self> {
+        let how = std::env::var("MESH_BENCH_PERF").ok()?;
+        if pids.is_empty() {
+            return None;
+        }
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let mut command = std::process::Command::new("perf");
+        let (out, counting) = if let Some(events) = how.strip_prefix("record:") {
+            let out = out_dir.join(format!("perf-{}.data", pids.join("-")));
+            command
+                .args(["record", "--call-graph", "dwarf,16384", "-o"])
+                .arg(&out)
+                .args(["-e", events]);
+            (out, false)
+        } else {
+            let events = how.strip_prefix("stat:").unwrap_or(PERF_EVENTS);
+            let out = out_dir.join(format!("perf-{}.csv", pids.join("-")));
+            command
+                .args(["stat", "-x", ",", "-o"])
+                .arg(&out)
+                .args(["-e", events]);
+            (out, true)
+        };
+        let child = command
+            .args(["-p", &pids.join(",")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| step(format!("  perf: {e}")))
+            .ok()?;
+        // perf attaches asynchronously; a moment's grace (a profile only).
+        std::thread::sleep(Duration::from_millis(300));
+        Some(Self {
+            child,
+            out,
+            counting,
+        })
+    }
+
+    fn stop(mut self, requests: f64) -> String {
+        // SAFETY: kill only sends a signal to the child this struct started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let _ = self.child.wait();
+        if !self.counting {
+            return format!("recorded in {}", self.out.display());
+        }
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(',').collect();
+                let count: f64 = fields.first()?.parse().ok()?;
+                let event = fields.get(2)?.rsplit(':').next()?;
+                Some(format!("{event} {:.2}", count / requests.max(1.0)))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Context switches of the threads of `pids`, voluntary and not, summed by
+/// thread name (`comm`: the tokio workers, the blocking pool, ...): where
+/// a proxy's hand-offs happen.
+fn context_switches_by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
             let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            total += status
+            let name = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .map_or_else(|| "?".to_owned(), |n| n.trim().to_owned());
+            let switches: u64 = status
                 .lines()
                 .filter(|l| {
                     l.starts_with("voluntary_ctxt_switches:")
                         || l.starts_with("nonvoluntary_ctxt_switches:")
                 })
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
+                .sum();
+            *by_name.entry(name).or_insert(0) += switches;
         }
     }
-    total
+    by_name
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
