@@ -20,6 +20,8 @@ use super::normalize::{PathError, canonical_escapes, normalize_path};
 struct Conv<'c, 'a> {
     ctx: &'c DocCtx<'a>,
     path: Vec<Seg>,
+    /// The policy's namespace (a bare `serviceAccounts` entry is in it).
+    namespace: String,
 }
 
 impl Conv<'_, '_> {
@@ -137,6 +139,23 @@ fn principal_values(values: &Option<Vec<String>>) -> Option<Vec<String>> {
     })
 }
 
+/// A `serviceAccounts` entry as the peers it stands for: `<ns>/<sa>`, or
+/// `<sa>` in the policy's own `namespace`, matched as "any trust domain,
+/// that namespace and service account" (Istio's `source.serviceaccount`,
+/// derived from the peer certificate). A peer ID has exactly the shape
+/// `<td>/ns/<ns>/sa/<sa>`, so the suffix cannot match anything else.
+fn service_account_value(namespace: &str, v: &str) -> Result<Pattern, String> {
+    let (ns, sa) = v.split_once('/').unwrap_or((namespace, v));
+    let part_ok =
+        |p: &str| !p.is_empty() && !p.contains(['/', '*']) && !p.contains(char::is_whitespace);
+    if !part_ok(ns) || !part_ok(sa) {
+        return Err(format!(
+            "{v:?}: expected <namespace>/<serviceaccount> or <serviceaccount>, without wildcards"
+        ));
+    }
+    Ok(Pattern::Suffix(format!("/ns/{ns}/sa/{sa}").into()))
+}
+
 /// Paths in a policy must already be in normalised form, or they could never
 /// match a normalised request path (a silent hole in a DENY rule).
 fn path_value(v: &str) -> Result<Pattern, String> {
@@ -185,11 +204,13 @@ pub(super) fn convert(ctx: &DocCtx<'_>, raw: RawPolicy) -> Result<Policy, LoadEr
     let mut c = Conv {
         ctx,
         path: Vec::new(),
+        namespace: String::new(),
     };
     let meta = &raw.metadata;
     let Some(namespace) = meta.namespace.clone().filter(|n| !n.is_empty()) else {
         return Err(c.err(&[key("metadata")], "missing field `namespace`".into()));
     };
+    c.namespace = namespace.clone();
     if meta.name.is_empty() {
         return Err(c.err(&[key("metadata"), key("name")], "empty name".into()));
     }
@@ -320,26 +341,46 @@ fn convert_source(c: &Conv<'_, '_>, s: &RawSource) -> Result<Source, LoadError> 
         s.not_request_principals.is_some(),
         no_jwt,
     )?;
-    let use_principals = "use principals (cluster.local/ns/<ns>/sa/<sa>)";
-    c.unsupported(
-        "serviceAccounts",
-        s.service_accounts.is_some(),
-        use_principals,
-    )?;
-    c.unsupported(
-        "notServiceAccounts",
-        s.not_service_accounts.is_some(),
-        use_principals,
-    )?;
-    Ok(Source {
-        principals: c.string_field(
+    let by_service_account = s.service_accounts.is_some() || s.not_service_accounts.is_some();
+    let principals = if by_service_account {
+        // Istio's CRD validation: "Cannot set serviceAccounts with
+        // namespaces or principals".
+        for (field, set) in [
+            ("principals", s.principals.is_some()),
+            ("notPrincipals", s.not_principals.is_some()),
+            ("namespaces", s.namespaces.is_some()),
+            ("notNamespaces", s.not_namespaces.is_some()),
+        ] {
+            if set {
+                return Err(c.err(
+                    &[key(field)],
+                    format!(
+                        "`{field}` cannot be set with `serviceAccounts` or `notServiceAccounts`"
+                    ),
+                ));
+            }
+        }
+        let namespace = c.namespace.as_str();
+        c.string_field(
+            "serviceAccounts",
+            "notServiceAccounts",
+            &s.service_accounts,
+            &s.not_service_accounts,
+            |v| service_account_value(namespace, v),
+            false,
+        )?
+    } else {
+        c.string_field(
             "principals",
             "notPrincipals",
             &principal_values(&s.principals),
             &principal_values(&s.not_principals),
             any_value,
             false,
-        )?,
+        )?
+    };
+    Ok(Source {
+        principals,
         namespaces: c.string_field(
             "namespaces",
             "notNamespaces",

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, de::IgnoredAny};
 use serde_yaml::Value;
 
 #[derive(Debug, Deserialize)]
@@ -20,10 +20,15 @@ pub(crate) struct RawPolicy {
     /// Absent or null means `spec: {}` (the proto default): allow-nothing.
     #[serde(default)]
     pub spec: Option<RawSpec>,
+    /// Written by the API server (`kubectl get -o yaml` prints it): not
+    /// policy, accepted and ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub status: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawMetadata {
     pub name: String,
     pub namespace: Option<String>,
@@ -33,6 +38,42 @@ pub(crate) struct RawMetadata {
     #[serde(default)]
     #[allow(dead_code)]
     pub labels: Option<BTreeMap<String, String>>,
+    // What the API server sets on every object, as `kubectl get -o yaml`
+    // prints it: not policy, accepted and ignored (an unknown field stays
+    // an error).
+    #[serde(default)]
+    #[allow(dead_code)]
+    uid: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    resource_version: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    generation: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    creation_timestamp: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    deletion_timestamp: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    deletion_grace_period_seconds: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    managed_fields: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    self_link: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    finalizers: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    owner_references: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    generate_name: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,8 +122,8 @@ pub(crate) struct RawSource {
     pub not_request_principals: Option<Value>,
     pub namespaces: Option<Vec<String>>,
     pub not_namespaces: Option<Vec<String>>,
-    pub service_accounts: Option<Value>,
-    pub not_service_accounts: Option<Value>,
+    pub service_accounts: Option<Vec<String>>,
+    pub not_service_accounts: Option<Vec<String>>,
     pub ip_blocks: Option<Vec<String>>,
     pub not_ip_blocks: Option<Vec<String>>,
     pub remote_ip_blocks: Option<Vec<String>>,

@@ -273,12 +273,52 @@ spec:
         want: "policies/test.yaml:6:31: document 1 (foo/p): field spec.rules[0].to[0].operation.ports[0]: invalid type: map, expected a string",
     },
     Reject {
-        name: "unknown metadata field",
+        name: "unknown metadata field (server-set ones are accepted)",
         yaml: "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: p, namespace: foo, uid: abc}
+metadata: {name: p, namespace: foo, uid: abc, nmespace: bar}
 ",
-        want: "policies/test.yaml:3:37: document 1 (foo/p): field metadata: unknown field `uid`, expected one of `name`, `namespace`, `annotations`, `labels`",
+        want: "policies/test.yaml:3:47: document 1 (foo/p): field metadata: unknown field `nmespace`, expected one of `name`, `namespace`, `annotations`, `labels`, `uid`, `resourceVersion`, `generation`, `creationTimestamp`, `deletionTimestamp`, `deletionGracePeriodSeconds`, `managedFields`, `selfLink`, `finalizers`, `ownerReferences`, `generateName`",
+    },
+    Reject {
+        name: "serviceAccounts with principals (Istio's CRD rule)",
+        yaml: "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules: [{from: [{source: {serviceAccounts: [foo/a], principals: [x]}}]}]
+",
+        want: "policies/test.yaml:5: document 1 (foo/p): field spec.rules[0].from[0].source.principals: `principals` cannot be set with `serviceAccounts` or `notServiceAccounts`",
+    },
+    Reject {
+        name: "notServiceAccounts with namespaces",
+        yaml: "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules: [{from: [{source: {notServiceAccounts: [a], namespaces: [foo]}}]}]
+",
+        want: "policies/test.yaml:5: document 1 (foo/p): field spec.rules[0].from[0].source.namespaces: `namespaces` cannot be set with `serviceAccounts` or `notServiceAccounts`",
+    },
+    Reject {
+        name: "a wildcard in serviceAccounts",
+        yaml: "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules: [{from: [{source: {serviceAccounts: [foo/a, \"foo/*\"]}}]}]
+",
+        want: "policies/test.yaml:5: document 1 (foo/p): field spec.rules[0].from[0].source.serviceAccounts[1]: \"foo/*\": expected <namespace>/<serviceaccount> or <serviceaccount>, without wildcards",
+    },
+    Reject {
+        name: "a service account with two slashes",
+        yaml: "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules: [{from: [{source: {serviceAccounts: [cluster.local/ns/foo/sa/a]}}]}]
+",
+        want: "policies/test.yaml:5: document 1 (foo/p): field spec.rules[0].from[0].source.serviceAccounts[0]: \"cluster.local/ns/foo/sa/a\": expected <namespace>/<serviceaccount> or <serviceaccount>, without wildcards",
     },
     Reject {
         name: "selector.matchExpressions (not in Istio's WorkloadSelector)",
@@ -336,6 +376,55 @@ fn duplicate_policy_names_are_rejected() {
         err.to_string(),
         "two.yaml:5: document 1 (foo/a): field metadata.name: duplicate policy foo/a: already defined in one.yaml document 1"
     );
+}
+
+/// A policy as `kubectl get authorizationpolicy -o yaml` prints it: the
+/// server-set metadata and `status` are not policy and load.
+#[test]
+fn a_policy_exported_by_kubectl_loads() {
+    let text = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: |
+      {\"apiVersion\":\"security.istio.io/v1\",\"kind\":\"AuthorizationPolicy\"}
+  creationTimestamp: \"2026-11-30T09:12:44Z\"
+  generation: 3
+  managedFields:
+  - apiVersion: security.istio.io/v1
+    fieldsType: FieldsV1
+    fieldsV1:
+      f:spec:
+        .: {}
+        f:rules: {}
+    manager: kubectl-client-side-apply
+    operation: Update
+    time: \"2026-11-30T09:12:44Z\"
+  name: httpbin
+  namespace: foo
+  resourceVersion: \"918273\"
+  uid: 6f1c2a43-9b7e-4c1d-8a55-0e2d3c4b5a69
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  rules:
+  - from:
+    - source:
+        serviceAccounts:
+        - client/sleep
+status:
+  validationMessages:
+  - documentationUrl: https://istio.io/latest/docs/reference/config/analysis/ist0001/
+    level: ERROR
+    type:
+      code: IST0001
+";
+    let set = match load([("exported.yaml", text)]) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(set.len(), 1);
 }
 
 #[test]

@@ -263,6 +263,79 @@ spec: {action: DENY, rules: [{from: [{source: {notPrincipals: [cluster.local/ns/
         req: |r| r.principal = None,
         want: "deny by foo/only-sleep rule[0]",
     },
+    // --- serviceAccounts (Istio: `<ns>/<sa>`, or `<sa>` in the policy's namespace)
+    Case {
+        name: "serviceAccounts <ns>/<sa>: the peer's namespace and service account",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [client/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: same,
+        want: "allow",
+    },
+    Case {
+        name: "serviceAccounts: same name in another namespace does not match",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [other/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: same,
+        want: NO_ALLOW,
+    },
+    Case {
+        name: "serviceAccounts bare <sa> is in the policy's namespace (foo, not the client's)",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: same,
+        want: NO_ALLOW,
+    },
+    Case {
+        name: "serviceAccounts bare <sa> matches a peer of the policy's namespace",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: |r| r.principal = Some("spiffe://cluster.local/ns/foo/sa/sleep"),
+        want: "allow",
+    },
+    Case {
+        name: "serviceAccounts: any trust domain (derived from the verified certificate)",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [client/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: |r| r.principal = Some("spiffe://other.domain/ns/client/sa/sleep"),
+        want: "allow",
+    },
+    Case {
+        name: "serviceAccounts require mTLS: plaintext does not match",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [client/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: |r| r.principal = None,
+        want: NO_ALLOW,
+    },
+    Case {
+        name: "serviceAccounts: a longer name with the same suffix does not match",
+        yaml: "metadata: {name: allow, namespace: foo}
+spec: {rules: [{from: [{source: {serviceAccounts: [client/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: |r| r.principal = Some("spiffe://cluster.local/ns/client/sa/deep-sleep"),
+        want: NO_ALLOW,
+    },
+    Case {
+        name: "notServiceAccounts: every other service account is denied",
+        yaml: "metadata: {name: only-sleep, namespace: foo}
+spec: {action: DENY, rules: [{from: [{source: {notServiceAccounts: [client/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: |r| r.principal = Some("spiffe://cluster.local/ns/client/sa/other"),
+        want: "deny by foo/only-sleep rule[0]",
+    },
+    Case {
+        name: "notServiceAccounts: the listed one is not denied",
+        yaml: "metadata: {name: only-sleep, namespace: foo}
+spec: {action: DENY, rules: [{from: [{source: {notServiceAccounts: [client/sleep]}}]}]}",
+        wl: HTTPBIN,
+        req: same,
+        want: "allow",
+    },
     // --- namespaces / IPs ----------------------------------------------------
     Case {
         name: "notNamespaces: deny other namespaces",
