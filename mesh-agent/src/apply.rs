@@ -58,6 +58,15 @@ pub fn apply(state: &AgentState, mut desired: Desired) -> Result<Applied> {
     state.proxy.snapshot().services.commit();
     enroller.start_serving();
     drop(enroller);
+    for policy in desired.policies.set.unenforceable() {
+        if let Some(error) = policy.unenforceable() {
+            tracing::error!(
+                policy = %policy.name(),
+                %error,
+                "authorization policy cannot be enforced as written: it denies all traffic to the workloads it selects until it is fixed"
+            );
+        }
+    }
     *state.desired.write() = Arc::new(desired);
     Ok(Applied::Generation(generation))
 }

@@ -220,6 +220,25 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 check_kubernetes(&config, &cfg.node)
             }
             Ok(cfg) => {
+                let unenforceable: Vec<_> = cfg
+                    .policies
+                    .set
+                    .unenforceable()
+                    .filter_map(|p| p.unenforceable())
+                    .collect();
+                if !unenforceable.is_empty() {
+                    for error in &unenforceable {
+                        eprintln!(
+                            "error: {error} (the policy would deny all traffic to the workloads it selects)"
+                        );
+                    }
+                    eprintln!(
+                        "{} of {} authorization policies cannot be enforced as written; the others load",
+                        unenforceable.len(),
+                        cfg.policies.set.len()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
                 println!(
                     "ok: {} (node {}, {} pods)",
                     config.display(),

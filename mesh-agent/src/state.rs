@@ -65,6 +65,10 @@ pub struct StatusReport {
     /// keeps serving).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_reload_error: Option<String>,
+    /// Authorization policies that cannot be enforced as written (file,
+    /// line, field and why); each denies all traffic to what it selects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unenforceable_policies: Vec<String>,
     /// The SPIFFE trust domain.
     #[serde(default)]
     pub trust_domain: String,
@@ -309,6 +313,13 @@ impl AgentState {
             pods: enroller.statuses(),
             config_generation: self.config_generation(),
             last_reload_error: self.last_reload_error(),
+            unenforceable_policies: self
+                .desired()
+                .policies
+                .set
+                .unenforceable()
+                .filter_map(|p| p.unenforceable().map(ToString::to_string))
+                .collect(),
             trust_domain: self.proxy.mtls.trust_domain.clone(),
             certificates: self.certificates(),
             tunnel_rejections: self.proxy.mtls.rejections(),
@@ -375,6 +386,8 @@ impl AgentState {
         }
         m.sync_proxy(&self.proxy.connections);
         m.config_generation.set(self.config_generation() as i64);
+        m.policies_unenforceable
+            .set(self.desired().policies.set.unenforceable().count() as i64);
         m.sync_mtls(
             &self.certificates(),
             &self.proxy.mtls.rejections(),

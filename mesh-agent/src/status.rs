@@ -80,6 +80,12 @@ pub fn render(report: &StatusReport) -> String {
             "last reload: REJECTED (previous config still serving): {err}"
         );
     }
+    for policy in &report.unenforceable_policies {
+        let _ = writeln!(
+            out,
+            "policy:      CANNOT BE ENFORCED, denies all traffic to what it selects: {policy}"
+        );
+    }
     let _ = writeln!(
         out,
         "pods:        {enrolled} enrolled of {} configured",
@@ -154,6 +160,9 @@ mod tests {
             ],
             config_generation: 3,
             last_reload_error: Some("pods.yaml:2: bad".into()),
+            unenforceable_policies: vec![
+                "policies/p.yaml:7: document 1 (foo/p): field spec.provider: `provider` is not supported".into(),
+            ],
             trust_domain: "cluster.local".into(),
             certificates: vec![],
             tunnel_rejections: Default::default(),
@@ -163,6 +172,10 @@ mod tests {
             kubernetes: None,
         };
         let text = render(&report);
+        assert!(
+            text.contains("policy:      CANNOT BE ENFORCED, denies all traffic to what it selects: policies/p.yaml:7:"),
+            "{text}"
+        );
         assert!(text.contains("captured out=0 in=0"), "{text}");
         assert!(text.contains("config gen.: 3"), "{text}");
         assert!(
@@ -199,6 +212,7 @@ mod tests {
             pods: vec![pod("web", true, None, Some((1, 2)))],
             config_generation: 1,
             last_reload_error: None,
+            unenforceable_policies: Vec::new(),
             trust_domain: "cluster.local".into(),
             certificates: vec![],
             tunnel_rejections: Default::default(),

@@ -52,6 +52,10 @@ pub struct PolicyView {
     pub selector: Option<BTreeMap<String, String>>,
     pub rules: usize,
     pub http_rules: bool,
+    /// Why the document could not be enforced as written; it then stands
+    /// here as a DENY-all over what it selects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unenforceable: Option<String>,
 }
 
 pub fn dump(state: &AgentState) -> ConfigDump {
@@ -69,6 +73,7 @@ pub fn dump(state: &AgentState) -> ConfigDump {
             selector: p.selector().cloned(),
             rules: p.rule_count(),
             http_rules: p.has_http_rules(),
+            unenforceable: p.unenforceable().map(ToString::to_string),
         })
         .collect();
     ConfigDump {

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub pods_failed: IntGauge,
     pub programs_attached: IntGauge,
     pub config_generation: IntGauge,
+    pub policies_unenforceable: IntGauge,
     pub config_reloads: IntCounterVec,
     pod_connects: IntCounterVec,
     pod_captured: IntCounterVec,
@@ -82,6 +83,10 @@ impl Metrics {
             config_generation: gauge(
                 "mesh_config_generation",
                 "Configurations loaded since start",
+            ),
+            policies_unenforceable: gauge(
+                "mesh_policies_unenforceable",
+                "Authorization policies that cannot be enforced as written, each denying all traffic to the workloads it selects",
             ),
             config_reloads: counter(
                 "mesh_config_reloads_total",
@@ -234,6 +239,7 @@ impl Metrics {
             Box::new(m.pods_failed.clone()),
             Box::new(m.programs_attached.clone()),
             Box::new(m.config_generation.clone()),
+            Box::new(m.policies_unenforceable.clone()),
             Box::new(m.config_reloads.clone()),
             Box::new(m.pod_connects.clone()),
             Box::new(m.pod_captured.clone()),

@@ -250,19 +250,33 @@ fn workloads_load_and_must_not_reuse_pod_addresses() {
 }
 
 #[test]
-fn a_policy_typo_is_reported_with_file_line_column_and_field() {
+fn a_policy_typo_loads_as_a_deny_all_reported_with_file_line_column_and_field() {
     let dir = dir_with(NODE, None);
     std::fs::create_dir(dir.path().join(POLICIES_DIR)).unwrap();
     let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: ns\nspec:\n  acton: DENY\n";
     write(&dir.path().join(POLICIES_DIR), "p.yaml", policy);
-    let err = load_dir(dir.path()).unwrap_err();
+    // It loads, as a DENY-all over what it selects, carrying its error.
+    let desired = load_dir(dir.path()).unwrap();
+    let broken = desired
+        .policies
+        .set
+        .unenforceable()
+        .next()
+        .expect("unenforceable");
+    let err = broken.unenforceable().unwrap();
     assert_eq!(err.file, dir.path().join(POLICIES_DIR).join("p.yaml"));
     assert_eq!((err.line, err.column), (Some(7), Some(3)), "{err}");
-    assert!(
-        err.field.as_deref().unwrap_or_default().contains("ns/p"),
-        "{err}"
-    );
+    assert_eq!(err.policy, "ns/p", "{err}");
     assert!(err.message.contains("unknown field `acton`"), "{err}");
+    // Invalid YAML still rejects the whole configuration.
+    write(
+        &dir.path().join(POLICIES_DIR),
+        "q.yaml",
+        "kind: [AuthorizationPolicy\n",
+    );
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.file, dir.path().join(POLICIES_DIR).join("q.yaml"));
+    std::fs::remove_file(dir.path().join(POLICIES_DIR).join("q.yaml")).unwrap();
     // Hidden entries (Kubernetes' ..data machinery) and other extensions are skipped.
     std::fs::write(
         dir.path().join(POLICIES_DIR).join("p.yaml"),

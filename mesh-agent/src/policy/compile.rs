@@ -58,9 +58,18 @@ pub struct Policy {
     pub(crate) has_http: bool,
     /// The file it was loaded from (for operators: `/config_dump`, logs).
     pub(crate) source: Arc<std::path::Path>,
+    /// Set when the document could not be enforced as written (an
+    /// unsupported or malformed field): it then stands in the set as a
+    /// DENY-all over the workloads it selects, until it is fixed.
+    pub(crate) unenforceable: Option<Arc<super::LoadError>>,
 }
 
 impl Policy {
+    /// Why this policy is enforced as a DENY-all (see
+    /// [`load`](super::load)), if it is.
+    pub fn unenforceable(&self) -> Option<&super::LoadError> {
+        self.unenforceable.as_deref()
+    }
     pub fn source(&self) -> &std::path::Path {
         &self.source
     }
@@ -170,6 +179,12 @@ impl PolicySet {
 
     pub fn iter(&self) -> impl Iterator<Item = &Policy> {
         self.policies.iter().map(|p| &**p)
+    }
+
+    /// The policies that could not be enforced as written, each standing in
+    /// as a DENY-all over what it selects.
+    pub fn unenforceable(&self) -> impl Iterator<Item = &Policy> {
+        self.iter().filter(|p| p.unenforceable.is_some())
     }
 
     /// Indexes the policies by namespace; `root_namespace` policies apply to

@@ -297,6 +297,7 @@ pub(super) fn convert(ctx: &DocCtx<'_>, raw: RawPolicy) -> Result<Policy, LoadEr
         rules,
         has_http,
         source: Arc::from(ctx.file),
+        unenforceable: None,
     })
 }
 

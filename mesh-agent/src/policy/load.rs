@@ -63,8 +63,15 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Loads every policy of every `(path, text)` file. All-or-nothing: the
-/// first error aborts the whole load.
+/// Loads every policy of every `(path, text)` file.
+///
+/// A document that is an `AuthorizationPolicy` with a namespace and a name
+/// but cannot be enforced as written (an unsupported or misspelled field, a
+/// bad value) does not stop the others: it loads as a DENY-all over the
+/// workloads it selects (its whole namespace when its selector cannot be
+/// read), carrying its error, until it is fixed. Fail closed, one policy at
+/// a time. Anything else (invalid YAML, another kind or API version, no
+/// namespace or name, a duplicate name) is an error of the whole load.
 pub fn load<'a, I, P>(files: I) -> Result<PolicySet, LoadError>
 where
     I: IntoIterator<Item = (P, &'a str)>,
@@ -132,10 +139,62 @@ fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Policy)>, LoadError>
             label: label_of(&value),
         };
         check_header(&ctx, &value)?;
-        let raw = RawPolicy::deserialize(de).map_err(|e| ctx.serde(&e))?;
-        out.push((index, super::convert::convert(&ctx, raw)?));
+        let policy = RawPolicy::deserialize(de)
+            .map_err(|e| ctx.serde(&e))
+            .and_then(|raw| super::convert::convert(&ctx, raw));
+        out.push((
+            index,
+            match policy {
+                Ok(policy) => policy,
+                Err(error) => deny_all_in_place_of(&ctx, &value, error)?,
+            },
+        ));
     }
     Ok(out)
+}
+
+/// What stands for a policy that cannot be enforced: a DENY-all with its
+/// name, namespace and selector, read leniently from the document. Without
+/// a namespace or a name it cannot be placed: `error` is returned.
+fn deny_all_in_place_of(
+    ctx: &DocCtx<'_>,
+    v: &Value,
+    error: LoadError,
+) -> Result<Policy, LoadError> {
+    let text = |map: Option<&Value>, k: &str| {
+        map.and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let metadata = v.get("metadata");
+    let (Some(namespace), Some(name)) = (text(metadata, "namespace"), text(metadata, "name"))
+    else {
+        return Err(error);
+    };
+    // A selector that cannot be read selects the whole namespace: wider,
+    // never narrower, than what the author meant.
+    let selector = v
+        .get("spec")
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(|m| {
+            m.as_mapping()?
+                .iter()
+                .map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
+                .collect::<Option<std::collections::BTreeMap<_, _>>>()
+        })
+        .filter(|labels| !labels.is_empty());
+    Ok(Policy {
+        id: Arc::new(PolicyName { namespace, name }),
+        action: super::compile::Action::Deny,
+        dry_run: false,
+        selector,
+        rules: vec![super::compile::Rule::default()],
+        has_http: false,
+        source: Arc::from(ctx.file),
+        unenforceable: Some(Arc::new(error)),
+    })
 }
 
 fn label_of(v: &Value) -> String {

@@ -86,19 +86,48 @@ fn config_dump_shows_the_configuration_in_force_and_follows_reloads() {
         .collect();
     assert_eq!(names, ["allow-get", "allow-get-too"], "{second}");
 
-    // A bad edit is rejected: the dump still shows the configuration in force.
+    // A policy that cannot be enforced as written loads alone, as a DENY-all
+    // over what it selects, and says why in the dump and the status.
     agent
-        .write_file("policies/b.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: default}\nspec: {bogus: 1}\n")
+        .write_file("policies/c.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: default}\nspec: {bogus: 1}\n")
         .unwrap();
+    agent
+        .wait_generation_after(second["configGeneration"].as_u64().unwrap())
+        .unwrap();
+    let third = dump(&agent);
+    let policies = third["policies"].as_array().unwrap();
+    assert_eq!(policies.len(), 3, "{third}");
+    let broken = policies.iter().find(|p| p["name"] == "x").unwrap();
+    assert_eq!(broken["action"], "DENY", "{broken}");
+    let why = broken["unenforceable"].as_str().unwrap();
+    assert!(why.contains("c.yaml:4") && why.contains("bogus"), "{why}");
+    let status = agent.status().unwrap();
+    assert_eq!(status.unenforceable_policies.len(), 1, "{status:?}");
+    assert!(status.last_reload_error.is_none(), "{status:?}");
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "mesh_policies_unenforceable 1"),
+        "the gauge: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("unenforceable"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // Invalid YAML is rejected whole: the dump still shows what is in force.
+    agent.write_file("policies/c.yaml", "spec: [\n").unwrap();
     mesh_testbed::wait_until(
         "the bad edit to be rejected",
         std::time::Duration::from_secs(5),
         || Ok(agent.status()?.last_reload_error.is_some()),
     )
     .unwrap();
-    let third = dump(&agent);
-    assert_eq!(third["configGeneration"], second["configGeneration"]);
-    assert_eq!(third["policies"].as_array().unwrap().len(), 2);
+    let fourth = dump(&agent);
+    assert_eq!(fourth["configGeneration"], third["configGeneration"]);
+    assert_eq!(fourth["policies"].as_array().unwrap().len(), 3);
 }
 
 /// Three connections from `client` to `server`'s echo port (7400), each

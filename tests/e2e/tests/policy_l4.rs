@@ -1,7 +1,11 @@
 //! Istio AuthorizationPolicy enforced by the destination's agent at L4: across
 //! nodes (principal proven by mTLS), on the same node (principal from the
 //! capture) and for plaintext from outside the mesh (no principal); policies
-//! applied live, a bad file rejected with the last good set still enforced.
+//! applied live; a file that is not valid YAML (or not a policy) rejected
+//! with the last good set still enforced; a policy that cannot be enforced
+//! as written denying all traffic to the workload it selects, and only to
+//! it; a policy exported by `kubectl get -o yaml` (with `serviceAccounts`)
+//! enforced as written.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -54,6 +58,42 @@ spec:
         principals: ["cluster.local/ns/default/sa/a"]
 "#;
 
+/// An ALLOW policy for d as `kubectl get -o yaml` prints it.
+const D_EXPORTED_ALLOWS_SERVICE_ACCOUNT_A: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: |
+      {"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"annotations":{},"name":"d-allow-a","namespace":"default"}}
+  creationTimestamp: "2026-12-01T10:00:00Z"
+  generation: 1
+  managedFields:
+  - apiVersion: security.istio.io/v1
+    fieldsType: FieldsV1
+    fieldsV1:
+      f:spec:
+        .: {}
+        f:rules: {}
+        f:selector: {}
+    manager: kubectl-client-side-apply
+    operation: Update
+    time: "2026-12-01T10:00:00Z"
+  name: d-allow-a
+  namespace: default
+  resourceVersion: "48213"
+  uid: 0b6f3c2e-5d41-4a8e-9f1b-7c2d4e6a8b90
+spec:
+  selector:
+    matchLabels:
+      app: d
+  rules:
+  - from:
+    - source:
+        serviceAccounts: ["a"]
+status: {}
+"#;
+
 #[test]
 fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
     if !e2e_enabled("the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext") {
@@ -61,21 +101,23 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
     }
     let topo = Topology::builder("policy_l4")
         .node("n1", &["a", "b", "outsider"])
-        .node("n2", &["c"])
+        .node("n2", &["c", "d"])
         .build()
         .unwrap();
-    let (a, b, c, outsider) = (
+    let (a, b, c, d, outsider) = (
         topo.pod("a"),
         topo.pod("b"),
         topo.pod("c"),
+        topo.pod("d"),
         topo.pod("outsider"),
     );
     let ca = TestCa::new(&topo, "root").unwrap();
     let issuers = node_issuers(&topo, &ca).unwrap();
     // The outsider is not enrolled on n1 and not a mesh workload for n2.
     let agents = start_mesh(&topo, &issuers, "1h").unwrap();
-    let _servers = traffic_servers(&[b, c], PORT);
+    let _servers = traffic_servers(&[b, c, d], PORT);
     let c_ip = IpAddr::V4(c.ipv4());
+    let d_ip = IpAddr::V4(d.ipv4());
     let b_ip = IpAddr::V4(b.ipv4());
     // Without policies everything flows.
     assert!(allowed(b, c_ip, PORT) && allowed(outsider, c_ip, PORT) && allowed(a, b_ip, PORT));
@@ -155,8 +197,9 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         n2.authorization
     );
 
-    // Bad policy files, each rejected with the file and what is wrong; the
-    // last good policies stay in force every time.
+    // Files that are not valid YAML or not an AuthorizationPolicy: rejected
+    // whole, with the file and what is wrong; the last good policies stay in
+    // force every time.
     let good = C_ALLOWS_ONLY_A_ON_7100;
     let bad_files = [
         (
@@ -165,26 +208,8 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
             "did not find expected",
         ),
         (
-            "unknown field",
-            &good.replace("action: ALLOW", "acton: ALLOW") as &str,
-            "acton",
-        ),
-        (
-            "CUSTOM action",
-            &good.replace("action: ALLOW", "action: CUSTOM"),
-            "CUSTOM",
-        ),
-        (
-            "bad CIDR",
-            &good.replace(
-                "principals: [\"cluster.local/ns/default/sa/a\"]",
-                "ipBlocks: [\"10.1.0.0/40\"]",
-            ),
-            "10.1.0.0/40",
-        ),
-        (
             "wrong kind",
-            &good.replace("kind: AuthorizationPolicy", "kind: PeerAuthentication"),
+            &good.replace("kind: AuthorizationPolicy", "kind: PeerAuthentication") as &str,
             "PeerAuthentication",
         ),
     ];
@@ -215,10 +240,71 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
             "{what}: the last good policies still apply"
         );
     }
-    // Removing the bad file: the directory is valid again.
+
+    // Policies that cannot be enforced as written (selecting c): each loads
+    // alone as a DENY-all over c, says why in /status, and d (on the same
+    // node, not selected) is untouched.
+    let unenforceable = [
+        (
+            "unknown field",
+            good.replace("action: ALLOW", "acton: ALLOW"),
+            "acton",
+        ),
+        (
+            "CUSTOM action",
+            good.replace("action: ALLOW", "action: CUSTOM"),
+            "CUSTOM",
+        ),
+        (
+            "bad CIDR",
+            good.replace(
+                "principals: [\"cluster.local/ns/default/sa/a\"]",
+                "ipBlocks: [\"10.1.0.0/40\"]",
+            ),
+            "10.1.0.0/40",
+        ),
+    ];
+    for (what, content, expected) in unenforceable {
+        let generation = agents[1].status().unwrap().config_generation;
+        agents[1]
+            .write_file(
+                "policies/z-bad.yaml",
+                &content.replace("c-allow-a", "bad-one"),
+            )
+            .unwrap();
+        agents[1].wait_generation_after(generation).unwrap();
+        let status = agents[1].status().unwrap();
+        assert!(status.last_reload_error.is_none(), "{what}: {status:?}");
+        assert!(
+            status.unenforceable_policies.len() == 1
+                && status.unenforceable_policies[0].contains("policies/z-bad.yaml:")
+                && status.unenforceable_policies[0].contains(expected),
+            "{what}: {:?}",
+            status.unenforceable_policies
+        );
+        assert!(!allowed(a, c_ip, PORT), "{what}: c denies all, a too");
+        assert!(
+            allowed(a, d_ip, PORT) && allowed(b, d_ip, PORT),
+            "{what}: d is not selected"
+        );
+    }
+
+    // As `kubectl get -o yaml` prints it, with serviceAccounts: d allows a only.
+    let generation = agents[1].status().unwrap().config_generation;
+    agents[1]
+        .write_file("policies/d.yaml", D_EXPORTED_ALLOWS_SERVICE_ACCOUNT_A)
+        .unwrap();
+    agents[1].wait_generation_after(generation).unwrap();
+    assert!(allowed(a, d_ip, PORT), "d allows a's service account");
+    assert!(!allowed(b, d_ip, PORT), "d allows nobody else");
+
+    // Removing the bad file: c is governed by its good policy again.
     std::fs::remove_file(agents[1].config_dir().join("policies/z-bad.yaml")).unwrap();
-    wait_until("the error to clear", Duration::from_secs(5), || {
-        Ok(agents[1].status()?.last_reload_error.is_none())
-    })
+    wait_until(
+        "the unenforceable policy to go",
+        Duration::from_secs(5),
+        || Ok(agents[1].status()?.unenforceable_policies.is_empty()),
+    )
     .unwrap();
+    assert!(allowed(a, c_ip, PORT) && !allowed(b, c_ip, PORT));
 }

@@ -333,20 +333,36 @@ spec:
     },
 ];
 
+/// Each case is refused: either the whole load fails (invalid YAML, another
+/// kind, no namespace...) or the policy loads as a DENY-all carrying the
+/// error (an AuthorizationPolicy that cannot be enforced as written). The
+/// text is the same either way.
 #[test]
 fn rejections() {
     let mut failures = Vec::new();
     for case in REJECTS {
-        match load([("policies/test.yaml", case.yaml)]) {
-            Ok(_) => failures.push(format!("{}: loaded, expected an error", case.name)),
-            Err(e) if e.to_string() == case.want => {
-                assert_eq!(e.file.to_str(), Some("policies/test.yaml"));
-                assert!(e.line.is_some(), "{}: no line", case.name);
-            }
-            Err(e) => failures.push(format!(
-                "{}:\n    want {}\n    got  {e}",
+        let error = match load([("policies/test.yaml", case.yaml)]) {
+            Err(e) => e,
+            Ok(set) => match set.unenforceable().next() {
+                Some(policy) => {
+                    assert_eq!(policy.action(), crate::policy::Action::Deny);
+                    assert_eq!(policy.rule_count(), 1, "{}", case.name);
+                    policy.unenforceable().unwrap().clone()
+                }
+                None => {
+                    failures.push(format!("{}: loaded, expected an error", case.name));
+                    continue;
+                }
+            },
+        };
+        if error.to_string() == case.want {
+            assert_eq!(error.file.to_str(), Some("policies/test.yaml"));
+            assert!(error.line.is_some(), "{}: no line", case.name);
+        } else {
+            failures.push(format!(
+                "{}:\n    want {}\n    got  {error}",
                 case.name, case.want
-            )),
+            ));
         }
     }
     assert!(
@@ -358,12 +374,50 @@ fn rejections() {
 }
 
 #[test]
-fn all_or_nothing_across_files() {
+fn a_policy_that_cannot_be_enforced_denies_what_it_selects_and_only_that() {
+    let good = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: foo}\nspec: {rules: [{}]}\n";
+    let bad = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: foo}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: CUSTOM\n  provider: {name: ext-authz}\n";
+    let set = load([("a.yaml", good), ("b.yaml", bad)]).unwrap();
+    assert_eq!(set.len(), 2);
+    let broken: Vec<_> = set.unenforceable().collect();
+    assert_eq!(broken.len(), 1);
+    let error = broken[0].unenforceable().unwrap();
+    assert_eq!(error.file.to_str(), Some("b.yaml"));
+    assert_eq!(error.line, Some(7));
+    let compiled = set.compile(crate::policy::DEFAULT_ROOT_NAMESPACE);
+    let decide = |labels: &[(&str, &str)]| {
+        let wl = super::workload("foo", labels);
+        super::render(&super::R::default().decide_with(&compiled.for_workload(&wl)))
+    };
+    assert_eq!(decide(&[("app", "db")]), "deny by foo/b rule[0]");
+    assert_eq!(decide(&[("app", "web")]), "allow");
+}
+
+#[test]
+fn a_policy_whose_selector_cannot_be_read_denies_its_whole_namespace() {
+    let bad = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: foo}\nspec:\n  selector: {matchExpressions: [{key: app, operator: In, values: [db]}]}\n  rules: [{}]\n";
+    let set = load([("b.yaml", bad)]).unwrap();
+    let compiled = set.compile(crate::policy::DEFAULT_ROOT_NAMESPACE);
+    let wl = super::workload("foo", &[("app", "web")]);
+    let req = super::R::default();
+    assert_eq!(
+        super::render(&req.decide_with(&compiled.for_workload(&wl))),
+        "deny by foo/b rule[0]"
+    );
+    let elsewhere = super::workload("bar", &[("app", "db")]);
+    assert_eq!(
+        super::render(&req.decide_with(&compiled.for_workload(&elsewhere))),
+        "allow"
+    );
+}
+
+#[test]
+fn invalid_yaml_still_fails_the_whole_load() {
     let good = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: foo}\n";
-    let bad = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: foo}\nspec: {action: NOPE}\n";
+    let bad = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: foo\n";
     let err = load([("a.yaml", good), ("b.yaml", bad)]).unwrap_err();
     assert_eq!(err.file.to_str(), Some("b.yaml"));
-    assert_eq!(err.line, Some(4));
+    assert!(err.message.starts_with("invalid YAML"), "{err}");
     assert_eq!(load([("a.yaml", good)]).unwrap().len(), 1);
 }
 
