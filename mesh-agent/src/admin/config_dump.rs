@@ -25,6 +25,7 @@ pub struct ConfigDump {
     pub workloads: Vec<RemoteWorkload>,
     pub services: Vec<ServiceConfig>,
     pub policies: Vec<PolicyView>,
+    pub peer_authentications: Vec<PeerAuthenticationView>,
     pub certificates: Vec<CertificateView>,
     /// With `discovery: kubernetes`: where the pods, workloads and services
     /// above come from (the API, or the saved state until the API answers).
@@ -58,6 +59,19 @@ pub struct PolicyView {
     pub unenforceable: Option<String>,
 }
 
+/// One PeerAuthentication as loaded.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationView {
+    pub namespace: String,
+    pub name: String,
+    pub file: String,
+    /// `None`: namespace-wide (mesh-wide in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: String,
+    pub port_modes: BTreeMap<u16, String>,
+}
+
 pub fn dump(state: &AgentState) -> ConfigDump {
     let desired = state.desired();
     let policies = desired
@@ -76,6 +90,23 @@ pub fn dump(state: &AgentState) -> ConfigDump {
             unenforceable: p.unenforceable().map(ToString::to_string),
         })
         .collect();
+    let peer_authentications = desired
+        .policies
+        .set
+        .peer_authentications()
+        .map(|p| PeerAuthenticationView {
+            namespace: p.name().namespace.clone(),
+            name: p.name().name.clone(),
+            file: p.source().display().to_string(),
+            selector: p.selector().cloned(),
+            mode: p.mode().to_string(),
+            port_modes: p
+                .port_modes()
+                .iter()
+                .map(|(port, mode)| (*port, mode.to_string()))
+                .collect(),
+        })
+        .collect();
     ConfigDump {
         config_generation: state.config_generation(),
         node: desired.node.clone(),
@@ -88,6 +119,7 @@ pub fn dump(state: &AgentState) -> ConfigDump {
         workloads: desired.workloads.clone(),
         services: desired.services.clone(),
         policies,
+        peer_authentications,
         certificates: state.certificates(),
         kubernetes: state.kubernetes.as_ref().map(|k| k.status()),
     }

@@ -167,6 +167,7 @@ pub(crate) fn ip_field(values: Option<Vec<IpNet>>, not: Option<Vec<IpNet>>) -> F
 #[derive(Debug, Default, Clone)]
 pub struct PolicySet {
     pub(crate) policies: Vec<Arc<Policy>>,
+    pub(crate) peer_authentications: Vec<Arc<super::PeerAuthentication>>,
 }
 
 impl PolicySet {
@@ -179,6 +180,11 @@ impl PolicySet {
 
     pub fn iter(&self) -> impl Iterator<Item = &Policy> {
         self.policies.iter().map(|p| &**p)
+    }
+
+    /// The PeerAuthentications, in load order.
+    pub fn peer_authentications(&self) -> impl Iterator<Item = &super::PeerAuthentication> {
+        self.peer_authentications.iter().map(|p| &**p)
     }
 
     /// The policies that could not be enforced as written, each standing in
@@ -211,6 +217,10 @@ impl PolicySet {
             root_namespace: root_namespace.to_owned(),
             root,
             by_namespace,
+            peer_auth: super::peer_auth::PeerAuthIndex::new(
+                &self.peer_authentications,
+                root_namespace,
+            ),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -229,6 +239,7 @@ pub struct CompiledPolicies {
     root_namespace: String,
     root: Vec<Arc<Policy>>,
     by_namespace: HashMap<String, Vec<Arc<Policy>>>,
+    peer_auth: super::peer_auth::PeerAuthIndex,
     cache: Mutex<HashMap<Workload, WorkloadPolicy>>,
 }
 
@@ -254,7 +265,12 @@ impl CompiledPolicies {
     }
 
     fn select(&self, workload: &Workload) -> WorkloadPolicy {
-        let mut inner = WorkloadInner::default();
+        let mut inner = WorkloadInner {
+            peer_auth: self
+                .peer_auth
+                .resolve(&workload.namespace, &workload.labels),
+            ..WorkloadInner::default()
+        };
         let local = self
             .by_namespace
             .get(&workload.namespace)
@@ -294,9 +310,19 @@ pub(crate) struct WorkloadInner {
     pub(crate) dry_run_deny: Vec<Arc<Policy>>,
     pub(crate) dry_run_allow: Vec<Arc<Policy>>,
     pub(crate) has_http: bool,
+    pub(crate) peer_auth: super::peer_auth::WorkloadPeerAuth,
 }
 
 impl WorkloadPolicy {
+    /// The PeerAuthentication that refuses plaintext (from outside the
+    /// mesh) into this workload on `port`, if one does (STRICT).
+    pub fn refusing_plaintext(&self, port: u16) -> Option<super::PolicyRef> {
+        self.inner
+            .peer_auth
+            .refusing_plaintext(port)
+            .map(|by| super::PolicyRef::StrictPeerAuthentication(by.clone()))
+    }
+
     /// Whether any applicable policy (enforced, dry-run or audit) uses
     /// HTTP-only fields, i.e. whether the agent must parse HTTP to decide.
     pub fn has_http_rules(&self) -> bool {

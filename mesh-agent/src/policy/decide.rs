@@ -88,6 +88,8 @@ pub enum PolicyRef {
     },
     /// ALLOW policies apply to the workload but none of them matched.
     NoAllowMatched,
+    /// A PeerAuthentication in STRICT mode refused a plaintext connection.
+    StrictPeerAuthentication(Arc<PolicyName>),
 }
 
 impl fmt::Display for PolicyRef {
@@ -95,6 +97,9 @@ impl fmt::Display for PolicyRef {
         match self {
             PolicyRef::Rule { policy, rule } => write!(f, "{policy} rule[{rule}]"),
             PolicyRef::NoAllowMatched => f.write_str("allow-nothing (no ALLOW policy matched)"),
+            PolicyRef::StrictPeerAuthentication(policy) => {
+                write!(f, "{policy} (PeerAuthentication STRICT: plaintext refused)")
+            }
         }
     }
 }

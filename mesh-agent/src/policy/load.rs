@@ -78,37 +78,53 @@ where
     P: AsRef<Path>,
 {
     let mut policies = Vec::new();
-    // (namespace, name) -> where it was first defined, to reject duplicates.
-    let mut seen: HashMap<PolicyName, (PathBuf, usize)> = HashMap::new();
+    let mut peer_authentications = Vec::new();
+    // (kind, namespace, name) -> where it was first defined, to reject duplicates.
+    let mut seen: HashMap<(&'static str, PolicyName), (PathBuf, usize)> = HashMap::new();
     for (path, text) in files {
         let path = path.as_ref();
-        for (doc, policy) in load_file(path, text)? {
-            if let Some((first_file, first_doc)) = seen.get(&policy.id) {
+        for (doc, loaded) in load_file(path, text)? {
+            let (kind, id) = match &loaded {
+                Loaded::Authorization(p) => (KIND, p.id.clone()),
+                Loaded::PeerAuthentication(p) => (super::peer_auth::KIND, p.id.clone()),
+            };
+            if let Some((first_file, first_doc)) = seen.get(&(kind, (*id).clone())) {
                 let ctx = DocCtx {
                     file: path,
                     text,
                     index: doc,
-                    label: policy.id.to_string(),
+                    label: id.to_string(),
                 };
                 return Err(ctx.semantic(
                     &[key("metadata"), key("name")],
                     format!(
-                        "duplicate policy {}: already defined in {} document {}",
-                        policy.id,
+                        "duplicate {kind} {id}: already defined in {} document {}",
                         first_file.display(),
                         first_doc + 1
                     ),
                 ));
             }
-            seen.insert((*policy.id).clone(), (path.to_path_buf(), doc));
-            policies.push(Arc::new(policy));
+            seen.insert((kind, (*id).clone()), (path.to_path_buf(), doc));
+            match loaded {
+                Loaded::Authorization(p) => policies.push(Arc::new(p)),
+                Loaded::PeerAuthentication(p) => peer_authentications.push(Arc::new(p)),
+            }
         }
     }
-    Ok(PolicySet { policies })
+    Ok(PolicySet {
+        policies,
+        peer_authentications,
+    })
 }
 
-/// Returns (0-based document index, policy) pairs.
-fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Policy)>, LoadError> {
+/// One document of a policy file.
+enum Loaded {
+    Authorization(Policy),
+    PeerAuthentication(super::PeerAuthentication),
+}
+
+/// Returns (0-based document index, document) pairs.
+fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Loaded)>, LoadError> {
     // Pass 1: lenient, for syntax errors, apiVersion/kind and the name.
     let mut headers = Vec::new();
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -138,16 +154,26 @@ fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Policy)>, LoadError>
             index,
             label: label_of(&value),
         };
-        check_header(&ctx, &value)?;
+        if check_header(&ctx, &value)? == super::peer_auth::KIND {
+            // A PeerAuthentication that cannot be read rejects the load: it
+            // has no "deny" to fall back on that would be its closed form.
+            let raw = super::peer_auth::RawPeerAuthentication::deserialize(de)
+                .map_err(|e| ctx.serde(&e))?;
+            out.push((
+                index,
+                Loaded::PeerAuthentication(super::peer_auth::convert(&ctx, raw)?),
+            ));
+            continue;
+        }
         let policy = RawPolicy::deserialize(de)
             .map_err(|e| ctx.serde(&e))
             .and_then(|raw| super::convert::convert(&ctx, raw));
         out.push((
             index,
-            match policy {
+            Loaded::Authorization(match policy {
                 Ok(policy) => policy,
                 Err(error) => deny_all_in_place_of(&ctx, &value, error)?,
-            },
+            }),
         ));
     }
     Ok(out)
@@ -208,7 +234,8 @@ fn label_of(v: &Value) -> String {
     format!("{}/{}", get("namespace"), get("name"))
 }
 
-fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<(), LoadError> {
+/// Checks `apiVersion` and `kind`; returns the kind.
+fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<&'static str, LoadError> {
     if !v.is_mapping() {
         return Err(ctx.semantic(&[], "document is not a mapping".into()));
     }
@@ -229,10 +256,15 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<(), LoadError> {
     }
     match v.get("kind") {
         None => Err(ctx.semantic(&[], "missing field `kind`".into())),
-        Some(k) if k.as_str() == Some(KIND) => Ok(()),
+        Some(k) if k.as_str() == Some(KIND) => Ok(KIND),
+        Some(k) if k.as_str() == Some(super::peer_auth::KIND) => Ok(super::peer_auth::KIND),
         Some(k) => Err(ctx.semantic(
             &[key("kind")],
-            format!("{} is not supported (expected {KIND})", show(k)),
+            format!(
+                "{} is not supported (expected {KIND} or {})",
+                show(k),
+                super::peer_auth::KIND
+            ),
         )),
     }
 }

@@ -1,4 +1,5 @@
-//! Istio `AuthorizationPolicy` enforcement, at L4 and L7 (HTTP).
+//! Istio `AuthorizationPolicy` enforcement, at L4 and L7 (HTTP), and
+//! `PeerAuthentication` (whether plaintext may come in; `peer_auth`).
 //!
 //! Pipeline: [`load`] parses and validates policy YAML (all-or-nothing) into
 //! a [`PolicySet`]; [`PolicySet::compile`] indexes it by namespace;
@@ -40,6 +41,7 @@ mod load;
 mod matcher;
 mod model;
 mod normalize;
+mod peer_auth;
 
 #[cfg(test)]
 mod tests;
@@ -51,3 +53,4 @@ pub use compile::{
 pub use decide::{Decision, HeaderLookup, HttpAttributes, NoHeaders, PolicyRef, Request};
 pub use load::{LoadError, load};
 pub use normalize::{PathError, normalize_path};
+pub use peer_auth::{MtlsMode, PeerAuthentication};

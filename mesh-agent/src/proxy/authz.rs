@@ -71,6 +71,28 @@ impl Authorizer {
         is_probe
     }
 
+    /// Whether a plaintext connection from outside the mesh (`client`) may
+    /// come into `target` on `port`: not when a PeerAuthentication in
+    /// STRICT mode says so for that port. Err names the PeerAuthentication;
+    /// the refusal is logged and counted as a deny by it.
+    pub fn plaintext(
+        &self,
+        policies: &CompiledPolicies,
+        target: &PodHandle,
+        client: IpAddr,
+        port: u16,
+    ) -> Result<(), String> {
+        let Some(by) = policies
+            .for_workload(&target.workload)
+            .refusing_plaintext(port)
+        else {
+            return Ok(());
+        };
+        tracing::warn!(pod = %target.key, src = %client, dst_port = port, policy = %by, "plaintext connection refused");
+        self.count(Some(&by), DENY);
+        Err(by.to_string())
+    }
+
     /// Authorizes a plain TCP connection into `target` (L4: HTTP-only rules
     /// are judged as Istio does for TCP traffic). Err names the deciding
     /// policy and rule.

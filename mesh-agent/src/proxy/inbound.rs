@@ -43,6 +43,20 @@ pub async fn handle(
     let probe = ctx
         .authorizer
         .kubelet_probe(&pod, client.ip(), original_dst.port());
+    // A STRICT PeerAuthentication refuses plaintext before anything else
+    // is decided (the kubelet's probe excepted, as in Istio).
+    if !probe
+        && let Err(by) = ctx
+            .authorizer
+            .plaintext(&policies, &pod, client.ip(), original_dst.port())
+    {
+        let outcome = Outcome::Denied {
+            by,
+            not_http: false,
+        };
+        finish::refuse(record, downstream, outcome);
+        return;
+    }
     // Plaintext from outside the mesh: no principal, no namespace.
     if !probe && pod.decided_per_request(&policies, original_dst.port()) {
         let from = Client {

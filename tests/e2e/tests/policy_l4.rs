@@ -5,7 +5,8 @@
 //! with the last good set still enforced; a policy that cannot be enforced
 //! as written denying all traffic to the workload it selects, and only to
 //! it; a policy exported by `kubectl get -o yaml` (with `serviceAccounts`)
-//! enforced as written.
+//! enforced as written; PeerAuthentication STRICT refusing plaintext by
+//! Istio's precedence (workload over namespace over mesh).
 
 use std::{net::IpAddr, time::Duration};
 
@@ -57,6 +58,26 @@ spec:
     - source:
         principals: ["cluster.local/ns/default/sa/a"]
 "#;
+
+const D_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: d-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: d}}
+  mtls: {mode: STRICT}
+";
+
+const MESH_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+";
+
+const DEFAULT_NAMESPACE_PERMISSIVE: &str = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec: {mtls: {mode: PERMISSIVE}}
+";
 
 /// An ALLOW policy for d as `kubectl get -o yaml` prints it.
 const D_EXPORTED_ALLOWS_SERVICE_ACCOUNT_A: &str = r#"
@@ -122,6 +143,51 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
     // Without policies everything flows.
     assert!(allowed(b, c_ip, PORT) && allowed(outsider, c_ip, PORT) && allowed(a, b_ip, PORT));
 
+    // PeerAuthentication on n2. d STRICT: plaintext from the outsider is
+    // refused, a (mutual TLS) still gets in, c (not selected) still takes
+    // plaintext. Then mesh-wide STRICT covers c too, and the namespace's
+    // PERMISSIVE overrides the mesh's again (Istio's precedence).
+    let apply = |yaml: &str| {
+        let generation = agents[1].status().unwrap().config_generation;
+        agents[1].write_file("policies/peer.yaml", yaml).unwrap();
+        agents[1].wait_generation_after(generation).unwrap();
+    };
+    apply(D_STRICT);
+    assert!(
+        !allowed(outsider, d_ip, PORT),
+        "STRICT refuses plaintext into d"
+    );
+    assert!(allowed(a, d_ip, PORT), "STRICT lets mutual TLS into d");
+    assert!(allowed(outsider, c_ip, PORT), "c is not selected");
+    let n2 = agents[1].status().unwrap();
+    assert!(
+        n2.authorization.iter().any(|d| d.policy
+            == "default/d-strict (PeerAuthentication STRICT: plaintext refused)"
+            && d.decision == "deny"
+            && d.count >= 1),
+        "{:?}",
+        n2.authorization
+    );
+    apply(&format!("{D_STRICT}---\n{MESH_STRICT}"));
+    assert!(!allowed(outsider, c_ip, PORT), "mesh-wide STRICT covers c");
+    assert!(allowed(a, c_ip, PORT), "mutual TLS into c");
+    apply(&format!(
+        "{D_STRICT}---\n{MESH_STRICT}---\n{DEFAULT_NAMESPACE_PERMISSIVE}"
+    ));
+    assert!(
+        allowed(outsider, c_ip, PORT),
+        "the namespace's PERMISSIVE wins over the mesh's"
+    );
+    assert!(
+        !allowed(outsider, d_ip, PORT),
+        "d's own STRICT wins over its namespace"
+    );
+    std::fs::remove_file(agents[1].config_dir().join("policies/peer.yaml")).unwrap();
+    wait_until("plaintext into d again", Duration::from_secs(5), || {
+        Ok(allowed(outsider, d_ip, PORT))
+    })
+    .unwrap();
+
     for (agent, file, policy) in [
         (&agents[1], "policies/c.yaml", C_ALLOWS_ONLY_A_ON_7100),
         (&agents[0], "policies/b.yaml", B_DENIES_A),
@@ -153,7 +219,7 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
     let denied_into_c: u64 = n2
         .authorization
         .iter()
-        .filter(|d| d.decision == "deny")
+        .filter(|d| d.decision == "deny" && !d.policy.contains("PeerAuthentication"))
         .map(|d| d.count)
         .sum();
     assert_eq!(denied_into_c, 3, "{:?}", n2.authorization);
@@ -209,8 +275,8 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         ),
         (
             "wrong kind",
-            &good.replace("kind: AuthorizationPolicy", "kind: PeerAuthentication") as &str,
-            "PeerAuthentication",
+            &good.replace("kind: AuthorizationPolicy", "kind: RequestAuthentication") as &str,
+            "RequestAuthentication",
         ),
     ];
     for (what, content, expected) in bad_files {

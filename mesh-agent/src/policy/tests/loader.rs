@@ -107,10 +107,10 @@ spec:
     Reject {
         name: "wrong kind",
         yaml: "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
+kind: RequestAuthentication
 metadata: {name: p, namespace: foo}
 ",
-        want: "policies/test.yaml:2: document 1 (foo/p): field kind: \"PeerAuthentication\" is not supported (expected AuthorizationPolicy)",
+        want: "policies/test.yaml:2: document 1 (foo/p): field kind: \"RequestAuthentication\" is not supported (expected AuthorizationPolicy or PeerAuthentication)",
     },
     Reject {
         name: "wrong apiVersion",
@@ -428,7 +428,7 @@ fn duplicate_policy_names_are_rejected() {
     let err = load([("one.yaml", a), ("two.yaml", b)]).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "two.yaml:5: document 1 (foo/a): field metadata.name: duplicate policy foo/a: already defined in one.yaml document 1"
+        "two.yaml:5: document 1 (foo/a): field metadata.name: duplicate AuthorizationPolicy foo/a: already defined in one.yaml document 1"
     );
 }
 

@@ -3,6 +3,7 @@
 
 mod loader;
 mod normalize;
+mod peer_auth;
 mod semantics;
 
 use std::collections::BTreeMap;
