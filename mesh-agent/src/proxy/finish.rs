@@ -197,8 +197,9 @@ pub fn relay_outcome(outcome: RelayOutcome) -> Outcome {
 }
 
 /// Relays between a captured connection and a tunnel stream. Half-close goes
-/// both ways (shutdown on EOF); an error on either side resets the client and
-/// drops the stream (which resets it in the tunnel).
+/// both ways (shutdown on EOF); an error on either side resets both: the
+/// client with a TCP reset, the stream with CONNECT_ERROR (which the
+/// destination's agent passes on to the server as a TCP reset).
 async fn relay_to_tunnel(mut downstream: TcpStream, upstream: TunnelStream) -> RelayStats {
     let (mut sent, mut received) = (0u64, 0u64);
     let (mut down_rd, mut down_wr) = downstream.split();
@@ -215,6 +216,7 @@ async fn relay_to_tunnel(mut downstream: TcpStream, upstream: TunnelStream) -> R
         },
         Err(err) => {
             tracing::debug!(error = ?err, "tunnel relay ended with an error");
+            up_rd.unsplit(up_wr).abort();
             reset(downstream);
             RelayStats {
                 downstream_to_upstream: sent,

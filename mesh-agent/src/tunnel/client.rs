@@ -8,11 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, anyhow, bail};
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper::header::FORWARDED;
-use hyper::{Method, Request, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use http::header::FORWARDED;
+use http::{Method, Request, StatusCode, Version};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -20,9 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::headers::{format_authority, format_forwarded};
 use super::pool::{Pool, PooledConn, Sender, StreamLease};
 use super::stream::TunnelStream;
-use super::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
-};
+use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 
 /// How long a failed connect waits for the connection's own error, which
 /// says more than the request's ("connection closed").
@@ -187,7 +183,7 @@ impl TunnelClient {
                 }
             };
             match send_connect(conn.sender(), target).await {
-                Ok(upgraded) => return Ok(TunnelStream::new(upgraded, lease)),
+                Ok((recv, send)) => return Ok(TunnelStream::new(recv, send, Some(lease))),
                 Err(ConnectFailure::Refused(e)) => return Err(e),
                 Err(ConnectFailure::Connection(e)) => {
                     pool.evict(&conn);
@@ -238,7 +234,7 @@ impl TunnelClient {
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| crate::identity::not_after_of(leaf));
             let (sender, connection) = h2_client_builder()
-                .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+                .handshake(tls)
                 .await
                 .with_context(|| format!("HTTP/2 handshake with HBONE gateway {gateway}"))?;
             anyhow::Ok((sender, connection, peer_cert_expiry))
@@ -270,17 +266,14 @@ impl TunnelClient {
 /// taking new streams.
 pub(super) const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 
-fn h2_client_builder() -> hyper::client::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+fn h2_client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buf_size(STREAM_WINDOW as usize)
-        // Pings find dead pooled connections (peer node gone) even when idle.
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .max_send_buffer_size(STREAM_WINDOW as usize)
+        // We never accept pushed streams.
+        .enable_push(false);
     b
 }
 
@@ -293,8 +286,8 @@ fn with_h2_alpn(tls: Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-fn connect_request(target: &TunnelTarget) -> anyhow::Result<Request<Empty<Bytes>>> {
-    // An authority-form URI: hyper sends it as `:authority` with no
+fn connect_request(target: &TunnelTarget) -> anyhow::Result<Request<()>> {
+    // An authority-form URI: h2 sends it as `:authority` with no
     // `:scheme`/`:path`, as RFC 9113 §8.5 wants for CONNECT.
     let mut builder = Request::builder()
         .method(Method::CONNECT)
@@ -303,30 +296,27 @@ fn connect_request(target: &TunnelTarget) -> anyhow::Result<Request<Empty<Bytes>
     if let Some(client) = target.forwarded_for {
         builder = builder.header(FORWARDED, format_forwarded(client));
     }
-    Ok(builder.body(Empty::new())?)
+    Ok(builder.body(())?)
 }
 
 async fn send_connect(
-    mut sender: Sender,
+    sender: Sender,
     target: &TunnelTarget,
-) -> Result<hyper::upgrade::Upgraded, ConnectFailure> {
+) -> Result<(h2::RecvStream, h2::SendStream<Bytes>), ConnectFailure> {
     let request = connect_request(target).map_err(ConnectFailure::Refused)?;
     let what = || format!("HBONE CONNECT {} via {}", target.authority, target.gateway);
-    let connection_failed = |e: hyper::Error| {
-        ConnectFailure::Connection(anyhow::Error::new(e).context(format!("{} failed", what())))
-    };
-    sender.ready().await.map_err(connection_failed)?;
-    let mut response = sender
-        .send_request(request)
-        .await
-        .map_err(connection_failed)?;
+    let failed = |e: h2::Error| anyhow::Error::new(e).context(format!("{} failed", what()));
+    // A stream reset (e.g. REFUSED_STREAM past a GOAWAY) is worth a retry
+    // on another connection, as is the connection failing.
+    let retryable = |e: h2::Error| ConnectFailure::Connection(failed(e));
+    let mut sender = sender.ready().await.map_err(retryable)?;
+    let (response, send) = sender.send_request(request, false).map_err(retryable)?;
+    let response = response.await.map_err(retryable)?;
     let status = response.status();
     if status != StatusCode::OK {
         return Err(ConnectFailure::Refused(
             anyhow::Error::new(PeerRefused(status)).context(what()),
         ));
     }
-    hyper::upgrade::on(&mut response)
-        .await
-        .map_err(|e| ConnectFailure::Refused(anyhow::Error::new(e).context(what())))
+    Ok((response.into_body(), send))
 }

@@ -9,9 +9,10 @@
 //!   accepted connection and relays each stream to the upstream its `open`
 //!   callback returns, or answers 400/403/503.
 //!
-//! Both ends use hyper; the CONNECT stream becomes a byte stream through
-//! `hyper::upgrade::on` on the response (client) and on the request
-//! (server). TLS configs come from the caller (identities, peer checks).
+//! Both ends speak HTTP/2 with the `h2` crate directly (as ztunnel does):
+//! a CONNECT stream's handles are the byte stream ([`TunnelStream`]), read
+//! and written by the relay's own task. TLS configs come from the caller
+//! (identities, peer checks).
 
 mod client;
 mod headers;
@@ -46,3 +47,21 @@ const MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// HTTP/2 pings on both ends notice a dead peer (node gone, no FIN/RST).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`]; resolves, with the reason,
+/// once a ping goes unanswered for [`KEEPALIVE_TIMEOUT`] or fails. Runs
+/// beside the connection it pings (whose polling carries the frames).
+async fn keepalive(ping_pong: Option<h2::PingPong>) -> String {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        let ping = ping_pong.ping(h2::Ping::opaque());
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping).await {
+            Err(_) => return format!("no answer to a ping within {KEEPALIVE_TIMEOUT:?}"),
+            Ok(Err(e)) => return format!("ping failed: {}", pool::error_chain(&e)),
+            Ok(Ok(_pong)) => {}
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! Pool of HTTP/2 connections, keyed by [`PoolKey`].
 //!
-//! Each pooled connection has a driver task that polls the hyper connection
-//! and closes it once it has carried no stream for `idle_timeout`. The
+//! Each pooled connection has a driver task that polls the h2 connection,
+//! pings the peer to notice it gone, and closes the connection once it has
+//! carried no stream for `idle_timeout`. The
 //! stream count lives in a `watch` channel so the driver can restart its idle
 //! timer on every change without polling.
 
@@ -12,18 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper::client::conn::http2::{Connection, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
 
 use super::client::PoolKey;
 
-pub(super) type Sender = SendRequest<Empty<Bytes>>;
-pub(super) type Conn = Connection<TokioIo<TlsStream<TcpStream>>, Empty<Bytes>, TokioExecutor>;
+pub(super) type Sender = SendRequest<Bytes>;
+pub(super) type Conn = Connection<TlsStream<TcpStream>, Bytes>;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -57,7 +56,7 @@ pub(super) struct PooledConn {
     // The streams open carry on (TLS checks certificates at the handshake).
     usable_until: Option<SystemTime>,
     // Why the connection ended, set by the driver before it drops the
-    // connection (so before hyper fails the requests still pending on it).
+    // connection (so before h2 fails the requests still pending on it).
     ended: watch::Sender<Option<String>>,
 }
 
@@ -78,7 +77,6 @@ impl PooledConn {
 
     fn usable(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
-            && !self.sender.is_closed()
             && self
                 .usable_until
                 .is_none_or(|until| SystemTime::now() < until)
@@ -151,7 +149,7 @@ impl Pool {
             key: key.clone(),
             sender,
             active: watch::Sender::new(0),
-            peer_max_streams: AtomicUsize::new(connection.current_max_send_streams()),
+            peer_max_streams: AtomicUsize::new(connection.max_concurrent_send_streams()),
             closed: AtomicBool::new(false),
             usable_until,
             ended: watch::Sender::new(None),
@@ -244,30 +242,39 @@ impl PoolState {
 }
 
 async fn drive(
-    connection: Conn,
+    mut connection: Conn,
     conn: Arc<PooledConn>,
     pool: Weak<PoolInner>,
     idle_timeout: Duration,
 ) {
     let mut active = conn.active.subscribe();
+    let keepalive = super::keepalive(connection.ping_pong());
+    tokio::pin!(keepalive);
     let mut connection = Box::pin(connection);
     // Polls the connection and keeps the peer's stream limit current (it
     // arrives in SETTINGS after the handshake and may change).
     let connection = std::future::poll_fn(|cx| {
         let res = connection.as_mut().poll(cx);
         conn.peer_max_streams
-            .store(connection.current_max_send_streams(), Ordering::Relaxed);
+            .store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
         res
     });
     tokio::pin!(connection);
     loop {
         tokio::select! {
+            // The connection's own end says more than a failed ping.
+            biased;
             res = &mut connection => {
                 let reason = match res {
                     Ok(()) => "closed by the peer".to_string(),
                     Err(e) => error_chain(&e),
                 };
                 tracing::debug!(conn = conn.id, %reason, "HBONE connection ended");
+                conn.ended.send_replace(Some(reason));
+                break;
+            }
+            reason = &mut keepalive => {
+                tracing::debug!(conn = conn.id, %reason, "HBONE connection lost");
                 conn.ended.send_replace(Some(reason));
                 break;
             }
@@ -305,7 +312,7 @@ async fn idle_for(active: &mut watch::Receiver<usize>, idle: Duration) {
     }
 }
 
-/// `e: cause: cause...`, since hyper's `Display` shows only the top level.
+/// `e: cause: cause...`, since `Display` often shows only the top level.
 pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();

@@ -3,12 +3,11 @@
 use std::io;
 use std::net::SocketAddr;
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::server::{Relayed, Upstream};
+use super::stream::TunnelStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -27,10 +26,10 @@ struct Failure {
 /// An error on either side aborts both directions:
 /// * stream side (reset by the peer, connection lost): the upstream is reset
 ///   (SO_LINGER 0, so close sends RST), as RFC 9113 §8.5 asks;
-/// * upstream side (e.g. RST from the app): the stream is dropped, which
-///   hyper turns into END_STREAM + RST_STREAM (it offers no way to choose
-///   CONNECT_ERROR).
-pub(super) async fn relay(stream: TokioIo<Upgraded>, upstream: Upstream, dest: SocketAddr) {
+/// * upstream side (e.g. RST from the app): the stream is reset with
+///   CONNECT_ERROR (RFC 9113 §8.5), which the client's agent passes on as a
+///   TCP reset.
+pub(super) async fn relay(stream: TunnelStream, upstream: Upstream, dest: SocketAddr) {
     match upstream {
         Upstream::Tcp(tcp) => {
             relay_tcp(stream, tcp, dest).await;
@@ -42,7 +41,7 @@ pub(super) async fn relay(stream: TokioIo<Upgraded>, upstream: Upstream, dest: S
 
 /// To an in-process handler (e.g. the HTTP authorizer): plain copies; dropping
 /// the handle is the handler's "reset".
-async fn relay_local(stream: TokioIo<Upgraded>, local: tokio::io::DuplexStream, dest: SocketAddr) {
+async fn relay_local(stream: TunnelStream, local: tokio::io::DuplexStream, dest: SocketAddr) {
     let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
     let (mut up_rd, mut up_wr) = tokio::io::split(local);
     let (mut sent, mut received) = (0, 0);
@@ -67,11 +66,7 @@ async fn relay_local(stream: TokioIo<Upgraded>, local: tokio::io::DuplexStream, 
     }
 }
 
-async fn relay_tcp(
-    stream: TokioIo<Upgraded>,
-    mut upstream: TcpStream,
-    dest: SocketAddr,
-) -> Relayed {
+async fn relay_tcp(stream: TunnelStream, mut upstream: TcpStream, dest: SocketAddr) -> Relayed {
     let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
     let (mut up_rd, mut up_wr) = upstream.split();
     let (mut to_upstream, mut from_upstream) = (0, 0);
@@ -98,8 +93,11 @@ async fn relay_tcp(
         }
         Err(Failure { side, error }) => {
             tracing::debug!(%dest, ?side, %error, "HBONE stream aborted");
-            if side == Side::Stream {
-                let _ = upstream.set_zero_linger();
+            match side {
+                Side::Stream => {
+                    let _ = upstream.set_zero_linger();
+                }
+                Side::Upstream => stream_rd.unsplit(stream_wr).abort(),
             }
             true
         }

@@ -1,18 +1,14 @@
 //! The receiving end: serves HBONE on one accepted TCP connection.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Empty;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::FORWARDED;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use http::header::FORWARDED;
+use http::{Method, Request, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -20,13 +16,15 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use super::headers::{parse_authority, parse_forwarded_for};
 use super::pool::error_chain;
 use super::relay::relay;
-use super::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS,
-    MAX_FRAME_SIZE, STREAM_WINDOW,
-};
+use super::stream::TunnelStream;
+use super::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, STREAM_WINDOW};
 
 /// Upper bound of [`lingering_close`].
 const LINGER_AFTER_HANDSHAKE_FAILURE: Duration = Duration::from_secs(1);
+/// How long a client that finished TLS has to send the HTTP/2 preface.
+const H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds one CONNECT's headers (they are a few hundred bytes).
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// One CONNECT stream, as handed to the `open` callback.
 #[derive(Debug, Clone)]
@@ -121,6 +119,27 @@ pub struct Relayed {
     pub aborted: bool,
 }
 
+impl Upstream {
+    /// Gives up on the upstream before relaying: a TCP upstream is reset,
+    /// an observer learns of the abort.
+    fn abort(self) {
+        match self {
+            Upstream::Tcp(tcp) => {
+                let _ = tcp.set_zero_linger();
+            }
+            Upstream::Observed(tcp, done) => {
+                let _ = tcp.set_zero_linger();
+                done(Relayed {
+                    to_upstream: 0,
+                    from_upstream: 0,
+                    aborted: true,
+                });
+            }
+            Upstream::Local(_) => {}
+        }
+    }
+}
+
 impl From<TcpStream> for Upstream {
     fn from(tcp: TcpStream) -> Self {
         Upstream::Tcp(tcp)
@@ -135,7 +154,7 @@ pub async fn serve_connection<O, Fut>(
 ) -> Result<(), ServeError>
 where
     O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Upstream, Rejection>> + Send,
+    Fut: Future<Output = Result<Upstream, Rejection>> + Send + 'static,
 {
     serve_connection_until(tcp, tls, handshake_timeout, open, std::future::pending()).await
 }
@@ -153,7 +172,7 @@ pub async fn serve_connection_until<O, Fut>(
 ) -> Result<(), ServeError>
 where
     O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Upstream, Rejection>> + Send,
+    Fut: Future<Output = Result<Upstream, Rejection>> + Send + 'static,
 {
     let (tls, peer_addr) = accept_tls(tcp, tls, handshake_timeout).await?;
     serve_tls(tls, peer_addr, open, shutdown).await
@@ -191,7 +210,7 @@ pub async fn serve_tls<O, Fut>(
 ) -> Result<(), ServeError>
 where
     O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Upstream, Rejection>> + Send,
+    Fut: Future<Output = Result<Upstream, Rejection>> + Send + 'static,
 {
     let peer_certificates: Arc<[CertificateDer<'static>]> = tls
         .get_ref()
@@ -205,102 +224,102 @@ where
         .first()
         .and_then(|leaf| crate::identity::not_after_of(leaf));
 
-    let service = service_fn(move |req| {
-        let open = open.clone();
-        let peer_certificates = peer_certificates.clone();
-        async move {
-            Ok::<_, Infallible>(
-                handle_stream(
-                    req,
-                    open,
-                    &peer_certificates,
-                    peer_certificate_expiry,
-                    peer_addr,
-                )
-                .await,
-            )
+    let mut connection =
+        tokio::time::timeout(H2_HANDSHAKE_TIMEOUT, h2_server_builder().handshake(tls))
+            .await
+            .map_err(|_| ServeError::Http("no HTTP/2 preface in time".to_string()))?
+            .map_err(|e| ServeError::Http(error_chain(&e)))?;
+    let keepalive = super::keepalive(connection.ping_pong());
+    let mut keepalive = std::pin::pin!(keepalive);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            accepted = connection.accept() => match accepted {
+                // Closed: by the peer, or drained after our GOAWAY.
+                None => return Ok(()),
+                Some(Err(e)) => return Err(ServeError::Http(error_chain(&e))),
+                Some(Ok((request, respond))) => {
+                    let stream = handle_stream(
+                        request,
+                        respond,
+                        open.clone(),
+                        peer_certificates.clone(),
+                        peer_certificate_expiry,
+                        peer_addr,
+                    );
+                    tokio::spawn(stream);
+                }
+            },
+            reason = &mut keepalive => return Err(ServeError::Http(reason)),
+            () = &mut shutdown, if !draining => {
+                // GOAWAY; `accept` goes on driving the open streams and
+                // returns `None` once they have all ended.
+                connection.graceful_shutdown();
+                draining = true;
+            }
         }
-    });
-    let connection = h2_server_builder().serve_connection(TokioIo::new(tls), service);
-    let mut connection = std::pin::pin!(connection);
-    let shutdown = std::pin::pin!(shutdown);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        () = shutdown => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    ended.map_err(|e| ServeError::Http(error_chain(&e)))
+    }
 }
 
 async fn handle_stream<O, Fut>(
-    mut req: Request<Incoming>,
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
     open: O,
-    peer_certificates: &Arc<[CertificateDer<'static>]>,
+    peer_certificates: Arc<[CertificateDer<'static>]>,
     peer_certificate_expiry: Option<std::time::SystemTime>,
     peer_addr: SocketAddr,
-) -> Response<Empty<Bytes>>
-where
+) where
     O: Fn(ConnectRequest) -> Fut,
     Fut: Future<Output = Result<Upstream, Rejection>>,
 {
-    if req.method() != Method::CONNECT {
-        tracing::debug!(%peer_addr, method = %req.method(), "HBONE: not a CONNECT");
-        return status(StatusCode::BAD_REQUEST);
+    let answer = |respond: &mut h2::server::SendResponse<Bytes>, code: StatusCode| {
+        respond.send_response(status(code), true).map(drop)
+    };
+    if request.method() != Method::CONNECT {
+        tracing::debug!(%peer_addr, method = %request.method(), "HBONE: not a CONNECT");
+        let _ = answer(&mut respond, StatusCode::BAD_REQUEST);
+        return;
     }
-    let Some(authority) = req
+    let Some(authority) = request
         .uri()
         .authority()
         .and_then(|a| parse_authority(a.as_str()))
     else {
-        tracing::debug!(%peer_addr, uri = %req.uri(), "HBONE: authority is not ip:port");
-        return status(StatusCode::BAD_REQUEST);
+        tracing::debug!(%peer_addr, uri = %request.uri(), "HBONE: authority is not ip:port");
+        let _ = answer(&mut respond, StatusCode::BAD_REQUEST);
+        return;
     };
-    let forwarded_for = req
+    let forwarded_for = request
         .headers()
         .get(FORWARDED)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_forwarded_for);
-    // Registered before answering; resolves once hyper has sent the 200.
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let request = ConnectRequest {
+    let connect = ConnectRequest {
         authority,
         forwarded_for,
-        peer_certificates: peer_certificates.clone(),
+        peer_certificates,
         peer_addr,
         peer_certificate_expiry,
     };
-    let upstream = match open(request).await {
+    let upstream = match open(connect).await {
         Ok(upstream) => upstream,
         Err(rejection) => {
             tracing::debug!(%peer_addr, %authority, %rejection, "HBONE stream rejected");
-            return status(rejection.status());
+            let _ = answer(&mut respond, rejection.status());
+            return;
         }
     };
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, authority).await,
-            Err(e) => {
-                tracing::debug!(%peer_addr, %authority, error = %e, "HBONE stream gone before upgrade");
-                match upstream {
-                    Upstream::Tcp(tcp) => {
-                        let _ = tcp.set_zero_linger();
-                    }
-                    Upstream::Observed(tcp, done) => {
-                        let _ = tcp.set_zero_linger();
-                        done(Relayed {
-                            to_upstream: 0,
-                            from_upstream: 0,
-                            aborted: true,
-                        });
-                    }
-                    Upstream::Local(_) => {}
-                }
-            }
+    match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => {
+            let stream = TunnelStream::new(request.into_body(), send, None);
+            relay(stream, upstream, authority).await;
         }
-    });
-    status(StatusCode::OK)
+        Err(e) => {
+            tracing::debug!(%peer_addr, %authority, error = %e, "HBONE stream gone before the 200");
+            upstream.abort();
+        }
+    }
 }
 
 /// Closes after a failed handshake so that the peer can read our alert.
@@ -324,22 +343,20 @@ async fn lingering_close(mut tcp: TcpStream) {
     let _ = tokio::time::timeout(LINGER_AFTER_HANDSHAKE_FAILURE, drain).await;
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = code;
     response
 }
 
-fn h2_server_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+fn h2_server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buf_size(STREAM_WINDOW as usize)
+        .max_send_buffer_size(STREAM_WINDOW as usize)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        .max_header_list_size(MAX_HEADER_LIST_SIZE);
     b
 }
 

@@ -163,7 +163,7 @@ impl Hbone {
     ) -> Self
     where
         O: Fn(ConnectRequest) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = Result<TcpStream, Rejection>> + Send,
+        Fut: Future<Output = Result<TcpStream, Rejection>> + Send + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -808,15 +808,18 @@ async fn upstream_reset_ends_the_stream_abortively() {
     up.set_zero_linger().unwrap();
     drop(up); // RST
 
-    // hyper reads RST_STREAM(NO_ERROR|CANCEL) as EOF, and the agent cannot
-    // send another code through hyper, so the read ends without data; the
-    // reset shows as writes failing (a clean half-close keeps them working,
-    // see the first test).
+    // The agent resets the stream with CONNECT_ERROR: the read fails, so the
+    // client's agent can reset its own TCP connection in turn.
     let mut buf = [0u8; 16];
-    match within("read to end", stream.read(&mut buf)).await {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("read {n} bytes from a reset upstream"),
-    }
+    let err = match within("read to fail", stream.read(&mut buf)).await {
+        Err(e) => e,
+        Ok(n) => panic!("read {n} bytes (0 = EOF) from a reset upstream, not an error"),
+    };
+    let reason = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    assert_eq!(reason, Some(h2::Reason::CONNECT_ERROR), "{err:?}");
     let write_failed = within("writes to fail", async {
         loop {
             if let Err(e) = stream.write_all(b"more").await {
@@ -852,8 +855,8 @@ async fn dropped_stream_ends_upstream_with_eof_then_reset() {
     assert!(n > 0);
     drop(stream);
 
-    // hyper sends END_STREAM then RST_STREAM(CANCEL): the upstream first
-    // reads EOF (after the data already in flight) ...
+    // The drop resets the stream (CANCEL), which the agent reads as EOF:
+    // the upstream first reads EOF (after the data already in flight) ...
     let end = within("upstream EOF", async {
         loop {
             match up.read(&mut buf).await {
@@ -881,6 +884,36 @@ async fn dropped_stream_ends_upstream_with_eof_then_reset() {
         ),
         "{err:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aborted_stream_resets_the_upstream() {
+    let pki = Pki::new();
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opener = Opener::new(upstream.local_addr().unwrap());
+    let server = Hbone::start(pki.server_config(), DEADLINE, opener.open()).await;
+    let client = TunnelClient::new(Duration::from_secs(60));
+    let mut stream = connect(
+        &client,
+        &target(server.addr, "10.0.0.1:80", None, "dst"),
+        &pki.client_config(true),
+    )
+    .await
+    .unwrap();
+    let (mut up, _) = within("upstream accept", upstream.accept()).await.unwrap();
+    stream.write_all(b"partial").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = within("first bytes", up.read(&mut buf)).await.unwrap();
+    assert_eq!(&buf[..n], b"partial");
+
+    // The client's TCP connection was reset: CONNECT_ERROR, then the
+    // upstream is reset too (no EOF first).
+    stream.abort();
+    let end = within("upstream to end", up.read(&mut buf)).await;
+    match end {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e:?}"),
+        Ok(n) => panic!("upstream read {n} bytes (0 = EOF) after an abort, not a reset"),
+    }
 }
 
 // ---------------------------------------------------------------- 6. dead connection
