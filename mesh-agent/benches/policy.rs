@@ -89,6 +89,7 @@ fn bench(c: &mut Criterion) {
         host: &host,
         path,
         headers: &NoHeaders,
+        auth: None,
     };
     // Matches only rule[2] of the last ALLOW policy: every DENY rule and
     // every earlier ALLOW rule is evaluated first.
@@ -135,5 +136,83 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// One request's JWT check (an ES256 token, inline key set, the header
+/// removed), the cost a RequestAuthentication adds: a token seen for the
+/// first time (signature checked) and one seen before (remembered).
+fn bench_jwt(c: &mut Criterion) {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = ec.public_key_raw();
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "ec",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+    }]});
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: ns}}\nspec:\n  jwtRules:\n  - issuer: issuer\n    audiences: [api]\n    jwks: '{jwks}'\n"
+    );
+    let compiled = load([("ra.yaml", yaml.as_str())])
+        .unwrap()
+        .compile(DEFAULT_ROOT_NAMESPACE);
+    let wp = compiled.for_workload(&Workload {
+        namespace: "ns".into(),
+        labels: Default::default(),
+    });
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("ec".into());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({"iss": "issuer", "sub": "alice", "aud": "api", "exp": exp, "groups": ["a", "b"]});
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let value: http::HeaderValue = format!("Bearer {token}").parse().unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, value.clone());
+    assert!(
+        wp.authenticate(&mut headers.clone(), None)
+            .unwrap()
+            .is_some()
+    );
+
+    // More distinct tokens than a rule remembers: each check verifies.
+    let fresh: Vec<http::HeaderMap> = (0..1024)
+        .map(|n| {
+            let mut claims = claims.clone();
+            claims["n"] = n.into();
+            let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            h
+        })
+        .collect();
+
+    let mut g = c.benchmark_group("jwt");
+    let mut next = 0;
+    g.bench_function("es256_token_seen_first", |b| {
+        b.iter(|| {
+            next = (next + 1) % fresh.len();
+            let mut h = fresh[next].clone();
+            wp.authenticate(black_box(&mut h), None).unwrap()
+        })
+    });
+    g.bench_function("es256_token_seen_before", |b| {
+        b.iter(|| {
+            let mut h = headers.clone();
+            wp.authenticate(black_box(&mut h), None).unwrap()
+        })
+    });
+    let mut none = http::HeaderMap::new();
+    g.bench_function("no_token", |b| {
+        b.iter(|| wp.authenticate(black_box(&mut none), None).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_jwt);
 criterion_main!(benches);

@@ -26,6 +26,7 @@ pub struct ConfigDump {
     pub services: Vec<ServiceConfig>,
     pub policies: Vec<PolicyView>,
     pub peer_authentications: Vec<PeerAuthenticationView>,
+    pub request_authentications: Vec<RequestAuthenticationView>,
     pub certificates: Vec<CertificateView>,
     /// With `discovery: kubernetes`: where the pods, workloads and services
     /// above come from (the API, or the saved state until the API answers).
@@ -72,6 +73,31 @@ pub struct PeerAuthenticationView {
     pub port_modes: BTreeMap<u16, String>,
 }
 
+/// One RequestAuthentication: its rules, and how far `jwksUri` fetching got.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationView {
+    pub namespace: String,
+    pub name: String,
+    pub file: String,
+    /// `None`: namespace-wide (mesh-wide in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub jwt_rules: Vec<JwtRuleView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRuleView {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// `inline`, or the `jwksUri`.
+    pub jwks: String,
+    /// Keys in use (0 while a `jwksUri` has not been fetched).
+    pub keys: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_error: Option<String>,
+}
+
 pub fn dump(state: &AgentState) -> ConfigDump {
     let desired = state.desired();
     let policies = desired
@@ -107,6 +133,40 @@ pub fn dump(state: &AgentState) -> ConfigDump {
                 .collect(),
         })
         .collect();
+    let request_authentications = desired
+        .policies
+        .set
+        .request_authentications()
+        .map(|r| RequestAuthenticationView {
+            namespace: r.name().namespace.clone(),
+            name: r.name().name.clone(),
+            file: r.source().display().to_string(),
+            selector: r.selector().cloned(),
+            jwt_rules: r
+                .rules()
+                .iter()
+                .map(|rule| {
+                    let (jwks, keys, fetch_error) = match &rule.keys {
+                        crate::policy::JwtKeys::Set(set) => {
+                            ("inline".to_string(), set.keys.len(), None)
+                        }
+                        crate::policy::JwtKeys::Remote(remote) => (
+                            remote.uri().to_string(),
+                            remote.get().map_or(0, |set| set.keys.len()),
+                            remote.last_error(),
+                        ),
+                    };
+                    JwtRuleView {
+                        issuer: rule.issuer.clone(),
+                        audiences: rule.audiences.clone(),
+                        jwks,
+                        keys,
+                        fetch_error,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
     ConfigDump {
         config_generation: state.config_generation(),
         node: desired.node.clone(),
@@ -120,6 +180,7 @@ pub fn dump(state: &AgentState) -> ConfigDump {
         services: desired.services.clone(),
         policies,
         peer_authentications,
+        request_authentications,
         certificates: state.certificates(),
         kubernetes: state.kubernetes.as_ref().map(|k| k.status()),
     }

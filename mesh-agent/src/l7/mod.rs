@@ -116,7 +116,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use detect::{NotHttpReason, PrefixedIo, Protocol};
-pub use service::{DENIED_BODY, DeniedBy, Forward, ResponseBody, local_response};
+pub use service::{
+    DENIED_BODY, DeniedBy, Forward, ResponseBody, UNAUTHENTICATED_BODY,
+    WWW_AUTHENTICATE_INVALID_TOKEN, local_response,
+};
 
 /// What the authorizer sees of one request.
 #[derive(Debug, Clone, Copy)]
@@ -127,8 +130,10 @@ pub struct RequestInfo<'a> {
     pub host: &'a str,
     /// The normalised path, query stripped.
     pub path: &'a str,
-    /// The request headers as received.
+    /// The request headers (after the JWT check's edits).
     pub headers: &'a HeaderMap,
+    /// The request's valid JWT, if it carried one.
+    pub auth: Option<&'a crate::policy::RequestAuth>,
 }
 
 /// The decision about one request.
@@ -143,6 +148,18 @@ pub enum Verdict {
 /// The per-request decision (sync, fast). Implemented by the agent with its
 /// policy engine.
 pub trait Authorizer: Send + Sync + 'static {
+    /// Checks the request's JWT, before [`Authorizer::authorize`]: `Err` is
+    /// answered 401; on success the headers may have been edited (token
+    /// removed, claims written). None to check by default.
+    fn authenticate(
+        &self,
+        _headers: &mut HeaderMap,
+        _query: Option<&str>,
+    ) -> Result<Option<std::sync::Arc<crate::policy::RequestAuth>>, crate::policy::Unauthenticated>
+    {
+        Ok(None)
+    }
+
     fn authorize(&self, request: &RequestInfo<'_>) -> Verdict;
 }
 

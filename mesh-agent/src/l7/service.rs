@@ -23,6 +23,10 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
 /// Body of the 403 answer (what Envoy/Istio send).
 pub const DENIED_BODY: &str = "RBAC: access denied";
+/// The body of a 401 for a JWT that fails (Envoy's words).
+pub const UNAUTHENTICATED_BODY: &str = "Jwt verification fails";
+/// RFC 6750 §3: the token was presented and is not valid.
+pub const WWW_AUTHENTICATE_INVALID_TOKEN: &str = "Bearer error=\"invalid_token\"";
 
 /// A response extension a [`Forward`] sets on a 403 it decided itself (e.g.
 /// by the policies of the endpoint it picked): the deciding policy, for the
@@ -217,6 +221,24 @@ impl Relay {
                 return Err(Refusal::new(StatusCode::BAD_REQUEST, "Bad Request", h1));
             }
         };
+        let query = request.uri().query().map(str::to_owned);
+        let auth = match self
+            .authorizer
+            .authenticate(request.headers_mut(), query.as_deref())
+        {
+            Ok(auth) => auth,
+            Err(unauthenticated) => {
+                tracing::debug!(
+                    method = %request.method(),
+                    host,
+                    path,
+                    reason = %unauthenticated,
+                    "request unauthenticated"
+                );
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::unauthenticated(unauthenticated));
+            }
+        };
         // An extended CONNECT is decided as the HTTP/1.1 upgrade it stands
         // for, a GET (as Envoy's codec presents it to Istio's RBAC): one
         // policy allows WebSocket over either version.
@@ -230,6 +252,7 @@ impl Relay {
             host: &host,
             path: &path,
             headers: request.headers(),
+            auth: auth.as_deref(),
         });
         if let Verdict::Deny { reason } = verdict {
             tracing::debug!(
@@ -375,8 +398,24 @@ impl Refusal {
         }
     }
 
+    /// 401 for a token that fails (Envoy's answer: the reason is logged,
+    /// the client gets `WWW-Authenticate`).
+    fn unauthenticated(why: crate::policy::Unauthenticated) -> Self {
+        Self {
+            denied_by: Some(format!("RequestAuthentication: {why}")),
+            ..Self::new(StatusCode::UNAUTHORIZED, UNAUTHENTICATED_BODY, false)
+        }
+    }
+
     fn into_response(self) -> Response<ResponseBody> {
-        local_response(self.status, self.body, self.close)
+        let mut response = local_response(self.status, self.body, self.close);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(WWW_AUTHENTICATE_INVALID_TOKEN),
+            );
+        }
+        response
     }
 }
 

@@ -108,7 +108,8 @@ pub(crate) struct Rule {
     pub(crate) from: Vec<Source>,
     pub(crate) to: Vec<Operation>,
     pub(crate) when: Vec<Condition>,
-    /// Uses hosts/methods/paths (or their notX) or a request.headers condition.
+    /// Uses hosts/methods/paths (or their notX), requestPrincipals, or a
+    /// request.headers or request.auth condition.
     pub(crate) has_http: bool,
 }
 
@@ -130,6 +131,8 @@ impl Rule {
 #[derive(Debug)]
 pub(crate) struct Source {
     pub(crate) principals: Field<StringMatcher>,
+    /// `<iss>/<sub>` of the request's valid JWT (HTTP only).
+    pub(crate) request_principals: Field<StringMatcher>,
     pub(crate) namespaces: Field<StringMatcher>,
     pub(crate) ip_blocks: Field<IpMatcher>,
     pub(crate) remote_ip_blocks: Field<IpMatcher>,
@@ -154,6 +157,26 @@ pub(crate) enum Condition {
     DestinationIp(Field<IpMatcher>),
     DestinationPort(Field<PortMatcher>),
     Sni(Field<StringMatcher>),
+    // The request's valid JWT (HTTP only).
+    RequestPrincipal(Field<StringMatcher>),
+    RequestAudiences(Field<StringMatcher>),
+    RequestPresenter(Field<StringMatcher>),
+    /// `request.auth.claims[a][b]`: the path of names.
+    RequestClaim(Box<[Box<str>]>, Field<StringMatcher>),
+}
+
+impl Condition {
+    /// Needs the HTTP request to be decided.
+    pub(crate) fn is_http(&self) -> bool {
+        matches!(
+            self,
+            Condition::Header(..)
+                | Condition::RequestPrincipal(_)
+                | Condition::RequestAudiences(_)
+                | Condition::RequestPresenter(_)
+                | Condition::RequestClaim(..)
+        )
+    }
 }
 
 pub(crate) fn ip_field(values: Option<Vec<IpNet>>, not: Option<Vec<IpNet>>) -> Field<IpMatcher> {
@@ -168,6 +191,7 @@ pub(crate) fn ip_field(values: Option<Vec<IpNet>>, not: Option<Vec<IpNet>>) -> F
 pub struct PolicySet {
     pub(crate) policies: Vec<Arc<Policy>>,
     pub(crate) peer_authentications: Vec<Arc<super::PeerAuthentication>>,
+    pub(crate) request_authentications: Vec<Arc<super::RequestAuthentication>>,
 }
 
 impl PolicySet {
@@ -180,6 +204,11 @@ impl PolicySet {
 
     pub fn iter(&self) -> impl Iterator<Item = &Policy> {
         self.policies.iter().map(|p| &**p)
+    }
+
+    /// The RequestAuthentications, in load order.
+    pub fn request_authentications(&self) -> impl Iterator<Item = &super::RequestAuthentication> {
+        self.request_authentications.iter().map(|r| &**r)
     }
 
     /// The PeerAuthentications, in load order.
@@ -217,6 +246,10 @@ impl PolicySet {
             root_namespace: root_namespace.to_owned(),
             root,
             by_namespace,
+            request_authn: super::request_authn::RequestAuthnIndex::new(
+                &self.request_authentications,
+                root_namespace,
+            ),
             peer_auth: super::peer_auth::PeerAuthIndex::new(
                 &self.peer_authentications,
                 root_namespace,
@@ -240,6 +273,7 @@ pub struct CompiledPolicies {
     root: Vec<Arc<Policy>>,
     by_namespace: HashMap<String, Vec<Arc<Policy>>>,
     peer_auth: super::peer_auth::PeerAuthIndex,
+    request_authn: super::request_authn::RequestAuthnIndex,
     cache: Mutex<HashMap<Workload, WorkloadPolicy>>,
 }
 
@@ -269,6 +303,9 @@ impl CompiledPolicies {
             peer_auth: self
                 .peer_auth
                 .resolve(&workload.namespace, &workload.labels),
+            jwt_rules: self
+                .request_authn
+                .rules_for(&workload.namespace, &workload.labels),
             ..WorkloadInner::default()
         };
         let local = self
@@ -311,6 +348,8 @@ pub(crate) struct WorkloadInner {
     pub(crate) dry_run_allow: Vec<Arc<Policy>>,
     pub(crate) has_http: bool,
     pub(crate) peer_auth: super::peer_auth::WorkloadPeerAuth,
+    /// Of every RequestAuthentication applying to the workload.
+    pub(crate) jwt_rules: Vec<Arc<super::JwtRule>>,
 }
 
 impl WorkloadPolicy {
@@ -324,9 +363,28 @@ impl WorkloadPolicy {
     }
 
     /// Whether any applicable policy (enforced, dry-run or audit) uses
-    /// HTTP-only fields, i.e. whether the agent must parse HTTP to decide.
+    /// HTTP-only fields, or a RequestAuthentication applies, i.e. whether
+    /// the agent must parse HTTP to decide.
     pub fn has_http_rules(&self) -> bool {
-        self.inner.has_http
+        self.inner.has_http || !self.inner.jwt_rules.is_empty()
+    }
+
+    /// Whether a RequestAuthentication applies (tokens are checked).
+    pub fn checks_jwt(&self) -> bool {
+        !self.inner.jwt_rules.is_empty()
+    }
+
+    /// Checks the request's JWT, if any, by the workload's
+    /// RequestAuthentications (headers edited in place on success).
+    pub fn authenticate(
+        &self,
+        headers: &mut http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<Arc<super::RequestAuth>>, super::Unauthenticated> {
+        if self.inner.jwt_rules.is_empty() {
+            return Ok(None);
+        }
+        super::jwt::authenticate(&self.inner.jwt_rules, headers, query)
     }
 
     /// Whether a connection to `port` must be parsed as HTTP to be decided:
@@ -336,6 +394,11 @@ impl WorkloadPolicy {
     /// the client's first bytes).
     pub fn has_http_rules_on(&self, port: u16) -> bool {
         let i = &self.inner;
+        // Tokens are checked on every port (Istio: a RequestAuthentication
+        // has no port).
+        if !i.jwt_rules.is_empty() {
+            return true;
+        }
         i.has_http
             && i.deny
                 .iter()

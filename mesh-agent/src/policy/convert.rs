@@ -311,6 +311,7 @@ fn convert_rule(c: &mut Conv<'_, '_>, r: &RawRule) -> Result<Rule, LoadError> {
                 })
             })
         })?;
+        rule.has_http |= src.request_principals.is_set();
         rule.from.push(src);
     }
     for (i, to) in r.to.iter().flatten().enumerate() {
@@ -328,20 +329,13 @@ fn convert_rule(c: &mut Conv<'_, '_>, r: &RawRule) -> Result<Rule, LoadError> {
         let cond = c.enter(key("when"), |c| {
             c.enter(Seg::Index(i), |c| convert_condition(c, w))
         })?;
-        rule.has_http |= matches!(cond, Condition::Header(..));
+        rule.has_http |= cond.is_http();
         rule.when.push(cond);
     }
     Ok(rule)
 }
 
 fn convert_source(c: &Conv<'_, '_>, s: &RawSource) -> Result<Source, LoadError> {
-    let no_jwt = "request authentication (JWT) is not available in mesh-agent";
-    c.unsupported("requestPrincipals", s.request_principals.is_some(), no_jwt)?;
-    c.unsupported(
-        "notRequestPrincipals",
-        s.not_request_principals.is_some(),
-        no_jwt,
-    )?;
     let by_service_account = s.service_accounts.is_some() || s.not_service_accounts.is_some();
     let principals = if by_service_account {
         // Istio's CRD validation: "Cannot set serviceAccounts with
@@ -382,6 +376,14 @@ fn convert_source(c: &Conv<'_, '_>, s: &RawSource) -> Result<Source, LoadError> 
     };
     Ok(Source {
         principals,
+        request_principals: c.string_field(
+            "requestPrincipals",
+            "notRequestPrincipals",
+            &s.request_principals,
+            &s.not_request_principals,
+            any_value,
+            false,
+        )?,
         namespaces: c.string_field(
             "namespaces",
             "notNamespaces",
@@ -483,19 +485,42 @@ fn convert_condition(c: &Conv<'_, '_>, w: &RawCondition) -> Result<Condition, Lo
             };
             Condition::Header(name.to_ascii_lowercase().into(), f)
         }
-        _ if k.starts_with("request.auth.") => {
-            return Err(c.err(
-                &[key("key")],
-                format!("{k:?} is not supported: request authentication (JWT) is not available in mesh-agent"),
-            ));
+        "request.auth.principal" => Condition::RequestPrincipal(strings()?),
+        "request.auth.audiences" => Condition::RequestAudiences(strings()?),
+        "request.auth.presenter" => Condition::RequestPresenter(strings()?),
+        _ if k.starts_with("request.auth.claims[") => {
+            let path = claim_path(k).ok_or_else(|| {
+                c.err(
+                    &[key("key")],
+                    format!("{k:?}: expected request.auth.claims[<name>] or request.auth.claims[<name>][<nested name>]..."),
+                )
+            })?;
+            Condition::RequestClaim(path, strings()?)
         }
         _ => {
             return Err(c.err(
                 &[key("key")],
                 format!(
-                    "{k:?} is not a supported condition key (supported: request.headers[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)"
+                    "{k:?} is not a supported condition key (supported: request.headers[<name>], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)"
                 ),
             ));
         }
     })
+}
+
+/// `request.auth.claims[a][b]` as `["a", "b"]`.
+fn claim_path(key: &str) -> Option<Box<[Box<str>]>> {
+    let mut rest = key.strip_prefix("request.auth.claims")?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[')?;
+        let end = inner.find(']')?;
+        let name = &inner[..end];
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        path.push(name.into());
+        rest = &inner[end + 1..];
+    }
+    (!path.is_empty()).then(|| path.into_boxed_slice())
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::compile::{
     Action, Condition, Operation, Policy, PolicyName, Rule, Source, WorkloadPolicy,
 };
-use super::matcher::host_without_port;
+use super::matcher::{Field, StringMatcher, host_without_port};
 
 /// What the agent knows about one connection (plain TCP) or HTTP request.
 #[derive(Clone, Copy)]
@@ -35,6 +35,8 @@ pub struct HttpAttributes<'a> {
     /// Already normalised by [`normalize_path`](super::normalize_path).
     pub path: &'a str,
     pub headers: &'a dyn HeaderLookup,
+    /// The request's valid JWT, if it carried one.
+    pub auth: Option<&'a super::RequestAuth>,
 }
 
 /// Header access for `request.headers[...]` conditions.
@@ -233,6 +235,25 @@ fn source_matches(s: &Source, req: &Request<'_>) -> bool {
         && s.remote_ip_blocks.matches(Some(&req.remote_ip))
         && s.namespaces.matches(req.source_namespace)
         && s.principals.matches(principal(req))
+        && (!s.request_principals.is_set()
+            || match &req.http {
+                Some(http) => s
+                    .request_principals
+                    .matches(http.auth.map(|a| a.principal.as_str())),
+                None => true, // only reached for DENY/AUDIT: ignored on TCP
+            })
+}
+
+/// `values` match when one of the request's values does; `notValues` when
+/// none does (a list claim or `aud` has several, a missing one none).
+fn any_of_matches(f: &Field<StringMatcher>, items: &[&str]) -> bool {
+    f.values
+        .as_ref()
+        .is_none_or(|m| items.iter().any(|v| m.matches(v)))
+        && !f
+            .not_values
+            .as_ref()
+            .is_some_and(|m| items.iter().any(|v| m.matches(v)))
 }
 
 fn operation_matches(o: &Operation, req: &Request<'_>) -> bool {
@@ -268,5 +289,30 @@ fn condition_matches(c: &Condition, req: &Request<'_>) -> bool {
         Condition::DestinationIp(f) => f.matches(Some(&req.destination_ip)),
         Condition::DestinationPort(f) => f.matches(Some(&req.destination_port)),
         Condition::Sni(f) => f.matches(req.sni),
+        Condition::RequestPrincipal(f) => match &req.http {
+            Some(http) => f.matches(http.auth.map(|a| a.principal.as_str())),
+            None => true,
+        },
+        Condition::RequestPresenter(f) => match &req.http {
+            Some(http) => f.matches(http.auth.and_then(|a| a.presenter.as_deref())),
+            None => true,
+        },
+        Condition::RequestAudiences(f) => match &req.http {
+            Some(http) => {
+                let audiences: Vec<&str> = http
+                    .auth
+                    .map(|a| a.audiences.iter().map(String::as_str).collect())
+                    .unwrap_or_default();
+                any_of_matches(f, &audiences)
+            }
+            None => true,
+        },
+        Condition::RequestClaim(path, f) => match &req.http {
+            Some(http) => {
+                let values = http.auth.map(|a| a.claim(path)).unwrap_or_default();
+                any_of_matches(f, &values)
+            }
+            None => true,
+        },
     }
 }

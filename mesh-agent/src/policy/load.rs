@@ -79,6 +79,7 @@ where
 {
     let mut policies = Vec::new();
     let mut peer_authentications = Vec::new();
+    let mut request_authentications = Vec::new();
     // (kind, namespace, name) -> where it was first defined, to reject duplicates.
     let mut seen: HashMap<(&'static str, PolicyName), (PathBuf, usize)> = HashMap::new();
     for (path, text) in files {
@@ -87,6 +88,7 @@ where
             let (kind, id) = match &loaded {
                 Loaded::Authorization(p) => (KIND, p.id.clone()),
                 Loaded::PeerAuthentication(p) => (super::peer_auth::KIND, p.id.clone()),
+                Loaded::RequestAuthentication(r) => (super::request_authn::KIND, r.id.clone()),
             };
             if let Some((first_file, first_doc)) = seen.get(&(kind, (*id).clone())) {
                 let ctx = DocCtx {
@@ -108,12 +110,14 @@ where
             match loaded {
                 Loaded::Authorization(p) => policies.push(Arc::new(p)),
                 Loaded::PeerAuthentication(p) => peer_authentications.push(Arc::new(p)),
+                Loaded::RequestAuthentication(r) => request_authentications.push(Arc::new(r)),
             }
         }
     }
     Ok(PolicySet {
         policies,
         peer_authentications,
+        request_authentications,
     })
 }
 
@@ -121,6 +125,7 @@ where
 enum Loaded {
     Authorization(Policy),
     PeerAuthentication(super::PeerAuthentication),
+    RequestAuthentication(super::RequestAuthentication),
 }
 
 /// Returns (0-based document index, document) pairs.
@@ -154,7 +159,19 @@ fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Loaded)>, LoadError>
             index,
             label: label_of(&value),
         };
-        if check_header(&ctx, &value)? == super::peer_auth::KIND {
+        let kind = check_header(&ctx, &value)?;
+        if kind == super::request_authn::KIND {
+            // As a PeerAuthentication: one that cannot be read rejects the
+            // load (the last good set keeps serving).
+            let raw = super::request_authn::RawRequestAuthentication::deserialize(de)
+                .map_err(|e| ctx.serde(&e))?;
+            out.push((
+                index,
+                Loaded::RequestAuthentication(super::request_authn::convert(&ctx, raw)?),
+            ));
+            continue;
+        }
+        if kind == super::peer_auth::KIND {
             // A PeerAuthentication that cannot be read rejects the load: it
             // has no "deny" to fall back on that would be its closed form.
             let raw = super::peer_auth::RawPeerAuthentication::deserialize(de)
@@ -258,12 +275,14 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<&'static str, LoadError> 
         None => Err(ctx.semantic(&[], "missing field `kind`".into())),
         Some(k) if k.as_str() == Some(KIND) => Ok(KIND),
         Some(k) if k.as_str() == Some(super::peer_auth::KIND) => Ok(super::peer_auth::KIND),
+        Some(k) if k.as_str() == Some(super::request_authn::KIND) => Ok(super::request_authn::KIND),
         Some(k) => Err(ctx.semantic(
             &[key("kind")],
             format!(
-                "{} is not supported (expected {KIND} or {})",
+                "{} is not supported (expected {KIND}, {} or {})",
                 show(k),
-                super::peer_auth::KIND
+                super::peer_auth::KIND,
+                super::request_authn::KIND
             ),
         )),
     }

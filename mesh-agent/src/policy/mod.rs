@@ -1,5 +1,7 @@
-//! Istio `AuthorizationPolicy` enforcement, at L4 and L7 (HTTP), and
-//! `PeerAuthentication` (whether plaintext may come in; `peer_auth`).
+//! Istio `AuthorizationPolicy` enforcement, at L4 and L7 (HTTP),
+//! `PeerAuthentication` (whether plaintext may come in; `peer_auth`) and
+//! `RequestAuthentication` (which JWTs are accepted: `request_authn`, `jwt`,
+//! `jwks_fetch`).
 //!
 //! Pipeline: [`load`] parses and validates policy YAML (all-or-nothing) into
 //! a [`PolicySet`]; [`PolicySet::compile`] indexes it by namespace;
@@ -37,11 +39,14 @@
 mod compile;
 mod convert;
 mod decide;
+mod jwks_fetch;
+pub(crate) mod jwt;
 mod load;
 mod matcher;
 mod model;
 mod normalize;
 mod peer_auth;
+mod request_authn;
 
 #[cfg(test)]
 mod tests;
@@ -51,6 +56,9 @@ pub use compile::{
     WorkloadPolicy,
 };
 pub use decide::{Decision, HeaderLookup, HttpAttributes, NoHeaders, PolicyRef, Request};
+pub use jwks_fetch::RemoteJwks;
+pub use jwt::{RequestAuth, Unauthenticated};
 pub use load::{LoadError, load};
 pub use normalize::{PathError, normalize_path};
 pub use peer_auth::{MtlsMode, PeerAuthentication};
+pub use request_authn::{JwtKeys, JwtRule, RequestAuthentication};

@@ -118,8 +118,8 @@ pub(crate) struct RawTo {
 pub(crate) struct RawSource {
     pub principals: Option<Vec<String>>,
     pub not_principals: Option<Vec<String>>,
-    pub request_principals: Option<Value>,
-    pub not_request_principals: Option<Value>,
+    pub request_principals: Option<Vec<String>>,
+    pub not_request_principals: Option<Vec<String>>,
     pub namespaces: Option<Vec<String>>,
     pub not_namespaces: Option<Vec<String>>,
     pub service_accounts: Option<Vec<String>>,

@@ -25,15 +25,22 @@ pub struct Authorizer {
     /// Decisions by policy rule (none: allowed with no ALLOW policy in
     /// play): allow, deny, dry-run deny. Keyed by the rule itself, so
     /// counting a decision costs a lookup, not a string.
-    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 4]>>,
+    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 5]>>,
 }
 
 /// The kinds of decision counted, in the order of the counters.
-const DECISIONS: [&str; 4] = ["allow", "deny", "dry_run_deny", "kubelet_probe"];
+const DECISIONS: [&str; 5] = [
+    "allow",
+    "deny",
+    "dry_run_deny",
+    "kubelet_probe",
+    "unauthenticated",
+];
 const ALLOW: usize = 0;
 const DENY: usize = 1;
 const DRY_RUN_DENY: usize = 2;
 const KUBELET_PROBE: usize = 3;
+const UNAUTHENTICATED: usize = 4;
 
 impl Authorizer {
     /// Decisions so far: (policy rule or `-`, decision) -> count.
@@ -50,6 +57,11 @@ impl Authorizer {
             }
         }
         out
+    }
+
+    /// Counts a request answered 401 (its JWT failed), under policy `-`.
+    pub fn count_unauthenticated(&self) {
+        self.count(None, UNAUTHENTICATED);
     }
 
     /// Counts one decision of kind `kind` (an index into [`DECISIONS`]).
@@ -183,7 +195,35 @@ pub struct ConnectionAuthorizer {
     pub destination: SocketAddr,
 }
 
+impl ConnectionAuthorizer {
+    /// Whether the destination's RequestAuthentications check tokens.
+    pub fn checks_jwt(&self) -> bool {
+        self.snapshots
+            .load()
+            .policies
+            .for_workload(&self.workload)
+            .checks_jwt()
+    }
+}
+
 impl l7::Authorizer for ConnectionAuthorizer {
+    fn authenticate(
+        &self,
+        headers: &mut http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<Arc<policy::RequestAuth>>, policy::Unauthenticated> {
+        let snapshot = self.snapshots.load();
+        let result = snapshot
+            .policies
+            .for_workload(&self.workload)
+            .authenticate(headers, query);
+        if let Err(why) = &result {
+            tracing::warn!(pod = %self.pod, src = %self.source_ip, reason = %why, "request refused: invalid JWT");
+            self.authorizer.count_unauthenticated();
+        }
+        result
+    }
+
     fn authorize(&self, request: &RequestInfo<'_>) -> Verdict {
         let headers = Headers::new(request.headers);
         let principal = self.source.as_ref().map(|id| id.to_string());
@@ -200,6 +240,7 @@ impl l7::Authorizer for ConnectionAuthorizer {
                 host: request.host,
                 path: request.path,
                 headers: &headers,
+                auth: request.auth,
             }),
         };
         let snapshot = self.snapshots.load();

@@ -209,16 +209,16 @@ impl ServiceForwarder {
             // Not held while the request is out: it holds every pod of its
             // generation.
             drop(snapshot);
-            if let Some(target) = &target
-                && let Err(by) = self.authorize_local(target, &parts, addr)
-            {
-                drop(attempt);
-                tracing::debug!(service = %service.key, endpoint = %id, policy = by, "request denied");
-                let mut response =
-                    local_response(StatusCode::FORBIDDEN, crate::l7::DENIED_BODY, false);
-                response.extensions_mut().insert(crate::l7::DeniedBy(by));
-                return response;
-            }
+            let edited_headers = match &target {
+                Some(target) => match self.authorize_local(target, &parts, addr) {
+                    Ok(edited) => edited,
+                    Err(refusal) => {
+                        drop(attempt);
+                        return refusal.into_response(&service.key, &id);
+                    }
+                },
+                None => None,
+            };
             let request_body = if replayable {
                 Either::Right(Full::new(Bytes::new()))
             } else {
@@ -228,7 +228,8 @@ impl ServiceForwarder {
                 }
             };
             let http2 = service.protocol == PortProtocol::Http2;
-            let upstream_request = upstream_request(&parts, request_body, http2, addr);
+            let upstream_request =
+                upstream_request(&parts, edited_headers, request_body, http2, addr);
             // The identity the connection will verify, decided now so the
             // pool key says which connections may serve this request.
             let peer = match &target {
@@ -302,13 +303,16 @@ impl ServiceForwarder {
     }
 
     /// A request to an endpoint on this node is decided here, by that pod's
-    /// policies, with the client pod's identity.
+    /// policies (its JWT check, then its authorization), with the client
+    /// pod's identity. `Ok(Some(headers))`: the JWT check edited the
+    /// headers (a copy: a retry on another endpoint starts from the request
+    /// as received).
     fn authorize_local(
         &self,
         target: &PodHandle,
         parts: &Parts,
         addr: SocketAddr,
-    ) -> Result<(), String> {
+    ) -> Result<Option<HeaderMap>, LocalRefusal> {
         let source_ip = self.source.addr_like(addr.ip());
         let authorizer = authz::ConnectionAuthorizer {
             authorizer: self.ctx.authorizer.clone(),
@@ -331,14 +335,24 @@ impl ServiceForwarder {
                     .and_then(|h| h.to_str().ok())
             })
             .unwrap_or("");
+        let (edited, auth) = if authorizer.checks_jwt() {
+            let mut headers = parts.headers.clone();
+            let auth =
+                crate::l7::Authorizer::authenticate(&authorizer, &mut headers, parts.uri.query())
+                    .map_err(LocalRefusal::Unauthenticated)?;
+            (Some(headers), auth)
+        } else {
+            (None, None)
+        };
         match authorizer.authorize(&RequestInfo {
             method: parts.method.as_str(),
             host,
             path: parts.uri.path(),
-            headers: &parts.headers,
+            headers: edited.as_ref().unwrap_or(&parts.headers),
+            auth: auth.as_deref(),
         }) {
-            Verdict::Allow => Ok(()),
-            Verdict::Deny { reason } => Err(reason),
+            Verdict::Allow => Ok(edited),
+            Verdict::Deny { reason } => Err(LocalRefusal::Denied(reason)),
         }
     }
 
@@ -371,13 +385,55 @@ impl ServiceForwarder {
 /// and body, in the endpoint's protocol. HTTP/1.1 gets origin-form and a
 /// `Host`; HTTP/2 gets the authority in `:authority`. Connection-specific
 /// headers stay on the client's connection.
+/// Why a request to a local endpoint is answered here.
+enum LocalRefusal {
+    /// 403, by this policy rule.
+    Denied(String),
+    /// 401: its JWT failed.
+    Unauthenticated(crate::policy::Unauthenticated),
+}
+
+impl LocalRefusal {
+    fn into_response(
+        self,
+        service: &impl std::fmt::Display,
+        endpoint: &impl std::fmt::Display,
+    ) -> Response<ResponseBody> {
+        let (mut response, by) = match self {
+            LocalRefusal::Denied(by) => {
+                tracing::debug!(%service, %endpoint, policy = by, "request denied");
+                let response = local_response(StatusCode::FORBIDDEN, crate::l7::DENIED_BODY, false);
+                (response, by)
+            }
+            LocalRefusal::Unauthenticated(why) => {
+                tracing::debug!(%service, %endpoint, reason = %why, "request unauthenticated");
+                let mut response = local_response(
+                    StatusCode::UNAUTHORIZED,
+                    crate::l7::UNAUTHENTICATED_BODY,
+                    false,
+                );
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(crate::l7::WWW_AUTHENTICATE_INVALID_TOKEN),
+                );
+                (response, format!("RequestAuthentication: {why}"))
+            }
+        };
+        response.extensions_mut().insert(crate::l7::DeniedBy(by));
+        response
+    }
+}
+
+/// The request as it goes to `endpoint`, with `edited` headers in place of
+/// the received ones when the JWT check changed them.
 fn upstream_request(
     parts: &Parts,
+    edited: Option<HeaderMap>,
     body: UpstreamBody,
     http2: bool,
     endpoint: SocketAddr,
 ) -> Request<UpstreamBody> {
-    let mut headers = parts.headers.clone();
+    let mut headers = edited.unwrap_or_else(|| parts.headers.clone());
     strip_connection_headers(&mut headers);
     let authority = parts
         .uri
@@ -469,7 +525,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let sent = upstream_request(&client, empty(), false, ENDPOINT.parse().unwrap());
+        let sent = upstream_request(&client, None, empty(), false, ENDPOINT.parse().unwrap());
         assert_eq!(sent.version(), Version::HTTP_11);
         assert_eq!(sent.uri().to_string(), "/a/b?x=1");
         assert_eq!(sent.headers()["host"], "web.shop:80");
@@ -489,7 +545,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let sent = upstream_request(&client, empty(), true, ENDPOINT.parse().unwrap());
+        let sent = upstream_request(&client, None, empty(), true, ENDPOINT.parse().unwrap());
         assert_eq!(sent.version(), Version::HTTP_2);
         assert_eq!(sent.uri().to_string(), "http://web.shop/submit");
         assert_eq!(sent.method(), "POST");
@@ -507,9 +563,9 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let sent = upstream_request(&client, empty(), false, ENDPOINT.parse().unwrap());
+        let sent = upstream_request(&client, None, empty(), false, ENDPOINT.parse().unwrap());
         assert_eq!(sent.headers()["host"], ENDPOINT);
-        let sent = upstream_request(&client, empty(), true, ENDPOINT.parse().unwrap());
+        let sent = upstream_request(&client, None, empty(), true, ENDPOINT.parse().unwrap());
         assert_eq!(sent.uri().to_string(), format!("http://{ENDPOINT}/"));
         // `te: trailers` is the one TE value that passes (gRPC needs it).
         let grpc = parts(
@@ -518,7 +574,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let sent = upstream_request(&grpc, empty(), true, ENDPOINT.parse().unwrap());
+        let sent = upstream_request(&grpc, None, empty(), true, ENDPOINT.parse().unwrap());
         assert_eq!(sent.headers()["te"], "trailers");
     }
 }

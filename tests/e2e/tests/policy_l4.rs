@@ -275,8 +275,8 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         ),
         (
             "wrong kind",
-            &good.replace("kind: AuthorizationPolicy", "kind: RequestAuthentication") as &str,
-            "RequestAuthentication",
+            &good.replace("kind: AuthorizationPolicy", "kind: Sidecar") as &str,
+            "\"Sidecar\" is not supported",
         ),
     ];
     for (what, content, expected) in bad_files {

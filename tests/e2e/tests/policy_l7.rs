@@ -287,3 +287,150 @@ fn every_http_request_is_authorized_on_its_own() {
         agents[1].log()
     );
 }
+
+const JWT_ISSUER: &str = "https://issuer.test";
+
+/// An ES256 key the test generates: its public JWK set, and tokens it signs.
+struct TestIssuer {
+    key: jsonwebtoken::EncodingKey,
+    jwks: String,
+}
+
+impl TestIssuer {
+    fn new() -> Self {
+        use base64::Engine as _;
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        let point = pair.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "test",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        }]})
+        .to_string();
+        Self { key, jwks }
+    }
+
+    /// A token for `sub` with `groups`, expiring `exp_in` seconds from now
+    /// (negative: already expired).
+    fn token(&self, sub: &str, groups: &[&str], exp_in: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("test".into());
+        let claims = serde_json::json!({
+            "iss": JWT_ISSUER, "sub": sub, "groups": groups, "exp": now + exp_in,
+        });
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+#[test]
+fn jwt_tokens_are_checked_per_request_and_policies_see_their_claims() {
+    if !e2e_enabled("jwt_tokens_are_checked_per_request_and_policies_see_their_claims") {
+        return;
+    }
+    let topo = Topology::builder("policy_jwt")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let issuers = node_issuers(&topo, &ca).unwrap();
+    let agents = start_mesh(&topo, &issuers, "1h").unwrap();
+    let _http = start_http1_server(c);
+    let issuer = TestIssuer::new();
+    let impostor = TestIssuer::new();
+    let policies = format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: c-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: c}}}}
+  jwtRules:
+  - issuer: "{JWT_ISSUER}"
+    jwks: '{jwks}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: c-require-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: c}}}}
+  rules:
+  - to: [{{operation: {{paths: ["/public/*"]}}}}]
+  - from: [{{source: {{requestPrincipals: ["{JWT_ISSUER}/*"]}}}}]
+    to: [{{operation: {{paths: ["/secure/*"]}}}}]
+  - to: [{{operation: {{paths: ["/admin/*"]}}}}]
+    when: [{{key: "request.auth.claims[groups]", values: ["admins"]}}]
+"#,
+        jwks = issuer.jwks
+    );
+    let generation = agents[1].status().unwrap().config_generation;
+    agents[1].write_file("policies/c.yaml", &policies).unwrap();
+    agents[1].wait_generation_after(generation).unwrap();
+
+    let c1 = format!("http://{}:{HTTP1}", c.ipv4());
+    let bearer = |token: &str| format!("authorization: Bearer {token}");
+    let valid = bearer(&issuer.token("alice", &["dev"], 600));
+    let admin = bearer(&issuer.token("root", &["dev", "admins"], 600));
+    let expired = bearer(&issuer.token("alice", &["dev"], -600));
+    let forged = bearer(&impostor.token("alice", &["admins"], 600));
+    let cases: [(&str, Option<&str>, &str); 10] = [
+        ("/secure/x", Some(&valid), "200"),
+        ("/secure/x", Some(&expired), "401"),
+        ("/secure/x", Some(&forged), "401"),
+        // No token: not rejected by the RequestAuthentication, but the
+        // policy wants a request principal.
+        ("/secure/x", None, "403"),
+        ("/public/x", None, "200"),
+        // An invalid token is 401 even where no principal is needed.
+        ("/public/x", Some(&expired), "401"),
+        ("/admin/x", Some(&admin), "200"),
+        ("/admin/x", Some(&valid), "403"),
+        ("/admin/x", Some(&forged), "401"),
+        ("/other", Some(&valid), "403"),
+    ];
+    for (path, header, want) in cases {
+        let mut extra = vec![];
+        if let Some(h) = header {
+            extra.extend(["-H", h]);
+        }
+        assert_eq!(
+            statuses(a, &c1, &[path], &extra),
+            [want],
+            "{path} with {header:?}"
+        );
+    }
+    // The 401 says why in its header, as Envoy does.
+    let (_, verbose) = curl(a, &["-v", "-H", &forged, &format!("{c1}/secure/x")]);
+    assert!(
+        verbose
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer error=\"invalid_token\""),
+        "{verbose}"
+    );
+    // Shown in /config_dump with its keys.
+    let (_, dump) = agents[1].get("/config_dump").unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let shown = &dump["requestAuthentications"][0];
+    assert_eq!(shown["name"], "c-jwt", "{dump}");
+    assert_eq!(shown["jwtRules"][0]["issuer"], JWT_ISSUER, "{dump}");
+    assert_eq!(shown["jwtRules"][0]["keys"], 1, "{dump}");
+    // Counted, and logged with the reason.
+    let decisions = agents[1].status().unwrap().authorization;
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d.decision == "unauthenticated" && d.count >= 5),
+        "{decisions:?}"
+    );
+    assert!(
+        agents[1].log().contains("invalid JWT"),
+        "{}",
+        agents[1].log()
+    );
+}

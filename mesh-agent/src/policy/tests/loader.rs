@@ -107,10 +107,10 @@ spec:
     Reject {
         name: "wrong kind",
         yaml: "apiVersion: security.istio.io/v1
-kind: RequestAuthentication
+kind: Sidecar
 metadata: {name: p, namespace: foo}
 ",
-        want: "policies/test.yaml:2: document 1 (foo/p): field kind: \"RequestAuthentication\" is not supported (expected AuthorizationPolicy or PeerAuthentication)",
+        want: "policies/test.yaml:2: document 1 (foo/p): field kind: \"Sidecar\" is not supported (expected AuthorizationPolicy, PeerAuthentication or RequestAuthentication)",
     },
     Reject {
         name: "wrong apiVersion",
@@ -119,19 +119,6 @@ kind: AuthorizationPolicy
 metadata: {name: p, namespace: foo}
 ",
         want: "policies/test.yaml:1: document 1 (foo/p): field apiVersion: \"security.istio.io/v1alpha1\" is not supported (expected security.istio.io/v1 or security.istio.io/v1beta1)",
-    },
-    Reject {
-        name: "requestPrincipals",
-        yaml: "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: jwt, namespace: foo}
-spec:
-  rules:
-  - from:
-    - source:
-        requestPrincipals: [\"*\"]
-",
-        want: "policies/test.yaml:8: document 1 (foo/jwt): field spec.rules[0].from[0].source.requestPrincipals: `requestPrincipals` is not supported: request authentication (JWT) is not available in mesh-agent",
     },
     Reject {
         name: "unknown when key",
@@ -146,19 +133,19 @@ spec:
     - key: experimental.envoy.filters.network.mysql_proxy[db.table]
       values: [\"[update]\"]
 ",
-        want: "policies/test.yaml:9: document 1 (foo/p): field spec.rules[0].when[1].key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\" is not a supported condition key (supported: request.headers[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)",
+        want: "policies/test.yaml:9: document 1 (foo/p): field spec.rules[0].when[1].key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\" is not a supported condition key (supported: request.headers[<name>], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>], source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni)",
     },
     Reject {
-        name: "request.auth.claims key",
+        name: "malformed request.auth.claims key",
         yaml: "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: p, namespace: foo}
 spec:
   rules:
   - when:
-    - {key: \"request.auth.claims[iss]\", values: [x]}
+    - {key: \"request.auth.claims[iss\", values: [x]}
 ",
-        want: "policies/test.yaml:7: document 1 (foo/p): field spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not supported: request authentication (JWT) is not available in mesh-agent",
+        want: "policies/test.yaml:7: document 1 (foo/p): field spec.rules[0].when[0].key: \"request.auth.claims[iss\": expected request.auth.claims[<name>] or request.auth.claims[<name>][<nested name>]...",
     },
     Reject {
         name: "condition without values",

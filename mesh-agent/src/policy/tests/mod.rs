@@ -4,6 +4,7 @@
 mod loader;
 mod normalize;
 mod peer_auth;
+mod request_authn;
 mod semantics;
 
 use std::collections::BTreeMap;
@@ -63,6 +64,7 @@ pub(super) struct H {
     pub host: &'static str,
     pub path: &'static str,
     pub headers: Vec<(&'static str, &'static str)>,
+    pub auth: Option<crate::policy::RequestAuth>,
 }
 
 impl Default for R {
@@ -80,6 +82,7 @@ impl Default for R {
                 host: "httpbin.foo:8080",
                 path: "/",
                 headers: Vec::new(),
+                auth: None,
             }),
         }
     }
@@ -97,6 +100,7 @@ impl R {
             host: h.host,
             path: h.path,
             headers: &h.headers,
+            auth: h.auth.as_ref(),
         });
         wp.decide(&Request {
             source_principal: self.principal,
