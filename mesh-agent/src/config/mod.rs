@@ -38,14 +38,50 @@ pub const POLICIES_DIR: &str = "policies";
 
 use crate::desired::Desired;
 
-/// Parses every policy file once (all-or-nothing: the first error rejects).
-fn load_policies(files: Vec<(PathBuf, String)>) -> Result<crate::desired::Policies, ConfigError> {
-    let set =
-        crate::policy::load(files.iter().map(|(p, t)| (p, t.as_str()))).map_err(policy_error)?;
-    Ok(crate::desired::Policies {
-        files,
-        set: std::sync::Arc::new(set),
-    })
+/// Parses every policy file once. Without `last_good`, all-or-nothing:
+/// the first error rejects. With it (the policy files of the last load
+/// that succeeded), a file that does not load is replaced by its last good
+/// version, or left out if it never loaded, and the others load: one bad
+/// file no longer holds back every other policy change. Returns the errors
+/// of the files so kept back.
+fn load_policies(
+    mut files: Vec<(PathBuf, String)>,
+    last_good: Option<&[(PathBuf, String)]>,
+) -> Result<(crate::desired::Policies, Vec<ConfigError>), ConfigError> {
+    let mut kept_back: Vec<ConfigError> = Vec::new();
+    loop {
+        let error = match crate::policy::load(files.iter().map(|(p, t)| (p, t.as_str()))) {
+            Ok(set) => {
+                let policies = crate::desired::Policies {
+                    files,
+                    set: std::sync::Arc::new(set),
+                };
+                return Ok((policies, kept_back));
+            }
+            Err(error) => policy_error(error),
+        };
+        let Some(last_good) = last_good else {
+            return Err(error);
+        };
+        let Some(at) = files.iter().position(|(path, _)| *path == error.file) else {
+            return Err(error);
+        };
+        let tried_before = kept_back.iter().any(|k| k.file == error.file);
+        let previous = last_good
+            .iter()
+            .find(|(path, _)| *path == error.file)
+            .map(|(_, text)| text);
+        // Each file is put back at most once, then left out: bounded.
+        match previous {
+            Some(text) if !tried_before && *text != files[at].1 => files[at].1 = text.clone(),
+            _ => {
+                files.remove(at);
+            }
+        }
+        if !tried_before {
+            kept_back.push(error);
+        }
+    }
 }
 
 fn policy_error(e: crate::policy::LoadError) -> ConfigError {
@@ -109,7 +145,28 @@ pub fn set_node_name(name: String) {
 /// read that spans a ConfigMap update (some files old, some new) is never
 /// returned; it is read again.
 pub fn load_dir(dir: &Path) -> Result<Desired, ConfigError> {
-    read_one_version(dir, load_dir_once)
+    read_one_version(dir, |dir| load_dir_once(dir, None)).map(|(desired, _)| desired)
+}
+
+/// [`load_dir`] for a reload: a policy file that does not load keeps its
+/// version in `last_good` (the policy files in force), or stays out if it
+/// never loaded, while every other change applies. Returns the errors of
+/// the policy files kept back; any other bad file still rejects the load.
+pub fn load_dir_keeping_policies(
+    dir: &Path,
+    last_good: &[(PathBuf, String)],
+) -> Result<(Desired, Vec<ConfigError>), ConfigError> {
+    read_one_version(dir, |dir| load_dir_once(dir, Some(last_good)))
+}
+
+/// What a reload reports for policy files kept back (see
+/// [`load_dir_keeping_policies`]).
+pub fn kept_back_reason(kept_back: &[ConfigError]) -> String {
+    let errors: Vec<String> = kept_back.iter().map(ToString::to_string).collect();
+    format!(
+        "{} (this file keeps its last good version, or stays out if it never loaded; the other changes applied)",
+        errors.join("; ")
+    )
 }
 
 /// Runs `read` until the ConfigMap version (`..data`'s target) is the same
@@ -131,7 +188,10 @@ fn read_one_version<T>(dir: &Path, mut read: impl FnMut(&Path) -> T) -> T {
     read(dir)
 }
 
-fn load_dir_once(dir: &Path) -> Result<Desired, ConfigError> {
+fn load_dir_once(
+    dir: &Path,
+    last_good_policies: Option<&[(PathBuf, String)]>,
+) -> Result<(Desired, Vec<ConfigError>), ConfigError> {
     if !dir.is_dir() {
         return Err(ConfigError::new(
             dir,
@@ -197,14 +257,16 @@ fn load_dir_once(dir: &Path) -> Result<Desired, ConfigError> {
     } else {
         Vec::new()
     };
-    Ok(Desired {
+    let (policies, kept_back) = load_policies(policy_files, last_good_policies)?;
+    let desired = Desired {
         dir: dir.to_path_buf(),
         node,
         pods,
         workloads,
-        policies: load_policies(policy_files)?,
+        policies,
         services,
-    })
+    };
+    Ok((desired, kept_back))
 }
 
 fn validate_services(

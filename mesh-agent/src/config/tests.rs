@@ -516,7 +516,7 @@ fn a_read_that_spans_a_configmap_update_is_read_again() {
     let mut reads = 0;
     let name = read_one_version(dir.path(), |d| {
         reads += 1;
-        let read = load_dir_once(d).map(|desired| desired.node.name);
+        let read = load_dir_once(d, None).map(|(desired, _)| desired.node.name);
         if reads == 1 {
             publish_configmap_version(d, "..v2", &[(NODE_FILE, "name: new\n")]);
         }
@@ -530,4 +530,64 @@ fn a_read_that_spans_a_configmap_update_is_read_again() {
     let mut reads = 0;
     read_one_version(plain.path(), |_| reads += 1);
     assert_eq!(reads, 1);
+}
+
+#[test]
+fn a_policy_file_that_does_not_load_keeps_its_last_good_version_and_the_others_apply() {
+    let policy = |name: &str, action: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{action: {action}, rules: [{{}}]}}\n"
+        )
+    };
+    let dir = dir_with(NODE, None);
+    std::fs::create_dir(dir.path().join(POLICIES_DIR)).unwrap();
+    let policies = dir.path().join(POLICIES_DIR);
+    write(&policies, "a.yaml", &policy("a", "DENY"));
+    write(&policies, "b.yaml", &policy("b", "ALLOW"));
+    let good = load_dir(dir.path()).unwrap();
+    let last_good = good.policies.files.clone();
+
+    // a.yaml breaks, b.yaml changes, c.yaml is new and broken.
+    write(
+        &policies,
+        "a.yaml",
+        "apiVersion: security.istio.io/v1\nkind: [AuthorizationPolicy\n",
+    );
+    write(&policies, "b.yaml", &policy("b", "AUDIT"));
+    write(&policies, "c.yaml", "kind: Sidecar\n");
+    // Strictly (at start, or `mesh-agent check`): rejected whole.
+    let err = load_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("a.yaml"), "{err}");
+
+    let (desired, kept_back) = load_dir_keeping_policies(dir.path(), &last_good).unwrap();
+    let names: Vec<String> = desired
+        .policies
+        .set
+        .iter()
+        .map(|p| format!("{} {:?}", p.name(), p.action()))
+        .collect();
+    // a keeps its last good DENY, b's change applies, c stays out.
+    assert_eq!(names, ["shop/a Deny", "shop/b Audit"]);
+    let a_text = &desired.policies.files[0].1;
+    assert!(a_text.contains("action: DENY"), "{a_text}");
+    let errors: Vec<String> = kept_back.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("a.yaml:3") && errors[0].contains("invalid YAML"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("c.yaml") && errors[1].contains("apiVersion"),
+        "{errors:?}"
+    );
+    let reason = kept_back_reason(&kept_back);
+    assert!(reason.contains("last good version"), "{reason}");
+
+    // Fixed: loads as written, nothing kept back.
+    write(&policies, "a.yaml", &policy("a", "ALLOW"));
+    std::fs::remove_file(policies.join("c.yaml")).unwrap();
+    let (desired, kept_back) =
+        load_dir_keeping_policies(dir.path(), &desired.policies.files).unwrap();
+    assert!(kept_back.is_empty());
+    assert_eq!(desired.policies.set.len(), 2);
 }

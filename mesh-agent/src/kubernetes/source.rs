@@ -119,7 +119,7 @@ impl KubeSource {
     /// and the view as it is now. Blocking: it may enter namespaces to
     /// place new pods.
     pub fn desired(&self, dir: &Path) -> Result<Desired, config::ConfigError> {
-        Ok(self.with_cluster(read_files(dir)?))
+        Ok(self.with_cluster(read_files(dir, None)?.0))
     }
 
     /// `files` (node settings, policies) with the pods, workloads and
@@ -426,19 +426,30 @@ impl KubeSource {
             // once (named in /status until fixed) while the cluster's
             // changes keep flowing with the last good files.
             let read_dir = dir.clone();
-            let read = tokio::task::spawn_blocking(move || read_files(&read_dir))
-                .await
-                .unwrap_or_else(|err| {
-                    Err(config::ConfigError::new(
-                        &dir,
-                        format!("reading failed: {err}"),
-                    ))
-                });
+            let last_good_policies = last_good.as_ref().map(|d| d.policies.files.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                read_files(&read_dir, last_good_policies.as_deref())
+            })
+            .await
+            .unwrap_or_else(|err| {
+                Err(config::ConfigError::new(
+                    &dir,
+                    format!("reading failed: {err}"),
+                ))
+            });
             let mut out = Vec::new();
             let mut send_anyway = false;
             match read {
-                Ok(good) => {
+                Ok((good, kept_back)) if kept_back.is_empty() => {
                     send_anyway = refused.take().is_some();
+                    last_good = Some(good);
+                }
+                Ok((good, kept_back)) => {
+                    // Policy files kept back: the rest of the files' change
+                    // applies, the refusal stays shown.
+                    let reason = config::kept_back_reason(&kept_back);
+                    send_anyway = refused.as_deref() != Some(reason.as_str());
+                    refused = Some(reason);
                     last_good = Some(good);
                 }
                 Err(err) => {
@@ -562,8 +573,14 @@ fn load_sandboxes(path: &Path) -> BTreeMap<String, PodSandbox> {
 
 /// The files' part of the desired state (node settings, policies); the
 /// files that only the files source reads must be absent.
-fn read_files(dir: &Path) -> Result<Desired, config::ConfigError> {
-    let desired = config::load_dir(dir)?;
+fn read_files(
+    dir: &Path,
+    last_good_policies: Option<&[(PathBuf, String)]>,
+) -> Result<(Desired, Vec<config::ConfigError>), config::ConfigError> {
+    let (desired, kept_back) = match last_good_policies {
+        Some(files) => config::load_dir_keeping_policies(dir, files)?,
+        None => (config::load_dir(dir)?, Vec::new()),
+    };
     for (file, listed) in [
         (config::PODS_FILE, !desired.pods.is_empty()),
         (config::WORKLOADS_FILE, !desired.workloads.is_empty()),
@@ -576,7 +593,7 @@ fn read_files(dir: &Path) -> Result<Desired, config::ConfigError> {
             ));
         }
     }
-    Ok(desired)
+    Ok((desired, kept_back))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -50,11 +50,7 @@ pub async fn handle(
             .authorizer
             .plaintext(&policies, &pod, client.ip(), original_dst.port())
     {
-        let outcome = Outcome::Denied {
-            by,
-            not_http: false,
-        };
-        finish::refuse(record, downstream, outcome);
+        finish::refuse(record, downstream, Outcome::PlaintextRefused(by));
         return;
     }
     // Plaintext from outside the mesh: no principal, no namespace.

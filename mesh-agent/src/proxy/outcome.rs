@@ -27,6 +27,8 @@ pub enum Outcome {
     /// Refused by a policy (`policy rule`); `not_http` when the policies
     /// have HTTP rules but the connection did not speak HTTP.
     Denied { by: String, not_http: bool },
+    /// Plaintext refused by a STRICT PeerAuthentication (its name).
+    PlaintextRefused(String),
     /// No upstream connection could be made.
     UpstreamFailed(String),
     /// The kernel had no record of where the client was going.
@@ -57,6 +59,7 @@ impl Outcome {
         matches!(
             self,
             Self::Denied { .. }
+                | Self::PlaintextRefused(_)
                 | Self::UpstreamFailed(_)
                 | Self::NoOriginalDestination(_)
                 | Self::NoHealthyEndpoint(_)
@@ -65,10 +68,13 @@ impl Outcome {
         )
     }
 
-    /// Istio's (Envoy's) response flags of a connection that was relayed:
-    /// `DC` downstream terminated, `UR` upstream reset, `IT` idle timeout.
+    /// Istio's (Envoy's) response flags: of a connection that was relayed,
+    /// `DC` downstream terminated, `UR` upstream reset, `IT` idle timeout;
+    /// `NR` for plaintext refused by STRICT mTLS (what Istio's sidecar logs:
+    /// no filter chain takes plaintext).
     pub fn response_flags(&self) -> &'static str {
         match self {
+            Self::PlaintextRefused(_) => "NR",
             Self::ClientReset => "DC",
             Self::UpstreamReset => "UR",
             Self::IdleTimeout => "IT",
@@ -91,6 +97,7 @@ impl fmt::Display for Outcome {
                 not_http: false,
             } => write!(f, "denied by {by}"),
             Self::Denied { by, not_http: true } => write!(f, "denied by {by} (not HTTP)"),
+            Self::PlaintextRefused(by) => write!(f, "plaintext refused by {by}"),
             Self::UpstreamFailed(why) => write!(f, "upstream-failed: {why}"),
             Self::NoOriginalDestination(why) => write!(f, "no-original-destination: {why}"),
             Self::NoHealthyEndpoint(service) => write!(f, "no-healthy-endpoint: {service}"),
@@ -139,6 +146,9 @@ impl FromStr for Outcome {
                     not_http: false,
                 },
             });
+        }
+        if let Some(by) = s.strip_prefix("plaintext refused by ") {
+            return Ok(Self::PlaintextRefused(text(by)));
         }
         if let Some(why) = s.strip_prefix("upstream-failed: ") {
             return Ok(Self::UpstreamFailed(text(why)));
@@ -334,6 +344,7 @@ mod tests {
             Outcome::RelayedNotHttp { reset: false },
             Outcome::RelayedNotHttp { reset: true },
             Outcome::Abandoned,
+            Outcome::PlaintextRefused("foo/strict (PeerAuthentication STRICT)".into()),
         ];
         for outcome in all {
             let json = serde_json::to_string(&outcome).unwrap();
@@ -353,6 +364,8 @@ mod tests {
         assert_eq!(Outcome::UpstreamReset.response_flags(), "UR");
         assert_eq!(Outcome::IdleTimeout.response_flags(), "IT");
         assert_eq!(Outcome::Closed.response_flags(), "-");
+        assert_eq!(Outcome::PlaintextRefused("p".into()).response_flags(), "NR");
+        assert!(Outcome::PlaintextRefused("p".into()).failed());
     }
 
     #[test]

@@ -159,6 +159,15 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
     );
     assert!(allowed(a, d_ip, PORT), "STRICT lets mutual TLS into d");
     assert!(allowed(outsider, c_ip, PORT), "c is not selected");
+    // The refusal is recorded with its own outcome and Istio's response
+    // flag for it (NR: no filter chain takes plaintext).
+    let refused = agents[1].connections().unwrap();
+    assert!(
+        refused.iter().any(|r| r.outcome.response_flags() == "NR"
+            && matches!(&r.outcome, mesh_agent::proxy::outcome::Outcome::PlaintextRefused(by)
+                if by == "default/d-strict (PeerAuthentication STRICT: plaintext refused)")),
+        "{refused:?}"
+    );
     let n2 = agents[1].status().unwrap();
     assert!(
         n2.authorization.iter().any(|d| d.policy
@@ -263,9 +272,9 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
         n2.authorization
     );
 
-    // Files that are not valid YAML or not an AuthorizationPolicy: rejected
-    // whole, with the file and what is wrong; the last good policies stay in
-    // force every time.
+    // Files that are not valid YAML or not an AuthorizationPolicy: refused,
+    // with the file and what is wrong; a new bad file stays out, so the
+    // last good policies stay in force every time.
     let good = C_ALLOWS_ONLY_A_ON_7100;
     let bad_files = [
         (
@@ -306,6 +315,43 @@ fn the_destination_agent_enforces_l4_policy_by_principal_port_and_plaintext() {
             "{what}: the last good policies still apply"
         );
     }
+
+    // While z-bad.yaml stays bad, a change in another file still applies
+    // (the bad file is kept back alone), and the refusal stays shown.
+    let generation = agents[1].status().unwrap().config_generation;
+    agents[1]
+        .write_file(
+            "policies/e.yaml",
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: d-deny-b, namespace: default}
+spec:
+  selector: {matchLabels: {app: d}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/b"]}}]
+"#,
+        )
+        .unwrap();
+    agents[1].wait_generation_after(generation).unwrap();
+    assert!(
+        !allowed(b, d_ip, PORT) && allowed(a, d_ip, PORT),
+        "e.yaml applied beside the bad file"
+    );
+    let error = agents[1]
+        .status()
+        .unwrap()
+        .last_reload_error
+        .unwrap_or_default();
+    assert!(
+        error.contains("policies/z-bad.yaml") && error.contains("last good version"),
+        "{error}"
+    );
+    let generation = agents[1].status().unwrap().config_generation;
+    std::fs::remove_file(agents[1].config_dir().join("policies/e.yaml")).unwrap();
+    agents[1].wait_generation_after(generation).unwrap();
+    assert!(allowed(b, d_ip, PORT), "e.yaml removed");
 
     // Policies that cannot be enforced as written (selecting c): each loads
     // alone as a DENY-all over c, says why in /status, and d (on the same
