@@ -320,23 +320,30 @@ async fn model_api_changes_keep_flowing_while_a_policy_file_is_refused() {
     })
     .await;
 
-    // A bad edit: refused once, naming the file.
+    // A bad edit: the file is refused, naming it, and keeps its last good
+    // version (the rest of the files would apply).
     write_atomically(&dir.path().join("policies/web.yaml"), "kind: [not a policy");
     let refusal = loop {
         match next(&mut updates).await {
-            Update::Rejected(why) => break why,
+            Update::DesiredFilesRefused(desired, why) => {
+                assert_eq!(desired.policies.set.len(), 1, "the last good version");
+                break why;
+            }
             Update::Desired(_) => continue,
-            other => panic!("expected the refusal first, got {other:?}"),
+            Update::Rejected(why) => panic!("rejected whole, not kept back: {why}"),
         }
     };
-    assert!(refusal.contains("web.yaml"), "{refusal}");
+    assert!(
+        refusal.contains("web.yaml") && refusal.contains("last good version"),
+        "{refusal}"
+    );
 
     // The cluster keeps flowing meanwhile, with the last good policies, and
     // the refusal still said.
     api.put(pod("web-2", "n2", "10.1.0.6", "web-sa"));
     let (desired, still) = match next(&mut updates).await {
         Update::DesiredFilesRefused(desired, why) => (desired, why),
-        Update::Rejected(why) => panic!("refused twice for one edit: {why}"),
+        Update::Rejected(why) => panic!("rejected: {why}"),
         Update::Desired(_) => panic!("the refusal was forgotten"),
     };
     assert!(
