@@ -407,6 +407,7 @@ mod tests {
                 target_port: Some(8080),
                 protocol: "tcp".into(),
             }],
+            selector: Default::default(),
             locality,
             endpoints: endpoints
                 .iter()

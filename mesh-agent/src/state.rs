@@ -319,6 +319,14 @@ impl AgentState {
                 .set
                 .unenforceable()
                 .filter_map(|p| p.unenforceable().map(ToString::to_string))
+                .chain(
+                    self.proxy
+                        .snapshot()
+                        .policies
+                        .unmapped_targets()
+                        .iter()
+                        .cloned(),
+                )
                 .collect(),
             trust_domain: self.proxy.mtls.trust_domain.clone(),
             certificates: self.certificates(),
@@ -386,8 +394,10 @@ impl AgentState {
         }
         m.sync_proxy(&self.proxy.connections);
         m.config_generation.set(self.config_generation() as i64);
-        m.policies_unenforceable
-            .set(self.desired().policies.set.unenforceable().count() as i64);
+        m.policies_unenforceable.set(
+            (self.desired().policies.set.unenforceable().count()
+                + self.proxy.snapshot().policies.unmapped_targets().len()) as i64,
+        );
         m.sync_mtls(
             &self.certificates(),
             &self.proxy.mtls.rejections(),

@@ -20,6 +20,11 @@ pub struct ServiceConfig {
     /// Virtual IPs (IPv4 and/or IPv6) applications dial.
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// The labels of the pods it selects (Kubernetes `spec.selector`): the
+    /// workloads an AuthorizationPolicy's `targetRefs` to it applies to.
+    /// Empty: it cannot be targeted that way.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
     /// Prefer endpoints on this node, then in this zone (default), or not.
     #[serde(default)]
     pub locality: LocalityConfig,
@@ -58,6 +63,7 @@ impl ServiceConfig {
             namespace: String::new(),
             vips: Vec::new(),
             ports: Vec::new(),
+            selector: BTreeMap::new(),
             locality: LocalityConfig::default(),
             endpoints: Vec::new(),
             subsets: Vec::new(),

@@ -41,6 +41,9 @@ pub struct ServiceFacts {
     /// `spec.type`.
     pub kind: String,
     pub ports: Vec<PortFacts>,
+    /// `spec.selector` (absent in states saved before it was kept).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -140,6 +143,7 @@ impl ServiceFacts {
             kind: spec
                 .and_then(|s| s.type_.clone())
                 .unwrap_or_else(|| "ClusterIP".to_string()),
+            selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
             ports: spec
                 .and_then(|s| s.ports.as_ref())
                 .into_iter()
@@ -328,6 +332,7 @@ pub fn service_config<'a>(
         namespace: service.namespace.clone(),
         vips: service.cluster_ips.clone(),
         ports,
+        selector: service.selector.clone(),
         endpoints,
         ..ServiceConfig::with_defaults()
     })
@@ -481,6 +486,11 @@ ports:
         .unwrap();
         assert_eq!(config.name, "reviews");
         assert_eq!(config.namespace, "shop");
+        // What an AuthorizationPolicy's targetRefs to it applies to.
+        assert_eq!(
+            config.selector,
+            BTreeMap::from([("app".to_string(), "reviews".to_string())])
+        );
         assert_eq!(
             config.vips,
             vec![

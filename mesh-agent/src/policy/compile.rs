@@ -54,6 +54,10 @@ pub struct Policy {
     pub(crate) dry_run: bool,
     /// `None`: no selector, every workload of the namespace (or the mesh).
     pub(crate) selector: Option<BTreeMap<String, String>>,
+    /// `targetRef(s)`: the Services (in its namespace) whose selected
+    /// workloads it applies to, resolved when compiled against the
+    /// services known then (in place of `selector`).
+    pub(crate) target_services: Option<Vec<String>>,
     pub(crate) rules: Vec<Rule>,
     pub(crate) has_http: bool,
     /// The file it was loaded from (for operators: `/config_dump`, logs).
@@ -65,6 +69,27 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// `p` as a DENY-all over its whole namespace, standing for it while
+    /// what it applies to cannot be known (an AUDIT policy audits it all;
+    /// a dry-run one stays dry-run).
+    fn deny_all_over_namespace(p: &Policy) -> Policy {
+        Policy {
+            id: p.id.clone(),
+            action: if p.action == Action::Audit {
+                Action::Audit
+            } else {
+                Action::Deny
+            },
+            dry_run: p.dry_run,
+            selector: None,
+            target_services: None,
+            rules: vec![Rule::default()],
+            has_http: false,
+            source: p.source.clone(),
+            unenforceable: p.unenforceable.clone(),
+        }
+    }
+
     /// Why this policy is enforced as a DENY-all (see
     /// [`load`](super::load)), if it is.
     pub fn unenforceable(&self) -> Option<&super::LoadError> {
@@ -225,9 +250,61 @@ impl PolicySet {
     /// Indexes the policies by namespace; `root_namespace` policies apply to
     /// every workload of the mesh (subject to their selector).
     pub fn compile(&self, root_namespace: &str) -> CompiledPolicies {
+        self.compile_with_services(root_namespace, &[])
+    }
+
+    /// [`PolicySet::compile`], with `targetRef(s)` resolved against
+    /// `services`: a policy targeting Services applies to the workloads
+    /// their selectors select. One whose Service is not known here, or has
+    /// no selector, cannot be mapped: it stands as a DENY-all over its
+    /// namespace until it can (fail closed, alone), reported in
+    /// [`CompiledPolicies::unmapped_targets`].
+    pub fn compile_with_services(
+        &self,
+        root_namespace: &str,
+        services: &[crate::config::ServiceConfig],
+    ) -> CompiledPolicies {
+        let mut targets = HashMap::new();
+        let mut unmapped = Vec::new();
+        let policies: Vec<Arc<Policy>> = self
+            .policies
+            .iter()
+            .map(|p| {
+                let Some(names) = &p.target_services else {
+                    return p.clone();
+                };
+                let mut selectors = Vec::new();
+                for name in names {
+                    let service = services
+                        .iter()
+                        .find(|s| s.name == *name && s.namespace == p.id.namespace);
+                    match service {
+                        Some(s) if !s.selector.is_empty() => selectors.push(s.selector.clone()),
+                        found => {
+                            let why = if found.is_some() {
+                                "has no selector"
+                            } else {
+                                "is not known to this node"
+                            };
+                            let error = format!(
+                                "{}: {}: targetRefs: Service {}/{name} {why}, so the workloads it stands for cannot be known: the policy denies all traffic in namespace {} until it can be mapped",
+                                p.source.display(),
+                                p.id,
+                                p.id.namespace,
+                                p.id.namespace
+                            );
+                            unmapped.push(error);
+                            return Arc::new(Policy::deny_all_over_namespace(p));
+                        }
+                    }
+                }
+                targets.insert(p.id.clone(), selectors);
+                p.clone()
+            })
+            .collect();
         let mut by_namespace: HashMap<String, Vec<Arc<Policy>>> = HashMap::new();
         let mut root = Vec::new();
-        for p in &self.policies {
+        for p in &policies {
             if p.id.namespace == root_namespace {
                 root.push(p.clone());
             } else {
@@ -243,6 +320,8 @@ impl PolicySet {
             v.sort_by(|a, b| a.id.cmp(&b.id));
         }
         CompiledPolicies {
+            targets,
+            unmapped,
             root_namespace: root_namespace.to_owned(),
             root,
             by_namespace,
@@ -269,6 +348,10 @@ pub struct Workload {
 /// All policies indexed for lookup; build a new one on every reload.
 #[derive(Debug)]
 pub struct CompiledPolicies {
+    /// The selectors of each policy's targeted Services.
+    targets: HashMap<Arc<PolicyName>, Vec<BTreeMap<String, String>>>,
+    /// Why policies' targets could not be mapped.
+    unmapped: Vec<String>,
     root_namespace: String,
     root: Vec<Arc<Policy>>,
     by_namespace: HashMap<String, Vec<Arc<Policy>>>,
@@ -280,6 +363,12 @@ pub struct CompiledPolicies {
 impl CompiledPolicies {
     pub fn root_namespace(&self) -> &str {
         &self.root_namespace
+    }
+
+    /// Policies whose `targetRefs` could not be mapped to workloads (each
+    /// stands as a DENY-all over its namespace), with why.
+    pub fn unmapped_targets(&self) -> &[String] {
+        &self.unmapped
     }
 
     /// The policies that apply to `workload`, selected once and cached.
@@ -314,7 +403,16 @@ impl CompiledPolicies {
             .map(Vec::as_slice)
             .unwrap_or_default();
         for p in self.root.iter().chain(local) {
-            if !p.selects(&workload.labels) {
+            let selected = match &p.target_services {
+                None => p.selects(&workload.labels),
+                Some(_) => self.targets.get(&p.id).is_some_and(|selectors| {
+                    selectors.iter().any(|sel| {
+                        sel.iter()
+                            .all(|(k, v)| workload.labels.get(k).is_some_and(|have| have == v))
+                    })
+                }),
+            };
+            if !selected {
                 continue;
             }
             inner.has_http |= p.has_http;

@@ -232,16 +232,7 @@ pub(super) fn convert(ctx: &DocCtx<'_>, raw: RawPolicy) -> Result<Policy, LoadEr
 
     let spec = raw.spec.unwrap_or_default();
     c.path.push(key("spec"));
-    c.unsupported(
-        "targetRef",
-        spec.target_ref.is_some(),
-        "mesh-agent applies policies by namespace and selector only",
-    )?;
-    c.unsupported(
-        "targetRefs",
-        spec.target_refs.is_some(),
-        "mesh-agent applies policies by namespace and selector only",
-    )?;
+    let target_services = target_services(&c, &spec)?;
     c.unsupported(
         "provider",
         spec.provider.is_some(),
@@ -294,6 +285,7 @@ pub(super) fn convert(ctx: &DocCtx<'_>, raw: RawPolicy) -> Result<Policy, LoadEr
         action,
         dry_run,
         selector,
+        target_services,
         rules,
         has_http,
         source: Arc::from(ctx.file),
@@ -523,4 +515,91 @@ fn claim_path(key: &str) -> Option<Box<[Box<str>]>> {
         rest = &inner[end + 1..];
     }
     (!path.is_empty()).then(|| path.into_boxed_slice())
+}
+
+/// One `targetRef(s)` entry, as the Gateway API's PolicyTargetReference.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetRef {
+    #[serde(default)]
+    group: Option<String>,
+    kind: String,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// `targetRef` / `targetRefs`: the names of the Services (in the policy's
+/// namespace) whose selected workloads the policy applies to. Other kinds
+/// (a waypoint `Gateway`, a `ServiceEntry`) have no workloads mesh-agent
+/// could map them to, and are refused.
+fn target_services(
+    c: &Conv<'_, '_>,
+    spec: &super::model::RawSpec,
+) -> Result<Option<Vec<String>>, LoadError> {
+    let (field, raw): (&'static str, Vec<serde_yaml::Value>) =
+        match (&spec.target_ref, &spec.target_refs) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(c.err(
+                    &[key("targetRefs")],
+                    "set `targetRef` or `targetRefs`, not both".into(),
+                ));
+            }
+            (Some(one), None) => ("targetRef", vec![one.clone()]),
+            (None, Some(list)) => (
+                "targetRefs",
+                serde_yaml::from_value(list.clone())
+                    .map_err(|e| c.err(&[key("targetRefs")], format!("expected a list: {e}")))?,
+            ),
+        };
+    if spec.selector.is_some() {
+        // Istio's CRD: "only one of targetRefs and workloadSelector can be set".
+        return Err(c.err(
+            &[key(field)],
+            format!("`{field}` cannot be set with `selector`"),
+        ));
+    }
+    let mut names = Vec::new();
+    for (i, value) in raw.into_iter().enumerate() {
+        let at = |extra: Option<&'static str>| {
+            let mut path = vec![key(field)];
+            if field == "targetRefs" {
+                path.push(Seg::Index(i));
+            }
+            path.extend(extra.map(key));
+            path
+        };
+        let target: RawTargetRef =
+            serde_yaml::from_value(value).map_err(|e| c.err(&at(None), e.to_string()))?;
+        let group = target.group.as_deref().unwrap_or("");
+        if target.kind != "Service" || !(group.is_empty() || group == "core") {
+            return Err(c.err(
+                &at(Some("kind")),
+                format!(
+                    "{}/{} is not supported: mesh-agent applies a policy to the workloads of a Service (`group: \"\"`, `kind: Service`), not to a waypoint or another kind",
+                    if group.is_empty() { "core" } else { group },
+                    target.kind
+                ),
+            ));
+        }
+        if target
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| ns != c.namespace)
+        {
+            return Err(c.err(
+                &at(Some("namespace")),
+                "a policy can only target a Service in its own namespace".into(),
+            ));
+        }
+        if target.name.is_empty() {
+            return Err(c.err(&at(Some("name")), "empty name".into()));
+        }
+        names.push(target.name);
+    }
+    if names.is_empty() {
+        return Err(c.err(&[key(field)], "no target".into()));
+    }
+    Ok(Some(names))
 }

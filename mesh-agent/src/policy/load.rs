@@ -233,6 +233,7 @@ fn deny_all_in_place_of(
         action: super::compile::Action::Deny,
         dry_run: false,
         selector,
+        target_services: None,
         rules: vec![super::compile::Rule::default()],
         has_http: false,
         source: Arc::from(ctx.file),

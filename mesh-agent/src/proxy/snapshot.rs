@@ -48,7 +48,13 @@ impl Plan {
         let remote = remote_peers(desired, &node.trust_domain)?;
         let services = ServiceTable::build(&desired.services, node, Some(&previous.services))
             .map_err(|e| anyhow!("services: {e:#}"))?;
-        let policies = desired.policies.set.compile(&node.root_namespace);
+        let policies = desired
+            .policies
+            .set
+            .compile_with_services(&node.root_namespace, &desired.services);
+        for unmapped in policies.unmapped_targets() {
+            tracing::error!(error = %unmapped, "authorization policy cannot be enforced as written");
+        }
         Ok(Self {
             remote,
             services: Arc::new(services),

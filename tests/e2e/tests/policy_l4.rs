@@ -419,4 +419,53 @@ spec:
     )
     .unwrap();
     assert!(allowed(a, c_ip, PORT) && !allowed(b, c_ip, PORT));
+
+    // targetRefs to a Service: the policy applies to the workloads its
+    // selector selects (d), not to the rest of the namespace (c).
+    let apply = |file: &str, yaml: &str| {
+        let generation = agents[1].status().unwrap().config_generation;
+        agents[1].write_file(file, yaml).unwrap();
+        agents[1].wait_generation_after(generation).unwrap();
+    };
+    apply(
+        "services.yaml",
+        &format!(
+            "services:\n  - name: d-svc\n    namespace: default\n    vips: [10.96.0.40]\n    ports: [{{port: 80, targetPort: {PORT}}}]\n    selector: {{app: d}}\n    endpoints:\n      - {{name: d, address: {}, node: {}}}\n",
+            d.ipv4(),
+            d.node_name()
+        ),
+    );
+    let deny_a_to = |service: &str| {
+        format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-a-by-service, namespace: default}}
+spec:
+  targetRefs:
+  - {{kind: Service, group: "", name: {service}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: ["cluster.local/ns/default/sa/a"]}}}}]
+"#
+        )
+    };
+    apply("policies/t.yaml", &deny_a_to("d-svc"));
+    assert!(!allowed(a, d_ip, PORT), "d is d-svc's: a denied");
+    assert!(allowed(a, c_ip, PORT), "c is not d-svc's");
+    // A Service this node does not know: the policy cannot be mapped, so
+    // it denies its whole namespace, alone, and says why.
+    apply("policies/t.yaml", &deny_a_to("no-such-svc"));
+    assert!(!allowed(a, c_ip, PORT) && !allowed(a, d_ip, PORT));
+    let unenforceable = agents[1].status().unwrap().unenforceable_policies;
+    assert!(
+        unenforceable.iter().any(|e| e.contains("policies/t.yaml")
+            && e.contains("no-such-svc")
+            && e.contains("is not known")),
+        "{unenforceable:?}"
+    );
+    let generation = agents[1].status().unwrap().config_generation;
+    std::fs::remove_file(agents[1].config_dir().join("policies/t.yaml")).unwrap();
+    agents[1].wait_generation_after(generation).unwrap();
+    assert!(allowed(a, c_ip, PORT) && allowed(a, d_ip, PORT));
 }

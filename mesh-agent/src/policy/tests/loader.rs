@@ -183,15 +183,15 @@ spec: {}
         want: "policies/test.yaml:4: document 1 (?/p): field metadata: missing field `namespace`",
     },
     Reject {
-        name: "targetRefs",
+        name: "targetRefs to a waypoint",
         yaml: "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: p, namespace: foo}
 spec:
   targetRefs:
-  - {kind: Service, group: \"\", name: httpbin}
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}
 ",
-        want: "policies/test.yaml:6: document 1 (foo/p): field spec.targetRefs: `targetRefs` is not supported: mesh-agent applies policies by namespace and selector only",
+        want: "policies/test.yaml:6: document 1 (foo/p): field spec.targetRefs[0].kind: gateway.networking.k8s.io/Gateway is not supported: mesh-agent applies a policy to the workloads of a Service (`group: \"\"`, `kind: Service`), not to a waypoint or another kind",
     },
     Reject {
         name: "bad dry-run annotation",

@@ -6,6 +6,7 @@ mod normalize;
 mod peer_auth;
 mod request_authn;
 mod semantics;
+mod target_refs;
 
 use std::collections::BTreeMap;
 
