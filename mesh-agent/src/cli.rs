@@ -220,12 +220,18 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 check_kubernetes(&config, &cfg.node)
             }
             Ok(cfg) => {
-                let unenforceable: Vec<_> = cfg
+                let mut unenforceable: Vec<String> = cfg
                     .policies
                     .set
                     .unenforceable()
-                    .filter_map(|p| p.unenforceable())
+                    .filter_map(|p| p.unenforceable().map(ToString::to_string))
                     .collect();
+                // targetRefs are mapped by the services of services.yaml.
+                let compiled = cfg
+                    .policies
+                    .set
+                    .compile_with_services(&cfg.node.root_namespace, &cfg.services);
+                unenforceable.extend(compiled.unmapped_targets().iter().cloned());
                 if !unenforceable.is_empty() {
                     for error in &unenforceable {
                         eprintln!(

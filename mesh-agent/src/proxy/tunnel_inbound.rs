@@ -148,21 +148,22 @@ async fn open_stream(
         .unwrap_or(request.peer_addr);
     let mut record = stream_record(ctx, &snapshot, &target, client, &request, &peer_identity);
     if snapshot.needs_http(&target, request.authority.port()) {
-        // The stream's bytes go to the HTTP authorizer through a pipe.
-        let (stream_end, http_end) = tokio::io::duplex(256 * 1024);
+        // The HTTP authorizer serves the stream itself, on its task.
         let ctx = ctx.clone();
         let from = Client {
             identity: Some(peer_identity),
             source_ip: request.peer_addr.ip(),
             remote_ip: client.ip(),
         };
-        tokio::spawn(async move {
-            let (http_end, bytes) = counted::counting(http_end);
-            let served = deliver::serve_http(&ctx, http_end, target, from, request.authority).await;
-            record.count_bytes(&bytes);
-            record.end(served);
-        });
-        return Ok(tunnel::Upstream::Local(stream_end));
+        return Ok(tunnel::Upstream::Handler(Box::new(move |stream| {
+            Box::pin(async move {
+                let (stream, bytes) = counted::counting(stream);
+                let served =
+                    deliver::serve_http(&ctx, stream, target, from, request.authority).await;
+                record.count_bytes(&bytes);
+                record.end(served);
+            })
+        })));
     }
     if let Err(by) = ctx.authorizer.connection(
         &snapshot.policies,

@@ -29,8 +29,8 @@ use std::time::Duration;
 pub use client::{PeerRefused, PoolKey, TunnelClient, TunnelClientConfig, TunnelTarget};
 pub use headers::{format_authority, format_forwarded, parse_authority, parse_forwarded_for};
 pub use server::{
-    ConnectRequest, Rejection, Relayed, ServeError, Upstream, accept_tls, serve_connection,
-    serve_connection_until, serve_tls,
+    ConnectRequest, Rejection, Relayed, ServeError, StreamHandler, Upstream, accept_tls,
+    serve_connection, serve_connection_until, serve_tls,
 };
 pub use stream::TunnelStream;
 

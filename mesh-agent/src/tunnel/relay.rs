@@ -35,34 +35,8 @@ pub(super) async fn relay(stream: TunnelStream, upstream: Upstream, dest: Socket
             relay_tcp(stream, tcp, dest).await;
         }
         Upstream::Observed(tcp, done) => done(relay_tcp(stream, tcp, dest).await),
-        Upstream::Local(local) => relay_local(stream, local, dest).await,
-    }
-}
-
-/// To an in-process handler (e.g. the HTTP authorizer): plain copies; dropping
-/// the handle is the handler's "reset".
-async fn relay_local(stream: TunnelStream, local: tokio::io::DuplexStream, dest: SocketAddr) {
-    let (mut stream_rd, mut stream_wr) = tokio::io::split(stream);
-    let (mut up_rd, mut up_wr) = tokio::io::split(local);
-    let (mut sent, mut received) = (0, 0);
-    let result = tokio::try_join!(
-        pump(
-            &mut stream_rd,
-            &mut up_wr,
-            Side::Stream,
-            Side::Upstream,
-            &mut sent
-        ),
-        pump(
-            &mut up_rd,
-            &mut stream_wr,
-            Side::Upstream,
-            Side::Stream,
-            &mut received
-        ),
-    );
-    if let Err(Failure { side, error }) = result {
-        tracing::debug!(%dest, ?side, %error, "HBONE stream to a local handler aborted");
+        // The handler serves the stream itself, on this task.
+        Upstream::Handler(handler) => handler(stream).await,
     }
 }
 

@@ -102,13 +102,19 @@ impl ServeError {
 /// Returns when the connection ends; relays still running continue on their
 /// own tasks until the streams end.
 /// Where a CONNECT stream's bytes go: a TCP connection (to the pod), or an
-/// in-process handler holding the other end of a duplex pipe.
+/// in-process handler that takes the stream itself.
 pub enum Upstream {
     Tcp(TcpStream),
     /// A TCP connection, and what to do with the byte counts at its end.
     Observed(TcpStream, Box<dyn FnOnce(Relayed) + Send>),
-    Local(tokio::io::DuplexStream),
+    /// Served in the process (e.g. the HTTP authorizer), on the stream's
+    /// own task: no pipe, no copy between the stream and the handler.
+    Handler(StreamHandler),
 }
+
+/// Takes an open CONNECT stream and serves it to its end.
+pub type StreamHandler =
+    Box<dyn FnOnce(TunnelStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// What a stream relayed to its TCP upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +141,8 @@ impl Upstream {
                     aborted: true,
                 });
             }
-            Upstream::Local(_) => {}
+            // Dropped unserved: the handler's own drop says so.
+            Upstream::Handler(_) => {}
         }
     }
 }

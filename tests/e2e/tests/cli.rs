@@ -119,3 +119,26 @@ fn check_validates_policy_files_and_names_file_line_and_field() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ok"), "{out}");
 }
+
+#[test]
+fn check_names_a_policy_whose_target_service_cannot_be_mapped() {
+    let dir = config_dir("name: n1\n", "");
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  targetRefs: [{kind: Service, group: '', name: web}]\n  rules: [{}]\n";
+    std::fs::write(dir.path().join("policies/p.yaml"), policy).unwrap();
+    let (code, _, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("p.yaml") && err.contains("Service ns/web is not known"),
+        "{err}"
+    );
+    // With the Service and its selector in services.yaml: it maps.
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        "services:\n  - {name: web, namespace: ns, vips: [10.96.0.9], ports: [{port: 80}], selector: {app: web}}\n",
+    )
+    .unwrap();
+    let (code, out, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok"), "{out}");
+}
