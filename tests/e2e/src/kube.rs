@@ -112,9 +112,10 @@ impl<'t> Cluster<'t> {
         Self::start_with(topo, ip_block, false)
     }
 
-    /// With `cni`, each agent serves the CNI plugin on [`cni_socket`] and
-    /// keeps its CNI state in [`cni_state_dir`] (the plugin is not
-    /// installed: see [`Cluster::install_cni`]).
+    /// Each agent serves the CNI plugin on [`cni_socket`] and keeps its CNI
+    /// state in [`cni_state_dir`]; with `cni` a pod's CNI ADD may wait 10 s
+    /// for the agent (the plugin is not installed: see
+    /// [`Cluster::install_cni`]).
     pub fn start_with(topo: &'t Topology, ip_block: u8, cni: bool) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -143,12 +144,16 @@ impl<'t> Cluster<'t> {
                 kubelet_root.display(),
                 state_file(topo, node).display(),
             );
+            // Every agent serves the CNI socket with `discovery: kubernetes`:
+            // each cluster's own path, so tests running side by side never
+            // race for the default one (`/var/run/mesh-agent/cni.sock`).
+            node_yaml.push_str(&format!(
+                "  cni:\n    socket: {}\n    stateDir: {}\n",
+                cni_socket(topo, node).display(),
+                cni_state_dir(topo, node).display()
+            ));
             if cni {
-                node_yaml.push_str(&format!(
-                    "  cni:\n    socket: {}\n    stateDir: {}\n    addTimeout: 10s\n",
-                    cni_socket(topo, node).display(),
-                    cni_state_dir(topo, node).display()
-                ));
+                node_yaml.push_str("    addTimeout: 10s\n");
             }
             // No pods listed anywhere: an empty pods.yaml is all the files say.
             let agent = NodeAgent::start_with(topo, node, "pods: []\n", &node_yaml, &[]).unwrap();
