@@ -51,6 +51,7 @@ fn denied(path: &str) -> bool {
             host: "a",
             path,
             headers: &NoHeaders,
+            auth: None,
         }),
     });
     matches!(decision, Decision::Deny { .. })

@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
             host: "web",
             path: "/admin",
             headers: &NoHeaders,
+            auth: None,
         }),
     ] {
         let _ = policy.decide(&Request {

@@ -166,6 +166,8 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         .with_kubernetes(kubernetes.clone()),
     );
     tracing::info!(policies = config.policies.set.len(), root_namespace = %node.root_namespace, "authorization policies loaded");
+    // RequestAuthentications' jwksUri key sets: fetched by the agent only.
+    crate::policy::start_fetching_jwks();
     apply::apply(&state, config).context("applying the configuration")?;
     state.set_reload_result(None);
     release_what_was_not_taken_over(&state);

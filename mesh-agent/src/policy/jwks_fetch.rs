@@ -1,7 +1,9 @@
 //! `jwksUri`: key sets the agent fetches itself, caches and refreshes.
 //!
 //! One fetcher thread for the process (blocking HTTP off the async
-//! workers). A URI is fetched as soon as a policy names it, then every
+//! workers), started by the agent ([`start_fetching`]): loading policies
+//! alone (`mesh-agent check`, tests, fuzzing) fetches nothing. Once
+//! started, a URI is fetched as soon as a policy names it, then every
 //! [`REFRESH`]; a failed fetch is retried every [`RETRY`] and keeps the last
 //! good keys. Until a first fetch succeeds, tokens of that issuer are
 //! answered 401 (as Istio does when it cannot fetch them). Reloading the
@@ -100,16 +102,23 @@ struct Registry {
     wake: Condvar,
 }
 
-static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
-    std::thread::Builder::new()
-        .name("jwks-fetch".into())
-        .spawn(fetch_loop)
-        .expect("spawning the JWKS fetcher thread");
-    Registry {
-        entries: Mutex::new(HashMap::new()),
-        wake: Condvar::new(),
-    }
+static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry {
+    entries: Mutex::new(HashMap::new()),
+    wake: Condvar::new(),
 });
+
+static STARTED: std::sync::Once = std::sync::Once::new();
+
+/// Starts fetching the key sets policies name (once per process; the agent
+/// calls it at start).
+pub fn start_fetching() {
+    STARTED.call_once(|| {
+        std::thread::Builder::new()
+            .name("jwks-fetch".into())
+            .spawn(fetch_loop)
+            .expect("spawning the JWKS fetcher thread");
+    });
+}
 
 /// The key set at `uri`, shared with every policy that names it.
 pub(super) fn remote(uri: &str, timeout: Duration) -> Arc<RemoteJwks> {

@@ -56,7 +56,7 @@ pub use compile::{
     WorkloadPolicy,
 };
 pub use decide::{Decision, HeaderLookup, HttpAttributes, NoHeaders, PolicyRef, Request};
-pub use jwks_fetch::RemoteJwks;
+pub use jwks_fetch::{RemoteJwks, start_fetching as start_fetching_jwks};
 pub use jwt::{RequestAuth, Unauthenticated};
 pub use load::{LoadError, load};
 pub use normalize::{PathError, normalize_path};

@@ -617,6 +617,7 @@ fn jwks_uri_is_fetched_from_a_server_on_loopback() {
             );
         }
     });
+    crate::policy::start_fetching_jwks();
     let policies = compiled(&[request_authn(
         "jwt",
         "",
