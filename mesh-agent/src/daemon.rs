@@ -141,6 +141,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     proxy.fast_path = Some(Arc::new(fast_path));
     let proxy = Arc::new(proxy);
     let mut enroller = Enroller::new(programs, proxy.clone());
+    enroller.preserve_source_address = node.preserve_source_address;
     if let Some(inherited) = &mut inherited {
         tracing::info!(
             pods = inherited.pods.len(),

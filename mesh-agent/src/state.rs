@@ -30,6 +30,9 @@ pub struct PodStatus {
     pub netns_cookie: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<PodCountersView>,
+    /// Whether deliveries into the pod come from clients' addresses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<crate::proxy::source_address::SourceAddressView>,
 }
 
 /// A pod's kernel counters, summed over CPUs (see `mesh_common::PodCounters`).
@@ -390,6 +393,9 @@ impl AgentState {
         for pod in &pods {
             if let Some(c) = pod.counters {
                 m.sync_pod_counters(&pod.namespace, &pod.name, &c);
+            }
+            if let Some(view) = &pod.source_address {
+                m.sync_pod_source_address(&pod.namespace, &pod.name, view);
             }
         }
         m.sync_proxy(&self.proxy.connections);

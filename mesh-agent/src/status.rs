@@ -141,6 +141,7 @@ mod tests {
                 connect6,
                 ..Default::default()
             }),
+            source_address: None,
         }
     }
 

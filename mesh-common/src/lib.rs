@@ -87,6 +87,19 @@ pub const TUNNEL_PORT: u16 = 15008;
 /// Source address of the agent's own connections into a pod (over the pod's
 /// loopback, so inbound capture does not take them again), as Istio's ztunnel.
 pub const AGENT_SOURCE_IPV4: [u8; 4] = [127, 0, 0, 6];
+/// Socket mark of the agent's deliveries from the client's own address
+/// (`preserveSourceAddress`): the pod's replies carry it too (the kernel's
+/// `tcp_fwmark_accept`), and a routing rule in the pod sends marked packets
+/// back over loopback to the agent. The fast path knows the agent's legs by it.
+pub const DELIVERY_MARK: u32 = 0x6d65_7368;
+/// The routing table in every enrolled pod that holds `local default dev lo`
+/// for marked replies, and the priority of the rule that selects it.
+pub const DELIVERY_TABLE: u32 = 0x6d65;
+pub const DELIVERY_RULE_PRIORITY: u32 = 100;
+/// The loopback device's index, the same in every network namespace. The
+/// agent's deliveries are bound to it, and that is how inbound capture
+/// knows them: nothing from outside a namespace arrives on its loopback.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;

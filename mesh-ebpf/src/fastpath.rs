@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
-    AGENT_SOURCE_IPV4, FASTPATH_LOOPBACK, FASTPATH_SPLICE, FP_INSERT_FAILED, FP_PASSED_BYTES,
+    AGENT_SOURCE_IPV4, DELIVERY_MARK, FASTPATH_LOOPBACK, FASTPATH_SPLICE, FP_INSERT_FAILED, FP_PASSED_BYTES,
     FP_PASSED_MSGS, FP_REDIRECTED_BYTES, FP_REDIRECTED_MSGS, FP_SOCKETS_ADDED, FP_SPLICED_BYTES,
     FP_SPLICED_MSGS, FP_SPLICES_ACTIVE, OUTBOUND_PORT, PodAddr, SOCK_PASSED, SOCK_SPLICED, SockKey,
     SockState,
@@ -73,8 +73,14 @@ fn addr6(words_be: [u32; 4]) -> PodAddr {
     PodAddr::from_ipv6(octets)
 }
 
-/// Whether a connection is one of the agent's local legs.
-fn is_agent_leg(key: &SockKey) -> bool {
+/// Whether a connection is one of the agent's local legs: by its mark (a
+/// delivery from the client's own address, both ends: the application's
+/// accepted socket takes the mark of the agent's SYN), its port, or the
+/// agent's loopback source.
+fn is_agent_leg(key: &SockKey, mark: u32) -> bool {
+    if mark == DELIVERY_MARK {
+        return true;
+    }
     if key.local_port == OUTBOUND_PORT || key.remote_port == OUTBOUND_PORT {
         return true;
     }
@@ -149,6 +155,15 @@ fn ops_key(ctx: &SockOpsContext) -> Option<SockKey> {
     sock_key!(ctx, ctx.ops)
 }
 
+/// The socket's mark (0 when the context has no full socket).
+fn ops_mark(ctx: &SockOpsContext) -> u32 {
+    let sk = field!(ctx.ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return 0;
+    }
+    field!(sk, mark)
+}
+
 /// sock_ops hook: called from `mesh_sockops` for every op.
 pub fn on_sock_op(ctx: &SockOpsContext) {
     let op = ctx.op();
@@ -171,7 +186,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
     let Some(mut key) = ops_key(ctx) else {
         return;
     };
-    if !is_agent_leg(&key) {
+    if !is_agent_leg(&key, ops_mark(ctx)) {
         return;
     }
     // A fresh state: a key can be reused by a later connection.

@@ -3,18 +3,22 @@
 //! namespace (sk_lookup runs before the kernel picks a listening socket). The
 //! accepted socket keeps the original destination as its local address.
 //!
-//! Connections from inside the pod's own namespace are left alone: their source
-//! is a loopback address (the agent delivers from 127.0.0.6 / ::1) or the pod's
-//! own address (the pod talking to itself). Neither can come from outside: the
-//! kernel drops such packets arriving on an interface as martians. (The ingress
-//! interface cannot tell: for a connection to the pod's own address the kernel
-//! reports the address's device, not lo.)
+//! Connections made inside the pod's own namespace are left alone:
+//! - the agent's deliveries: their sockets are bound to the loopback device,
+//!   so the kernel reports lo as their ingress interface, whatever their
+//!   source (the client's own address, or 127.0.0.6 / ::1). Nothing from
+//!   outside the namespace arrives on its loopback;
+//! - a loopback source or the pod's own address (the pod talking to itself).
+//!   Neither can come from outside: the kernel drops such packets arriving
+//!   on an interface as martians. (Here the ingress interface cannot tell:
+//!   for a connection to the pod's own address from an unbound socket the
+//!   kernel reports the address's device, not lo.)
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::{DIRECTION_INBOUND, PodAddr, PortKey, TUNNEL_PORT};
+use mesh_common::{DIRECTION_INBOUND, LOOPBACK_IFINDEX, PodAddr, PortKey, TUNNEL_PORT};
 
 use crate::maps::{EXCLUDED_PORTS, INBOUND_LISTENERS, POD_ADDRS, count};
 
@@ -37,7 +41,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         (ipv6(&lookup.local_ip6), ipv6(&lookup.remote_ip6))
     };
-    if remote.is_loopback() || remote == local {
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX || remote.is_loopback() || remote == local {
         return SK_PASS;
     }
     // Tunnel connections from other nodes' agents go to this agent's tunnel

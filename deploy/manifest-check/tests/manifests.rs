@@ -51,7 +51,7 @@ const ALLOWED_CAPABILITIES: &[(&str, &str)] = &[
     ),
     (
         "NET_ADMIN",
-        "network program types and the sockmap/sockhash maps (MESH_INBOUND_LISTENERS, MESH_SOCKS)",
+        "network program types and the sockmap/sockhash maps (MESH_INBOUND_LISTENERS, MESH_SOCKS); delivering from the client's address (IP_TRANSPARENT, SO_MARK, a routing rule and the delivery sysctls in each pod)",
     ),
     (
         "SYS_ADMIN",

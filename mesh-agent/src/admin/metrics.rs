@@ -30,6 +30,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pod_connects: IntCounterVec,
     pod_captured: IntCounterVec,
+    pod_agent_source: IntCounterVec,
     pod_excluded: IntCounterVec,
     pod_refused: IntCounterVec,
     proxy_connections: IntCounterVec,
@@ -102,6 +103,11 @@ impl Metrics {
                 "mesh_pod_captured_connections_total",
                 "Connections of a pod handed to the agent by the kernel programs",
                 &["namespace", "pod", "direction"],
+            ),
+            pod_agent_source: counter(
+                "mesh_pod_deliveries_from_agent_address_total",
+                "Connections delivered into a pod from the agent's address instead of the client's, by reason",
+                &["namespace", "pod", "reason"],
             ),
             pod_excluded: counter(
                 "mesh_pod_excluded_connections_total",
@@ -243,6 +249,7 @@ impl Metrics {
             Box::new(m.config_reloads.clone()),
             Box::new(m.pod_connects.clone()),
             Box::new(m.pod_captured.clone()),
+            Box::new(m.pod_agent_source.clone()),
             Box::new(m.pod_excluded.clone()),
             Box::new(m.pod_refused.clone()),
             Box::new(m.proxy_connections.clone()),
@@ -331,6 +338,17 @@ impl Metrics {
             &[namespace, pod, "map_full"],
             c.refused_map_full,
         );
+    }
+
+    pub fn sync_pod_source_address(
+        &self,
+        namespace: &str,
+        pod: &str,
+        view: &crate::proxy::source_address::SourceAddressView,
+    ) {
+        for (reason, total) in &view.fallbacks {
+            self.sync(&self.pod_agent_source, &[namespace, pod, reason], *total);
+        }
     }
 
     pub fn sync_proxy(&self, log: &ConnectionLog) {

@@ -42,7 +42,7 @@ mod endpoint;
 mod ewma;
 mod outlier;
 mod retry;
-mod rng;
+pub(crate) mod rng;
 #[cfg(test)]
 mod tests;
 

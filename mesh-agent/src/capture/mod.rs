@@ -7,6 +7,7 @@
 //! the daemon then publishes a snapshot with `pods()` and calls
 //! `start_serving`, so no connection of a new pod meets a snapshot without it.
 
+pub mod delivery_routing;
 pub mod pod_netns;
 
 use std::{
@@ -60,6 +61,9 @@ pub struct Enroller {
     statuses: Vec<PodStatus>,
     /// Listeners taken over from the agent this one replaces, not used yet.
     inherited: HashMap<String, PodSockets>,
+    /// Deliveries into pods come from the client's address (node.yaml
+    /// `preserveSourceAddress`).
+    pub preserve_source_address: bool,
 }
 
 impl Enroller {
@@ -70,6 +74,7 @@ impl Enroller {
             running: BTreeMap::new(),
             statuses: Vec::new(),
             inherited: HashMap::new(),
+            preserve_source_address: true,
         }
     }
 
@@ -168,6 +173,7 @@ impl Enroller {
                     error: None,
                     netns_cookie: Some(netns_cookie),
                     counters: None,
+                    source_address: None,
                 },
                 Err(err) => {
                     tracing::error!(pod = %key, error = format!("{err:#}"), "pod NOT enrolled: its traffic is not captured");
@@ -178,6 +184,7 @@ impl Enroller {
                         error: Some(format!("{err:#}")),
                         netns_cookie: None,
                         counters: None,
+                        source_address: None,
                     }
                 }
             });
@@ -236,6 +243,7 @@ impl Enroller {
             namespace: pod.namespace.clone(),
             labels: pod.labels.clone(),
         };
+        let source_address = self.set_up_source_address(&netns, pod, &key);
         let handle = Arc::new(PodHandle {
             key: key.clone(),
             netns_cookie,
@@ -251,6 +259,7 @@ impl Enroller {
                 ports
             },
             kubelet_probes: pod.kubelet_probes.clone(),
+            source_address,
         });
         let sockets = listeners
             .iter()
@@ -269,6 +278,29 @@ impl Enroller {
             },
         );
         Ok(netns_cookie)
+    }
+
+    /// Whether deliveries into the pod can come from clients' addresses:
+    /// its routing for them set up, or why not (the pod is served either
+    /// way, from the agent's address).
+    fn set_up_source_address(
+        &self,
+        netns: &PodNetns,
+        pod: &PodConfig,
+        key: &str,
+    ) -> proxy::source_address::SourceAddress {
+        use proxy::source_address::SourceAddress;
+        if !self.preserve_source_address {
+            return SourceAddress::unavailable("preserveSourceAddress is off".into());
+        }
+        match delivery_routing::install(netns, pod.ipv6.is_some()) {
+            Ok(()) => SourceAddress::preserved(),
+            Err(err) => {
+                let reason = format!("{err:#}");
+                tracing::warn!(pod = %key, error = %reason, "deliveries into the pod come from the agent's address: its routing for clients' addresses could not be set up");
+                SourceAddress::unavailable(reason)
+            }
+        }
     }
 
     /// The pods enrolled now, for the next snapshot.
@@ -330,6 +362,10 @@ impl Enroller {
                 Ok(c) => pod.counters = Some(PodCountersView::from(c)),
                 Err(err) => tracing::warn!(pod = %key, error = %err, "reading pod counters failed"),
             }
+            pod.source_address = self
+                .running
+                .get(&key)
+                .map(|rt| rt.handle.source_address.view());
         }
         statuses
     }

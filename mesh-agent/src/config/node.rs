@@ -53,6 +53,11 @@ pub struct NodeConfig {
     /// The same-node fast path in the kernel (docs/fastpath.md).
     #[serde(default)]
     pub fast_path: FastPathConfig,
+    /// Connections delivered into a pod come from the client's own address
+    /// (the application's `getpeername()` returns the client), not from the
+    /// agent's 127.0.0.6 / ::1 (default true; docs/capture.md).
+    #[serde(default = "preserve_source_address_default")]
+    pub preserve_source_address: bool,
     /// One log line per connection on the `access` target (default true).
     #[serde(default = "access_log_default")]
     pub access_log: bool,
@@ -290,6 +295,10 @@ pub struct FastPathConfig {
     /// application socket to the other (needs `loopback`).
     #[serde(default)]
     pub splice: bool,
+}
+
+fn preserve_source_address_default() -> bool {
+    true
 }
 
 fn default_root_namespace() -> String {

@@ -84,11 +84,11 @@ where
         series: Default::default(),
     };
     let options = ctx.l7_options(l7::RequestMetricsHandle(Arc::new(request_metrics)));
-    let (dialing, inside) = (ctx.clone(), target.clone());
+    let (dialing, inside, remote_ip) = (ctx.clone(), target.clone(), client.remote_ip);
     let connect = move || async move {
         dialing
             .dial
-            .into_pod(&inside, dst)
+            .into_pod(&inside, dst, remote_ip)
             .await
             .map_err(std::io::Error::other)
     };
@@ -108,7 +108,7 @@ where
             let Ok((peeked, mut downstream)) = not_http.into_parts::<D>() else {
                 return Outcome::UpstreamFailed("internal error: the stream's type".into());
             };
-            match ctx.dial.into_pod(&target, dst).await {
+            match ctx.dial.into_pod(&target, dst, client.remote_ip).await {
                 Ok(mut upstream) => {
                     if let Err(err) = upstream.write_all(&peeked).await {
                         return Outcome::UpstreamFailed(format!("writing the first bytes: {err}"));

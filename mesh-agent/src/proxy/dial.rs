@@ -9,10 +9,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
-use mesh_common::{AGENT_SOURCE_IPV4, TUNNEL_PORT};
+use mesh_common::{AGENT_SOURCE_IPV4, DELIVERY_MARK, TUNNEL_PORT};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::pod::PodHandle;
+use super::{pod::PodHandle, source_address::NO_ANSWER_HOLD};
+use crate::balance::rng::{SplitMix64, below};
 use crate::{
     mtls::{Mtls, RemotePeer},
     tunnel::{self, PoolKey, TunnelStream, TunnelTarget},
@@ -30,15 +31,54 @@ impl Dialer {
         self.connect(socket, dst).await
     }
 
-    /// Connects to `dst` inside `target`'s namespace over its loopback, from
-    /// the agent's reserved source address, so inbound capture leaves it alone.
-    pub async fn into_pod(&self, target: &PodHandle, dst: SocketAddr) -> Result<TcpStream> {
-        let socket = target.netns.tcp_socket(dst.is_ipv6())?;
-        let source: IpAddr = if dst.is_ipv6() {
+    /// Connects to `dst` inside `target`'s namespace for `client`: from the
+    /// client's own address when the pod is set up for it (the application
+    /// sees the client), else from the agent's reserved loopback address.
+    /// Either way the socket is bound to the pod's loopback device, which is
+    /// how inbound capture knows the agent's deliveries and leaves them alone.
+    pub async fn into_pod(
+        &self,
+        target: &PodHandle,
+        dst: SocketAddr,
+        client: IpAddr,
+    ) -> Result<TcpStream> {
+        if let Ok(source) = target.source_address.source_for(client, dst) {
+            let wait = self.connect_timeout.min(CLIENT_ADDRESS_ANSWER);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let socket = transparent_delivery_socket(target, dst, source)?;
+                match tokio::time::timeout(wait, socket.connect(dst)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(stream);
+                    }
+                    // Another delivery of this client to this destination
+                    // drew the same port: draw again.
+                    Ok(Err(err))
+                        if err.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                            && tries < PORT_TRIES =>
+                    {
+                        continue;
+                    }
+                    Ok(Err(err)) => {
+                        return Err(err)
+                            .with_context(|| format!("connecting to {dst} from {source}"));
+                    }
+                    Err(_) => {
+                        target.source_address.no_answer(dst.port());
+                        tracing::warn!(pod = %target.key, %dst, %source, hold = ?NO_ANSWER_HOLD, "the application did not answer a delivery from the client's address (does it mark its sockets?): deliveries to this port come from the agent's address for a while");
+                        break;
+                    }
+                }
+            }
+        }
+        let agent: IpAddr = if dst.is_ipv6() {
             IpAddr::V6(Ipv6Addr::LOCALHOST)
         } else {
             IpAddr::V4(Ipv4Addr::from(AGENT_SOURCE_IPV4))
         };
+        let socket = target.netns.tcp_socket(dst.is_ipv6())?;
         // The port is chosen at connect, not at bind: every connection into
         // the pod leaves from this one address, and a port picked at bind
         // must be free of every other socket on it (TIME_WAIT included), so
@@ -46,8 +86,8 @@ impl Dialer {
         // Chosen at connect it only has to make the 4-tuple unique.
         bind_address_no_port(&socket);
         socket
-            .bind(SocketAddr::new(source, 0))
-            .with_context(|| format!("binding {source} in {}", target.key))?;
+            .bind(SocketAddr::new(agent, 0))
+            .with_context(|| format!("binding {agent} in {}", target.key))?;
         self.connect(socket, dst).await
     }
 
@@ -112,6 +152,72 @@ impl Dialer {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+/// How long a delivery from a client's address waits for the application
+/// before it is taken for one that cannot answer it (an application that
+/// marks its own sockets routes its replies by its own rules) and made again
+/// from the agent's address. An answer over loopback takes microseconds.
+const CLIENT_ADDRESS_ANSWER: Duration = Duration::from_secs(1);
+
+/// Source ports of deliveries from a client's address: below the ranges
+/// operating systems pick client ports from by default (Linux 32768–60999,
+/// Windows and macOS 49152–65535). A delivery shares the pod's namespace
+/// with the connections captured from the same client to the same port, and
+/// the kernel hands a packet to the socket whose addresses and ports match:
+/// a delivery on one of the client's own ports would take its packets.
+const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 1024..=32767;
+/// Ports drawn for one delivery before giving up.
+const PORT_TRIES: usize = 16;
+
+/// A socket in `target`'s namespace that may use `source`, a client's
+/// address (transparent), bound to it on a port drawn from
+/// [`DELIVERY_PORTS`] and to the pod's loopback device (which is how inbound
+/// capture knows the agent's deliveries), and marked so that the
+/// application's replies come back to it (capture/delivery_routing.rs).
+fn transparent_delivery_socket(
+    target: &PodHandle,
+    dst: SocketAddr,
+    source: IpAddr,
+) -> Result<TcpSocket> {
+    let socket = target.netns.tcp_socket(dst.is_ipv6())?;
+    let options = socket2::SockRef::from(&socket);
+    options
+        .bind_device(Some(b"lo"))
+        .context("binding the delivery socket to lo")?;
+    if dst.is_ipv6() {
+        options.set_ip_transparent_v6(true)
+    } else {
+        options.set_ip_transparent_v4(true)
+    }
+    .context("making the delivery socket transparent")?;
+    options
+        .set_mark(DELIVERY_MARK)
+        .context("marking the delivery socket")?;
+    // Ports of earlier deliveries in TIME_WAIT may be drawn again: connect
+    // then only needs the 4-tuple to be unique.
+    options.set_reuse_address(true)?;
+    let span = u64::from(DELIVERY_PORTS.end() - DELIVERY_PORTS.start()) + 1;
+    for _ in 0..PORT_TRIES {
+        let port = DELIVERY_PORTS.start()
+            + PORT_DRAW.with(|rng| below(&mut *rng.borrow_mut(), span)) as u16;
+        match socket.bind(SocketAddr::new(source, port)) {
+            Ok(()) => return Ok(socket),
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(err) => {
+                return Err(err).with_context(|| format!("binding {source} in {}", target.key));
+            }
+        }
+    }
+    Err(anyhow!(
+        "no free port for {source} in {} after {PORT_TRIES} tries",
+        target.key
+    ))
+}
+
+thread_local! {
+    static PORT_DRAW: std::cell::RefCell<SplitMix64> =
+        std::cell::RefCell::new(SplitMix64::from_entropy());
 }
 
 /// IP_BIND_ADDRESS_NO_PORT (Linux 4.2): bind(addr, 0) leaves the port to

@@ -94,7 +94,7 @@ pub async fn handle(
     }
     let upstream = ctx
         .dial
-        .into_pod(&pod, original_dst)
+        .into_pod(&pod, original_dst, client.ip())
         .await
         .map(Upstream::Tcp);
     finish::finish(&ctx, record, downstream, upstream).await;

@@ -32,6 +32,7 @@ pub mod relay;
 pub mod route;
 mod service_http;
 pub mod snapshot;
+pub mod source_address;
 mod splice;
 pub mod telemetry;
 pub mod tunnel_inbound;

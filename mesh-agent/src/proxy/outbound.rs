@@ -150,7 +150,7 @@ pub async fn handle(
                 return;
             }
             splice_into = Some(target.netns_cookie);
-            Box::pin(ctx.dial.into_pod(&target, dst))
+            Box::pin(ctx.dial.into_pod(&target, dst, source_ip))
                 .await
                 .map(Upstream::Tcp)
         }

@@ -25,6 +25,8 @@ pub struct PodHandle {
     pub opaque_ports: Vec<u16>,
     /// Where the kubelet probes this pod from, and which ports.
     pub kubelet_probes: crate::config::KubeletProbes,
+    /// Which address deliveries into the pod come from.
+    pub source_address: super::source_address::SourceAddress,
 }
 
 impl PodHandle {

@@ -94,6 +94,7 @@ services:
             open_connections: Arc::default(),
             opaque_ports: Vec::new(),
             kubelet_probes: Default::default(),
+            source_address: crate::proxy::source_address::SourceAddress::preserved(),
         })
     }
 

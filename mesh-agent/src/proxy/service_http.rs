@@ -368,7 +368,8 @@ impl ServiceForwarder {
         let timeout = self.service.config.connect_timeout;
         let connect = async {
             Ok::<BoxIo, anyhow::Error>(if let Some(target) = local {
-                Box::new(self.ctx.dial.into_pod(&target, addr).await?)
+                let client = self.source.addr_like(addr.ip());
+                Box::new(self.ctx.dial.into_pod(&target, addr, client).await?)
             } else if let Some(peer) = peer {
                 Box::new(self.ctx.dial.tunnel(&self.source, &peer, addr).await?)
             } else {

@@ -181,7 +181,11 @@ async fn open_stream(
         return Err(refusal);
     }
     record.peer_identity = Some(target.identity.to_string());
-    match ctx.dial.into_pod(&target, request.authority).await {
+    match ctx
+        .dial
+        .into_pod(&target, request.authority, client.ip())
+        .await
+    {
         Ok(tcp) => {
             // Recorded (log, metrics, the drain's count) when the stream
             // ends, with the bytes it carried.

@@ -52,7 +52,15 @@ fn outbound_connections_are_captured_with_their_destination_and_delivered_intact
                 dst,
                 "getpeername"
             );
-            app_connections += 3;
+            // The server sees a's own address, same node and across nodes:
+            // the agent delivers from the client's address.
+            let a_ip = if ip.is_ipv4() {
+                IpAddr::V4(a.ipv4())
+            } else {
+                IpAddr::V6(a.ipv6())
+            };
+            assert_eq!(peer_seen_by_server(a, ip, PORT).unwrap().ip(), a_ip);
+            app_connections += 4;
 
             // The agent of the source node saw it, with the right destination
             // and source pod (from kernel state, not from an address).
@@ -78,11 +86,6 @@ fn outbound_connections_are_captured_with_their_destination_and_delivered_intact
                     })
                     .unwrap();
                 assert_eq!(inbound.pod, "default/c");
-                let a_ip = if ip.is_ipv4() {
-                    IpAddr::V4(a.ipv4())
-                } else {
-                    IpAddr::V6(a.ipv6())
-                };
                 assert_eq!(inbound.client.ip(), a_ip, "{inbound:?}");
             }
         }
@@ -173,14 +176,14 @@ fn inbound_connections_from_outside_the_mesh_are_captured() {
     for client in [outsider, far] {
         for ip in ips(a) {
             bulk_upload(client, ip, PORT, 4 * MIB).unwrap();
-            // The server sees the agent's delivery, not the client.
-            let peer = peer_seen_by_server(client, ip, PORT).unwrap();
-            assert!(peer.ip().is_loopback(), "server saw {peer}");
             let client_ip = if ip.is_ipv4() {
                 IpAddr::V4(client.ipv4())
             } else {
                 IpAddr::V6(client.ipv6())
             };
+            // The server sees the client's own address (delivered from it).
+            let peer = peer_seen_by_server(client, ip, PORT).unwrap();
+            assert_eq!(peer.ip(), client_ip, "server saw {peer}");
             let seen = agent
                 .wait_for_connection(&format!("inbound from {}", client.name()), |r| {
                     r.direction == Direction::Inbound
@@ -206,6 +209,89 @@ fn inbound_connections_from_outside_the_mesh_are_captured() {
     assert_eq!(
         counters.captured_inbound, 9,
         "4 uploads + 4 peer checks + 1 from the node: {counters:?}"
+    );
+}
+
+/// The agent's address as a server in a pod sees it when the client's
+/// cannot be used (see mesh_common).
+const AGENT_SOURCE_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+
+#[test]
+fn ip_policies_decide_by_the_preserved_client_address_and_a_marking_server_gets_the_agents() {
+    if !e2e_enabled(
+        "ip_policies_decide_by_the_preserved_client_address_and_a_marking_server_gets_the_agents",
+    ) {
+        return;
+    }
+    let topo = Topology::builder("srcaddr")
+        .node("n1", &["a", "outsider"])
+        .node("n2", &["far"])
+        .build()
+        .unwrap();
+    let (a, outsider, far) = (topo.pod("a"), topo.pod("outsider"), topo.pod("far"));
+    const MARKED: u16 = 7500;
+    let _servers = [
+        TrafficServer::start(a, PORT).unwrap(),
+        TrafficServer::start_marked(a, MARKED, 0x1234).unwrap(),
+    ];
+    let agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a]).unwrap();
+    let generation = agent.status().unwrap().config_generation;
+    let deny_outsider_v4 = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-outsider\n  namespace: default\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n    to:\n    - operation:\n        ports: [\"{PORT}\"]\n",
+        outsider.ipv4()
+    );
+    agent
+        .write_file("policies/no-outsider.yaml", &deny_outsider_v4)
+        .unwrap();
+    agent.wait_generation_after(generation).unwrap();
+
+    // The policy sees the real client, and so does the server.
+    let a_v4 = IpAddr::V4(a.ipv4());
+    assert!(
+        peer_seen_by_server(outsider, a_v4, PORT).is_err(),
+        "outsider's IPv4 address is denied"
+    );
+    assert_eq!(
+        peer_seen_by_server(outsider, a.ipv6(), PORT).unwrap().ip(),
+        IpAddr::V6(outsider.ipv6())
+    );
+    assert_eq!(
+        peer_seen_by_server(far, a_v4, PORT).unwrap().ip(),
+        IpAddr::V4(far.ipv4())
+    );
+
+    // A server that marks its listener routes its replies by its own mark,
+    // so a delivery from the client's address gets no answer: it is made
+    // from the agent's address instead, and counted.
+    for (ip, agent_source) in [
+        (a_v4, AGENT_SOURCE_V4),
+        (IpAddr::V6(a.ipv6()), AGENT_SOURCE_V6),
+    ] {
+        assert_eq!(
+            peer_seen_by_server(far, ip, MARKED).unwrap().ip(),
+            agent_source
+        );
+    }
+    let status = agent.status().unwrap();
+    let view = status
+        .pods
+        .iter()
+        .find(|p| p.name == "a")
+        .and_then(|p| p.source_address.clone())
+        .unwrap();
+    assert!(view.preserved, "{view:?}");
+    assert_eq!(view.fallbacks["no_answer"], 2, "{view:?}");
+    assert_eq!(
+        agent.metric_sum(
+            "mesh_pod_deliveries_from_agent_address_total",
+            &[("pod", "a"), ("reason", "no_answer")]
+        ),
+        2
+    );
+    // Other ports of the pod still get the client's address.
+    assert_eq!(
+        peer_seen_by_server(far, a.ipv6(), PORT).unwrap().ip(),
+        IpAddr::V6(far.ipv6())
     );
 }
 
@@ -292,9 +378,10 @@ fn exclusions_in_pod_loopback_and_excluded_ports_and_cidrs_are_not_captured() {
         peer_seen_by_server(d, a.ipv4(), 7300).unwrap().ip(),
         IpAddr::V4(d.ipv4())
     );
+    // Captured (counted below), and delivered from d's own address.
     assert_eq!(
         peer_seen_by_server(d, a.ipv4(), 7400).unwrap().ip(),
-        AGENT_SOURCE_V4
+        IpAddr::V4(d.ipv4())
     );
 
     let counters = agent.counters(a).unwrap();

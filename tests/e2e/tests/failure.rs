@@ -12,7 +12,7 @@ use mesh_e2e::{
 };
 use mesh_testbed::{
     Pod, Process, Topology, e2e_enabled,
-    traffic::{ConnectOutcome, TrafficServer, bulk_upload, connect_result},
+    traffic::{ConnectOutcome, TrafficServer, bulk_upload, connect_result, peer_seen_by_server},
     wait_until,
 };
 use nix::sys::signal::Signal;
@@ -493,18 +493,34 @@ fn running_out_of_file_descriptors_resets_new_connections_and_spares_open_ones()
 /// RLIMIT_NOFILE of the agent in the descriptor test.
 const FD_LIMIT: u64 = 320;
 
-/// Every connection the agent makes into a pod leaves from the same address
-/// (so the pod's inbound capture leaves it alone). Short connections leave
-/// their ports in TIME_WAIT for a minute; with the port picked at bind time
-/// a pod would run out of them at a few hundred connections a second. Picked
-/// at connect, a port in TIME_WAIT may serve again after a second. Here the
-/// pod's port range is cut to 500, and 1,500 short connections at 250 a
-/// second must all work (with ports picked at bind, the 501st fails).
+/// Short connections leave their ports in TIME_WAIT for a minute. The
+/// agent's connections into a pod leave from the client's address with a
+/// port drawn at bind from its own range (SO_REUSEADDR: a port in TIME_WAIT
+/// may serve again for another connection, or after a second for the same
+/// one), or, with `preserveSourceAddress: false`, all from 127.0.0.6 with
+/// the port picked at connect (with the port picked at bind a pod would run
+/// out at a few hundred connections a second). Here the pod's port range is
+/// cut to 500, and 1,500 short connections at 250 a second must all work
+/// both ways (with ports picked at bind from that range, the 501st fails).
 #[test]
 fn short_connections_into_a_pod_do_not_run_out_of_source_ports() {
     if !e2e_enabled("short_connections_into_a_pod_do_not_run_out_of_source_ports") {
         return;
     }
+    for (node_extra, source) in [
+        ("", IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        (
+            "preserveSourceAddress: false\n",
+            IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6)),
+        ),
+    ] {
+        short_connections(node_extra, source);
+    }
+}
+
+/// `source`: the address b's server must see a's connections from
+/// (unspecified: a's own).
+fn short_connections(node_extra: &str, source: IpAddr) {
     let topo = Topology::builder("ports")
         .node("n1", &["a", "b"])
         .build()
@@ -517,7 +533,17 @@ fn short_connections_into_a_pod_do_not_run_out_of_source_ports() {
     )
     .unwrap();
     let _server = TrafficServer::start(b, PORT).unwrap();
-    let _agent = NodeAgent::enrolling(&topo, topo.node("n1"), &[a, b]).unwrap();
+    let _agent = NodeAgent::start(&topo, topo.node("n1"), &pods_yaml(&[a, b]), node_extra).unwrap();
+    let expected = if source.is_unspecified() {
+        IpAddr::V4(a.ipv4())
+    } else {
+        source
+    };
+    assert_eq!(
+        peer_seen_by_server(a, b.ipv4(), PORT).unwrap().ip(),
+        expected,
+        "{node_extra}"
+    );
     let out = a
         .run_tool(
             &[

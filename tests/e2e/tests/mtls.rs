@@ -118,10 +118,14 @@ fn cross_node_traffic_leaves_the_node_only_as_tls_on_the_tunnel_port() {
         "pooled: {}",
         status.tunnel_pooled_connections
     );
-    assert!(
-        peer_seen_by_server(a, c.ipv4(), PORT)
-            .unwrap()
-            .ip()
-            .is_loopback()
+    // Through the tunnel, c's server sees a's own address (the Forwarded
+    // header's, delivered from it), over IPv4 and IPv6.
+    assert_eq!(
+        peer_seen_by_server(a, c.ipv4(), PORT).unwrap().ip(),
+        IpAddr::V4(a.ipv4())
+    );
+    assert_eq!(
+        peer_seen_by_server(a, c.ipv6(), PORT).unwrap().ip(),
+        IpAddr::V6(a.ipv6())
     );
 }

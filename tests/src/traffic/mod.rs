@@ -109,12 +109,22 @@ impl TrafficServer {
     /// server-first banner on `port + 1`, and waits until all four sockets
     /// listen (the server prints `ready`).
     pub fn start(pod: &Pod, port: u16) -> Result<TrafficServer> {
+        Self::start_with(pod, port, &[])
+    }
+
+    /// [`TrafficServer::start`] with its listeners marked `mark` (SO_MARK),
+    /// as an application with routing of its own.
+    pub fn start_marked(pod: &Pod, port: u16, mark: u32) -> Result<TrafficServer> {
+        Self::start_with(pod, port, &["--mark", &mark.to_string()])
+    }
+
+    fn start_with(pod: &Pod, port: u16, options: &[&str]) -> Result<TrafficServer> {
         let banner_port = port
             .checked_add(1)
             .context("TrafficServer needs port + 1 for its banner port")?;
         let (p, b) = (port.to_string(), banner_port.to_string());
         let mut process = pod
-            .spawn_tool(&["traffic", "server", &p, &b])
+            .spawn_tool(&[&["traffic", "server", &p, &b][..], options].concat())
             .with_context(|| format!("starting the traffic server in pod `{}`", pod.name()))?;
         let ready = format!("ready {port} {banner_port}");
         let started = wait_until(

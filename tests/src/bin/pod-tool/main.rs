@@ -142,7 +142,14 @@ enum Command {
 #[derive(Subcommand)]
 enum Traffic {
     /// The server: commands on `port`, server-first banner on `banner_port`.
-    Server { port: u16, banner_port: u16 },
+    Server {
+        port: u16,
+        banner_port: u16,
+        /// SO_MARK on the listeners (as an application with its own
+        /// routing marks: its replies follow its mark, not the SYN's).
+        #[arg(long)]
+        mark: Option<u32>,
+    },
     /// `SINK`: n seeded bytes up; count and SHA-256 must match.
     Upload {
         host: IpAddr,
@@ -217,7 +224,11 @@ fn run(command: Command) -> anyhow::Result<()> {
     let pair = |c: Option<PathBuf>, k: Option<PathBuf>| c.zip(k);
     match command {
         Command::Traffic(t) => match t {
-            Traffic::Server { port, banner_port } => traffic_server::run(port, banner_port),
+            Traffic::Server {
+                port,
+                banner_port,
+                mark,
+            } => traffic_server::run(port, banner_port, mark),
             Traffic::Upload {
                 host,
                 port,

@@ -60,7 +60,7 @@ fn log(line: &str) {
     println!("{line}");
 }
 
-pub fn run(port: u16, banner_port: u16) -> Result<()> {
+pub fn run(port: u16, banner_port: u16, mark: Option<u32>) -> Result<()> {
     raise_nofile()?;
     let counters = Arc::new(Counters::default());
     let mut listeners = Vec::new();
@@ -69,7 +69,11 @@ pub fn run(port: u16, banner_port: u16) -> Result<()> {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         ] {
-            listeners.push((listen(SocketAddr::new(ip, p), false)?, banner));
+            let listener = listen(SocketAddr::new(ip, p), false)?;
+            if let Some(mark) = mark {
+                socket2::SockRef::from(&listener).set_mark(mark)?;
+            }
+            listeners.push((listener, banner));
         }
     }
     let mut accepting = Vec::new();
