@@ -72,7 +72,7 @@ def setup(host, port, count):
         samples.append(time.perf_counter() - t0)
         c.close()
     samples.sort()
-    print("p50_us %.1f p90_us %.1f" % (samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.9)] * 1e6))
+    print("p50_us %.1f p90_us %.1f p99_us %.1f" % (samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.9)] * 1e6, samples[int(len(samples) * 0.99)] * 1e6))
 
 def bulk(host, port, mib):
     data = b"\0" * (1 << 20)

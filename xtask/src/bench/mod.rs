@@ -24,6 +24,7 @@
 
 mod compare;
 mod plot;
+mod setup_latency;
 mod ztunnel;
 
 pub use compare::run as compare;
@@ -393,7 +394,39 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             }
         }
     }
+    // Connection set-up with the client's address preserved against
+    // without (MESH_BENCH_MODES=setup runs only this).
+    let mut setup = setup_latency::SetupLatency::default();
+    if only
+        .as_ref()
+        .is_none_or(|only| only.iter().any(|m| m == "setup"))
+    {
+        for round in 0..plan.rounds {
+            for (index, (name, extra)) in setup_latency::SETTINGS.iter().enumerate() {
+                agents.clear();
+                for node in topo.nodes() {
+                    agents.push(start_agent(&tools.agent, node, topo, pki, extra)?);
+                }
+                set_mode(topo, Mode::Mtls)?;
+                for (label, target) in [
+                    ("a->b, same node", "b"),
+                    ("a->c, across nodes, mTLS L4", "c"),
+                ] {
+                    let sample = setup_latency::measure(run_script, a, topo.pod(target), RAW_PORT)?;
+                    step(format!(
+                        "round {}/{} set-up {label}, from the {name}: p50 {:.0} µs, p99 {:.0} µs",
+                        round + 1,
+                        plan.rounds,
+                        sample.p50_us,
+                        sample.p99_us
+                    ));
+                    setup.push(label, index, sample);
+                }
+            }
+        }
+    }
     if only.is_some() {
+        println!("{}", setup.markdown());
         return Ok(());
     }
     // The L7 figures mean something only if the agent decided those requests.
@@ -444,6 +477,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         samples: &samples,
         memory: &memory,
         scale: &scale,
+        setup: &setup,
     };
     let out_dir = bench_dir();
     let table = report.markdown();
@@ -987,6 +1021,7 @@ struct Report<'a> {
     samples: &'a [Vec<Sample>],
     memory: &'a Memory,
     scale: &'a [Scale],
+    setup: &'a setup_latency::SetupLatency,
 }
 
 /// The median of a path's rounds, field by field.
@@ -1142,6 +1177,7 @@ impl Report<'_> {
             );
         }
         let _ = write!(t, "{}", self.against_ztunnel());
+        let _ = write!(t, "{}", self.setup.markdown());
         let _ = writeln!(
             t,
             "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
@@ -1271,6 +1307,7 @@ impl Report<'_> {
                 "path": name, "p50": p50, "p99": p99, "saturation": sat,
                 "cpu_per_request": cpu, "context_switches_per_request": switches, "rss": rss,
             })).collect::<Vec<_>>(),
+            "connection_setup": self.setup.json(),
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,
