@@ -46,14 +46,13 @@ impl SetupLatency {
     }
 
     fn median(&self, target: &str, setting: usize, f: impl Fn(&SetupSample) -> f64) -> f64 {
-        let mut values: Vec<f64> = self
+        let values: Vec<f64> = self
             .samples
             .iter()
             .filter(|((t, s), _)| *t == target && *s == setting)
             .flat_map(|(_, samples)| samples.iter().map(&f))
             .collect();
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+        super::median(&values)
     }
 
     fn targets(&self) -> Vec<&'static str> {
