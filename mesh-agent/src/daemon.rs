@@ -135,6 +135,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
         );
     }
     let mut proxy = ProxyContext::new(programs.orig_dst_table()?, mtls.clone());
+    proxy.dns = Arc::new(crate::dns::Dns::new(programs.dns_resolvers()?));
     proxy.connections.set_access_log(node.access_log);
     proxy.admission.set_limits(node.limits);
     proxy.set_http(node.http);

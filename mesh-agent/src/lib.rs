@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod dns;
 pub mod ebpf;
 pub mod handover;
 pub mod identity;

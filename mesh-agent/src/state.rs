@@ -399,6 +399,7 @@ impl AgentState {
             }
         }
         m.sync_proxy(&self.proxy.connections);
+        m.sync_dns(&self.proxy.dns);
         m.config_generation.set(self.config_generation() as i64);
         m.policies_unenforceable.set(
             (self.desired().policies.set.unenforceable().count()

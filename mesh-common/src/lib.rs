@@ -22,6 +22,14 @@ pub const MAP_PENDING: &str = "MESH_PENDING";
 /// How the agent finds a pending connection from the socket it accepted:
 /// [`ClientKey`] (the client's port in the pod's namespace) -> socket cookie.
 pub const MAP_CLIENTS: &str = "MESH_CLIENTS";
+/// UDP sockets of enrolled pods that sent to a DNS server, by socket cookie
+/// -> [`OrigDst`] (the server they addressed): replies from the agent's DNS
+/// proxy are shown to come from it. LRU: a socket's entry lives as long as
+/// it is among the most recent.
+pub const MAP_DNS_SOCKETS: &str = "MESH_DNS_SOCKETS";
+/// The DNS server each enrolled pod last addressed, by netns cookie ->
+/// [`OrigDst`]: where the agent forwards the names it does not answer.
+pub const MAP_DNS_RESOLVERS: &str = "MESH_DNS_RESOLVERS";
 /// The agent's inbound listeners, index `slot * 2 + (0 for IPv4 | 1 for IPv6)`.
 /// A socket leaves the map by itself when it closes, which is how the kernel
 /// knows the agent is gone.
@@ -79,6 +87,11 @@ pub const MAX_EXCLUSIONS: u32 = 16384;
 /// The agent's outbound listener in every enrolled pod (127.0.0.1 and ::1), as
 /// Istio's ztunnel. These ports are reserved inside enrolled pods.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// The agent's DNS proxy in every enrolled pod (UDP, 127.0.0.1 and ::1), as
+/// ztunnel's. Reserved inside enrolled pods.
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// The port DNS queries are captured on (UDP; TCP goes with all TCP).
+pub const DNS_PORT: u16 = 53;
 /// The agent's inbound (plaintext) listener in every enrolled pod.
 pub const INBOUND_PORT: u16 = 15006;
 /// The agent's mTLS tunnel (HBONE) listener in every enrolled pod, on the pod's

@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple},
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
-        bpf_sk_release,
+        bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -25,12 +25,12 @@ use mesh_common::{
     PodAddr, PortKey,
 };
 
-use crate::maps::{CLIENTS, EXCLUDED_CIDRS, EXCLUDED_PORTS, PENDING, PODS, count};
+use crate::maps::{CLIENTS, DNS_SOCKETS, EXCLUDED_CIDRS, EXCLUDED_PORTS, PENDING, PODS, count};
 
 /// sock_addr verdicts.
-const ALLOW: i32 = 1;
+pub const ALLOW: i32 = 1;
 /// The call fails with EPERM: fail closed, and fast.
-const REFUSE: i32 = 0;
+pub const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -46,11 +46,12 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     on_connect(&ctx, true)
 }
 
+#[inline(always)]
 fn on_connect(ctx: &SockAddrContext, ipv6_socket: bool) -> i32 {
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
-        return ALLOW;
+        return crate::dns::on_udp(ctx, ipv6_socket);
     }
     // SAFETY: the helper only reads the socket behind the context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -67,19 +68,7 @@ fn on_connect(ctx: &SockAddrContext, ipv6_socket: bool) -> i32 {
         }
     });
 
-    let dst = if ipv6_socket {
-        let ip = sa.user_ip6;
-        let mut octets = [0u8; 16];
-        for (i, word) in ip.iter().enumerate() {
-            // user_ip6 words are in network byte order.
-            let bytes = word.to_ne_bytes();
-            octets[i * 4..i * 4 + 4].copy_from_slice(&bytes);
-        }
-        PodAddr::from_ipv6(octets)
-    } else {
-        PodAddr::from_ipv4(sa.user_ip4.to_ne_bytes())
-    };
-    let port = u16::from_be(sa.user_port as u16);
+    let (dst, port) = destination(sa, ipv6_socket);
     if dst.is_loopback() {
         return ALLOW;
     }
@@ -124,7 +113,47 @@ fn on_connect(ctx: &SockAddrContext, ipv6_socket: bool) -> i32 {
     ALLOW
 }
 
-fn is_excluded(slot: u32, dst: &PodAddr, port: u16) -> bool {
+/// The address and port (host order) a sock_addr call names. Inlined into
+/// each program, where `ipv6_socket` is a constant: a hook of one family may
+/// not read the other family's fields.
+#[inline(always)]
+pub fn destination(sa: &aya_ebpf::bindings::bpf_sock_addr, ipv6_socket: bool) -> (PodAddr, u16) {
+    let dst = if ipv6_socket {
+        let ip = sa.user_ip6;
+        let mut octets = [0u8; 16];
+        for (i, word) in ip.iter().enumerate() {
+            // user_ip6 words are in network byte order.
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        PodAddr::from_ipv6(octets)
+    } else {
+        PodAddr::from_ipv4(sa.user_ip4.to_ne_bytes())
+    };
+    (dst, u16::from_be(sa.user_port as u16))
+}
+
+/// Writes `addr:port` into a sock_addr context (for an IPv6 socket, an IPv4
+/// address as IPv4-mapped).
+#[inline(always)]
+pub fn write_address(
+    sa: &mut aya_ebpf::bindings::bpf_sock_addr,
+    ipv6_socket: bool,
+    addr: &PodAddr,
+    port: u16,
+) {
+    sa.user_port = u32::from(port.to_be());
+    let a = addr.addr;
+    if ipv6_socket {
+        for i in 0..4 {
+            sa.user_ip6[i] =
+                u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
+        }
+    } else {
+        sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    }
+}
+
+pub fn is_excluded(slot: u32, dst: &PodAddr, port: u16) -> bool {
     let port_key = PortKey {
         slot,
         port,
@@ -149,6 +178,12 @@ fn is_excluded(slot: u32, dst: &PodAddr, port: u16) -> bool {
 /// away with the agent process, so a stopped or crashed agent means refused
 /// connections, never uncaptured ones.
 fn agent_listening(ctx: &SockAddrContext, family: u8) -> bool {
+    agent_socket(ctx, family, OUTBOUND_PORT, false)
+}
+
+/// Whether the agent has a socket on loopback `port` (TCP or UDP) in this
+/// namespace.
+pub fn agent_socket(ctx: &SockAddrContext, family: u8, port: u16, udp: bool) -> bool {
     // SAFETY: a zeroed tuple is a valid (wildcard) tuple.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if family == FAMILY_IPV4 {
@@ -156,7 +191,7 @@ fn agent_listening(ctx: &SockAddrContext, family: u8) -> bool {
         unsafe {
             let t = &mut tuple.__bindgen_anon_1.ipv4;
             t.daddr = u32::from_ne_bytes([127, 0, 0, 1]);
-            t.dport = OUTBOUND_PORT.to_be();
+            t.dport = port.to_be();
         }
         core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
     } else {
@@ -164,13 +199,18 @@ fn agent_listening(ctx: &SockAddrContext, family: u8) -> bool {
         unsafe {
             let t = &mut tuple.__bindgen_anon_1.ipv6;
             t.daddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
-            t.dport = OUTBOUND_PORT.to_be();
+            t.dport = port.to_be();
         }
         core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
     };
     // SAFETY: valid context, tuple and size; the returned reference is released.
     unsafe {
-        let sk = bpf_sk_lookup_tcp(
+        let lookup = if udp {
+            bpf_sk_lookup_udp
+        } else {
+            bpf_sk_lookup_tcp
+        };
+        let sk = lookup(
             ctx.as_ptr(),
             &mut tuple,
             size as u32,
@@ -186,7 +226,18 @@ fn agent_listening(ctx: &SockAddrContext, family: u8) -> bool {
 }
 
 fn redirect_to_agent(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ipv6_socket: bool, family: u8) {
-    sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+    redirect_to_port(sa, ipv6_socket, family, OUTBOUND_PORT);
+}
+
+/// Rewrites the destination to the agent's loopback `port` of the family.
+#[inline(always)]
+pub fn redirect_to_port(
+    sa: &mut aya_ebpf::bindings::bpf_sock_addr,
+    ipv6_socket: bool,
+    family: u8,
+    port: u16,
+) {
+    sa.user_port = u32::from(port.to_be());
     if !ipv6_socket {
         sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     } else if family == FAMILY_IPV4 {
@@ -246,24 +297,21 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// A captured socket is connected to the agent; its peer address is reported as
 /// the one the application dialled.
+#[inline(always)]
 fn restore_dialled_address(ctx: &SockAddrContext, ipv6_socket: bool) -> i32 {
     // SAFETY: the helper only reads the socket behind the context.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup of a plain-data value.
-    let Some(orig) = (unsafe { PENDING.get(&socket_cookie) }) else {
-        return ALLOW;
+    // SAFETY: read-only lookups of plain-data values.
+    let orig = match unsafe { PENDING.get(&socket_cookie) } {
+        Some(orig) => *orig,
+        // A connected UDP socket of a DNS client.
+        None => match unsafe { DNS_SOCKETS.get(&socket_cookie) } {
+            Some(orig) => *orig,
+            None => return ALLOW,
+        },
     };
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    sa.user_port = u32::from(orig.port.to_be());
-    let a = orig.addr.addr;
-    if ipv6_socket {
-        for i in 0..4 {
-            sa.user_ip6[i] =
-                u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
-        }
-    } else {
-        sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-    }
+    write_address(sa, ipv6_socket, &orig.addr, orig.port);
     ALLOW
 }

@@ -3,6 +3,8 @@
 //! Loaded and attached by `mesh-agent` (see `mesh-agent/src/ebpf/`):
 //! - `capture`: connect4/connect6 and sock_ops, attached to each enrolled pod's
 //!   cgroup: outbound connections go to the agent;
+//! - `dns`: connect4/6 for UDP, sendmsg4/6 and recvmsg4/6 (the same cgroups):
+//!   DNS queries go to the agent's DNS proxy;
 //! - `inbound`: sk_lookup, attached to each enrolled pod's network namespace:
 //!   inbound connections go to the agent;
 //! - `fastpath`: sock_ops (the same program, also attached to the agent's own
@@ -15,6 +17,7 @@
 #![no_main]
 
 mod capture;
+mod dns;
 mod fastpath;
 mod inbound;
 mod maps;

@@ -36,6 +36,14 @@ pub static PENDING: HashMap<u64, OrigDst> = HashMap::pinned(DEFAULT_MAX_PENDING,
 #[map(name = "MESH_CLIENTS")]
 pub static CLIENTS: LruHashMap<ClientKey, u64> = LruHashMap::pinned(DEFAULT_MAX_PENDING, 0);
 
+/// UDP sockets that addressed a DNS server -> that server (see `dns`).
+#[map(name = "MESH_DNS_SOCKETS")]
+pub static DNS_SOCKETS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(DEFAULT_MAX_PENDING, 0);
+
+/// netns cookie -> the DNS server the pod last addressed (see `dns`).
+#[map(name = "MESH_DNS_RESOLVERS")]
+pub static DNS_RESOLVERS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PODS, 0);
+
 /// The agent's inbound listeners, index slot * 2 + (0 IPv4 | 1 IPv6).
 #[map(name = "MESH_INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockMap = SockMap::pinned(MAX_PODS * 2, 0);

@@ -102,6 +102,8 @@ pub struct WireReport {
     /// TCP segments (IPv4 and IPv6) in order of arrival, possibly cut short
     /// (see `truncated`).
     pub segments: Vec<TcpSegment>,
+    /// UDP datagrams (IPv4 and IPv6), in order of arrival.
+    pub datagrams: Vec<UdpDatagram>,
     /// Frames that entered the fabric from a node (any protocol, counted
     /// also after `truncated`).
     pub frames: u64,
@@ -130,6 +132,7 @@ pub struct TcpSegment {
 #[derive(Default)]
 struct Collected {
     segments: Vec<TcpSegment>,
+    datagrams: Vec<UdpDatagram>,
     stored: u64,
     truncated: bool,
     dropped: u64,
@@ -224,6 +227,7 @@ impl WireCapture {
             .with_context(|| format!("capture of fabric netns {}", self.fabric))?;
         Ok(WireReport {
             segments: collected.segments,
+            datagrams: collected.datagrams,
             frames: self.frames.load(Ordering::Relaxed),
             truncated: collected.truncated,
             dropped: collected.dropped,
@@ -435,6 +439,14 @@ fn read_batch(
                 collected.stored += cost;
                 collected.segments.push(segment);
             }
+        } else if let Some(datagram) = parse_udp_frame(frame) {
+            let cost = datagram.payload.len() as u64 + SEGMENT_OVERHEAD;
+            if collected.stored + cost > STORE_LIMIT {
+                collected.truncated = true;
+            } else {
+                collected.stored += cost;
+                collected.datagrams.push(datagram);
+            }
         }
     }
     Ok(BATCH)
@@ -465,12 +477,10 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Parses an Ethernet frame (optionally 802.1Q/802.1ad tagged) carrying
-/// TCP over IPv4 (with options; non-first fragments are skipped) or IPv6
-/// (skipping hop-by-hop, routing, destination options and fragment
-/// headers). Lengths come from the IP header, capped at what was captured.
-/// Anything else is `None`.
-pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
+/// The IP layer of a frame carrying TCP or UDP: addresses, protocol (6 or
+/// 17) and the transport header with its payload. Non-first fragments are
+/// skipped (no transport header in them).
+fn parse_ip(frame: &[u8]) -> Option<(IpAddr, IpAddr, u8, &[u8])> {
     let mut ethertype = be16(frame, 12)?;
     let mut at = 14;
     while ethertype == 0x8100 || ethertype == 0x88a8 {
@@ -478,7 +488,7 @@ pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
         at += 4;
     }
     let ip = frame.get(at..)?;
-    let (src, dst, tcp) = match ethertype {
+    let (src, dst, protocol, l4) = match ethertype {
         0x0800 => {
             let vihl = *ip.first()?;
             if vihl >> 4 != 4 {
@@ -490,7 +500,7 @@ pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
                 return None;
             }
             // Not the first fragment: no TCP header here.
-            if be16(ip, 6)? & 0x1fff != 0 || ip[9] != 6 {
+            if be16(ip, 6)? & 0x1fff != 0 || !matches!(ip[9], 6 | 17) {
                 return None;
             }
             let src = Ipv4Addr::from(be32(ip, 12)?);
@@ -501,7 +511,12 @@ pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
             } else {
                 total.min(ip.len())
             };
-            (IpAddr::from(src), IpAddr::from(dst), ip.get(ihl..end)?)
+            (
+                IpAddr::from(src),
+                IpAddr::from(dst),
+                ip[9],
+                ip.get(ihl..end)?,
+            )
         }
         0x86dd => {
             if *ip.first()? >> 4 != 6 {
@@ -520,7 +535,7 @@ pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
             let mut off = 40;
             loop {
                 match next {
-                    6 => break,
+                    6 | 17 => break,
                     // Hop-by-hop, routing, destination options.
                     0 | 43 | 60 => {
                         next = *ip.get(off)?;
@@ -539,10 +554,23 @@ pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
             }
             let src = IpAddr::from(Ipv6Addr::from(src));
             let dst = IpAddr::from(Ipv6Addr::from(dst));
-            (src, dst, ip.get(off..end.max(off))?)
+            (src, dst, next, ip.get(off..end.max(off))?)
         }
         _ => return None,
     };
+    Some((src, dst, protocol, l4))
+}
+
+/// Parses an Ethernet frame (optionally 802.1Q/802.1ad tagged) carrying
+/// TCP over IPv4 (with options; non-first fragments are skipped) or IPv6
+/// (skipping hop-by-hop, routing, destination options and fragment
+/// headers). Lengths come from the IP header, capped at what was captured.
+/// Anything else is `None`.
+pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
+    let (src, dst, protocol, tcp) = parse_ip(frame)?;
+    if protocol != 6 {
+        return None;
+    }
     let sport = be16(tcp, 0)?;
     let dport = be16(tcp, 2)?;
     let seq = be32(tcp, 4)?;
@@ -557,6 +585,33 @@ pub fn parse_frame(frame: &[u8]) -> Option<TcpSegment> {
         flags,
         seq,
         payload: tcp.get(doff..).unwrap_or_default().to_vec(),
+    })
+}
+
+/// One UDP datagram as captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpDatagram {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// [`parse_frame`] for UDP.
+pub fn parse_udp_frame(frame: &[u8]) -> Option<UdpDatagram> {
+    let (src, dst, protocol, udp) = parse_ip(frame)?;
+    if protocol != 17 {
+        return None;
+    }
+    let length = usize::from(be16(udp, 4)?);
+    let end = if length >= 8 {
+        length.min(udp.len())
+    } else {
+        udp.len()
+    };
+    Some(UdpDatagram {
+        src: SocketAddr::new(src, be16(udp, 0)?),
+        dst: SocketAddr::new(dst, be16(udp, 2)?),
+        payload: udp.get(8..end.max(8)).unwrap_or_default().to_vec(),
     })
 }
 
@@ -970,6 +1025,7 @@ mod tests {
     fn report_of(segments: Vec<TcpSegment>) -> WireReport {
         WireReport {
             segments,
+            datagrams: Vec::new(),
             frames: 0,
             truncated: false,
             dropped: 0,
@@ -1076,6 +1132,42 @@ mod tests {
     }
 
     #[test]
+    fn wire_parses_udp_over_ipv4_and_ipv6_and_only_udp() {
+        let mut udp = vec![0xa4, 0x10, 0, 53, 0, 13, 0, 0];
+        udp.extend_from_slice(b"query");
+        let mut v4 = ipv4([10, 1, 0, 2], [10, 2, 0, 2], &[], 0, &udp);
+        v4[9] = 17;
+        let mut frame = eth(0x0800, true, &v4);
+        frame.extend_from_slice(&[0; 6]);
+        let d = parse_udp_frame(&frame).unwrap();
+        assert_eq!(d.src, "10.1.0.2:42000".parse().unwrap());
+        assert_eq!(d.dst, "10.2.0.2:53".parse().unwrap());
+        assert_eq!(d.payload, b"query", "the padding is not payload");
+        assert_eq!(parse_frame(&frame), None, "UDP is not TCP");
+
+        let (a, c): (Ipv6Addr, Ipv6Addr) = ("fd00::2".parse().unwrap(), "fd00::3".parse().unwrap());
+        let mut v6 = ipv6(a, c, false, &udp);
+        v6[6] = 17;
+        let d = parse_udp_frame(&eth(0x86dd, false, &v6)).unwrap();
+        assert_eq!(d.dst, "[fd00::3]:53".parse().unwrap());
+        assert_eq!(d.payload, b"query");
+
+        // TCP is not UDP; a non-first fragment has no UDP header.
+        let l4 = tcp(40000, 53, 7, ACK, &[], b"x");
+        assert_eq!(
+            parse_udp_frame(&eth(
+                0x0800,
+                false,
+                &ipv4([1, 1, 1, 1], [2, 2, 2, 2], &[], 0, &l4)
+            )),
+            None
+        );
+        v4[6] = 0x00;
+        v4[7] = 0x10;
+        assert_eq!(parse_udp_frame(&eth(0x0800, false, &v4)), None);
+    }
+
+    #[test]
     fn wire_parses_ipv6_with_extension_header() {
         let a: Ipv6Addr = "fd00:1::2".parse().unwrap();
         let c: Ipv6Addr = "fd00:2::2".parse().unwrap();
@@ -1131,6 +1223,7 @@ mod tests {
                 seg(c2s.0, c2s.1, 107, ACK, b"ret-def"),
                 seg(c2s.0, c2s.1, 110, ACK, b"-defghi"),
             ],
+            datagrams: Vec::new(),
             frames: 7,
             truncated: false,
             dropped: 0,

@@ -248,7 +248,7 @@ pub fn ensure_container_runtime() -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
 
     // (package, a file it installs that the test bed uses)
-    const NEEDED: [(&str, &str); 8] = [
+    const NEEDED: [(&str, &str); 10] = [
         ("containerd", "/usr/bin/containerd"),
         ("containerd", "/usr/bin/ctr"),
         ("runc", "/usr/sbin/runc"),
@@ -258,6 +258,10 @@ pub fn ensure_container_runtime() -> Result<()> {
         ("gcc", "/usr/bin/gcc"),
         // `gcc -static` links this one.
         ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
+        // The DNS tests: a real resolver in a pod of the test bed, and a
+        // real client (the binary only: no service is installed).
+        ("dnsmasq-base", "/usr/sbin/dnsmasq"),
+        ("bind9-dnsutils", "/usr/bin/dig"),
     ];
     let mut missing: Vec<&str> = NEEDED
         .iter()

@@ -31,6 +31,7 @@ pub struct Metrics {
     pod_connects: IntCounterVec,
     pod_captured: IntCounterVec,
     pod_agent_source: IntCounterVec,
+    dns_queries: IntCounterVec,
     pod_excluded: IntCounterVec,
     pod_refused: IntCounterVec,
     proxy_connections: IntCounterVec,
@@ -103,6 +104,11 @@ impl Metrics {
                 "mesh_pod_captured_connections_total",
                 "Connections of a pod handed to the agent by the kernel programs",
                 &["namespace", "pod", "direction"],
+            ),
+            dns_queries: counter(
+                "mesh_dns_queries_total",
+                "DNS queries of enrolled pods through the agent's DNS proxy, by who answered (local: a mesh service's name; forwarded: the pod's resolver; failed: no answer)",
+                &["answer"],
             ),
             pod_agent_source: counter(
                 "mesh_pod_deliveries_from_agent_address_total",
@@ -250,6 +256,7 @@ impl Metrics {
             Box::new(m.pod_connects.clone()),
             Box::new(m.pod_captured.clone()),
             Box::new(m.pod_agent_source.clone()),
+            Box::new(m.dns_queries.clone()),
             Box::new(m.pod_excluded.clone()),
             Box::new(m.pod_refused.clone()),
             Box::new(m.proxy_connections.clone()),
@@ -348,6 +355,12 @@ impl Metrics {
     ) {
         for (reason, total) in &view.fallbacks {
             self.sync(&self.pod_agent_source, &[namespace, pod, reason], *total);
+        }
+    }
+
+    pub fn sync_dns(&self, dns: &crate::dns::Dns) {
+        for (handled, total) in dns.counts() {
+            self.sync(&self.dns_queries, &[handled.as_label()], total);
         }
     }
 

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_common::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
+use mesh_common::{DNS_PROXY_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     proxy::{self, PodHandle, ProxyContext, admission::Limit, tunnel_inbound},
     state::{PodCountersView, PodStatus},
 };
-use pod_netns::{PodNetns, listen};
+use pod_netns::{PodNetns, dns_socket, listen};
 
 struct PodRuntime {
     config: PodConfig,
@@ -37,6 +37,8 @@ struct PodRuntime {
     /// Bound but not accepted on yet: a pod is served only once the
     /// snapshot that knows it is in force (see `start_serving`).
     pending: Option<PodListeners>,
+    /// The DNS proxy's sockets, not served yet (as `pending`).
+    pending_dns: Vec<std::net::UdpSocket>,
     accept_loops: Vec<JoinHandle<()>>,
     /// The listeners' sockets (copies of the descriptors the accept loops
     /// own), to hand to a successor.
@@ -215,6 +217,9 @@ impl Enroller {
                 format!("binding the agent's listeners in the pod (ports {OUTBOUND_PORT} and {INBOUND_PORT} are reserved in enrolled pods; {TUNNEL_PORT} too with mutual TLS)")
             })?,
         };
+        let dns_sockets = netns.run(bind_dns_sockets)?.with_context(|| {
+            format!("binding the agent's DNS proxy in the pod (UDP port {DNS_PROXY_PORT} is reserved in enrolled pods)")
+        })?;
         let inbound = |kind| {
             listeners
                 .iter()
@@ -273,6 +278,7 @@ impl Enroller {
                 netns_cookie,
                 handle,
                 pending: Some(listeners),
+                pending_dns: dns_sockets,
                 accept_loops: Vec::new(),
                 sockets,
             },
@@ -320,6 +326,30 @@ impl Enroller {
                 Ok(loops) => runtime.accept_loops = loops,
                 Err(err) => {
                     tracing::error!(pod = %key, error = format!("{err:#}"), "the pod's listeners cannot be served")
+                }
+            }
+        }
+        self.start_dns();
+    }
+
+    /// Starts the DNS proxy on the sockets of pods enrolled since the last
+    /// call (with `start_serving`).
+    fn start_dns(&mut self) {
+        for (key, runtime) in &mut self.running {
+            for socket in std::mem::take(&mut runtime.pending_dns) {
+                match tokio::net::UdpSocket::from_std(socket) {
+                    Ok(socket) => {
+                        runtime
+                            .accept_loops
+                            .push(tokio::spawn(crate::dns::proxy::serve_udp(
+                                socket,
+                                self.proxy.clone(),
+                                runtime.handle.clone(),
+                            )))
+                    }
+                    Err(err) => {
+                        tracing::error!(pod = %key, error = %err, "the pod's DNS proxy cannot be served")
+                    }
                 }
             }
         }
@@ -387,6 +417,24 @@ impl ListenerKind {
             Self::TunnelV4 | Self::TunnelV6 => TUNNEL_PORT,
         }
     }
+}
+
+/// The DNS proxy's sockets (run in the pod's namespace): 127.0.0.1:15053,
+/// and [::1]:15053 where the pod has IPv6. Without one of a family the
+/// kernel programs refuse that family's queries (fail-closed).
+fn bind_dns_sockets() -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let mut sockets = vec![dns_socket(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        DNS_PROXY_PORT,
+    ))?];
+    sockets.extend(
+        dns_socket(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            DNS_PROXY_PORT,
+        ))
+        .ok(),
+    );
+    Ok(sockets)
 }
 
 /// Runs in the pod's namespace. IPv6 listeners are optional (a pod may

@@ -111,6 +111,43 @@ impl PodNetns {
     }
 }
 
+impl PodNetns {
+    /// A new, unconnected UDP socket in the namespace, ready for tokio.
+    pub fn udp_socket(&self, ipv6: bool) -> Result<tokio::net::UdpSocket> {
+        let domain = if ipv6 {
+            socket2::Domain::IPV6
+        } else {
+            socket2::Domain::IPV4
+        };
+        let socket = self.run(|| {
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        })??;
+        let any: std::net::SocketAddr = if ipv6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        socket.bind(&any.into())?;
+        socket.set_nonblocking(true)?;
+        Ok(tokio::net::UdpSocket::from_std(socket.into())?)
+    }
+}
+
+/// The agent's DNS proxy socket on `addr`, made in the calling thread's
+/// namespace (run it in the pod's). SO_REUSEPORT: an agent taking over binds
+/// its own while the one it replaces still serves on its.
+pub fn dns_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// A listening socket made in the calling thread's namespace (run it in the
 /// pod's with [`PodNetns::run`]). SO_REUSEADDR so a restarted agent can bind
 /// again at once.

@@ -37,6 +37,10 @@ pub struct NodeConfig {
     /// What an orderly stop (SIGTERM, SIGINT) does to the kernel programs.
     #[serde(default)]
     pub on_stop: OnStop,
+    /// The cluster's DNS domain (the kubelet's `clusterDomain`): the DNS
+    /// proxy answers `<service>.<namespace>.svc.<clusterDomain>`.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
     /// The SPIFFE trust domain of this mesh.
     #[serde(default = "super::mesh::default_trust_domain")]
     pub trust_domain: String,
@@ -295,6 +299,10 @@ pub struct FastPathConfig {
     /// application socket to the other (needs `loopback`).
     #[serde(default)]
     pub splice: bool,
+}
+
+fn default_cluster_domain() -> String {
+    "cluster.local".to_string()
 }
 
 fn preserve_source_address_default() -> bool {

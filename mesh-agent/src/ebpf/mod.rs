@@ -37,13 +37,13 @@ use aya::{
 };
 pub use fastpath::{FastPath, FastPathOptions, FastPathStats};
 use mesh_common::{
-    CidrKey, DIRECTION_INBOUND, DIRECTION_OUTBOUND, MAP_CLIENTS, MAP_EXCLUDED_CIDRS,
-    MAP_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_PENDING, MAP_POD_ADDRS, MAP_POD_COUNTERS,
-    MAP_PODS, MAP_SOCK_STATE, MAP_SOCKS, MAP_SPLICE, MAX_PODS, PodAddr, PodCounters, PodInfo,
-    PortKey,
+    CidrKey, DIRECTION_INBOUND, DIRECTION_OUTBOUND, MAP_CLIENTS, MAP_DNS_RESOLVERS,
+    MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_PENDING, MAP_POD_ADDRS,
+    MAP_POD_COUNTERS, MAP_PODS, MAP_SOCK_STATE, MAP_SOCKS, MAP_SPLICE, MAX_PODS, PodAddr,
+    PodCounters, PodInfo, PortKey,
 };
 pub use netns::{current_netns_cookie, netns_cookie, socket_netns_cookie};
-pub use orig_dst::OrigDstTable;
+pub use orig_dst::{DnsResolvers, OrigDstTable};
 pub use pins::remove_pinned_state;
 use pins::{lock_pin_dir, pin_replacing, remove_pins};
 use programs::{
@@ -56,11 +56,15 @@ use crate::config::PodConfig;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Programs attached to each enrolled pod's cgroup.
-const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "mesh_connect4",
     "mesh_connect6",
     "mesh_getpeername4",
     "mesh_getpeername6",
+    "mesh_sendmsg4",
+    "mesh_sendmsg6",
+    "mesh_recvmsg4",
+    "mesh_recvmsg6",
 ];
 const SOCK_OPS_PROGRAM: &str = "mesh_sockops";
 /// Attached to each enrolled pod's network namespace.
@@ -197,6 +201,15 @@ impl KernelPrograms {
             .take_map(MAP_CLIENTS)
             .ok_or_else(|| anyhow!("map {MAP_CLIENTS} missing"))?;
         OrigDstTable::new(pending, clients)
+    }
+
+    /// Moves the map of the DNS servers pods addressed out for the DNS proxy.
+    pub fn dns_resolvers(&mut self) -> Result<DnsResolvers> {
+        let map = self
+            .ebpf
+            .take_map(MAP_DNS_RESOLVERS)
+            .ok_or_else(|| anyhow!("map {MAP_DNS_RESOLVERS} missing"))?;
+        DnsResolvers::new(map)
     }
 
     /// Starts the same-node fast path (or switches it off) and moves its maps

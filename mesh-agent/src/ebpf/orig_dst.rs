@@ -146,6 +146,24 @@ fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// The DNS server each enrolled pod last addressed (MESH_DNS_RESOLVERS).
+pub struct DnsResolvers {
+    map: Mutex<BpfHashMap<MapData, u64, OrigDst>>,
+}
+
+impl DnsResolvers {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self {
+            map: Mutex::new(BpfHashMap::try_from(map)?),
+        })
+    }
+
+    pub fn get(&self, netns_cookie: u64) -> Option<SocketAddr> {
+        let orig = self.map.lock().get(&netns_cookie, 0).ok()?;
+        Some(socket_addr(&orig))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,8 @@ pub struct ProxyContext {
     pub http_pool: HttpPool,
     /// The kernel fast path, when loaded: splices authorized local flows.
     pub fast_path: Option<Arc<crate::ebpf::FastPath>>,
+    /// The per-pod DNS proxy's state (where queries it does not answer go).
+    pub dns: Arc<crate::dns::Dns>,
     /// Istio's TCP metrics.
     pub telemetry: telemetry::TcpTelemetry,
     /// Istio's HTTP metrics (requests decided by this node's L7 policies).
@@ -74,6 +76,7 @@ impl ProxyContext {
                 HttpSettings::default().upstream_idle_timeout,
             ),
             fast_path: None,
+            dns: Arc::default(),
             telemetry: telemetry::TcpTelemetry::default(),
             http_telemetry: telemetry::HttpTelemetry::default(),
             draining: tokio::sync::watch::Sender::new(false),

@@ -48,6 +48,17 @@ pub async fn handle(
     };
     let mut dst = captured.original_dst;
     record.original_dst = dst;
+    if dst.port() == mesh_common::DNS_PORT {
+        // DNS over TCP: the DNS proxy answers mesh names and sends the rest
+        // on to `dst` (docs/capture.md).
+        let served = crate::dns::proxy::serve_tcp(&ctx, &pod, downstream, dst).await;
+        record.end(match served {
+            Ok(()) => Outcome::Closed,
+            Err(err) => Outcome::UpstreamFailed(format!("DNS over TCP: {err:#}")),
+        });
+        ctx.orig_dst.forget(captured.socket_cookie);
+        return;
+    }
     // One snapshot for the connection's route and decision: both come from
     // the same generation. It is let go before the relay, so a long-lived
     // connection does not keep released pods (their namespaces) alive.

@@ -5,6 +5,7 @@
 //! A connection takes the snapshot once when it starts; per-request
 //! decisions on a long-lived HTTP connection take the current one.
 
+use crate::dns::names::ServiceNames;
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use anyhow::{Result, anyhow};
@@ -27,6 +28,8 @@ pub struct Snapshot {
     remote: HashMap<IpAddr, Arc<RemotePeer>>,
     pub services: Arc<ServiceTable>,
     pub policies: Arc<CompiledPolicies>,
+    /// The service names the DNS proxy answers.
+    pub service_names: Arc<ServiceNames>,
 }
 
 /// Where the data path finds the snapshot in force.
@@ -38,6 +41,7 @@ pub struct Plan {
     remote: HashMap<IpAddr, Arc<RemotePeer>>,
     services: Arc<ServiceTable>,
     policies: Arc<CompiledPolicies>,
+    service_names: Arc<ServiceNames>,
 }
 
 impl Plan {
@@ -59,6 +63,7 @@ impl Plan {
             remote,
             services: Arc::new(services),
             policies: Arc::new(policies),
+            service_names: Arc::new(ServiceNames::new(&node.cluster_domain, &desired.services)),
         })
     }
 
@@ -76,6 +81,7 @@ impl Plan {
             remote: self.remote,
             services: self.services,
             policies: self.policies,
+            service_names: self.service_names,
         }
     }
 }
@@ -92,6 +98,7 @@ impl Snapshot {
             policies: Arc::new(
                 policy::PolicySet::default().compile(policy::DEFAULT_ROOT_NAMESPACE),
             ),
+            service_names: Arc::default(),
         }
     }
 

@@ -74,6 +74,26 @@ def setup(host, port, count):
     samples.sort()
     print("p50_us %.1f p90_us %.1f p99_us %.1f" % (samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.9)] * 1e6, samples[int(len(samples) * 0.99)] * 1e6))
 
+def dns(server, name, count):
+    """Time from sending an A query over UDP to its answer, one at a time."""
+    labels = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.connect((server, 53))
+    samples = []
+    for i in range(count):
+        qid = i & 0xffff
+        query = qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x01\x00\x01"
+        t0 = time.perf_counter()
+        s.send(query)
+        while True:
+            reply = s.recv(4096)
+            if reply[:2] == query[:2]:
+                break
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    print("p50_us %.1f p90_us %.1f p99_us %.1f" % (samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.9)] * 1e6, samples[int(len(samples) * 0.99)] * 1e6))
+
 def bulk(host, port, mib):
     data = b"\0" * (1 << 20)
     c = socket.create_connection((host, port), timeout=10)
@@ -192,6 +212,8 @@ if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "serve":
         serve(int(sys.argv[2]))
+    elif cmd == "dns":
+        dns(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif cmd == "setup":
         setup(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "bulk":

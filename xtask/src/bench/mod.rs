@@ -23,8 +23,9 @@
 //! Output: target/bench/results.{json,md,svg}.
 
 mod compare;
+mod dns_bench;
+mod latency_pairs;
 mod plot;
-mod setup_latency;
 mod ztunnel;
 
 pub use compare::run as compare;
@@ -394,15 +395,22 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             }
         }
     }
+    let runs = |name: &str| {
+        only.as_ref()
+            .is_none_or(|only| only.iter().any(|m| m == name))
+    };
     // Connection set-up with the client's address preserved against
     // without (MESH_BENCH_MODES=setup runs only this).
-    let mut setup = setup_latency::SetupLatency::default();
-    if only
-        .as_ref()
-        .is_none_or(|only| only.iter().any(|m| m == "setup"))
-    {
+    let mut setup = latency_pairs::LatencyPairs::new(
+        format!(
+            "Connection set-up (connect to the first byte back, {} connections one at a time, python client; medians over rounds), deliveries from the client's address against from the agent's (`preserveSourceAddress: false`), alternated each round:",
+            latency_pairs::COUNT
+        ),
+        ["client's address", "agent's address"],
+    );
+    if runs("setup") {
         for round in 0..plan.rounds {
-            for (index, (name, extra)) in setup_latency::SETTINGS.iter().enumerate() {
+            for (index, (name, extra)) in latency_pairs::SETUP_SETTINGS.iter().enumerate() {
                 agents.clear();
                 for node in topo.nodes() {
                     agents.push(start_agent(&tools.agent, node, topo, pki, extra)?);
@@ -412,7 +420,9 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
                     ("a->b, same node", "b"),
                     ("a->c, across nodes, mTLS L4", "c"),
                 ] {
-                    let sample = setup_latency::measure(run_script, a, topo.pod(target), RAW_PORT)?;
+                    let ip = topo.pod(target).ipv4().to_string();
+                    let port = RAW_PORT.to_string();
+                    let sample = latency_pairs::measure(run_script, a, "setup", &[&ip, &port])?;
                     step(format!(
                         "round {}/{} set-up {label}, from the {name}: p50 {:.0} µs, p99 {:.0} µs",
                         round + 1,
@@ -425,8 +435,44 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
             }
         }
     }
+    // A DNS lookup through the agent's DNS proxy against a direct one, to
+    // dnsmasq in b (MESH_BENCH_MODES=dns runs only this).
+    let mut dns = latency_pairs::LatencyPairs::new(
+        format!(
+            "DNS lookups (UDP, one at a time, {} per measurement, python client in a, dnsmasq in b on the same node; medians over rounds): a enrolled (through the agent's DNS proxy) against not enrolled (straight to dnsmasq), alternated each round:",
+            latency_pairs::COUNT
+        ),
+        ["through the agent", "direct"],
+    );
+    if runs("dns") {
+        let _resolver = dns_bench::start_dnsmasq(topo.pod("b"))?;
+        dns_bench::write_services(topo, |node| config_dir(topo, node))?;
+        agents.clear();
+        for node in topo.nodes() {
+            agents.push(start_agent(&tools.agent, node, topo, pki, "")?);
+        }
+        let resolver = topo.pod("b").ipv4().to_string();
+        for round in 0..plan.rounds {
+            for (index, mode) in [Mode::Passthrough, Mode::Direct].into_iter().enumerate() {
+                set_mode(topo, mode)?;
+                for (label, name) in dns_bench::NAMES {
+                    let sample = latency_pairs::measure(run_script, a, "dns", &[&resolver, name])?;
+                    step(format!(
+                        "round {}/{} DNS {label}, {}: p50 {:.0} µs, p99 {:.0} µs",
+                        round + 1,
+                        plan.rounds,
+                        mode.name(),
+                        sample.p50_us,
+                        sample.p99_us
+                    ));
+                    dns.push(label, index, sample);
+                }
+            }
+        }
+        dns_bench::remove_services(topo, |node| config_dir(topo, node))?;
+    }
     if only.is_some() {
-        println!("{}", setup.markdown());
+        println!("{}{}", setup.markdown(), dns.markdown());
         return Ok(());
     }
     // The L7 figures mean something only if the agent decided those requests.
@@ -478,6 +524,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         memory: &memory,
         scale: &scale,
         setup: &setup,
+        dns: &dns,
     };
     let out_dir = bench_dir();
     let table = report.markdown();
@@ -1021,7 +1068,8 @@ struct Report<'a> {
     samples: &'a [Vec<Sample>],
     memory: &'a Memory,
     scale: &'a [Scale],
-    setup: &'a setup_latency::SetupLatency,
+    setup: &'a latency_pairs::LatencyPairs,
+    dns: &'a latency_pairs::LatencyPairs,
 }
 
 /// The median of a path's rounds, field by field.
@@ -1177,7 +1225,7 @@ impl Report<'_> {
             );
         }
         let _ = write!(t, "{}", self.against_ztunnel());
-        let _ = write!(t, "{}", self.setup.markdown());
+        let _ = write!(t, "{}{}", self.setup.markdown(), self.dns.markdown());
         let _ = writeln!(
             t,
             "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
@@ -1308,6 +1356,7 @@ impl Report<'_> {
                 "cpu_per_request": cpu, "context_switches_per_request": switches, "rss": rss,
             })).collect::<Vec<_>>(),
             "connection_setup": self.setup.json(),
+            "dns_lookup": self.dns.json(),
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,

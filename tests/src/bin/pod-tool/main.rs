@@ -21,6 +21,7 @@
 //! <reason>` on stderr and exit 1.
 
 mod common;
+mod dns;
 mod echo;
 mod http;
 mod load;
@@ -116,6 +117,16 @@ enum Command {
     },
     /// A WebSocket echo server (RFC 6455, tungstenite).
     WsServer { port: u16 },
+    /// One DNS query over UDP (connected, or `--unconnected` as musl's
+    /// resolver); prints where the answer came from and its addresses.
+    DnsQuery {
+        server: IpAddr,
+        name: String,
+        #[arg(long)]
+        aaaa: bool,
+        #[arg(long)]
+        unconnected: bool,
+    },
     /// A WebSocket client: connects to `url`, sends `--messages` text and
     /// binary messages, checks each echo, closes; prints `ok <messages>`.
     WsClient {
@@ -312,6 +323,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             threads,
         } => load::load(kind, host, port, seconds, threads),
         Command::WsServer { port } => websocket::server(port),
+        Command::DnsQuery {
+            server,
+            name,
+            aaaa,
+            unconnected,
+        } => dns::query(server, &name, aaaa, unconnected),
         Command::WsClient { url, messages } => websocket::client(&url, messages),
         Command::H2TunnelServer { port } => websocket::h2_tunnel_server(port),
         Command::H2TunnelClient {

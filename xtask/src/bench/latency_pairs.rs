@@ -1,8 +1,7 @@
-//! Connection set-up with the client's address preserved
-//! (`preserveSourceAddress`, the default) against without (deliveries from
-//! 127.0.0.6): connect to the first byte back, one connection at a time,
-//! a->b (same node) and a->c (across nodes, mTLS L4), the two settings
-//! alternated in every round with the agents restarted between them.
+//! Latencies measured two ways side by side in one run (each round
+//! alternating the two), reported as p50/p99 per path and their ratio:
+//! connection set-up with the client's address preserved against from the
+//! agent's address, and a DNS lookup through the agent against a direct one.
 
 use std::fmt::Write as _;
 
@@ -10,31 +9,43 @@ use anyhow::{Context, Result};
 use mesh_testbed::Pod;
 use serde_json::{Value, json};
 
-/// Connections per measurement.
-pub const CONNECTIONS: u32 = 2_000;
+/// Connections (or lookups) per measurement.
+pub const COUNT: u32 = 2_000;
 
-/// The two settings, in the order measured each round.
-pub const SETTINGS: [(&str, &str); 2] = [
+/// Connection set-up: the two settings (node.yaml lines), in the order
+/// measured each round.
+pub const SETUP_SETTINGS: [(&str, &str); 2] = [
     ("client's address", ""),
     ("agent's address", "preserveSourceAddress: false\n"),
 ];
 
 /// p50 and p99 of one measurement, in microseconds.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SetupSample {
+pub struct LatencySample {
     pub p50_us: f64,
     pub p99_us: f64,
 }
 
-/// Every round's samples, by target and setting.
-#[derive(Default)]
-pub struct SetupLatency {
-    /// (target name, setting index) -> samples over rounds.
-    pub samples: Vec<((&'static str, usize), Vec<SetupSample>)>,
+/// Every round's samples, by path and setting.
+pub struct LatencyPairs {
+    /// What was measured and how, the table's introduction.
+    title: String,
+    /// The names of the two settings (the second is the baseline).
+    settings: [&'static str; 2],
+    /// (path, setting index) -> samples over rounds.
+    samples: Vec<((&'static str, usize), Vec<LatencySample>)>,
 }
 
-impl SetupLatency {
-    pub fn push(&mut self, target: &'static str, setting: usize, sample: SetupSample) {
+impl LatencyPairs {
+    pub fn new(title: String, settings: [&'static str; 2]) -> Self {
+        Self {
+            title,
+            settings,
+            samples: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, target: &'static str, setting: usize, sample: LatencySample) {
         match self
             .samples
             .iter_mut()
@@ -45,7 +56,7 @@ impl SetupLatency {
         }
     }
 
-    fn median(&self, target: &str, setting: usize, f: impl Fn(&SetupSample) -> f64) -> f64 {
+    fn median(&self, target: &str, setting: usize, f: impl Fn(&LatencySample) -> f64) -> f64 {
         let values: Vec<f64> = self
             .samples
             .iter()
@@ -67,9 +78,14 @@ impl SetupLatency {
 
     pub fn markdown(&self) -> String {
         let mut t = String::new();
+        if self.samples.is_empty() {
+            return t;
+        }
+        let [first, second] = self.settings;
         let _ = writeln!(
             t,
-            "\nConnection set-up (connect to the first byte back, {CONNECTIONS} connections one at a time, python client; medians over rounds), deliveries from the client's address against from the agent's (`preserveSourceAddress: false`), alternated each round:\n\n| path | client's address p50 | p99 | agent's address p50 | p99 | × p50 | × p99 |\n|---|---|---|---|---|---|---|"
+            "\n{}\n\n| path | {first} p50 | p99 | {second} p50 | p99 | × p50 | × p99 |\n|---|---|---|---|---|---|---|",
+            self.title
         );
         for target in self.targets() {
             let (p50, p99) = (
@@ -97,31 +113,28 @@ impl SetupLatency {
             .map(|((target, setting), samples)| {
                 json!({
                     "path": target,
-                    "delivered_from": SETTINGS[*setting].0,
+                    "setting": self.settings[*setting],
                     "rounds": samples.iter().map(|s| json!({"p50_us": s.p50_us, "p99_us": s.p99_us})).collect::<Vec<_>>(),
                 })
             })
             .collect();
-        json!({"connections": CONNECTIONS, "rows": rows})
+        json!({"count": COUNT, "rows": rows})
     }
 }
 
-/// One measurement from `client` to `target` (bench.py `setup`).
+/// One measurement from `client` (bench.py `setup` or `dns`): `args`
+/// follow the command, the count is added.
 pub fn measure(
     run_script: impl Fn(&Pod, &[&str]) -> Result<String>,
     client: &Pod,
-    target: &Pod,
-    port: u16,
-) -> Result<SetupSample> {
-    let out = run_script(
-        client,
-        &[
-            "setup",
-            &target.ipv4().to_string(),
-            &port.to_string(),
-            &CONNECTIONS.to_string(),
-        ],
-    )?;
+    command: &str,
+    args: &[&str],
+) -> Result<LatencySample> {
+    let count = COUNT.to_string();
+    let mut all = vec![command];
+    all.extend_from_slice(args);
+    all.push(&count);
+    let out = run_script(client, &all)?;
     let value = |key: &str| -> Result<f64> {
         let mut words = out.split_whitespace();
         while let Some(word) = words.next() {
@@ -133,9 +146,9 @@ pub fn measure(
                     .with_context(|| format!("{key} in {out:?}"));
             }
         }
-        anyhow::bail!("no {key} in the set-up output {out:?}")
+        anyhow::bail!("no {key} in the output of {command}: {out:?}")
     };
-    Ok(SetupSample {
+    Ok(LatencySample {
         p50_us: value("p50_us")?,
         p99_us: value("p99_us")?,
     })
@@ -147,10 +160,10 @@ mod tests {
 
     #[test]
     fn one_row_per_path_with_the_ratio_of_the_medians() {
-        let mut setup = SetupLatency::default();
+        let mut setup = LatencyPairs::new("Set-up".into(), ["client's address", "agent's address"]);
         for (p50, base) in [(100.0, 50.0), (300.0, 100.0), (200.0, 100.0)] {
             for (target, scale) in [("b", 1.0), ("c", 2.0)] {
-                let sample = |p50: f64| SetupSample {
+                let sample = |p50: f64| LatencySample {
                     p50_us: p50 * scale,
                     p99_us: p50 * scale * 2.0,
                 };
