@@ -243,7 +243,7 @@ pub fn build_pod_tool(workspace: &Path) -> Result<PathBuf> {
 /// are kept from starting (policy-rc.d, as in container images), and a
 /// containerd that starts anyway is stopped by its PID: the tests run their
 /// own, one per node, and a system one would only be in the way.
-// Not called yet: `test::run` should call it before `cargo test`.
+/// Also the DNS tests' dnsmasq and dig (binaries only, no service).
 pub fn ensure_container_runtime() -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
 
@@ -273,7 +273,7 @@ pub fn ensure_container_runtime() -> Result<()> {
         return Ok(());
     }
     step(format!(
-        "installing the container runtime for the test bed: {}",
+        "installing what the test bed needs (container runtime, DNS tools): {}",
         missing.join(" ")
     ));
     let started = Instant::now();

@@ -9,7 +9,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use mesh_e2e::{NodeAgent, pods_yaml};
 use mesh_testbed::{
-    Pod, Process, Topology, e2e_enabled, wait_until,
+    Pod, Process, Topology, e2e_enabled, runs_or_skips, wait_until,
     wire::{WireCapture, WireReport},
 };
 use nix::sys::signal::Signal;
@@ -20,6 +20,24 @@ const OTHER_V4: &str = "192.0.2.10";
 const OTHER_V6: &str = "2001:db8::10";
 const SERVICES: &str = "services:\n  - name: web\n    namespace: default\n    vips: [10.96.0.10, \"fd00:96::10\"]\n    ports: [{port: 80}]\n";
 const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The programs this test runs.
+fn tools_present() -> Result<(), String> {
+    let missing: Vec<&str> = [
+        "/usr/sbin/dnsmasq",
+        "/usr/bin/dig",
+        "/usr/bin/unshare",
+        "/usr/bin/getent",
+    ]
+    .into_iter()
+    .filter(|path| !Path::new(path).exists())
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not installed: {}", missing.join(", ")))
+    }
+}
 
 /// dnsmasq in `pod` on `port`, answering `other.example` (and NXDOMAIN in
 /// `cluster.local`), logging every query it gets.
@@ -155,7 +173,14 @@ fn dns_query(pod: &Pod, server: IpAddr, name: &str, options: &[&str]) -> (String
 
 #[test]
 fn dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names() {
-    if !e2e_enabled("dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names") {
+    const NAME: &str = "dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names";
+    if !e2e_enabled(NAME)
+        || !runs_or_skips(
+            NAME,
+            "DNS tools missing (`cargo xtask test` installs dnsmasq-base and bind9-dnsutils)",
+            tools_present(),
+        )
+    {
         return;
     }
     // The resolver on the other node: every query that reaches it crosses
