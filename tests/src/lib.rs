@@ -48,6 +48,7 @@
 mod bpffs;
 mod cgroup;
 pub mod cri;
+pub mod dnsmasq;
 pub mod kube_api;
 mod naming;
 pub mod netfilter;

@@ -138,6 +138,20 @@ struct Collected {
     dropped: u64,
 }
 
+impl Collected {
+    /// Whether a payload may still be kept (and counts it); past the
+    /// storage limit the capture is truncated.
+    fn room_for(&mut self, payload: &[u8]) -> bool {
+        let cost = payload.len() as u64 + SEGMENT_OVERHEAD;
+        if self.stored + cost > STORE_LIMIT {
+            self.truncated = true;
+            return false;
+        }
+        self.stored += cost;
+        true
+    }
+}
+
 impl WireCapture {
     /// Starts capturing every frame that enters the fabric netns of `topo`
     /// from a node. When this returns the socket is open: everything sent
@@ -432,21 +446,13 @@ fn read_batch(
             continue;
         }
         if let Some(segment) = parse_frame(frame) {
-            let cost = segment.payload.len() as u64 + SEGMENT_OVERHEAD;
-            if collected.stored + cost > STORE_LIMIT {
-                collected.truncated = true;
-            } else {
-                collected.stored += cost;
+            if collected.room_for(&segment.payload) {
                 collected.segments.push(segment);
             }
-        } else if let Some(datagram) = parse_udp_frame(frame) {
-            let cost = datagram.payload.len() as u64 + SEGMENT_OVERHEAD;
-            if collected.stored + cost > STORE_LIMIT {
-                collected.truncated = true;
-            } else {
-                collected.stored += cost;
-                collected.datagrams.push(datagram);
-            }
+        } else if let Some(datagram) = parse_udp_frame(frame)
+            && collected.room_for(&datagram.payload)
+        {
+            collected.datagrams.push(datagram);
         }
     }
     Ok(BATCH)

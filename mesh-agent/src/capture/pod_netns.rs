@@ -98,38 +98,38 @@ impl PodNetns {
 
     /// A new, unconnected TCP socket in the namespace, ready for tokio.
     pub fn tcp_socket(&self, ipv6: bool) -> Result<tokio::net::TcpSocket> {
-        let domain = if ipv6 {
-            socket2::Domain::IPV6
-        } else {
-            socket2::Domain::IPV4
-        };
-        let socket = self.run(|| {
-            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
-        })??;
-        socket.set_nonblocking(true)?;
+        let socket = self.socket(ipv6, socket2::Type::STREAM, socket2::Protocol::TCP)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
-}
 
-impl PodNetns {
-    /// A new, unconnected UDP socket in the namespace, ready for tokio.
+    /// A new UDP socket in the namespace, bound to a port of its own on
+    /// every address, ready for tokio.
     pub fn udp_socket(&self, ipv6: bool) -> Result<tokio::net::UdpSocket> {
-        let domain = if ipv6 {
-            socket2::Domain::IPV6
-        } else {
-            socket2::Domain::IPV4
-        };
-        let socket = self.run(|| {
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
-        })??;
+        let socket = self.socket(ipv6, socket2::Type::DGRAM, socket2::Protocol::UDP)?;
         let any: std::net::SocketAddr = if ipv6 {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         socket.bind(&any.into())?;
-        socket.set_nonblocking(true)?;
         Ok(tokio::net::UdpSocket::from_std(socket.into())?)
+    }
+
+    /// A non-blocking socket made in the namespace.
+    fn socket(
+        &self,
+        ipv6: bool,
+        kind: socket2::Type,
+        protocol: socket2::Protocol,
+    ) -> Result<socket2::Socket> {
+        let domain = if ipv6 {
+            socket2::Domain::IPV6
+        } else {
+            socket2::Domain::IPV4
+        };
+        let socket = self.run(|| socket2::Socket::new(domain, kind, Some(protocol)))??;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
     }
 }
 

@@ -9,7 +9,9 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use mesh_e2e::{NodeAgent, pods_yaml};
 use mesh_testbed::{
-    Pod, Process, Topology, e2e_enabled, runs_or_skips, wait_until,
+    Pod, Topology,
+    dnsmasq::Dnsmasq,
+    e2e_enabled, runs_or_skips,
     wire::{WireCapture, WireReport},
 };
 use nix::sys::signal::Signal;
@@ -41,93 +43,24 @@ fn tools_present() -> Result<(), String> {
 
 /// dnsmasq in `pod` on `port`, answering `other.example` (and NXDOMAIN in
 /// `cluster.local`), logging every query it gets.
-fn dnsmasq(pod: &Pod, port: u16) -> Process {
-    let (v4, v6) = (pod.ipv4().to_string(), pod.ipv6().to_string());
-    let mut process = pod
-        .spawn(
-            "dnsmasq",
-            &[
-                "--keep-in-foreground",
-                "--log-facility=-",
-                "--log-queries",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-poll",
-                "--bind-interfaces",
-                "--user=root",
-                "--pid-file",
-                &format!("--listen-address={v4}"),
-                &format!("--listen-address={v6}"),
-                &format!("--port={port}"),
-                &format!("--address=/other.example/{OTHER_V4}"),
-                &format!("--address=/other.example/{OTHER_V6}"),
-                // More A records than fit in 512 bytes: truncated over UDP
-                // without EDNS, whole over TCP.
-                "--host-record=big.example,192.0.2.101",
-                "--host-record=big.example,192.0.2.102",
-                "--host-record=big.example,192.0.2.103",
-                "--host-record=big.example,192.0.2.104",
-                "--host-record=big.example,192.0.2.105",
-                "--host-record=big.example,192.0.2.106",
-                "--host-record=big.example,192.0.2.107",
-                "--host-record=big.example,192.0.2.108",
-                "--host-record=big.example,192.0.2.109",
-                "--host-record=big.example,192.0.2.110",
-                "--host-record=big.example,192.0.2.111",
-                "--host-record=big.example,192.0.2.112",
-                "--host-record=big.example,192.0.2.113",
-                "--host-record=big.example,192.0.2.114",
-                "--host-record=big.example,192.0.2.115",
-                "--host-record=big.example,192.0.2.116",
-                "--host-record=big.example,192.0.2.117",
-                "--host-record=big.example,192.0.2.118",
-                "--host-record=big.example,192.0.2.119",
-                "--host-record=big.example,192.0.2.120",
-                "--host-record=big.example,192.0.2.121",
-                "--host-record=big.example,192.0.2.122",
-                "--host-record=big.example,192.0.2.123",
-                "--host-record=big.example,192.0.2.124",
-                "--host-record=big.example,192.0.2.125",
-                "--host-record=big.example,192.0.2.126",
-                "--host-record=big.example,192.0.2.127",
-                "--host-record=big.example,192.0.2.128",
-                "--host-record=big.example,192.0.2.129",
-                "--host-record=big.example,192.0.2.130",
-                "--host-record=big.example,192.0.2.131",
-                "--host-record=big.example,192.0.2.132",
-                "--host-record=big.example,192.0.2.133",
-                "--host-record=big.example,192.0.2.134",
-                "--host-record=big.example,192.0.2.135",
-                "--host-record=big.example,192.0.2.136",
-                "--host-record=big.example,192.0.2.137",
-                "--host-record=big.example,192.0.2.138",
-                "--host-record=big.example,192.0.2.139",
-                "--host-record=big.example,192.0.2.140",
-                // Authoritative for the cluster's domain, as CoreDNS is: a
-                // name it does not know is NXDOMAIN (so glibc tries the next
-                // search domain), not REFUSED.
-                "--local=/cluster.local/",
-            ],
-        )
-        .unwrap();
-    let started = wait_until("dnsmasq to start", DEADLINE, || {
-        if let Some(status) = process.try_status()? {
-            anyhow::bail!("dnsmasq exited ({status}): {}", process.output_report());
-        }
-        Ok(process.stderr_so_far().contains("started, version"))
-    });
-    started.unwrap();
-    process
-}
-
-/// The queries dnsmasq logged so far, as `query[TYPE] name from address`.
-fn queries_seen(dnsmasq: &Process) -> Vec<String> {
-    dnsmasq
-        .stderr_so_far()
-        .lines()
-        .filter_map(|l| l.split_once("query[").map(|(_, q)| format!("query[{q}")))
-        .collect()
+fn dnsmasq(pod: &Pod, port: u16) -> Dnsmasq {
+    let big: Vec<String> = (101..=140)
+        .map(|i| format!("--host-record=big.example,192.0.2.{i}"))
+        .collect();
+    let other_v4 = format!("--address=/other.example/{OTHER_V4}");
+    let other_v6 = format!("--address=/other.example/{OTHER_V6}");
+    let mut options = vec![
+        other_v4.as_str(),
+        other_v6.as_str(),
+        // Authoritative for the cluster's domain, as CoreDNS is: a name it
+        // does not know is NXDOMAIN (so glibc tries the next search
+        // domain), not REFUSED.
+        "--local=/cluster.local/",
+    ];
+    // More A records than fit in 512 bytes: truncated over UDP without
+    // EDNS, whole over TCP.
+    options.extend(big.iter().map(String::as_str));
+    Dnsmasq::start(pod, port, true, &options).unwrap()
 }
 
 /// `dig +short` in `pod`: the addresses answered.
@@ -223,13 +156,13 @@ fn dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names() {
 
     // A truncated answer (40 A records, no EDNS: over 512 bytes) reaches
     // dig as it came, dig asks again over TCP, and gets all of them.
-    let before_tcp = queries_seen(&server).len();
+    let before_tcp = server.queries_seen().len();
     let big = dig(a, r4, &["+noedns", "+ignore", "big.example", "A"]);
     assert!(!big.is_empty() && big.len() < 40, "truncated: {big:?}");
     let big = dig(a, r4, &["+noedns", "big.example", "A"]);
     assert_eq!(big.len(), 40, "after the fallback to TCP: {big:?}");
     // Three queries: truncated (kept by +ignore), truncated again, then TCP.
-    assert_eq!(queries_seen(&server).len(), before_tcp + 3);
+    assert_eq!(server.queries_seen().len(), before_tcp + 3);
 
     // glibc, with the search path a Kubernetes pod gets: the short forms.
     let resolv_conf = topo.tmp_dir().join("resolv.conf");
@@ -266,7 +199,7 @@ fn dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names() {
     // the wire.
     let report = wire.finish().unwrap();
     let udp_queries = dns_on_the_wire(&report);
-    let seen = queries_seen(&server);
+    let seen = server.queries_seen();
     assert!(
         seen.iter()
             .all(|q| !q.contains("] web.default.svc.cluster.local from")),
@@ -293,7 +226,7 @@ fn dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names() {
         dig(a, r4, &["-p", "5353", "other.example", "A"]),
         [OTHER_V4]
     );
-    assert_eq!(queries_seen(&other_udp).len(), 1);
+    assert_eq!(other_udp.queries_seen().len(), 1);
     let counted = |agent: &NodeAgent| {
         ["local", "forwarded", "failed"]
             .iter()
@@ -304,7 +237,7 @@ fn dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names() {
 
     // The agent stopped (capture kept, the default): DNS is refused at
     // once, as TCP is; nothing reaches the resolver around it.
-    let before = queries_seen(&server).len();
+    let before = server.queries_seen().len();
     agent.stop(Signal::SIGTERM).unwrap();
     let wire = WireCapture::start(&topo).unwrap();
     let refused = a
@@ -341,7 +274,7 @@ fn dns_of_enrolled_pods_goes_through_the_agent_which_answers_mesh_names() {
         format!("{musl:#}").contains("Operation not permitted"),
         "{musl:#}"
     );
-    assert_eq!(queries_seen(&server).len(), before);
+    assert_eq!(server.queries_seen().len(), before);
     let report = wire.finish().unwrap();
     assert_eq!(dns_on_the_wire(&report), 0, "{}", report.summary());
 }

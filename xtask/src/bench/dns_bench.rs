@@ -1,10 +1,10 @@
 //! The DNS part of the bench: dnsmasq in a pod as the resolver, and a
 //! service for the agent to answer by name.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use mesh_testbed::{Node, Pod, Process, Topology, wait_until};
+use mesh_testbed::{Node, Pod, Topology, dnsmasq::Dnsmasq};
 
 /// (row, name looked up).
 pub const NAMES: [(&str, &str); 2] = [
@@ -22,33 +22,16 @@ const SERVICES: &str = "services:\n  - name: web\n    namespace: bench\n    vips
 
 /// dnsmasq on port 53 of `pod`: `other.example` answered, NXDOMAIN for the
 /// rest of `cluster.local`, no logging (it would cost more than the lookup).
-pub fn start_dnsmasq(pod: &Pod) -> Result<Process> {
-    let listen = format!("--listen-address={}", pod.ipv4());
-    let mut process = pod.spawn(
-        "dnsmasq",
+pub fn start_dnsmasq(pod: &Pod) -> Result<Dnsmasq> {
+    Dnsmasq::start(
+        pod,
+        53,
+        false,
         &[
-            "--keep-in-foreground",
-            "--log-facility=-",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--no-poll",
-            "--bind-interfaces",
-            "--user=root",
-            "--pid-file",
-            &listen,
             "--address=/other.example/192.0.2.10",
             "--local=/cluster.local/",
         ],
-    )?;
-    let started = wait_until("dnsmasq", Duration::from_secs(10), || {
-        if let Some(status) = process.try_status()? {
-            anyhow::bail!("dnsmasq exited ({status})");
-        }
-        Ok(process.stderr_so_far().contains("started, version"))
-    });
-    started.with_context(|| process.output_report())?;
-    Ok(process)
+    )
 }
 
 /// A service named `web` in every node's configuration.
