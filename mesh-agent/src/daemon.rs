@@ -139,6 +139,18 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     proxy.connections.set_access_log(node.access_log);
     proxy.admission.set_limits(node.limits);
     proxy.set_http(node.http);
+    if let Some(settings) = &node.tracing {
+        let tracer =
+            crate::spans::RequestTracer::start(settings, &node.name, proxy.span_counters.clone())
+                .context("tracing")?;
+        proxy.tracer = Some(Arc::new(tracer));
+        tracing::info!(
+            endpoint = settings.endpoint,
+            protocol = ?settings.protocol,
+            random_sampling_percentage = settings.random_sampling_percentage,
+            "request spans go to the OTLP collector"
+        );
+    }
     proxy.fast_path = Some(Arc::new(fast_path));
     let proxy = Arc::new(proxy);
     let mut enroller = Enroller::new(programs, proxy.clone());
@@ -175,6 +187,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     release_what_was_not_taken_over(&state);
     state.metrics.register(proxy.telemetry.collectors());
     state.metrics.register(proxy.http_telemetry.collectors());
+    state.metrics.register(proxy.span_counters.collectors());
     state.metrics.register(proxy.admission.collectors());
 
     let listener = match inherited.as_mut().and_then(|i| i.admin.take()) {

@@ -25,6 +25,7 @@ pub mod policy;
 pub mod proxy;
 pub mod pump;
 pub mod services;
+pub mod spans;
 pub mod state;
 pub mod status;
 pub mod tap;

@@ -87,11 +87,20 @@ impl std::error::Error for ConfigError {}
 /// Best-effort line of `key: value` in a YAML text, for errors found after parsing
 /// (serde_yaml keeps no positions for values). Returns None if not exactly one match.
 pub fn find_line(text: &str, key: &str, value: &str) -> Option<usize> {
+    find_line_where(text, key, |v| v == value)
+}
+
+/// The 1-based line where `key` appears once, whatever its value.
+pub fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    find_line_where(text, key, |_| true)
+}
+
+fn find_line_where(text: &str, key: &str, value: impl Fn(&str) -> bool) -> Option<usize> {
     let mut hits = text.lines().enumerate().filter(|(_, line)| {
         let line = line.trim_start().trim_start_matches("- ");
         line.strip_prefix(key)
             .and_then(|rest| rest.trim_start().strip_prefix(':'))
-            .is_some_and(|v| v.trim().trim_matches(|c| c == '"' || c == '\'') == value)
+            .is_some_and(|v| value(v.trim().trim_matches(|c| c == '"' || c == '\'')))
     });
     let first = hits.next()?;
     match hits.next() {

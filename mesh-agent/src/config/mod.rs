@@ -20,7 +20,7 @@ use std::{
 pub use error::ConfigError;
 pub use node::{
     CniSettings, Discovery, HttpSettings, KubernetesSettings, Limits, NodeConfig, OnStop,
-    default_admin_address,
+    OtlpProtocol, TracingSettings, default_admin_address,
 };
 pub use pods::{CaptureExclusions, KubeletProbes, PodConfig, PodsFile};
 pub use services::{
@@ -395,6 +395,40 @@ fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), Confi
             return Err(ConfigError::new(path, "must be longer than zero")
                 .with_field("identity.issuer.lifetime"));
         }
+    }
+    if let Some(tracing) = &node.tracing {
+        validate_tracing(path, text, tracing)?;
+    }
+    Ok(())
+}
+
+fn validate_tracing(path: &Path, text: &str, tracing: &TracingSettings) -> Result<(), ConfigError> {
+    let endpoint_ok = tracing.endpoint.parse::<http::Uri>().is_ok_and(|uri| {
+        matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+    });
+    if !endpoint_ok {
+        return Err(ConfigError::new(
+            path,
+            "must be an http:// or https:// URL naming the collector's host",
+        )
+        .with_field("tracing.endpoint")
+        .with_line(error::find_key_line(text, "endpoint")));
+    }
+    let percentage = tracing.random_sampling_percentage;
+    if !(0.0..=100.0).contains(&percentage) {
+        return Err(ConfigError::new(path, "must be a percentage, 0 to 100")
+            .with_field("tracing.randomSamplingPercentage")
+            .with_line(error::find_key_line(text, "randomSamplingPercentage")));
+    }
+    if tracing.max_queued_spans == 0 {
+        return Err(ConfigError::new(path, "must be at least 1")
+            .with_field("tracing.maxQueuedSpans")
+            .with_line(error::find_key_line(text, "maxQueuedSpans")));
+    }
+    if tracing.export_timeout.is_zero() {
+        return Err(ConfigError::new(path, "must be longer than zero")
+            .with_field("tracing.exportTimeout")
+            .with_line(error::find_key_line(text, "exportTimeout")));
     }
     Ok(())
 }

@@ -84,6 +84,10 @@ pub struct NodeConfig {
     /// Settings of `discovery: kubernetes`.
     #[serde(default)]
     pub kubernetes: KubernetesSettings,
+    /// Spans of the HTTP requests the agent handles, sent to an OTLP
+    /// collector (docs/operations.md, "Tracing"). Absent: no spans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSettings>,
 }
 
 /// `discovery`: the source of pods, remote workloads and services.
@@ -345,4 +349,64 @@ fn default_bpffs() -> PathBuf {
 
 fn default_max_connections() -> u32 {
     mesh_common::DEFAULT_MAX_PENDING
+}
+
+/// `tracing`: where request spans go, and how many traces are sampled.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSettings {
+    /// The OTLP collector: `http://otel-collector.observability:4317` for
+    /// gRPC; for `http/protobuf` the base URL (`...:4318`, spans are posted
+    /// to `/v1/traces`) or the full URL of the traces endpoint.
+    pub endpoint: String,
+    /// `grpc` (default) or `http/protobuf`, as `OTEL_EXPORTER_OTLP_PROTOCOL`
+    /// names them.
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// Of the requests that come without a trace context, the percentage
+    /// that start a sampled trace (0 to 100; default 1, Istio's). A request
+    /// whose context says sampled, or not, is followed.
+    #[serde(default = "default_random_sampling_percentage")]
+    pub random_sampling_percentage: f64,
+    /// Spans waiting for the collector at most (default 2048); when the
+    /// queue is full, new spans are dropped and counted.
+    #[serde(default = "default_max_queued_spans")]
+    pub max_queued_spans: usize,
+    /// One export's time limit, retries included (default 10s).
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub export_timeout: std::time::Duration,
+}
+
+/// How spans are sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl TracingSettings {
+    /// Where `http/protobuf` posts: the endpoint as given if it names a
+    /// path, else its `/v1/traces` (the OTLP specification's rule for a
+    /// base URL).
+    pub fn traces_url(&self) -> String {
+        match self.endpoint.parse::<http::Uri>() {
+            Ok(uri) if uri.path() != "/" && !uri.path().is_empty() => self.endpoint.clone(),
+            _ => format!("{}/v1/traces", self.endpoint.trim_end_matches('/')),
+        }
+    }
+}
+
+fn default_random_sampling_percentage() -> f64 {
+    1.0
+}
+
+fn default_max_queued_spans() -> usize {
+    2048
+}
+
+fn default_export_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }

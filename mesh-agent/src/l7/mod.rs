@@ -111,6 +111,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::spans::RequestSpan;
+
 use hyper::http::HeaderMap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -191,12 +193,41 @@ pub struct RequestOutcome<'a> {
     pub response_bytes: u64,
     /// For a request denied here: the policy (rule) that decided it.
     pub denied_by: Option<&'a str>,
+    /// Envoy's response flags of an answer made here (`UH`, `UF`, `UT`,
+    /// `UC`, `DENY`), `-` for the application's.
+    pub response_flags: &'static str,
+    /// The endpoint the [`Forward`] chose for it, when it chose per request.
+    pub destination: Option<&'a Arc<Destination>>,
+    /// The trace the request's span is part of, when it has one.
+    pub trace_id: Option<&'a str>,
 }
 
-/// Told about every request answered (forwarded or refused here).
+/// Told about every request: when it arrives, and when it is answered
+/// (forwarded or refused here).
 pub trait RequestMetrics: Send + Sync + 'static {
-    fn record(&self, outcome: &RequestOutcome<'_>);
+    /// The request arrived: its span starts (if the agent traces), and
+    /// its trace context headers name that span from now on.
+    fn begin(&self, _request: &mut hyper::Request<hyper::body::Incoming>) -> Option<RequestSpan> {
+        None
+    }
+
+    fn record(&self, outcome: &RequestOutcome<'_>, span: Option<RequestSpan>);
 }
+
+/// A response extension a [`Forward`] that picks an endpoint per request
+/// sets: who answered, for the request's metrics and span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+}
+
+/// A response extension on an answer a [`Forward`] made itself: Envoy's
+/// response flag saying why (`UH` no healthy upstream, `UF` connect
+/// failure, `UT` timeout, `UC` upstream reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseFlags(pub &'static str);
 
 /// A [`RequestMetrics`] in [`L7Options`].
 #[derive(Clone)]

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::task::JoinHandle;
 
 use super::{Authorizer, L7Stats, PathNormalizer, Protocol, RequestInfo, Verdict};
+use crate::spans::RequestSpan;
 
 /// Body of the responses sent downstream: the upstream's, or a local one.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -122,6 +123,7 @@ impl Relay {
             .map(|_| request.uri().path().to_owned())
             .unwrap_or_default();
         let mut request = request;
+        let span = self.metrics.as_ref().and_then(|m| m.begin(&mut request));
         let (mut response, denied_by) = match self.check(&mut request) {
             Ok(()) => {
                 // The client's side of an upgrade, taken before the request
@@ -155,15 +157,31 @@ impl Relay {
             without_body(&mut response);
         }
         if let Some(metrics) = &self.metrics {
-            metrics.record(&super::RequestOutcome {
-                method: &method,
-                path: &path,
-                status: response.status().as_u16(),
-                duration: started.elapsed(),
-                request_bytes,
-                response_bytes: body_length(&response),
-                denied_by: denied_by.as_deref(),
-            });
+            let status = response.status().as_u16();
+            let flags = match response.extensions_mut().remove::<super::ResponseFlags>() {
+                Some(flags) => flags.0,
+                None if status == 403 && denied_by.is_some() => "DENY",
+                None => "-",
+            };
+            let destination = response
+                .extensions_mut()
+                .remove::<Arc<super::Destination>>();
+            let trace_id = span.as_ref().map(RequestSpan::trace_id);
+            metrics.record(
+                &super::RequestOutcome {
+                    method: &method,
+                    path: &path,
+                    status,
+                    duration: started.elapsed(),
+                    request_bytes,
+                    response_bytes: body_length(&response),
+                    denied_by: denied_by.as_deref(),
+                    response_flags: flags,
+                    destination: destination.as_ref(),
+                    trace_id: trace_id.as_deref(),
+                },
+                span,
+            );
         }
         Ok(response)
     }

@@ -1143,7 +1143,7 @@ impl Forward for DenyingForward {
 struct Outcomes(Mutex<Vec<(u16, Option<String>)>>);
 
 impl RequestMetrics for Outcomes {
-    fn record(&self, outcome: &RequestOutcome<'_>) {
+    fn record(&self, outcome: &RequestOutcome<'_>, _span: Option<crate::spans::RequestSpan>) {
         self.0
             .lock()
             .push((outcome.status, outcome.denied_by.map(str::to_owned)));

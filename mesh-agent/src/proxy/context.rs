@@ -47,6 +47,11 @@ pub struct ProxyContext {
     pub telemetry: telemetry::TcpTelemetry,
     /// Istio's HTTP metrics (requests decided by this node's L7 policies).
     pub http_telemetry: telemetry::HttpTelemetry,
+    /// Spans of the requests decided or balanced here (node.yaml
+    /// `tracing`); none when tracing is off.
+    pub tracer: Option<Arc<crate::spans::RequestTracer>>,
+    /// `mesh_trace_spans_total`.
+    pub span_counters: crate::spans::SpanCounters,
     /// Turns true when the agent drains: tunnel connections get a GOAWAY.
     pub(super) draining: tokio::sync::watch::Sender<bool>,
     /// Tunnel connections served (from other nodes), open now.
@@ -79,6 +84,8 @@ impl ProxyContext {
             dns: Arc::default(),
             telemetry: telemetry::TcpTelemetry::default(),
             http_telemetry: telemetry::HttpTelemetry::default(),
+            tracer: None,
+            span_counters: crate::spans::SpanCounters::default(),
             draining: tokio::sync::watch::Sender::new(false),
             tunnel_connections: Arc::default(),
             admission: admission::Admission::default(),
@@ -102,6 +109,25 @@ impl ProxyContext {
             request_metrics: Some(request_metrics),
             ..L7Options::default()
         }
+    }
+
+    /// The request metrics (and spans) of one HTTP connection: `labels`
+    /// as [`telemetry::ConnectionRequests`] orders them, reported from
+    /// `side`.
+    pub fn request_telemetry(
+        &self,
+        labels: [String; 8],
+        security: &'static str,
+        side: crate::spans::SpanSide,
+    ) -> crate::l7::RequestMetricsHandle {
+        crate::l7::RequestMetricsHandle(Arc::new(telemetry::ConnectionRequests {
+            telemetry: self.http_telemetry.clone(),
+            access_log: self.connections.access_log_enabled(),
+            labels,
+            security,
+            spans: self.tracer.clone().map(|tracer| (tracer, side)),
+            series: Default::default(),
+        }))
     }
 
     /// The snapshot in force now.

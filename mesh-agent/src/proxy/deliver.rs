@@ -10,9 +10,7 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{
-    authz::ConnectionAuthorizer, context::ProxyContext, outcome::Outcome, pod::PodHandle, telemetry,
-};
+use super::{authz::ConnectionAuthorizer, context::ProxyContext, outcome::Outcome, pod::PodHandle};
 use crate::{
     identity::SpiffeId,
     l7::{self, L7Error},
@@ -52,6 +50,10 @@ where
     // tunnel.
     let through_tunnel =
         client.identity.is_some() && snapshot.local_pod(client.remote_ip).is_none();
+    let destination_service = snapshot
+        .service_of_endpoint(dst)
+        .unwrap_or("unknown")
+        .to_string();
     drop(snapshot);
     let authorizer = Arc::new(ConnectionAuthorizer {
         authorizer: ctx.authorizer.clone(),
@@ -64,10 +66,8 @@ where
         destination: dst,
     });
     // Each request is reported by this node as the destination's.
-    let request_metrics = telemetry::ConnectionRequests {
-        telemetry: ctx.http_telemetry.clone(),
-        access_log: ctx.connections.access_log_enabled(),
-        labels: [
+    let request_metrics = ctx.request_telemetry(
+        [
             "destination".to_string(),
             source_workload,
             source_namespace,
@@ -78,12 +78,12 @@ where
             target.workload_name(),
             target.workload.namespace.clone(),
             target.identity.to_string(),
-            "unknown".to_string(),
+            destination_service,
         ],
-        security: if through_tunnel { "mutual_tls" } else { "none" },
-        series: Default::default(),
-    };
-    let options = ctx.l7_options(l7::RequestMetricsHandle(Arc::new(request_metrics)));
+        if through_tunnel { "mutual_tls" } else { "none" },
+        crate::spans::SpanSide::Server,
+    );
+    let options = ctx.l7_options(request_metrics);
     let (dialing, inside, remote_ip) = (ctx.clone(), target.clone(), client.remote_ip);
     let connect = move || async move {
         dialing

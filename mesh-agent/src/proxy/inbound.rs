@@ -38,7 +38,12 @@ pub async fn handle(
     record.original_dst = original_dst;
     // The policies in force now decide; the snapshot itself is not held
     // for the connection's life (it holds every pod of its generation).
-    let policies = ctx.snapshot().policies.clone();
+    let snapshot = ctx.snapshot();
+    let policies = snapshot.policies.clone();
+    if let Some(service) = snapshot.service_of_endpoint(original_dst) {
+        record.peers.destination_service = service.to_string();
+    }
+    drop(snapshot);
     // The kubelet's probe is let in whatever the policies say (counted).
     let probe = ctx
         .authorizer

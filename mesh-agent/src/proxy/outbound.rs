@@ -120,6 +120,13 @@ pub async fn handle(
         }
     };
     let policies = snapshot.policies.clone();
+    // Straight to a service's endpoint (not its VIP): Istio names the
+    // service all the same.
+    if chosen.is_none()
+        && let Some(service) = snapshot.service_of_endpoint(dst)
+    {
+        record.peers.destination_service = service.to_string();
+    }
     drop(snapshot);
     // An authorized L4 flow between two pods of this node may be spliced.
     let mut splice_into = None;

@@ -41,15 +41,15 @@ use super::{
     http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
     outcome::Outcome as ConnectionOutcome,
     pod::PodHandle,
-    telemetry,
 };
 use crate::{
     balance::{Outcome, retryable},
     l7::{
-        self, Authorizer, Forward, L7Error, Protocol, RequestInfo, ResponseBody, Verdict,
-        local_response,
+        self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
+        ResponseFlags, Verdict, local_response,
     },
     services::{PortProtocol, RequestPick, ServicePortEntry},
+    spans::SpanSide,
 };
 
 /// Serves a client connection to a service's HTTP port: each request goes
@@ -67,25 +67,23 @@ pub async fn serve(
         source: source.clone(),
         service: service.clone(),
     });
-    // Each request is reported by this node as the source's: the
-    // endpoint (and so the destination workload) is chosen per request.
-    let request_metrics = telemetry::ConnectionRequests {
-        telemetry: ctx.http_telemetry.clone(),
-        access_log: ctx.connections.access_log_enabled(),
-        labels: [
+    // Each request is reported by this node as the source's; the
+    // destination is the endpoint chosen for it (see `ServiceForwarder`).
+    let request_metrics = ctx.request_telemetry(
+        [
             "source".to_string(),
             source.workload_name(),
             source.workload.namespace.clone(),
             source.identity.to_string(),
             "unknown".to_string(),
-            service.config.namespace.clone(),
+            "unknown".to_string(),
             "unknown".to_string(),
             service_host(&service.config),
         ],
-        security: "unknown",
-        series: Default::default(),
-    };
-    let options = ctx.l7_options(l7::RequestMetricsHandle(Arc::new(request_metrics)));
+        "unknown",
+        SpanSide::Client,
+    );
+    let options = ctx.l7_options(request_metrics);
     match l7::serve_with(
         downstream,
         forwarder,
@@ -170,7 +168,23 @@ impl Drop for Attempt<'_> {
 }
 
 impl ServiceForwarder {
+    /// One request: its answer, marked with the endpoint that gave it (the
+    /// last one tried) for the request's metrics and span.
     async fn serve(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
+        let mut answered = None;
+        let mut response = self.send(request, h1, &mut answered).await;
+        if let Some(destination) = answered {
+            response.extensions_mut().insert(destination);
+        }
+        response
+    }
+
+    async fn send(
+        &self,
+        request: Request<Incoming>,
+        h1: bool,
+        answered: &mut Option<Arc<Destination>>,
+    ) -> Response<ResponseBody> {
         let service = &*self.service;
         let deadline = service
             .config
@@ -188,10 +202,9 @@ impl ServiceForwarder {
                 Ok(pick) => pick,
                 Err(err) => {
                     tracing::warn!(pod = %self.source.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service: 503");
-                    return local_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no healthy upstream",
-                        h1,
+                    return flagged(
+                        local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", h1),
+                        "UH",
                     );
                 }
             };
@@ -206,6 +219,7 @@ impl ServiceForwarder {
             let snapshot = self.ctx.snapshot();
             let target = snapshot.local_pod(addr.ip()).cloned();
             let known_peer = snapshot.remote_peer(addr.ip()).cloned();
+            *answered = snapshot.destination(addr.ip()).cloned();
             // Not held while the request is out: it holds every pod of its
             // generation.
             drop(snapshot);
@@ -251,10 +265,13 @@ impl ServiceForwarder {
                         attempt.finish(Outcome::Failed);
                         service.count_timeout();
                         tracing::info!(service = %service.key, endpoint = %id, path = parts.uri.path(), "request timed out: 504");
-                        return local_response(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "upstream request timeout",
-                            h1,
+                        return flagged(
+                            local_response(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "upstream request timeout",
+                                h1,
+                            ),
+                            "UT",
                         );
                     }
                 },
@@ -292,12 +309,18 @@ impl ServiceForwarder {
             }
             return match (response, outcome) {
                 (Some(response), _) => response.map(Either::Left),
-                (None, Outcome::ConnectFailed) => local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error",
-                    h1,
+                (None, Outcome::ConnectFailed) => flagged(
+                    local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error",
+                        h1,
+                    ),
+                    "UF",
                 ),
-                (None, _) => local_response(StatusCode::BAD_GATEWAY, "upstream reset", h1),
+                (None, _) => flagged(
+                    local_response(StatusCode::BAD_GATEWAY, "upstream reset", h1),
+                    "UC",
+                ),
             };
         }
     }
@@ -382,10 +405,12 @@ impl ServiceForwarder {
     }
 }
 
-/// The request as sent to an endpoint: the client's method, path, headers
-/// and body, in the endpoint's protocol. HTTP/1.1 gets origin-form and a
-/// `Host`; HTTP/2 gets the authority in `:authority`. Connection-specific
-/// headers stay on the client's connection.
+/// An answer made here, with Envoy's response flag saying why.
+fn flagged(mut response: Response<ResponseBody>, flags: &'static str) -> Response<ResponseBody> {
+    response.extensions_mut().insert(ResponseFlags(flags));
+    response
+}
+
 /// Why a request to a local endpoint is answered here.
 enum LocalRefusal {
     /// 403, by this policy rule.
@@ -425,7 +450,10 @@ impl LocalRefusal {
     }
 }
 
-/// The request as it goes to `endpoint`, with `edited` headers in place of
+/// The request as sent to an endpoint: the client's method, path, headers
+/// and body, in the endpoint's protocol. HTTP/1.1 gets origin-form and a
+/// `Host`; HTTP/2 gets the authority in `:authority`. Connection-specific
+/// headers stay on the client's connection. `edited` headers in place of
 /// the received ones when the JWT check changed them.
 fn upstream_request(
     parts: &Parts,

@@ -6,15 +6,21 @@
 //! decisions on a long-lived HTTP connection take the current one.
 
 use crate::dns::names::ServiceNames;
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use anyhow::{Result, anyhow};
 use arc_swap::ArcSwap;
 
 use super::pod::PodHandle;
 use crate::{
+    config::ServiceConfig,
     desired::Desired,
     identity::SpiffeId,
+    l7::Destination,
     mtls::RemotePeer,
     policy::{self, CompiledPolicies},
     services::ServiceTable,
@@ -30,6 +36,12 @@ pub struct Snapshot {
     pub policies: Arc<CompiledPolicies>,
     /// The service names the DNS proxy answers.
     pub service_names: Arc<ServiceNames>,
+    /// Istio's `destination_service` of an endpoint (address and target
+    /// port), for what arrives at it without naming the service.
+    services_by_endpoint: Arc<HashMap<SocketAddr, Arc<str>>>,
+    /// Every mesh address (pods of this node, workloads of others) as
+    /// request metrics and spans name the destination.
+    destinations: HashMap<IpAddr, Arc<Destination>>,
 }
 
 /// Where the data path finds the snapshot in force.
@@ -42,6 +54,7 @@ pub struct Plan {
     services: Arc<ServiceTable>,
     policies: Arc<CompiledPolicies>,
     service_names: Arc<ServiceNames>,
+    services_by_endpoint: Arc<HashMap<SocketAddr, Arc<str>>>,
 }
 
 impl Plan {
@@ -64,15 +77,33 @@ impl Plan {
             services: Arc::new(services),
             policies: Arc::new(policies),
             service_names: Arc::new(ServiceNames::new(&node.cluster_domain, &desired.services)),
+            services_by_endpoint: Arc::new(services_by_endpoint(&desired.services)),
         })
     }
 
     /// The snapshot serving `pods` (the enrolled ones) with this plan.
     pub fn with_pods(self, pods: &[Arc<PodHandle>], generation: u64) -> Snapshot {
         let mut local_pods = HashMap::new();
+        let mut destinations = HashMap::new();
+        for (ip, peer) in &self.remote {
+            if let Some((namespace, name)) = peer.key.split_once('/') {
+                let destination = Destination {
+                    workload: name.to_string(),
+                    namespace: namespace.to_string(),
+                    principal: peer.identity.to_string(),
+                };
+                destinations.insert(*ip, Arc::new(destination));
+            }
+        }
         for pod in pods {
+            let destination = Arc::new(Destination {
+                workload: pod.workload_name(),
+                namespace: pod.workload.namespace.clone(),
+                principal: pod.identity.to_string(),
+            });
             for addr in &pod.addrs {
                 local_pods.insert(*addr, pod.clone());
+                destinations.insert(*addr, destination.clone());
             }
         }
         Snapshot {
@@ -82,6 +113,8 @@ impl Plan {
             services: self.services,
             policies: self.policies,
             service_names: self.service_names,
+            services_by_endpoint: self.services_by_endpoint,
+            destinations,
         }
     }
 }
@@ -99,7 +132,21 @@ impl Snapshot {
                 policy::PolicySet::default().compile(policy::DEFAULT_ROOT_NAMESPACE),
             ),
             service_names: Arc::default(),
+            services_by_endpoint: Arc::default(),
+            destinations: HashMap::new(),
         }
+    }
+
+    /// The destination labels of a mesh address, if it is one.
+    pub fn destination(&self, ip: IpAddr) -> Option<&Arc<Destination>> {
+        self.destinations.get(&ip)
+    }
+
+    /// The service (`<name>.<namespace>.svc.cluster.local`) with `endpoint`
+    /// (address and port the pod listens on) among its endpoints; the
+    /// first by name when several share it.
+    pub fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<&str> {
+        self.services_by_endpoint.get(&endpoint).map(|s| &**s)
     }
 
     pub fn local_pod(&self, ip: IpAddr) -> Option<&Arc<PodHandle>> {
@@ -137,6 +184,26 @@ impl Snapshot {
     pub fn needs_http(&self, target: &PodHandle, port: u16) -> bool {
         target.decided_per_request(&self.policies, port)
     }
+}
+
+/// Each service's endpoints, by address and target port, to its host name;
+/// where several services share an endpoint the first by namespace and
+/// name wins, so the label does not change from one reload to the next.
+fn services_by_endpoint(services: &[ServiceConfig]) -> HashMap<SocketAddr, Arc<str>> {
+    let mut sorted: Vec<&ServiceConfig> = services.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut map = HashMap::new();
+    for service in sorted {
+        let host: Arc<str> = super::service_http::service_host(service).into();
+        for endpoint in &service.endpoints {
+            for port in &service.ports {
+                let target = port.target_port.unwrap_or(port.port);
+                map.entry(SocketAddr::new(endpoint.address, target))
+                    .or_insert_with(|| host.clone());
+            }
+        }
+    }
+    map
 }
 
 /// Mesh workloads on other nodes by address, with the identity each must prove.

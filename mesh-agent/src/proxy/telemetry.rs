@@ -4,9 +4,15 @@
 //! Istio's labels. Label values come from workload names and identities
 //! (bounded by the configuration), never from addresses or ports.
 
+use std::sync::Arc;
+
 use prometheus::{IntCounterVec, Opts, core::Collector};
 
 use super::connections::{ConnectionRecord, Direction};
+use crate::{
+    l7::Destination,
+    spans::{RequestSpan, RequestTracer, SpanEnd, SpanSide},
+};
 
 /// The labels naming both ends, shared by Istio's TCP and HTTP metrics (and
 /// in this order in [`ConnectionRequests::labels`]).
@@ -193,8 +199,9 @@ impl HttpTelemetry {
 }
 
 /// The labels fixed for one connection's requests (all but the response
-/// code), and where to count them. The series of each response code are
-/// looked up once per connection, not per request.
+/// code and flags, and the destination where the endpoint is chosen per
+/// request), and where to count them. The series are looked up once per
+/// connection and label set, not per request.
 pub struct ConnectionRequests {
     pub telemetry: HttpTelemetry,
     /// One `access` log line per request.
@@ -203,8 +210,22 @@ pub struct ConnectionRequests {
     /// workload, namespace and principal, destination service.
     pub labels: [String; 8],
     pub security: &'static str,
-    pub series: parking_lot::Mutex<Vec<(u16, Series)>>,
+    /// The agent's span of each request, and which end it stands for.
+    pub spans: Option<(Arc<RequestTracer>, SpanSide)>,
+    pub series: parking_lot::Mutex<Vec<(SeriesKey, Series)>>,
 }
+
+/// What tells the series of one connection's requests apart.
+#[derive(PartialEq, Eq)]
+pub struct SeriesKey {
+    status: u16,
+    flags: &'static str,
+    destination: Option<Arc<Destination>>,
+}
+
+/// Series kept per connection at most; a connection spreading over more
+/// (many endpoints, many codes) looks the rest up per request.
+const SERIES_CACHED: usize = 64;
 
 /// The series of one response code.
 #[derive(Clone)]
@@ -216,15 +237,33 @@ pub struct Series {
 }
 
 impl ConnectionRequests {
-    fn series(&self, status: u16) -> Series {
+    /// The connection's labels, with the endpoint chosen for a request in
+    /// place of the destination the connection alone cannot know.
+    fn peers<'a>(&'a self, destination: Option<&'a Arc<Destination>>) -> [&'a str; 8] {
+        let [a, b, c, d, e, f, g, h] = &self.labels;
+        match destination {
+            Some(chosen) => [
+                a,
+                b,
+                c,
+                d,
+                &chosen.workload,
+                &chosen.namespace,
+                &chosen.principal,
+                h,
+            ],
+            None => [a, b, c, d, e, f, g, h],
+        }
+    }
+
+    fn series(&self, key: SeriesKey) -> Series {
         let mut cache = self.series.lock();
-        if let Some((_, series)) = cache.iter().find(|(code, _)| *code == status) {
+        if let Some((_, series)) = cache.iter().find(|(cached, _)| *cached == key) {
             return series.clone();
         }
-        let code = status.to_string();
-        let flags = if status == 403 { "DENY" } else { "-" };
-        let [a, b, c, d, e, f, g, h] = &self.labels;
-        let labels = [a.as_str(), b, c, d, e, f, g, h, &code, flags, self.security];
+        let code = key.status.to_string();
+        let [a, b, c, d, e, f, g, h] = self.peers(key.destination.as_ref());
+        let labels = [a, b, c, d, e, f, g, h, &code, key.flags, self.security];
         let t = &self.telemetry;
         let series = Series {
             requests: t.requests.with_label_values(&labels),
@@ -232,20 +271,42 @@ impl ConnectionRequests {
             request_bytes: t.request_bytes.with_label_values(&labels),
             response_bytes: t.response_bytes.with_label_values(&labels),
         };
-        cache.push((status, series.clone()));
+        if cache.len() < SERIES_CACHED {
+            cache.push((key, series.clone()));
+        }
         series
     }
 }
 
 impl crate::l7::RequestMetrics for ConnectionRequests {
-    fn record(&self, outcome: &crate::l7::RequestOutcome) {
-        let series = self.series(outcome.status);
+    fn begin(&self, request: &mut hyper::Request<hyper::body::Incoming>) -> Option<RequestSpan> {
+        let (tracer, side) = self.spans.as_ref()?;
+        Some(tracer.begin(*side, request))
+    }
+
+    fn record(&self, outcome: &crate::l7::RequestOutcome, span: Option<RequestSpan>) {
+        let flags = outcome.response_flags;
+        let series = self.series(SeriesKey {
+            status: outcome.status,
+            flags,
+            destination: outcome.destination.cloned(),
+        });
         series.requests.inc();
         series
             .duration
             .observe(outcome.duration.as_secs_f64() * 1000.0);
         series.request_bytes.observe(outcome.request_bytes as f64);
         series.response_bytes.observe(outcome.response_bytes as f64);
+        let peers = self.peers(outcome.destination);
+        if let Some(span) = span {
+            span.end(&SpanEnd {
+                status: outcome.status,
+                response_flags: flags,
+                denied_by: outcome.denied_by,
+                peers,
+                security: self.security,
+            });
+        }
         if self.access_log {
             let [
                 reporter,
@@ -256,25 +317,27 @@ impl crate::l7::RequestMetrics for ConnectionRequests {
                 destination_namespace,
                 destination_principal,
                 destination_service,
-            ] = &self.labels;
+            ] = peers;
             tracing::info!(
                 target: "access",
-                reporter = %reporter,
+                reporter,
                 method = %outcome.method,
                 path = outcome.path,
                 response_code = outcome.status,
+                response_flags = flags,
                 duration_ms = outcome.duration.as_millis() as u64,
                 request_bytes = outcome.request_bytes,
                 response_bytes = outcome.response_bytes,
-                source_workload = %source_workload,
-                source_namespace = %source_namespace,
-                source_principal = %source_principal,
-                destination_workload = %destination_workload,
-                destination_namespace = %destination_namespace,
-                destination_principal = %destination_principal,
-                destination_service = %destination_service,
+                source_workload,
+                source_namespace,
+                source_principal,
+                destination_workload,
+                destination_namespace,
+                destination_principal,
+                destination_service,
                 security = self.security,
                 denied_by = outcome.denied_by.unwrap_or("-"),
+                trace_id = outcome.trace_id.unwrap_or("-"),
                 "request"
             );
         }

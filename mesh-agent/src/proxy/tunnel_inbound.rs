@@ -104,6 +104,9 @@ fn stream_record(
     record.peers.set_local_destination(target);
     record.upstream = Path::Pod(target.key.clone());
     record.original_dst = request.authority;
+    if let Some(service) = snapshot.service_of_endpoint(request.authority) {
+        record.peers.destination_service = service.to_string();
+    }
     record.source_identity = Some(peer_identity.to_string());
     record.security = Security::MutualTls;
     if let Some(source) = snapshot.remote_peer(client.ip())
