@@ -53,6 +53,7 @@ pub mod kube_api;
 mod naming;
 pub mod netfilter;
 mod netns;
+pub mod otlp;
 mod preflight;
 mod process;
 mod reap;

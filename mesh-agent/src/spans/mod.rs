@@ -125,7 +125,7 @@ impl RequestTracer {
     /// decision is inside it) and makes it the parent the request carries
     /// on. `request` is edited: its trace context headers.
     pub fn begin<B>(&self, side: SpanSide, request: &mut Request<B>) -> RequestSpan {
-        let (parent, carrier) = propagation::extract(request.headers());
+        let parent = propagation::extract(request.headers());
         let method = request.method().as_str().to_owned();
         let kind = match side {
             SpanSide::Client => SpanKind::Client,
@@ -134,12 +134,12 @@ impl RequestTracer {
         let mut builder = self.tracer.span_builder(method.clone()).with_kind(kind);
         // OpenTelemetry's HTTP semantic conventions; a span not sampled is
         // not given any.
-        let sampled_parent = parent.span().span_context().is_sampled();
-        if carrier == propagation::Carrier::None || sampled_parent {
+        let parent_context = parent.span().span_context().clone();
+        if !parent_context.is_valid() || parent_context.is_sampled() {
             builder = builder.with_attributes(request_attributes(&method, request));
         }
         let span = builder.start_with_context(&self.tracer, &parent);
-        propagation::inject(request.headers_mut(), span.span_context(), carrier);
+        propagation::inject(request.headers_mut(), span.span_context());
         RequestSpan { span, side }
     }
 }

@@ -1,8 +1,9 @@
 //! Trace context in and out of a request, in the formats Envoy reads: W3C
 //! `traceparent`/`tracestate` first, else B3 (the single `b3` header, else
 //! the `X-B3-*` headers). The forwarded request always carries W3C
-//! `traceparent`, and B3 too (in the encoding it came with) when it came
-//! with B3, so applications of either kind continue the trace.
+//! `traceparent`, and B3 headers too (in the encoding they came in) when
+//! it came with any, so applications of either kind continue the trace: a
+//! request carrying both gets both rewritten, whichever was read.
 //!
 //! W3C is the OpenTelemetry SDK's propagator. B3 is read and written here:
 //! the one crate that has it (`opentelemetry-zipkin`) is deprecated with
@@ -30,30 +31,18 @@ const B3_HEADERS: [&str; 6] = [
     "x-b3-flags",
 ];
 
-/// How a request carried its trace context.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Carrier {
-    /// No (valid) context: the agent starts a trace.
-    None,
-    W3c,
-    B3Single,
-    B3Multi,
-}
-
-/// The context a request came with, as the parent of the agent's span.
-pub fn extract(headers: &HeaderMap) -> (Context, Carrier) {
+/// The context a request came with, as the parent of the agent's span
+/// (an empty context when it came with none that is valid).
+pub fn extract(headers: &HeaderMap) -> Context {
     let w3c = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if w3c.span().span_context().is_valid() {
-        return (w3c, Carrier::W3c);
+        return w3c;
     }
-    if let Some(value) = headers.get("b3") {
-        if let Some(span) = value.to_str().ok().and_then(b3_single) {
-            return (remote(span), Carrier::B3Single);
-        }
-    } else if let Some(span) = b3_multi(headers) {
-        return (remote(span), Carrier::B3Multi);
-    }
-    (Context::new(), Carrier::None)
+    let b3 = match headers.get("b3") {
+        Some(value) => value.to_str().ok().and_then(b3_single),
+        None => b3_multi(headers),
+    };
+    b3.map(remote).unwrap_or_default()
 }
 
 fn remote(span: SpanContext) -> Context {
@@ -131,11 +120,13 @@ fn is_lower_hex(text: &str) -> bool {
 }
 
 /// Writes `span` (the agent's) as the forwarded request's parent: W3C
-/// always, B3 as well when the request came with it.
-pub fn inject(headers: &mut HeaderMap, span: &SpanContext, carrier: Carrier) {
+/// always, and each B3 encoding the request came with.
+pub fn inject(headers: &mut HeaderMap, span: &SpanContext) {
     let cx = Context::new().with_remote_span_context(span.clone());
     TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
-    if !matches!(carrier, Carrier::B3Single | Carrier::B3Multi) {
+    let single = headers.contains_key("b3");
+    let multi = headers.contains_key("x-b3-traceid");
+    if !single && !multi {
         return;
     }
     for name in B3_HEADERS {
@@ -148,9 +139,10 @@ pub fn inject(headers: &mut HeaderMap, span: &SpanContext, carrier: Carrier) {
             headers.insert(name, value);
         }
     };
-    if carrier == Carrier::B3Single {
+    if single {
         set("b3", format!("{trace}-{id}-{sampled}"));
-    } else {
+    }
+    if multi {
         set("x-b3-traceid", trace.to_string());
         set("x-b3-spanid", id.to_string());
         set("x-b3-sampled", sampled.to_string());
@@ -179,17 +171,17 @@ mod tests {
 
     #[test]
     fn w3c_context_is_read_with_its_sampled_flag_and_state() {
-        let (cx, carrier) = extract(&headers(&[
+        let cx = extract(&headers(&[
             ("traceparent", &format!("00-{TRACE}-{PARENT}-01")),
             ("tracestate", "vendor=x"),
+            ("b3", &format!("{TRACE}-1111111111111111-1")),
         ]));
         let parent = parent_of(&cx);
-        assert_eq!(carrier, Carrier::W3c);
         assert_eq!(parent.trace_id().to_string(), TRACE);
         assert_eq!(parent.span_id().to_string(), PARENT);
         assert!(parent.is_sampled());
         assert_eq!(parent.trace_state().get("vendor"), Some("x"));
-        let (cx, _) = extract(&headers(&[(
+        let cx = extract(&headers(&[(
             "traceparent",
             &format!("00-{TRACE}-{PARENT}-00"),
         )]));
@@ -198,20 +190,18 @@ mod tests {
 
     #[test]
     fn b3_single_and_multi_headers_are_read_when_there_is_no_w3c_context() {
-        let (cx, carrier) = extract(&headers(&[("b3", &format!("{TRACE}-{PARENT}-1"))]));
-        assert_eq!(carrier, Carrier::B3Single);
+        let cx = extract(&headers(&[("b3", &format!("{TRACE}-{PARENT}-1"))]));
         assert_eq!(parent_of(&cx).trace_id().to_string(), TRACE);
         assert!(parent_of(&cx).is_sampled());
-        let (cx, carrier) = extract(&headers(&[
+        let cx = extract(&headers(&[
             ("x-b3-traceid", TRACE),
             ("x-b3-spanid", PARENT),
             ("x-b3-sampled", "0"),
         ]));
-        assert_eq!(carrier, Carrier::B3Multi);
         assert_eq!(parent_of(&cx).span_id().to_string(), PARENT);
         assert!(!parent_of(&cx).is_sampled());
         // A 64-bit trace id is the low half of the 128-bit one.
-        let (cx, _) = extract(&headers(&[("b3", &format!("a3ce929d0e0e4736-{PARENT}-0"))]));
+        let cx = extract(&headers(&[("b3", &format!("a3ce929d0e0e4736-{PARENT}-0"))]));
         assert_eq!(
             parent_of(&cx).trace_id().to_string(),
             "0000000000000000a3ce929d0e0e4736"
@@ -229,9 +219,7 @@ mod tests {
             headers(&[("x-b3-traceid", TRACE), ("x-b3-spanid", "short")]),
             HeaderMap::new(),
         ] {
-            let (cx, carrier) = extract(&bad);
-            assert_eq!(carrier, Carrier::None, "{bad:?}");
-            assert!(!parent_of(&cx).is_valid());
+            assert!(!parent_of(&extract(&bad)).is_valid(), "{bad:?}");
         }
     }
 
@@ -245,7 +233,7 @@ mod tests {
             TraceState::default(),
         );
         let mut w3c = headers(&[("traceparent", &format!("00-{TRACE}-{PARENT}-01"))]);
-        inject(&mut w3c, &span, Carrier::W3c);
+        inject(&mut w3c, &span);
         assert_eq!(
             w3c["traceparent"],
             format!("00-{TRACE}-a1a2a3a4a5a6a7a8-01").as_str()
@@ -258,14 +246,21 @@ mod tests {
             ("x-b3-parentspanid", "1111111111111111"),
             ("x-b3-sampled", "1"),
         ]);
-        inject(&mut multi, &span, Carrier::B3Multi);
+        inject(&mut multi, &span);
         assert_eq!(multi["x-b3-spanid"], "a1a2a3a4a5a6a7a8");
         assert_eq!(multi["x-b3-traceid"], TRACE);
         assert!(!multi.contains_key("x-b3-parentspanid"));
         assert!(multi.contains_key("traceparent"));
 
         let mut single = headers(&[("b3", &format!("{TRACE}-{PARENT}-1"))]);
-        inject(&mut single, &span, Carrier::B3Single);
+        inject(&mut single, &span);
         assert_eq!(single["b3"], format!("{TRACE}-a1a2a3a4a5a6a7a8-1").as_str());
+        // Both formats, read from W3C: both carry the agent's span on.
+        let mut both = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{PARENT}-01")),
+            ("b3", &format!("{TRACE}-{PARENT}-1")),
+        ]);
+        inject(&mut both, &span);
+        assert_eq!(both["b3"], format!("{TRACE}-a1a2a3a4a5a6a7a8-1").as_str());
     }
 }

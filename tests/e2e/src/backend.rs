@@ -61,6 +61,20 @@ struct State {
     served: AtomicU64,
     connections: AtomicU64,
     served_by_status: Mutex<HashMap<u16, u64>>,
+    /// The trace context headers of the first requests (`traceparent`,
+    /// `b3`), as the application saw them.
+    trace_headers: Mutex<Vec<TraceHeaders>>,
+}
+
+/// Requests whose trace headers are kept, at most.
+const TRACE_HEADERS_KEPT: usize = 10_000;
+
+/// The trace context one request arrived with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub path: String,
+    pub traceparent: Option<String>,
+    pub b3: Option<String>,
 }
 
 type Reply = std_mpsc::Sender<Result<(), String>>;
@@ -99,6 +113,7 @@ impl HttpBackend {
             served: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             served_by_status: Mutex::new(HashMap::new()),
+            trace_headers: Mutex::new(Vec::new()),
         });
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -166,6 +181,16 @@ impl HttpBackend {
     pub fn served_with(&self, status: u16) -> u64 {
         let by_status = self.state.served_by_status.lock().expect("counters");
         by_status.get(&status).copied().unwrap_or(0)
+    }
+
+    /// The trace context headers of the requests served so far (the first
+    /// 10,000).
+    pub fn trace_headers(&self) -> Vec<TraceHeaders> {
+        self.state
+            .trace_headers
+            .lock()
+            .expect("trace headers")
+            .clone()
     }
 
     /// TCP connections accepted since start.
@@ -438,6 +463,22 @@ async fn answer(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    {
+        let mut kept = state.trace_headers.lock().expect("trace headers");
+        if kept.len() < TRACE_HEADERS_KEPT {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            kept.push(TraceHeaders {
+                path: req.uri().path().to_owned(),
+                traceparent: header("traceparent"),
+                b3: header("b3"),
+            });
+        }
+    }
     req.into_body().collect().await?;
     let delay = state.delay_us.load(Ordering::Relaxed);
     if delay > 0 {

@@ -178,6 +178,16 @@ pub fn start_mesh_with<'t>(
     lifetime: &str,
     node_extra: &str,
 ) -> Result<Vec<NodeAgent<'t>>> {
+    start_mesh_each(topo, issuers, lifetime, |_| node_extra.to_string())
+}
+
+/// Like [`start_mesh`], with node.yaml lines of each node's own.
+pub fn start_mesh_each<'t>(
+    topo: &'t Topology,
+    issuers: &[NodeIssuer],
+    lifetime: &str,
+    node_extra: impl Fn(&Node) -> String,
+) -> Result<Vec<NodeAgent<'t>>> {
     let mut agents = Vec::new();
     for (node, issuer) in topo.nodes().iter().zip(issuers) {
         let local: Vec<&Pod> = node.pods().iter().filter(|p| in_mesh(p)).collect();
@@ -192,7 +202,7 @@ pub fn start_mesh_with<'t>(
             topo,
             node,
             &pods_yaml(&local),
-            &format!("{}{node_extra}", issuer.node_yaml(lifetime)),
+            &format!("{}{}", issuer.node_yaml(lifetime), node_extra(node)),
             &[("workloads.yaml", workloads_yaml(&remote, None))],
         )?);
     }
