@@ -208,6 +208,50 @@ fn a_bad_renewal_fraction_is_rejected() {
 }
 
 #[test]
+fn tracing_settings_load_with_defaults_and_bad_ones_are_named_by_line_and_field() {
+    let node = "name: n1\ntracing:\n  endpoint: http://otel-collector.observability:4318\n  protocol: http/protobuf\n";
+    let cfg = load_dir(dir_with(node, None).path()).unwrap();
+    let tracing = cfg.node.tracing.expect("tracing");
+    assert_eq!(tracing.protocol, crate::config::OtlpProtocol::HttpProtobuf);
+    assert_eq!(tracing.random_sampling_percentage, 1.0);
+    assert_eq!(tracing.max_queued_spans, 2048);
+    assert_eq!(
+        tracing.traces_url(),
+        "http://otel-collector.observability:4318/v1/traces"
+    );
+    for (yaml, field, line) in [
+        (
+            "name: n1\ntracing:\n  endpoint: otel-collector:4317\n",
+            "tracing.endpoint",
+            3,
+        ),
+        (
+            "name: n1\ntracing:\n  endpoint: http://c:4317\n  randomSamplingPercentage: 150\n",
+            "tracing.randomSamplingPercentage",
+            4,
+        ),
+        (
+            "name: n1\ntracing:\n  endpoint: http://c:4317\n  maxQueuedSpans: 0\n",
+            "tracing.maxQueuedSpans",
+            4,
+        ),
+    ] {
+        let err = load_dir(dir_with(yaml, None).path()).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+        assert_eq!(err.line, Some(line), "{err}");
+    }
+    let err = load_dir(
+        dir_with(
+            "name: n1\ntracing:\n  endpoint: http://c:4317\n  protocol: zipkin\n",
+            None,
+        )
+        .path(),
+    )
+    .unwrap_err();
+    assert!(err.message.contains("unknown variant `zipkin`"), "{err}");
+}
+
+#[test]
 fn an_unknown_identity_source_is_rejected() {
     let node = "name: n1\nidentity:\n  vault:\n    url: x\n";
     let err = load_dir(dir_with(node, None).path()).unwrap_err();

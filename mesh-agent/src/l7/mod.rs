@@ -198,8 +198,6 @@ pub struct RequestOutcome<'a> {
     pub response_flags: &'static str,
     /// The endpoint the [`Forward`] chose for it, when it chose per request.
     pub destination: Option<&'a Arc<Destination>>,
-    /// The trace the request's span is part of, when it has one.
-    pub trace_id: Option<&'a str>,
 }
 
 /// Told about every request: when it arrives, and when it is answered

@@ -17,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use tokio::task::JoinHandle;
 
 use super::{Authorizer, L7Stats, PathNormalizer, Protocol, RequestInfo, Verdict};
-use crate::spans::RequestSpan;
 
 /// Body of the responses sent downstream: the upstream's, or a local one.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -166,7 +165,6 @@ impl Relay {
             let destination = response
                 .extensions_mut()
                 .remove::<Arc<super::Destination>>();
-            let trace_id = span.as_ref().map(RequestSpan::trace_id);
             metrics.record(
                 &super::RequestOutcome {
                     method: &method,
@@ -178,7 +176,6 @@ impl Relay {
                     denied_by: denied_by.as_deref(),
                     response_flags: flags,
                     destination: destination.as_ref(),
-                    trace_id: trace_id.as_deref(),
                 },
                 span,
             );

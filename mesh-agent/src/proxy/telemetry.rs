@@ -298,6 +298,11 @@ impl crate::l7::RequestMetrics for ConnectionRequests {
         series.request_bytes.observe(outcome.request_bytes as f64);
         series.response_bytes.observe(outcome.response_bytes as f64);
         let peers = self.peers(outcome.destination);
+        // Made only for the log line (it is a string).
+        let trace_id = span
+            .as_ref()
+            .filter(|_| self.access_log)
+            .map(RequestSpan::trace_id);
         if let Some(span) = span {
             span.end(&SpanEnd {
                 status: outcome.status,
@@ -337,7 +342,7 @@ impl crate::l7::RequestMetrics for ConnectionRequests {
                 destination_service = %destination_service,
                 security = self.security,
                 denied_by = outcome.denied_by.unwrap_or("-"),
-                trace_id = %outcome.trace_id.unwrap_or("-"),
+                trace_id = %trace_id.as_deref().unwrap_or("-"),
                 "request"
             );
         }

@@ -1,6 +1,7 @@
 //! Finished spans on their way to the collector: a bounded queue the data
-//! path only ever `try_send`s into, and one task that sends batches over
-//! OTLP. A slow or absent collector costs spans, never requests: when the
+//! path only ever `try_send`s into, and one thread of its own that sends
+//! batches over OTLP (encoding a batch, connecting and retrying never take
+//! a turn from the runtime that serves requests). A slow or absent collector costs spans, never requests: when the
 //! queue is full a span is dropped and counted, and a batch the collector
 //! did not take is counted as dropped too.
 
@@ -96,15 +97,47 @@ impl std::fmt::Debug for ExportQueue {
 }
 
 impl ExportQueue {
-    /// Starts the export task (on the current Tokio runtime) sending to
-    /// `exporter`; at most `capacity` spans wait for it.
-    pub fn start<E>(exporter: E, capacity: usize, counters: SpanCounters) -> Self
+    /// Starts the export thread, which builds its exporter with `exporter`
+    /// (on the thread's own Tokio runtime: a gRPC channel's tasks live
+    /// there) and sends to it; at most `capacity` spans wait. Fails if the
+    /// exporter cannot be built.
+    pub fn start<E, B>(exporter: B, capacity: usize, counters: SpanCounters) -> anyhow::Result<Self>
     where
         E: SpanExporter + 'static,
+        B: FnOnce() -> anyhow::Result<E> + Send + 'static,
     {
         let (queue, spans) = mpsc::channel(capacity.max(1));
-        tokio::spawn(export_batches(exporter, spans, counters.clone()));
-        Self { queue, counters }
+        let (built, ready) = std::sync::mpsc::channel();
+        let task_counters = counters.clone();
+        std::thread::Builder::new()
+            .name("span-export".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = built.send(Err(anyhow::Error::from(err)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match exporter() {
+                        Ok(exporter) => {
+                            let _ = built.send(Ok(()));
+                            export_batches(exporter, spans, task_counters).await;
+                        }
+                        Err(err) => {
+                            let _ = built.send(Err(err));
+                        }
+                    }
+                });
+            })?;
+        ready
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the span export thread ended at start"))??;
+        Ok(Self { queue, counters })
     }
 }
 
@@ -125,7 +158,7 @@ impl SpanProcessor for ExportQueue {
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        // The task ends when the provider (the only sender) is dropped.
+        // The thread ends when the provider (the only sender) is dropped.
         Ok(())
     }
 }
@@ -258,7 +291,8 @@ mod tests {
         let collector = Arc::new(Collector::default());
         collector.blocked.store(true, Ordering::SeqCst);
         let counters = SpanCounters::default();
-        let queue = ExportQueue::start(TestExporter(collector.clone()), 4, counters.clone());
+        let exporter = TestExporter(collector.clone());
+        let queue = ExportQueue::start(move || Ok(exporter), 4, counters.clone()).unwrap();
         // The first span is taken by the export task, which then blocks in
         // the export; four more fill the queue, the rest are dropped.
         queue.on_end(span(true));

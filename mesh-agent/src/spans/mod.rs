@@ -17,9 +17,7 @@ use anyhow::Context as _;
 use hyper::{Request, header};
 use opentelemetry::{
     KeyValue,
-    trace::{
-        Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider,
-    },
+    trace::{Span as _, SpanContext, SpanKind, Status, Tracer as _, TracerProvider},
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
@@ -78,22 +76,28 @@ impl RequestTracer {
             .with_service_name("mesh-agent")
             .with_attribute(KeyValue::new("k8s.node.name", node_name.to_string()))
             .build();
-        let mut exporter = match settings.protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(settings.endpoint.clone())
-                .with_timeout(settings.export_timeout)
-                .build(),
-            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(settings.traces_url())
-                .with_timeout(settings.export_timeout)
-                .build(),
-        }
-        .with_context(|| format!("the OTLP exporter to {}", settings.endpoint))?;
-        exporter.set_resource(&resource);
-        let queue = export::ExportQueue::start(exporter, settings.max_queued_spans, counters);
+        let exporter_resource = resource.clone();
+        let settings_for_export = settings.clone();
+        let build = move || -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+            let settings = settings_for_export;
+            let mut exporter = match settings.protocol {
+                OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(settings.endpoint.clone())
+                    .with_timeout(settings.export_timeout)
+                    .build(),
+                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(settings.traces_url())
+                    .with_timeout(settings.export_timeout)
+                    .build(),
+            }
+            .with_context(|| format!("the OTLP exporter to {}", settings.endpoint))?;
+            exporter.set_resource(&exporter_resource);
+            Ok(exporter)
+        };
+        let queue = export::ExportQueue::start(build, settings.max_queued_spans, counters)?;
         Ok(Self::with_processor(
             queue,
             settings.random_sampling_percentage,
@@ -126,28 +130,53 @@ impl RequestTracer {
     /// on. `request` is edited: its trace context headers.
     pub fn begin<B>(&self, side: SpanSide, request: &mut Request<B>) -> RequestSpan {
         let parent = propagation::extract(request.headers());
-        let method = request.method().as_str().to_owned();
         let kind = match side {
             SpanSide::Client => SpanKind::Client,
             SpanSide::Server => SpanKind::Server,
         };
-        let mut builder = self.tracer.span_builder(method.clone()).with_kind(kind);
+        let mut span = self
+            .tracer
+            .span_builder(method_name(request.method()))
+            .with_kind(kind)
+            .start_with_context(&self.tracer, &parent);
         // OpenTelemetry's HTTP semantic conventions; a span not sampled is
-        // not given any.
-        let parent_context = parent.span().span_context().clone();
-        if !parent_context.is_valid() || parent_context.is_sampled() {
-            builder = builder.with_attributes(request_attributes(&method, request));
+        // given none (the sampler decides by trace id alone).
+        if span.is_recording() {
+            span.set_attributes(request_attributes(request));
         }
-        let span = builder.start_with_context(&self.tracer, &parent);
         propagation::inject(request.headers_mut(), span.span_context());
         RequestSpan { span, side }
     }
 }
 
+/// The span's name: the method, as the conventions ask when there is no
+/// route template (no allocation for the standard ones).
+fn method_name(method: &hyper::Method) -> std::borrow::Cow<'static, str> {
+    use hyper::Method;
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    const NAMES: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match known.iter().position(|m| m == method) {
+        Some(i) => NAMES[i].into(),
+        None => method.as_str().to_owned().into(),
+    }
+}
+
 /// The request's own attributes (OpenTelemetry HTTP semantic conventions).
-fn request_attributes<B>(method: &str, request: &Request<B>) -> Vec<KeyValue> {
+fn request_attributes<B>(request: &Request<B>) -> Vec<KeyValue> {
     let mut attributes = vec![
-        KeyValue::new("http.request.method", method.to_owned()),
+        KeyValue::new("http.request.method", method_name(request.method())),
         KeyValue::new("url.path", request.uri().path().to_owned()),
         KeyValue::new("url.scheme", "http"),
         KeyValue::new(

@@ -26,6 +26,7 @@ mod compare;
 mod dns_bench;
 mod latency_pairs;
 mod plot;
+mod tracing_bench;
 mod ztunnel;
 
 pub use compare::run as compare;
@@ -471,8 +472,47 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         }
         dns_bench::remove_services(topo, |node| config_dir(topo, node))?;
     }
+    // What request spans cost: off, 1%, 100%, 100% with the collector
+    // away (MESH_BENCH_MODES=tracing runs only this).
+    let mut traced = tracing_bench::TracingCost::new(plan.rate_secs);
+    if runs("tracing") {
+        tracing_bench::write_services(topo, |node| config_dir(topo, node))?;
+        let receivers = tracing_bench::start_receivers(topo)?;
+        for round in 0..plan.rounds {
+            for (name, extra) in tracing_bench::settings() {
+                agents.clear();
+                for node in topo.nodes() {
+                    agents.push(start_agent(&tools.agent, node, topo, pki, &extra)?);
+                }
+                set_mode(topo, Mode::Mtls)?;
+                set_policies(topo, topo.node("n2"), true)?;
+                let pids: Vec<u32> = agents.iter().map(Process::pid).collect();
+                let received: Vec<usize> = receivers.iter().map(|r| r.span_count()).collect();
+                let sample = tracing_bench::measure(&tools, a, &pids, plan.rate_secs)?;
+                step(format!(
+                    "round {}/{} tracing {name}: p50 {:.0} µs, p99 {:.0} µs, agents {:.3} CPU s/1k req; spans n1 {}, n2 {}; received before this run {received:?}, now {:?}",
+                    round + 1,
+                    plan.rounds,
+                    sample.p50_us,
+                    sample.p99_us,
+                    sample.cpu_s_per_1k,
+                    tracing_bench::spans_counted(topo.node("n1"))?,
+                    tracing_bench::spans_counted(topo.node("n2"))?,
+                    receivers.iter().map(|r| r.span_count()).collect::<Vec<_>>(),
+                ));
+                traced.push(name, sample);
+            }
+        }
+        set_policies(topo, topo.node("n2"), false)?;
+        dns_bench::remove_services(topo, |node| config_dir(topo, node))?;
+    }
     if only.is_some() {
-        println!("{}{}", setup.markdown(), dns.markdown());
+        println!(
+            "{}{}{}",
+            setup.markdown(),
+            dns.markdown(),
+            traced.markdown()
+        );
         return Ok(());
     }
     // The L7 figures mean something only if the agent decided those requests.
@@ -525,6 +565,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         scale: &scale,
         setup: &setup,
         dns: &dns,
+        tracing: &traced,
     };
     let out_dir = bench_dir();
     let table = report.markdown();
@@ -1070,6 +1111,7 @@ struct Report<'a> {
     scale: &'a [Scale],
     setup: &'a latency_pairs::LatencyPairs,
     dns: &'a latency_pairs::LatencyPairs,
+    tracing: &'a tracing_bench::TracingCost,
 }
 
 /// The median of a path's rounds, field by field.
@@ -1225,7 +1267,13 @@ impl Report<'_> {
             );
         }
         let _ = write!(t, "{}", self.against_ztunnel());
-        let _ = write!(t, "{}{}", self.setup.markdown(), self.dns.markdown());
+        let _ = write!(
+            t,
+            "{}{}{}",
+            self.setup.markdown(),
+            self.dns.markdown(),
+            self.tracing.markdown()
+        );
         let _ = writeln!(
             t,
             "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
@@ -1357,6 +1405,7 @@ impl Report<'_> {
             })).collect::<Vec<_>>(),
             "connection_setup": self.setup.json(),
             "dns_lookup": self.dns.json(),
+            "tracing": self.tracing.json(),
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,
