@@ -189,6 +189,10 @@ fn serve_thread(
     ready: std_mpsc::Sender<anyhow::Result<()>>,
 ) {
     let setup = || -> anyhow::Result<(tokio::runtime::Runtime, std::net::TcpListener)> {
+        // Below the agents being measured (a collector runs elsewhere in a
+        // cluster): nice 10.
+        // SAFETY: a plain system call on this thread's own id.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
         if let Some(netns) = &netns {
             let file = std::fs::File::open(netns)
                 .with_context(|| format!("opening {}", netns.display()))?;

@@ -198,6 +198,35 @@ impl HttpTelemetry {
     }
 }
 
+/// Istio's labels naming both ends of one request, in [`PEER_LABELS`]
+/// order by [`PeerLabels::values`].
+#[derive(Debug, Clone, Copy)]
+pub struct PeerLabels<'a> {
+    pub reporter: &'a str,
+    pub source_workload: &'a str,
+    pub source_namespace: &'a str,
+    pub source_principal: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_namespace: &'a str,
+    pub destination_principal: &'a str,
+    pub destination_service: &'a str,
+}
+
+impl<'a> PeerLabels<'a> {
+    fn values(&self) -> [&'a str; 8] {
+        [
+            self.reporter,
+            self.source_workload,
+            self.source_namespace,
+            self.source_principal,
+            self.destination_workload,
+            self.destination_namespace,
+            self.destination_principal,
+            self.destination_service,
+        ]
+    }
+}
+
 /// The labels fixed for one connection's requests (all but the response
 /// code and flags, and the destination where the endpoint is chosen per
 /// request), and where to count them. The series are looked up once per
@@ -239,20 +268,21 @@ pub struct Series {
 impl ConnectionRequests {
     /// The connection's labels, with the endpoint chosen for a request in
     /// place of the destination the connection alone cannot know.
-    fn peers<'a>(&'a self, destination: Option<&'a Arc<Destination>>) -> [&'a str; 8] {
+    fn peers<'a>(&'a self, destination: Option<&'a Arc<Destination>>) -> PeerLabels<'a> {
         let [a, b, c, d, e, f, g, h] = &self.labels;
-        match destination {
-            Some(chosen) => [
-                a,
-                b,
-                c,
-                d,
-                &chosen.workload,
-                &chosen.namespace,
-                &chosen.principal,
-                h,
-            ],
-            None => [a, b, c, d, e, f, g, h],
+        let (e, f, g) = match destination {
+            Some(chosen) => (&chosen.workload, &chosen.namespace, &chosen.principal),
+            None => (e, f, g),
+        };
+        PeerLabels {
+            reporter: a,
+            source_workload: b,
+            source_namespace: c,
+            source_principal: d,
+            destination_workload: e,
+            destination_namespace: f,
+            destination_principal: g,
+            destination_service: h,
         }
     }
 
@@ -262,7 +292,7 @@ impl ConnectionRequests {
             return series.clone();
         }
         let code = key.status.to_string();
-        let [a, b, c, d, e, f, g, h] = self.peers(key.destination.as_ref());
+        let [a, b, c, d, e, f, g, h] = self.peers(key.destination.as_ref()).values();
         let labels = [a, b, c, d, e, f, g, h, &code, key.flags, self.security];
         let t = &self.telemetry;
         let series = Series {
@@ -313,19 +343,9 @@ impl crate::l7::RequestMetrics for ConnectionRequests {
             });
         }
         if self.access_log {
-            let [
-                reporter,
-                source_workload,
-                source_namespace,
-                source_principal,
-                destination_workload,
-                destination_namespace,
-                destination_principal,
-                destination_service,
-            ] = peers;
             tracing::info!(
                 target: "access",
-                reporter = %reporter,
+                reporter = %peers.reporter,
                 method = %outcome.method,
                 path = outcome.path,
                 response_code = outcome.status,
@@ -333,13 +353,13 @@ impl crate::l7::RequestMetrics for ConnectionRequests {
                 duration_ms = outcome.duration.as_millis() as u64,
                 request_bytes = outcome.request_bytes,
                 response_bytes = outcome.response_bytes,
-                source_workload = %source_workload,
-                source_namespace = %source_namespace,
-                source_principal = %source_principal,
-                destination_workload = %destination_workload,
-                destination_namespace = %destination_namespace,
-                destination_principal = %destination_principal,
-                destination_service = %destination_service,
+                source_workload = %peers.source_workload,
+                source_namespace = %peers.source_namespace,
+                source_principal = %peers.source_principal,
+                destination_workload = %peers.destination_workload,
+                destination_namespace = %peers.destination_namespace,
+                destination_principal = %peers.destination_principal,
+                destination_service = %peers.destination_service,
                 security = self.security,
                 denied_by = outcome.denied_by.unwrap_or("-"),
                 trace_id = %trace_id.as_deref().unwrap_or("-"),

@@ -112,6 +112,7 @@ impl ExportQueue {
         std::thread::Builder::new()
             .name("span-export".into())
             .spawn(move || {
+                yield_to_requests();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -138,6 +139,24 @@ impl ExportQueue {
             .recv()
             .map_err(|_| anyhow::anyhow!("the span export thread ended at start"))??;
         Ok(Self { queue, counters })
+    }
+}
+
+/// The export thread runs at a lower priority (nice 10) than the threads
+/// serving requests: on a loaded node, encoding and sending spans waits,
+/// requests do not (spans queue, and are dropped and counted if it comes
+/// to that).
+fn yield_to_requests() {
+    // SAFETY: plain system calls on this thread's own id.
+    let failed = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) != 0
+    };
+    if failed {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "the span export thread keeps the agent's priority"
+        );
     }
 }
 

@@ -27,7 +27,10 @@ use opentelemetry_sdk::{
 
 pub use export::{SpanCounters, SpanFate};
 
-use crate::config::{OtlpProtocol, TracingSettings};
+use crate::{
+    config::{OtlpProtocol, TracingSettings},
+    proxy::telemetry::PeerLabels,
+};
 
 /// The agent's tracer: sampler, span queue and exporter.
 pub struct RequestTracer {
@@ -57,10 +60,8 @@ pub struct SpanEnd<'a> {
     pub response_flags: &'a str,
     /// The policy (rule) that refused it, if one did.
     pub denied_by: Option<&'a str>,
-    /// Istio's peer labels, in `proxy::telemetry`'s order: reporter,
-    /// source workload, namespace, principal, destination workload,
-    /// namespace, principal, service.
-    pub peers: [&'a str; 8],
+    /// Who was on each end (Istio's labels).
+    pub peers: PeerLabels<'a>,
     pub security: &'a str,
 }
 
@@ -227,31 +228,28 @@ impl RequestSpan {
     /// Ends the span with the request's answer and both ends' names.
     pub fn end(mut self, end: &SpanEnd<'_>) {
         if self.span.is_recording() {
-            let [
-                _reporter,
-                source_workload,
-                source_namespace,
-                source_principal,
-                destination_workload,
-                destination_namespace,
-                destination_principal,
-                destination_service,
-            ] = end.peers;
+            let peers = &end.peers;
             self.span.set_attributes([
                 KeyValue::new("http.response.status_code", i64::from(end.status)),
-                KeyValue::new("mesh.source.workload", source_workload.to_owned()),
-                KeyValue::new("mesh.source.namespace", source_namespace.to_owned()),
-                KeyValue::new("mesh.source.principal", source_principal.to_owned()),
-                KeyValue::new("mesh.destination.workload", destination_workload.to_owned()),
+                KeyValue::new("mesh.source.workload", peers.source_workload.to_owned()),
+                KeyValue::new("mesh.source.namespace", peers.source_namespace.to_owned()),
+                KeyValue::new("mesh.source.principal", peers.source_principal.to_owned()),
+                KeyValue::new(
+                    "mesh.destination.workload",
+                    peers.destination_workload.to_owned(),
+                ),
                 KeyValue::new(
                     "mesh.destination.namespace",
-                    destination_namespace.to_owned(),
+                    peers.destination_namespace.to_owned(),
                 ),
                 KeyValue::new(
                     "mesh.destination.principal",
-                    destination_principal.to_owned(),
+                    peers.destination_principal.to_owned(),
                 ),
-                KeyValue::new("mesh.destination.service", destination_service.to_owned()),
+                KeyValue::new(
+                    "mesh.destination.service",
+                    peers.destination_service.to_owned(),
+                ),
                 KeyValue::new("mesh.response_flags", end.response_flags.to_owned()),
                 KeyValue::new("mesh.connection_security_policy", end.security.to_owned()),
             ]);

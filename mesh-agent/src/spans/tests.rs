@@ -47,16 +47,16 @@ fn end(span: RequestSpan, status: u16) {
         status,
         response_flags: "-",
         denied_by: None,
-        peers: [
-            "source",
-            "sleep",
-            "client-ns",
-            "spiffe://cluster.local/ns/client-ns/sa/sleep",
-            "web",
-            "shop",
-            "spiffe://cluster.local/ns/shop/sa/web",
-            "web.shop.svc.cluster.local",
-        ],
+        peers: PeerLabels {
+            reporter: "source",
+            source_workload: "sleep",
+            source_namespace: "client-ns",
+            source_principal: "spiffe://cluster.local/ns/client-ns/sa/sleep",
+            destination_workload: "web",
+            destination_namespace: "shop",
+            destination_principal: "spiffe://cluster.local/ns/shop/sa/web",
+            destination_service: "web.shop.svc.cluster.local",
+        },
         security: "mutual_tls",
     });
 }

@@ -478,8 +478,9 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     if runs("tracing") {
         tracing_bench::write_services(topo, |node| config_dir(topo, node))?;
         let receivers = tracing_bench::start_receivers(topo)?;
-        for round in 0..plan.rounds {
-            for (name, extra) in tracing_bench::settings() {
+        let rounds = tracing_bench::rounds(plan.rounds);
+        for round in 0..rounds {
+            for (name, extra) in tracing_bench::settings(round) {
                 agents.clear();
                 for node in topo.nodes() {
                     agents.push(start_agent(&tools.agent, node, topo, pki, &extra)?);
@@ -492,7 +493,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
                 step(format!(
                     "round {}/{} tracing {name}: p50 {:.0} µs, p99 {:.0} µs, agents {:.3} CPU s/1k req; spans n1 {}, n2 {}; received before this run {received:?}, now {:?}",
                     round + 1,
-                    plan.rounds,
+                    rounds,
                     sample.p50_us,
                     sample.p99_us,
                     sample.cpu_s_per_1k,

@@ -23,19 +23,30 @@ const COLLECTOR: &str = "127.0.0.1:4317";
 /// Nothing listens here: the collector away.
 const NO_COLLECTOR: &str = "127.0.0.1:4319";
 
-/// The settings, in the order measured each round: (name, node.yaml lines).
-pub fn settings() -> [(&'static str, String); 4] {
+/// Rounds of this part: at least four (the differences measured are small
+/// beside a busy machine's noise).
+pub fn rounds(plan_rounds: usize) -> usize {
+    plan_rounds.max(4)
+}
+
+/// The settings in the order measured in `round`: (name, node.yaml lines).
+/// The order turns each round, so no setting is always measured first
+/// (right after the agents of the previous part stopped).
+pub fn settings(round: usize) -> Vec<(&'static str, String)> {
     let tracing = |endpoint: &str, percentage: u32| {
         format!(
             "tracing:\n  endpoint: http://{endpoint}\n  randomSamplingPercentage: {percentage}\n"
         )
     };
-    [
+    let mut settings = vec![
         ("off", String::new()),
         ("1%", tracing(COLLECTOR, 1)),
         ("100%", tracing(COLLECTOR, 100)),
         ("100%, collector away", tracing(NO_COLLECTOR, 100)),
-    ]
+    ];
+    let turn = round % settings.len();
+    settings.rotate_left(turn);
+    settings
 }
 
 /// `web` in namespace bench: port 80 to c's HTTP port, on every node.
@@ -162,8 +173,9 @@ impl TracingCost {
         );
         let _ = writeln!(
             t,
-            "\nRequest spans (a -> service web on n1's agent, balanced, CLIENT span -> c on n2, L7 policies, SERVER span; 1,000 req/s, 16 connections, {} s; both agents' CPU; OTLP/gRPC to a receiver in each node; medians over rounds, settings alternated each round):\n\n| tracing | p50 | p99 | CPU s / 1k req | + p50 | + p99 | + CPU / 1k req |\n|---|---|---|---|---|---|---|",
-            self.seconds
+            "\nRequest spans (a -> service web on n1's agent, balanced, CLIENT span -> c on n2, L7 policies, SERVER span; 1,000 req/s, 16 connections, {} s; both agents' CPU; OTLP/gRPC to a receiver in each node's netns, in the bench process at nice 10; medians over {} rounds, the order of the settings turned each round):\n\n| tracing | p50 | p99 | CPU s / 1k req | + p50 | + p99 | + CPU / 1k req |\n|---|---|---|---|---|---|---|",
+            self.seconds,
+            off.len()
         );
         for (setting, samples) in &self.samples {
             let (p50, p99, cpu) = (
