@@ -97,6 +97,7 @@ pub fn measure(
 ) -> Result<TracingSample> {
     let url = format!("http://{VIP}{REQUEST_PATH}");
     let cpu_before = super::cpu_ticks(agent_pids)?;
+    let perf = super::PerfStat::start(agent_pids, &super::bench_dir());
     let fixed = super::http_load(
         tools,
         client,
@@ -114,6 +115,9 @@ pub fn measure(
     let cpu_s =
         (super::cpu_ticks(agent_pids)? - cpu_before) as f64 / super::clock_ticks_per_second();
     let requests = fixed["requests"].as_f64().unwrap_or(0.0).max(1.0);
+    if let Some(perf) = perf {
+        super::step(format!("  perf per request: {}", perf.stop(requests)));
+    }
     let latency = &fixed["latency_us"];
     let us = |name: &str| latency[name].as_f64().unwrap_or(f64::NAN);
     Ok(TracingSample {
