@@ -622,19 +622,11 @@ fn measure(
     let switches_before = context_switches_by_thread(agent_pids);
     let perf = PerfStat::start(agent_pids, &bench_dir());
     let sampler = RssSampler::start(agent_pids.to_vec());
+    let fixed_args = fixed_rate_args(&url, plan.rate_secs);
     let fixed = http_load(
         tools,
         client,
-        &[
-            "--url",
-            &url,
-            "--rate",
-            "1000",
-            "--connections",
-            "16",
-            "--duration-ms",
-            &(plan.rate_secs * 1000).to_string(),
-        ],
+        &fixed_args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let rss = RssFigures::of(&sampler.stop());
     let cpu_s = (cpu_ticks(agent_pids)? - cpu_before) as f64 / clock_ticks_per_second();
@@ -741,6 +733,23 @@ fn measure(
         agent_peak_rss_kib: rss.peak_kib,
         agent_steady_rss_kib: rss.steady_kib,
     })
+}
+
+/// The fixed-rate load latency and CPU are measured with: 1,000 requests/s
+/// over 16 connections to `url` for `secs`.
+fn fixed_rate_args(url: &str, secs: u32) -> Vec<String> {
+    [
+        "--url",
+        url,
+        "--rate",
+        "1000",
+        "--connections",
+        "16",
+        "--duration-ms",
+        &(u64::from(secs) * 1000).to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Runs http-load in `client` and returns its report; a request that failed

@@ -98,19 +98,11 @@ pub fn measure(
     let url = format!("http://{VIP}{REQUEST_PATH}");
     let cpu_before = super::cpu_ticks(agent_pids)?;
     let perf = super::PerfStat::start(agent_pids, &super::bench_dir());
+    let args = super::fixed_rate_args(&url, secs);
     let fixed = super::http_load(
         tools,
         client,
-        &[
-            "--url",
-            &url,
-            "--rate",
-            "1000",
-            "--connections",
-            "16",
-            "--duration-ms",
-            &(u64::from(secs) * 1000).to_string(),
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let cpu_s =
         (super::cpu_ticks(agent_pids)? - cpu_before) as f64 / super::clock_ticks_per_second();
