@@ -107,8 +107,8 @@ impl RequestTracer {
     }
 
     /// A tracer sampling new traces at `percentage` whose ended spans go
-    /// to `processor`.
-    fn with_processor(
+    /// to `processor` (its tests and micro-benchmark give their own).
+    pub fn with_processor(
         processor: impl opentelemetry_sdk::trace::SpanProcessor + 'static,
         percentage: f64,
         resource: Resource,
