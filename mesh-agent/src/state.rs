@@ -408,7 +408,11 @@ impl AgentState {
         m.sync_mtls(
             &self.certificates(),
             &self.proxy.mtls.rejections(),
-            self.proxy.mtls.tunnel.pooled_connections(),
+            crate::admin::metrics::TunnelCounts {
+                pooled: self.proxy.mtls.tunnel.pooled_connections(),
+                inbound: self.proxy.tunnel_connections(),
+                pending_handshakes: self.proxy.pending_handshakes(),
+            },
         );
         m.sync_decisions(&self.proxy.authorizer.decisions());
         let services: Vec<_> = self

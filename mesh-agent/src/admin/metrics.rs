@@ -40,6 +40,8 @@ pub struct Metrics {
     certificate_expiry: IntGaugeVec,
     tunnel_rejections: IntCounterVec,
     tunnel_pooled: IntGauge,
+    tunnel_inbound: IntGauge,
+    tunnel_handshaking: IntGauge,
     decisions: IntCounterVec,
     service_picks: IntCounterVec,
     service_ejected: IntGaugeVec,
@@ -55,6 +57,14 @@ pub struct Metrics {
     panics: IntCounterVec,
     /// Last total seen per series, to turn totals into increments.
     last_totals: Mutex<HashMap<Vec<String>, u64>>,
+}
+
+/// The tunnel's connections now: pooled to other nodes, and from them.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelCounts {
+    pub pooled: usize,
+    pub inbound: usize,
+    pub pending_handshakes: usize,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -178,6 +188,14 @@ impl Metrics {
                 "mesh_tunnel_pooled_connections",
                 "Pooled mTLS tunnel connections to other nodes",
             ),
+            tunnel_inbound: gauge(
+                "mesh_tunnel_inbound_connections",
+                "Tunnel connections from other nodes open now, in handshake or not (limit: limits.tunnelConnections)",
+            ),
+            tunnel_handshaking: gauge(
+                "mesh_tunnel_pending_handshakes",
+                "Tunnel connections from other nodes whose TLS handshake is under way (limit: limits.pendingHandshakes)",
+            ),
             decisions: counter(
                 "mesh_authorization_decisions_total",
                 "Authorization decisions, by deciding policy rule (`-` when allowed)",
@@ -265,6 +283,8 @@ impl Metrics {
             Box::new(m.certificate_expiry.clone()),
             Box::new(m.tunnel_rejections.clone()),
             Box::new(m.tunnel_pooled.clone()),
+            Box::new(m.tunnel_inbound.clone()),
+            Box::new(m.tunnel_handshaking.clone()),
             Box::new(m.decisions.clone()),
             Box::new(m.service_picks.clone()),
             Box::new(m.service_ejected.clone()),
@@ -398,7 +418,7 @@ impl Metrics {
         &self,
         certificates: &[crate::state::CertificateView],
         rejections: &std::collections::BTreeMap<String, u64>,
-        pooled: usize,
+        tunnel: TunnelCounts,
     ) {
         self.certificate_expiry.reset();
         for cert in certificates {
@@ -409,7 +429,10 @@ impl Metrics {
         for (reason, total) in rejections {
             self.sync(&self.tunnel_rejections, &[reason], *total);
         }
-        self.tunnel_pooled.set(pooled as i64);
+        self.tunnel_pooled.set(tunnel.pooled as i64);
+        self.tunnel_inbound.set(tunnel.inbound as i64);
+        self.tunnel_handshaking
+            .set(tunnel.pending_handshakes as i64);
     }
 
     pub fn sync_decisions(&self, decisions: &std::collections::BTreeMap<(String, String), u64>) {

@@ -170,6 +170,11 @@ impl ProxyContext {
     pub fn tunnel_connections(&self) -> usize {
         self.tunnel_connections.load(Ordering::SeqCst)
     }
+
+    /// Tunnel connections from other nodes still in their TLS handshake.
+    pub fn pending_handshakes(&self) -> usize {
+        self.pending_handshakes.load(Ordering::SeqCst)
+    }
 }
 
 impl Peers {

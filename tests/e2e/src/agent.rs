@@ -300,7 +300,7 @@ impl<'t> NodeAgent<'t> {
     pub fn metric_sum(&self, metric: &str, labels: &[(&str, &str)]) -> u64 {
         let (_, text) = self.get("/metrics").unwrap_or_default();
         text.lines()
-            .filter(|line| line.starts_with(&format!("{metric}{{")))
+            .filter(|line| line.split(['{', ' ']).next() == Some(metric))
             .filter(|line| {
                 labels
                     .iter()

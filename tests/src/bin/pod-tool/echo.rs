@@ -342,12 +342,20 @@ pub fn hold(args: &HoldArgs) -> Result<()> {
 
 /// `first-read`: how the first read of a connection that sends nothing ends
 /// within `timeout`: `closed <s>`, `answered <s>`, `reset <s>` (the seconds
-/// it took) or `held`.
+/// it took) or `held`. A reset that comes before `connect` returns (a
+/// loaded machine can run the agent's accept-and-reset first) is `reset`.
 pub fn first_read(host: IpAddr, port: u16, timeout: Duration) -> Result<()> {
-    let mut s = dial(addr(host, port), TIMEOUT, timeout, "")?;
     let started = Instant::now();
-    let mut byte = [0u8];
     let took = || format!("{:.3}", started.elapsed().as_secs_f64());
+    let mut s = match std::net::TcpStream::connect_timeout(&addr(host, port), TIMEOUT) {
+        Ok(s) => Conn::new(s, timeout)?,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+            println!("reset {}", took());
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("connect to {host}:{port}"))),
+    };
+    let mut byte = [0u8];
     match s.read(&mut byte) {
         Ok(0) => println!("closed {}", took()),
         Ok(_) => println!("answered {}", took()),
