@@ -26,6 +26,8 @@ pub struct Desired {
     pub services: Vec<ServiceConfig>,
     /// Authorization policies, parsed once (each knows its file).
     pub policies: Policies,
+    /// Gateway API routes of Services, parsed once (each knows its file).
+    pub routes: crate::routes::Routes,
 }
 
 /// Parsed policies with the texts they came from. Two are equal when their

@@ -24,6 +24,7 @@ pub mod mtls;
 pub mod policy;
 pub mod proxy;
 pub mod pump;
+pub mod routes;
 pub mod services;
 pub mod spans;
 pub mod state;

@@ -204,6 +204,9 @@ pub struct ServicePortStats {
 #[derive(Default)]
 pub struct ServiceTable {
     by_address: HashMap<SocketAddr, Arc<ServicePortEntry>>,
+    /// Every service port by key (`namespace/name:port`), with or without
+    /// an address: the backends routes name.
+    by_key: HashMap<String, Arc<ServicePortEntry>>,
     /// Endpoint updates of balancers kept from the previous table, applied
     /// by [`ServiceTable::commit`] once this table is in force: the table
     /// in force until then keeps choosing among its own endpoints.
@@ -225,15 +228,10 @@ impl ServiceTable {
         let trust_domain = node.trust_domain.as_str();
         // Endpoint updates of kept balancers, applied once nothing can fail.
         let mut updates: Vec<(Arc<PortState>, Vec<Endpoint>)> = Vec::new();
-        let kept: HashMap<String, Arc<ServicePortEntry>> = previous
-            .map(|t| {
-                t.by_address
-                    .values()
-                    .map(|e| (e.key.clone(), e.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let kept: HashMap<String, Arc<ServicePortEntry>> =
+            previous.map(|t| t.by_key.clone()).unwrap_or_default();
         let mut by_address = HashMap::new();
+        let mut by_key = HashMap::new();
         for svc in services {
             for port in &svc.ports {
                 let target = port.target_port.unwrap_or(port.port);
@@ -353,10 +351,12 @@ impl ServiceTable {
                 for vip in &svc.vips {
                     by_address.insert(SocketAddr::new(*vip, port.port), entry.clone());
                 }
+                by_key.insert(entry.key.clone(), entry);
             }
         }
         Ok(Self {
             by_address,
+            by_key,
             pending: parking_lot::Mutex::new(updates),
         })
     }
@@ -374,14 +374,14 @@ impl ServiceTable {
         self.by_address.get(&dst).cloned()
     }
 
+    /// The service port `namespace/name:port`.
+    pub fn by_key(&self, key: &str) -> Option<&Arc<ServicePortEntry>> {
+        self.by_key.get(key)
+    }
+
     /// Every service port once, by key.
     pub fn entries(&self) -> Vec<Arc<ServicePortEntry>> {
-        let mut seen = HashMap::new();
-        for entry in self.by_address.values() {
-            seen.entry(entry.key.clone())
-                .or_insert_with(|| entry.clone());
-        }
-        let mut entries: Vec<_> = seen.into_values().collect();
+        let mut entries: Vec<_> = self.by_key.values().cloned().collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         entries
     }

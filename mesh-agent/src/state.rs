@@ -158,6 +158,7 @@ impl AgentState {
             workloads: Vec::new(),
             services: Vec::new(),
             policies: Default::default(),
+            routes: Default::default(),
         };
         Self {
             config_dir,

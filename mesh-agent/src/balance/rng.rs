@@ -52,6 +52,21 @@ impl Rng for SplitMix64 {
     }
 }
 
+thread_local! {
+    static THREAD_RNG: std::cell::RefCell<SplitMix64> =
+        std::cell::RefCell::new(SplitMix64::from_entropy());
+}
+
+/// This thread's generator, seeded from entropy: for draws on the data
+/// path (a route's backend, a source port) that need no shared state.
+pub(crate) struct ThreadRng;
+
+impl Rng for ThreadRng {
+    fn next_u64(&mut self) -> u64 {
+        THREAD_RNG.with(|rng| rng.borrow_mut().next_u64())
+    }
+}
+
 /// A value uniformly distributed in `0..n` (`n > 0`), by Lemire's
 /// multiply-shift; the bias is below n / 2^64, irrelevant here.
 pub(crate) fn below<R: Rng + ?Sized>(rng: &mut R, n: u64) -> u64 {

@@ -35,6 +35,8 @@ pub const WORKLOADS_FILE: &str = "workloads.yaml";
 pub const SERVICES_FILE: &str = "services.yaml";
 /// Istio `AuthorizationPolicy` documents: every `*.yaml` / `*.yml` in here.
 pub const POLICIES_DIR: &str = "policies";
+/// Gateway API `HTTPRoute` documents: every `*.yaml` / `*.yml` in here.
+pub const ROUTES_DIR: &str = "routes";
 
 use crate::desired::Desired;
 
@@ -58,7 +60,7 @@ fn load_policies(
                 };
                 return Ok((policies, kept_back));
             }
-            Err(error) => policy_error(error),
+            Err(error) => document_error(error),
         };
         let Some(last_good) = last_good else {
             return Err(error);
@@ -84,7 +86,7 @@ fn load_policies(
     }
 }
 
-fn policy_error(e: crate::policy::LoadError) -> ConfigError {
+fn document_error(e: crate::policy::LoadError) -> ConfigError {
     let field = match &e.field {
         Some(field) => format!("document {} ({}): {field}", e.document, e.policy),
         None => format!("document {} ({})", e.document, e.policy),
@@ -96,9 +98,9 @@ fn policy_error(e: crate::policy::LoadError) -> ConfigError {
     error
 }
 
-/// Every policy file, in name order; hidden entries (Kubernetes' `..data`
+/// Every YAML file of a directory (policies, routes), in name order; hidden entries (Kubernetes' `..data`
 /// machinery) are skipped, symlinks followed.
-fn read_policy_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> {
+fn read_yaml_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
@@ -243,7 +245,7 @@ fn load_dir_once(
     } else {
         Vec::new()
     };
-    let policy_files = read_policy_files(&dir.join(POLICIES_DIR))?;
+    let policy_files = read_yaml_files(&dir.join(POLICIES_DIR))?;
     let services_path = dir.join(SERVICES_FILE);
     let services = if services_path.exists() {
         let text = read(&services_path)?;
@@ -258,6 +260,13 @@ fn load_dir_once(
         Vec::new()
     };
     let (policies, kept_back) = load_policies(policy_files, last_good_policies)?;
+    let route_files = read_yaml_files(&dir.join(ROUTES_DIR))?;
+    let routes = crate::routes::load(route_files.iter().map(|(p, t)| (p, t.as_str())))
+        .map_err(document_error)?;
+    let routes = crate::routes::Routes {
+        files: route_files,
+        routes: std::sync::Arc::new(routes),
+    };
     let desired = Desired {
         dir: dir.to_path_buf(),
         node,
@@ -265,6 +274,7 @@ fn load_dir_once(
         workloads,
         policies,
         services,
+        routes,
     };
     Ok((desired, kept_back))
 }

@@ -241,7 +241,7 @@ fn deny_all_in_place_of(
     })
 }
 
-fn label_of(v: &Value) -> String {
+pub(crate) fn label_of(v: &Value) -> String {
     let get = |k: &str| {
         v.get("metadata")
             .and_then(|m| m.get(k))
@@ -300,12 +300,12 @@ fn show(v: &Value) -> String {
 
 /// One segment of a field path.
 #[derive(Debug, Clone)]
-pub(super) enum Seg {
+pub(crate) enum Seg {
     Key(&'static str),
     Index(usize),
 }
 
-pub(super) fn key(k: &'static str) -> Seg {
+pub(crate) fn key(k: &'static str) -> Seg {
     Seg::Key(k)
 }
 
@@ -325,14 +325,24 @@ fn format_path(path: &[Seg]) -> String {
     s
 }
 
-pub(super) struct DocCtx<'a> {
+pub(crate) struct DocCtx<'a> {
     pub(super) file: &'a Path,
     text: &'a str,
     index: usize,
     label: String,
 }
 
-impl DocCtx<'_> {
+impl<'a> DocCtx<'a> {
+    /// Document `index` (0-based) of `file`, labelled `namespace/name`.
+    pub(crate) fn new(file: &'a Path, text: &'a str, index: usize, label: String) -> Self {
+        Self {
+            file,
+            text,
+            index,
+            label,
+        }
+    }
+
     fn error(&self, line: Option<usize>, field: Option<String>, message: String) -> LoadError {
         LoadError {
             file: self.file.to_path_buf(),
@@ -346,7 +356,7 @@ impl DocCtx<'_> {
     }
 
     /// A serde error: serde_yaml renders `path: message at line L column C`.
-    fn serde(&self, e: &serde_yaml::Error) -> LoadError {
+    pub(crate) fn serde(&self, e: &serde_yaml::Error) -> LoadError {
         let text = strip_location(&e.to_string());
         let (field, message) = match text.split_once(": ") {
             Some((p, m)) if !p.is_empty() && !p.contains(char::is_whitespace) && p != "." => {
@@ -360,7 +370,7 @@ impl DocCtx<'_> {
     }
 
     /// A semantic error at `path`, with the line found by probing.
-    pub(super) fn semantic(&self, path: &[Seg], message: String) -> LoadError {
+    pub(crate) fn semantic(&self, path: &[Seg], message: String) -> LoadError {
         let field = (!path.is_empty()).then(|| format_path(path));
         self.error(self.line_of(path), field, message)
     }

@@ -58,6 +58,7 @@ pub use compile::{
 pub use decide::{Decision, HeaderLookup, HttpAttributes, NoHeaders, PolicyRef, Request};
 pub use jwks_fetch::{RemoteJwks, start_fetching as start_fetching_jwks};
 pub use jwt::{RequestAuth, Unauthenticated};
+pub(crate) use load::{DocCtx, Seg, key, label_of};
 pub use load::{LoadError, load};
 pub use normalize::{PathError, normalize_path};
 pub use peer_auth::{MtlsMode, PeerAuthentication};

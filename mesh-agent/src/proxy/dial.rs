@@ -13,7 +13,7 @@ use mesh_common::{AGENT_SOURCE_IPV4, DELIVERY_MARK, TUNNEL_PORT};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::{pod::PodHandle, source_address::NO_ANSWER_HOLD};
-use crate::balance::rng::{SplitMix64, below};
+use crate::balance::rng::{ThreadRng, below};
 use crate::{
     mtls::{Mtls, RemotePeer},
     tunnel::{self, PoolKey, TunnelStream, TunnelTarget},
@@ -199,8 +199,7 @@ fn transparent_delivery_socket(
     options.set_reuse_address(true)?;
     let span = u64::from(DELIVERY_PORTS.end() - DELIVERY_PORTS.start()) + 1;
     for _ in 0..PORT_TRIES {
-        let port = DELIVERY_PORTS.start()
-            + PORT_DRAW.with(|rng| below(&mut *rng.borrow_mut(), span)) as u16;
+        let port = DELIVERY_PORTS.start() + below(&mut ThreadRng, span) as u16;
         match socket.bind(SocketAddr::new(source, port)) {
             Ok(()) => return Ok(socket),
             Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => continue,
@@ -213,11 +212,6 @@ fn transparent_delivery_socket(
         "no free port for {source} in {} after {PORT_TRIES} tries",
         target.key
     ))
-}
-
-thread_local! {
-    static PORT_DRAW: std::cell::RefCell<SplitMix64> =
-        std::cell::RefCell::new(SplitMix64::from_entropy());
 }
 
 /// IP_BIND_ADDRESS_NO_PORT (Linux 4.2): bind(addr, 0) leaves the port to

@@ -110,6 +110,7 @@ services:
                 .unwrap()
                 .services,
             policies: Default::default(),
+            routes: Default::default(),
         };
         Plan::build(&desired, &Snapshot::empty())
             .unwrap()

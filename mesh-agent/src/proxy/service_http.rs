@@ -43,11 +43,13 @@ use super::{
     pod::PodHandle,
 };
 use crate::{
+    balance::rng::{Rng, ThreadRng},
     balance::{Outcome, retryable},
     l7::{
         self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
         ResponseFlags, Verdict, local_response,
     },
+    routes::{Backend, Routed},
     services::{PortProtocol, RequestPick, ServicePortEntry},
     spans::SpanSide,
 };
@@ -185,7 +187,11 @@ impl ServiceForwarder {
         h1: bool,
         answered: &mut Option<Arc<Destination>>,
     ) -> Response<ResponseBody> {
-        let service = &*self.service;
+        let routed = match self.route(&request) {
+            Ok(service) => service,
+            Err(refusal) => return refusal.into_response(h1),
+        };
+        let service = &*routed;
         let deadline = service
             .config
             .timeout_for(request.uri().path())
@@ -325,6 +331,39 @@ impl ServiceForwarder {
         }
     }
 
+    /// The service port a request goes to: the one it was sent to, or, when
+    /// routes are attached to that one, the backend of the rule it matches
+    /// (by weight). Answered here: `404` (flag `NR`) when routes are
+    /// attached and none matches, `500` (flag `NC`) when the rule's backend
+    /// cannot be served (none with a weight, not a known HTTP port).
+    fn route(&self, request: &Request<Incoming>) -> Result<Arc<ServicePortEntry>, RouteRefusal> {
+        let snapshot = self.ctx.snapshot();
+        let routed = snapshot.routes.route(
+            &self.service.key,
+            &self.source.workload.namespace,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+        let (route, rule) = match routed {
+            None => return Ok(self.service.clone()),
+            Some(Routed::NoMatch) => return Err(RouteRefusal::NoMatch),
+            Some(Routed::Rule { route, rule }) => (route, rule),
+        };
+        let backend = rule.pick(ThreadRng.next_u64());
+        let entry = backend
+            .and_then(Backend::service_port_key)
+            .and_then(|key| snapshot.services.by_key(key))
+            .filter(|entry| entry.protocol != PortProtocol::Tcp);
+        match entry {
+            Some(entry) => Ok(entry.clone()),
+            None => {
+                tracing::warn!(service = %self.service.key, %route, backend = ?backend, "the route's backend cannot be served: 500");
+                Err(RouteRefusal::NoBackend)
+            }
+        }
+    }
+
     /// A request to an endpoint on this node is decided here, by that pod's
     /// policies (its JWT check, then its authorization), with the client
     /// pod's identity. `Ok(Some(headers))`: the JWT check edited the
@@ -409,6 +448,33 @@ impl ServiceForwarder {
 fn flagged(mut response: Response<ResponseBody>, flags: &'static str) -> Response<ResponseBody> {
     response.extensions_mut().insert(ResponseFlags(flags));
     response
+}
+
+/// Why a request to a service port with routes is answered here.
+enum RouteRefusal {
+    /// No rule of the routes attached matches: `404`, flag `NR`.
+    NoMatch,
+    /// The rule's backend cannot be served: `500`, flag `NC`.
+    NoBackend,
+}
+
+impl RouteRefusal {
+    fn into_response(self, h1: bool) -> Response<ResponseBody> {
+        match self {
+            RouteRefusal::NoMatch => flagged(
+                local_response(StatusCode::NOT_FOUND, "no route matched", h1),
+                "NR",
+            ),
+            RouteRefusal::NoBackend => flagged(
+                local_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no backend for the route",
+                    h1,
+                ),
+                "NC",
+            ),
+        }
+    }
 }
 
 /// Why a request to a local endpoint is answered here.

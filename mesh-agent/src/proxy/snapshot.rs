@@ -23,6 +23,7 @@ use crate::{
     l7::Destination,
     mtls::RemotePeer,
     policy::{self, CompiledPolicies},
+    routes::RouteTable,
     services::ServiceTable,
 };
 
@@ -34,6 +35,8 @@ pub struct Snapshot {
     remote: HashMap<IpAddr, Arc<RemotePeer>>,
     pub services: Arc<ServiceTable>,
     pub policies: Arc<CompiledPolicies>,
+    /// Gateway API routes attached to services' HTTP ports.
+    pub routes: Arc<RouteTable>,
     /// The service names the DNS proxy answers.
     pub service_names: Arc<ServiceNames>,
     /// Istio's `destination_service` of an endpoint (address and target
@@ -53,6 +56,7 @@ pub struct Plan {
     remote: HashMap<IpAddr, Arc<RemotePeer>>,
     services: Arc<ServiceTable>,
     policies: Arc<CompiledPolicies>,
+    routes: Arc<RouteTable>,
     service_names: Arc<ServiceNames>,
     services_by_endpoint: Arc<HashMap<SocketAddr, Arc<str>>>,
 }
@@ -72,10 +76,20 @@ impl Plan {
         for unmapped in policies.unmapped_targets() {
             tracing::error!(error = %unmapped, "authorization policy cannot be enforced as written");
         }
+        let routes = RouteTable::build(&desired.routes.routes, &desired.services);
+        for status in routes.statuses() {
+            for parent in status.parents.iter().filter(|p| !p.accepted) {
+                tracing::warn!(route = %status.route, parent = %parent.parent, reason = parent.reason.as_deref().unwrap_or(""), "route not accepted");
+            }
+            for backend in &status.unresolved_backends {
+                tracing::warn!(route = %status.route, backend = %backend, "route backend unresolved: its requests are answered 500");
+            }
+        }
         Ok(Self {
             remote,
             services: Arc::new(services),
             policies: Arc::new(policies),
+            routes: Arc::new(routes),
             service_names: Arc::new(ServiceNames::new(&node.cluster_domain, &desired.services)),
             services_by_endpoint: Arc::new(services_by_endpoint(&desired.services)),
         })
@@ -112,6 +126,7 @@ impl Plan {
             remote: self.remote,
             services: self.services,
             policies: self.policies,
+            routes: self.routes,
             service_names: self.service_names,
             services_by_endpoint: self.services_by_endpoint,
             destinations,
@@ -131,6 +146,7 @@ impl Snapshot {
             policies: Arc::new(
                 policy::PolicySet::default().compile(policy::DEFAULT_ROOT_NAMESPACE),
             ),
+            routes: Arc::default(),
             service_names: Arc::default(),
             services_by_endpoint: Arc::default(),
             destinations: HashMap::new(),

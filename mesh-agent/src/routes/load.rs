@@ -1,0 +1,425 @@
+//! Route files → [`HttpRoute`]s. A document that cannot be served exactly
+//! as written (a misspelled field, a bad value, a field this agent does not
+//! implement yet) is an error of the whole load, naming file, line and
+//! field: the routes in force keep serving until it is fixed.
+
+// A load error is built at most once per load, and carries everything an
+// operator needs: its size is no cost.
+#![allow(clippy::result_large_err)]
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{
+    Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, Rule,
+    ServiceRef, ValueMatch, WeightedBackend,
+    model::{RawBackendRef, RawHttpRoute, RawMatch, RawNameMatch, RawRule},
+};
+use crate::policy::{DocCtx, LoadError, Seg, key, label_of};
+
+const API_VERSIONS: [&str; 2] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1beta1",
+];
+const KIND: &str = "HTTPRoute";
+/// Kinds of the same API this agent does not serve yet: named as such.
+const NOT_YET: [&str; 3] = ["GRPCRoute", "TCPRoute", "TLSRoute"];
+/// The most a weight may be (the specification's bound).
+const MAX_WEIGHT: u32 = 1_000_000;
+
+/// Loads every route of every `(path, text)` file.
+pub fn load<'a, I, P>(files: I) -> Result<Vec<Arc<HttpRoute>>, LoadError>
+where
+    I: IntoIterator<Item = (P, &'a str)>,
+    P: AsRef<Path>,
+{
+    let mut routes: Vec<Arc<HttpRoute>> = Vec::new();
+    let mut seen: HashMap<RouteId, (std::path::PathBuf, usize)> = HashMap::new();
+    for (path, text) in files {
+        let path = path.as_ref();
+        for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = Value::deserialize(de)
+                .map_err(|e| DocCtx::new(path, text, index, "?/?".into()).serde(&e))?;
+            if value.is_null() {
+                continue; // an empty document (a trailing `---`)
+            }
+            let ctx = DocCtx::new(path, text, index, label_of(&value));
+            check_header(&ctx, &value)?;
+            let de = serde_yaml::Deserializer::from_str(text)
+                .nth(index)
+                .expect("the document read above");
+            let raw = RawHttpRoute::deserialize(de).map_err(|e| ctx.serde(&e))?;
+            let route = convert(&ctx, path, raw)?;
+            if let Some((file, doc)) = seen.get(&route.id) {
+                return Err(ctx.semantic(
+                    &[key("metadata"), key("name")],
+                    format!(
+                        "duplicate HTTPRoute {}: already defined in {} document {}",
+                        route.id,
+                        file.display(),
+                        doc + 1
+                    ),
+                ));
+            }
+            seen.insert(route.id.clone(), (path.to_path_buf(), index));
+            routes.push(Arc::new(route));
+        }
+    }
+    Ok(routes)
+}
+
+fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<(), LoadError> {
+    if !v.is_mapping() {
+        return Err(ctx.semantic(&[], "document is not a mapping".into()));
+    }
+    let api = v.get("apiVersion").and_then(Value::as_str);
+    let kind = v.get("kind").and_then(Value::as_str);
+    match kind {
+        Some(KIND) => {}
+        Some(k) if NOT_YET.contains(&k) => {
+            return Err(ctx.semantic(
+                &[key("kind")],
+                format!("{k} is not supported yet (HTTPRoute is; docs/traffic.md)"),
+            ));
+        }
+        Some(k) => {
+            return Err(ctx.semantic(
+                &[key("kind")],
+                format!("{k:?} is not supported here (expected {KIND})"),
+            ));
+        }
+        None => return Err(ctx.semantic(&[], "missing field `kind`".into())),
+    }
+    match api {
+        Some(a) if API_VERSIONS.contains(&a) => Ok(()),
+        Some(a) => Err(ctx.semantic(
+            &[key("apiVersion")],
+            format!(
+                "{a:?} is not supported (expected {} or {})",
+                API_VERSIONS[0], API_VERSIONS[1]
+            ),
+        )),
+        None => Err(ctx.semantic(&[], "missing field `apiVersion`".into())),
+    }
+}
+
+/// Whether a value that this agent does not implement is absent in effect.
+fn empty(v: &Option<Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Sequence(s)) => s.is_empty(),
+        Some(Value::Mapping(m)) => m.is_empty(),
+        Some(_) => false,
+    }
+}
+
+fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute, LoadError> {
+    let namespace = match raw.metadata.namespace {
+        Some(ns) if !ns.is_empty() => ns,
+        _ => {
+            return Err(ctx.semantic(
+                &[key("metadata")],
+                "metadata.namespace is required (a route file has no default namespace)".into(),
+            ));
+        }
+    };
+    let id = RouteId {
+        namespace: namespace.clone(),
+        name: raw.metadata.name,
+    };
+    let spec = raw.spec;
+    if !spec.hostnames.is_empty() {
+        return Err(ctx.semantic(
+            &[key("spec"), key("hostnames")],
+            "not supported yet on a route whose parents are Services".into(),
+        ));
+    }
+    if spec.parent_refs.is_empty() {
+        return Err(ctx.semantic(
+            &[key("spec"), key("parentRefs")],
+            "a route needs a parent: the Service whose requests it routes".into(),
+        ));
+    }
+    let mut parents = Vec::new();
+    for (i, parent) in spec.parent_refs.into_iter().enumerate() {
+        let at =
+            |field: &'static str| vec![key("spec"), key("parentRefs"), Seg::Index(i), key(field)];
+        let group = parent
+            .group
+            .as_deref()
+            .unwrap_or("gateway.networking.k8s.io");
+        let kind = parent.kind.as_deref().unwrap_or("Gateway");
+        if !matches!(group, "" | "core") || kind != "Service" {
+            return Err(ctx.semantic(
+                &at("kind"),
+                format!(
+                    "a {kind} (group {group:?}) parent is not supported: this agent routes the mesh's requests to Services (GAMMA: kind Service, group \"\"); a Gateway's routes are its gateway's"
+                ),
+            ));
+        }
+        if parent.section_name.is_some() {
+            return Err(ctx.semantic(
+                &at("sectionName"),
+                "not supported yet: name the Service's port with `port`".into(),
+            ));
+        }
+        parents.push((
+            ServiceRef {
+                namespace: parent.namespace.unwrap_or_else(|| namespace.clone()),
+                name: parent.name,
+            },
+            parent.port,
+        ));
+    }
+    let rules = match spec.rules {
+        // The specification's default: every request, no backend.
+        None => vec![Rule {
+            name: None,
+            matches: vec![match_all()],
+            backends: Vec::new(),
+        }],
+        Some(rules) => rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| convert_rule(ctx, &namespace, i, rule))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(HttpRoute {
+        id,
+        created: raw.metadata.creation_timestamp,
+        parents,
+        rules,
+        source: path.to_path_buf(),
+    })
+}
+
+fn match_all() -> RequestMatch {
+    RequestMatch {
+        path: PathMatch::Prefix(String::new()),
+        headers: Vec::new(),
+        query_params: Vec::new(),
+        method: None,
+    }
+}
+
+fn convert_rule(
+    ctx: &DocCtx<'_>,
+    namespace: &str,
+    i: usize,
+    rule: RawRule,
+) -> Result<Rule, LoadError> {
+    let at = |field: &'static str| vec![key("spec"), key("rules"), Seg::Index(i), key(field)];
+    for (field, value) in [
+        ("filters", &rule.filters),
+        ("timeouts", &rule.timeouts),
+        ("retry", &rule.retry),
+        ("sessionPersistence", &rule.session_persistence),
+    ] {
+        if !empty(value) {
+            return Err(ctx.semantic(
+                &at(field),
+                "not supported yet (docs/traffic.md lists what is)".into(),
+            ));
+        }
+    }
+    let matches = match rule.matches {
+        None => vec![match_all()],
+        Some(m) if m.is_empty() => vec![match_all()],
+        Some(matches) => matches
+            .into_iter()
+            .enumerate()
+            .map(|(j, m)| convert_match(ctx, i, j, m))
+            .collect::<Result<_, _>>()?,
+    };
+    let backends = rule
+        .backend_refs
+        .into_iter()
+        .enumerate()
+        .map(|(j, b)| convert_backend(ctx, namespace, i, j, b))
+        .collect::<Result<_, _>>()?;
+    Ok(Rule {
+        name: rule.name,
+        matches,
+        backends,
+    })
+}
+
+fn convert_match(
+    ctx: &DocCtx<'_>,
+    i: usize,
+    j: usize,
+    m: RawMatch,
+) -> Result<RequestMatch, LoadError> {
+    let base = || {
+        vec![
+            key("spec"),
+            key("rules"),
+            Seg::Index(i),
+            key("matches"),
+            Seg::Index(j),
+        ]
+    };
+    let path = match m.path {
+        None => PathMatch::Prefix(String::new()),
+        Some(p) => {
+            let mut at = base();
+            at.push(key("path"));
+            let value = p.value.unwrap_or_else(|| "/".to_string());
+            match p.kind.as_deref().unwrap_or("PathPrefix") {
+                "Exact" | "PathPrefix" if !value.starts_with('/') => {
+                    at.push(key("value"));
+                    return Err(ctx.semantic(&at, format!("{value:?} does not start with `/`")));
+                }
+                "Exact" => PathMatch::Exact(value),
+                "PathPrefix" => PathMatch::Prefix(value.trim_end_matches('/').to_string()),
+                "RegularExpression" => {
+                    at.push(key("value"));
+                    PathMatch::Regex(regex(ctx, &at, &value)?)
+                }
+                other => {
+                    at.push(key("type"));
+                    return Err(ctx.semantic(
+                        &at,
+                        format!("{other:?} is not a path match type (Exact, PathPrefix, RegularExpression)"),
+                    ));
+                }
+            }
+        }
+    };
+    let mut headers: Vec<HeaderMatch> = Vec::new();
+    for (k, h) in m.headers.into_iter().enumerate() {
+        let mut at = base();
+        at.extend([key("headers"), Seg::Index(k)]);
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+            let mut at = at.clone();
+            at.push(key("name"));
+            ctx.semantic(&at, format!("{:?} is not a header name", h.name))
+        })?;
+        let value = value_match(ctx, &at, &h)?;
+        // Names are case-insensitive; only the first of equal names counts.
+        if !headers.iter().any(|seen| seen.name == name) {
+            headers.push(HeaderMatch { name, value });
+        }
+    }
+    let mut query_params: Vec<QueryMatch> = Vec::new();
+    for (k, q) in m.query_params.into_iter().enumerate() {
+        let mut at = base();
+        at.extend([key("queryParams"), Seg::Index(k)]);
+        let value = value_match(ctx, &at, &q)?;
+        if !query_params.iter().any(|seen| seen.name == q.name) {
+            query_params.push(QueryMatch {
+                name: q.name,
+                value,
+            });
+        }
+    }
+    let method = match m.method {
+        None => None,
+        Some(method) => {
+            const METHODS: [&str; 9] = [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+            ];
+            if !METHODS.contains(&method.as_str()) {
+                let mut at = base();
+                at.push(key("method"));
+                return Err(ctx.semantic(
+                    &at,
+                    format!("{method:?} is not one of {}", METHODS.join(", ")),
+                ));
+            }
+            Some(http::Method::from_bytes(method.as_bytes()).expect("a listed method"))
+        }
+    };
+    Ok(RequestMatch {
+        path,
+        headers,
+        query_params,
+        method,
+    })
+}
+
+fn value_match(ctx: &DocCtx<'_>, at: &[Seg], m: &RawNameMatch) -> Result<ValueMatch, LoadError> {
+    match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => Ok(ValueMatch::Exact(m.value.clone())),
+        "RegularExpression" => {
+            let mut at = at.to_vec();
+            at.push(key("value"));
+            Ok(ValueMatch::Regex(regex(ctx, &at, &m.value)?))
+        }
+        other => {
+            let mut at = at.to_vec();
+            at.push(key("type"));
+            Err(ctx.semantic(
+                &at,
+                format!("{other:?} is not a match type (Exact, RegularExpression)"),
+            ))
+        }
+    }
+}
+
+/// A regular expression that must match the whole value (RE2 syntax, as
+/// the `regex` crate reads it).
+fn regex(ctx: &DocCtx<'_>, at: &[Seg], pattern: &str) -> Result<regex::Regex, LoadError> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| ctx.semantic(at, format!("not a regular expression: {e}")))
+}
+
+fn convert_backend(
+    ctx: &DocCtx<'_>,
+    namespace: &str,
+    i: usize,
+    j: usize,
+    b: RawBackendRef,
+) -> Result<WeightedBackend, LoadError> {
+    let at = |field: &'static str| {
+        vec![
+            key("spec"),
+            key("rules"),
+            Seg::Index(i),
+            key("backendRefs"),
+            Seg::Index(j),
+            key(field),
+        ]
+    };
+    if !empty(&b.filters) {
+        return Err(ctx.semantic(
+            &at("filters"),
+            "not supported yet (docs/traffic.md lists what is)".into(),
+        ));
+    }
+    let weight = b.weight.unwrap_or(1);
+    if weight > MAX_WEIGHT {
+        return Err(ctx.semantic(&at("weight"), format!("{weight} is more than {MAX_WEIGHT}")));
+    }
+    let group = b.group.as_deref().unwrap_or("");
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    let backend_namespace = b.namespace.clone().unwrap_or_else(|| namespace.to_string());
+    let backend = if backend_namespace != namespace {
+        // Another namespace's Service needs its ReferenceGrant: until
+        // those are read, such a reference is not permitted (500s).
+        Backend::Invalid(format!(
+            "{backend_namespace}/{} is in another namespace (a ReferenceGrant is not supported yet)",
+            b.name
+        ))
+    } else if matches!(group, "" | "core") && kind == "Service" {
+        let Some(port) = b.port else {
+            return Err(ctx.semantic(&at("port"), "a Service backend needs its port".into()));
+        };
+        Backend::Service {
+            key: format!("{backend_namespace}/{}:{port}", b.name),
+            service: ServiceRef {
+                namespace: backend_namespace,
+                name: b.name,
+            },
+            port,
+        }
+    } else {
+        Backend::Invalid(format!(
+            "{kind} (group {group:?}) {} is not a Service",
+            b.name
+        ))
+    };
+    Ok(WeightedBackend { weight, backend })
+}

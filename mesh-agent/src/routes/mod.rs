@@ -1,0 +1,147 @@
+//! Traffic routing by the resources users already write: Gateway API
+//! `HTTPRoute`s whose parents are Services (GAMMA, docs/traffic.md), from
+//! the configuration directory's `routes/`.
+//!
+//! - `model.rs`: the resource as written (every field of the specification
+//!   known, the unsupported ones kept to be named);
+//! - `load.rs`: files → [`HttpRoute`]s, errors naming file, line and field;
+//! - `table.rs`: the routes of every Service, in the specification's
+//!   precedence, and the choice for one request ([`RouteTable::route`]).
+//!
+//! The client's node routes: a request to a Service's HTTP port is matched
+//! against the routes attached to that Service, and sent to a backend of
+//! the matching rule, chosen by weight, then balanced over that backend
+//! Service's endpoints (`proxy/service_http.rs`).
+
+mod load;
+mod model;
+mod table;
+#[cfg(test)]
+mod tests;
+
+use std::{path::PathBuf, sync::Arc};
+
+pub use load::load;
+pub use table::{RouteStatus, RouteTable, Routed};
+
+/// `namespace/name` of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for RouteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// An `HTTPRoute`, validated.
+#[derive(Debug)]
+pub struct HttpRoute {
+    pub id: RouteId,
+    /// `metadata.creationTimestamp` (RFC 3339): the older route wins a tie.
+    pub created: Option<String>,
+    /// The Services it attaches to, and the port when it names one.
+    pub parents: Vec<(ServiceRef, Option<u16>)>,
+    pub rules: Vec<Rule>,
+    pub source: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Option<String>,
+    /// A request matches the rule when it matches any of these.
+    pub matches: Vec<RequestMatch>,
+    pub backends: Vec<WeightedBackend>,
+}
+
+#[derive(Debug)]
+pub struct RequestMatch {
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub query_params: Vec<QueryMatch>,
+    pub method: Option<http::Method>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// Element-wise: `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not
+    /// `/foobar`. Kept without its trailing `/` (`/` itself is empty).
+    Prefix(String),
+    /// The whole path must match.
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    /// The whole value must match.
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: http::HeaderName,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightedBackend {
+    pub weight: u32,
+    pub backend: Backend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A port of a Service: its requests are balanced over its endpoints.
+    Service {
+        service: ServiceRef,
+        port: u16,
+        /// `namespace/name:port`, the service port's key.
+        key: String,
+    },
+    /// A reference this agent cannot follow (another kind): the requests
+    /// it would get are answered 500, as the specification says.
+    Invalid(String),
+}
+
+impl Backend {
+    /// The key of the service port it names (`namespace/name:port`).
+    pub fn service_port_key(&self) -> Option<&str> {
+        match self {
+            Backend::Service { key, .. } => Some(key),
+            Backend::Invalid(_) => None,
+        }
+    }
+}
+
+/// Parsed routes with the texts they came from. Two are equal when their
+/// texts are.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    /// (path, text) of every route file, in load order.
+    pub files: Vec<(PathBuf, String)>,
+    pub routes: Arc<Vec<Arc<HttpRoute>>>,
+}
+
+impl PartialEq for Routes {
+    fn eq(&self, other: &Self) -> bool {
+        self.files == other.files
+    }
+}

@@ -1,0 +1,415 @@
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Method, Uri};
+
+use super::*;
+use crate::balance::rng::{Rng, SplitMix64};
+use crate::config::{ServiceConfig, ServicePort};
+
+fn load_one(text: &str) -> Vec<Arc<HttpRoute>> {
+    load([("routes/r.yaml", text)]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn load_err(text: &str) -> String {
+    load([("routes/r.yaml", text)]).unwrap_err().to_string()
+}
+
+fn service(namespace: &str, name: &str, protocol: &str) -> ServiceConfig {
+    let mut s = ServiceConfig::with_defaults();
+    s.namespace = namespace.into();
+    s.name = name.into();
+    s.ports = vec![ServicePort {
+        port: 80,
+        target_port: Some(8080),
+        protocol: protocol.into(),
+    }];
+    s
+}
+
+fn services() -> Vec<ServiceConfig> {
+    vec![
+        service("faces", "smiley", "http"),
+        service("faces", "smiley2", "http"),
+        service("faces", "raw", "tcp"),
+    ]
+}
+
+fn request(method: &str, uri: &str, headers: &[(&'static str, &str)]) -> (Method, Uri, HeaderMap) {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.append(*k, HeaderValue::from_str(v).unwrap());
+    }
+    (method.parse().unwrap(), uri.parse().unwrap(), map)
+}
+
+/// The name of the rule (or `404`) a request to smiley:80 from `ns` takes.
+fn rule_for(
+    table: &RouteTable,
+    ns: &str,
+    method: &str,
+    uri: &str,
+    headers: &[(&'static str, &str)],
+) -> String {
+    let (m, u, h) = request(method, uri, headers);
+    match table.route("faces/smiley:80", ns, &m, &u, &h) {
+        None => "none".into(),
+        Some(Routed::NoMatch) => "404".into(),
+        Some(Routed::Rule { route, rule }) => {
+            format!("{route}#{}", rule.name.clone().unwrap_or_default())
+        }
+    }
+}
+
+/// The Gateway API documentation's GAMMA canary example, unchanged.
+const DOCS_CANARY: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: smiley-route
+  namespace: faces
+spec:
+  parentRefs:
+    - name: smiley
+      kind: Service
+      group: \"\"
+      port: 80
+  rules:
+    - backendRefs:
+        - name: smiley
+          port: 80
+          weight: 90
+        - name: smiley2
+          port: 80
+          weight: 10
+";
+
+#[test]
+fn the_documentations_canary_loads_and_splits_by_weight() {
+    let routes = load_one(DOCS_CANARY);
+    let table = RouteTable::build(&routes, &services());
+    let (m, u, h) = request("GET", "/anything?x=1", &[]);
+    let Some(Routed::Rule { rule, .. }) = table.route("faces/smiley:80", "other", &m, &u, &h)
+    else {
+        panic!("the route applies");
+    };
+    let mut rng = SplitMix64::new(7);
+    let n = 100_000;
+    let v2 = (0..n)
+        .filter(|_| {
+            rule.pick(rng.next_u64())
+                .and_then(Backend::service_port_key)
+                == Some("faces/smiley2:80")
+        })
+        .count();
+    // 10% ± 4 standard deviations (σ = √(n·0.1·0.9) ≈ 95).
+    assert!((10_000 - 380..=10_000 + 380).contains(&v2), "{v2}");
+    assert!(table.statuses()[0].parents[0].accepted);
+    assert!(table.statuses()[0].unresolved_backends.is_empty());
+}
+
+#[test]
+fn kubectl_output_with_status_and_server_fields_loads() {
+    let text = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: |
+      {}
+  creationTimestamp: \"2026-01-02T03:04:05Z\"
+  generation: 1
+  name: r
+  namespace: faces
+  resourceVersion: \"1234\"
+  uid: 0b6c8a4e-0000-0000-0000-000000000000
+spec:
+  parentRefs:
+  - group: \"\"
+    kind: Service
+    name: smiley
+    port: 80
+  rules:
+  - backendRefs:
+    - group: \"\"
+      kind: Service
+      name: smiley2
+      port: 80
+      weight: 1
+    matches:
+    - path:
+        type: PathPrefix
+        value: /
+status:
+  parents:
+  - conditions:
+    - lastTransitionTime: \"2026-01-02T03:04:06Z\"
+      message: Route was valid
+      reason: Accepted
+      status: \"True\"
+      type: Accepted
+    controllerName: istio.io/gateway-controller
+    parentRef:
+      group: \"\"
+      kind: Service
+      name: smiley
+      port: 80
+";
+    let routes = load_one(text);
+    assert_eq!(routes[0].created.as_deref(), Some("2026-01-02T03:04:05Z"));
+    assert_eq!(routes[0].rules[0].backends.len(), 1);
+}
+
+#[test]
+fn precedence_follows_the_specification() {
+    let text = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b-newer, namespace: faces, creationTimestamp: \"2026-02-01T00:00:00Z\"}
+spec:
+  parentRefs: [{kind: Service, group: \"\", name: smiley}]
+  rules:
+    - name: prefix-short
+      matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: smiley, port: 80}]
+    - name: prefix-long
+      matches: [{path: {type: PathPrefix, value: /api/v2/}}]
+      backendRefs: [{name: smiley, port: 80}]
+    - name: exact
+      matches: [{path: {type: Exact, value: /api/v2/exact}}]
+      backendRefs: [{name: smiley, port: 80}]
+    - name: regex
+      matches: [{path: {type: RegularExpression, value: \"/api/v[0-9]+/special\"}}]
+      backendRefs: [{name: smiley, port: 80}]
+    - name: tie-newer
+      matches: [{path: {value: /tie}}]
+      backendRefs: [{name: smiley, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: a-older, namespace: faces, creationTimestamp: \"2026-01-01T00:00:00Z\"}
+spec:
+  parentRefs: [{kind: Service, group: \"\", name: smiley, port: 80}]
+  rules:
+    - name: method
+      matches: [{path: {type: PathPrefix, value: /api}, method: POST}]
+      backendRefs: [{name: smiley2, port: 80}]
+    - name: two-headers
+      matches:
+        - path: {type: PathPrefix, value: /api}
+          headers: [{name: X-User, value: ann}, {name: x-group, type: RegularExpression, value: \"beta|gamma\"}]
+      backendRefs: [{name: smiley2, port: 80}]
+    - name: query
+      matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: canary, value: \"yes\"}]}]
+      backendRefs: [{name: smiley2, port: 80}]
+    - name: tie-older
+      matches: [{path: {value: /tie}}]
+      backendRefs: [{name: smiley2, port: 80}]
+";
+    let table = RouteTable::build(&load_one(text), &services());
+    let at = |method, uri, headers: &[(&'static str, &str)]| {
+        rule_for(&table, "faces", method, uri, headers)
+    };
+    assert_eq!(at("GET", "/api/v2/exact", &[]), "faces/b-newer#exact");
+    assert_eq!(at("GET", "/api/v2/x", &[]), "faces/b-newer#prefix-long");
+    assert_eq!(at("GET", "/api/v2", &[]), "faces/b-newer#prefix-long");
+    assert_eq!(at("GET", "/api/v3", &[]), "faces/b-newer#prefix-short");
+    // Element-wise: /apix is not under /api.
+    assert_eq!(at("GET", "/apix", &[]), "404");
+    // Same prefix: a method beats headers, headers beat a query.
+    assert_eq!(
+        at("POST", "/api/x", &[("x-user", "ann"), ("x-group", "beta")]),
+        "faces/a-older#method"
+    );
+    assert_eq!(
+        at(
+            "GET",
+            "/api/x?canary=yes",
+            &[("x-user", "ann"), ("x-group", "beta")]
+        ),
+        "faces/a-older#two-headers"
+    );
+    assert_eq!(
+        at(
+            "GET",
+            "/api/x?canary=yes",
+            &[("x-user", "ann"), ("x-group", "betamax")]
+        ),
+        "faces/a-older#query"
+    );
+    assert_eq!(
+        at("GET", "/api/x?canary=no", &[]),
+        "faces/b-newer#prefix-short"
+    );
+    // A regular expression ranks after every prefix of the Service, and
+    // matches the whole path.
+    assert_eq!(
+        at("GET", "/api/v9/special", &[]),
+        "faces/b-newer#prefix-short"
+    );
+    assert_eq!(at("GET", "/tie", &[]), "faces/a-older#tie-older");
+}
+
+#[test]
+fn consumer_routes_apply_to_their_namespace_only_and_override_producers() {
+    let text = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: producer, namespace: faces}
+spec:
+  parentRefs: [{kind: Service, group: \"\", name: smiley}]
+  rules: [{name: p, backendRefs: [{name: smiley, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: web}
+spec:
+  parentRefs: [{kind: Service, group: \"\", name: smiley, namespace: faces}]
+  rules: [{name: c, matches: [{path: {type: Exact, value: /only}}]}]
+";
+    let table = RouteTable::build(&load_one(text), &services());
+    assert_eq!(
+        rule_for(&table, "faces", "GET", "/x", &[]),
+        "faces/producer#p"
+    );
+    assert_eq!(
+        rule_for(&table, "web", "GET", "/only", &[]),
+        "web/consumer#c"
+    );
+    // For web's clients the producer route is gone: no rule matches.
+    assert_eq!(rule_for(&table, "web", "GET", "/x", &[]), "404");
+}
+
+#[test]
+fn unknown_parents_and_backends_are_reported_and_no_route_means_the_service() {
+    let text = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: faces}
+spec:
+  parentRefs:
+    - {kind: Service, group: \"\", name: missing}
+    - {kind: Service, group: \"\", name: raw}
+    - {kind: Service, group: \"\", name: smiley2}
+  rules:
+    - backendRefs:
+        - {name: nowhere, port: 80}
+        - {name: smiley, port: 81}
+        - {name: smiley, namespace: other, port: 80}
+        - {name: bucket, kind: Bucket, group: example.com}
+";
+    let table = RouteTable::build(&load_one(text), &services());
+    let status = &table.statuses()[0];
+    let accepted: Vec<bool> = status.parents.iter().map(|p| p.accepted).collect();
+    assert_eq!(accepted, [false, false, true]);
+    assert!(
+        status.parents[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("no HTTP port"),
+        "{status:?}"
+    );
+    assert_eq!(status.unresolved_backends.len(), 4, "{status:?}");
+    assert!(
+        status.unresolved_backends[2].contains("ReferenceGrant"),
+        "{status:?}"
+    );
+    // smiley has no route: its own endpoints serve.
+    assert_eq!(rule_for(&table, "faces", "GET", "/", &[]), "none");
+    assert!(table.has_routes("faces/smiley2:80"));
+}
+
+#[test]
+fn zero_weights_pick_nothing_and_a_zero_weight_backend_is_never_picked() {
+    let text = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: faces}
+spec:
+  parentRefs: [{kind: Service, group: \"\", name: smiley}]
+  rules:
+    - name: none
+      matches: [{path: {value: /none}}]
+      backendRefs: [{name: smiley, port: 80, weight: 0}]
+    - name: one
+      backendRefs: [{name: smiley, port: 80, weight: 0}, {name: smiley2, port: 80}]
+";
+    let routes = load_one(text);
+    assert!(routes[0].rules[0].pick(12345).is_none());
+    let mut rng = SplitMix64::new(1);
+    for _ in 0..1000 {
+        let picked = routes[0].rules[1].pick(rng.next_u64()).unwrap();
+        assert_eq!(picked.service_port_key().unwrap(), "faces/smiley2:80");
+    }
+}
+
+#[test]
+fn what_cannot_be_served_as_written_is_named_with_file_line_and_field() {
+    let base = |rule: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: faces}}
+spec:
+  parentRefs: [{{kind: Service, group: \"\", name: smiley}}]
+  rules:
+{rule}"
+        )
+    };
+    let cases = [
+        (
+            "    - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}]\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].filters: not supported yet",
+        ),
+        (
+            "    - timeouts: {request: 1s}\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].timeouts: not supported yet",
+        ),
+        (
+            "    - matches: [{path: {type: Prefix, value: /}}]\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].matches[0].path.type: \"Prefix\" is not a path match type",
+        ),
+        (
+            "    - matches:\n        - path: {type: RegularExpression, value: \"([\"}\n",
+            "routes/r.yaml:8",
+            "spec.rules[0].matches[0].path.value: not a regular expression",
+        ),
+        (
+            "    - matches: [{method: FETCH}]\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].matches[0].method: \"FETCH\" is not one of",
+        ),
+        (
+            "    - backendRefs: [{name: smiley}]\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].backendRefs[0].port: a Service backend needs its port",
+        ),
+        (
+            "    - backendRef: []\n",
+            "routes/r.yaml:7",
+            "unknown field `backendRef`",
+        ),
+    ];
+    for (rule, at, says) in cases {
+        let err = load_err(&base(rule));
+        assert!(err.starts_with(at), "{rule}: {err}");
+        assert!(err.contains(says), "{rule}: {err}");
+    }
+    let gateway = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: faces}
+spec:
+  parentRefs: [{name: my-gateway}]
+";
+    let err = load_err(gateway);
+    assert!(err.contains("spec.parentRefs[0].kind: a Gateway"), "{err}");
+    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: faces}\n";
+    assert!(load_err(grpc).contains("GRPCRoute is not supported yet"));
+    let no_ns = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{kind: Service, group: \"\", name: s}]}\n";
+    assert!(load_err(no_ns).contains("metadata.namespace is required"));
+    let twice = format!("{}---\n{}", base("    - {}\n"), base("    - {}\n"));
+    assert!(load_err(&twice).contains("duplicate HTTPRoute faces/r"));
+}

@@ -1,0 +1,233 @@
+//! Gateway API `HTTPRoute`s on a Service (GAMMA), applied by the client's
+//! agent: a header match sends every matching request to v2, the rest are
+//! split 90/10 by weight, a path no rule matches is answered 404 by the
+//! agent, HTTP/1.1 and HTTP/2 clients alike; a route file that cannot be
+//! served as written is refused with its file, line and field while the
+//! routes in force keep serving.
+//!
+//! The mesh: client `a` on n1; `c` (v1) and `d` (v2) on n2, reached through
+//! the mTLS tunnel. Services (n1's services.yaml): `reviews` over c and d,
+//! `reviews-v1` over c, `reviews-v2` over d. The client is `http-load`,
+//! which tallies answers by the backend's `x-served-by` header.
+
+use std::time::Duration;
+
+use mesh_e2e::{
+    NodeAgent,
+    backend::HttpBackend,
+    load::load,
+    mesh::{TestCa, node_issuers, start_mesh},
+};
+use mesh_testbed::{Pod, Topology, e2e_enabled, wait_until};
+
+const PORT: u16 = 8080;
+const REVIEWS: &str = "10.96.0.50";
+const REVIEWS_V1: &str = "10.96.0.51";
+const REVIEWS_V2: &str = "10.96.0.52";
+const STRICT: &str = "10.96.0.53";
+
+fn endpoint(pod: &Pod) -> String {
+    format!(
+        "      - {{name: {}, address: {}, node: {}}}\n",
+        pod.name(),
+        pod.ipv4(),
+        pod.node_name()
+    )
+}
+
+fn services_yaml(c: &Pod, d: &Pod) -> String {
+    let service = |name: &str, vip: &str, endpoints: String| {
+        format!(
+            "  - name: {name}
+    namespace: default
+    vips: [{vip}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{endpoints}"
+        )
+    };
+    format!(
+        "services:\n{}{}{}{}",
+        service("reviews", REVIEWS, endpoint(c) + &endpoint(d)),
+        service("reviews-v1", REVIEWS_V1, endpoint(c)),
+        service("reviews-v2", REVIEWS_V2, endpoint(d)),
+        service("strict", STRICT, endpoint(c)),
+    )
+}
+
+/// As `kubectl get httproute -o yaml` would print them (defaults spelled
+/// out, server fields and a status).
+const ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  creationTimestamp: "2026-12-01T10:00:00Z"
+  generation: 1
+  name: reviews
+  namespace: default
+  resourceVersion: "4711"
+  uid: 6f1c2d3e-0000-4000-8000-000000000001
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+    port: 80
+  rules:
+  - matches:
+    - headers:
+      - name: x-canary
+        type: Exact
+        value: always
+      path:
+        type: PathPrefix
+        value: /
+    backendRefs:
+    - group: ""
+      kind: Service
+      name: reviews-v2
+      port: 80
+      weight: 1
+  - backendRefs:
+    - name: reviews-v1
+      port: 80
+      weight: 90
+    - name: reviews-v2
+      port: 80
+      weight: 10
+status:
+  parents: []
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: strict
+  namespace: default
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: strict}
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+      method: GET
+    backendRefs:
+    - {name: strict, port: 80}
+"#;
+
+/// Writes a file of the client node's configuration and waits until it is
+/// applied.
+fn apply(agent: &NodeAgent, file: &str, yaml: &str) {
+    let generation = agent.status().unwrap().config_generation;
+    agent.write_file(file, yaml).unwrap();
+    agent.wait_generation_after(generation).unwrap();
+}
+
+#[test]
+fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches() {
+    if !e2e_enabled("http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches")
+    {
+        return;
+    }
+    let topo = Topology::builder("routes")
+        .node("n1", &["a"])
+        .node("n2", &["c", "d"])
+        .build()
+        .unwrap();
+    let (a, c, d) = (topo.pod("a"), topo.pod("c"), topo.pod("d"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let _v1 = HttpBackend::start(c, PORT, "v1").unwrap();
+    let _v2 = HttpBackend::start(d, PORT, "v2").unwrap();
+    let client_agent = &agents[0];
+    apply(client_agent, "services.yaml", &services_yaml(c, d));
+    let reviews = format!("http://{REVIEWS}/reviews/1");
+
+    // Without a route, reviews spreads over both (the test can see a route
+    // take effect).
+    let before = load(a, &reviews, &["--requests", "200", "--connections", "2"]);
+    assert!(before.all_ok(), "{before}");
+    assert!(
+        before.served_by("v1") > 0 && before.served_by("v2") > 0,
+        "{before}"
+    );
+
+    apply(client_agent, "routes/reviews.yaml", ROUTES);
+
+    // The header match: every request goes to v2, HTTP/1.1 and HTTP/2.
+    for protocol in [&[][..], &["--http2"][..]] {
+        let mut args = vec![
+            "--requests",
+            "300",
+            "--connections",
+            "2",
+            "--header",
+            "x-canary:always",
+        ];
+        args.extend_from_slice(protocol);
+        let canary = load(a, &reviews, &args);
+        assert!(canary.all_ok(), "{protocol:?}: {canary}");
+        assert_eq!(canary.served_by("v2"), 300, "{protocol:?}: {canary}");
+    }
+    // Another value of the header is not the match.
+    let other = load(
+        a,
+        &reviews,
+        &["--requests", "100", "--header", "x-canary:sometimes"],
+    );
+    assert!(other.all_ok(), "{other}");
+
+    // The rest: 90/10 over 2,000 requests, within four standard deviations
+    // of 200 (σ = √(2000 · 0.1 · 0.9) ≈ 13.4).
+    let split = load(a, &reviews, &["--requests", "2000", "--connections", "4"]);
+    assert!(split.all_ok(), "{split}");
+    let v2 = split.served_by("v2");
+    assert_eq!(split.served_by("v1") + v2, 2000, "{split}");
+    assert!((200 - 54..=200 + 54).contains(&v2), "v2 got {v2}: {split}");
+
+    // strict: GET /api... only; anything else is answered 404 by the agent
+    // (the backend never sees it).
+    let strict = format!("http://{STRICT}");
+    let api = load(a, &format!("{strict}/api/x"), &["--requests", "20"]);
+    assert_eq!(api.status(200), 20, "{api}");
+    let elsewhere = load(a, &format!("{strict}/other"), &["--requests", "20"]);
+    assert_eq!(elsewhere.status(404), 20, "{elsewhere}");
+    assert_eq!(elsewhere.served_by("v1"), 0, "{elsewhere}");
+    let post = load(
+        a,
+        &format!("{strict}/api/x"),
+        &["--requests", "20", "--method", "POST"],
+    );
+    assert_eq!(post.status(404), 20, "{post}");
+
+    // A route file this agent cannot serve as written: refused with file,
+    // line and field; the routes in force keep serving.
+    let bad = ROUTES.replace(
+        "  - backendRefs:\n    - name: reviews-v1",
+        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews-v1, port: 80}}}]\n    backendRefs:\n    - name: reviews-v1",
+    );
+    assert_ne!(bad, ROUTES);
+    client_agent
+        .write_file("routes/reviews.yaml", &bad)
+        .unwrap();
+    let mut error = String::new();
+    wait_until(
+        "the bad route file refused",
+        Duration::from_secs(10),
+        || {
+            error = client_agent.status()?.last_reload_error.unwrap_or_default();
+            Ok(!error.is_empty())
+        },
+    )
+    .unwrap();
+    assert!(error.contains("routes/reviews.yaml:"), "{error}");
+    assert!(
+        error.contains("spec.rules[1].filters") && error.contains("not supported yet"),
+        "{error}"
+    );
+    let still = load(
+        a,
+        &reviews,
+        &["--requests", "100", "--header", "x-canary:always"],
+    );
+    assert_eq!(still.served_by("v2"), 100, "{still}");
+}
