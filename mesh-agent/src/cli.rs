@@ -202,6 +202,31 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// What `check` says of routes: parents that do not accept them, backends
+/// that cannot be served.
+fn route_problems(statuses: &[crate::routes::RouteStatus]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for status in statuses {
+        for parent in status.parents.iter().filter(|p| !p.accepted) {
+            problems.push(format!(
+                "{} ({}): not accepted by {}: {}",
+                status.route,
+                status.file.display(),
+                parent.parent,
+                parent.reason.as_deref().unwrap_or("")
+            ));
+        }
+        for backend in &status.unresolved_backends {
+            problems.push(format!(
+                "{} ({}): backend {backend} cannot be served (its requests are answered 500)",
+                status.route,
+                status.file.display()
+            ));
+        }
+    }
+    problems
+}
+
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(name) = cli.node_name.filter(|n| !n.is_empty()) {
         config::set_node_name(name);
@@ -232,6 +257,11 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     .set
                     .compile_with_services(&cfg.node.root_namespace, &cfg.services);
                 unenforceable.extend(compiled.unmapped_targets().iter().cloned());
+                let routes = crate::routes::RouteTable::build(&cfg.routes.routes, &cfg.services);
+                let route_problems = route_problems(routes.statuses());
+                for problem in &route_problems {
+                    eprintln!("error: {problem}");
+                }
                 if !unenforceable.is_empty() {
                     for error in &unenforceable {
                         eprintln!(
@@ -243,6 +273,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                         unenforceable.len(),
                         cfg.policies.set.len()
                     );
+                    return Ok(ExitCode::FAILURE);
+                }
+                if !route_problems.is_empty() {
                     return Ok(ExitCode::FAILURE);
                 }
                 println!(

@@ -27,6 +27,9 @@ pub struct ConfigDump {
     pub policies: Vec<PolicyView>,
     pub peer_authentications: Vec<PeerAuthenticationView>,
     pub request_authentications: Vec<RequestAuthenticationView>,
+    /// Every HTTPRoute: accepted by each parent or why not, and the
+    /// backends that cannot be served (their requests get 500).
+    pub routes: Vec<crate::routes::RouteStatus>,
     pub certificates: Vec<CertificateView>,
     /// With `discovery: kubernetes`: where the pods, workloads and services
     /// above come from (the API, or the saved state until the API answers).
@@ -181,6 +184,7 @@ pub fn dump(state: &AgentState) -> ConfigDump {
         policies,
         peer_authentications,
         request_authentications,
+        routes: state.proxy.snapshot().routes.statuses().to_vec(),
         certificates: state.certificates(),
         kubernetes: state.kubernetes.as_ref().map(|k| k.status()),
     }

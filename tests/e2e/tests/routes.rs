@@ -152,6 +152,16 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
     );
 
     apply(client_agent, "routes/reviews.yaml", ROUTES);
+    // /config_dump says each route is accepted by its Service.
+    let (status, dump) = client_agent.get("/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let routes = dump["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 2, "{dump:#}");
+    for route in routes {
+        assert_eq!(route["parents"][0]["accepted"], true, "{route:#}");
+        assert_eq!(route["unresolvedBackends"], serde_json::json!([]), "{route:#}");
+    }
 
     // The header match: every request goes to v2, HTTP/1.1 and HTTP/2.
     for protocol in [&[][..], &["--http2"][..]] {
