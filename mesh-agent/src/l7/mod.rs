@@ -120,7 +120,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub use detect::{NotHttpReason, PrefixedIo, Protocol};
 pub use service::{
     DENIED_BODY, DeniedBy, Forward, ResponseBody, UNAUTHENTICATED_BODY,
-    WWW_AUTHENTICATE_INVALID_TOKEN, local_response,
+    WWW_AUTHENTICATE_INVALID_TOKEN, local_response, request_host,
 };
 
 /// What the authorizer sees of one request.

@@ -458,7 +458,7 @@ pub fn local_response(
 /// fields, a non-visible-ASCII one, or one disagreeing with the URI authority
 /// are errors, so the authorizer and the application cannot see different
 /// hosts.
-fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<String, &'static str> {
+pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<String, &'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {

@@ -49,7 +49,7 @@ use crate::{
         self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
         ResponseFlags, Verdict, local_response,
     },
-    routes::{Backend, Routed},
+    routes::{Routed, RuleRef, Timeouts},
     services::{PortProtocol, RequestPick, ServicePortEntry},
     spans::SpanSide,
 };
@@ -187,16 +187,22 @@ impl ServiceForwarder {
         h1: bool,
         answered: &mut Option<Arc<Destination>>,
     ) -> Response<ResponseBody> {
-        let routed = match self.route(&request) {
-            Ok(service) => service,
+        let routing = match self.route(&request) {
+            Ok(routing) => routing,
             Err(refusal) => return refusal.into_response(h1),
         };
-        let service = &*routed;
-        let deadline = service
-            .config
-            .timeout_for(request.uri().path())
-            .map(|timeout| tokio::time::Instant::now() + timeout);
-        let (parts, body) = request.into_parts();
+        let service = &*routing.service;
+        let started = tokio::time::Instant::now();
+        // The route's request timeout (`0s`: none), else the service's.
+        let deadline = match routing.timeouts().request {
+            Some(timeout) if timeout.is_zero() => None,
+            Some(timeout) => Some(timeout),
+            None => service.config.timeout_for(request.uri().path()),
+        }
+        .map(|timeout| started + timeout);
+        let backend_timeout = routing.timeouts().backend_request.filter(|t| !t.is_zero());
+        let (mut parts, body) = request.into_parts();
+        routing.on_request(&mut parts);
         // A bodiless request can be sent again; one with a body is streamed
         // once and never retried.
         let replayable = body.is_end_stream();
@@ -264,6 +270,15 @@ impl ServiceForwarder {
             };
             let connect = || self.connect(addr, target.clone(), peer.clone());
             let sent = self.ctx.http_pool.send(&key, connect, upstream_request);
+            // This attempt's end: the request's deadline, or sooner the
+            // route's `backendRequest` timeout.
+            let deadline = match (deadline, backend_timeout) {
+                (deadline, None) => deadline,
+                (None, Some(timeout)) => Some(tokio::time::Instant::now() + timeout),
+                (Some(deadline), Some(timeout)) => {
+                    Some(deadline.min(tokio::time::Instant::now() + timeout))
+                }
+            };
             let result = match deadline {
                 Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
                     Ok(result) => result,
@@ -314,7 +329,10 @@ impl ServiceForwarder {
                 continue;
             }
             return match (response, outcome) {
-                (Some(response), _) => response.map(Either::Left),
+                (Some(mut response), _) => {
+                    routing.on_response(response.headers_mut());
+                    response.map(Either::Left)
+                }
                 (None, Outcome::ConnectFailed) => flagged(
                     local_response(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -331,12 +349,13 @@ impl ServiceForwarder {
         }
     }
 
-    /// The service port a request goes to: the one it was sent to, or, when
+    /// Where a request goes: the service port it was sent to, or, when
     /// routes are attached to that one, the backend of the rule it matches
-    /// (by weight). Answered here: `404` (flag `NR`) when routes are
-    /// attached and none matches, `500` (flag `NC`) when the rule's backend
-    /// cannot be served (none with a weight, not a known HTTP port).
-    fn route(&self, request: &Request<Incoming>) -> Result<Arc<ServicePortEntry>, RouteRefusal> {
+    /// (by weight), with the rule's filters and timeouts. Answered here:
+    /// a redirect; `404` (flag `NR`) when routes are attached and none
+    /// matches; `500` (flag `NC`) when the rule's backend cannot be served
+    /// (none with a weight, not a known HTTP port).
+    fn route(&self, request: &Request<Incoming>) -> Result<Routing, RouteRefusal> {
         let snapshot = self.ctx.snapshot();
         let routed = snapshot.routes.route(
             &self.service.key,
@@ -345,20 +364,34 @@ impl ServiceForwarder {
             request.uri(),
             request.headers(),
         );
-        let (route, rule) = match routed {
-            None => return Ok(self.service.clone()),
+        let rule = match routed {
+            None => {
+                return Ok(Routing {
+                    service: self.service.clone(),
+                    rule: None,
+                });
+            }
             Some(Routed::NoMatch) => return Err(RouteRefusal::NoMatch),
-            Some(Routed::Rule { route, rule }) => (route, rule),
+            Some(Routed::Rule(rule)) => rule,
         };
-        let backend = rule.pick(ThreadRng.next_u64());
+        if let Some(redirect) = &rule.rule().filters.redirect {
+            let host = l7::request_host(request.uri(), request.headers()).unwrap_or_default();
+            let (status, location) = redirect.location(request.uri(), &host, rule.matched_prefix());
+            return Err(RouteRefusal::Redirect(status, location));
+        }
+        let backend = rule.rule().pick(ThreadRng.next_u64());
         let entry = backend
-            .and_then(Backend::service_port_key)
+            .and_then(|b| rule.rule().backends[b].backend.service_port_key())
             .and_then(|key| snapshot.services.by_key(key))
             .filter(|entry| entry.protocol != PortProtocol::Tcp);
-        match entry {
-            Some(entry) => Ok(entry.clone()),
-            None => {
-                tracing::warn!(service = %self.service.key, %route, backend = ?backend, "the route's backend cannot be served: 500");
+        match (entry, backend) {
+            (Some(entry), Some(backend)) => Ok(Routing {
+                service: entry.clone(),
+                rule: Some((rule, backend)),
+            }),
+            _ => {
+                let chosen = backend.map(|b| &rule.rule().backends[b].backend);
+                tracing::warn!(service = %self.service.key, route = %rule.route(), backend = ?chosen, "the route's backend cannot be served: 500");
                 Err(RouteRefusal::NoBackend)
             }
         }
@@ -450,8 +483,44 @@ fn flagged(mut response: Response<ResponseBody>, flags: &'static str) -> Respons
     response
 }
 
+/// Where one request goes: a service port, by the rule (and the backend of
+/// it) that sent it there, if routes did.
+struct Routing {
+    service: Arc<ServicePortEntry>,
+    rule: Option<(RuleRef, usize)>,
+}
+
+impl Routing {
+    fn timeouts(&self) -> Timeouts {
+        self.rule
+            .as_ref()
+            .map(|(rule, _)| rule.rule().timeouts)
+            .unwrap_or_default()
+    }
+
+    /// The rule's request filters, then the chosen backend's.
+    fn on_request(&self, parts: &mut Parts) {
+        if let Some((rule, backend)) = &self.rule {
+            rule.rule().filters.on_request(parts, rule.matched_prefix());
+            rule.rule().backends[*backend]
+                .filters
+                .on_request(parts, None);
+        }
+    }
+
+    /// The chosen backend's response filters, then the rule's.
+    fn on_response(&self, headers: &mut HeaderMap) {
+        if let Some((rule, backend)) = &self.rule {
+            rule.rule().backends[*backend].filters.on_response(headers);
+            rule.rule().filters.on_response(headers);
+        }
+    }
+}
+
 /// Why a request to a service port with routes is answered here.
 enum RouteRefusal {
+    /// The rule redirects: this status, to this `Location`.
+    Redirect(StatusCode, String),
     /// No rule of the routes attached matches: `404`, flag `NR`.
     NoMatch,
     /// The rule's backend cannot be served: `500`, flag `NC`.
@@ -461,6 +530,13 @@ enum RouteRefusal {
 impl RouteRefusal {
     fn into_response(self, h1: bool) -> Response<ResponseBody> {
         match self {
+            RouteRefusal::Redirect(status, location) => {
+                let mut response = local_response(status, "", h1);
+                if let Ok(location) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                response
+            }
             RouteRefusal::NoMatch => flagged(
                 local_response(StatusCode::NOT_FOUND, "no route matched", h1),
                 "NR",

@@ -14,7 +14,8 @@ use serde_yaml::Value;
 
 use super::{
     Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, Rule,
-    ServiceRef, ValueMatch, WeightedBackend,
+    ServiceRef, Timeouts, ValueMatch, WeightedBackend,
+    filters::{self, FilterPlace},
     model::{RawBackendRef, RawHttpRoute, RawMatch, RawNameMatch, RawRule},
 };
 use crate::policy::{DocCtx, LoadError, Seg, key, label_of};
@@ -179,6 +180,8 @@ fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute
             name: None,
             matches: vec![match_all()],
             backends: Vec::new(),
+            filters: Default::default(),
+            timeouts: Timeouts::default(),
         }],
         Some(rules) => rules
             .into_iter()
@@ -212,8 +215,6 @@ fn convert_rule(
 ) -> Result<Rule, LoadError> {
     let at = |field: &'static str| vec![key("spec"), key("rules"), Seg::Index(i), key(field)];
     for (field, value) in [
-        ("filters", &rule.filters),
-        ("timeouts", &rule.timeouts),
         ("retry", &rule.retry),
         ("sessionPersistence", &rule.session_persistence),
     ] {
@@ -233,17 +234,94 @@ fn convert_rule(
             .map(|(j, m)| convert_match(ctx, i, j, m))
             .collect::<Result<_, _>>()?,
     };
+    let prefix_match = matches
+        .iter()
+        .all(|m: &RequestMatch| matches!(m.path, PathMatch::Prefix(_)));
+    let filters = filters::convert(
+        ctx,
+        &at("filters"),
+        rule.filters,
+        FilterPlace::Rule,
+        prefix_match,
+    )?;
     let backends = rule
         .backend_refs
         .into_iter()
         .enumerate()
         .map(|(j, b)| convert_backend(ctx, namespace, i, j, b))
         .collect::<Result<_, _>>()?;
+    let timeouts = match rule.timeouts {
+        None => Timeouts::default(),
+        Some(t) => {
+            let duration = |v: Option<String>, field: &'static str| {
+                v.map(|v| {
+                    let mut here = at("timeouts");
+                    here.push(key(field));
+                    gateway_duration(&v).ok_or_else(|| {
+                        ctx.semantic(
+                            &here,
+                            format!("{v:?} is not a duration (like 1h, 10s, 500ms, 1m30s)"),
+                        )
+                    })
+                })
+                .transpose()
+            };
+            let timeouts = Timeouts {
+                request: duration(t.request, "request")?,
+                backend_request: duration(t.backend_request, "backendRequest")?,
+            };
+            if let (Some(request), Some(backend)) = (timeouts.request, timeouts.backend_request)
+                && !request.is_zero()
+                && (backend.is_zero() || backend > request)
+            {
+                let mut here = at("timeouts");
+                here.push(key("backendRequest"));
+                return Err(ctx.semantic(
+                    &here,
+                    "must not be longer than `request` (the specification's rule)".into(),
+                ));
+            }
+            timeouts
+        }
+    };
     Ok(Rule {
         name: rule.name,
         matches,
         backends,
+        filters,
+        timeouts,
     })
+}
+
+/// A Gateway API duration (GEP-2257): one to four `<number><unit>` with
+/// units `h`, `m`, `s`, `ms`, numbers of one to five digits.
+fn gateway_duration(text: &str) -> Option<std::time::Duration> {
+    let mut rest = text;
+    let mut total = std::time::Duration::ZERO;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        if !(1..=5).contains(&digits) {
+            return None;
+        }
+        let number: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, millis) = if rest.starts_with("ms") {
+            ("ms", 1)
+        } else if rest.starts_with('h') {
+            ("h", 3_600_000)
+        } else if rest.starts_with('m') {
+            ("m", 60_000)
+        } else if rest.starts_with('s') {
+            ("s", 1_000)
+        } else {
+            return None;
+        };
+        rest = &rest[unit.len()..];
+        total += std::time::Duration::from_millis(number * millis);
+        parts += 1;
+    }
+    (1..=4).contains(&parts).then_some(total)
 }
 
 fn convert_match(
@@ -383,12 +461,7 @@ fn convert_backend(
             key(field),
         ]
     };
-    if !empty(&b.filters) {
-        return Err(ctx.semantic(
-            &at("filters"),
-            "not supported yet (docs/traffic.md lists what is)".into(),
-        ));
-    }
+    let filters = filters::convert(ctx, &at("filters"), b.filters, FilterPlace::Backend, false)?;
     let weight = b.weight.unwrap_or(1);
     if weight > MAX_WEIGHT {
         return Err(ctx.semantic(&at("weight"), format!("{weight} is more than {MAX_WEIGHT}")));
@@ -421,5 +494,9 @@ fn convert_backend(
             b.name
         ))
     };
-    Ok(WeightedBackend { weight, backend })
+    Ok(WeightedBackend {
+        weight,
+        backend,
+        filters,
+    })
 }

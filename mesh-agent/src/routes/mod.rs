@@ -13,6 +13,7 @@
 //! the matching rule, chosen by weight, then balanced over that backend
 //! Service's endpoints (`proxy/service_http.rs`).
 
+pub(crate) mod filters;
 mod load;
 mod model;
 mod table;
@@ -21,8 +22,9 @@ mod tests;
 
 use std::{path::PathBuf, sync::Arc};
 
+pub use filters::{Filters, HeaderModifier, PathModifier};
 pub use load::load;
-pub use table::{RouteStatus, RouteTable, Routed};
+pub use table::{RouteStatus, RouteTable, Routed, RuleRef};
 
 /// `namespace/name` of a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,6 +64,18 @@ pub struct Rule {
     /// A request matches the rule when it matches any of these.
     pub matches: Vec<RequestMatch>,
     pub backends: Vec<WeightedBackend>,
+    pub filters: Filters,
+    pub timeouts: Timeouts,
+}
+
+/// A rule's `timeouts`. `Some(ZERO)` is "no timeout" (the specification's
+/// `0s`); `None` leaves the backend Service's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the request to its response head, retries included (504).
+    pub request: Option<std::time::Duration>,
+    /// One attempt at a backend (504).
+    pub backend_request: Option<std::time::Duration>,
 }
 
 #[derive(Debug)]
@@ -105,6 +119,8 @@ pub struct QueryMatch {
 pub struct WeightedBackend {
     pub weight: u32,
     pub backend: Backend,
+    /// Run when this backend is the one chosen (after the rule's).
+    pub filters: Filters,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

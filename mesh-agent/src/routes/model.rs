@@ -9,6 +9,8 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_yaml::Value;
 
+use super::filters::RawFilter;
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawHttpRoute {
@@ -74,11 +76,11 @@ pub struct RawRule {
     pub matches: Option<Vec<RawMatch>>,
     #[serde(default)]
     pub backend_refs: Vec<RawBackendRef>,
+    #[serde(default)]
+    pub filters: Vec<RawFilter>,
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
     // Not supported yet: named at load when present and not empty.
-    #[serde(default)]
-    pub filters: Option<Value>,
-    #[serde(default)]
-    pub timeouts: Option<Value>,
     #[serde(default)]
     pub retry: Option<Value>,
     #[serde(default)]
@@ -131,5 +133,15 @@ pub struct RawBackendRef {
     #[serde(default)]
     pub weight: Option<u32>,
     #[serde(default)]
-    pub filters: Option<Value>,
+    pub filters: Vec<RawFilter>,
+}
+
+/// Gateway API durations (GEP-2257): `1h`, `500ms`, `1m30s`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawTimeouts {
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
 }

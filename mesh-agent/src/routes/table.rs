@@ -68,13 +68,38 @@ pub struct ParentStatus {
 
 /// What a request to a Service port with routes takes.
 #[derive(Debug)]
-pub enum Routed<'a> {
-    Rule {
-        route: &'a RouteId,
-        rule: &'a Rule,
-    },
+pub enum Routed {
+    Rule(RuleRef),
     /// Routes are attached, none matches: answered 404.
     NoMatch,
+}
+
+/// The rule a request matched, and by which of its matches: held for the
+/// request's life (it holds its route, nothing else of the snapshot).
+#[derive(Debug, Clone)]
+pub struct RuleRef {
+    route: Arc<HttpRoute>,
+    rule: usize,
+    matched: usize,
+}
+
+impl RuleRef {
+    pub fn route(&self) -> &RouteId {
+        &self.route.id
+    }
+
+    pub fn rule(&self) -> &Rule {
+        &self.route.rules[self.rule]
+    }
+
+    /// The `PathPrefix` the request matched (without a trailing `/`), if
+    /// its match was one: what `ReplacePrefixMatch` replaces.
+    pub fn matched_prefix(&self) -> Option<&str> {
+        match &self.rule().matches[self.matched].path {
+            PathMatch::Prefix(prefix) => Some(prefix),
+            _ => None,
+        }
+    }
 }
 
 /// The ports of `service` that speak HTTP.
@@ -174,7 +199,7 @@ impl RouteTable {
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
-    ) -> Option<Routed<'_>> {
+    ) -> Option<Routed> {
         let entries = self.by_port.get(key)?;
         let consumer = entries
             .iter()
@@ -187,9 +212,12 @@ impl RouteTable {
         std::iter::once(first)
             .chain(applicable)
             .find(|e| matches(e.request_match(), method, uri, headers))
-            .map(|e| Routed::Rule {
-                route: &e.route.id,
-                rule: &e.route.rules[e.rule],
+            .map(|e| {
+                Routed::Rule(RuleRef {
+                    route: e.route.clone(),
+                    rule: e.rule,
+                    matched: e.matched,
+                })
             })
             .or(Some(Routed::NoMatch))
     }
@@ -297,18 +325,18 @@ fn value_matches(m: &ValueMatch, value: &str) -> bool {
 }
 
 impl Rule {
-    /// The backend for a request, by weight, from a uniform `draw`; `None`
-    /// when the rule has no backend with a weight (answered 500).
-    pub fn pick(&self, draw: u64) -> Option<&Backend> {
+    /// The backend for a request (its index), by weight, from a uniform
+    /// `draw`; `None` when the rule has no backend with a weight (500).
+    pub fn pick(&self, draw: u64) -> Option<usize> {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
         if total == 0 {
             return None;
         }
         let mut at = draw % total;
-        for b in &self.backends {
+        for (i, b) in self.backends.iter().enumerate() {
             let weight = u64::from(b.weight);
             if at < weight {
-                return Some(&b.backend);
+                return Some(i);
             }
             at -= weight;
         }

@@ -5,6 +5,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use super::*;
 use crate::balance::rng::{Rng, SplitMix64};
 use crate::config::{ServiceConfig, ServicePort};
+use crate::routes::filters::PathModifier as Modifier;
 
 fn load_one(text: &str) -> Vec<Arc<HttpRoute>> {
     load([("routes/r.yaml", text)]).unwrap_or_else(|e| panic!("{e}"))
@@ -54,8 +55,12 @@ fn rule_for(
     match table.route("faces/smiley:80", ns, &m, &u, &h) {
         None => "none".into(),
         Some(Routed::NoMatch) => "404".into(),
-        Some(Routed::Rule { route, rule }) => {
-            format!("{route}#{}", rule.name.clone().unwrap_or_default())
+        Some(Routed::Rule(chosen)) => {
+            format!(
+                "{}#{}",
+                chosen.route(),
+                chosen.rule().name.clone().unwrap_or_default()
+            )
         }
     }
 }
@@ -88,17 +93,16 @@ fn the_documentations_canary_loads_and_splits_by_weight() {
     let routes = load_one(DOCS_CANARY);
     let table = RouteTable::build(&routes, &services());
     let (m, u, h) = request("GET", "/anything?x=1", &[]);
-    let Some(Routed::Rule { rule, .. }) = table.route("faces/smiley:80", "other", &m, &u, &h)
-    else {
+    let Some(Routed::Rule(chosen)) = table.route("faces/smiley:80", "other", &m, &u, &h) else {
         panic!("the route applies");
     };
+    let rule = chosen.rule();
     let mut rng = SplitMix64::new(7);
     let n = 100_000;
     let v2 = (0..n)
         .filter(|_| {
-            rule.pick(rng.next_u64())
-                .and_then(Backend::service_port_key)
-                == Some("faces/smiley2:80")
+            let picked = rule.pick(rng.next_u64()).unwrap();
+            rule.backends[picked].backend.service_port_key() == Some("faces/smiley2:80")
         })
         .count();
     // 10% ± 4 standard deviations (σ = √(n·0.1·0.9) ≈ 95).
@@ -339,7 +343,7 @@ spec:
     let mut rng = SplitMix64::new(1);
     for _ in 0..1000 {
         let picked = routes[0].rules[1].pick(rng.next_u64()).unwrap();
-        assert_eq!(picked.service_port_key().unwrap(), "faces/smiley2:80");
+        assert_eq!(picked, 1);
     }
 }
 
@@ -358,14 +362,54 @@ spec:
     };
     let cases = [
         (
-            "    - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}]\n",
+            "    - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: a, port: 80}}}]\n",
             "routes/r.yaml:7",
-            "spec.rules[0].filters: not supported yet",
+            "spec.rules[0].filters[0].type: RequestMirror is not supported yet",
         ),
         (
-            "    - timeouts: {request: 1s}\n",
+            "    - retry: {attempts: 2}\n",
             "routes/r.yaml:7",
-            "spec.rules[0].timeouts: not supported yet",
+            "spec.rules[0].retry: not supported yet",
+        ),
+        (
+            "    - timeouts: {request: 1.5s}\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].timeouts.request: \"1.5s\" is not a duration",
+        ),
+        (
+            "    - timeouts: {request: 1s, backendRequest: 2s}\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].timeouts.backendRequest: must not be longer than `request`",
+        ),
+        (
+            "    - filters:\n        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}\n        - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: a, value: b}]}}\n",
+            "routes/r.yaml:9",
+            "spec.rules[0].filters[1].type: RequestHeaderModifier may appear once",
+        ),
+        (
+            "    - filters:\n        - {type: RequestHeaderModifier}\n",
+            "routes/r.yaml:8",
+            "spec.rules[0].filters[0]: type RequestHeaderModifier needs `requestHeaderModifier`",
+        ),
+        (
+            "    - matches: [{path: {type: Exact, value: /a}}]\n      filters:\n        - type: URLRewrite\n          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}\n",
+            "routes/r.yaml:10",
+            "spec.rules[0].filters[0].urlRewrite.path: ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
+        ),
+        (
+            "    - filters:\n        - {type: URLRewrite, urlRewrite: {hostname: x}}\n        - {type: RequestRedirect, requestRedirect: {hostname: y}}\n",
+            "routes/r.yaml:8",
+            "spec.rules[0].filters: RequestRedirect and URLRewrite cannot be on the same rule",
+        ),
+        (
+            "    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].filters[0].requestRedirect.statusCode: 304 is not a redirect status",
+        ),
+        (
+            "    - backendRefs: [{name: s, port: 80, filters: [{type: RequestRedirect, requestRedirect: {}}]}]\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].backendRefs[0].filters[0].type: RequestRedirect is not supported on a backend",
         ),
         (
             "    - matches: [{path: {type: Prefix, value: /}}]\n",
@@ -412,4 +456,145 @@ spec:
     assert!(load_err(no_ns).contains("metadata.namespace is required"));
     let twice = format!("{}---\n{}", base("    - {}\n"), base("    - {}\n"));
     assert!(load_err(&twice).contains("duplicate HTTPRoute faces/r"));
+}
+
+/// The first rule of the only route in `text`.
+fn first_rule(text: &str) -> RuleRef {
+    let table = RouteTable::build(&load_one(text), &services());
+    let (m, u, h) = request("GET", "/", &[]);
+    match table.route("faces/smiley:80", "faces", &m, &u, &h) {
+        Some(Routed::Rule(rule)) => rule,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn route_with(filters: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: faces}}
+spec:
+  parentRefs: [{{kind: Service, group: \"\", name: smiley}}]
+  rules:
+    - backendRefs: [{{name: smiley, port: 80}}]
+      filters:
+{filters}"
+    )
+}
+
+#[test]
+fn header_modifiers_set_add_and_remove() {
+    let rule = first_rule(&route_with(
+        "        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: X-Set, value: one}]
+            add: [{name: x-add, value: two}]
+            remove: [x-drop]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-served, value: mesh}], remove: [server]}
+",
+    ));
+    let (_, _, h) = request(
+        "GET",
+        "/",
+        &[("x-set", "old"), ("x-add", "first"), ("x-drop", "1")],
+    );
+    let mut parts = http::Request::builder()
+        .uri("/")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    parts.headers = h;
+    rule.rule().filters.on_request(&mut parts, None);
+    let all = |name: &str| -> Vec<String> {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(all("x-set"), ["one"]);
+    assert_eq!(all("x-add"), ["first", "two"]);
+    assert!(all("x-drop").is_empty());
+    let mut response = HeaderMap::new();
+    response.insert("server", HeaderValue::from_static("app"));
+    rule.rule().filters.on_response(&mut response);
+    assert_eq!(response.get("x-served").unwrap(), "mesh");
+    assert!(response.get("server").is_none());
+}
+
+/// The Gateway API specification's `ReplacePrefixMatch` table.
+#[test]
+fn replace_prefix_match_follows_the_specifications_table() {
+    let cases = [
+        ("/foo", "/foo/bar", "/xyz", "/xyz/bar"),
+        ("/foo", "/foo/bar", "/xyz/", "/xyz/bar"),
+        ("/foo/", "/foo/bar", "/xyz", "/xyz/bar"),
+        ("/foo/", "/foo/bar", "/xyz/", "/xyz/bar"),
+        ("/foo", "/foo", "/xyz", "/xyz"),
+        ("/foo", "/foo/", "/xyz", "/xyz/"),
+        ("/foo/", "/foo", "/xyz", "/xyz"),
+        ("/foo/", "/foo/", "/xyz", "/xyz/"),
+        ("/foo", "/foo", "/", "/"),
+        ("/foo", "/foo/", "/", "/"),
+        ("/foo/", "/foo/bar", "/", "/bar"),
+        ("/", "/foo", "/xyz", "/xyz/foo"),
+    ];
+    for (prefix, path, replacement, want) in cases {
+        // As the loader keeps them: without a trailing `/`.
+        let prefix = prefix.trim_end_matches('/');
+        let modifier = Modifier::ReplacePrefixMatch(replacement.trim_end_matches('/').to_string());
+        assert_eq!(
+            modifier.apply(path, Some(prefix)),
+            want,
+            "{prefix} {path} {replacement}"
+        );
+    }
+}
+
+#[test]
+fn url_rewrite_changes_path_and_host_and_keeps_the_query() {
+    let rule = first_rule(&route_with(
+        "        - type: URLRewrite
+          urlRewrite:
+            hostname: backend.internal
+            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
+",
+    ));
+    let mut parts = http::Request::builder()
+        .uri("/reviews/1?x=1")
+        .header("host", "reviews")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    rule.rule()
+        .filters
+        .on_request(&mut parts, rule.matched_prefix());
+    assert_eq!(parts.uri.to_string(), "/v2/reviews/1?x=1");
+    assert_eq!(parts.headers.get("host").unwrap(), "backend.internal");
+}
+
+#[test]
+fn redirects_build_their_location_as_the_specification_says() {
+    let redirect = |spec: &str| {
+        let rule = first_rule(&route_with(&format!(
+            "        - type: RequestRedirect\n          requestRedirect: {spec}\n"
+        )));
+        let redirect = rule.rule().filters.redirect.clone().unwrap();
+        move |uri: &str, host: &str| {
+            let (status, location) = redirect.location(&uri.parse().unwrap(), host, Some(""));
+            format!("{} {location}", status.as_u16())
+        }
+    };
+    let to_https = redirect("{scheme: https}");
+    assert_eq!(to_https("/a?b=1", "web:8080"), "302 https://web/a?b=1");
+    let moved = redirect("{hostname: new.example, statusCode: 301}");
+    assert_eq!(moved("/a", "web:8080"), "301 http://new.example:8080/a");
+    let port = redirect("{port: 9090, path: {type: ReplaceFullPath, replaceFullPath: /login}}");
+    assert_eq!(port("/a?x", "web"), "302 http://web:9090/login?x");
+    let default_port = redirect("{scheme: http, port: 80}");
+    assert_eq!(default_port("/", "web:8080"), "302 http://web/");
 }

@@ -61,20 +61,36 @@ struct State {
     served: AtomicU64,
     connections: AtomicU64,
     served_by_status: Mutex<HashMap<u16, u64>>,
-    /// The trace context headers of the first requests (`traceparent`,
-    /// `b3`), as the application saw them.
-    trace_headers: Mutex<Vec<TraceHeaders>>,
+    /// The first requests, as the application saw them.
+    seen: Mutex<Vec<SeenRequest>>,
 }
 
-/// Requests whose trace headers are kept, at most.
-const TRACE_HEADERS_KEPT: usize = 10_000;
+/// Requests kept for [`HttpBackend::seen_requests`], at most.
+const SEEN_KEPT: usize = 10_000;
 
-/// The trace context one request arrived with.
+/// One request as the application saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TraceHeaders {
+pub struct SeenRequest {
+    pub method: String,
+    /// The path and query.
     pub path: String,
+    /// The `Host` header, or the HTTP/2 authority.
+    pub host: Option<String>,
     pub traceparent: Option<String>,
     pub b3: Option<String>,
+    /// Every header (names in lower case), in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl SeenRequest {
+    /// The values of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
 }
 
 type Reply = std_mpsc::Sender<Result<(), String>>;
@@ -113,7 +129,7 @@ impl HttpBackend {
             served: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             served_by_status: Mutex::new(HashMap::new()),
-            trace_headers: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
         });
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -183,14 +199,10 @@ impl HttpBackend {
         by_status.get(&status).copied().unwrap_or(0)
     }
 
-    /// The trace context headers of the requests served so far (the first
-    /// 10,000).
-    pub fn trace_headers(&self) -> Vec<TraceHeaders> {
-        self.state
-            .trace_headers
-            .lock()
-            .expect("trace headers")
-            .clone()
+    /// The requests served so far (the first 10,000), as the application
+    /// saw them.
+    pub fn seen_requests(&self) -> Vec<SeenRequest> {
+        self.state.seen.lock().expect("seen requests").clone()
     }
 
     /// TCP connections accepted since start.
@@ -464,18 +476,34 @@ async fn answer(
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     {
-        let mut kept = state.trace_headers.lock().expect("trace headers");
-        if kept.len() < TRACE_HEADERS_KEPT {
+        let mut kept = state.seen.lock().expect("seen requests");
+        if kept.len() < SEEN_KEPT {
             let header = |name: &str| {
                 req.headers()
                     .get(name)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             };
-            kept.push(TraceHeaders {
-                path: req.uri().path().to_owned(),
+            kept.push(SeenRequest {
+                method: req.method().to_string(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned(),
+                host: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())),
                 traceparent: header("traceparent"),
                 b3: header("b3"),
+                headers: req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            n.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
             });
         }
     }

@@ -160,7 +160,11 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
     assert_eq!(routes.len(), 2, "{dump:#}");
     for route in routes {
         assert_eq!(route["parents"][0]["accepted"], true, "{route:#}");
-        assert_eq!(route["unresolvedBackends"], serde_json::json!([]), "{route:#}");
+        assert_eq!(
+            route["unresolvedBackends"],
+            serde_json::json!([]),
+            "{route:#}"
+        );
     }
 
     // The header match: every request goes to v2, HTTP/1.1 and HTTP/2.
@@ -240,4 +244,151 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
         &["--requests", "100", "--header", "x-canary:always"],
     );
     assert_eq!(still.served_by("v2"), 100, "{still}");
+}
+
+const EDIT: &str = "10.96.0.54";
+const SLOW: &str = "10.96.0.55";
+
+/// Filters and timeouts of route rules: a redirect answered by the agent,
+/// a URL rewrite with header changes the backend sees, a response header
+/// the client sees, and a request timeout shorter than the backend.
+const FILTER_ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: edit, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: edit}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
+        statusCode: 301
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite:
+        hostname: api.internal
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-route, value: edit}]
+        remove: [x-drop]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        add: [{name: x-routed, value: "yes"}]
+    backendRefs: [{name: edit, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: slow, port: 80}]
+"#;
+
+#[test]
+fn route_filters_redirect_rewrite_change_headers_and_time_out() {
+    if !e2e_enabled("route_filters_redirect_rewrite_change_headers_and_time_out") {
+        return;
+    }
+    let topo = Topology::builder("routefilt")
+        .node("n1", &["a"])
+        .node("n2", &["c", "e"])
+        .build()
+        .unwrap();
+    let (a, c, e) = (topo.pod("a"), topo.pod("c"), topo.pod("e"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let edit_backend = HttpBackend::start(c, PORT, "edit").unwrap();
+    let slow_backend = HttpBackend::start(e, PORT, "slow").unwrap();
+    slow_backend.set_delay(Duration::from_secs(3));
+    let client_agent = &agents[0];
+    let service = |name: &str, vip: &str, pod: &Pod| {
+        format!(
+            "  - name: {name}
+    namespace: default
+    vips: [{vip}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{}",
+            endpoint(pod)
+        )
+    };
+    let services = format!(
+        "services:\n{}{}",
+        service("edit", EDIT, c),
+        service("slow", SLOW, e)
+    );
+    apply(client_agent, "services.yaml", &services);
+    apply(client_agent, "routes/edit.yaml", FILTER_ROUTES);
+
+    // The redirect: answered by the agent with the new Location, the
+    // backend never sees it.
+    let redirected = load(
+        a,
+        &format!("http://{EDIT}/old/page?q=1"),
+        &["--requests", "10", "--tally-header", "location"],
+    );
+    assert_eq!(redirected.status(301), 10, "{redirected}");
+    assert_eq!(
+        redirected.served_by(&format!("http://{EDIT}/new/page?q=1")),
+        10,
+        "{redirected}"
+    );
+
+    // The rewrite and header changes, over HTTP/1.1 and HTTP/2: the backend
+    // sees the new path, host and headers; the client the added header.
+    for protocol in [&[][..], &["--http2"][..]] {
+        let mut args = vec![
+            "--requests",
+            "10",
+            "--header",
+            "x-drop:please",
+            "--tally-header",
+            "x-routed",
+        ];
+        args.extend_from_slice(protocol);
+        let rewritten = load(a, &format!("http://{EDIT}/api/items?x=1"), &args);
+        assert!(rewritten.all_ok(), "{protocol:?}: {rewritten}");
+        assert_eq!(rewritten.served_by("yes"), 10, "{protocol:?}: {rewritten}");
+    }
+    let seen = edit_backend.seen_requests();
+    assert!(
+        seen.iter()
+            .all(|r| !r.path.starts_with("/old") && !r.path.starts_with("/new")),
+        "the redirect reached the backend: {seen:#?}"
+    );
+    let rewritten: Vec<_> = seen.iter().filter(|r| r.path == "/v2/items?x=1").collect();
+    assert_eq!(rewritten.len(), 20, "{seen:#?}");
+    for request in rewritten {
+        assert_eq!(
+            request.host.as_deref(),
+            Some("api.internal"),
+            "{request:#?}"
+        );
+        assert_eq!(request.header("x-route"), ["edit"], "{request:#?}");
+        assert!(request.header("x-drop").is_empty(), "{request:#?}");
+    }
+
+    // The route's request timeout (300 ms) is shorter than the backend's 3 s:
+    // 504 from the agent.
+    let timed_out = load(
+        a,
+        &format!("http://{EDIT}/slow/report"),
+        &[
+            "--requests",
+            "3",
+            "--connections",
+            "3",
+            "--timeout-ms",
+            "20000",
+        ],
+    );
+    assert_eq!(timed_out.status(504), 3, "{timed_out}");
+    // Sent to the slow Service itself (no route there), its own 15 s
+    // request timeout applies: answered, slowly.
+    let direct = load(
+        a,
+        &format!("http://{SLOW}/slow/report"),
+        &["--requests", "1"],
+    );
+    assert_eq!(direct.status(200), 1, "{direct}");
 }

@@ -249,7 +249,7 @@ fn spans_of_both_agents_link_client_to_server_to_application_and_metrics_name_ev
 
     // The application's parent is n2's span: W3C always, B3 too for a
     // request that came with B3.
-    let seen = backend.trace_headers();
+    let seen = backend.seen_requests();
     assert_eq!(seen.len(), 10 + 10 + 5 + 5, "{seen:#?}");
     let server_ids: BTreeSet<(String, String)> =
         server.iter().map(|s| (s.trace_id(), s.span_id())).collect();
