@@ -188,6 +188,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     state.metrics.register(proxy.telemetry.collectors());
     state.metrics.register(proxy.http_telemetry.collectors());
     state.metrics.register(proxy.span_counters.collectors());
+    state.metrics.register(proxy.mirror_counters.collectors());
     state.metrics.register(proxy.admission.collectors());
 
     let listener = match inherited.as_mut().and_then(|i| i.admin.take()) {

@@ -642,6 +642,7 @@ mod dashboard_tests {
         metrics.register(crate::proxy::telemetry::TcpTelemetry::default().collectors());
         metrics.register(crate::proxy::telemetry::HttpTelemetry::default().collectors());
         metrics.register(crate::spans::SpanCounters::default().collectors());
+        metrics.register(crate::proxy::mirror::MirrorCounters::default().collectors());
         let doc = include_str!("../../../docs/metrics.md");
         let names = metrics.names();
         assert!(names.len() >= 30, "{names:?}");

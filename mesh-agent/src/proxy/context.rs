@@ -52,6 +52,8 @@ pub struct ProxyContext {
     pub tracer: Option<Arc<crate::spans::RequestTracer>>,
     /// `mesh_trace_spans_total`.
     pub span_counters: crate::spans::SpanCounters,
+    /// `mesh_route_mirrored_requests_total`, and the copies in flight.
+    pub mirror_counters: super::mirror::MirrorCounters,
     /// Turns true when the agent drains: tunnel connections get a GOAWAY.
     pub(super) draining: tokio::sync::watch::Sender<bool>,
     /// Tunnel connections served (from other nodes), open now.
@@ -86,6 +88,7 @@ impl ProxyContext {
             http_telemetry: telemetry::HttpTelemetry::default(),
             tracer: None,
             span_counters: crate::spans::SpanCounters::default(),
+            mirror_counters: Default::default(),
             draining: tokio::sync::watch::Sender::new(false),
             tunnel_connections: Arc::default(),
             admission: admission::Admission::default(),

@@ -34,9 +34,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::l7::idle::{drive_until_idle, watch_bytes};
 
-/// The body of a request sent upstream: the client's, streamed, or a
-/// replayable one (bodiless requests, which may be retried).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// The body of a request sent upstream: the client's, streamed (and
+/// copied for mirrors, if any), or a buffered one (bodiless requests,
+/// which may be retried; mirrored copies).
+pub type UpstreamBody = Either<super::mirror::TeeBody, Full<Bytes>>;
 
 /// Any upstream byte stream (a TCP connection or a tunnel stream).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

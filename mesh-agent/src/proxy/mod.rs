@@ -25,6 +25,7 @@ pub mod dial;
 pub mod finish;
 pub mod http_pool;
 pub mod inbound;
+pub mod mirror;
 pub mod outbound;
 pub mod outcome;
 pub mod pod;

@@ -22,7 +22,7 @@
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
 use anyhow::Context;
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::{
     Request, Response, StatusCode, Version,
     body::{Body, Bytes, Incoming},
@@ -39,6 +39,7 @@ use super::{
     deliver::{http_outcome, normalize_path},
     finish::reset,
     http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
+    mirror::{self, MirrorResult, MirrorTarget},
     outcome::Outcome as ConnectionOutcome,
     pod::PodHandle,
 };
@@ -206,45 +207,11 @@ impl ServiceForwarder {
         // A bodiless request can be sent again; one with a body is streamed
         // once and never retried.
         let replayable = body.is_end_stream();
+        let body = mirror::start(&self.ctx, &self.source, &routing.mirrors, &parts, body);
         let mut body = Some(body);
         service.record_request();
         let mut tried: Vec<Arc<str>> = Vec::new();
         loop {
-            let pick = match service.pick_request(&tried) {
-                Ok(pick) => pick,
-                Err(err) => {
-                    tracing::warn!(pod = %self.source.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service: 503");
-                    return flagged(
-                        local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", h1),
-                        "UH",
-                    );
-                }
-            };
-            let (id, addr, peer) = (pick.id.clone(), pick.addr, pick.peer.clone());
-            let attempt = Attempt {
-                service,
-                pick: Some(pick),
-                started: Instant::now(),
-            };
-            // The snapshot in force for this request: where the endpoint
-            // is, and whose policies decide it.
-            let snapshot = self.ctx.snapshot();
-            let target = snapshot.local_pod(addr.ip()).cloned();
-            let known_peer = snapshot.remote_peer(addr.ip()).cloned();
-            *answered = snapshot.destination(addr.ip()).cloned();
-            // Not held while the request is out: it holds every pod of its
-            // generation.
-            drop(snapshot);
-            let edited_headers = match &target {
-                Some(target) => match self.authorize_local(target, &parts, addr) {
-                    Ok(edited) => edited,
-                    Err(refusal) => {
-                        drop(attempt);
-                        return refusal.into_response(&service.key, &id);
-                    }
-                },
-                None => None,
-            };
             let request_body = if replayable {
                 Either::Right(Full::new(Bytes::new()))
             } else {
@@ -253,70 +220,44 @@ impl ServiceForwarder {
                     None => unreachable!("a request with a body is sent once"),
                 }
             };
-            let http2 = service.protocol == PortProtocol::Http2;
-            let upstream_request =
-                upstream_request(&parts, edited_headers, request_body, http2, addr);
-            // The identity the connection will verify, decided now so the
-            // pool key says which connections may serve this request.
-            let peer = match &target {
-                Some(_) => None,
-                None => peer.or(known_peer),
-            };
-            let key = PoolKey {
-                source_pod: self.source.key.clone(),
-                endpoint: addr,
-                peer_identity: peer.as_ref().map(|p| p.identity.to_string()),
-                http2,
-            };
-            let connect = || self.connect(addr, target.clone(), peer.clone());
-            let sent = self.ctx.http_pool.send(&key, connect, upstream_request);
             // This attempt's end: the request's deadline, or sooner the
             // route's `backendRequest` timeout.
-            let deadline = match (deadline, backend_timeout) {
+            let attempt_deadline = match (deadline, backend_timeout) {
                 (deadline, None) => deadline,
                 (None, Some(timeout)) => Some(tokio::time::Instant::now() + timeout),
                 (Some(deadline), Some(timeout)) => {
                     Some(deadline.min(tokio::time::Instant::now() + timeout))
                 }
             };
-            let result = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        attempt.finish(Outcome::Failed);
-                        service.count_timeout();
-                        tracing::info!(service = %service.key, endpoint = %id, path = parts.uri.path(), "request timed out: 504");
-                        return flagged(
-                            local_response(
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "upstream request timeout",
-                                h1,
-                            ),
-                            "UT",
-                        );
-                    }
-                },
-                None => sent.await,
-            };
-            let (outcome, response) = match result {
-                Ok(Sent {
+            let (id, outcome, response) = match self
+                .attempt(service, &parts, request_body, &tried, attempt_deadline)
+                .await
+            {
+                Tried::NoEndpoint => {
+                    return flagged(
+                        local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", h1),
+                        "UH",
+                    );
+                }
+                Tried::Refused(refusal, id, destination) => {
+                    *answered = destination;
+                    return refusal.into_response(&service.key, &id);
+                }
+                Tried::TimedOut(destination) => {
+                    *answered = destination;
+                    return flagged(
+                        local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", h1),
+                        "UT",
+                    );
+                }
+                Tried::Sent {
+                    id,
+                    outcome,
                     response,
-                    dispatched,
-                    fresh_connection,
-                }) => {
-                    let outcome = Outcome::Status(response.status().as_u16());
-                    attempt.finish_sent(dispatched, fresh_connection, outcome);
-                    (outcome, Some(response))
-                }
-                Err(SendError::Connect(err)) => {
-                    tracing::info!(service = %service.key, endpoint = %id, %addr, error = format!("{err:#}"), "endpoint connect failed");
-                    attempt.finish(Outcome::ConnectFailed);
-                    (Outcome::ConnectFailed, None)
-                }
-                Err(err) => {
-                    tracing::info!(service = %service.key, endpoint = %id, %addr, error = %err, "request to the endpoint failed");
-                    attempt.finish(Outcome::Failed);
-                    (Outcome::Failed, None)
+                    destination,
+                } => {
+                    *answered = destination;
+                    (id, outcome, response)
                 }
             };
             let retry = replayable
@@ -349,6 +290,139 @@ impl ServiceForwarder {
         }
     }
 
+    /// One attempt of a request at an endpoint of `service` (one not in
+    /// `avoid`), ending by `deadline`: its outcome reported to the balancer.
+    async fn attempt(
+        &self,
+        service: &ServicePortEntry,
+        parts: &Parts,
+        body: UpstreamBody,
+        avoid: &[Arc<str>],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Tried {
+        let pick = match service.pick_request(avoid) {
+            Ok(pick) => pick,
+            Err(err) => {
+                tracing::warn!(pod = %self.source.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service: 503");
+                return Tried::NoEndpoint;
+            }
+        };
+        let (id, addr, peer) = (pick.id.clone(), pick.addr, pick.peer.clone());
+        let attempt = Attempt {
+            service,
+            pick: Some(pick),
+            started: Instant::now(),
+        };
+        // The snapshot in force for this request: where the endpoint
+        // is, and whose policies decide it.
+        let snapshot = self.ctx.snapshot();
+        let target = snapshot.local_pod(addr.ip()).cloned();
+        let known_peer = snapshot.remote_peer(addr.ip()).cloned();
+        let destination = snapshot.destination(addr.ip()).cloned();
+        // Not held while the request is out: it holds every pod of its
+        // generation.
+        drop(snapshot);
+        let edited_headers = match &target {
+            Some(target) => match self.authorize_local(target, parts, addr) {
+                Ok(edited) => edited,
+                Err(refusal) => {
+                    drop(attempt);
+                    return Tried::Refused(refusal, id, destination);
+                }
+            },
+            None => None,
+        };
+        let http2 = service.protocol == PortProtocol::Http2;
+        let upstream_request = upstream_request(parts, edited_headers, body, http2, addr);
+        // The identity the connection will verify, decided now so the
+        // pool key says which connections may serve this request.
+        let peer = match &target {
+            Some(_) => None,
+            None => peer.or(known_peer),
+        };
+        let key = PoolKey {
+            source_pod: self.source.key.clone(),
+            endpoint: addr,
+            peer_identity: peer.as_ref().map(|p| p.identity.to_string()),
+            http2,
+        };
+        let connect_timeout = service.config.connect_timeout;
+        let connect = || self.connect(addr, target.clone(), peer.clone(), connect_timeout);
+        let sent = self.ctx.http_pool.send(&key, connect, upstream_request);
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
+                Ok(result) => result,
+                Err(_) => {
+                    attempt.finish(Outcome::Failed);
+                    service.count_timeout();
+                    tracing::info!(service = %service.key, endpoint = %id, path = parts.uri.path(), "request timed out: 504");
+                    return Tried::TimedOut(destination);
+                }
+            },
+            None => sent.await,
+        };
+        let (outcome, response) = match result {
+            Ok(Sent {
+                response,
+                dispatched,
+                fresh_connection,
+            }) => {
+                let outcome = Outcome::Status(response.status().as_u16());
+                attempt.finish_sent(dispatched, fresh_connection, outcome);
+                (outcome, Some(response))
+            }
+            Err(SendError::Connect(err)) => {
+                tracing::info!(service = %service.key, endpoint = %id, %addr, error = format!("{err:#}"), "endpoint connect failed");
+                attempt.finish(Outcome::ConnectFailed);
+                (Outcome::ConnectFailed, None)
+            }
+            Err(err) => {
+                tracing::info!(service = %service.key, endpoint = %id, %addr, error = %err, "request to the endpoint failed");
+                attempt.finish(Outcome::Failed);
+                (Outcome::Failed, None)
+            }
+        };
+        Tried::Sent {
+            id,
+            outcome,
+            response,
+            destination,
+        }
+    }
+
+    /// A copy of a request for a mirror `service` (fire-and-forget: one
+    /// attempt, bounded by the service's request timeout, its answer read
+    /// and dropped).
+    pub(super) async fn send_copy(&self, parts: &Parts, body: Bytes) -> MirrorResult {
+        let service = &*self.service;
+        let timeout = service.config.request_timeout;
+        let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
+        let body = Either::Right(Full::new(body));
+        match self.attempt(service, parts, body, &[], deadline).await {
+            Tried::NoEndpoint => MirrorResult::NoEndpoint,
+            Tried::Refused(..) => MirrorResult::Denied,
+            Tried::TimedOut(_) => MirrorResult::Failed,
+            Tried::Sent {
+                response: Some(response),
+                ..
+            } => {
+                // Read to the end, bounded by the same deadline, so that
+                // the pooled connection can serve again.
+                let drain = response.into_body().collect();
+                match deadline {
+                    Some(deadline) => {
+                        let _ = tokio::time::timeout_at(deadline, drain).await;
+                    }
+                    None => {
+                        let _ = drain.await;
+                    }
+                }
+                MirrorResult::Sent
+            }
+            Tried::Sent { response: None, .. } => MirrorResult::Failed,
+        }
+    }
+
     /// Where a request goes: the service port it was sent to, or, when
     /// routes are attached to that one, the backend of the rule it matches
     /// (by weight), with the rule's filters and timeouts. Answered here:
@@ -369,6 +443,7 @@ impl ServiceForwarder {
                 return Ok(Routing {
                     service: self.service.clone(),
                     rule: None,
+                    mirrors: Vec::new(),
                 });
             }
             Some(Routed::NoMatch) => return Err(RouteRefusal::NoMatch),
@@ -385,10 +460,33 @@ impl ServiceForwarder {
             .and_then(|key| snapshot.services.by_key(key))
             .filter(|entry| entry.protocol != PortProtocol::Tcp);
         match (entry, backend) {
-            (Some(entry), Some(backend)) => Ok(Routing {
-                service: entry.clone(),
-                rule: Some((rule, backend)),
-            }),
+            (Some(entry), Some(backend)) => {
+                let mirrors = rule
+                    .rule()
+                    .filters
+                    .mirrors
+                    .iter()
+                    .filter(|m| m.samples(ThreadRng.next_u64()))
+                    .map(|m| {
+                        let entry = m
+                            .backend
+                            .service_port_key()
+                            .and_then(|key| snapshot.services.by_key(key))
+                            .filter(|entry| entry.protocol != PortProtocol::Tcp);
+                        match entry {
+                            Some(entry) => MirrorTarget::Service(entry.clone()),
+                            None => MirrorTarget::Unresolved(
+                                m.backend.service_port_key().unwrap_or("-").to_string(),
+                            ),
+                        }
+                    })
+                    .collect();
+                Ok(Routing {
+                    service: entry.clone(),
+                    rule: Some((rule, backend)),
+                    mirrors,
+                })
+            }
             _ => {
                 let chosen = backend.map(|b| &rule.rule().backends[b].backend);
                 tracing::warn!(service = %self.service.key, route = %rule.route(), backend = ?chosen, "the route's backend cannot be served: 500");
@@ -459,8 +557,8 @@ impl ServiceForwarder {
         addr: SocketAddr,
         local: Option<Arc<PodHandle>>,
         peer: Option<Arc<crate::mtls::RemotePeer>>,
+        timeout: std::time::Duration,
     ) -> anyhow::Result<BoxIo> {
-        let timeout = self.service.config.connect_timeout;
         let connect = async {
             Ok::<BoxIo, anyhow::Error>(if let Some(target) = local {
                 let client = self.source.addr_like(addr.ip());
@@ -488,6 +586,8 @@ fn flagged(mut response: Response<ResponseBody>, flags: &'static str) -> Respons
 struct Routing {
     service: Arc<ServicePortEntry>,
     rule: Option<(RuleRef, usize)>,
+    /// The rule's mirrors this request is copied to (sampled).
+    mirrors: Vec<MirrorTarget>,
 }
 
 impl Routing {
@@ -515,6 +615,23 @@ impl Routing {
             rule.rule().filters.on_response(headers);
         }
     }
+}
+
+/// How one attempt went.
+enum Tried {
+    /// No endpoint to try: `503` (flag `UH`).
+    NoEndpoint,
+    /// A local endpoint's policies refused it.
+    Refused(LocalRefusal, Arc<str>, Option<Arc<Destination>>),
+    /// The deadline passed: `504` (flag `UT`).
+    TimedOut(Option<Arc<Destination>>),
+    /// It went out: the endpoint's answer, or none (connect failure, reset).
+    Sent {
+        id: Arc<str>,
+        outcome: Outcome,
+        response: Option<Response<Incoming>>,
+        destination: Option<Arc<Destination>>,
+    },
 }
 
 /// Why a request to a service port with routes is answered here.

@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header::HOST, re
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::Backend;
 use crate::policy::{DocCtx, LoadError, Seg, key};
 
 #[derive(Debug, Deserialize)]
@@ -25,11 +26,10 @@ pub struct RawFilter {
     pub request_redirect: Option<RawRedirect>,
     #[serde(default)]
     pub url_rewrite: Option<RawUrlRewrite>,
+    #[serde(default)]
+    pub request_mirror: Option<RawMirror>,
     // Not supported yet: kept so that the loader names the type, rather
     // than an unknown field.
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub request_mirror: Option<Value>,
     #[serde(default)]
     #[allow(dead_code)]
     pub extension_ref: Option<Value>,
@@ -57,6 +57,42 @@ pub struct RawHeaderModifier {
 pub struct RawHeader {
     pub name: String,
     pub value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawMirror {
+    pub backend_ref: RawMirrorBackend,
+    #[serde(default)]
+    pub percent: Option<u32>,
+    #[serde(default)]
+    pub fraction: Option<RawFraction>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawMirrorBackend {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawFraction {
+    pub numerator: u32,
+    #[serde(default = "default_denominator")]
+    pub denominator: u32,
+}
+
+fn default_denominator() -> u32 {
+    100
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +199,23 @@ pub struct UrlRewrite {
     path: Option<PathModifier>,
 }
 
+/// A copy of each request (a share of them) sent to another Service, its
+/// answer ignored.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub backend: Backend,
+    /// This many of every `denominator` requests are copied.
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Mirror {
+    /// Whether the request with this uniform `draw` is copied.
+    pub fn samples(&self, draw: u64) -> bool {
+        draw % u64::from(self.denominator) < u64::from(self.numerator)
+    }
+}
+
 /// A rule's filters, by when they run.
 #[derive(Debug, Clone, Default)]
 pub struct Filters {
@@ -170,6 +223,7 @@ pub struct Filters {
     pub response_headers: Option<HeaderModifier>,
     pub redirect: Option<Redirect>,
     pub rewrite: Option<UrlRewrite>,
+    pub mirrors: Vec<Mirror>,
 }
 
 impl Filters {
@@ -178,6 +232,7 @@ impl Filters {
             && self.response_headers.is_none()
             && self.redirect.is_none()
             && self.rewrite.is_none()
+            && self.mirrors.is_empty()
     }
 
     /// The request as the backend should get it: rewritten, then its
@@ -286,6 +341,7 @@ pub fn convert(
     raw: Vec<RawFilter>,
     place: FilterPlace,
     prefix_match: bool,
+    namespace: &str,
 ) -> Result<Filters, LoadError> {
     let mut filters = Filters::default();
     for (i, f) in raw.into_iter().enumerate() {
@@ -389,7 +445,13 @@ pub fn convert(
                     .transpose()?;
                 filters.rewrite = Some(UrlRewrite { hostname, path });
             }
-            ("RequestMirror" | "ExtensionRef" | "CORS" | "ExternalAuth", _) => {
+            ("RequestMirror", FilterPlace::Rule) => {
+                let m = f.request_mirror.ok_or_else(|| missing("requestMirror"))?;
+                filters
+                    .mirrors
+                    .push(mirror(ctx, &here("requestMirror"), namespace, m)?);
+            }
+            ("ExtensionRef" | "CORS" | "ExternalAuth", _) => {
                 return Err(ctx.semantic(
                     &here("type"),
                     format!(
@@ -398,7 +460,7 @@ pub fn convert(
                     ),
                 ));
             }
-            ("RequestRedirect" | "URLRewrite", FilterPlace::Backend) => {
+            ("RequestRedirect" | "URLRewrite" | "RequestMirror", FilterPlace::Backend) => {
                 return Err(ctx.semantic(
                     &here("type"),
                     format!(
@@ -420,6 +482,73 @@ pub fn convert(
         ));
     }
     Ok(filters)
+}
+
+fn mirror(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    namespace: &str,
+    raw: RawMirror,
+) -> Result<Mirror, LoadError> {
+    let field = |f: &'static str| {
+        let mut here = at.to_vec();
+        here.push(key(f));
+        here
+    };
+    let (numerator, denominator) = match (raw.percent, raw.fraction) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.semantic(at, "`percent` and `fraction` are exclusive".into()));
+        }
+        (Some(percent), None) if percent > 100 => {
+            return Err(ctx.semantic(&field("percent"), format!("{percent} is more than 100")));
+        }
+        (Some(percent), None) => (percent, 100),
+        (None, Some(f)) if f.denominator == 0 || f.numerator > f.denominator => {
+            return Err(ctx.semantic(
+                &field("fraction"),
+                format!(
+                    "{}/{} is not a fraction of at most 1",
+                    f.numerator, f.denominator
+                ),
+            ));
+        }
+        (None, Some(f)) => (f.numerator, f.denominator),
+        (None, None) => (1, 1),
+    };
+    let b = raw.backend_ref;
+    let group = b.group.as_deref().unwrap_or("");
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    let backend_namespace = b.namespace.unwrap_or_else(|| namespace.to_string());
+    let backend = if backend_namespace != namespace {
+        Backend::Invalid(format!(
+            "{backend_namespace}/{} is in another namespace (a ReferenceGrant is not supported yet)",
+            b.name
+        ))
+    } else if matches!(group, "" | "core") && kind == "Service" {
+        let Some(port) = b.port else {
+            let mut here = field("backendRef");
+            here.push(key("port"));
+            return Err(ctx.semantic(&here, "a Service backend needs its port".into()));
+        };
+        Backend::Service {
+            key: format!("{backend_namespace}/{}:{port}", b.name),
+            service: super::ServiceRef {
+                namespace: backend_namespace,
+                name: b.name,
+            },
+            port,
+        }
+    } else {
+        Backend::Invalid(format!(
+            "{kind} (group {group:?}) {} is not a Service",
+            b.name
+        ))
+    };
+    Ok(Mirror {
+        backend,
+        numerator,
+        denominator,
+    })
 }
 
 fn header_modifier(

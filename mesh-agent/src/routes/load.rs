@@ -243,6 +243,7 @@ fn convert_rule(
         rule.filters,
         FilterPlace::Rule,
         prefix_match,
+        namespace,
     )?;
     let backends = rule
         .backend_refs
@@ -461,7 +462,14 @@ fn convert_backend(
             key(field),
         ]
     };
-    let filters = filters::convert(ctx, &at("filters"), b.filters, FilterPlace::Backend, false)?;
+    let filters = filters::convert(
+        ctx,
+        &at("filters"),
+        b.filters,
+        FilterPlace::Backend,
+        false,
+        namespace,
+    )?;
     let weight = b.weight.unwrap_or(1);
     if weight > MAX_WEIGHT {
         return Err(ctx.semantic(&at("weight"), format!("{weight} is more than {MAX_WEIGHT}")));

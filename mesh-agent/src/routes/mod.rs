@@ -22,7 +22,7 @@ mod tests;
 
 use std::{path::PathBuf, sync::Arc};
 
-pub use filters::{Filters, HeaderModifier, PathModifier};
+pub use filters::{Filters, HeaderModifier, Mirror, PathModifier};
 pub use load::load;
 pub use table::{RouteStatus, RouteTable, Routed, RuleRef};
 

@@ -168,8 +168,11 @@ impl RouteTable {
             let unresolved_backends = route
                 .rules
                 .iter()
-                .flat_map(|r| &r.backends)
-                .filter_map(|b| unresolved(&b.backend, &by_name))
+                .flat_map(|r| {
+                    let backends = r.backends.iter().map(|b| &b.backend);
+                    backends.chain(r.filters.mirrors.iter().map(|m| &m.backend))
+                })
+                .filter_map(|b| unresolved(b, &by_name))
                 .collect();
             statuses.push(RouteStatus {
                 route: route.id.to_string(),

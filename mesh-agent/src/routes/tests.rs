@@ -362,9 +362,9 @@ spec:
     };
     let cases = [
         (
-            "    - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: a, port: 80}}}]\n",
+            "    - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Auth, name: a}}]\n",
             "routes/r.yaml:7",
-            "spec.rules[0].filters[0].type: RequestMirror is not supported yet",
+            "spec.rules[0].filters[0].type: ExtensionRef is not supported yet",
         ),
         (
             "    - retry: {attempts: 2}\n",
@@ -597,4 +597,68 @@ fn redirects_build_their_location_as_the_specification_says() {
     assert_eq!(port("/a?x", "web"), "302 http://web:9090/login?x");
     let default_port = redirect("{scheme: http, port: 80}");
     assert_eq!(default_port("/", "web:8080"), "302 http://web/");
+}
+
+#[test]
+fn mirrors_load_with_their_share_and_bad_shares_are_named() {
+    let rule = first_rule(&route_with(
+        "        - type: RequestMirror
+          requestMirror: {backendRef: {name: smiley2, port: 80}, percent: 25}
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: smiley2, port: 80}, fraction: {numerator: 1, denominator: 3}}
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: nowhere, port: 80}}
+",
+    ));
+    let mirrors = &rule.rule().filters.mirrors;
+    assert_eq!(mirrors.len(), 3);
+    let mut rng = SplitMix64::new(3);
+    let n = 30_000;
+    let quarter = (0..n)
+        .filter(|_| mirrors[0].samples(rng.next_u64()))
+        .count();
+    let third = (0..n)
+        .filter(|_| mirrors[1].samples(rng.next_u64()))
+        .count();
+    let all = (0..n)
+        .filter(|_| mirrors[2].samples(rng.next_u64()))
+        .count();
+    // ± 4σ (σ ≈ 75 and 82).
+    assert!((7_500 - 300..=7_500 + 300).contains(&quarter), "{quarter}");
+    assert!((10_000 - 330..=10_000 + 330).contains(&third), "{third}");
+    assert_eq!(all, n);
+    // An unknown mirror Service is reported like a backend.
+    let table = RouteTable::build(
+        &load_one(&route_with(
+            "        - {type: RequestMirror, requestMirror: {backendRef: {name: nowhere, port: 80}}}\n",
+        )),
+        &services(),
+    );
+    assert_eq!(
+        table.statuses()[0].unresolved_backends,
+        ["faces/nowhere:80: no such Service"]
+    );
+    for (mirror, says) in [
+        (
+            "{backendRef: {name: s, port: 80}, percent: 101}",
+            "requestMirror.percent: 101 is more than 100",
+        ),
+        (
+            "{backendRef: {name: s, port: 80}, percent: 5, fraction: {numerator: 1}}",
+            "`percent` and `fraction` are exclusive",
+        ),
+        (
+            "{backendRef: {name: s, port: 80}, fraction: {numerator: 3, denominator: 2}}",
+            "3/2 is not a fraction of at most 1",
+        ),
+        (
+            "{backendRef: {name: s}}",
+            "requestMirror.backendRef.port: a Service backend needs its port",
+        ),
+    ] {
+        let err = load_err(&route_with(&format!(
+            "        - {{type: RequestMirror, requestMirror: {mirror}}}\n"
+        )));
+        assert!(err.contains(says), "{mirror}: {err}");
+    }
 }

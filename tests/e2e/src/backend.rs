@@ -80,6 +80,8 @@ pub struct SeenRequest {
     pub b3: Option<String>,
     /// Every header (names in lower case), in order.
     pub headers: Vec<(String, String)>,
+    /// The body's length.
+    pub body_len: usize,
 }
 
 impl SeenRequest {
@@ -475,27 +477,29 @@ async fn answer(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (head, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
     {
         let mut kept = state.seen.lock().expect("seen requests");
         if kept.len() < SEEN_KEPT {
             let header = |name: &str| {
-                req.headers()
+                head.headers
                     .get(name)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             };
             kept.push(SeenRequest {
-                method: req.method().to_string(),
-                path: req
-                    .uri()
+                method: head.method.to_string(),
+                path: head
+                    .uri
                     .path_and_query()
                     .map_or("/", |pq| pq.as_str())
                     .to_owned(),
-                host: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())),
+                host: header("host").or_else(|| head.uri.authority().map(|a| a.to_string())),
                 traceparent: header("traceparent"),
                 b3: header("b3"),
-                headers: req
-                    .headers()
+                headers: head
+                    .headers
                     .iter()
                     .map(|(n, v)| {
                         (
@@ -504,10 +508,10 @@ async fn answer(
                         )
                     })
                     .collect(),
+                body_len: body.len(),
             });
         }
     }
-    req.into_body().collect().await?;
     let delay = state.delay_us.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_micros(delay)).await;

@@ -392,3 +392,163 @@ fn route_filters_redirect_rewrite_change_headers_and_time_out() {
     );
     assert_eq!(direct.status(200), 1, "{direct}");
 }
+
+const WEB: &str = "10.96.0.60";
+const MIRROR: &str = "10.96.0.61";
+
+const MIRROR_ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /half}}]
+    filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {name: mirror, port: 80}
+        fraction: {numerator: 1, denominator: 2}
+    backendRefs: [{name: web, port: 80}]
+  - filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {name: mirror, port: 80}
+    backendRefs: [{name: web, port: 80}]
+"#;
+
+/// `mesh_route_mirrored_requests_total` of the mirror service for `result`.
+fn mirrored(agent: &NodeAgent, result: &str) -> u64 {
+    agent.metric_sum(
+        "mesh_route_mirrored_requests_total",
+        &[("service", "default/mirror:80"), ("result", result)],
+    )
+}
+
+#[test]
+fn a_mirror_gets_a_copy_of_each_request_and_never_the_clients_answer() {
+    if !e2e_enabled("a_mirror_gets_a_copy_of_each_request_and_never_the_clients_answer") {
+        return;
+    }
+    let topo = Topology::builder("mirror")
+        .node("n1", &["a"])
+        .node("n2", &["c", "e"])
+        .build()
+        .unwrap();
+    let (a, c, e) = (topo.pod("a"), topo.pod("c"), topo.pod("e"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let _primary = HttpBackend::start(c, PORT, "web").unwrap();
+    let mirror = HttpBackend::start(e, PORT, "mirror").unwrap();
+    let client_agent = &agents[0];
+    let service = |name: &str, vip: &str, pod: &Pod| {
+        format!(
+            "  - name: {name}
+    namespace: default
+    vips: [{vip}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{}",
+            endpoint(pod)
+        )
+    };
+    let services = format!(
+        "services:\n{}{}",
+        service("web", WEB, c),
+        service("mirror", MIRROR, e)
+    );
+    apply(client_agent, "services.yaml", &services);
+    apply(client_agent, "routes/web.yaml", MIRROR_ROUTES);
+    let url = format!("http://{WEB}/items");
+
+    // Every request copied: bodiless, with a body, and with a body too
+    // long to copy; the client sees only the primary's answers.
+    let gets = load(a, &url, &["--requests", "50", "--connections", "2"]);
+    let posts = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "20",
+            "--method",
+            "POST",
+            "--body-bytes",
+            "1000",
+        ],
+    );
+    let large = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "5",
+            "--method",
+            "POST",
+            "--body-bytes",
+            "100000",
+        ],
+    );
+    for (what, run, n) in [
+        ("GET", &gets, 50),
+        ("POST", &posts, 20),
+        ("large", &large, 5),
+    ] {
+        assert!(run.all_ok(), "{what}: {run}");
+        assert_eq!(run.served_by("web"), n, "{what}: {run}");
+    }
+    wait_until("70 copies sent, 5 too large", Duration::from_secs(20), || {
+        Ok(mirrored(client_agent, "sent") == 70 && mirrored(client_agent, "body_too_large") == 5)
+    })
+    .unwrap();
+    let copies = mirror.seen_requests();
+    assert_eq!(copies.len(), 70, "{copies:#?}");
+    for copy in &copies {
+        assert_eq!(
+            copy.host.as_deref(),
+            Some(format!("{WEB}-shadow").as_str()),
+            "{copy:#?}"
+        );
+        let want = if copy.method == "POST" { 1000 } else { 0 };
+        assert_eq!(copy.body_len, want, "{copy:#?}");
+    }
+
+    // Half of /half: 400 requests, 200 copies expected, within four
+    // standard deviations (σ = 10).
+    let half = load(
+        a,
+        &format!("http://{WEB}/half/x"),
+        &["--requests", "400", "--connections", "2"],
+    );
+    assert_eq!(half.served_by("web"), 400, "{half}");
+    let mut halves = 0;
+    wait_until("the sampled copies sent", Duration::from_secs(20), || {
+        let before = halves;
+        halves = mirror
+            .seen_requests()
+            .iter()
+            .filter(|r| r.path == "/half/x")
+            .count();
+        // Settled: no new copy since the last look, and every copy counted.
+        Ok(halves == before && mirrored(client_agent, "sent") == 70 + halves as u64)
+    })
+    .unwrap();
+    assert!((160..=240).contains(&halves), "{halves} of 400 copied");
+
+    // A slow mirror (10 s): the client's requests do not wait for it (a
+    // 5 s client timeout would fail every one that did).
+    mirror.set_delay(Duration::from_secs(10));
+    let slow = load(a, &url, &["--requests", "20", "--timeout-ms", "5000"]);
+    assert!(slow.all_ok(), "{slow}");
+    assert_eq!(slow.served_by("web"), 20, "{slow}");
+
+    // A mirror that is down: the same, and the failures are counted.
+    mirror.set_delay(Duration::ZERO);
+    mirror.refuse();
+    let down = load(a, &url, &["--requests", "20"]);
+    assert!(down.all_ok(), "{down}");
+    assert_eq!(down.served_by("web"), 20, "{down}");
+    wait_until("the failed copies counted", Duration::from_secs(20), || {
+        Ok(mirrored(client_agent, "failed") >= 20)
+    })
+    .unwrap();
+}
