@@ -120,7 +120,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub use detect::{NotHttpReason, PrefixedIo, Protocol};
 pub use service::{
     DENIED_BODY, DeniedBy, Forward, ResponseBody, UNAUTHENTICATED_BODY,
-    WWW_AUTHENTICATE_INVALID_TOKEN, local_response, request_host,
+    WWW_AUTHENTICATE_INVALID_TOKEN, local_response, request_host, too_many_requests,
 };
 
 /// What the authorizer sees of one request.
@@ -145,6 +145,13 @@ pub enum Verdict {
     Allow,
     /// Answer `403 RBAC: access denied`; `reason` is logged, never sent.
     Deny { reason: String },
+    /// Answer `429 Too Many Requests`: over `limit` requests a second of the
+    /// rate limit `by`; one more may come in after `retry_after`.
+    Limited {
+        by: String,
+        limit: u32,
+        retry_after: std::time::Duration,
+    },
 }
 
 /// The per-request decision (sync, fast). Implemented by the agent with its

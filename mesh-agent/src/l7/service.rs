@@ -269,16 +269,28 @@ impl Relay {
             headers: request.headers(),
             auth: auth.as_deref(),
         });
-        if let Verdict::Deny { reason } = verdict {
-            tracing::debug!(
-                method = %request.method(),
-                host,
-                path,
-                reason,
-                "request denied"
-            );
-            self.denied.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::denied(reason));
+        match verdict {
+            Verdict::Allow => {}
+            Verdict::Deny { reason } => {
+                tracing::debug!(
+                    method = %request.method(),
+                    host,
+                    path,
+                    reason,
+                    "request denied"
+                );
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::denied(reason));
+            }
+            Verdict::Limited {
+                by,
+                limit,
+                retry_after,
+            } => {
+                tracing::debug!(method = %request.method(), host, path, by, "request over its rate limit: 429");
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::limited(by, limit, retry_after));
+            }
         }
         if h1 && !strip_h2c_upgrade(request.headers_mut()) && !self.forwarder.relays_upgrades() {
             tracing::debug!("upgrade refused: not relayed on this path");
@@ -392,8 +404,10 @@ struct Refusal {
     status: StatusCode,
     body: &'static str,
     close: bool,
-    /// The policy (rule) that denied the request, for a 403.
+    /// The policy (rule) that denied the request, for a 403 (or 429).
     denied_by: Option<String>,
+    /// For a 429: the limit (requests a second) and when to come back.
+    limited: Option<(u32, std::time::Duration)>,
 }
 
 impl Refusal {
@@ -403,6 +417,16 @@ impl Refusal {
             body,
             close,
             denied_by: None,
+            limited: None,
+        }
+    }
+
+    /// 429 ([`too_many_requests`]).
+    fn limited(by: String, limit: u32, retry_after: std::time::Duration) -> Self {
+        Self {
+            denied_by: Some(by),
+            limited: Some((limit, retry_after)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", false)
         }
     }
 
@@ -423,6 +447,9 @@ impl Refusal {
     }
 
     fn into_response(self) -> Response<ResponseBody> {
+        if let Some((limit, retry_after)) = self.limited {
+            return too_many_requests(limit, retry_after);
+        }
         let mut response = local_response(self.status, self.body, self.close);
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -432,6 +459,22 @@ impl Refusal {
         }
         response
     }
+}
+
+/// `429 Too Many Requests` for a request over a rate limit of `limit`
+/// requests a second: `Retry-After` (whole seconds, at least 1) and the
+/// rate-limit headers of the IETF draft most clients read
+/// (`RateLimit-Limit`, `-Remaining`, `-Reset`); response flag `RL`.
+pub fn too_many_requests(limit: u32, retry_after: std::time::Duration) -> Response<ResponseBody> {
+    let mut response = local_response(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", false);
+    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
+    headers.insert("ratelimit-reset", HeaderValue::from(seconds));
+    response.extensions_mut().insert(super::ResponseFlags("RL"));
+    response
 }
 
 /// A local answer: `text/plain` `body`; `close` asks an HTTP/1 client to

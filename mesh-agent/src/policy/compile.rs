@@ -217,6 +217,7 @@ pub struct PolicySet {
     pub(crate) policies: Vec<Arc<Policy>>,
     pub(crate) peer_authentications: Vec<Arc<super::PeerAuthentication>>,
     pub(crate) request_authentications: Vec<Arc<super::RequestAuthentication>>,
+    pub(crate) rate_limits: Vec<Arc<super::RateLimit>>,
 }
 
 impl PolicySet {
@@ -302,6 +303,47 @@ impl PolicySet {
                 p.clone()
             })
             .collect();
+        // Rate limits apply to the pods and target ports of their Service.
+        // One whose Service is not known (or has no selector) limits
+        // nothing until it is, and is reported: a limit is about load, not
+        // access, and limiting more than written would refuse requests the
+        // author meant to serve.
+        let mut rate_limits: HashMap<String, Vec<MappedRateLimit>> = HashMap::new();
+        for limit in &self.rate_limits {
+            let service = services
+                .iter()
+                .find(|s| s.name == limit.target_service && s.namespace == limit.id.namespace);
+            match service {
+                Some(s) if !s.selector.is_empty() => {
+                    rate_limits
+                        .entry(limit.id.namespace.clone())
+                        .or_default()
+                        .push(MappedRateLimit {
+                            limit: limit.clone(),
+                            selector: s.selector.clone(),
+                            ports: s
+                                .ports
+                                .iter()
+                                .map(|p| p.target_port.unwrap_or(p.port))
+                                .collect(),
+                        });
+                }
+                found => {
+                    let why = if found.is_some() {
+                        "has no selector"
+                    } else {
+                        "is not known to this node"
+                    };
+                    unmapped.push(format!(
+                        "{}: {}: targetRef: Service {}/{} {why}: the rate limit limits nothing until it can be mapped",
+                        limit.source.display(),
+                        limit.id,
+                        limit.id.namespace,
+                        limit.target_service
+                    ));
+                }
+            }
+        }
         let mut by_namespace: HashMap<String, Vec<Arc<Policy>>> = HashMap::new();
         let mut root = Vec::new();
         for p in &policies {
@@ -325,6 +367,7 @@ impl PolicySet {
             root_namespace: root_namespace.to_owned(),
             root,
             by_namespace,
+            rate_limits,
             request_authn: super::request_authn::RequestAuthnIndex::new(
                 &self.request_authentications,
                 root_namespace,
@@ -336,6 +379,14 @@ impl PolicySet {
             cache: Mutex::new(HashMap::new()),
         }
     }
+}
+
+/// A rate limit with its Service's selector and target ports.
+#[derive(Debug, Clone)]
+struct MappedRateLimit {
+    limit: Arc<super::RateLimit>,
+    selector: BTreeMap<String, String>,
+    ports: Vec<u16>,
 }
 
 /// What the agent knows about the destination workload.
@@ -355,6 +406,8 @@ pub struct CompiledPolicies {
     root_namespace: String,
     root: Vec<Arc<Policy>>,
     by_namespace: HashMap<String, Vec<Arc<Policy>>>,
+    /// Rate limits by namespace, mapped to their Service's pods and ports.
+    rate_limits: HashMap<String, Vec<MappedRateLimit>>,
     peer_auth: super::peer_auth::PeerAuthIndex,
     request_authn: super::request_authn::RequestAuthnIndex,
     cache: Mutex<HashMap<Workload, WorkloadPolicy>>,
@@ -425,6 +478,17 @@ impl CompiledPolicies {
             };
             list.push(p.clone());
         }
+        if let Some(limits) = self.rate_limits.get(&workload.namespace) {
+            inner.rate_limits = limits
+                .iter()
+                .filter(|m| {
+                    m.selector
+                        .iter()
+                        .all(|(k, v)| workload.labels.get(k).is_some_and(|have| have == v))
+                })
+                .map(|m| (m.limit.clone(), m.ports.clone()))
+                .collect();
+        }
         WorkloadPolicy {
             inner: Arc::new(inner),
         }
@@ -448,6 +512,8 @@ pub(crate) struct WorkloadInner {
     pub(crate) peer_auth: super::peer_auth::WorkloadPeerAuth,
     /// Of every RequestAuthentication applying to the workload.
     pub(crate) jwt_rules: Vec<Arc<super::JwtRule>>,
+    /// The rate limits of the workload, with the ports they limit.
+    pub(crate) rate_limits: Vec<(Arc<super::RateLimit>, Vec<u16>)>,
 }
 
 impl WorkloadPolicy {
@@ -485,6 +551,15 @@ impl WorkloadPolicy {
         super::jwt::authenticate(&self.inner.jwt_rules, headers, query)
     }
 
+    /// The rate limits on requests to `port`.
+    pub fn rate_limits_on(&self, port: u16) -> impl Iterator<Item = &Arc<super::RateLimit>> {
+        self.inner
+            .rate_limits
+            .iter()
+            .filter(move |(_, ports)| ports.contains(&port))
+            .map(|(limit, _)| limit)
+    }
+
     /// Whether a connection to `port` must be parsed as HTTP to be decided:
     /// some applicable rule with HTTP fields may apply on that port. When
     /// none can, the connection's decision is the same for every request on
@@ -495,6 +570,10 @@ impl WorkloadPolicy {
         // Tokens are checked on every port (Istio: a RequestAuthentication
         // has no port).
         if !i.jwt_rules.is_empty() {
+            return true;
+        }
+        // A rate limit counts requests.
+        if i.rate_limits.iter().any(|(_, ports)| ports.contains(&port)) {
             return true;
         }
         i.has_http

@@ -92,6 +92,8 @@ pub enum PolicyRef {
     NoAllowMatched,
     /// A PeerAuthentication in STRICT mode refused a plaintext connection.
     StrictPeerAuthentication(Arc<PolicyName>),
+    /// An HTTPLocalRateLimitPolicy refused a request over its limit.
+    RateLimit(Arc<PolicyName>),
 }
 
 impl fmt::Display for PolicyRef {
@@ -102,6 +104,7 @@ impl fmt::Display for PolicyRef {
             PolicyRef::StrictPeerAuthentication(policy) => {
                 write!(f, "{policy} (PeerAuthentication STRICT: plaintext refused)")
             }
+            PolicyRef::RateLimit(policy) => write!(f, "{policy} (HTTPLocalRateLimitPolicy)"),
         }
     }
 }

@@ -80,6 +80,7 @@ where
     let mut policies = Vec::new();
     let mut peer_authentications = Vec::new();
     let mut request_authentications = Vec::new();
+    let mut rate_limits = Vec::new();
     // (kind, namespace, name) -> where it was first defined, to reject duplicates.
     let mut seen: HashMap<(&'static str, PolicyName), (PathBuf, usize)> = HashMap::new();
     for (path, text) in files {
@@ -89,6 +90,7 @@ where
                 Loaded::Authorization(p) => (KIND, p.id.clone()),
                 Loaded::PeerAuthentication(p) => (super::peer_auth::KIND, p.id.clone()),
                 Loaded::RequestAuthentication(r) => (super::request_authn::KIND, r.id.clone()),
+                Loaded::RateLimit(r) => (super::rate_limit::KIND, r.id.clone()),
             };
             if let Some((first_file, first_doc)) = seen.get(&(kind, (*id).clone())) {
                 let ctx = DocCtx {
@@ -111,6 +113,7 @@ where
                 Loaded::Authorization(p) => policies.push(Arc::new(p)),
                 Loaded::PeerAuthentication(p) => peer_authentications.push(Arc::new(p)),
                 Loaded::RequestAuthentication(r) => request_authentications.push(Arc::new(r)),
+                Loaded::RateLimit(r) => rate_limits.push(Arc::new(r)),
             }
         }
     }
@@ -118,6 +121,7 @@ where
         policies,
         peer_authentications,
         request_authentications,
+        rate_limits,
     })
 }
 
@@ -126,6 +130,7 @@ enum Loaded {
     Authorization(Policy),
     PeerAuthentication(super::PeerAuthentication),
     RequestAuthentication(super::RequestAuthentication),
+    RateLimit(super::RateLimit),
 }
 
 /// Returns (0-based document index, document) pairs.
@@ -160,6 +165,17 @@ fn load_file(path: &Path, text: &str) -> Result<Vec<(usize, Loaded)>, LoadError>
             label: label_of(&value),
         };
         let kind = check_header(&ctx, &value)?;
+        if kind == super::rate_limit::KIND {
+            // A rate limit that cannot be read rejects the load (the last
+            // good set keeps serving).
+            let raw =
+                super::rate_limit::RawRateLimit::deserialize(de).map_err(|e| ctx.serde(&e))?;
+            out.push((
+                index,
+                Loaded::RateLimit(super::rate_limit::convert(&ctx, raw)?),
+            ));
+            continue;
+        }
         if kind == super::request_authn::KIND {
             // As a PeerAuthentication: one that cannot be read rejects the
             // load (the last good set keeps serving).
@@ -257,6 +273,19 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<&'static str, LoadError> 
     if !v.is_mapping() {
         return Err(ctx.semantic(&[], "document is not a mapping".into()));
     }
+    if v.get("kind").and_then(Value::as_str) == Some(super::rate_limit::KIND) {
+        return match v.get("apiVersion").and_then(Value::as_str) {
+            Some(super::rate_limit::API_VERSION) => Ok(super::rate_limit::KIND),
+            Some(a) => Err(ctx.semantic(
+                &[key("apiVersion")],
+                format!(
+                    "{a:?} is not supported (expected {})",
+                    super::rate_limit::API_VERSION
+                ),
+            )),
+            None => Err(ctx.semantic(&[], "missing field `apiVersion`".into())),
+        };
+    }
     match v.get("apiVersion") {
         None => return Err(ctx.semantic(&[], "missing field `apiVersion`".into())),
         Some(a) if a.as_str().is_some_and(|a| API_VERSIONS.contains(&a)) => {}
@@ -280,10 +309,11 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<&'static str, LoadError> 
         Some(k) => Err(ctx.semantic(
             &[key("kind")],
             format!(
-                "{} is not supported (expected {KIND}, {} or {})",
+                "{} is not supported (expected {KIND}, {}, {} or {})",
                 show(k),
                 super::peer_auth::KIND,
-                super::request_authn::KIND
+                super::request_authn::KIND,
+                super::rate_limit::KIND
             ),
         )),
     }

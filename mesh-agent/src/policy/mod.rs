@@ -46,6 +46,7 @@ mod matcher;
 mod model;
 mod normalize;
 mod peer_auth;
+mod rate_limit;
 mod request_authn;
 
 #[cfg(test)]
@@ -62,4 +63,5 @@ pub(crate) use load::{DocCtx, Seg, key, label_of};
 pub use load::{LoadError, load};
 pub use normalize::{PathError, normalize_path};
 pub use peer_auth::{MtlsMode, PeerAuthentication};
+pub use rate_limit::{Limited, RateLimit, RateLimiter};
 pub use request_authn::{JwtKeys, JwtRule, RequestAuthentication};

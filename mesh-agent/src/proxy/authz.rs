@@ -25,22 +25,26 @@ pub struct Authorizer {
     /// Decisions by policy rule (none: allowed with no ALLOW policy in
     /// play): allow, deny, dry-run deny. Keyed by the rule itself, so
     /// counting a decision costs a lookup, not a string.
-    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 5]>>,
+    decisions: Mutex<HashMap<Option<PolicyRef>, [u64; 6]>>,
+    /// The token buckets of rate-limited pods.
+    limiter: policy::RateLimiter,
 }
 
 /// The kinds of decision counted, in the order of the counters.
-const DECISIONS: [&str; 5] = [
+const DECISIONS: [&str; 6] = [
     "allow",
     "deny",
     "dry_run_deny",
     "kubelet_probe",
     "unauthenticated",
+    "rate_limited",
 ];
 const ALLOW: usize = 0;
 const DENY: usize = 1;
 const DRY_RUN_DENY: usize = 2;
 const KUBELET_PROBE: usize = 3;
 const UNAUTHENTICATED: usize = 4;
+const RATE_LIMITED: usize = 5;
 
 impl Authorizer {
     /// Decisions so far: (policy rule or `-`, decision) -> count.
@@ -244,15 +248,33 @@ impl l7::Authorizer for ConnectionAuthorizer {
             }),
         };
         let snapshot = self.snapshots.load();
-        match self.authorizer.decide(
+        if let Err(by) = self.authorizer.decide(
             &snapshot.policies,
             &self.pod,
             &self.workload,
             &decision_request,
         ) {
-            Ok(()) => Verdict::Allow,
-            Err(by) => Verdict::Deny { reason: by },
+            return Verdict::Deny { reason: by };
         }
+        // Allowed: then its rate limits count it.
+        let workload_policy = snapshot.policies.for_workload(&self.workload);
+        let now = std::time::Instant::now();
+        for limit in workload_policy.rate_limits_on(self.destination.port()) {
+            if let Err(limited) =
+                self.authorizer
+                    .limiter
+                    .check(limit, &self.pod, self.source.as_ref(), now)
+            {
+                let by = PolicyRef::RateLimit(Arc::new(limit.name().clone()));
+                self.authorizer.count(Some(&by), RATE_LIMITED);
+                return Verdict::Limited {
+                    by: by.to_string(),
+                    limit: limited.limit,
+                    retry_after: limited.retry_after,
+                };
+            }
+        }
+        Verdict::Allow
     }
 }
 

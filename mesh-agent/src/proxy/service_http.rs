@@ -546,6 +546,11 @@ impl ServiceForwarder {
         }) {
             Verdict::Allow => Ok(edited),
             Verdict::Deny { reason } => Err(LocalRefusal::Denied(reason)),
+            Verdict::Limited {
+                by,
+                limit,
+                retry_after,
+            } => Err(LocalRefusal::Limited(by, limit, retry_after)),
         }
     }
 
@@ -676,6 +681,8 @@ enum LocalRefusal {
     Denied(String),
     /// 401: its JWT failed.
     Unauthenticated(crate::policy::Unauthenticated),
+    /// 429: over this rate limit (policy, requests a second, retry after).
+    Limited(String, u32, std::time::Duration),
 }
 
 impl LocalRefusal {
@@ -702,6 +709,10 @@ impl LocalRefusal {
                     HeaderValue::from_static(crate::l7::WWW_AUTHENTICATE_INVALID_TOKEN),
                 );
                 (response, format!("RequestAuthentication: {why}"))
+            }
+            LocalRefusal::Limited(by, limit, retry_after) => {
+                tracing::debug!(%service, %endpoint, policy = by, "request over its rate limit: 429");
+                (crate::l7::too_many_requests(limit, retry_after), by)
             }
         };
         response.extensions_mut().insert(crate::l7::DeniedBy(by));

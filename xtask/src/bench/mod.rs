@@ -26,6 +26,8 @@ mod compare;
 mod dns_bench;
 mod latency_pairs;
 mod plot;
+mod routes_bench;
+mod settings_cost;
 mod tracing_bench;
 mod ztunnel;
 
@@ -474,7 +476,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     }
     // What request spans cost: off, 1%, 100%, 100% with the collector
     // away (MESH_BENCH_MODES=tracing runs only this).
-    let mut traced = tracing_bench::TracingCost::new(plan.rate_secs);
+    let mut traced = tracing_bench::cost(plan.rate_secs);
     if runs("tracing") {
         tracing_bench::write_services(topo, |node| config_dir(topo, node))?;
         let receivers = tracing_bench::start_receivers(topo)?;
@@ -507,12 +509,47 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         set_policies(topo, topo.node("n2"), false)?;
         dns_bench::remove_services(topo, |node| config_dir(topo, node))?;
     }
+    // What a route costs: two header matches and a header modifier on the
+    // client's node, against the same request with no route
+    // (MESH_BENCH_MODES=routes runs only this).
+    let mut routed = routes_bench::cost(plan.rate_secs);
+    if runs("routes") {
+        routes_bench::write_services(topo, |node| config_dir(topo, node))?;
+        let rounds = routes_bench::rounds(plan.rounds);
+        for round in 0..rounds {
+            for (name, route) in routes_bench::settings(round) {
+                routes_bench::write_route(topo, |node| config_dir(topo, node), route)?;
+                agents.clear();
+                for node in topo.nodes() {
+                    agents.push(start_agent(&tools.agent, node, topo, pki, "")?);
+                }
+                set_mode(topo, Mode::Mtls)?;
+                if route {
+                    routes_bench::check_accepted(topo.node("n1"))?;
+                }
+                let pids: Vec<u32> = agents.iter().map(Process::pid).collect();
+                let sample = routes_bench::measure(&tools, a, &pids, plan.rate_secs)?;
+                step(format!(
+                    "round {}/{} routes {name}: p50 {:.0} µs, p99 {:.0} µs, agents {:.3} CPU s/1k req",
+                    round + 1,
+                    rounds,
+                    sample.p50_us,
+                    sample.p99_us,
+                    sample.cpu_s_per_1k,
+                ));
+                routed.push(name, sample);
+            }
+        }
+        routes_bench::write_route(topo, |node| config_dir(topo, node), false)?;
+        dns_bench::remove_services(topo, |node| config_dir(topo, node))?;
+    }
     if only.is_some() {
         println!(
-            "{}{}{}",
+            "{}{}{}{}",
             setup.markdown(),
             dns.markdown(),
-            traced.markdown()
+            traced.markdown("off"),
+            routed.markdown(routes_bench::BASELINE)
         );
         return Ok(());
     }
@@ -567,6 +604,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         setup: &setup,
         dns: &dns,
         tracing: &traced,
+        routes: &routed,
     };
     let out_dir = bench_dir();
     let table = report.markdown();
@@ -1121,7 +1159,8 @@ struct Report<'a> {
     scale: &'a [Scale],
     setup: &'a latency_pairs::LatencyPairs,
     dns: &'a latency_pairs::LatencyPairs,
-    tracing: &'a tracing_bench::TracingCost,
+    tracing: &'a settings_cost::SettingsCost,
+    routes: &'a settings_cost::SettingsCost,
 }
 
 /// The median of a path's rounds, field by field.
@@ -1282,8 +1321,9 @@ impl Report<'_> {
             "{}{}{}",
             self.setup.markdown(),
             self.dns.markdown(),
-            self.tracing.markdown()
+            self.tracing.markdown("off"),
         );
+        let _ = write!(t, "{}", self.routes.markdown(routes_bench::BASELINE));
         let _ = writeln!(
             t,
             "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
@@ -1416,6 +1456,7 @@ impl Report<'_> {
             "connection_setup": self.setup.json(),
             "dns_lookup": self.dns.json(),
             "tracing": self.tracing.json(),
+            "routes": self.routes.json(),
             "memory": {
                 "per_idle_proxied_connection_kib": self.memory.per_idle_tcp_kib,
                 "per_idle_tunnel_connection_kib": self.memory.per_idle_tls_kib,

@@ -110,7 +110,7 @@ spec:
 kind: Sidecar
 metadata: {name: p, namespace: foo}
 ",
-        want: "policies/test.yaml:2: document 1 (foo/p): field kind: \"Sidecar\" is not supported (expected AuthorizationPolicy, PeerAuthentication or RequestAuthentication)",
+        want: "policies/test.yaml:2: document 1 (foo/p): field kind: \"Sidecar\" is not supported (expected AuthorizationPolicy, PeerAuthentication, RequestAuthentication or HTTPLocalRateLimitPolicy)",
     },
     Reject {
         name: "wrong apiVersion",
