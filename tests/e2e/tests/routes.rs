@@ -213,11 +213,11 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
     );
     assert_eq!(post.status(404), 20, "{post}");
 
-    // A route file this agent cannot serve as written: refused with file,
-    // line and field; the routes in force keep serving.
+    // A route file this agent cannot serve as written (a rule's retry):
+    // refused with file, line and field; the routes in force keep serving.
     let bad = ROUTES.replace(
         "  - backendRefs:\n    - name: reviews-v1",
-        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews-v1, port: 80}}}]\n    backendRefs:\n    - name: reviews-v1",
+        "  - retry: {attempts: 3, codes: [503]}\n    backendRefs:\n    - name: reviews-v1",
     );
     assert_ne!(bad, ROUTES);
     client_agent
@@ -235,7 +235,7 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
     .unwrap();
     assert!(error.contains("routes/reviews.yaml:"), "{error}");
     assert!(
-        error.contains("spec.rules[1].filters") && error.contains("not supported yet"),
+        error.contains("spec.rules[1].retry") && error.contains("not supported yet"),
         "{error}"
     );
     let still = load(
