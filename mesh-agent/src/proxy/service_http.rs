@@ -50,7 +50,7 @@ use crate::{
         self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
         ResponseFlags, Verdict, local_response,
     },
-    routes::{Routed, RuleRef, Timeouts},
+    routes::{Fault, Routed, RuleRef, Timeouts},
     services::{PortProtocol, RequestPick, ServicePortEntry},
     spans::SpanSide,
 };
@@ -204,6 +204,18 @@ impl ServiceForwarder {
         let backend_timeout = routing.timeouts().backend_request.filter(|t| !t.is_zero());
         let (mut parts, body) = request.into_parts();
         routing.on_request(&mut parts);
+        // Istio's fault injection: the delay, then the abort (before the
+        // request is mirrored or sent, as Envoy's fault filter does).
+        let mut delayed = false;
+        if let Some(fault) = routing.fault() {
+            if let Some(delay) = fault.delay_for(ThreadRng.next_u64()) {
+                tokio::time::sleep(delay).await;
+                delayed = true;
+            }
+            if let Some(status) = fault.abort_for(ThreadRng.next_u64()) {
+                return flagged(local_response(status, "fault filter abort", h1), "FI");
+            }
+        }
         // A bodiless request can be sent again; one with a body is streamed
         // once and never retried.
         let replayable = body.is_end_stream();
@@ -272,6 +284,9 @@ impl ServiceForwarder {
             return match (response, outcome) {
                 (Some(mut response), _) => {
                     routing.on_response(response.headers_mut());
+                    if delayed {
+                        response.extensions_mut().insert(ResponseFlags("DI"));
+                    }
                     response.map(Either::Left)
                 }
                 (None, Outcome::ConnectFailed) => flagged(
@@ -455,9 +470,15 @@ impl ServiceForwarder {
             return Err(RouteRefusal::Redirect(status, location));
         }
         let backend = rule.rule().pick(ThreadRng.next_u64());
+        let requested_port = self
+            .service
+            .key
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or(0);
         let entry = backend
-            .and_then(|b| rule.rule().backends[b].backend.service_port_key())
-            .and_then(|key| snapshot.services.by_key(key))
+            .and_then(|b| rule.rule().backends[b].backend.key_for(requested_port))
+            .and_then(|key| snapshot.services.by_key(&key))
             .filter(|entry| entry.protocol != PortProtocol::Tcp);
         match (entry, backend) {
             (Some(entry), Some(backend)) => {
@@ -596,6 +617,12 @@ struct Routing {
 }
 
 impl Routing {
+    fn fault(&self) -> Option<&Fault> {
+        self.rule
+            .as_ref()
+            .and_then(|(rule, _)| rule.rule().filters.fault.as_ref())
+    }
+
     fn timeouts(&self) -> Timeouts {
         self.rule
             .as_ref()

@@ -216,9 +216,40 @@ impl Mirror {
     }
 }
 
+/// Istio's fault injection: a delay and an abort, each for a percentage
+/// of the requests (the delay first, as Envoy does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    pub delay: Option<(std::time::Duration, f64)>,
+    pub abort: Option<(StatusCode, f64)>,
+}
+
+impl Fault {
+    /// Whether a request with the uniform `draw` is among `percent` of them.
+    fn among(percent: f64, draw: u64) -> bool {
+        (draw as f64 / u64::MAX as f64) * 100.0 < percent
+    }
+
+    /// The delay for the request with this `draw`, if it gets one.
+    pub fn delay_for(&self, draw: u64) -> Option<std::time::Duration> {
+        self.delay
+            .filter(|(_, percent)| Self::among(*percent, draw))
+            .map(|(delay, _)| delay)
+    }
+
+    /// The status the request with this `draw` is aborted with, if it is.
+    pub fn abort_for(&self, draw: u64) -> Option<StatusCode> {
+        self.abort
+            .filter(|(_, percent)| Self::among(*percent, draw))
+            .map(|(status, _)| status)
+    }
+}
+
 /// A rule's filters, by when they run.
 #[derive(Debug, Clone, Default)]
 pub struct Filters {
+    /// Istio's `fault` (a VirtualService's).
+    pub fault: Option<Fault>,
     pub request_headers: Option<HeaderModifier>,
     pub response_headers: Option<HeaderModifier>,
     pub redirect: Option<Redirect>,
@@ -233,6 +264,7 @@ impl Filters {
             && self.redirect.is_none()
             && self.rewrite.is_none()
             && self.mirrors.is_empty()
+            && self.fault.is_none()
     }
 
     /// The request as the backend should get it: rewritten, then its

@@ -13,10 +13,11 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::{
-    Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, Rule,
+    Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, RouteKind, Rule,
     ServiceRef, Timeouts, ValueMatch, WeightedBackend,
     filters::{self, FilterPlace},
     model::{RawBackendRef, RawHttpRoute, RawMatch, RawNameMatch, RawRule},
+    virtual_service,
 };
 use crate::policy::{DocCtx, LoadError, Seg, key, label_of};
 
@@ -37,7 +38,7 @@ where
     P: AsRef<Path>,
 {
     let mut routes: Vec<Arc<HttpRoute>> = Vec::new();
-    let mut seen: HashMap<RouteId, (std::path::PathBuf, usize)> = HashMap::new();
+    let mut seen: HashMap<(RouteKind, RouteId), (std::path::PathBuf, usize)> = HashMap::new();
     for (path, text) in files {
         let path = path.as_ref();
         for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -47,36 +48,60 @@ where
                 continue; // an empty document (a trailing `---`)
             }
             let ctx = DocCtx::new(path, text, index, label_of(&value));
-            check_header(&ctx, &value)?;
+            let kind = check_header(&ctx, &value)?;
             let de = serde_yaml::Deserializer::from_str(text)
                 .nth(index)
                 .expect("the document read above");
-            let raw = RawHttpRoute::deserialize(de).map_err(|e| ctx.serde(&e))?;
-            let route = convert(&ctx, path, raw)?;
-            if let Some((file, doc)) = seen.get(&route.id) {
+            let route = match kind {
+                RouteKind::HttpRoute => {
+                    let raw = RawHttpRoute::deserialize(de).map_err(|e| ctx.serde(&e))?;
+                    convert(&ctx, path, raw)?
+                }
+                RouteKind::VirtualService => {
+                    let raw = virtual_service::RawVirtualService::deserialize(de)
+                        .map_err(|e| ctx.serde(&e))?;
+                    virtual_service::convert(&ctx, path, raw)?
+                }
+            };
+            let seen_key = (route.kind, route.id.clone());
+            if let Some((file, doc)) = seen.get(&seen_key) {
                 return Err(ctx.semantic(
                     &[key("metadata"), key("name")],
                     format!(
-                        "duplicate HTTPRoute {}: already defined in {} document {}",
+                        "duplicate {} {}: already defined in {} document {}",
+                        route.kind.as_str(),
                         route.id,
                         file.display(),
                         doc + 1
                     ),
                 ));
             }
-            seen.insert(route.id.clone(), (path.to_path_buf(), index));
+            seen.insert(seen_key, (path.to_path_buf(), index));
             routes.push(Arc::new(route));
         }
     }
     Ok(routes)
 }
 
-fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<(), LoadError> {
+fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<RouteKind, LoadError> {
     if !v.is_mapping() {
         return Err(ctx.semantic(&[], "document is not a mapping".into()));
     }
     let api = v.get("apiVersion").and_then(Value::as_str);
     let kind = v.get("kind").and_then(Value::as_str);
+    if kind == Some(virtual_service::KIND) {
+        return match api {
+            Some(a) if virtual_service::API_VERSIONS.contains(&a) => Ok(RouteKind::VirtualService),
+            Some(a) => Err(ctx.semantic(
+                &[key("apiVersion")],
+                format!(
+                    "{a:?} is not supported (expected one of {})",
+                    virtual_service::API_VERSIONS.join(", ")
+                ),
+            )),
+            None => Err(ctx.semantic(&[], "missing field `apiVersion`".into())),
+        };
+    }
     match kind {
         Some(KIND) => {}
         Some(k) if NOT_YET.contains(&k) => {
@@ -88,13 +113,13 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<(), LoadError> {
         Some(k) => {
             return Err(ctx.semantic(
                 &[key("kind")],
-                format!("{k:?} is not supported here (expected {KIND})"),
+                format!("{k:?} is not supported here (expected {KIND} or VirtualService)"),
             ));
         }
         None => return Err(ctx.semantic(&[], "missing field `kind`".into())),
     }
     match api {
-        Some(a) if API_VERSIONS.contains(&a) => Ok(()),
+        Some(a) if API_VERSIONS.contains(&a) => Ok(RouteKind::HttpRoute),
         Some(a) => Err(ctx.semantic(
             &[key("apiVersion")],
             format!(
@@ -191,6 +216,7 @@ fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute
     };
     Ok(HttpRoute {
         id,
+        kind: RouteKind::HttpRoute,
         created: raw.metadata.creation_timestamp,
         parents,
         rules,

@@ -19,10 +19,11 @@ mod model;
 mod table;
 #[cfg(test)]
 mod tests;
+mod virtual_service;
 
 use std::{path::PathBuf, sync::Arc};
 
-pub use filters::{Filters, HeaderModifier, Mirror, PathModifier};
+pub use filters::{Fault, Filters, HeaderModifier, Mirror, PathModifier};
 pub use load::load;
 pub use table::{RouteStatus, RouteTable, Routed, RuleRef};
 
@@ -46,10 +47,29 @@ pub struct ServiceRef {
     pub name: String,
 }
 
-/// An `HTTPRoute`, validated.
+/// Which resource a route was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteKind {
+    /// Istio's: its rules keep their order, ahead of HTTPRoutes.
+    VirtualService,
+    /// Gateway API's: ranked by the specification's precedence.
+    HttpRoute,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::VirtualService => "VirtualService",
+            RouteKind::HttpRoute => "HTTPRoute",
+        }
+    }
+}
+
+/// An `HTTPRoute` (or an Istio `VirtualService`'s HTTP routes), validated.
 #[derive(Debug)]
 pub struct HttpRoute {
     pub id: RouteId,
+    pub kind: RouteKind,
     /// `metadata.creationTimestamp` (RFC 3339): the older route wins a tie.
     pub created: Option<String>,
     /// The Services it attaches to, and the port when it names one.
@@ -94,11 +114,15 @@ pub enum PathMatch {
     Prefix(String),
     /// The whole path must match.
     Regex(regex::Regex),
+    /// Istio's `uri.prefix`: a plain string prefix (`/foo` matches `/foobar`).
+    StringPrefix(String),
 }
 
 #[derive(Debug, Clone)]
 pub enum ValueMatch {
     Exact(String),
+    /// Istio's `prefix`.
+    Prefix(String),
     /// The whole value must match.
     Regex(regex::Regex),
 }
@@ -132,6 +156,9 @@ pub enum Backend {
         /// `namespace/name:port`, the service port's key.
         key: String,
     },
+    /// The Service's port the request was sent to (a VirtualService's
+    /// destination without a port).
+    ServiceSamePort { service: ServiceRef },
     /// A reference this agent cannot follow (another kind): the requests
     /// it would get are answered 500, as the specification says.
     Invalid(String),
@@ -142,6 +169,19 @@ impl Backend {
     pub fn service_port_key(&self) -> Option<&str> {
         match self {
             Backend::Service { key, .. } => Some(key),
+            Backend::ServiceSamePort { .. } | Backend::Invalid(_) => None,
+        }
+    }
+
+    /// The key of the service port it names for a request sent to port
+    /// `requested`.
+    pub fn key_for(&self, requested: u16) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            Backend::Service { key, .. } => Some(std::borrow::Cow::Borrowed(key)),
+            Backend::ServiceSamePort { service } => Some(std::borrow::Cow::Owned(format!(
+                "{}/{}:{requested}",
+                service.namespace, service.name
+            ))),
             Backend::Invalid(_) => None,
         }
     }

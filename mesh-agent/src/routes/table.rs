@@ -18,7 +18,7 @@ use std::{cmp::Reverse, collections::HashMap, path::PathBuf, sync::Arc};
 use http::{HeaderMap, Method, Uri};
 use serde::Serialize;
 
-use super::{Backend, HttpRoute, PathMatch, RequestMatch, RouteId, Rule, ValueMatch};
+use super::{Backend, HttpRoute, PathMatch, RequestMatch, RouteId, RouteKind, Rule, ValueMatch};
 use crate::config::ServiceConfig;
 
 /// Every route attached to every HTTP port of a known Service.
@@ -238,6 +238,14 @@ fn unresolved(
 ) -> Option<String> {
     match backend {
         Backend::Invalid(why) => Some(why.clone()),
+        Backend::ServiceSamePort { service } => {
+            let label = format!("{}/{}", service.namespace, service.name);
+            match services.get(&(service.namespace.as_str(), service.name.as_str())) {
+                None => Some(format!("{label}: no such Service")),
+                Some(s) if http_ports(s).next().is_none() => Some(format!("{label}: no HTTP port")),
+                Some(_) => None,
+            }
+        }
         Backend::Service { service, port, .. } => {
             let label = format!("{}/{}:{port}", service.namespace, service.name);
             match services.get(&(service.namespace.as_str(), service.name.as_str())) {
@@ -252,6 +260,7 @@ fn unresolved(
 }
 
 type Precedence = (
+    RouteKind,
     u8,
     Reverse<usize>,
     bool,
@@ -267,15 +276,18 @@ fn precedence(e: &Entry) -> Precedence {
     let m = e.request_match();
     let (class, length) = match &m.path {
         PathMatch::Exact(p) => (0, p.len()),
-        PathMatch::Prefix(p) => (1, p.len()),
+        PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => (1, p.len()),
         PathMatch::Regex(_) => (2, 0),
     };
+    // A VirtualService's rules keep their order (Istio: the first match).
+    let ranked = e.route.kind == RouteKind::HttpRoute;
     (
-        class,
-        Reverse(length),
-        m.method.is_none(),
-        Reverse(m.headers.len()),
-        Reverse(m.query_params.len()),
+        e.route.kind,
+        if ranked { class } else { 0 },
+        Reverse(if ranked { length } else { 0 }),
+        ranked && m.method.is_none(),
+        Reverse(if ranked { m.headers.len() } else { 0 }),
+        Reverse(if ranked { m.query_params.len() } else { 0 }),
         // The oldest first; a route without a time after those with one.
         (e.route.created.is_none(), e.route.created.clone()),
         e.route.id.clone(),
@@ -296,6 +308,7 @@ fn matches(m: &RequestMatch, method: &Method, uri: &Uri, headers: &HeaderMap) ->
                     .is_some_and(|rest| rest.starts_with('/'))
         }
         PathMatch::Regex(r) => r.is_match(path),
+        PathMatch::StringPrefix(p) => path.starts_with(p.as_str()),
     };
     if !path_ok || m.method.as_ref().is_some_and(|want| want != method) {
         return false;
@@ -323,6 +336,7 @@ fn matches(m: &RequestMatch, method: &Method, uri: &Uri, headers: &HeaderMap) ->
 fn value_matches(m: &ValueMatch, value: &str) -> bool {
     match m {
         ValueMatch::Exact(want) => want == value,
+        ValueMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
         ValueMatch::Regex(r) => r.is_match(value),
     }
 }

@@ -662,3 +662,156 @@ fn mirrors_load_with_their_share_and_bad_shares_are_named() {
         assert!(err.contains(says), "{mirror}: {err}");
     }
 }
+
+fn vs(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings, namespace: faces}}
+spec:
+  hosts: [smiley]
+  http:
+{http}"
+    )
+}
+
+#[test]
+fn a_virtual_service_keeps_its_order_and_carries_its_fault() {
+    let text = vs("  - name: abort
+    match:
+    - headers: {x-fault: {exact: abort}}
+    fault:
+      abort: {httpStatus: 503, percentage: {value: 50}}
+    route: [{destination: {host: smiley2}}]
+  - name: short-prefix-first
+    match: [{uri: {prefix: /api}}]
+    timeout: 2s
+    fault:
+      delay: {fixedDelay: 100ms, percentage: {value: 100}}
+    route:
+    - {destination: {host: smiley.faces.svc.cluster.local, port: {number: 80}}, weight: 80}
+    - {destination: {host: smiley2.faces}, weight: 20}
+  - name: longer-prefix-later
+    match: [{uri: {prefix: /api/v2}}]
+    route: [{destination: {host: smiley2}}]
+");
+    let table = RouteTable::build(&load_one(&text), &services());
+    let at = |uri, headers: &[(&'static str, &str)]| rule_for(&table, "faces", "GET", uri, headers);
+    assert_eq!(at("/x", &[("x-fault", "abort")]), "faces/ratings#abort");
+    // Istio: the first match wins (no Gateway API ranking), and a prefix
+    // is a string prefix.
+    assert_eq!(at("/api/v2/x", &[]), "faces/ratings#short-prefix-first");
+    assert_eq!(at("/apix", &[]), "faces/ratings#short-prefix-first");
+    assert_eq!(at("/other", &[]), "404");
+    let routes = load_one(&text);
+    let abort = routes[0].rules[0].filters.fault.clone().unwrap();
+    let mut rng = SplitMix64::new(11);
+    let n = 100_000;
+    let aborted = (0..n)
+        .filter(|_| abort.abort_for(rng.next_u64()) == Some(http::StatusCode::SERVICE_UNAVAILABLE))
+        .count();
+    // 50% ± 4σ (σ ≈ 158).
+    assert!(
+        (50_000 - 632..=50_000 + 632).contains(&aborted),
+        "{aborted}"
+    );
+    assert!(abort.delay_for(rng.next_u64()).is_none());
+    let delay = routes[0].rules[1].filters.fault.clone().unwrap();
+    assert_eq!(
+        delay.delay_for(rng.next_u64()),
+        Some(std::time::Duration::from_millis(100))
+    );
+    assert_eq!(
+        routes[0].rules[1].timeouts.request,
+        Some(std::time::Duration::from_secs(2))
+    );
+    // A destination without a port takes the port the request was sent to.
+    let same = &routes[0].rules[0].backends[0];
+    assert_eq!(same.weight, 100);
+    assert_eq!(
+        same.backend.key_for(80).as_deref(),
+        Some("faces/smiley2:80")
+    );
+    let weights: Vec<u32> = routes[0].rules[1]
+        .backends
+        .iter()
+        .map(|b| b.weight)
+        .collect();
+    assert_eq!(weights, [80, 20]);
+}
+
+/// Istio's fault injection task (ratings, jason, 7 s delay), with the
+/// namespace it is applied in: it loads but for the DestinationRule subset,
+/// which is named.
+#[test]
+fn the_istio_fault_injection_example_names_the_subset_it_routes_to() {
+    let docs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+  namespace: default
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 7s
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+";
+    let err = load_err(docs);
+    assert!(
+        err.starts_with("routes/r.yaml:22:")
+            && err.contains("spec.http[0].route[0].destination.subset: not supported yet"),
+        "{err}"
+    );
+    let without_subsets = docs.replace("        subset: v1\n", "");
+    let routes = load_one(&without_subsets);
+    assert_eq!(
+        routes[0].rules[0].filters.fault.as_ref().unwrap().delay,
+        Some((std::time::Duration::from_secs(7), 100.0))
+    );
+    for (http, says) in [
+        (
+            "  - retries: {attempts: 3}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].retries: not supported yet",
+        ),
+        (
+            "  - fault: {abort: {percentage: {value: 10}}}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].fault.abort.httpStatus: an abort needs",
+        ),
+        (
+            "  - fault: {abort: {httpStatus: 503, percentage: {value: 120}}}\n    route: [{destination: {host: smiley}}]\n",
+            "120 is not a percentage",
+        ),
+        (
+            "  - match: [{uri: {exact: /a, prefix: /b}}]\n    route: [{destination: {host: smiley}}]\n",
+            "exactly one of `exact`, `prefix`, `regex`",
+        ),
+        (
+            "  - route: [{destination: {host: \"*.example.com\"}}]\n",
+            "is not a mesh Service's name",
+        ),
+    ] {
+        let err = load_err(&vs(http));
+        assert!(err.contains(says), "{http}: {err}");
+    }
+    let gateway = vs("  - route: [{destination: {host: smiley}}]\n").replace(
+        "  hosts: [smiley]\n",
+        "  hosts: [smiley]\n  gateways: [my-gateway]\n",
+    );
+    assert!(load_err(&gateway).contains("only `mesh` is served"));
+}

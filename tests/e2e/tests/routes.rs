@@ -552,3 +552,105 @@ fn a_mirror_gets_a_copy_of_each_request_and_never_the_clients_answer() {
     })
     .unwrap();
 }
+
+const RATINGS: &str = "10.96.0.80";
+
+/// Istio's fault injection, as a VirtualService on the Service ratings.
+const FAULTS: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{headers: {x-fault: {exact: abort}}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: ratings}}]
+  - match: [{headers: {x-fault: {exact: delay}}}]
+    fault: {delay: {fixedDelay: 100ms, percentage: {value: 100}}}
+    route: [{destination: {host: ratings}}]
+  - route: [{destination: {host: ratings}}]
+"#;
+
+#[test]
+fn a_virtual_service_injects_aborts_and_delays() {
+    if !e2e_enabled("a_virtual_service_injects_aborts_and_delays") {
+        return;
+    }
+    let topo = Topology::builder("faults")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let backend = HttpBackend::start(c, PORT, "ratings").unwrap();
+    let client_agent = &agents[0];
+    let services = format!(
+        "services:
+  - name: ratings
+    namespace: default
+    vips: [{RATINGS}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{}",
+        endpoint(c)
+    );
+    apply(client_agent, "services.yaml", &services);
+    apply(client_agent, "routes/ratings.yaml", FAULTS);
+    let url = format!("http://{RATINGS}/ratings/1");
+
+    // 50% aborted with 503 by the agent: 400 requests, 200 expected,
+    // within four standard deviations (σ = 10); the backend sees the rest.
+    let aborts = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "400",
+            "--connections",
+            "4",
+            "--header",
+            "x-fault:abort",
+        ],
+    );
+    let (aborted, served) = (aborts.status(503), aborts.status(200));
+    assert_eq!(aborted + served, 400, "{aborts}");
+    assert!(
+        (160..=240).contains(&aborted),
+        "{aborted} of 400 aborted: {aborts}"
+    );
+    assert_eq!(
+        backend.served(),
+        served,
+        "the backend saw an aborted request"
+    );
+    wait_until(
+        "the aborts counted with flag FI",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                client_agent.metric_sum("istio_requests_total", &[("response_flags", "FI")])
+                    == aborted,
+            )
+        },
+    )
+    .unwrap();
+
+    // A 100 ms delay on every request: its p50 is at least 100 ms, and
+    // about 100 ms above the same requests' without it.
+    let args = ["--requests", "50", "--connections", "1"];
+    let plain = load(a, &url, &args);
+    let mut delayed_args = args.to_vec();
+    delayed_args.extend(["--header", "x-fault:delay"]);
+    let delayed = load(a, &url, &delayed_args);
+    assert!(plain.all_ok() && delayed.all_ok(), "{plain} / {delayed}");
+    let (p50_plain, p50_delayed) = (
+        plain.json["latency_us"]["p50"].as_u64().unwrap(),
+        delayed.json["latency_us"]["p50"].as_u64().unwrap(),
+    );
+    eprintln!("p50 without the delay {p50_plain} µs, with it {p50_delayed} µs");
+    assert!(p50_delayed >= 100_000, "{delayed}");
+    assert!(p50_delayed >= p50_plain + 90_000, "{plain} / {delayed}");
+}
