@@ -48,7 +48,7 @@ fn services() -> Vec<ServiceConfig> {
 }
 
 fn bench(c: &mut Criterion) {
-    let routes = load([("routes/web.yaml", ROUTE)]).unwrap();
+    let routes = load([("routes/web.yaml", ROUTE)]).unwrap().routes;
     let table = Arc::new(RouteTable::build(&routes, &services()));
     let request = Request::get("/api/v1/items")
         .header("host", "web.bench")

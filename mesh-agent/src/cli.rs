@@ -257,7 +257,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     .set
                     .compile_with_services(&cfg.node.root_namespace, &cfg.services);
                 unenforceable.extend(compiled.unmapped_targets().iter().cloned());
-                let routes = crate::routes::RouteTable::build(&cfg.routes.routes, &cfg.services);
+                let mut routes =
+                    crate::routes::RouteTable::build(&cfg.routes.routes, &cfg.services);
+                let (_, unresolved_rules) = crate::routes::apply_destination_rules(
+                    &cfg.services,
+                    &cfg.routes.destination_rules,
+                );
+                routes.add_statuses(unresolved_rules);
                 let route_problems = route_problems(routes.statuses());
                 for problem in &route_problems {
                     eprintln!("error: {problem}");

@@ -69,6 +69,22 @@ struct PortState {
     budget: Mutex<RetryBudget>,
     /// Requests answered 504 because their route's timeout passed.
     timeouts: std::sync::atomic::AtomicU64,
+    /// Requests in flight now (for a DestinationRule's connection pool).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests answered 503 `UO` because the pool was full.
+    overflows: std::sync::atomic::AtomicU64,
+}
+
+/// One request in flight to a service port with a bounded connection pool;
+/// its place is freed when dropped.
+pub struct InFlight(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(count) = &self.0 {
+            count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// An endpoint chosen for one connection; report its end with [`ServicePortEntry::done`].
@@ -168,6 +184,28 @@ impl ServicePortEntry {
         self.state.budget.lock().try_retry()
     }
 
+    /// A place for one more request in flight, or `None` when the
+    /// DestinationRule's connection pool is full (counted).
+    pub fn admit_request(&self) -> Option<InFlight> {
+        use std::sync::atomic::Ordering;
+        let Some(max) = self.config.max_requests_in_flight else {
+            return Some(InFlight(None));
+        };
+        let admitted = self
+            .state
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max as usize).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Some(InFlight(Some(self.state.in_flight.clone())))
+        } else {
+            self.state.overflows.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
     pub fn count_timeout(&self) {
         self.state
             .timeouts
@@ -188,6 +226,10 @@ impl ServicePortEntry {
                 .state
                 .timeouts
                 .load(std::sync::atomic::Ordering::Relaxed),
+            overflows: self
+                .state
+                .overflows
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -198,6 +240,8 @@ pub struct ServicePortStats {
     pub balancer: ServiceStats,
     pub retries: RetryStats,
     pub timeouts: u64,
+    /// Requests answered 503 `UO`: the connection pool was full.
+    pub overflows: u64,
 }
 
 /// Every service port by (VIP, port).
@@ -344,6 +388,8 @@ impl ServiceTable {
                                 balancer: Mutex::new(balancer),
                                 budget: Mutex::new(budget),
                                 timeouts: Default::default(),
+                                in_flight: Default::default(),
+                                overflows: Default::default(),
                             }),
                         })
                     }
@@ -408,6 +454,7 @@ mod tests {
                 protocol: "tcp".into(),
             }],
             selector: Default::default(),
+            max_requests_in_flight: None,
             locality,
             endpoints: endpoints
                 .iter()

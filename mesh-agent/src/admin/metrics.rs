@@ -50,6 +50,7 @@ pub struct Metrics {
     service_no_endpoint: IntCounterVec,
     service_retries: IntCounterVec,
     service_timeouts: IntCounterVec,
+    service_overflows: IntCounterVec,
     http_pooled: IntGauge,
     fastpath: IntCounterVec,
     bpf_map_entries: IntGaugeVec,
@@ -242,6 +243,11 @@ impl Metrics {
                 "HTTP requests answered 504 because their route's timeout passed",
                 &["service"],
             ),
+            service_overflows: counter(
+                "mesh_service_overflows_total",
+                "HTTP requests answered 503 (flag UO) because a DestinationRule's connection pool was full",
+                &["service"],
+            ),
             http_pooled: gauge(
                 "mesh_http_pool_connections",
                 "Pooled upstream connections of HTTP service ports",
@@ -293,6 +299,7 @@ impl Metrics {
             Box::new(m.service_no_endpoint.clone()),
             Box::new(m.service_retries.clone()),
             Box::new(m.service_timeouts.clone()),
+            Box::new(m.service_overflows.clone()),
             Box::new(m.http_pooled.clone()),
             Box::new(m.fastpath.clone()),
             Box::new(m.panics.clone()),
@@ -482,6 +489,7 @@ impl Metrics {
                 stats.retries.denied,
             );
             self.sync(&self.service_timeouts, &[service], stats.timeouts);
+            self.sync(&self.service_overflows, &[service], stats.overflows);
         }
         self.http_pooled.set(pooled as i64);
     }

@@ -261,11 +261,12 @@ fn load_dir_once(
     };
     let (policies, kept_back) = load_policies(policy_files, last_good_policies)?;
     let route_files = read_yaml_files(&dir.join(ROUTES_DIR))?;
-    let routes = crate::routes::load(route_files.iter().map(|(p, t)| (p, t.as_str())))
+    let loaded = crate::routes::load(route_files.iter().map(|(p, t)| (p, t.as_str())))
         .map_err(document_error)?;
     let routes = crate::routes::Routes {
         files: route_files,
-        routes: std::sync::Arc::new(routes),
+        routes: std::sync::Arc::new(loaded.routes),
+        destination_rules: std::sync::Arc::new(loaded.destination_rules),
     };
     let desired = Desired {
         dir: dir.to_path_buf(),

@@ -52,6 +52,11 @@ pub struct ServiceConfig {
     /// Ejection of endpoints that keep failing.
     #[serde(default)]
     pub outlier_detection: OutlierDetectionConfig,
+    /// HTTP ports: the most requests in flight at once from this node, by
+    /// a DestinationRule's `connectionPool` (not a services.yaml field):
+    /// beyond it, `503` with flag `UO` at once.
+    #[serde(skip)]
+    pub max_requests_in_flight: Option<u32>,
 }
 
 impl ServiceConfig {
@@ -72,6 +77,7 @@ impl ServiceConfig {
             routes: Vec::new(),
             retries: RetriesConfig::default(),
             outlier_detection: OutlierDetectionConfig::default(),
+            max_requests_in_flight: None,
         }
     }
 }

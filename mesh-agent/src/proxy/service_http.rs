@@ -216,6 +216,19 @@ impl ServiceForwarder {
                 return flagged(local_response(status, "fault filter abort", h1), "FI");
             }
         }
+        // The DestinationRule's connection pool: full, the request is
+        // answered at once (Envoy's overflow), the endpoints never see it.
+        let Some(_in_flight) = service.admit_request() else {
+            tracing::debug!(service = %service.key, "connection pool full: 503");
+            return flagged(
+                local_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                    h1,
+                ),
+                "UO",
+            );
+        };
         // A bodiless request can be sent again; one with a body is streamed
         // once and never retried.
         let replayable = body.is_end_stream();

@@ -67,7 +67,12 @@ impl Plan {
     pub fn build(desired: &Desired, previous: &Snapshot) -> Result<Self> {
         let node = &desired.node;
         let remote = remote_peers(desired, &node.trust_domain)?;
-        let services = ServiceTable::build(&desired.services, node, Some(&previous.services))
+        // Istio DestinationRules change the settings of their Services.
+        let (with_rules, unresolved_rules) = crate::routes::apply_destination_rules(
+            &desired.services,
+            &desired.routes.destination_rules,
+        );
+        let services = ServiceTable::build(&with_rules, node, Some(&previous.services))
             .map_err(|e| anyhow!("services: {e:#}"))?;
         let policies = desired
             .policies
@@ -76,7 +81,8 @@ impl Plan {
         for unmapped in policies.unmapped_targets() {
             tracing::error!(error = %unmapped, "authorization policy cannot be enforced as written");
         }
-        let routes = RouteTable::build(&desired.routes.routes, &desired.services);
+        let mut routes = RouteTable::build(&desired.routes.routes, &desired.services);
+        routes.add_statuses(unresolved_rules);
         for status in routes.statuses() {
             for parent in status.parents.iter().filter(|p| !p.accepted) {
                 tracing::warn!(route = %status.route, parent = %parent.parent, reason = parent.reason.as_deref().unwrap_or(""), "route not accepted");

@@ -15,6 +15,7 @@ use serde_yaml::Value;
 use super::{
     Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, RouteKind, Rule,
     ServiceRef, Timeouts, ValueMatch, WeightedBackend,
+    destination_rule::{self, DestinationRule},
     filters::{self, FilterPlace},
     model::{RawBackendRef, RawHttpRoute, RawMatch, RawNameMatch, RawRule},
     virtual_service,
@@ -31,14 +32,27 @@ const NOT_YET: [&str; 3] = ["GRPCRoute", "TCPRoute", "TLSRoute"];
 /// The most a weight may be (the specification's bound).
 const MAX_WEIGHT: u32 = 1_000_000;
 
+/// What the route files hold.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub routes: Vec<Arc<HttpRoute>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+}
+
+/// The kinds of document of a route file.
+enum DocKind {
+    Route(RouteKind),
+    DestinationRule,
+}
+
 /// Loads every route of every `(path, text)` file.
-pub fn load<'a, I, P>(files: I) -> Result<Vec<Arc<HttpRoute>>, LoadError>
+pub fn load<'a, I, P>(files: I) -> Result<Loaded, LoadError>
 where
     I: IntoIterator<Item = (P, &'a str)>,
     P: AsRef<Path>,
 {
-    let mut routes: Vec<Arc<HttpRoute>> = Vec::new();
-    let mut seen: HashMap<(RouteKind, RouteId), (std::path::PathBuf, usize)> = HashMap::new();
+    let mut loaded = Loaded::default();
+    let mut seen: HashMap<(&'static str, RouteId), (std::path::PathBuf, usize)> = HashMap::new();
     for (path, text) in files {
         let path = path.as_ref();
         for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -52,46 +66,61 @@ where
             let de = serde_yaml::Deserializer::from_str(text)
                 .nth(index)
                 .expect("the document read above");
-            let route = match kind {
-                RouteKind::HttpRoute => {
+            let (kind_name, id) = match kind {
+                DocKind::Route(RouteKind::HttpRoute) => {
                     let raw = RawHttpRoute::deserialize(de).map_err(|e| ctx.serde(&e))?;
-                    convert(&ctx, path, raw)?
+                    let route = convert(&ctx, path, raw)?;
+                    let id = route.id.clone();
+                    loaded.routes.push(Arc::new(route));
+                    (KIND, id)
                 }
-                RouteKind::VirtualService => {
+                DocKind::Route(RouteKind::VirtualService) => {
                     let raw = virtual_service::RawVirtualService::deserialize(de)
                         .map_err(|e| ctx.serde(&e))?;
-                    virtual_service::convert(&ctx, path, raw)?
+                    let route = virtual_service::convert(&ctx, path, raw)?;
+                    let id = route.id.clone();
+                    loaded.routes.push(Arc::new(route));
+                    (virtual_service::KIND, id)
+                }
+                DocKind::DestinationRule => {
+                    let raw = destination_rule::RawDestinationRule::deserialize(de)
+                        .map_err(|e| ctx.serde(&e))?;
+                    let rule = destination_rule::convert(&ctx, path, raw)?;
+                    let id = rule.id.clone();
+                    loaded.destination_rules.push(Arc::new(rule));
+                    (destination_rule::KIND, id)
                 }
             };
-            let seen_key = (route.kind, route.id.clone());
-            if let Some((file, doc)) = seen.get(&seen_key) {
+            if let Some((file, doc)) = seen.get(&(kind_name, id.clone())) {
                 return Err(ctx.semantic(
                     &[key("metadata"), key("name")],
                     format!(
-                        "duplicate {} {}: already defined in {} document {}",
-                        route.kind.as_str(),
-                        route.id,
+                        "duplicate {kind_name} {id}: already defined in {} document {}",
                         file.display(),
                         doc + 1
                     ),
                 ));
             }
-            seen.insert(seen_key, (path.to_path_buf(), index));
-            routes.push(Arc::new(route));
+            seen.insert((kind_name, id), (path.to_path_buf(), index));
         }
     }
-    Ok(routes)
+    Ok(loaded)
 }
 
-fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<RouteKind, LoadError> {
+fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<DocKind, LoadError> {
     if !v.is_mapping() {
         return Err(ctx.semantic(&[], "document is not a mapping".into()));
     }
     let api = v.get("apiVersion").and_then(Value::as_str);
     let kind = v.get("kind").and_then(Value::as_str);
-    if kind == Some(virtual_service::KIND) {
+    if kind == Some(virtual_service::KIND) || kind == Some(destination_rule::KIND) {
+        let doc = if kind == Some(virtual_service::KIND) {
+            DocKind::Route(RouteKind::VirtualService)
+        } else {
+            DocKind::DestinationRule
+        };
         return match api {
-            Some(a) if virtual_service::API_VERSIONS.contains(&a) => Ok(RouteKind::VirtualService),
+            Some(a) if virtual_service::API_VERSIONS.contains(&a) => Ok(doc),
             Some(a) => Err(ctx.semantic(
                 &[key("apiVersion")],
                 format!(
@@ -113,13 +142,15 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<RouteKind, LoadError> {
         Some(k) => {
             return Err(ctx.semantic(
                 &[key("kind")],
-                format!("{k:?} is not supported here (expected {KIND} or VirtualService)"),
+                format!(
+                    "{k:?} is not supported here (expected {KIND}, VirtualService or DestinationRule)"
+                ),
             ));
         }
         None => return Err(ctx.semantic(&[], "missing field `kind`".into())),
     }
     match api {
-        Some(a) if API_VERSIONS.contains(&a) => Ok(RouteKind::HttpRoute),
+        Some(a) if API_VERSIONS.contains(&a) => Ok(DocKind::Route(RouteKind::HttpRoute)),
         Some(a) => Err(ctx.semantic(
             &[key("apiVersion")],
             format!(

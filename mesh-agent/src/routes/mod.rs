@@ -13,6 +13,7 @@
 //! the matching rule, chosen by weight, then balanced over that backend
 //! Service's endpoints (`proxy/service_http.rs`).
 
+mod destination_rule;
 pub(crate) mod filters;
 mod load;
 mod model;
@@ -23,8 +24,9 @@ mod virtual_service;
 
 use std::{path::PathBuf, sync::Arc};
 
+pub use destination_rule::{DestinationRule, TrafficPolicy, apply as apply_destination_rules};
 pub use filters::{Fault, Filters, HeaderModifier, Mirror, PathModifier};
-pub use load::load;
+pub use load::{Loaded, load};
 pub use table::{RouteStatus, RouteTable, Routed, RuleRef};
 
 /// `namespace/name` of a route.
@@ -194,6 +196,7 @@ pub struct Routes {
     /// (path, text) of every route file, in load order.
     pub files: Vec<(PathBuf, String)>,
     pub routes: Arc<Vec<Arc<HttpRoute>>>,
+    pub destination_rules: Arc<Vec<Arc<DestinationRule>>>,
 }
 
 impl PartialEq for Routes {

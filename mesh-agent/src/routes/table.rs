@@ -225,6 +225,12 @@ impl RouteTable {
             .or(Some(Routed::NoMatch))
     }
 
+    /// Conditions of other resources shown with the routes' (the
+    /// DestinationRules whose Service is not known).
+    pub fn add_statuses(&mut self, statuses: Vec<RouteStatus>) {
+        self.statuses.extend(statuses);
+    }
+
     /// Every route's conditions, for `/config_dump` and `mesh-agent check`.
     pub fn statuses(&self) -> &[RouteStatus] {
         &self.statuses

@@ -8,7 +8,9 @@ use crate::config::{ServiceConfig, ServicePort};
 use crate::routes::filters::PathModifier as Modifier;
 
 fn load_one(text: &str) -> Vec<Arc<HttpRoute>> {
-    load([("routes/r.yaml", text)]).unwrap_or_else(|e| panic!("{e}"))
+    load([("routes/r.yaml", text)])
+        .unwrap_or_else(|e| panic!("{e}"))
+        .routes
 }
 
 fn load_err(text: &str) -> String {
@@ -814,4 +816,101 @@ spec:
         "  hosts: [smiley]\n  gateways: [my-gateway]\n",
     );
     assert!(load_err(&gateway).contains("only `mesh` is served"));
+}
+
+/// Istio's circuit-breaking task's DestinationRule, with the namespace it is
+/// applied in: loads but for `maxRequestsPerConnection`, which is named.
+#[test]
+fn destination_rules_set_the_pool_and_ejection_of_their_service() {
+    let docs = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+  namespace: faces
+spec:
+  host: smiley
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+        maxRequestsPerConnection: 1
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+";
+    let err = load_err(docs);
+    assert!(
+        err.starts_with("routes/r.yaml:14:")
+            && err.contains(
+                "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection: not supported yet"
+            ),
+        "{err}"
+    );
+    let text = docs.replace("        maxRequestsPerConnection: 1\n", "");
+    let loaded = load([("routes/r.yaml", text.as_str())]).unwrap();
+    let rule = &loaded.destination_rules[0];
+    assert_eq!(rule.policy.max_in_flight(), Some(2));
+    let (applied, unresolved) = apply_destination_rules(&services(), &loaded.destination_rules);
+    assert!(unresolved.is_empty());
+    let smiley = applied.iter().find(|s| s.name == "smiley").unwrap();
+    assert_eq!(smiley.max_requests_in_flight, Some(2));
+    assert_eq!(smiley.outlier_detection.consecutive_failures, 1);
+    assert_eq!(
+        smiley.outlier_detection.base_ejection_time,
+        std::time::Duration::from_secs(180)
+    );
+    assert_eq!(smiley.outlier_detection.max_ejection_percent, 100);
+    let other = applied.iter().find(|s| s.name == "smiley2").unwrap();
+    assert_eq!(other.max_requests_in_flight, None);
+    // http2MaxRequests bounds alone; with both, the smaller.
+    let h2 = TrafficPolicy {
+        http2_max_requests: Some(5),
+        ..TrafficPolicy::default()
+    };
+    assert_eq!(h2.max_in_flight(), Some(5));
+    let both = TrafficPolicy {
+        max_connections: Some(10),
+        http1_max_pending_requests: Some(10),
+        http2_max_requests: Some(7),
+        ..TrafficPolicy::default()
+    };
+    assert_eq!(both.max_in_flight(), Some(7));
+    // Without maxConnections nothing ever waits for a connection.
+    let pending_only = TrafficPolicy {
+        http1_max_pending_requests: Some(1),
+        ..TrafficPolicy::default()
+    };
+    assert_eq!(pending_only.max_in_flight(), None);
+    // A Service not known: reported.
+    let nowhere = text.replace("host: smiley", "host: nowhere");
+    let loaded = load([("routes/r.yaml", nowhere.as_str())]).unwrap();
+    let (_, unresolved) = apply_destination_rules(&services(), &loaded.destination_rules);
+    assert_eq!(unresolved[0].route, "DestinationRule faces/httpbin");
+    for (policy, says) in [
+        (
+            "    loadBalancer: {simple: ROUND_ROBIN}\n",
+            "spec.trafficPolicy.loadBalancer: not supported yet",
+        ),
+        ("    tls: {mode: SIMPLE}\n", "only ISTIO_MUTUAL"),
+        (
+            "    outlierDetection: {maxEjectionPercent: 120}\n",
+            "120 is more than 100",
+        ),
+        (
+            "    connectionPool: {tcp: {connectTimeout: soon}}\n",
+            "connectTimeout: \"soon\"",
+        ),
+    ] {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: faces}}\nspec:\n  host: smiley\n  trafficPolicy:\n{policy}"
+        );
+        let err = load_err(&text);
+        assert!(err.contains(says), "{policy}: {err}");
+    }
+    let tls = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: faces}\nspec:\n  host: smiley\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n";
+    assert!(load([("routes/r.yaml", tls)]).is_ok());
 }

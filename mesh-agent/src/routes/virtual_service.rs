@@ -218,7 +218,7 @@ fn present(v: &Option<Value>) -> bool {
 
 /// A mesh Service named by a host of the VirtualService: `name`,
 /// `name.namespace`, `name.namespace.svc` or `name.namespace.svc.<domain>`.
-fn service_of(host: &str, namespace: &str) -> Option<ServiceRef> {
+pub(super) fn service_of(host: &str, namespace: &str) -> Option<ServiceRef> {
     if host.contains('*') || host.is_empty() {
         return None;
     }

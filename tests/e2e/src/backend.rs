@@ -60,6 +60,9 @@ struct State {
     status: AtomicU16,
     served: AtomicU64,
     connections: AtomicU64,
+    /// Requests being answered now, and the most at once so far.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     served_by_status: Mutex<HashMap<u16, u64>>,
     /// The first requests, as the application saw them.
     seen: Mutex<Vec<SeenRequest>>,
@@ -130,6 +133,8 @@ impl HttpBackend {
             status: AtomicU16::new(200),
             served: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             served_by_status: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
         });
@@ -191,6 +196,11 @@ impl HttpBackend {
     }
 
     /// Requests answered (any status) since start.
+    /// The most requests this backend was answering at once so far.
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn served(&self) -> u64 {
         self.state.served.load(Ordering::Relaxed)
     }
@@ -476,6 +486,25 @@ pub async fn speaks_h2(tcp: &TcpStream) -> Option<bool> {
 async fn answer(
     req: Request<Incoming>,
     state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    /// Counts the request out however its answer ends (a client that
+    /// goes away drops it).
+    struct Counted<'a>(&'a AtomicU64);
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _counted = Counted(&state.in_flight);
+    answer_counted(req, &state).await
+}
+
+/// [`answer`], between the in-flight counts.
+async fn answer_counted(
+    req: Request<Incoming>,
+    state: &Arc<State>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (head, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();

@@ -654,3 +654,86 @@ fn a_virtual_service_injects_aborts_and_delays() {
     assert!(p50_delayed >= 100_000, "{delayed}");
     assert!(p50_delayed >= p50_plain + 90_000, "{plain} / {delayed}");
 }
+
+const HTTPBIN: &str = "10.96.0.90";
+
+/// Istio's circuit breaker: one connection, one request waiting for it.
+const CIRCUIT_BREAKER: &str = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: default}
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+"#;
+
+#[test]
+fn a_destination_rules_connection_pool_overflows_with_503_uo_at_once() {
+    if !e2e_enabled("a_destination_rules_connection_pool_overflows_with_503_uo_at_once") {
+        return;
+    }
+    let topo = Topology::builder("breaker")
+        .node("n1", &["a"])
+        .node("n2", &["c"])
+        .build()
+        .unwrap();
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let backend = HttpBackend::start(c, PORT, "httpbin").unwrap();
+    backend.set_delay(Duration::from_secs(3));
+    let client_agent = &agents[0];
+    let services = format!(
+        "services:
+  - name: httpbin
+    namespace: default
+    vips: [{HTTPBIN}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{}",
+        endpoint(c)
+    );
+    apply(client_agent, "services.yaml", &services);
+    apply(client_agent, "routes/httpbin.yaml", CIRCUIT_BREAKER);
+
+    // Ten at once to a backend that takes 3 s: two in the pool (one on the
+    // connection, one waiting), eight answered 503 UO at once.
+    let burst = load(
+        a,
+        &format!("http://{HTTPBIN}/delay"),
+        &[
+            "--requests",
+            "10",
+            "--connections",
+            "10",
+            "--timeout-ms",
+            "20000",
+        ],
+    );
+    assert_eq!(burst.status(200), 2, "{burst}");
+    assert_eq!(burst.status(503), 8, "{burst}");
+    // At once: the overflows did not wait for the backend's 3 s.
+    let overflow_p99 = burst.endpoint_p99_us("-");
+    assert!(
+        overflow_p99 < 2_000_000,
+        "503s took {overflow_p99} µs: {burst}"
+    );
+    assert!(
+        backend.max_in_flight() <= 2,
+        "the backend had {} at once",
+        backend.max_in_flight()
+    );
+    assert_eq!(backend.served(), 2);
+    let overflows = [("service", "default/httpbin:80")];
+    wait_until("the overflows counted", Duration::from_secs(10), || {
+        Ok(
+            client_agent.metric_sum("mesh_service_overflows_total", &overflows) == 8
+                && client_agent.metric_sum("istio_requests_total", &[("response_flags", "UO")])
+                    == 8,
+        )
+    })
+    .unwrap();
+}

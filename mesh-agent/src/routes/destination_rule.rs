@@ -1,0 +1,442 @@
+//! Istio `DestinationRule` (networking.istio.io): what is served of its
+//! `trafficPolicy` on a mesh Service's ports, applied on the client's node
+//! to the Service's settings before its balancers are built:
+//!
+//! - `connectionPool` as circuit breakers with Envoy's overflow answer
+//!   (`503`, response flag `UO`, at once): `http.http2MaxRequests` bounds
+//!   the requests in flight to the Service; `tcp.maxConnections` with
+//!   `http.http1MaxPendingRequests` bounds them too (an HTTP/1 connection
+//!   carries one request at a time, and only that many may wait for one);
+//!   `tcp.connectTimeout` is the Service's connect timeout;
+//! - `outlierDetection`: `consecutive5xxErrors`, `baseEjectionTime`,
+//!   `maxEjectionPercent` are the Service's ejection settings (`interval`
+//!   is accepted: ejection on consecutive errors is at once, in Envoy too).
+//!
+//! Every other field is refused, named, until it is served.
+
+#![allow(clippy::result_large_err)]
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_yaml::Value;
+
+use super::{
+    RouteId, ServiceRef,
+    table::{ParentStatus, RouteStatus},
+};
+use crate::config::ServiceConfig;
+use crate::policy::{DocCtx, LoadError, Seg, key};
+
+pub(super) const KIND: &str = "DestinationRule";
+
+/// A DestinationRule, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationRule {
+    pub id: RouteId,
+    pub service: ServiceRef,
+    pub policy: TrafficPolicy,
+    pub source: PathBuf,
+}
+
+/// What is served of a `trafficPolicy`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrafficPolicy {
+    pub max_connections: Option<u32>,
+    pub connect_timeout: Option<Duration>,
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub consecutive_5xx_errors: Option<u32>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_percent: Option<u8>,
+}
+
+impl TrafficPolicy {
+    /// The most requests in flight to the Service, if the connection pool
+    /// bounds them.
+    pub fn max_in_flight(&self) -> Option<u32> {
+        let by_connections = self
+            .max_connections
+            .map(|c| c.saturating_add(self.http1_max_pending_requests.unwrap_or(u32::MAX)));
+        match (by_connections, self.http2_max_requests) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawDestinationRule {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: super::model::RawMetadata,
+    spec: RawSpec,
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSpec {
+    host: String,
+    #[serde(default)]
+    traffic_policy: Option<RawTrafficPolicy>,
+    #[serde(default)]
+    subsets: Option<Value>,
+    #[serde(default)]
+    export_to: Option<Value>,
+    #[serde(default)]
+    workload_selector: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTrafficPolicy {
+    #[serde(default)]
+    connection_pool: Option<RawConnectionPool>,
+    #[serde(default)]
+    outlier_detection: Option<RawOutlier>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    load_balancer: Option<Value>,
+    #[serde(default)]
+    port_level_settings: Option<Value>,
+    #[serde(default)]
+    tunnel: Option<Value>,
+    #[serde(default)]
+    proxy_protocol: Option<Value>,
+    #[serde(default)]
+    retry_budget: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConnectionPool {
+    #[serde(default)]
+    tcp: Option<RawTcp>,
+    #[serde(default)]
+    http: Option<RawHttp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTcp {
+    #[serde(default)]
+    max_connections: Option<u32>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+    #[serde(default)]
+    tcp_keepalive: Option<Value>,
+    #[serde(default)]
+    max_connection_duration: Option<Value>,
+    #[serde(default)]
+    idle_timeout: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawHttp {
+    #[serde(default)]
+    http1_max_pending_requests: Option<u32>,
+    #[serde(default)]
+    http2_max_requests: Option<u32>,
+    #[serde(default)]
+    max_requests_per_connection: Option<Value>,
+    #[serde(default)]
+    max_retries: Option<Value>,
+    #[serde(default)]
+    idle_timeout: Option<Value>,
+    #[serde(default)]
+    h2_upgrade_policy: Option<Value>,
+    #[serde(default)]
+    use_client_protocol: Option<Value>,
+    #[serde(default)]
+    max_concurrent_streams: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOutlier {
+    #[serde(default)]
+    consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    base_ejection_time: Option<String>,
+    #[serde(default)]
+    max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    consecutive_gateway_errors: Option<Value>,
+    #[serde(default)]
+    consecutive_errors: Option<Value>,
+    #[serde(default)]
+    consecutive_local_origin_failures: Option<Value>,
+    #[serde(default)]
+    split_external_local_origin_errors: Option<Value>,
+    #[serde(default)]
+    min_health_percent: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTls {
+    mode: String,
+}
+
+fn present(v: &Option<Value>) -> bool {
+    !matches!(v, None | Some(Value::Null))
+}
+
+fn refuse_present(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    fields: &[(&'static str, &Option<Value>)],
+) -> Result<(), LoadError> {
+    for (field, value) in fields {
+        if present(value) {
+            let mut here = at.to_vec();
+            here.push(key(field));
+            return Err(ctx.semantic(
+                &here,
+                "not supported yet (docs/traffic.md lists what is)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn duration(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    text: Option<String>,
+) -> Result<Option<Duration>, LoadError> {
+    text.map(|t| humantime::parse_duration(&t).map_err(|e| ctx.semantic(at, format!("{t:?}: {e}"))))
+        .transpose()
+}
+
+pub(super) fn convert(
+    ctx: &DocCtx<'_>,
+    path: &std::path::Path,
+    raw: RawDestinationRule,
+) -> Result<DestinationRule, LoadError> {
+    let Some(namespace) = raw.metadata.namespace.clone().filter(|n| !n.is_empty()) else {
+        return Err(ctx.semantic(
+            &[key("metadata")],
+            "metadata.namespace is required (a route file has no default namespace)".into(),
+        ));
+    };
+    let spec = raw.spec;
+    refuse_present(
+        ctx,
+        &[key("spec")],
+        &[
+            ("subsets", &spec.subsets),
+            ("exportTo", &spec.export_to),
+            ("workloadSelector", &spec.workload_selector),
+        ],
+    )?;
+    let service = super::virtual_service::service_of(&spec.host, &namespace).ok_or_else(|| {
+        ctx.semantic(
+            &[key("spec"), key("host")],
+            format!("{:?} is not a mesh Service's name (name, name.namespace or name.namespace.svc.<domain>; no wildcards)", spec.host),
+        )
+    })?;
+    let mut policy = TrafficPolicy::default();
+    let tp = spec.traffic_policy.unwrap_or_default();
+    let at_tp = [key("spec"), key("trafficPolicy")];
+    refuse_present(
+        ctx,
+        &at_tp,
+        &[
+            ("loadBalancer", &tp.load_balancer),
+            ("portLevelSettings", &tp.port_level_settings),
+            ("tunnel", &tp.tunnel),
+            ("proxyProtocol", &tp.proxy_protocol),
+            ("retryBudget", &tp.retry_budget),
+        ],
+    )?;
+    if let Some(tls) = &tp.tls
+        && tls.mode != "ISTIO_MUTUAL"
+    {
+        return Err(ctx.semantic(
+            &[key("spec"), key("trafficPolicy"), key("tls"), key("mode")],
+            format!(
+                "{:?}: only ISTIO_MUTUAL, what the mesh always does between its workloads",
+                tls.mode
+            ),
+        ));
+    }
+    if let Some(pool) = tp.connection_pool {
+        if let Some(tcp) = pool.tcp {
+            let at = [
+                key("spec"),
+                key("trafficPolicy"),
+                key("connectionPool"),
+                key("tcp"),
+            ];
+            refuse_present(
+                ctx,
+                &at,
+                &[
+                    ("tcpKeepalive", &tcp.tcp_keepalive),
+                    ("maxConnectionDuration", &tcp.max_connection_duration),
+                    ("idleTimeout", &tcp.idle_timeout),
+                ],
+            )?;
+            policy.max_connections = tcp.max_connections;
+            let mut at_timeout = at.to_vec();
+            at_timeout.push(key("connectTimeout"));
+            policy.connect_timeout = duration(ctx, &at_timeout, tcp.connect_timeout)?;
+        }
+        if let Some(http) = pool.http {
+            let at = [
+                key("spec"),
+                key("trafficPolicy"),
+                key("connectionPool"),
+                key("http"),
+            ];
+            refuse_present(
+                ctx,
+                &at,
+                &[
+                    (
+                        "maxRequestsPerConnection",
+                        &http.max_requests_per_connection,
+                    ),
+                    ("maxRetries", &http.max_retries),
+                    ("idleTimeout", &http.idle_timeout),
+                    ("h2UpgradePolicy", &http.h2_upgrade_policy),
+                    ("useClientProtocol", &http.use_client_protocol),
+                    ("maxConcurrentStreams", &http.max_concurrent_streams),
+                ],
+            )?;
+            policy.http1_max_pending_requests = http.http1_max_pending_requests;
+            policy.http2_max_requests = http.http2_max_requests;
+        }
+        for (value, field) in [
+            (policy.max_connections, "maxConnections"),
+            (policy.http2_max_requests, "http2MaxRequests"),
+        ] {
+            if value == Some(0) {
+                return Err(ctx.semantic(
+                    &[
+                        key("spec"),
+                        key("trafficPolicy"),
+                        key("connectionPool"),
+                        key(field),
+                    ],
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+    }
+    if let Some(outlier) = tp.outlier_detection {
+        let at = [key("spec"), key("trafficPolicy"), key("outlierDetection")];
+        refuse_present(
+            ctx,
+            &at,
+            &[
+                (
+                    "consecutiveGatewayErrors",
+                    &outlier.consecutive_gateway_errors,
+                ),
+                ("consecutiveErrors", &outlier.consecutive_errors),
+                (
+                    "consecutiveLocalOriginFailures",
+                    &outlier.consecutive_local_origin_failures,
+                ),
+                (
+                    "splitExternalLocalOriginErrors",
+                    &outlier.split_external_local_origin_errors,
+                ),
+                ("minHealthPercent", &outlier.min_health_percent),
+            ],
+        )?;
+        let mut at_interval = at.to_vec();
+        at_interval.push(key("interval"));
+        duration(ctx, &at_interval, outlier.interval)?;
+        if outlier.consecutive_5xx_errors == Some(0) {
+            let mut here = at.to_vec();
+            here.push(key("consecutive5xxErrors"));
+            return Err(ctx.semantic(
+                &here,
+                "0 turns ejection off in Istio; leave outlierDetection out instead".into(),
+            ));
+        }
+        policy.consecutive_5xx_errors = outlier.consecutive_5xx_errors;
+        let mut at_base = at.to_vec();
+        at_base.push(key("baseEjectionTime"));
+        policy.base_ejection_time = duration(ctx, &at_base, outlier.base_ejection_time)?;
+        policy.max_ejection_percent = match outlier.max_ejection_percent {
+            None => None,
+            Some(p) if p <= 100 => Some(p as u8),
+            Some(p) => {
+                let mut here = at.to_vec();
+                here.push(key("maxEjectionPercent"));
+                return Err(ctx.semantic(&here, format!("{p} is more than 100")));
+            }
+        };
+    }
+    Ok(DestinationRule {
+        id: RouteId {
+            namespace,
+            name: raw.metadata.name,
+        },
+        service,
+        policy,
+        source: path.to_path_buf(),
+    })
+}
+
+/// `services` with the DestinationRules applied; the conditions of the
+/// rules whose Service is not known (they change nothing until it is).
+pub fn apply(
+    services: &[ServiceConfig],
+    rules: &[Arc<DestinationRule>],
+) -> (Vec<ServiceConfig>, Vec<RouteStatus>) {
+    let mut out = services.to_vec();
+    let mut unresolved = Vec::new();
+    for rule in rules {
+        let Some(service) = out
+            .iter_mut()
+            .find(|s| s.namespace == rule.service.namespace && s.name == rule.service.name)
+        else {
+            unresolved.push(RouteStatus {
+                route: format!("DestinationRule {}", rule.id),
+                file: rule.source.clone(),
+                parents: vec![ParentStatus {
+                    parent: format!("{}/{}", rule.service.namespace, rule.service.name),
+                    accepted: false,
+                    reason: Some(
+                        "no such Service: the rule changes nothing until it is known".into(),
+                    ),
+                }],
+                unresolved_backends: Vec::new(),
+            });
+            continue;
+        };
+        let p = &rule.policy;
+        if let Some(timeout) = p.connect_timeout {
+            service.connect_timeout = timeout;
+        }
+        if let Some(n) = p.consecutive_5xx_errors {
+            service.outlier_detection.consecutive_failures = n;
+        }
+        if let Some(t) = p.base_ejection_time {
+            service.outlier_detection.base_ejection_time = t;
+        }
+        if let Some(m) = p.max_ejection_percent {
+            service.outlier_detection.max_ejection_percent = m;
+        }
+        if let Some(max) = p.max_in_flight() {
+            service.max_requests_in_flight = Some(max);
+        }
+    }
+    (out, unresolved)
+}
