@@ -363,6 +363,8 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
 pub enum FilterPlace {
     Rule,
     Backend,
+    /// A GRPCRoute's rule: no redirect or rewrite (not GRPCRoute filters).
+    GrpcRule,
 }
 
 /// Validates `raw` (at `at`, the list's field path). `prefix_match`: every
@@ -414,6 +416,12 @@ pub fn convert(
                 }
                 filters.response_headers =
                     Some(header_modifier(ctx, &here("responseHeaderModifier"), m)?);
+            }
+            ("RequestRedirect" | "URLRewrite", FilterPlace::GrpcRule) => {
+                return Err(ctx.semantic(
+                    &here("type"),
+                    format!("{} is not a GRPCRoute filter", f.kind),
+                ));
             }
             ("RequestRedirect", FilterPlace::Rule) => {
                 let r = f
@@ -477,7 +485,7 @@ pub fn convert(
                     .transpose()?;
                 filters.rewrite = Some(UrlRewrite { hostname, path });
             }
-            ("RequestMirror", FilterPlace::Rule) => {
+            ("RequestMirror", FilterPlace::Rule | FilterPlace::GrpcRule) => {
                 let m = f.request_mirror.ok_or_else(|| missing("requestMirror"))?;
                 filters
                     .mirrors

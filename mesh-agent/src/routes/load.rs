@@ -17,6 +17,7 @@ use super::{
     ServiceRef, Timeouts, ValueMatch, WeightedBackend,
     destination_rule::{self, DestinationRule},
     filters::{self, FilterPlace},
+    grpc_route,
     model::{RawBackendRef, RawHttpRoute, RawMatch, RawNameMatch, RawRule},
     virtual_service,
 };
@@ -28,7 +29,7 @@ const API_VERSIONS: [&str; 2] = [
 ];
 const KIND: &str = "HTTPRoute";
 /// Kinds of the same API this agent does not serve yet: named as such.
-const NOT_YET: [&str; 3] = ["GRPCRoute", "TCPRoute", "TLSRoute"];
+const NOT_YET: [&str; 2] = ["TCPRoute", "TLSRoute"];
 /// The most a weight may be (the specification's bound).
 const MAX_WEIGHT: u32 = 1_000_000;
 
@@ -73,6 +74,14 @@ where
                     let id = route.id.clone();
                     loaded.routes.push(Arc::new(route));
                     (KIND, id)
+                }
+                DocKind::Route(RouteKind::GrpcRoute) => {
+                    let raw =
+                        grpc_route::RawGrpcRoute::deserialize(de).map_err(|e| ctx.serde(&e))?;
+                    let route = grpc_route::convert(&ctx, path, raw)?;
+                    let id = route.id.clone();
+                    loaded.routes.push(Arc::new(route));
+                    (grpc_route::KIND, id)
                 }
                 DocKind::Route(RouteKind::VirtualService) => {
                     let raw = virtual_service::RawVirtualService::deserialize(de)
@@ -131,26 +140,27 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<DocKind, LoadError> {
             None => Err(ctx.semantic(&[], "missing field `apiVersion`".into())),
         };
     }
-    match kind {
-        Some(KIND) => {}
+    let route_kind = match kind {
+        Some(KIND) => RouteKind::HttpRoute,
+        Some(grpc_route::KIND) => RouteKind::GrpcRoute,
         Some(k) if NOT_YET.contains(&k) => {
             return Err(ctx.semantic(
                 &[key("kind")],
-                format!("{k} is not supported yet (HTTPRoute is; docs/traffic.md)"),
+                format!("{k} is not supported yet (HTTPRoute and GRPCRoute are; docs/traffic.md)"),
             ));
         }
         Some(k) => {
             return Err(ctx.semantic(
                 &[key("kind")],
                 format!(
-                    "{k:?} is not supported here (expected {KIND}, VirtualService or DestinationRule)"
+                    "{k:?} is not supported here (expected {KIND}, GRPCRoute, VirtualService or DestinationRule)"
                 ),
             ));
         }
         None => return Err(ctx.semantic(&[], "missing field `kind`".into())),
-    }
+    };
     match api {
-        Some(a) if API_VERSIONS.contains(&a) => Ok(DocKind::Route(RouteKind::HttpRoute)),
+        Some(a) if API_VERSIONS.contains(&a) => Ok(DocKind::Route(route_kind)),
         Some(a) => Err(ctx.semantic(
             &[key("apiVersion")],
             format!(
@@ -163,7 +173,7 @@ fn check_header(ctx: &DocCtx<'_>, v: &Value) -> Result<DocKind, LoadError> {
 }
 
 /// Whether a value that this agent does not implement is absent in effect.
-fn empty(v: &Option<Value>) -> bool {
+pub(super) fn empty(v: &Option<Value>) -> bool {
     match v {
         None | Some(Value::Null) => true,
         Some(Value::Sequence(s)) => s.is_empty(),
@@ -187,49 +197,7 @@ fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute
         name: raw.metadata.name,
     };
     let spec = raw.spec;
-    if !spec.hostnames.is_empty() {
-        return Err(ctx.semantic(
-            &[key("spec"), key("hostnames")],
-            "not supported yet on a route whose parents are Services".into(),
-        ));
-    }
-    if spec.parent_refs.is_empty() {
-        return Err(ctx.semantic(
-            &[key("spec"), key("parentRefs")],
-            "a route needs a parent: the Service whose requests it routes".into(),
-        ));
-    }
-    let mut parents = Vec::new();
-    for (i, parent) in spec.parent_refs.into_iter().enumerate() {
-        let at =
-            |field: &'static str| vec![key("spec"), key("parentRefs"), Seg::Index(i), key(field)];
-        let group = parent
-            .group
-            .as_deref()
-            .unwrap_or("gateway.networking.k8s.io");
-        let kind = parent.kind.as_deref().unwrap_or("Gateway");
-        if !matches!(group, "" | "core") || kind != "Service" {
-            return Err(ctx.semantic(
-                &at("kind"),
-                format!(
-                    "a {kind} (group {group:?}) parent is not supported: this agent routes the mesh's requests to Services (GAMMA: kind Service, group \"\"); a Gateway's routes are its gateway's"
-                ),
-            ));
-        }
-        if parent.section_name.is_some() {
-            return Err(ctx.semantic(
-                &at("sectionName"),
-                "not supported yet: name the Service's port with `port`".into(),
-            ));
-        }
-        parents.push((
-            ServiceRef {
-                namespace: parent.namespace.unwrap_or_else(|| namespace.clone()),
-                name: parent.name,
-            },
-            parent.port,
-        ));
-    }
+    let parents = convert_parents(ctx, &namespace, spec.parent_refs, &spec.hostnames)?;
     let rules = match spec.rules {
         // The specification's default: every request, no backend.
         None => vec![Rule {
@@ -255,7 +223,60 @@ fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute
     })
 }
 
-fn match_all() -> RequestMatch {
+/// The Services a route attaches to (GAMMA: `kind: Service`, `group: ""`).
+pub(super) fn convert_parents(
+    ctx: &DocCtx<'_>,
+    namespace: &str,
+    parent_refs: Vec<super::model::RawParentRef>,
+    hostnames: &[String],
+) -> Result<Vec<(ServiceRef, Option<u16>)>, LoadError> {
+    if !hostnames.is_empty() {
+        return Err(ctx.semantic(
+            &[key("spec"), key("hostnames")],
+            "not supported yet on a route whose parents are Services".into(),
+        ));
+    }
+    if parent_refs.is_empty() {
+        return Err(ctx.semantic(
+            &[key("spec"), key("parentRefs")],
+            "a route needs a parent: the Service whose requests it routes".into(),
+        ));
+    }
+    let mut parents = Vec::new();
+    for (i, parent) in parent_refs.into_iter().enumerate() {
+        let at =
+            |field: &'static str| vec![key("spec"), key("parentRefs"), Seg::Index(i), key(field)];
+        let group = parent
+            .group
+            .as_deref()
+            .unwrap_or("gateway.networking.k8s.io");
+        let kind = parent.kind.as_deref().unwrap_or("Gateway");
+        if !matches!(group, "" | "core") || kind != "Service" {
+            return Err(ctx.semantic(
+                &at("kind"),
+                format!(
+                    "a {kind} (group {group:?}) parent is not supported: this agent routes the mesh's requests to Services (GAMMA: kind Service, group \"\"); a Gateway's routes are its gateway's"
+                ),
+            ));
+        }
+        if parent.section_name.is_some() {
+            return Err(ctx.semantic(
+                &at("sectionName"),
+                "not supported yet: name the Service's port with `port`".into(),
+            ));
+        }
+        parents.push((
+            ServiceRef {
+                namespace: parent.namespace.unwrap_or_else(|| namespace.to_string()),
+                name: parent.name,
+            },
+            parent.port,
+        ));
+    }
+    Ok(parents)
+}
+
+pub(super) fn match_all() -> RequestMatch {
     RequestMatch {
         path: PathMatch::Prefix(String::new()),
         headers: Vec::new(),
@@ -476,7 +497,11 @@ fn convert_match(
     })
 }
 
-fn value_match(ctx: &DocCtx<'_>, at: &[Seg], m: &RawNameMatch) -> Result<ValueMatch, LoadError> {
+pub(super) fn value_match(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    m: &RawNameMatch,
+) -> Result<ValueMatch, LoadError> {
     match m.kind.as_deref().unwrap_or("Exact") {
         "Exact" => Ok(ValueMatch::Exact(m.value.clone())),
         "RegularExpression" => {
@@ -497,12 +522,16 @@ fn value_match(ctx: &DocCtx<'_>, at: &[Seg], m: &RawNameMatch) -> Result<ValueMa
 
 /// A regular expression that must match the whole value (RE2 syntax, as
 /// the `regex` crate reads it).
-fn regex(ctx: &DocCtx<'_>, at: &[Seg], pattern: &str) -> Result<regex::Regex, LoadError> {
+pub(super) fn regex(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    pattern: &str,
+) -> Result<regex::Regex, LoadError> {
     regex::Regex::new(&format!("^(?:{pattern})$"))
         .map_err(|e| ctx.semantic(at, format!("not a regular expression: {e}")))
 }
 
-fn convert_backend(
+pub(super) fn convert_backend(
     ctx: &DocCtx<'_>,
     namespace: &str,
     i: usize,

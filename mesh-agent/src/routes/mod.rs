@@ -15,6 +15,7 @@
 
 mod destination_rule;
 pub(crate) mod filters;
+mod grpc_route;
 mod load;
 mod model;
 mod table;
@@ -56,6 +57,8 @@ pub enum RouteKind {
     VirtualService,
     /// Gateway API's: ranked by the specification's precedence.
     HttpRoute,
+    /// Gateway API's, ranked with the HTTPRoutes.
+    GrpcRoute,
 }
 
 impl RouteKind {
@@ -63,6 +66,7 @@ impl RouteKind {
         match self {
             RouteKind::VirtualService => "VirtualService",
             RouteKind::HttpRoute => "HTTPRoute",
+            RouteKind::GrpcRoute => "GRPCRoute",
         }
     }
 }

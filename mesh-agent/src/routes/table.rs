@@ -266,7 +266,7 @@ fn unresolved(
 }
 
 type Precedence = (
-    RouteKind,
+    u8,
     u8,
     Reverse<usize>,
     bool,
@@ -285,10 +285,11 @@ fn precedence(e: &Entry) -> Precedence {
         PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => (1, p.len()),
         PathMatch::Regex(_) => (2, 0),
     };
-    // A VirtualService's rules keep their order (Istio: the first match).
-    let ranked = e.route.kind == RouteKind::HttpRoute;
+    // A VirtualService's rules keep their order (Istio: the first match),
+    // ahead of the Gateway API's routes, which are ranked together.
+    let ranked = e.route.kind != RouteKind::VirtualService;
     (
-        e.route.kind,
+        u8::from(ranked),
         if ranked { class } else { 0 },
         Reverse(if ranked { length } else { 0 }),
         ranked && m.method.is_none(),

@@ -452,8 +452,8 @@ spec:
 ";
     let err = load_err(gateway);
     assert!(err.contains("spec.parentRefs[0].kind: a Gateway"), "{err}");
-    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: faces}\n";
-    assert!(load_err(grpc).contains("GRPCRoute is not supported yet"));
+    let tcp = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: t, namespace: faces}\n";
+    assert!(load_err(tcp).contains("TCPRoute is not supported yet"));
     let no_ns = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{kind: Service, group: \"\", name: s}]}\n";
     assert!(load_err(no_ns).contains("metadata.namespace is required"));
     let twice = format!("{}---\n{}", base("    - {}\n"), base("    - {}\n"));
@@ -913,4 +913,90 @@ spec:
     }
     let tls = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: faces}\nspec:\n  host: smiley\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n";
     assert!(load([("routes/r.yaml", tls)]).is_ok());
+}
+
+#[test]
+fn grpc_routes_match_service_and_method_on_the_path() {
+    let text = "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc, namespace: faces}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: smiley, port: 80}]
+  rules:
+  - name: login
+    matches: [{method: {service: com.example.User, method: Login}}]
+    backendRefs: [{name: smiley2, port: 80}]
+  - name: user
+    matches: [{method: {service: com.example.User}}]
+    filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-grpc, value: user}]}}
+    backendRefs: [{name: smiley, port: 80}]
+  - name: any-health
+    matches:
+    - method: {type: RegularExpression, service: \"grpc\\\\.health\\\\.v1\\\\..*\", method: \"Check|Watch\"}
+      headers: [{name: x-env, value: prod}]
+    backendRefs: [{name: smiley, port: 80}]
+  - name: echo-anywhere
+    matches: [{method: {method: Echo}}]
+    backendRefs: [{name: smiley, port: 80}]
+";
+    let table = RouteTable::build(&load_one(text), &services());
+    let at =
+        |path, headers: &[(&'static str, &str)]| rule_for(&table, "faces", "POST", path, headers);
+    assert_eq!(at("/com.example.User/Login", &[]), "faces/grpc#login");
+    assert_eq!(at("/com.example.User/Logout", &[]), "faces/grpc#user");
+    assert_eq!(at("/com.example.UserX/Login", &[]), "404");
+    assert_eq!(
+        at("/grpc.health.v1.Health/Check", &[("x-env", "prod")]),
+        "faces/grpc#any-health"
+    );
+    assert_eq!(at("/grpc.health.v1.Health/Check", &[]), "404");
+    assert_eq!(at("/a.B/Echo", &[]), "faces/grpc#echo-anywhere");
+    assert_eq!(at("/a.B/Echo2", &[]), "404");
+    for (rule, says) in [
+        (
+            "  - matches: [{method: {type: Exact}}]\n",
+            "spec.rules[0].matches[0].method: one of `service` and `method` is required",
+        ),
+        (
+            "  - filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+            "URLRewrite is not a GRPCRoute filter",
+        ),
+        (
+            "  - matches: [{method: {service: a/b}}]\n",
+            "is not a gRPC service name",
+        ),
+    ] {
+        let text = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: faces}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: smiley}}]\n  rules:\n{rule}"
+        );
+        let err = load_err(&text);
+        assert!(err.contains(says), "{rule}: {err}");
+    }
+    // The Gateway API documentation's GRPCRoute has a Gateway parent: named.
+    let docs = "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: foo-route
+  namespace: default
+spec:
+  parentRefs:
+  - name: example-gateway
+  hostnames:
+  - \"foo.example.com\"
+  rules:
+  - matches:
+    - method:
+        service: com.example.User
+        method: Login
+    backendRefs:
+    - name: foo-svc
+      port: 50051
+";
+    let err = load_err(docs);
+    assert!(
+        err.contains("not supported yet on a route whose parents are Services")
+            || err.contains("a Gateway"),
+        "{err}"
+    );
 }

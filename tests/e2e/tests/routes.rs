@@ -18,7 +18,11 @@ use mesh_e2e::{
     load::load,
     mesh::{TestCa, node_issuers, start_mesh},
 };
-use mesh_testbed::{Pod, Topology, e2e_enabled, wait_until};
+use mesh_testbed::{
+    Pod, Topology, e2e_enabled,
+    otlp::{OtlpReceiver, OtlpTransport},
+    wait_until,
+};
 
 const PORT: u16 = 8080;
 const REVIEWS: &str = "10.96.0.50";
@@ -736,4 +740,72 @@ fn a_destination_rules_connection_pool_overflows_with_503_uo_at_once() {
         )
     })
     .unwrap();
+}
+
+const COLLECTOR: &str = "10.96.0.100";
+const COLLECTOR_BLUE: &str = "10.96.0.101";
+
+/// A GRPCRoute on the Service collector: the blue tenant's Export calls go
+/// to collector-blue.
+const GRPC_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: collector, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: collector, port: 4317}]
+  rules:
+  - matches:
+    - method: {service: opentelemetry.proto.collector.trace.v1.TraceService, method: Export}
+      headers: [{name: x-tenant, value: blue}]
+    backendRefs: [{name: collector-blue, port: 4317}]
+  - backendRefs: [{name: collector, port: 4317}]
+"#;
+
+#[test]
+fn a_grpc_route_sends_a_real_grpc_clients_calls_by_method_and_header() {
+    if !e2e_enabled("a_grpc_route_sends_a_real_grpc_clients_calls_by_method_and_header") {
+        return;
+    }
+    let topo = Topology::builder("grpcroute")
+        .node("n1", &["a"])
+        .node("n2", &["c", "d"])
+        .build()
+        .unwrap();
+    let (a, c, d) = (topo.pod("a"), topo.pod("c"), topo.pod("d"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let listen: std::net::SocketAddr = "0.0.0.0:4317".parse().unwrap();
+    let default = OtlpReceiver::start(Some(&c.netns_path()), listen, OtlpTransport::Grpc).unwrap();
+    let blue = OtlpReceiver::start(Some(&d.netns_path()), listen, OtlpTransport::Grpc).unwrap();
+    let client_agent = &agents[0];
+    let service = |name: &str, vip: &str, pod: &Pod| {
+        format!(
+            "  - name: {name}
+    namespace: default
+    vips: [{vip}]
+    ports: [{{port: 4317, protocol: grpc}}]
+    locality: none
+    endpoints:
+{}",
+            endpoint(pod)
+        )
+    };
+    let services = format!(
+        "services:\n{}{}",
+        service("collector", COLLECTOR, c),
+        service("collector-blue", COLLECTOR_BLUE, d)
+    );
+    apply(client_agent, "services.yaml", &services);
+    apply(client_agent, "routes/collector.yaml", GRPC_ROUTE);
+    let url = format!("http://{COLLECTOR}:4317");
+    let export = |extra: &[&str]| {
+        let mut args = vec!["grpc-export", url.as_str(), "--count", "20"];
+        args.extend_from_slice(extra);
+        let out = a.run_tool(&args, Duration::from_secs(60)).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 20");
+    };
+    export(&["--header", "x-tenant:blue"]);
+    assert_eq!((default.span_count(), blue.span_count()), (0, 20));
+    export(&["--header", "x-tenant:green"]);
+    export(&[]);
+    assert_eq!((default.span_count(), blue.span_count()), (40, 20));
 }

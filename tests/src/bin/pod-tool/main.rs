@@ -23,6 +23,7 @@
 mod common;
 mod dns;
 mod echo;
+mod grpc;
 mod http;
 mod load;
 mod tls;
@@ -67,6 +68,14 @@ enum Command {
     },
     /// Echoes every connection until EOF (IPv4 and IPv6).
     EchoServer { port: u16 },
+    /// A real gRPC client: OTLP trace `Export` calls to `url`.
+    GrpcExport {
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Answers each connection, once it half-closed, with `<peer ip>|<data>`.
     PeerEchoServer { port: u16 },
     /// Sends a message, half-closes, prints the answer as it is.
@@ -281,6 +290,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             timeout_secs,
         } => echo::first_read(host, port, Duration::from_secs_f64(timeout_secs)),
         Command::EchoServer { port } => echo::echo_server(port),
+        Command::GrpcExport {
+            url,
+            count,
+            headers,
+        } => grpc::export(&url, count, &headers),
         Command::PeerEchoServer { port } => echo::peer_echo_server(port),
         Command::Send {
             host,
