@@ -138,10 +138,10 @@ impl ServicePortEntry {
 
     /// Picks an endpoint for one attempt of a request, avoiding the ones
     /// this request already failed on; Err when the service has none.
-    pub fn pick_request(&self, avoid: &[Arc<str>]) -> Result<RequestPick> {
+    pub fn pick_request(&self, avoid: &[Arc<str>], key: Option<u64>) -> Result<RequestPick> {
         let mut balancer = self.state.balancer.lock();
         let pick = balancer
-            .pick_avoiding(avoid)
+            .pick_keyed(avoid, key)
             .map_err(|e| anyhow!("{}: {e}", self.key))?;
         let token = balancer.start_request(&pick.id);
         Ok(RequestPick {
@@ -455,6 +455,7 @@ mod tests {
             }],
             selector: Default::default(),
             max_requests_in_flight: None,
+            hash_by: None,
             locality,
             endpoints: endpoints
                 .iter()

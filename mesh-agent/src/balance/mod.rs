@@ -354,6 +354,14 @@ impl Service {
     /// already failed on, for its retry) when the pool has any other; else
     /// as [`pick`](Self::pick).
     pub fn pick_avoiding(&mut self, avoid: &[Arc<str>]) -> Result<Pick, PickError> {
+        self.pick_keyed(avoid, None)
+    }
+
+    /// As [`pick_avoiding`](Self::pick_avoiding); with a `key` (a hash of
+    /// the request's header or client address), the endpoint is the one
+    /// rendezvous hashing gives that key among the candidates: the same
+    /// while the endpoints are, and when one leaves only its keys move.
+    pub fn pick_keyed(&mut self, avoid: &[Arc<str>], key: Option<u64>) -> Result<Pick, PickError> {
         let now = self.clock.now();
         self.readmit_due(now);
         if self.endpoints.is_empty() {
@@ -393,7 +401,14 @@ impl Service {
             weighted
         };
         let candidates = self.nearest_tier(candidates);
-        let chosen = self.power_of_two(&candidates, now);
+        let chosen = match key {
+            Some(key) => candidates
+                .iter()
+                .copied()
+                .max_by_key(|&i| rendezvous(key, &self.endpoints[i].id))
+                .expect("a candidate"),
+            None => self.power_of_two(&candidates, now),
+        };
         let state = &mut self.endpoints[chosen];
         state.picks += 1;
         self.counters.picks += 1;
@@ -523,5 +538,65 @@ impl Service {
             ejections: self.counters.ejections,
             ejections_suppressed: self.counters.ejections_suppressed,
         }
+    }
+}
+
+/// The rendezvous (highest random weight) score of `endpoint` for `key`:
+/// FNV-1a of the endpoint's id, mixed with the key by SplitMix64's
+/// finaliser. Fixed (not seeded per process), so every agent sends a key
+/// to the same endpoint.
+fn rendezvous(key: u64, endpoint: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in endpoint.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = h ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A key's hash for [`Service::pick_keyed`] (FNV-1a).
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod rendezvous_tests {
+    use super::*;
+
+    fn owner<'a>(key: u64, endpoints: &[&'a str]) -> &'a str {
+        endpoints
+            .iter()
+            .copied()
+            .max_by_key(|e| rendezvous(key, e))
+            .unwrap()
+    }
+
+    #[test]
+    fn keys_stay_and_only_a_leaving_endpoints_keys_move() {
+        let all = ["c", "d", "e"];
+        let keys: Vec<u64> = (0..3000)
+            .map(|k| hash_key(format!("user-{k}").as_bytes()))
+            .collect();
+        let before: Vec<&str> = keys.iter().map(|&k| owner(k, &all)).collect();
+        let on_e = before.iter().filter(|o| **o == "e").count();
+        // About a third each (± 4σ, σ ≈ 26).
+        assert!((1000 - 104..=1000 + 104).contains(&on_e), "{on_e}");
+        let after: Vec<&str> = keys.iter().map(|&k| owner(k, &["c", "d"])).collect();
+        for (b, a) in before.iter().zip(&after) {
+            if *b != "e" {
+                assert_eq!(b, a, "a key not on e moved");
+            }
+        }
+        // And back: with e again, the same owners as before.
+        let again: Vec<&str> = keys.iter().map(|&k| owner(k, &all)).collect();
+        assert_eq!(before, again);
     }
 }

@@ -24,7 +24,7 @@ pub use node::{
 };
 pub use pods::{CaptureExclusions, KubeletProbes, PodConfig, PodsFile};
 pub use services::{
-    EndpointConfig, LocalityConfig, OutlierDetectionConfig, RetriesConfig, RouteConfig,
+    EndpointConfig, HashKey, LocalityConfig, OutlierDetectionConfig, RetriesConfig, RouteConfig,
     ServiceConfig, ServicePort, ServicesFile, SubsetConfig,
 };
 pub use workloads::{RemoteWorkload, WorkloadsFile};

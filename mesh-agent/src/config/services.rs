@@ -57,6 +57,20 @@ pub struct ServiceConfig {
     /// beyond it, `503` with flag `UO` at once.
     #[serde(skip)]
     pub max_requests_in_flight: Option<u32>,
+    /// HTTP ports: a DestinationRule's `consistentHash` (not a
+    /// services.yaml field): requests with the same key go to the same
+    /// endpoint.
+    #[serde(skip)]
+    pub hash_by: Option<HashKey>,
+}
+
+/// What a consistent hash is of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// This request header's value (lower-case name).
+    Header(String),
+    /// The client's address.
+    SourceIp,
 }
 
 impl ServiceConfig {
@@ -78,6 +92,7 @@ impl ServiceConfig {
             retries: RetriesConfig::default(),
             outlier_detection: OutlierDetectionConfig::default(),
             max_requests_in_flight: None,
+            hash_by: None,
         }
     }
 }

@@ -45,7 +45,8 @@ use super::{
 };
 use crate::{
     balance::rng::{Rng, ThreadRng},
-    balance::{Outcome, retryable},
+    balance::{Outcome, hash_key, retryable},
+    config::HashKey,
     l7::{
         self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
         ResponseFlags, Verdict, local_response,
@@ -328,7 +329,21 @@ impl ServiceForwarder {
         avoid: &[Arc<str>],
         deadline: Option<tokio::time::Instant>,
     ) -> Tried {
-        let pick = match service.pick_request(avoid) {
+        // A DestinationRule's consistent hash: the key of this request.
+        let key = match &service.config.hash_by {
+            None => None,
+            Some(HashKey::Header(name)) => parts
+                .headers
+                .get(name.as_str())
+                .map(|v| hash_key(v.as_bytes())),
+            Some(HashKey::SourceIp) => {
+                let ip = self
+                    .source
+                    .addr_like(std::net::Ipv4Addr::UNSPECIFIED.into());
+                Some(hash_key(ip.to_string().as_bytes()))
+            }
+        };
+        let pick = match service.pick_request(avoid, key) {
             Ok(pick) => pick,
             Err(err) => {
                 tracing::warn!(pod = %self.source.key, service = %service.key, error = format!("{err:#}"), "no endpoint for the service: 503");

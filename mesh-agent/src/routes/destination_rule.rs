@@ -50,6 +50,8 @@ pub struct TrafficPolicy {
     pub consecutive_5xx_errors: Option<u32>,
     pub base_ejection_time: Option<Duration>,
     pub max_ejection_percent: Option<u8>,
+    /// `loadBalancer.consistentHash`.
+    pub hash_by: Option<crate::config::HashKey>,
 }
 
 impl TrafficPolicy {
@@ -104,7 +106,7 @@ struct RawTrafficPolicy {
     #[serde(default)]
     tls: Option<RawTls>,
     #[serde(default)]
-    load_balancer: Option<Value>,
+    load_balancer: Option<RawLoadBalancer>,
     #[serde(default)]
     port_level_settings: Option<Value>,
     #[serde(default)]
@@ -185,6 +187,40 @@ struct RawOutlier {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawLoadBalancer {
+    #[serde(default)]
+    simple: Option<String>,
+    #[serde(default)]
+    consistent_hash: Option<RawConsistentHash>,
+    #[serde(default)]
+    locality_lb_setting: Option<Value>,
+    #[serde(default)]
+    warmup: Option<Value>,
+    #[serde(default)]
+    warmup_duration_secs: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConsistentHash {
+    #[serde(default)]
+    http_header_name: Option<String>,
+    #[serde(default)]
+    use_source_ip: Option<bool>,
+    #[serde(default)]
+    http_cookie: Option<Value>,
+    #[serde(default)]
+    http_query_parameter_name: Option<Value>,
+    #[serde(default)]
+    ring_hash: Option<Value>,
+    #[serde(default)]
+    maglev: Option<Value>,
+    #[serde(default)]
+    minimum_ring_size: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawTls {
     mode: String,
 }
@@ -254,13 +290,70 @@ pub(super) fn convert(
         ctx,
         &at_tp,
         &[
-            ("loadBalancer", &tp.load_balancer),
             ("portLevelSettings", &tp.port_level_settings),
             ("tunnel", &tp.tunnel),
             ("proxyProtocol", &tp.proxy_protocol),
             ("retryBudget", &tp.retry_budget),
         ],
     )?;
+    if let Some(lb) = tp.load_balancer {
+        let at = [key("spec"), key("trafficPolicy"), key("loadBalancer")];
+        refuse_present(
+            ctx,
+            &at,
+            &[
+                ("localityLbSetting", &lb.locality_lb_setting),
+                ("warmup", &lb.warmup),
+                ("warmupDurationSecs", &lb.warmup_duration_secs),
+            ],
+        )?;
+        match lb.simple.as_deref() {
+            // The balancer's own: power of two choices over peak-EWMA
+            // latency, which picks the less loaded of two (what Envoy's
+            // LEAST_REQUEST does), and the default.
+            None | Some("LEAST_REQUEST") | Some("UNSPECIFIED") => {}
+            Some(other) => {
+                let mut here = at.to_vec();
+                here.push(key("simple"));
+                return Err(ctx.semantic(
+                    &here,
+                    format!("{other:?} is not supported yet (LEAST_REQUEST is)"),
+                ));
+            }
+        }
+        if let Some(hash) = lb.consistent_hash {
+            let mut at = at.to_vec();
+            at.push(key("consistentHash"));
+            refuse_present(
+                ctx,
+                &at,
+                &[
+                    ("httpCookie", &hash.http_cookie),
+                    ("httpQueryParameterName", &hash.http_query_parameter_name),
+                    ("ringHash", &hash.ring_hash),
+                    ("maglev", &hash.maglev),
+                    ("minimumRingSize", &hash.minimum_ring_size),
+                ],
+            )?;
+            policy.hash_by = match (hash.http_header_name, hash.use_source_ip) {
+                (Some(name), None | Some(false)) => {
+                    let name = name.to_ascii_lowercase();
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        at.push(key("httpHeaderName"));
+                        return Err(ctx.semantic(&at, format!("{name:?} is not a header name")));
+                    }
+                    Some(crate::config::HashKey::Header(name))
+                }
+                (None, Some(true)) => Some(crate::config::HashKey::SourceIp),
+                _ => {
+                    return Err(ctx.semantic(
+                        &at,
+                        "exactly one of `httpHeaderName` and `useSourceIp: true`".into(),
+                    ));
+                }
+            };
+        }
+    }
     if let Some(tls) = &tp.tls
         && tls.mode != "ISTIO_MUTUAL"
     {
@@ -436,6 +529,9 @@ pub fn apply(
         }
         if let Some(max) = p.max_in_flight() {
             service.max_requests_in_flight = Some(max);
+        }
+        if let Some(hash) = &p.hash_by {
+            service.hash_by = Some(hash.clone());
         }
     }
     (out, unresolved)

@@ -893,7 +893,15 @@ spec:
     for (policy, says) in [
         (
             "    loadBalancer: {simple: ROUND_ROBIN}\n",
-            "spec.trafficPolicy.loadBalancer: not supported yet",
+            "spec.trafficPolicy.loadBalancer.simple: \"ROUND_ROBIN\" is not supported yet",
+        ),
+        (
+            "    loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: 0s}}}\n",
+            "consistentHash.httpCookie: not supported yet",
+        ),
+        (
+            "    loadBalancer: {consistentHash: {}}\n",
+            "exactly one of `httpHeaderName` and `useSourceIp: true`",
         ),
         ("    tls: {mode: SIMPLE}\n", "only ISTIO_MUTUAL"),
         (
@@ -911,6 +919,14 @@ spec:
         let err = load_err(&text);
         assert!(err.contains(says), "{policy}: {err}");
     }
+    let hash = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: faces}\nspec:\n  host: smiley\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n";
+    let loaded = load([("routes/r.yaml", hash)]).unwrap();
+    let (applied, _) = apply_destination_rules(&services(), &loaded.destination_rules);
+    let smiley = applied.iter().find(|s| s.name == "smiley").unwrap();
+    assert_eq!(
+        smiley.hash_by,
+        Some(crate::config::HashKey::Header("x-user".into()))
+    );
     let tls = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: faces}\nspec:\n  host: smiley\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n";
     assert!(load([("routes/r.yaml", tls)]).is_ok());
 }

@@ -10,7 +10,7 @@
 //! `reviews-v1` over c, `reviews-v2` over d. The client is `http-load`,
 //! which tallies answers by the backend's `x-served-by` header.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use mesh_e2e::{
     NodeAgent,
@@ -808,4 +808,115 @@ fn a_grpc_route_sends_a_real_grpc_clients_calls_by_method_and_header() {
     export(&["--header", "x-tenant:green"]);
     export(&[]);
     assert_eq!((default.span_count(), blue.span_count()), (40, 20));
+}
+
+const HASHED: &str = "10.96.0.110";
+
+#[test]
+fn a_consistent_hash_keeps_each_key_on_one_endpoint_and_moves_a_third_when_one_leaves() {
+    if !e2e_enabled(
+        "a_consistent_hash_keeps_each_key_on_one_endpoint_and_moves_a_third_when_one_leaves",
+    ) {
+        return;
+    }
+    let topo = Topology::builder("hashing")
+        .node("n1", &["a"])
+        .node("n2", &["c", "d", "e"])
+        .build()
+        .unwrap();
+    let a = topo.pod("a");
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let backends: Vec<(&str, HttpBackend)> = ["c", "d", "e"]
+        .into_iter()
+        .map(|name| {
+            (
+                name,
+                HttpBackend::start(topo.pod(name), PORT, name).unwrap(),
+            )
+        })
+        .collect();
+    let client_agent = &agents[0];
+    let services = |names: &[&str]| {
+        let endpoints: String = names.iter().map(|n| endpoint(topo.pod(n))).collect();
+        format!(
+            "services:
+  - name: users
+    namespace: default
+    vips: [{HASHED}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{endpoints}"
+        )
+    };
+    apply(client_agent, "services.yaml", &services(&["c", "d", "e"]));
+    apply(
+        client_agent,
+        "routes/users.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: users, namespace: default}
+spec:
+  host: users
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user}
+",
+    );
+    // Which backend got each key, from the requests each saw since `from`.
+    let owners = |from: &[usize]| {
+        let mut owners: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for ((name, backend), skip) in backends.iter().zip(from) {
+            for seen in backend.seen_requests().iter().skip(*skip) {
+                let key = seen.header("x-user")[0].to_string();
+                let names = owners.entry(key).or_default();
+                if !names.contains(name) {
+                    names.push(name);
+                }
+            }
+        }
+        owners
+    };
+    let counts = || -> Vec<usize> {
+        backends
+            .iter()
+            .map(|(_, b)| b.seen_requests().len())
+            .collect()
+    };
+    let args = [
+        "--requests",
+        "1000",
+        "--connections",
+        "4",
+        "--header-cycle",
+        "x-user:user-:100",
+    ];
+    let url = format!("http://{HASHED}/");
+    let first = load(a, &url, &args);
+    assert!(first.all_ok(), "{first}");
+    let before = owners(&[0, 0, 0]);
+    assert_eq!(before.len(), 100);
+    for (key, names) in &before {
+        assert_eq!(names.len(), 1, "{key} went to {names:?}");
+    }
+    // e leaves: only e's keys move.
+    let seen = counts();
+    apply(client_agent, "services.yaml", &services(&["c", "d"]));
+    let second = load(a, &url, &args);
+    assert!(second.all_ok(), "{second}");
+    let after = owners(&seen);
+    let mut moved = 0;
+    for (key, names) in &after {
+        assert_eq!(names.len(), 1, "{key} went to {names:?}");
+        let was = before[key][0];
+        if was == "e" {
+            moved += 1;
+        } else {
+            assert_eq!(names[0], was, "{key} moved from {was} though {was} stayed");
+        }
+    }
+    // About a third of the keys were on e (σ ≈ 4.7 of 100).
+    assert!((14..=52).contains(&moved), "{moved} of 100 keys moved");
+    eprintln!("{moved} of 100 keys moved when e left");
 }

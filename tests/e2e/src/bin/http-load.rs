@@ -85,6 +85,10 @@ struct Args {
     /// `name:value`, repeatable.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// `name:prefix:n`: each request gets header `name: <prefix><k>`, k
+    /// cycling through 0..n (keys for consistent hashing).
+    #[arg(long)]
+    header_cycle: Option<String>,
     /// Send a body of this many bytes.
     #[arg(long)]
     body_bytes: Option<usize>,
@@ -112,6 +116,10 @@ struct Plan {
     headers: HeaderMap,
     body: Bytes,
     tally_header: HeaderName,
+    /// `--header-cycle`: the header, the value's prefix, how many values.
+    cycle: Option<(HeaderName, String, u64)>,
+    /// Requests made so far (for `cycle`).
+    issued: std::sync::atomic::AtomicU64,
     timeout: Duration,
     http2: bool,
     /// Each request on a connection of its own.
@@ -181,6 +189,24 @@ impl Plan {
             .tally_header
             .parse()
             .map_err(|e| format!("--tally-header: {e}"))?;
+        let cycle = match &args.header_cycle {
+            None => None,
+            Some(spec) => {
+                let mut parts = spec.splitn(3, ':');
+                let (Some(name), Some(prefix), Some(n)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(format!("--header-cycle {spec:?}: expected name:prefix:n"));
+                };
+                let name: HeaderName = name
+                    .parse()
+                    .map_err(|e| format!("--header-cycle {spec:?}: {e}"))?;
+                let n: u64 = n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("--header-cycle {spec:?}: n must be a positive number")
+                })?;
+                Some((name, prefix.to_string(), n))
+            }
+        };
 
         if args.connections == 0 {
             return Err("--connections must be at least 1".into());
@@ -213,6 +239,8 @@ impl Plan {
             headers,
             body: Bytes::from(vec![b'x'; args.body_bytes.unwrap_or(0)]),
             tally_header,
+            cycle,
+            issued: Default::default(),
             timeout: Duration::from_millis(args.timeout_ms),
             http2: args.http2,
             fresh: args.new_connection_per_request,
@@ -227,6 +255,15 @@ impl Plan {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
+        if let Some((name, prefix, n)) = &self.cycle {
+            let k = self
+                .issued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % n;
+            if let Ok(value) = HeaderValue::from_str(&format!("{prefix}{k}")) {
+                req.headers_mut().insert(name.clone(), value);
+            }
+        }
         req
     }
 }
