@@ -130,6 +130,47 @@ pub fn start(
             copy: None,
         };
     }
+    let mut copy = spawn_copies(ctx, source, mirrors, parts);
+    if body.is_end_stream() {
+        copy.finish();
+        return TeeBody {
+            inner: body,
+            copy: None,
+        };
+    }
+    TeeBody {
+        inner: body,
+        copy: Some(copy),
+    }
+}
+
+/// Starts the copies of a request whose body was read whole.
+pub fn start_buffered(
+    ctx: &Arc<ProxyContext>,
+    source: &Arc<PodHandle>,
+    mirrors: &[MirrorTarget],
+    parts: &Parts,
+    body: &Bytes,
+) {
+    if mirrors.is_empty() {
+        return;
+    }
+    let mut copy = spawn_copies(ctx, source, mirrors, parts);
+    if body.len() > BODY_LIMIT {
+        copy.give_up(MirrorResult::BodyTooLarge);
+        return;
+    }
+    copy.buffered.extend_from_slice(body);
+    copy.finish();
+}
+
+/// One task per mirror, each waiting for the body.
+fn spawn_copies(
+    ctx: &Arc<ProxyContext>,
+    source: &Arc<PodHandle>,
+    mirrors: &[MirrorTarget],
+    parts: &Parts,
+) -> BodyCopy {
     let counters = &ctx.mirror_counters;
     let mut waiting = Vec::new();
     for mirror in mirrors {
@@ -169,21 +210,10 @@ pub fn start(
             counters.in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }
-    let mut copy = BodyCopy {
+    BodyCopy {
         buffered: BytesMut::new(),
         waiting,
         counters: counters.clone(),
-    };
-    if body.is_end_stream() {
-        copy.finish();
-        return TeeBody {
-            inner: body,
-            copy: None,
-        };
-    }
-    TeeBody {
-        inner: body,
-        copy: Some(copy),
     }
 }
 

@@ -51,7 +51,7 @@ use crate::{
         self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
         ResponseFlags, Verdict, local_response,
     },
-    routes::{Fault, Routed, RuleRef, Timeouts},
+    routes::{Fault, RetryPolicy, Routed, RuleRef, Timeouts},
     services::{PortProtocol, RequestPick, ServicePortEntry},
     spans::SpanSide,
 };
@@ -230,16 +230,51 @@ impl ServiceForwarder {
                 "UO",
             );
         };
-        // A bodiless request can be sent again; one with a body is streamed
-        // once and never retried.
-        let replayable = body.is_end_stream();
-        let body = mirror::start(&self.ctx, &self.source, &routing.mirrors, &parts, body);
-        let mut body = Some(body);
+        // A bodiless request can be sent again; so can one whose route
+        // retries it, if its body is known to fit the replay buffer (read
+        // whole first); any other is streamed once and never retried.
+        let route_retry = routing.retry().cloned();
+        let fits = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= mirror::BODY_LIMIT as u64);
+        let (mut body, buffered) = if body.is_end_stream() {
+            let body = mirror::start(&self.ctx, &self.source, &routing.mirrors, &parts, body);
+            (Some(body), Some(Bytes::new()))
+        } else if route_retry.is_some() && fits {
+            match http_body_util::Limited::new(body, mirror::BODY_LIMIT)
+                .collect()
+                .await
+            {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    mirror::start_buffered(
+                        &self.ctx,
+                        &self.source,
+                        &routing.mirrors,
+                        &parts,
+                        &bytes,
+                    );
+                    (None, Some(bytes))
+                }
+                // The client's body broke off or was longer than it said.
+                Err(_) => {
+                    return flagged(
+                        local_response(StatusCode::BAD_REQUEST, "Bad Request", h1),
+                        "DPE",
+                    );
+                }
+            }
+        } else {
+            let body = mirror::start(&self.ctx, &self.source, &routing.mirrors, &parts, body);
+            (Some(body), None)
+        };
+        let replayable = buffered.is_some();
         service.record_request();
         let mut tried: Vec<Arc<str>> = Vec::new();
         loop {
-            let request_body = if replayable {
-                Either::Right(Full::new(Bytes::new()))
+            let request_body = if let Some(bytes) = &buffered {
+                Either::Right(Full::new(bytes.clone()))
             } else {
                 match body.take() {
                     Some(body) => Either::Left(body),
@@ -286,13 +321,35 @@ impl ServiceForwarder {
                     (id, outcome, response)
                 }
             };
+            // The route's retry policy, else the service's: idempotent
+            // requests on connect failure or 503.
             let retry = replayable
-                && retryable(parts.method.as_str(), &outcome)
-                && tried.len() < service.config.retries.attempts as usize
+                && match &route_retry {
+                    Some(policy) => {
+                        let code =
+                            matches!(outcome, Outcome::Status(s) if policy.codes.contains(&s));
+                        (code || matches!(outcome, Outcome::ConnectFailed))
+                            && tried.len() < policy.attempts as usize
+                    }
+                    None => {
+                        retryable(parts.method.as_str(), &outcome)
+                            && tried.len() < service.config.retries.attempts as usize
+                    }
+                }
                 && service.try_retry();
             if retry {
                 tracing::debug!(service = %service.key, endpoint = %id, ?outcome, "retrying on another endpoint");
                 tried.push(id);
+                if let Some(backoff) = route_retry
+                    .as_ref()
+                    .map(|p| p.backoff)
+                    .filter(|b| !b.is_zero())
+                {
+                    // Never past the request's deadline: the next attempt
+                    // then times out at once (504).
+                    let until = tokio::time::Instant::now() + backoff;
+                    tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+                }
                 continue;
             }
             return match (response, outcome) {
@@ -649,6 +706,12 @@ impl Routing {
         self.rule
             .as_ref()
             .and_then(|(rule, _)| rule.rule().filters.fault.as_ref())
+    }
+
+    fn retry(&self) -> Option<&RetryPolicy> {
+        self.rule
+            .as_ref()
+            .and_then(|(rule, _)| rule.rule().retry.as_ref())
     }
 
     fn timeouts(&self) -> Timeouts {

@@ -133,6 +133,7 @@ pub(super) fn convert(
             backends,
             filters,
             timeouts: Timeouts::default(),
+            retry: None,
         });
     }
     if rules.is_empty() {
@@ -142,6 +143,7 @@ pub(super) fn convert(
             backends: Vec::new(),
             filters: Default::default(),
             timeouts: Timeouts::default(),
+            retry: None,
         });
     }
     Ok(HttpRoute {

@@ -206,6 +206,7 @@ fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute
             backends: Vec::new(),
             filters: Default::default(),
             timeouts: Timeouts::default(),
+            retry: None,
         }],
         Some(rules) => rules
             .into_iter()
@@ -292,10 +293,7 @@ fn convert_rule(
     rule: RawRule,
 ) -> Result<Rule, LoadError> {
     let at = |field: &'static str| vec![key("spec"), key("rules"), Seg::Index(i), key(field)];
-    for (field, value) in [
-        ("retry", &rule.retry),
-        ("sessionPersistence", &rule.session_persistence),
-    ] {
+    for (field, value) in [("sessionPersistence", &rule.session_persistence)] {
         if !empty(value) {
             return Err(ctx.semantic(
                 &at(field),
@@ -363,12 +361,45 @@ fn convert_rule(
             timeouts
         }
     };
+    let retry = match rule.retry {
+        None => None,
+        Some(r) => {
+            let here = |field: &'static str| {
+                let mut at = at("retry");
+                at.push(key(field));
+                at
+            };
+            if let Some(code) = r.codes.iter().find(|c| !(400..=599).contains(*c)) {
+                return Err(ctx.semantic(
+                    &here("codes"),
+                    format!("{code} is not an error status (400 to 599)"),
+                ));
+            }
+            let backoff = match r.backoff {
+                None => std::time::Duration::ZERO,
+                Some(b) => gateway_duration(&b).ok_or_else(|| {
+                    ctx.semantic(
+                        &here("backoff"),
+                        format!("{b:?} is not a duration (like 100ms, 1s)"),
+                    )
+                })?,
+            };
+            Some(super::RetryPolicy {
+                codes: r.codes,
+                // The specification leaves the default to the
+                // implementation: one retry.
+                attempts: r.attempts.unwrap_or(1),
+                backoff,
+            })
+        }
+    };
     Ok(Rule {
         name: rule.name,
         matches,
         backends,
         filters,
         timeouts,
+        retry,
     })
 }
 

@@ -92,6 +92,18 @@ pub struct Rule {
     pub backends: Vec<WeightedBackend>,
     pub filters: Filters,
     pub timeouts: Timeouts,
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A rule's `retry` (Gateway API GEP-1731): a request answered with one of
+/// `codes`, or whose connection failed, is sent again, up to `attempts`
+/// more times, `backoff` apart. Its body must be known and at most 64 KiB
+/// (it is read whole before the first attempt, to be sent again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    pub backoff: std::time::Duration,
 }
 
 /// A rule's `timeouts`. `Some(ZERO)` is "no timeout" (the specification's

@@ -82,7 +82,7 @@ pub struct RawRule {
     pub timeouts: Option<RawTimeouts>,
     // Not supported yet: named at load when present and not empty.
     #[serde(default)]
-    pub retry: Option<Value>,
+    pub retry: Option<RawRetry>,
     #[serde(default)]
     pub session_persistence: Option<Value>,
 }
@@ -144,4 +144,16 @@ pub struct RawTimeouts {
     pub request: Option<String>,
     #[serde(default)]
     pub backend_request: Option<String>,
+}
+
+/// GEP-1731 (`HTTPRouteRetry`): codes, attempts, backoff.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawRetry {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
 }

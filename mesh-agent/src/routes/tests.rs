@@ -369,9 +369,19 @@ spec:
             "spec.rules[0].filters[0].type: ExtensionRef is not supported yet",
         ),
         (
-            "    - retry: {attempts: 2}\n",
+            "    - retry: {codes: [200]}\n",
             "routes/r.yaml:7",
-            "spec.rules[0].retry: not supported yet",
+            "spec.rules[0].retry.codes: 200 is not an error status",
+        ),
+        (
+            "    - retry: {backoff: soon}\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].retry.backoff: \"soon\" is not a duration",
+        ),
+        (
+            "    - sessionPersistence: {sessionName: s}\n",
+            "routes/r.yaml:7",
+            "spec.rules[0].sessionPersistence: not supported yet",
         ),
         (
             "    - timeouts: {request: 1.5s}\n",
@@ -1014,5 +1024,30 @@ spec:
         err.contains("not supported yet on a route whose parents are Services")
             || err.contains("a Gateway"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_rules_retry_has_its_codes_attempts_and_backoff() {
+    let text = route_with("        []\n").replace(
+        "      filters:\n        []\n",
+        "      retry: {codes: [500, 503], attempts: 3, backoff: 100ms}\n",
+    );
+    let routes = load_one(&text);
+    assert_eq!(
+        routes[0].rules[0].retry,
+        Some(RetryPolicy {
+            codes: vec![500, 503],
+            attempts: 3,
+            backoff: std::time::Duration::from_millis(100),
+        })
+    );
+    let one = route_with("        []\n").replace(
+        "      filters:\n        []\n",
+        "      retry: {codes: [502]}\n",
+    );
+    assert_eq!(
+        load_one(&one)[0].rules[0].retry.as_ref().unwrap().attempts,
+        1
     );
 }

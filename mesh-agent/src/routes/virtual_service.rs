@@ -400,6 +400,7 @@ fn convert_http(
             ..Filters::default()
         },
         timeouts,
+        retry: None,
     })
 }
 

@@ -217,11 +217,11 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
     );
     assert_eq!(post.status(404), 20, "{post}");
 
-    // A route file this agent cannot serve as written (a rule's retry):
+    // A route file this agent cannot serve as written (session persistence):
     // refused with file, line and field; the routes in force keep serving.
     let bad = ROUTES.replace(
         "  - backendRefs:\n    - name: reviews-v1",
-        "  - retry: {attempts: 3, codes: [503]}\n    backendRefs:\n    - name: reviews-v1",
+        "  - sessionPersistence: {sessionName: s}\n    backendRefs:\n    - name: reviews-v1",
     );
     assert_ne!(bad, ROUTES);
     client_agent
@@ -239,7 +239,7 @@ fn http_routes_match_headers_split_by_weight_and_answer_404_when_nothing_matches
     .unwrap();
     assert!(error.contains("routes/reviews.yaml:"), "{error}");
     assert!(
-        error.contains("spec.rules[1].retry") && error.contains("not supported yet"),
+        error.contains("spec.rules[1].sessionPersistence") && error.contains("not supported yet"),
         "{error}"
     );
     let still = load(
@@ -919,4 +919,82 @@ spec:
     // About a third of the keys were on e (σ ≈ 4.7 of 100).
     assert!((14..=52).contains(&moved), "{moved} of 100 keys moved");
     eprintln!("{moved} of 100 keys moved when e left");
+}
+
+const FLAKY: &str = "10.96.0.120";
+
+#[test]
+fn a_routes_retry_sends_a_post_with_its_body_again_on_a_listed_code() {
+    if !e2e_enabled("a_routes_retry_sends_a_post_with_its_body_again_on_a_listed_code") {
+        return;
+    }
+    let topo = Topology::builder("retries")
+        .node("n1", &["a"])
+        .node("n2", &["c", "d"])
+        .build()
+        .unwrap();
+    let (a, c, d) = (topo.pod("a"), topo.pod("c"), topo.pod("d"));
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let failing = HttpBackend::start(c, PORT, "c").unwrap();
+    let working = HttpBackend::start(d, PORT, "d").unwrap();
+    failing.set_status(503);
+    let client_agent = &agents[0];
+    let services = format!(
+        "services:
+  - name: flaky
+    namespace: default
+    vips: [{FLAKY}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    outlierDetection: {{maxEjectionPercent: 0}}
+    # The retry budget is not what this test is about.
+    retries: {{budgetPercent: 100, minPerSecond: 1000}}
+    endpoints:
+{}{}",
+        endpoint(c),
+        endpoint(d)
+    );
+    apply(client_agent, "services.yaml", &services);
+    let url = format!("http://{FLAKY}/orders");
+    let posts = [
+        "--requests",
+        "100",
+        "--connections",
+        "2",
+        "--method",
+        "POST",
+        "--body-bytes",
+        "1000",
+    ];
+    // Without a route, a POST is not idempotent: c's 503s reach the client.
+    let plain = load(a, &url, &posts);
+    assert!(plain.status(503) > 0, "{plain}");
+    apply(
+        client_agent,
+        "routes/flaky.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky, namespace: default}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: flaky}]
+  rules:
+  - retry: {codes: [503], attempts: 2, backoff: 10ms}
+    backendRefs: [{name: flaky, port: 80}]
+",
+    );
+    let (c_before, d_before) = (failing.seen_requests().len(), working.seen_requests().len());
+    let retried = load(a, &url, &posts);
+    assert_eq!(retried.status(200), 100, "{retried}");
+    // c was tried (and failed) for some; every POST d saw, retried or not,
+    // had its whole body.
+    let c_seen = &failing.seen_requests()[c_before..];
+    let d_seen = &working.seen_requests()[d_before..];
+    eprintln!("c was tried {} times, d {}", c_seen.len(), d_seen.len());
+    assert!(!c_seen.is_empty(), "the failing endpoint was never tried");
+    assert_eq!(d_seen.len(), 100);
+    assert!(
+        c_seen.iter().chain(d_seen).all(|r| r.body_len == 1000),
+        "a body was not sent whole"
+    );
 }
