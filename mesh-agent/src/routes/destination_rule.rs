@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_yaml::Value;
 
+use super::load::route_namespace;
 use super::{
     RouteId, ServiceRef,
     table::{ParentStatus, RouteStatus},
@@ -261,12 +262,7 @@ pub(super) fn convert(
     path: &std::path::Path,
     raw: RawDestinationRule,
 ) -> Result<DestinationRule, LoadError> {
-    let Some(namespace) = raw.metadata.namespace.clone().filter(|n| !n.is_empty()) else {
-        return Err(ctx.semantic(
-            &[key("metadata")],
-            "metadata.namespace is required (a route file has no default namespace)".into(),
-        ));
-    };
+    let namespace = route_namespace(ctx, raw.metadata.namespace.clone())?;
     let spec = raw.spec;
     refuse_present(
         ctx,

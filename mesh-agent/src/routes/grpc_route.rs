@@ -17,7 +17,9 @@ use serde_yaml::Value;
 use super::{
     HttpRoute, PathMatch, RequestMatch, RouteId, RouteKind, Rule, Timeouts,
     filters::{self, FilterPlace, RawFilter},
-    load::{convert_backend, convert_parents, empty, match_all, regex, value_match},
+    load::{
+        convert_backend, convert_headers, convert_parents, empty, match_all, regex, route_namespace,
+    },
     model::{RawBackendRef, RawMetadata, RawNameMatch, RawParentRef},
 };
 use crate::policy::{DocCtx, LoadError, Seg, key};
@@ -90,12 +92,7 @@ pub(super) fn convert(
     path: &Path,
     raw: RawGrpcRoute,
 ) -> Result<HttpRoute, LoadError> {
-    let Some(namespace) = raw.metadata.namespace.clone().filter(|n| !n.is_empty()) else {
-        return Err(ctx.semantic(
-            &[key("metadata")],
-            "metadata.namespace is required (a route file has no default namespace)".into(),
-        ));
-    };
+    let namespace = route_namespace(ctx, raw.metadata.namespace.clone())?;
     let spec = raw.spec;
     let parents = convert_parents(ctx, &namespace, spec.parent_refs, &spec.hostnames)?;
     let mut rules = Vec::new();
@@ -221,20 +218,7 @@ fn convert_match(
             }
         }
     };
-    let mut headers: Vec<super::HeaderMatch> = Vec::new();
-    for (k, h) in m.headers.into_iter().enumerate() {
-        let mut at = base();
-        at.extend([key("headers"), Seg::Index(k)]);
-        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-            let mut at = at.clone();
-            at.push(key("name"));
-            ctx.semantic(&at, format!("{:?} is not a header name", h.name))
-        })?;
-        let value = value_match(ctx, &at, &h)?;
-        if !headers.iter().any(|seen| seen.name == name) {
-            headers.push(super::HeaderMatch { name, value });
-        }
-    }
+    let headers = convert_headers(ctx, &base(), m.headers)?;
     Ok(RequestMatch {
         path,
         headers,

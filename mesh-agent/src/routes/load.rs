@@ -183,15 +183,7 @@ pub(super) fn empty(v: &Option<Value>) -> bool {
 }
 
 fn convert(ctx: &DocCtx<'_>, path: &Path, raw: RawHttpRoute) -> Result<HttpRoute, LoadError> {
-    let namespace = match raw.metadata.namespace {
-        Some(ns) if !ns.is_empty() => ns,
-        _ => {
-            return Err(ctx.semantic(
-                &[key("metadata")],
-                "metadata.namespace is required (a route file has no default namespace)".into(),
-            ));
-        }
-    };
+    let namespace = route_namespace(ctx, raw.metadata.namespace)?;
     let id = RouteId {
         namespace: namespace.clone(),
         name: raw.metadata.name,
@@ -275,6 +267,43 @@ pub(super) fn convert_parents(
         ));
     }
     Ok(parents)
+}
+
+/// A document's namespace: required (a file has none by default).
+pub(super) fn route_namespace(
+    ctx: &DocCtx<'_>,
+    namespace: Option<String>,
+) -> Result<String, LoadError> {
+    namespace.filter(|n| !n.is_empty()).ok_or_else(|| {
+        ctx.semantic(
+            &[key("metadata")],
+            "metadata.namespace is required (a route file has no default namespace)".into(),
+        )
+    })
+}
+
+/// A match's `headers` (at `base`): names case-insensitive, only the first
+/// of equal names counts (the specification's rule).
+pub(super) fn convert_headers(
+    ctx: &DocCtx<'_>,
+    base: &[Seg],
+    raw: Vec<RawNameMatch>,
+) -> Result<Vec<HeaderMatch>, LoadError> {
+    let mut headers: Vec<HeaderMatch> = Vec::new();
+    for (k, h) in raw.into_iter().enumerate() {
+        let mut at = base.to_vec();
+        at.extend([key("headers"), Seg::Index(k)]);
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+            let mut at = at.clone();
+            at.push(key("name"));
+            ctx.semantic(&at, format!("{:?} is not a header name", h.name))
+        })?;
+        let value = value_match(ctx, &at, &h)?;
+        if !headers.iter().any(|seen| seen.name == name) {
+            headers.push(HeaderMatch { name, value });
+        }
+    }
+    Ok(headers)
 }
 
 pub(super) fn match_all() -> RequestMatch {
@@ -476,21 +505,7 @@ fn convert_match(
             }
         }
     };
-    let mut headers: Vec<HeaderMatch> = Vec::new();
-    for (k, h) in m.headers.into_iter().enumerate() {
-        let mut at = base();
-        at.extend([key("headers"), Seg::Index(k)]);
-        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-            let mut at = at.clone();
-            at.push(key("name"));
-            ctx.semantic(&at, format!("{:?} is not a header name", h.name))
-        })?;
-        let value = value_match(ctx, &at, &h)?;
-        // Names are case-insensitive; only the first of equal names counts.
-        if !headers.iter().any(|seen| seen.name == name) {
-            headers.push(HeaderMatch { name, value });
-        }
-    }
+    let headers = convert_headers(ctx, &base(), m.headers)?;
     let mut query_params: Vec<QueryMatch> = Vec::new();
     for (k, q) in m.query_params.into_iter().enumerate() {
         let mut at = base();

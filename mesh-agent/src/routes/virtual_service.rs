@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_yaml::Value;
 
+use super::load::route_namespace;
 use super::{
     Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, RouteKind, Rule,
     ServiceRef, Timeouts, ValueMatch, WeightedBackend,
@@ -239,12 +240,7 @@ pub(super) fn convert(
     path: &Path,
     raw: RawVirtualService,
 ) -> Result<HttpRoute, LoadError> {
-    let Some(namespace) = raw.metadata.namespace.clone().filter(|n| !n.is_empty()) else {
-        return Err(ctx.semantic(
-            &[key("metadata")],
-            "metadata.namespace is required (a route file has no default namespace)".into(),
-        ));
-    };
+    let namespace = route_namespace(ctx, raw.metadata.namespace.clone())?;
     let spec = raw.spec;
     for (field, value) in [
         ("tcp", &spec.tcp),

@@ -39,6 +39,31 @@ fn endpoint(pod: &Pod) -> String {
     )
 }
 
+/// One service of services.yaml in namespace default: `ports` as written
+/// there, over `pods`.
+fn service_entry(name: &str, vip: &str, ports: &str, pods: &[&Pod]) -> String {
+    let endpoints: String = pods.iter().map(|pod| endpoint(pod)).collect();
+    format!(
+        "  - name: {name}
+    namespace: default
+    vips: [{vip}]
+    ports: [{ports}]
+    locality: none
+    endpoints:
+{endpoints}"
+    )
+}
+
+/// [`service_entry`] on port 80 to the pods' HTTP port.
+fn service(name: &str, vip: &str, pod: &Pod) -> String {
+    service_entry(
+        name,
+        vip,
+        &format!("{{port: 80, targetPort: {PORT}, protocol: http}}"),
+        &[pod],
+    )
+}
+
 fn services_yaml(c: &Pod, d: &Pod) -> String {
     let service = |name: &str, vip: &str, endpoints: String| {
         format!(
@@ -304,18 +329,6 @@ fn route_filters_redirect_rewrite_change_headers_and_time_out() {
     let slow_backend = HttpBackend::start(e, PORT, "slow").unwrap();
     slow_backend.set_delay(Duration::from_secs(3));
     let client_agent = &agents[0];
-    let service = |name: &str, vip: &str, pod: &Pod| {
-        format!(
-            "  - name: {name}
-    namespace: default
-    vips: [{vip}]
-    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
-    locality: none
-    endpoints:
-{}",
-            endpoint(pod)
-        )
-    };
     let services = format!(
         "services:\n{}{}",
         service("edit", EDIT, c),
@@ -444,18 +457,6 @@ fn a_mirror_gets_a_copy_of_each_request_and_never_the_clients_answer() {
     let _primary = HttpBackend::start(c, PORT, "web").unwrap();
     let mirror = HttpBackend::start(e, PORT, "mirror").unwrap();
     let client_agent = &agents[0];
-    let service = |name: &str, vip: &str, pod: &Pod| {
-        format!(
-            "  - name: {name}
-    namespace: default
-    vips: [{vip}]
-    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
-    locality: none
-    endpoints:
-{}",
-            endpoint(pod)
-        )
-    };
     let services = format!(
         "services:\n{}{}",
         service("web", WEB, c),
@@ -778,16 +779,7 @@ fn a_grpc_route_sends_a_real_grpc_clients_calls_by_method_and_header() {
     let blue = OtlpReceiver::start(Some(&d.netns_path()), listen, OtlpTransport::Grpc).unwrap();
     let client_agent = &agents[0];
     let service = |name: &str, vip: &str, pod: &Pod| {
-        format!(
-            "  - name: {name}
-    namespace: default
-    vips: [{vip}]
-    ports: [{{port: 4317, protocol: grpc}}]
-    locality: none
-    endpoints:
-{}",
-            endpoint(pod)
-        )
+        service_entry(name, vip, "{port: 4317, protocol: grpc}", &[pod])
     };
     let services = format!(
         "services:\n{}{}",
