@@ -44,6 +44,7 @@ pub struct RawFilter {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawHeaderModifier {
+    // (Istio's header operations are read into this shape too.)
     #[serde(default)]
     pub set: Vec<RawHeader>,
     #[serde(default)]
@@ -591,7 +592,7 @@ fn mirror(
     })
 }
 
-fn header_modifier(
+pub(super) fn header_modifier(
     ctx: &DocCtx<'_>,
     at: &[Seg],
     raw: RawHeaderModifier,

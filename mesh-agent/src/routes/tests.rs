@@ -798,8 +798,8 @@ spec:
     );
     for (http, says) in [
         (
-            "  - retries: {attempts: 3}\n    route: [{destination: {host: smiley}}]\n",
-            "spec.http[0].retries: not supported yet",
+            "  - rewrite: {uri: /v2}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].rewrite: not supported yet",
         ),
         (
             "  - fault: {abort: {percentage: {value: 10}}}\n    route: [{destination: {host: smiley}}]\n",
@@ -1050,4 +1050,73 @@ fn a_rules_retry_has_its_codes_attempts_and_backoff() {
         load_one(&one)[0].rules[0].retry.as_ref().unwrap().attempts,
         1
     );
+}
+
+#[test]
+fn a_virtual_service_mirrors_retries_and_changes_headers() {
+    let routes = load_one(&vs("  - name: all
+    headers:
+      request: {set: {x-env: prod}, add: {x-via: mesh}, remove: [x-debug]}
+      response: {set: {x-served: mesh}}
+    mirror: {host: smiley2}
+    mirrorPercentage: {value: 50.0}
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"gateway-error,connect-failure,429\"}
+    route: [{destination: {host: smiley}}]
+"));
+    let rule = &routes[0].rules[0];
+    assert_eq!(
+        rule.retry,
+        Some(RetryPolicy {
+            codes: vec![429, 502, 503, 504],
+            attempts: 3,
+            backoff: std::time::Duration::from_millis(25),
+        })
+    );
+    assert_eq!(
+        rule.timeouts.backend_request,
+        Some(std::time::Duration::from_secs(2))
+    );
+    let mirror = &rule.filters.mirrors[0];
+    assert_eq!(
+        mirror.backend.key_for(80).as_deref(),
+        Some("faces/smiley2:80")
+    );
+    let mut rng = SplitMix64::new(5);
+    let n = 20_000;
+    let copied = (0..n).filter(|_| mirror.samples(rng.next_u64())).count();
+    assert!((10_000 - 283..=10_000 + 283).contains(&copied), "{copied}");
+    let mut parts = http::Request::builder()
+        .uri("/")
+        .header("x-debug", "1")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    rule.filters.on_request(&mut parts, None);
+    assert_eq!(parts.headers["x-env"], "prod");
+    assert_eq!(parts.headers["x-via"], "mesh");
+    assert!(parts.headers.get("x-debug").is_none());
+    // Istio's defaults: 2 attempts, 503.
+    let defaults = load_one(&vs(
+        "  - retries: {}\n    route: [{destination: {host: smiley}}]\n",
+    ));
+    let retry = defaults[0].rules[0].retry.clone().unwrap();
+    assert_eq!((retry.attempts, retry.codes), (2, vec![503]));
+    for (http, says) in [
+        (
+            "  - retries: {retryOn: bogus}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].retries.retryOn: \"bogus\" is not supported yet",
+        ),
+        (
+            "  - mirrorPercentage: {value: 5}\n    route: [{destination: {host: smiley}}]\n",
+            "a mirror percentage needs a `mirror`",
+        ),
+        (
+            "  - mirrors: [{destination: {host: smiley2}}]\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].mirrors: not supported yet",
+        ),
+    ] {
+        let err = load_err(&vs(http));
+        assert!(err.contains(says), "{http}: {err}");
+    }
 }

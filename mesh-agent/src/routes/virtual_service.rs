@@ -85,19 +85,70 @@ struct RawHttp {
     #[serde(default)]
     rewrite: Option<Value>,
     #[serde(default)]
-    retries: Option<Value>,
+    retries: Option<RawRetries>,
     #[serde(default)]
-    mirror: Option<Value>,
+    mirror: Option<RawDestination>,
     #[serde(default)]
     mirrors: Option<Value>,
     #[serde(default)]
-    mirror_percentage: Option<Value>,
+    mirror_percentage: Option<RawPercent>,
     #[serde(default)]
-    mirror_percent: Option<Value>,
+    mirror_percent: Option<u32>,
     #[serde(default)]
     cors_policy: Option<Value>,
     #[serde(default)]
-    headers: Option<Value>,
+    headers: Option<RawHeaders>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRetries {
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    per_try_timeout: Option<String>,
+    #[serde(default)]
+    retry_on: Option<String>,
+    #[serde(default)]
+    retry_remote_localities: Option<Value>,
+    #[serde(default)]
+    backoff: Option<Value>,
+}
+
+/// Istio's `Headers`: operations on the request and the response.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawHeaders {
+    #[serde(default)]
+    request: Option<RawHeaderOperations>,
+    #[serde(default)]
+    response: Option<RawHeaderOperations>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawHeaderOperations {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+impl RawHeaderOperations {
+    fn into_modifier(self) -> super::filters::RawHeaderModifier {
+        let pairs = |m: BTreeMap<String, String>| {
+            m.into_iter()
+                .map(|(name, value)| super::filters::RawHeader { name, value })
+                .collect()
+        };
+        super::filters::RawHeaderModifier {
+            set: pairs(self.set),
+            add: pairs(self.add),
+            remove: self.remove,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,13 +352,8 @@ fn convert_http(
         ("directResponse", &http.direct_response),
         ("delegate", &http.delegate),
         ("rewrite", &http.rewrite),
-        ("retries", &http.retries),
-        ("mirror", &http.mirror),
         ("mirrors", &http.mirrors),
-        ("mirrorPercentage", &http.mirror_percentage),
-        ("mirrorPercent", &http.mirror_percent),
         ("corsPolicy", &http.cors_policy),
-        ("headers", &http.headers),
     ] {
         if present(value) {
             return Err(ctx.semantic(
@@ -387,17 +433,141 @@ fn convert_http(
         backend_request: None,
     };
     let fault = http.fault.map(|f| convert_fault(ctx, i, f)).transpose()?;
+    let mut filters = Filters {
+        fault,
+        ..Filters::default()
+    };
+    if let Some(headers) = http.headers {
+        let mut at = at("headers");
+        if let Some(request) = headers.request {
+            at.push(key("request"));
+            filters.request_headers = Some(super::filters::header_modifier(
+                ctx,
+                &at,
+                request.into_modifier(),
+            )?);
+            at.pop();
+        }
+        if let Some(response) = headers.response {
+            at.push(key("response"));
+            filters.response_headers = Some(super::filters::header_modifier(
+                ctx,
+                &at,
+                response.into_modifier(),
+            )?);
+        }
+    }
+    if let Some(mirror) = http.mirror {
+        if mirror.subset.is_some() {
+            let mut here = at("mirror");
+            here.push(key("subset"));
+            return Err(ctx.semantic(&here, "not supported yet".into()));
+        }
+        let Some(service) = service_of(&mirror.host, namespace) else {
+            let mut here = at("mirror");
+            here.push(key("host"));
+            return Err(ctx.semantic(
+                &here,
+                format!("{:?} is not a mesh Service's name", mirror.host),
+            ));
+        };
+        let backend = match mirror.port {
+            Some(port) => Backend::Service {
+                key: format!("{}/{}:{}", service.namespace, service.name, port.number),
+                service,
+                port: port.number,
+            },
+            None => Backend::ServiceSamePort { service },
+        };
+        // Istio: no percentage mirrors every request.
+        let percent = percentage(
+            ctx,
+            &at("mirrorPercentage"),
+            http.mirror_percentage.as_ref(),
+            http.mirror_percent,
+        )?;
+        filters.mirrors.push(super::filters::Mirror {
+            backend,
+            // In millionths, as a fraction.
+            numerator: (percent * 10_000.0).round() as u32,
+            denominator: 1_000_000,
+        });
+    } else if http.mirror_percentage.is_some() || http.mirror_percent.is_some() {
+        return Err(ctx.semantic(
+            &at("mirrorPercentage"),
+            "a mirror percentage needs a `mirror`".into(),
+        ));
+    }
+    let mut timeouts = timeouts;
+    let retry = match http.retries {
+        None => None,
+        Some(r) => {
+            let here = |field: &'static str| {
+                let mut path = at("retries");
+                path.push(key(field));
+                path
+            };
+            for (field, value) in [
+                ("retryRemoteLocalities", &r.retry_remote_localities),
+                ("backoff", &r.backoff),
+            ] {
+                if present(value) {
+                    return Err(ctx.semantic(&here(field), "not supported yet".into()));
+                }
+            }
+            if let Some(per_try) = r.per_try_timeout {
+                timeouts.backend_request =
+                    Some(humantime::parse_duration(&per_try).map_err(|e| {
+                        ctx.semantic(&here("perTryTimeout"), format!("{per_try:?}: {e}"))
+                    })?);
+            }
+            Some(super::RetryPolicy {
+                codes: retry_on_codes(r.retry_on.as_deref())
+                    .map_err(|e| ctx.semantic(&here("retryOn"), e))?,
+                attempts: r.attempts.unwrap_or(2),
+                // Envoy's default base interval.
+                backoff: Duration::from_millis(25),
+            })
+        }
+    };
     Ok(Rule {
         name: http.name,
         matches,
         backends,
-        filters: Filters {
-            fault,
-            ..Filters::default()
-        },
+        filters,
         timeouts,
-        retry: None,
+        retry,
     })
+}
+
+/// The status codes Istio's `retryOn` retries (connection failures are
+/// always retried). Without it, Istio's default: 503.
+fn retry_on_codes(retry_on: Option<&str>) -> Result<Vec<u16>, String> {
+    let Some(retry_on) = retry_on else {
+        return Ok(vec![503]);
+    };
+    let mut codes = Vec::new();
+    for condition in retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        match condition {
+            "5xx" => codes.extend(500..=599),
+            "gateway-error" => codes.extend([502, 503, 504]),
+            // Connection failures: always retried.
+            "connect-failure" | "refused-stream" | "reset" => {}
+            // Istio's default list names these; its status list is 503.
+            "retriable-status-codes" | "unavailable" | "cancelled" => codes.push(503),
+            code => match code.parse::<u16>() {
+                Ok(code) if (400..=599).contains(&code) => codes.push(code),
+                _ => {
+                    return Err(format!(
+                        "{condition:?} is not supported yet (5xx, gateway-error, connect-failure, refused-stream, reset, retriable-status-codes, unavailable, cancelled, or a status code)"
+                    ));
+                }
+            },
+        }
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    Ok(codes)
 }
 
 fn percentage(
