@@ -147,7 +147,27 @@ fn check_kubernetes(dir: &std::path::Path, node: &config::NodeConfig) -> anyhow:
     for (pod, why) in &status.report.waiting {
         println!("  waiting: {pod}: {why}");
     }
-    Ok(ExitCode::SUCCESS)
+    // Routes against the Services the saved state knows.
+    let problems = route_problems(&route_statuses(&desired));
+    for problem in &problems {
+        eprintln!("error: {problem}");
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The conditions of the routes and DestinationRules of `desired`.
+fn route_statuses(desired: &crate::desired::Desired) -> Vec<crate::routes::RouteStatus> {
+    let mut routes = crate::routes::RouteTable::build(&desired.routes.routes, &desired.services);
+    let (_, unresolved_rules) = crate::routes::apply_destination_rules(
+        &desired.services,
+        &desired.routes.destination_rules,
+    );
+    routes.add_statuses(unresolved_rules);
+    routes.statuses().to_vec()
 }
 
 /// Waits up to `timeout` for one of the blocked `signals`; true if one came.
@@ -257,14 +277,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     .set
                     .compile_with_services(&cfg.node.root_namespace, &cfg.services);
                 unenforceable.extend(compiled.unmapped_targets().iter().cloned());
-                let mut routes =
-                    crate::routes::RouteTable::build(&cfg.routes.routes, &cfg.services);
-                let (_, unresolved_rules) = crate::routes::apply_destination_rules(
-                    &cfg.services,
-                    &cfg.routes.destination_rules,
-                );
-                routes.add_statuses(unresolved_rules);
-                let route_problems = route_problems(routes.statuses());
+                let route_problems = route_problems(&route_statuses(&cfg));
                 for problem in &route_problems {
                     eprintln!("error: {problem}");
                 }

@@ -142,3 +142,35 @@ fn check_names_a_policy_whose_target_service_cannot_be_mapped() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ok"), "{out}");
 }
+
+#[test]
+fn check_names_a_route_whose_service_or_backend_is_not_known() {
+    let dir = config_dir("name: n1\n", "");
+    std::fs::create_dir(dir.path().join("routes")).unwrap();
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{group: '', kind: Service, name: web}]\n  rules: [{backendRefs: [{name: web-v2, port: 80}]}]\n";
+    std::fs::write(dir.path().join("routes/r.yaml"), route).unwrap();
+    let (code, _, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("ns/r") && err.contains("r.yaml") && err.contains("no such Service"),
+        "{err}"
+    );
+    // The parent known, the backend not: still named.
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        "services:\n  - {name: web, namespace: ns, vips: [10.96.0.9], ports: [{port: 80, protocol: http}]}\n",
+    )
+    .unwrap();
+    let (code, _, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("backend ns/web-v2:80"), "{err}");
+    // Both known: ok.
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        "services:\n  - {name: web, namespace: ns, vips: [10.96.0.9], ports: [{port: 80, protocol: http}]}\n  - {name: web-v2, namespace: ns, vips: [10.96.0.10], ports: [{port: 80, protocol: http}]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = agent(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok"), "{out}");
+}
