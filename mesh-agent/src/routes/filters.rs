@@ -557,34 +557,20 @@ fn mirror(
         (None, None) => (1, 1),
     };
     let b = raw.backend_ref;
-    let group = b.group.as_deref().unwrap_or("");
-    let kind = b.kind.as_deref().unwrap_or("Service");
-    let backend_namespace = b.namespace.unwrap_or_else(|| namespace.to_string());
-    let backend = if backend_namespace != namespace {
-        Backend::Invalid(format!(
-            "{backend_namespace}/{} is in another namespace (a ReferenceGrant is not supported yet)",
-            b.name
-        ))
-    } else if matches!(group, "" | "core") && kind == "Service" {
-        let Some(port) = b.port else {
-            let mut here = field("backendRef");
-            here.push(key("port"));
-            return Err(ctx.semantic(&here, "a Service backend needs its port".into()));
-        };
-        Backend::Service {
-            key: format!("{backend_namespace}/{}:{port}", b.name),
-            service: super::ServiceRef {
-                namespace: backend_namespace,
-                name: b.name,
-            },
-            port,
-        }
-    } else {
-        Backend::Invalid(format!(
-            "{kind} (group {group:?}) {} is not a Service",
-            b.name
-        ))
-    };
+    let mut port_at = field("backendRef");
+    port_at.push(key("port"));
+    let backend = super::load::gateway_backend(
+        ctx,
+        &port_at,
+        namespace,
+        super::load::BackendRef {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: b.name,
+            namespace: b.namespace,
+            port: b.port,
+        },
+    )?;
     Ok(Mirror {
         backend,
         numerator,

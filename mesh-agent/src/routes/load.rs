@@ -606,37 +606,67 @@ pub(super) fn convert_backend(
     if weight > MAX_WEIGHT {
         return Err(ctx.semantic(&at("weight"), format!("{weight} is more than {MAX_WEIGHT}")));
     }
-    let group = b.group.as_deref().unwrap_or("");
-    let kind = b.kind.as_deref().unwrap_or("Service");
-    let backend_namespace = b.namespace.clone().unwrap_or_else(|| namespace.to_string());
-    let backend = if backend_namespace != namespace {
-        // Another namespace's Service needs its ReferenceGrant: until
-        // those are read, such a reference is not permitted (500s).
-        Backend::Invalid(format!(
-            "{backend_namespace}/{} is in another namespace (a ReferenceGrant is not supported yet)",
-            b.name
-        ))
-    } else if matches!(group, "" | "core") && kind == "Service" {
-        let Some(port) = b.port else {
-            return Err(ctx.semantic(&at("port"), "a Service backend needs its port".into()));
-        };
-        Backend::Service {
-            key: format!("{backend_namespace}/{}:{port}", b.name),
-            service: ServiceRef {
-                namespace: backend_namespace,
-                name: b.name,
-            },
-            port,
-        }
-    } else {
-        Backend::Invalid(format!(
-            "{kind} (group {group:?}) {} is not a Service",
-            b.name
-        ))
-    };
+    let backend = gateway_backend(
+        ctx,
+        &at("port"),
+        namespace,
+        BackendRef {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: b.name,
+            namespace: b.namespace,
+            port: b.port,
+        },
+    )?;
     Ok(WeightedBackend {
         weight,
         backend,
         filters,
     })
+}
+
+/// A Gateway API `BackendObjectReference`, as read.
+pub(super) struct BackendRef<'a> {
+    pub group: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
+}
+
+/// What a backend reference of a route in `namespace` names: a Service
+/// port; or, for another kind or another namespace's Service (which needs
+/// a ReferenceGrant, not read yet), a reference its requests get 500 for.
+/// A Service without a port is an error at `port_at`.
+pub(super) fn gateway_backend(
+    ctx: &DocCtx<'_>,
+    port_at: &[Seg],
+    namespace: &str,
+    b: BackendRef<'_>,
+) -> Result<Backend, LoadError> {
+    let group = b.group.unwrap_or("");
+    let kind = b.kind.unwrap_or("Service");
+    let backend_namespace = b.namespace.unwrap_or_else(|| namespace.to_string());
+    if backend_namespace != namespace {
+        return Ok(Backend::Invalid(format!(
+            "{backend_namespace}/{} is in another namespace (a ReferenceGrant is not supported yet)",
+            b.name
+        )));
+    }
+    if !matches!(group, "" | "core") || kind != "Service" {
+        return Ok(Backend::Invalid(format!(
+            "{kind} (group {group:?}) {} is not a Service",
+            b.name
+        )));
+    }
+    let Some(port) = b.port else {
+        return Err(ctx.semantic(port_at, "a Service backend needs its port".into()));
+    };
+    Ok(Backend::service(
+        ServiceRef {
+            namespace: backend_namespace,
+            name: b.name,
+        },
+        port,
+    ))
 }

@@ -183,6 +183,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// `port` of `service`.
+    pub fn service(service: ServiceRef, port: u16) -> Self {
+        Backend::Service {
+            key: format!("{}/{}:{port}", service.namespace, service.name),
+            service,
+            port,
+        }
+    }
+
     /// The key of the service port it names (`namespace/name:port`).
     pub fn service_port_key(&self) -> Option<&str> {
         match self {

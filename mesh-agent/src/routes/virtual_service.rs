@@ -392,27 +392,7 @@ fn convert_http(
         if present(&r.headers) {
             return Err(ctx.semantic(&here("headers"), "not supported yet".into()));
         }
-        if r.destination.subset.is_some() {
-            let mut at = here("destination");
-            at.push(key("subset"));
-            return Err(ctx.semantic(&at, "not supported yet (DestinationRule subsets are not served; route to a Service per version)".into()));
-        }
-        let Some(service) = service_of(&r.destination.host, namespace) else {
-            let mut at = here("destination");
-            at.push(key("host"));
-            return Err(ctx.semantic(
-                &at,
-                format!("{:?} is not a mesh Service's name", r.destination.host),
-            ));
-        };
-        let backend = match r.destination.port {
-            Some(port) => Backend::Service {
-                key: format!("{}/{}:{}", service.namespace, service.name, port.number),
-                service,
-                port: port.number,
-            },
-            None => Backend::ServiceSamePort { service },
-        };
+        let backend = destination(ctx, here("destination"), namespace, &r.destination)?;
         // Istio: a single destination takes everything; otherwise the
         // weights (of 100) say.
         let weight = r.weight.unwrap_or(if single { 100 } else { 0 });
@@ -458,27 +438,7 @@ fn convert_http(
         }
     }
     if let Some(mirror) = http.mirror {
-        if mirror.subset.is_some() {
-            let mut here = at("mirror");
-            here.push(key("subset"));
-            return Err(ctx.semantic(&here, "not supported yet".into()));
-        }
-        let Some(service) = service_of(&mirror.host, namespace) else {
-            let mut here = at("mirror");
-            here.push(key("host"));
-            return Err(ctx.semantic(
-                &here,
-                format!("{:?} is not a mesh Service's name", mirror.host),
-            ));
-        };
-        let backend = match mirror.port {
-            Some(port) => Backend::Service {
-                key: format!("{}/{}:{}", service.namespace, service.name, port.number),
-                service,
-                port: port.number,
-            },
-            None => Backend::ServiceSamePort { service },
-        };
+        let backend = destination(ctx, at("mirror"), namespace, &mirror)?;
         // Istio: no percentage mirrors every request.
         let percent = percentage(
             ctx,
@@ -568,6 +528,37 @@ fn retry_on_codes(retry_on: Option<&str>) -> Result<Vec<u16>, String> {
     codes.sort_unstable();
     codes.dedup();
     Ok(codes)
+}
+
+/// A `Destination` (a route's or a mirror's, at `at`): a port of a mesh
+/// Service, or the port the request was sent to.
+fn destination(
+    ctx: &DocCtx<'_>,
+    at: Vec<Seg>,
+    namespace: &str,
+    d: &RawDestination,
+) -> Result<Backend, LoadError> {
+    let field = |f: &'static str| {
+        let mut here = at.clone();
+        here.push(key(f));
+        here
+    };
+    if d.subset.is_some() {
+        return Err(ctx.semantic(
+            &field("subset"),
+            "not supported yet (DestinationRule subsets are not served; route to a Service per version)".into(),
+        ));
+    }
+    let Some(service) = service_of(&d.host, namespace) else {
+        return Err(ctx.semantic(
+            &field("host"),
+            format!("{:?} is not a mesh Service's name", d.host),
+        ));
+    };
+    Ok(match &d.port {
+        Some(port) => Backend::service(service, port.number),
+        None => Backend::ServiceSamePort { service },
+    })
 }
 
 fn percentage(
