@@ -147,8 +147,15 @@ fn check_kubernetes(dir: &std::path::Path, node: &config::NodeConfig) -> anyhow:
     for (pod, why) in &status.report.waiting {
         println!("  waiting: {pod}: {why}");
     }
-    // Routes against the Services the saved state knows.
-    let problems = route_problems(&route_statuses(&desired));
+    // Route resources from the API that cannot be served, and routes
+    // against the Services the saved state knows.
+    let mut problems: Vec<String> = status
+        .report
+        .refused_routes
+        .iter()
+        .map(|(object, why)| format!("{object} (from the API) is refused: {why}"))
+        .collect();
+    problems.extend(route_problems(&route_statuses(&desired)));
     for problem in &problems {
         eprintln!("error: {problem}");
     }

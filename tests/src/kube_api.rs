@@ -1,7 +1,10 @@
 //! A MODEL of the Kubernetes API server, not the real thing (none can be
 //! installed on these machines): a scripted stand-in that speaks the API's
-//! wire protocol over real HTTP for the four kinds the agent watches
-//! (namespaces, pods, Services, EndpointSlices), as the API concepts page
+//! wire protocol over real HTTP for the kinds the agent watches
+//! (namespaces, pods, Services, EndpointSlices; and the custom resources
+//! HTTPRoute, GRPCRoute, VirtualService, DestinationRule once a test
+//! installs them: until then their paths answer 404 as for a resource
+//! definition not installed), as the API concepts page
 //! defines it (<https://kubernetes.io/docs/reference/using-api/api-concepts/>):
 //!
 //! - list: `GET /api/v1/pods` → a `PodList` with `metadata.resourceVersion`;
@@ -35,8 +38,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::broadcast, task::JoinSet};
 
-/// The kinds served: (collection path, kind, list kind, apiVersion).
-const KINDS: [(&str, &str, &str); 4] = [
+/// The kinds served: (collection path, kind, apiVersion).
+const KINDS: [(&str, &str, &str); 8] = [
     ("/api/v1/namespaces", "Namespace", "v1"),
     ("/api/v1/pods", "Pod", "v1"),
     ("/api/v1/services", "Service", "v1"),
@@ -45,7 +48,31 @@ const KINDS: [(&str, &str, &str); 4] = [
         "EndpointSlice",
         "discovery.k8s.io/v1",
     ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "HTTPRoute",
+        "gateway.networking.k8s.io/v1",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+        "GRPCRoute",
+        "gateway.networking.k8s.io/v1",
+    ),
+    (
+        "/apis/networking.istio.io/v1/virtualservices",
+        "VirtualService",
+        "networking.istio.io/v1",
+    ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        "DestinationRule",
+        "networking.istio.io/v1",
+    ),
 ];
+
+/// The built-in kinds, always served; the others are custom resources,
+/// served once installed.
+const BUILT_IN: [&str; 4] = ["Namespace", "Pod", "Service", "EndpointSlice"];
 
 const BOOKMARK_EVERY: Duration = Duration::from_millis(200);
 
@@ -62,6 +89,8 @@ struct State {
     lists: u64,
     watches: u64,
     gone: u64,
+    /// Custom resources whose definitions are installed.
+    installed: std::collections::BTreeSet<String>,
 }
 
 /// The stand-in API server. Dropping it stops it.
@@ -228,6 +257,20 @@ impl StandInApi {
         let _ = self.cut.send(());
     }
 
+    /// Installs the definition of a custom resource (`HTTPRoute`, ...): its
+    /// path is served from now on.
+    pub fn install(&self, kind: &str) {
+        assert!(
+            KINDS.iter().any(|(_, k, _)| *k == kind) && !BUILT_IN.contains(&kind),
+            "{kind} is not a custom resource of the model"
+        );
+        self.state
+            .lock()
+            .unwrap()
+            .installed
+            .insert(kind.to_string());
+    }
+
     /// (lists, watches, 410 answers) served so far.
     pub fn counts(&self) -> (u64, u64, u64) {
         let state = self.state.lock().unwrap();
@@ -277,13 +320,16 @@ fn handle(
     cut: broadcast::Sender<()>,
 ) -> Response<Body> {
     let path = req.uri().path();
-    let Some(&(_, kind, api_version)) = KINDS.iter().find(|(p, _, _)| *p == path) else {
+    let served = KINDS.iter().find(|(p, kind, _)| {
+        *p == path && (BUILT_IN.contains(kind) || state.lock().unwrap().installed.contains(*kind))
+    });
+    let Some(&(_, kind, api_version)) = served else {
         return full(
             StatusCode::NOT_FOUND,
             status(
                 404,
                 "NotFound",
-                "the model serves only the agent's four kinds",
+                "the server could not find the requested resource",
             ),
         );
     };

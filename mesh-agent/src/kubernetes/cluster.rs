@@ -29,6 +29,10 @@ pub struct ClusterView {
     pub services: BTreeMap<String, ServiceFacts>,
     /// `namespace/name` → facts.
     pub slices: BTreeMap<String, SliceFacts>,
+    /// Route resources by kind: `namespace/name` → the object's document.
+    /// (Absent from states saved before routes were watched.)
+    #[serde(default)]
+    pub routes: BTreeMap<super::watch::Kind, BTreeMap<String, String>>,
 }
 
 /// Where an enrolled pod of this node lives on the node.

@@ -3,9 +3,10 @@
 //! with no pods.yaml, workloads on other nodes and services from the API,
 //! policies still node-local files.
 //!
-//! - `watch.rs`: the watches (namespaces, pods, Services, EndpointSlices) and their health.
+//! - `watch.rs`: the watches (namespaces, pods, Services, EndpointSlices, route resources) and their health.
 //! - `cluster.rs`: the facts kept of the cluster, and the desired state's parts made from them.
 //! - `pods.rs`, `services.rs`: API objects to facts; enrolment; Services to services.
+//! - `routes.rs`: route resources from the API joined to the route files', each object loaded alone.
 //! - `netns.rs`, `cgroup.rs`: where a pod lives on the node.
 //! - `cni.rs`: the CNI plugin's requests: pods enrolled before their containers start.
 //! - `source.rs`: the source itself: files + watches → `Desired`; the saved state.
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod cni;
 pub mod netns;
 pub mod pods;
+pub mod routes;
 pub mod services;
 pub mod source;
 pub mod watch;

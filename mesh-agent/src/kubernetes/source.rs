@@ -51,6 +51,8 @@ pub struct KubeSource {
     sandboxes: Mutex<BTreeMap<String, PodSandbox>>,
     /// The namespaces labelled for the mesh as last written for the plugin.
     namespaces_written: Mutex<Option<Vec<String>>>,
+    /// Route resources from the API, each loaded once per version.
+    api_routes: Mutex<super::routes::ApiRoutes>,
 }
 
 /// What the last pass made of the cluster, for `/status`.
@@ -63,6 +65,10 @@ pub struct Report {
     pub waiting: Vec<(String, String)>,
     /// Services not served, and why.
     pub skipped_services: Vec<(String, String)>,
+    /// Route resources from the API refused (`HTTPRoute namespace/name`),
+    /// and why.
+    #[serde(default)]
+    pub refused_routes: Vec<(String, String)>,
 }
 
 /// The Kubernetes part of `/status`.
@@ -112,6 +118,7 @@ impl KubeSource {
             cgroup_root,
             sandboxes: Mutex::new(load_sandboxes(&settings.cni.sandboxes_file())),
             namespaces_written: Mutex::new(None),
+            api_routes: Mutex::default(),
         }))
     }
 
@@ -122,17 +129,27 @@ impl KubeSource {
         Ok(self.with_cluster(read_files(dir, None)?.0))
     }
 
-    /// `files` (node settings, policies) with the pods, workloads and
-    /// services of the view as it is now.
+    /// `files` (node settings, policies, routes) with the pods, workloads,
+    /// services and route resources of the view as it is now.
     fn with_cluster(&self, mut files: Desired) -> Desired {
-        let parts = self.parts();
+        let (parts, routes) = self.parts();
         files.pods = parts.pods;
         files.workloads = parts.workloads;
         files.services = parts.services;
+        let (routes, refused) = self.api_routes.lock().join(&routes, &files.routes);
+        files.routes = routes;
+        self.report.lock().refused_routes = refused;
         files
     }
 
-    fn parts(&self) -> Parts {
+    /// The parts of the desired state from the view, and its route
+    /// resources.
+    fn parts(
+        &self,
+    ) -> (
+        Parts,
+        BTreeMap<super::watch::Kind, BTreeMap<String, String>>,
+    ) {
         let mut view = self.view.lock().clone();
         let sandboxes = self.sandboxes.lock().clone();
         for sandbox in sandboxes.values() {
@@ -157,7 +174,7 @@ impl KubeSource {
         report.from_saved_state = report.from_saved_state && !self.health.all_synced();
         report.waiting = parts.waiting.clone();
         report.skipped_services = parts.skipped.clone();
-        parts
+        (parts, view.routes)
     }
 
     /// Finds where each pod of the mesh on this node lives; a pod whose

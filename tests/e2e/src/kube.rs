@@ -359,6 +359,60 @@ impl<'t> Cluster<'t> {
             .unwrap()
     }
 
+    /// `http-load --url url args` in the pod (its netns and cgroup).
+    pub fn http_load(&self, pod: &KubePod, url: &str, args: &[&str]) -> crate::load::Load {
+        let mut cmd = Command::new(crate::load::http_load_binary());
+        cmd.args(["--url", url]).args(args);
+        let out = self
+            .topo
+            .spawn_in(
+                &format!("http-load in pod {}", pod.name),
+                &pod.sandbox.netns_path,
+                &pod.sandbox.cgroup_dir().unwrap(),
+                cmd,
+            )
+            .unwrap()
+            .wait_success(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("http-load: {e:#}"));
+        crate::load::Load::parse(&out.stdout)
+    }
+
+    /// An HTTP server in the pod's network namespace, answering with
+    /// `x-served-by: name`.
+    pub fn http_backend(
+        &self,
+        pod: &KubePod,
+        port: u16,
+        name: &str,
+    ) -> crate::backend::HttpBackend {
+        crate::backend::HttpBackend::start_in(Some(pod.sandbox.netns_path.clone()), port, name)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Puts a ClusterIP Service `name` with one TCP port named `http` (so
+    /// HTTP by Istio's port-name rule) and its EndpointSlice over `pods`.
+    pub fn put_service(&self, name: &str, cluster_ip: &str, port: u16, pods: &[&KubePod]) {
+        self.api.put(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                     "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": port}]}}));
+        let endpoints: Vec<serde_json::Value> = pods
+            .iter()
+            .map(|pod| {
+                json!({"addresses": [pod.ip().to_string()], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": pod.name, "uid": pod.uid}})
+            })
+            .collect();
+        self.api.put(
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-slice"), "namespace": NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": endpoints}),
+        );
+    }
+
     /// `from` sends a line to the peer-echo server in `to`; the answer.
     pub fn send(&self, from: &KubePod, to: &KubePod) -> anyhow::Result<String> {
         let out = self

@@ -71,11 +71,15 @@ pub fn load(client: &Pod, url: &str, args: &[&str]) -> Load {
     let out = client
         .run(http_load_binary(), &all, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("http-load: {e:#}"));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "http-load output: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    Load { json }
+    Load::parse(&out.stdout)
+}
+
+impl Load {
+    /// What `http-load` printed.
+    pub fn parse(stdout: &[u8]) -> Load {
+        let json: Value = serde_json::from_slice(stdout).unwrap_or_else(|e| {
+            panic!("http-load output: {e}: {}", String::from_utf8_lossy(stdout))
+        });
+        Load { json }
+    }
 }

@@ -294,3 +294,193 @@ fn model_api_away_for_a_minute_under_traffic_then_a_change_made_meanwhile_is_app
     assert_eq!(failed, 0, "{stdout}");
     assert_eq!(sent, ok);
 }
+
+/// A route resource as the API serves it (with what the API server adds).
+fn web_route(extra_in_first_rule: &str) -> serde_json::Value {
+    let mut route: serde_json::Value = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+  namespace: shop
+  creationTimestamp: "2026-12-07T10:00:00Z"
+  generation: 1
+  managedFields:
+  - manager: kubectl
+    operation: Apply
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: web
+    port: {port}
+  rules:
+  - matches:
+    - headers:
+      - name: x-version
+        value: v2
+{extra_in_first_rule}    backendRefs:
+    - name: web-v2
+      port: {port}
+  - backendRefs:
+    - name: web-v1
+      port: {port}
+"#,
+        port = WEB_PORT
+    ))
+    .unwrap();
+    route["status"] = serde_json::json!({"parents": []});
+    route
+}
+
+const WEB_PORT: u16 = 8080;
+
+#[test]
+fn model_api_routes_from_the_api_are_applied_refused_alone_and_removed() {
+    if !cri_enabled("model_api_routes_from_the_api_are_applied_refused_alone_and_removed") {
+        return;
+    }
+    let topo = Topology::builder("kubernetes_routes")
+        .node("n1", &[])
+        .node("n2", &[])
+        .build()
+        .unwrap();
+    let mut cluster = Cluster::start(&topo, 206);
+    let client = cluster.create_pod("n1", "client");
+    let v1 = cluster.create_pod("n2", "v1");
+    let v2 = cluster.create_pod("n2", "v2");
+    cluster.wait_enrolled("n1", &client);
+    cluster.wait_enrolled("n2", &v1);
+    cluster.wait_enrolled("n2", &v2);
+    let _servers = [
+        cluster.http_backend(&v1, WEB_PORT, "v1"),
+        cluster.http_backend(&v2, WEB_PORT, "v2"),
+    ];
+    cluster.put_service("web", "10.96.7.10", WEB_PORT, &[&v1, &v2]);
+    cluster.put_service("web-v1", "10.96.7.11", WEB_PORT, &[&v1]);
+    cluster.put_service("web-v2", "10.96.7.12", WEB_PORT, &[&v2]);
+    let n1 = &cluster.node("n1").agent;
+    let url = format!("http://10.96.7.10:{WEB_PORT}/");
+
+    // The route resources' definitions are not installed: the agent says
+    // so, and is synced all the same; web spreads over both.
+    let kubernetes = n1.status().unwrap().kubernetes.unwrap();
+    assert!(kubernetes.synced, "{kubernetes:?}");
+    assert!(
+        kubernetes.watches["httproutes"].not_installed,
+        "{kubernetes:?}"
+    );
+    let spread = || {
+        wait_until("web spread over v1 and v2", Duration::from_secs(30), || {
+            let load = cluster.http_load(&client, &url, &["--requests", "100"]);
+            Ok(load.all_ok() && load.served_by("v1") > 0 && load.served_by("v2") > 0)
+        })
+        .unwrap()
+    };
+    spread();
+
+    // The definition is installed and an HTTPRoute applied: the agent
+    // finds both (the watch looks again within seconds) and routes by
+    // header, v2 for x-version: v2, v1 for the rest.
+    cluster.api.install("HTTPRoute");
+    cluster.api.put(web_route(""));
+    let installed = Instant::now();
+    let accepted = |agent: &NodeAgent| -> anyhow::Result<bool> {
+        let (_, dump) = agent.get("/config_dump")?;
+        let dump: serde_json::Value = serde_json::from_str(&dump)?;
+        Ok(dump["routes"].as_array().is_some_and(|routes| {
+            routes.iter().any(|r| {
+                r["route"] == "shop/web"
+                    && r["file"] == "kubernetes:HTTPRoute/shop/web"
+                    && r["parents"][0]["accepted"] == true
+            })
+        }))
+    };
+    wait_until(
+        "the route from the API in force",
+        Duration::from_secs(30),
+        || accepted(n1),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", n1.get("/config_dump").unwrap().1));
+    eprintln!(
+        "the route in force {:?} after its definition was installed",
+        installed.elapsed()
+    );
+    assert!(!n1.status().unwrap().kubernetes.unwrap().watches["httproutes"].not_installed);
+    let routed = |version: &str| {
+        let mut args = vec!["--requests", "100", "--connections", "2"];
+        let header = format!("x-version:{version}");
+        if version == "v2" {
+            args.extend(["--header", &header]);
+        }
+        let load = cluster.http_load(&client, &url, &args);
+        eprintln!("routed to {version}: {load}");
+        assert!(load.all_ok(), "{load}");
+        assert_eq!(load.served_by(version), 100, "{version}: {load}");
+    };
+    routed("v2");
+    routed("v1");
+
+    // A new version with a field not served: refused alone, named with
+    // its field; the last version that loaded keeps routing.
+    cluster
+        .api
+        .put(web_route("    sessionPersistence:\n      type: Cookie\n"));
+    wait_until("the bad version refused", Duration::from_secs(30), || {
+        let kubernetes = n1.status()?.kubernetes.unwrap();
+        Ok(kubernetes
+            .report
+            .refused_routes
+            .iter()
+            .any(|(object, why)| {
+                object == "HTTPRoute shop/web"
+                    && why.contains("sessionPersistence")
+                    && why.contains("keeps serving")
+            }))
+    })
+    .unwrap();
+    routed("v2");
+    routed("v1");
+    // `mesh-agent check` names it from the saved state (where no good
+    // version is kept: it says the object is refused).
+    wait_until(
+        "the state saved with the route",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                std::fs::read_to_string(state_file(&topo, cluster.node("n1").node))
+                    .is_ok_and(|s| s.contains("sessionPersistence")),
+            )
+        },
+    )
+    .unwrap();
+    let check = Command::new(mesh_e2e::agent::agent_binary())
+        .args(["check", "--config"])
+        .arg(n1.config_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    eprintln!("check: {said}");
+    assert!(!check.status.success(), "{said}");
+    assert!(
+        said.contains("HTTPRoute shop/web (from the API) is refused")
+            && said.contains("sessionPersistence"),
+        "{said}"
+    );
+
+    // Deleted: web spreads over both again.
+    assert!(cluster.api.delete("HTTPRoute", "shop", "web"));
+    wait_until("the route gone", Duration::from_secs(30), || {
+        Ok(!accepted(n1)?
+            && n1
+                .status()?
+                .kubernetes
+                .unwrap()
+                .report
+                .refused_routes
+                .is_empty())
+    })
+    .unwrap();
+    spread();
+}
