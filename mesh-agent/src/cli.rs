@@ -168,11 +168,11 @@ fn check_kubernetes(dir: &std::path::Path, node: &config::NodeConfig) -> anyhow:
 
 /// The conditions of the routes and DestinationRules of `desired`.
 fn route_statuses(desired: &crate::desired::Desired) -> Vec<crate::routes::RouteStatus> {
-    let mut routes = crate::routes::RouteTable::build(&desired.routes.routes, &desired.services);
-    let (_, unresolved_rules) = crate::routes::apply_destination_rules(
+    let (with_rules, unresolved_rules) = crate::routes::apply_destination_rules(
         &desired.services,
         &desired.routes.destination_rules,
     );
+    let mut routes = crate::routes::RouteTable::build(&desired.routes.routes, &with_rules);
     routes.add_statuses(unresolved_rules);
     routes.statuses().to_vec()
 }

@@ -282,6 +282,7 @@ impl ServiceTable {
                 let protocol = PortProtocol::from_config(&port.protocol);
                 let outlier = &svc.outlier_detection;
                 let config = balance::ServiceConfig {
+                    choice: svc.choice,
                     protocol: if protocol == PortProtocol::Tcp {
                         Protocol::Tcp
                     } else {
@@ -329,7 +330,7 @@ impl ServiceTable {
                         }),
                     );
                 }
-                let key = format!("{}:{}", svc.key(), port.port);
+                let key = svc.port_key(port.port);
                 let endpoints: Vec<Endpoint> = svc
                     .endpoints
                     .iter()
@@ -456,6 +457,8 @@ mod tests {
             selector: Default::default(),
             max_requests_in_flight: None,
             hash_by: None,
+            choice: Default::default(),
+            subset: None,
             locality,
             endpoints: endpoints
                 .iter()

@@ -149,6 +149,26 @@ impl Service {
         load / state.weight() as f64
     }
 
+    /// Smooth weighted round robin (nginx's): every candidate gains its
+    /// weight, the one ahead is chosen and falls back by the total. Equal
+    /// weights take turns; 5:1 gives a a a b a a, not a a a a a b.
+    pub(super) fn round_robin(&mut self, candidates: &[usize]) -> usize {
+        let mut total = 0i64;
+        let mut chosen = candidates[0];
+        for &i in candidates {
+            let weight = i64::try_from(self.endpoints[i].weight()).unwrap_or(i64::MAX);
+            total = total.saturating_add(weight);
+            let state = &mut self.endpoints[i];
+            state.turn = state.turn.saturating_add(weight);
+            if state.turn > self.endpoints[chosen].turn {
+                chosen = i;
+            }
+        }
+        let state = &mut self.endpoints[chosen];
+        state.turn = state.turn.saturating_sub(total);
+        chosen
+    }
+
     pub(super) fn power_of_two(&mut self, candidates: &[usize], now: Duration) -> usize {
         if let [only] = candidates {
             return *only;

@@ -30,6 +30,11 @@
 //!    the weights (so idle endpoints get traffic in proportion to weight).
 //!    Load is the number of open connections ([`Protocol::Tcp`]) or the
 //!    peak-EWMA latency × (pending requests + 1) ([`Protocol::Http`]).
+//!    Or, as configured by [`Choice`] (an Istio DestinationRule's
+//!    `loadBalancer.simple`): a weighted **round robin** (smooth, as
+//!    nginx's: each candidate in turn, in proportion to weight, spread
+//!    out) or a weighted **random** draw, neither looking at load. A
+//!    request's consistent-hash key, when there is one, decides instead.
 //!
 //! Failures reported through [`Service::on_close`] / [`Service::finish`]
 //! drive outlier ejection (see [`OutlierConfig`]); a re-admitted endpoint is
@@ -103,11 +108,25 @@ pub enum Protocol {
     Http,
 }
 
+/// How an endpoint is chosen among the candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Choice {
+    /// Power of two choices by load (what Envoy's LEAST_REQUEST does).
+    #[default]
+    LeastLoaded,
+    /// Weighted round robin.
+    RoundRobin,
+    /// A weighted random draw.
+    Random,
+}
+
 /// Per-service configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServiceConfig {
     /// Load estimate used by power-of-two-choices.
     pub protocol: Protocol,
+    /// How the endpoint is chosen among the candidates.
+    pub choice: Choice,
     /// Locality preference.
     pub locality: Locality,
     /// Weighted subsets; empty = none (endpoint weights apply directly).
@@ -227,6 +246,8 @@ struct EndpointState {
     ewma: PeakEwma,
     outlier: OutlierState,
     picks: u64,
+    /// Smooth weighted round robin's running weight.
+    turn: i64,
 }
 
 impl EndpointState {
@@ -324,6 +345,7 @@ impl Service {
                         ewma: PeakEwma::new(&self.config.ewma, now),
                         outlier: OutlierState::default(),
                         picks: 0,
+                        turn: 0,
                     }
                 }
             };
@@ -407,7 +429,14 @@ impl Service {
                 .copied()
                 .max_by_key(|&i| rendezvous(key, &self.endpoints[i].id))
                 .expect("a candidate"),
-            None => self.power_of_two(&candidates, now),
+            None => match self.config.choice {
+                Choice::LeastLoaded => self.power_of_two(&candidates, now),
+                Choice::RoundRobin => self.round_robin(&candidates),
+                Choice::Random => {
+                    let total = candidates.iter().map(|&i| self.endpoints[i].weight()).sum();
+                    self.draw(&candidates, total, None)
+                }
+            },
         };
         let state = &mut self.endpoints[chosen];
         state.picks += 1;

@@ -775,3 +775,68 @@ fn an_unsampled_request_counts_its_outcome_but_not_its_latency() {
     assert_eq!(endpoint_stats(&svc, "ep-1").ewma, before.ewma);
     assert_eq!(endpoint_stats(&svc, "ep-1").consecutive_failures, 0);
 }
+
+#[test]
+fn round_robin_takes_turns_in_proportion_to_weight_whatever_the_load() {
+    let config = ServiceConfig {
+        choice: Choice::RoundRobin,
+        ..config(Protocol::Http)
+    };
+    let (_, mut svc) = service(config.clone(), vec![ep(1), ep(2), ep(3)], 1);
+    // ep-1 is loaded (requests pending): round robin does not look.
+    for _ in 0..10 {
+        let _ = svc.start_request("ep-1");
+    }
+    let order: Vec<String> = (0..9).map(|_| svc.pick().unwrap().id.to_string()).collect();
+    for turn in order.chunks(3) {
+        let mut turn = turn.to_vec();
+        turn.sort();
+        assert_eq!(turn, ["ep-1", "ep-2", "ep-3"], "{order:?}");
+    }
+    let shares = picks(&mut svc, 300);
+    assert_eq!(
+        [
+            count(&shares, "ep-1"),
+            count(&shares, "ep-2"),
+            count(&shares, "ep-3")
+        ],
+        [100, 100, 100]
+    );
+
+    // Weights 5:1, spread out: b's turn comes once every six picks, and
+    // never two a's more than five in a row.
+    let (_, mut svc) = service(config, vec![ep(1).with_weight(5), ep(2).with_weight(1)], 1);
+    let order: Vec<String> = (0..60)
+        .map(|_| svc.pick().unwrap().id.to_string())
+        .collect();
+    for six in order.chunks(6) {
+        assert_eq!(
+            six.iter().filter(|id| *id == "ep-2").count(),
+            1,
+            "{order:?}"
+        );
+    }
+}
+
+#[test]
+fn random_draws_in_proportion_to_weight_whatever_the_load() {
+    let config = ServiceConfig {
+        choice: Choice::Random,
+        ..config(Protocol::Http)
+    };
+    let (_, mut svc) = service(config, vec![ep(1), ep(2), ep(3).with_weight(2)], 9);
+    for _ in 0..10 {
+        let _ = svc.start_request("ep-1");
+    }
+    // 40,000 draws: a quarter, a quarter, a half, each within 4σ.
+    let shares = picks(&mut svc, 40_000);
+    for (id, p) in [("ep-1", 0.25), ("ep-2", 0.25), ("ep-3", 0.5)] {
+        let expected = 40_000.0 * p;
+        let variance: f64 = 40_000.0 * p * (1.0 - p);
+        let got = count(&shares, id) as f64;
+        assert!(
+            (got - expected).abs() <= 4.0 * variance.sqrt(),
+            "{id}: {got} of 40,000 ({shares:?})"
+        );
+    }
+}

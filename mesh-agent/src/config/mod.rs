@@ -25,7 +25,7 @@ pub use node::{
 pub use pods::{CaptureExclusions, KubeletProbes, PodConfig, PodsFile};
 pub use services::{
     EndpointConfig, HashKey, LocalityConfig, OutlierDetectionConfig, RetriesConfig, RouteConfig,
-    ServiceConfig, ServicePort, ServicesFile, SubsetConfig,
+    ServiceConfig, ServicePort, ServicesFile, SubsetConfig, port_key,
 };
 pub use workloads::{RemoteWorkload, WorkloadsFile};
 

@@ -62,6 +62,16 @@ pub struct ServiceConfig {
     /// endpoint.
     #[serde(skip)]
     pub hash_by: Option<HashKey>,
+    /// How an endpoint is chosen, by a DestinationRule's
+    /// `loadBalancer.simple` (not a services.yaml field).
+    #[serde(skip)]
+    pub choice: crate::balance::Choice,
+    /// A DestinationRule subset of the Service of this name: its endpoints
+    /// are the ones with the subset's labels, it has no address of its own
+    /// and is reached by the routes that name it (not a services.yaml
+    /// field).
+    #[serde(skip)]
+    pub subset: Option<String>,
 }
 
 /// What a consistent hash is of.
@@ -93,7 +103,24 @@ impl ServiceConfig {
             outlier_detection: OutlierDetectionConfig::default(),
             max_requests_in_flight: None,
             hash_by: None,
+            choice: crate::balance::Choice::default(),
+            subset: None,
         }
+    }
+
+    /// The key of one of its ports, as balancers and routes know it.
+    pub fn port_key(&self, port: u16) -> String {
+        port_key(&self.namespace, &self.name, self.subset.as_deref(), port)
+    }
+}
+
+/// The key of a service port: `namespace/name:port`, or
+/// `namespace/name~subset:port` for a DestinationRule subset (`~` is in no
+/// Kubernetes name).
+pub fn port_key(namespace: &str, name: &str, subset: Option<&str>, port: u16) -> String {
+    match subset {
+        None => format!("{namespace}/{name}:{port}"),
+        Some(subset) => format!("{namespace}/{name}~{subset}:{port}"),
     }
 }
 

@@ -81,7 +81,7 @@ impl Plan {
         for unmapped in policies.unmapped_targets() {
             tracing::error!(error = %unmapped, "authorization policy cannot be enforced as written");
         }
-        let mut routes = RouteTable::build(&desired.routes.routes, &desired.services);
+        let mut routes = RouteTable::build(&desired.routes.routes, &with_rules);
         routes.add_statuses(unresolved_rules);
         for status in routes.statuses() {
             for parent in status.parents.iter().filter(|p| !p.accepted) {

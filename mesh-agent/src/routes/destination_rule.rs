@@ -38,12 +38,36 @@ pub struct DestinationRule {
     pub id: RouteId,
     pub service: ServiceRef,
     pub policy: TrafficPolicy,
+    /// Named sets of the Service's endpoints, by labels, each a backend
+    /// routes may name (a VirtualService destination's `subset`).
+    pub subsets: Vec<Subset>,
     pub source: PathBuf,
+}
+
+/// A `subsets` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subset {
+    pub name: String,
+    /// Endpoints with all of these labels belong to it.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The rule's policy with the subset's own components in place of the
+    /// rule's (Istio's merge: a component the subset sets replaces the
+    /// rule's whole).
+    pub policy: TrafficPolicy,
+}
+
+/// Which components of a `trafficPolicy` were written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Components {
+    pub connection_pool: bool,
+    pub outlier_detection: bool,
+    pub load_balancer: bool,
 }
 
 /// What is served of a `trafficPolicy`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrafficPolicy {
+    pub written: Components,
     pub max_connections: Option<u32>,
     pub connect_timeout: Option<Duration>,
     pub http1_max_pending_requests: Option<u32>,
@@ -53,9 +77,38 @@ pub struct TrafficPolicy {
     pub max_ejection_percent: Option<u8>,
     /// `loadBalancer.consistentHash`.
     pub hash_by: Option<crate::config::HashKey>,
+    /// `loadBalancer.simple`.
+    pub choice: Option<crate::balance::Choice>,
 }
 
 impl TrafficPolicy {
+    /// This policy with the components `subset` wrote in place of its own.
+    pub fn overridden_by(&self, subset: &TrafficPolicy) -> TrafficPolicy {
+        let mut merged = self.clone();
+        let written = subset.written;
+        if written.connection_pool {
+            merged.max_connections = subset.max_connections;
+            merged.connect_timeout = subset.connect_timeout;
+            merged.http1_max_pending_requests = subset.http1_max_pending_requests;
+            merged.http2_max_requests = subset.http2_max_requests;
+        }
+        if written.outlier_detection {
+            merged.consecutive_5xx_errors = subset.consecutive_5xx_errors;
+            merged.base_ejection_time = subset.base_ejection_time;
+            merged.max_ejection_percent = subset.max_ejection_percent;
+        }
+        if written.load_balancer {
+            merged.hash_by = subset.hash_by.clone();
+            merged.choice = subset.choice;
+        }
+        merged.written = Components {
+            connection_pool: self.written.connection_pool || written.connection_pool,
+            outlier_detection: self.written.outlier_detection || written.outlier_detection,
+            load_balancer: self.written.load_balancer || written.load_balancer,
+        };
+        merged
+    }
+
     /// The most requests in flight to the Service, if the connection pool
     /// bounds them.
     pub fn max_in_flight(&self) -> Option<u32> {
@@ -90,11 +143,21 @@ struct RawSpec {
     #[serde(default)]
     traffic_policy: Option<RawTrafficPolicy>,
     #[serde(default)]
-    subsets: Option<Value>,
+    subsets: Vec<RawSubset>,
     #[serde(default)]
     export_to: Option<Value>,
     #[serde(default)]
     workload_selector: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSubset {
+    name: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    traffic_policy: Option<RawTrafficPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,7 +331,6 @@ pub(super) fn convert(
         ctx,
         &[key("spec")],
         &[
-            ("subsets", &spec.subsets),
             ("exportTo", &spec.export_to),
             ("workloadSelector", &spec.workload_selector),
         ],
@@ -279,12 +341,62 @@ pub(super) fn convert(
             format!("{:?} is not a mesh Service's name (name, name.namespace or name.namespace.svc.<domain>; no wildcards)", spec.host),
         )
     })?;
-    let mut policy = TrafficPolicy::default();
-    let tp = spec.traffic_policy.unwrap_or_default();
     let at_tp = [key("spec"), key("trafficPolicy")];
+    let policy = traffic_policy(ctx, &at_tp, spec.traffic_policy.unwrap_or_default())?;
+    let mut subsets: Vec<Subset> = Vec::new();
+    for (i, raw) in spec.subsets.into_iter().enumerate() {
+        let at = [key("spec"), key("subsets"), Seg::Index(i)];
+        if raw.name.is_empty() || raw.name.contains('~') {
+            return Err(ctx.semantic(
+                &under(&at, &["name"]),
+                format!("{:?} is not a subset's name", raw.name),
+            ));
+        }
+        if subsets.iter().any(|s| s.name == raw.name) {
+            return Err(ctx.semantic(
+                &under(&at, &["name"]),
+                format!("subset {:?} is defined twice", raw.name),
+            ));
+        }
+        let own = match raw.traffic_policy {
+            Some(tp) => traffic_policy(ctx, &under(&at, &["trafficPolicy"]), tp)?,
+            None => TrafficPolicy::default(),
+        };
+        subsets.push(Subset {
+            name: raw.name,
+            labels: raw.labels,
+            policy: policy.overridden_by(&own),
+        });
+    }
+    Ok(DestinationRule {
+        id: RouteId {
+            namespace,
+            name: raw.metadata.name,
+        },
+        service,
+        policy,
+        subsets,
+        source: path.to_path_buf(),
+    })
+}
+
+/// `at` followed by `fields`.
+fn under(at: &[Seg], fields: &[&'static str]) -> Vec<Seg> {
+    let mut here = at.to_vec();
+    here.extend(fields.iter().map(|f| key(f)));
+    here
+}
+
+/// A `trafficPolicy` (the rule's or a subset's) at `at`.
+fn traffic_policy(
+    ctx: &DocCtx<'_>,
+    at_tp: &[Seg],
+    tp: RawTrafficPolicy,
+) -> Result<TrafficPolicy, LoadError> {
+    let mut policy = TrafficPolicy::default();
     refuse_present(
         ctx,
-        &at_tp,
+        at_tp,
         &[
             ("portLevelSettings", &tp.port_level_settings),
             ("tunnel", &tp.tunnel),
@@ -292,8 +404,13 @@ pub(super) fn convert(
             ("retryBudget", &tp.retry_budget),
         ],
     )?;
+    policy.written = Components {
+        connection_pool: tp.connection_pool.is_some(),
+        outlier_detection: tp.outlier_detection.is_some(),
+        load_balancer: tp.load_balancer.is_some(),
+    };
     if let Some(lb) = tp.load_balancer {
-        let at = [key("spec"), key("trafficPolicy"), key("loadBalancer")];
+        let at = under(at_tp, &["loadBalancer"]);
         refuse_present(
             ctx,
             &at,
@@ -303,19 +420,29 @@ pub(super) fn convert(
                 ("warmupDurationSecs", &lb.warmup_duration_secs),
             ],
         )?;
-        match lb.simple.as_deref() {
+        use crate::balance::Choice;
+        policy.choice = match lb.simple.as_deref() {
+            None | Some("UNSPECIFIED") => None,
             // The balancer's own: power of two choices over peak-EWMA
             // latency, which picks the less loaded of two (what Envoy's
-            // LEAST_REQUEST does), and the default.
-            None | Some("LEAST_REQUEST") | Some("UNSPECIFIED") => {}
+            // LEAST_REQUEST does); LEAST_CONN is its deprecated name.
+            Some("LEAST_REQUEST" | "LEAST_CONN") => Some(Choice::LeastLoaded),
+            Some("ROUND_ROBIN") => Some(Choice::RoundRobin),
+            Some("RANDOM") => Some(Choice::Random),
             Some(other) => {
-                let mut here = at.to_vec();
-                here.push(key("simple"));
                 return Err(ctx.semantic(
-                    &here,
-                    format!("{other:?} is not supported yet (LEAST_REQUEST is)"),
+                    &under(&at, &["simple"]),
+                    format!(
+                        "{other:?} is not supported (LEAST_REQUEST, ROUND_ROBIN and RANDOM are; PASSTHROUGH needs no Service)"
+                    ),
                 ));
             }
+        };
+        if policy.choice.is_some() && lb.consistent_hash.is_some() {
+            return Err(ctx.semantic(
+                &under(&at, &["simple"]),
+                "`simple` and `consistentHash` are exclusive".into(),
+            ));
         }
         if let Some(hash) = lb.consistent_hash {
             let mut at = at.to_vec();
@@ -354,7 +481,7 @@ pub(super) fn convert(
         && tls.mode != "ISTIO_MUTUAL"
     {
         return Err(ctx.semantic(
-            &[key("spec"), key("trafficPolicy"), key("tls"), key("mode")],
+            &under(at_tp, &["tls", "mode"]),
             format!(
                 "{:?}: only ISTIO_MUTUAL, what the mesh always does between its workloads",
                 tls.mode
@@ -363,12 +490,7 @@ pub(super) fn convert(
     }
     if let Some(pool) = tp.connection_pool {
         if let Some(tcp) = pool.tcp {
-            let at = [
-                key("spec"),
-                key("trafficPolicy"),
-                key("connectionPool"),
-                key("tcp"),
-            ];
+            let at = under(at_tp, &["connectionPool", "tcp"]);
             refuse_present(
                 ctx,
                 &at,
@@ -384,12 +506,7 @@ pub(super) fn convert(
             policy.connect_timeout = duration(ctx, &at_timeout, tcp.connect_timeout)?;
         }
         if let Some(http) = pool.http {
-            let at = [
-                key("spec"),
-                key("trafficPolicy"),
-                key("connectionPool"),
-                key("http"),
-            ];
+            let at = under(at_tp, &["connectionPool", "http"]);
             refuse_present(
                 ctx,
                 &at,
@@ -414,19 +531,14 @@ pub(super) fn convert(
         ] {
             if value == Some(0) {
                 return Err(ctx.semantic(
-                    &[
-                        key("spec"),
-                        key("trafficPolicy"),
-                        key("connectionPool"),
-                        key(field),
-                    ],
+                    &under(at_tp, &["connectionPool", field]),
                     "must be at least 1".into(),
                 ));
             }
         }
     }
     if let Some(outlier) = tp.outlier_detection {
-        let at = [key("spec"), key("trafficPolicy"), key("outlierDetection")];
+        let at = under(at_tp, &["outlierDetection"]);
         refuse_present(
             ctx,
             &at,
@@ -472,15 +584,7 @@ pub(super) fn convert(
             }
         };
     }
-    Ok(DestinationRule {
-        id: RouteId {
-            namespace,
-            name: raw.metadata.name,
-        },
-        service,
-        policy,
-        source: path.to_path_buf(),
-    })
+    Ok(policy)
 }
 
 /// `services` with the DestinationRules applied; the conditions of the
@@ -491,6 +595,7 @@ pub fn apply(
 ) -> (Vec<ServiceConfig>, Vec<RouteStatus>) {
     let mut out = services.to_vec();
     let mut unresolved = Vec::new();
+    let mut subsets = Vec::new();
     for rule in rules {
         let Some(service) = out
             .iter_mut()
@@ -510,25 +615,50 @@ pub fn apply(
             });
             continue;
         };
-        let p = &rule.policy;
-        if let Some(timeout) = p.connect_timeout {
-            service.connect_timeout = timeout;
-        }
-        if let Some(n) = p.consecutive_5xx_errors {
-            service.outlier_detection.consecutive_failures = n;
-        }
-        if let Some(t) = p.base_ejection_time {
-            service.outlier_detection.base_ejection_time = t;
-        }
-        if let Some(m) = p.max_ejection_percent {
-            service.outlier_detection.max_ejection_percent = m;
-        }
-        if let Some(max) = p.max_in_flight() {
-            service.max_requests_in_flight = Some(max);
-        }
-        if let Some(hash) = &p.hash_by {
-            service.hash_by = Some(hash.clone());
+        // A subset's policy is whole already (the rule's, with the
+        // subset's components in place): applied to the Service as written.
+        let written = service.clone();
+        apply_policy(service, &rule.policy);
+        for subset in &rule.subsets {
+            let mut part = written.clone();
+            part.subset = Some(subset.name.clone());
+            part.vips.clear();
+            part.subsets.clear();
+            part.endpoints.retain(|e| {
+                subset
+                    .labels
+                    .iter()
+                    .all(|(k, v)| e.labels.get(k) == Some(v))
+            });
+            apply_policy(&mut part, &subset.policy);
+            subsets.push(part);
         }
     }
+    out.extend(subsets);
     (out, unresolved)
+}
+
+/// What a policy changes of a Service's settings.
+fn apply_policy(service: &mut ServiceConfig, p: &TrafficPolicy) {
+    if let Some(timeout) = p.connect_timeout {
+        service.connect_timeout = timeout;
+    }
+    if let Some(n) = p.consecutive_5xx_errors {
+        service.outlier_detection.consecutive_failures = n;
+    }
+    if let Some(t) = p.base_ejection_time {
+        service.outlier_detection.base_ejection_time = t;
+    }
+    if let Some(m) = p.max_ejection_percent {
+        service.outlier_detection.max_ejection_percent = m;
+    }
+    if let Some(max) = p.max_in_flight() {
+        service.max_requests_in_flight = Some(max);
+    }
+    if let Some(hash) = &p.hash_by {
+        service.hash_by = Some(hash.clone());
+    }
+    if let Some(choice) = p.choice {
+        service.choice = choice;
+    }
 }

@@ -167,16 +167,22 @@ pub struct WeightedBackend {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
-    /// A port of a Service: its requests are balanced over its endpoints.
+    /// A port of a Service (or of one of its DestinationRule subsets): its
+    /// requests are balanced over its endpoints.
     Service {
         service: ServiceRef,
         port: u16,
-        /// `namespace/name:port`, the service port's key.
+        subset: Option<String>,
+        /// The service port's key (`namespace/name:port`,
+        /// `namespace/name~subset:port`).
         key: String,
     },
     /// The Service's port the request was sent to (a VirtualService's
-    /// destination without a port).
-    ServiceSamePort { service: ServiceRef },
+    /// destination without a port), of a subset or not.
+    ServiceSamePort {
+        service: ServiceRef,
+        subset: Option<String>,
+    },
     /// A reference this agent cannot follow (another kind): the requests
     /// it would get are answered 500, as the specification says.
     Invalid(String),
@@ -185,14 +191,26 @@ pub enum Backend {
 impl Backend {
     /// `port` of `service`.
     pub fn service(service: ServiceRef, port: u16) -> Self {
+        Self::subset(service, port, None)
+    }
+
+    /// `port` of `service`'s subset (a DestinationRule's), or of the whole
+    /// Service.
+    pub fn subset(service: ServiceRef, port: u16, subset: Option<String>) -> Self {
         Backend::Service {
-            key: format!("{}/{}:{port}", service.namespace, service.name),
+            key: crate::config::port_key(
+                &service.namespace,
+                &service.name,
+                subset.as_deref(),
+                port,
+            ),
             service,
             port,
+            subset,
         }
     }
 
-    /// The key of the service port it names (`namespace/name:port`).
+    /// The key of the service port it names.
     pub fn service_port_key(&self) -> Option<&str> {
         match self {
             Backend::Service { key, .. } => Some(key),
@@ -205,10 +223,14 @@ impl Backend {
     pub fn key_for(&self, requested: u16) -> Option<std::borrow::Cow<'_, str>> {
         match self {
             Backend::Service { key, .. } => Some(std::borrow::Cow::Borrowed(key)),
-            Backend::ServiceSamePort { service } => Some(std::borrow::Cow::Owned(format!(
-                "{}/{}:{requested}",
-                service.namespace, service.name
-            ))),
+            Backend::ServiceSamePort { service, subset } => {
+                Some(std::borrow::Cow::Owned(crate::config::port_key(
+                    &service.namespace,
+                    &service.name,
+                    subset.as_deref(),
+                    requested,
+                )))
+            }
             Backend::Invalid(_) => None,
         }
     }

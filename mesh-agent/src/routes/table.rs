@@ -112,11 +112,17 @@ fn http_ports(service: &ServiceConfig) -> impl Iterator<Item = u16> + '_ {
 }
 
 impl RouteTable {
-    /// Attaches `routes` to the HTTP ports of `services`.
+    /// Attaches `routes` to the HTTP ports of `services` (with the
+    /// DestinationRules' subsets, which routes may name as backends).
     pub fn build(routes: &[Arc<HttpRoute>], services: &[ServiceConfig]) -> Self {
-        let by_name: HashMap<(&str, &str), &ServiceConfig> = services
+        let by_name: HashMap<(&str, &str, Option<&str>), &ServiceConfig> = services
             .iter()
-            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .map(|s| {
+                (
+                    (s.namespace.as_str(), s.name.as_str(), s.subset.as_deref()),
+                    s,
+                )
+            })
             .collect();
         let mut by_port: HashMap<String, Vec<Entry>> = HashMap::new();
         let mut statuses = Vec::new();
@@ -127,7 +133,7 @@ impl RouteTable {
                     Some(p) => format!("{}/{}:{p}", parent.namespace, parent.name),
                     None => format!("{}/{}", parent.namespace, parent.name),
                 };
-                let service = by_name.get(&(parent.namespace.as_str(), parent.name.as_str()));
+                let service = by_name.get(&(parent.namespace.as_str(), parent.name.as_str(), None));
                 let ports: Vec<u16> = service
                     .map(|s| {
                         http_ports(s)
@@ -240,28 +246,37 @@ impl RouteTable {
 /// Why a backend cannot be sent to, if it cannot.
 fn unresolved(
     backend: &Backend,
-    services: &HashMap<(&str, &str), &ServiceConfig>,
+    services: &HashMap<(&str, &str, Option<&str>), &ServiceConfig>,
 ) -> Option<String> {
-    match backend {
-        Backend::Invalid(why) => Some(why.clone()),
-        Backend::ServiceSamePort { service } => {
-            let label = format!("{}/{}", service.namespace, service.name);
-            match services.get(&(service.namespace.as_str(), service.name.as_str())) {
-                None => Some(format!("{label}: no such Service")),
-                Some(s) if http_ports(s).next().is_none() => Some(format!("{label}: no HTTP port")),
-                Some(_) => None,
-            }
+    let (service, subset, port) = match backend {
+        Backend::Invalid(why) => return Some(why.clone()),
+        Backend::ServiceSamePort { service, subset } => (service, subset, None),
+        Backend::Service {
+            service,
+            subset,
+            port,
+            ..
+        } => (service, subset, Some(*port)),
+    };
+    let mut label = format!("{}/{}", service.namespace, service.name);
+    if let Some(port) = port {
+        label.push_str(&format!(":{port}"));
+    }
+    let name = (service.namespace.as_str(), service.name.as_str());
+    let Some(found) = services.get(&(name.0, name.1, subset.as_deref())) else {
+        return Some(match subset {
+            Some(subset) if services.contains_key(&(name.0, name.1, None)) => format!(
+                "{label}: no subset {subset:?} (no DestinationRule of the Service defines it)"
+            ),
+            _ => format!("{label}: no such Service"),
+        });
+    };
+    match port {
+        None if http_ports(found).next().is_none() => Some(format!("{label}: no HTTP port")),
+        Some(port) if !http_ports(found).any(|p| p == port) => {
+            Some(format!("{label}: not an HTTP port of the Service"))
         }
-        Backend::Service { service, port, .. } => {
-            let label = format!("{}/{}:{port}", service.namespace, service.name);
-            match services.get(&(service.namespace.as_str(), service.name.as_str())) {
-                None => Some(format!("{label}: no such Service")),
-                Some(s) if !http_ports(s).any(|p| p == *port) => {
-                    Some(format!("{label}: not an HTTP port of the Service"))
-                }
-                Some(_) => None,
-            }
-        }
+        _ => None,
     }
 }
 

@@ -753,10 +753,9 @@ fn a_virtual_service_keeps_its_order_and_carries_its_fault() {
 }
 
 /// Istio's fault injection task (ratings, jason, 7 s delay), with the
-/// namespace it is applied in: it loads but for the DestinationRule subset,
-/// which is named.
+/// namespace it is applied in: it loads, routing to subset v1.
 #[test]
-fn the_istio_fault_injection_example_names_the_subset_it_routes_to() {
+fn the_istio_fault_injection_example_loads_with_its_subset() {
     let docs = "apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
@@ -784,14 +783,12 @@ spec:
         host: ratings
         subset: v1
 ";
-    let err = load_err(docs);
-    assert!(
-        err.starts_with("routes/r.yaml:22:")
-            && err.contains("spec.http[0].route[0].destination.subset: not supported yet"),
-        "{err}"
+    let routes = load_one(docs);
+    let backend = &routes[0].rules[0].backends[0].backend;
+    assert_eq!(
+        backend.key_for(9080).as_deref(),
+        Some("default/ratings~v1:9080")
     );
-    let without_subsets = docs.replace("        subset: v1\n", "");
-    let routes = load_one(&without_subsets);
     assert_eq!(
         routes[0].rules[0].filters.fault.as_ref().unwrap().delay,
         Some((std::time::Duration::from_secs(7), 100.0))
@@ -902,8 +899,12 @@ spec:
     assert_eq!(unresolved[0].route, "DestinationRule faces/httpbin");
     for (policy, says) in [
         (
-            "    loadBalancer: {simple: ROUND_ROBIN}\n",
-            "spec.trafficPolicy.loadBalancer.simple: \"ROUND_ROBIN\" is not supported yet",
+            "    loadBalancer: {simple: PASSTHROUGH}\n",
+            "spec.trafficPolicy.loadBalancer.simple: \"PASSTHROUGH\" is not supported",
+        ),
+        (
+            "    loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}\n",
+            "`simple` and `consistentHash` are exclusive",
         ),
         (
             "    loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: 0s}}}\n",
@@ -1118,5 +1119,146 @@ fn a_virtual_service_mirrors_retries_and_changes_headers() {
     ] {
         let err = load_err(&vs(http));
         assert!(err.contains(says), "{http}: {err}");
+    }
+}
+
+/// Istio's Bookinfo `destination-rule-reviews.yaml` (subsets v1, v2, v3 by
+/// the `version` label, a RANDOM balancer with v2 ROUND_ROBIN), unchanged
+/// but for its namespace: each subset is a backend of its own, of the
+/// endpoints with its labels, with the rule's policy and the subset's own
+/// components in place of the rule's.
+#[test]
+fn destination_rule_subsets_are_backends_of_their_labelled_endpoints() {
+    let rule = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: faces
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      simple: RANDOM
+    connectionPool:
+      tcp: {maxConnections: 10}
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+    trafficPolicy:
+      loadBalancer:
+        simple: ROUND_ROBIN
+  - name: v3
+    labels:
+      version: v3
+    trafficPolicy:
+      connectionPool:
+        tcp: {connectTimeout: 2s}
+";
+    let mut reviews = service("faces", "reviews", "http");
+    reviews.endpoints = ["v1", "v2", "v2", "v3"]
+        .iter()
+        .enumerate()
+        .map(|(i, version)| crate::config::EndpointConfig {
+            name: format!("reviews-{version}-{i}"),
+            address: format!("10.1.0.{}", i + 1).parse().unwrap(),
+            node: "n2".into(),
+            zone: None,
+            weight: 1,
+            labels: [("version".to_string(), version.to_string())].into(),
+            service_account: Some("reviews".into()),
+            namespace: None,
+        })
+        .collect();
+    let loaded = load([("routes/r.yaml", rule)]).unwrap();
+    let (applied, unresolved) =
+        apply_destination_rules(&[reviews.clone()], &loaded.destination_rules);
+    assert!(unresolved.is_empty());
+    let by_subset = |subset: Option<&str>| {
+        applied
+            .iter()
+            .find(|s| s.subset.as_deref() == subset)
+            .unwrap_or_else(|| panic!("{subset:?}"))
+    };
+    use crate::balance::Choice;
+    let whole = by_subset(None);
+    assert_eq!(whole.endpoints.len(), 4);
+    assert_eq!(whole.choice, Choice::Random);
+    assert_eq!(
+        whole.max_requests_in_flight,
+        Some(10u32.saturating_add(u32::MAX))
+    );
+    for (subset, endpoints, choice) in [
+        ("v1", 1, Choice::Random),
+        ("v2", 2, Choice::RoundRobin),
+        ("v3", 1, Choice::Random),
+    ] {
+        let part = by_subset(Some(subset));
+        assert_eq!(part.endpoints.len(), endpoints, "{subset}");
+        assert!(
+            part.endpoints.iter().all(|e| e.labels["version"] == subset),
+            "{subset}"
+        );
+        assert!(part.vips.is_empty(), "reached only by routes");
+        assert_eq!(part.choice, choice, "{subset}");
+        assert_eq!(part.port_key(80), format!("faces/reviews~{subset}:80"));
+    }
+    // v3's connectionPool replaces the rule's whole: no maxConnections.
+    assert_eq!(by_subset(Some("v3")).max_requests_in_flight, None);
+    assert_eq!(
+        by_subset(Some("v3")).connect_timeout,
+        std::time::Duration::from_secs(2)
+    );
+    assert_eq!(
+        by_subset(Some("v1")).max_requests_in_flight,
+        whole.max_requests_in_flight
+    );
+
+    // A VirtualService naming the subsets: v1 and v3 resolve, v4 is named
+    // as not defined.
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: faces}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v3, port: {number: 80}}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v4}, weight: 10}
+";
+    let routes = load_one(vs);
+    let table = RouteTable::build(&routes, &applied);
+    let status = &table.statuses()[0];
+    assert!(status.parents[0].accepted, "{status:?}");
+    assert_eq!(
+        status.unresolved_backends,
+        ["faces/reviews: no subset \"v4\" (no DestinationRule of the Service defines it)"]
+    );
+    let (m, u, h) = request("GET", "/", &[("end-user", "jason")]);
+    let Some(Routed::Rule(chosen)) = table.route("faces/reviews:80", "faces", &m, &u, &h) else {
+        panic!("routed");
+    };
+    assert_eq!(
+        chosen.rule().backends[0].backend.key_for(80).as_deref(),
+        Some("faces/reviews~v3:80")
+    );
+    for (bad, says) in [
+        (
+            "  - name: v1\n    labels: {version: v9}\n",
+            "subset \"v1\" is defined twice",
+        ),
+        ("  - name: \"\"\n", "\"\" is not a subset's name"),
+        (
+            "  - name: v9\n    trafficPolicy: {portLevelSettings: []}\n",
+            "spec.subsets[3].trafficPolicy.portLevelSettings: not supported yet",
+        ),
+    ] {
+        let err = load_err(&format!("{rule}{bad}"));
+        assert!(err.contains(says), "{bad}: {err}");
     }
 }

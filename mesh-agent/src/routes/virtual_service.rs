@@ -543,11 +543,11 @@ fn destination(
         here.push(key(f));
         here
     };
-    if d.subset.is_some() {
-        return Err(ctx.semantic(
-            &field("subset"),
-            "not supported yet (DestinationRule subsets are not served; route to a Service per version)".into(),
-        ));
+    if d.subset
+        .as_deref()
+        .is_some_and(|s| s.is_empty() || s.contains('~'))
+    {
+        return Err(ctx.semantic(&field("subset"), "not a subset's name".into()));
     }
     let Some(service) = service_of(&d.host, namespace) else {
         return Err(ctx.semantic(
@@ -555,9 +555,10 @@ fn destination(
             format!("{:?} is not a mesh Service's name", d.host),
         ));
     };
+    let subset = d.subset.clone();
     Ok(match &d.port {
-        Some(port) => Backend::service(service, port.number),
-        None => Backend::ServiceSamePort { service },
+        Some(port) => Backend::subset(service, port.number, subset),
+        None => Backend::ServiceSamePort { service, subset },
     })
 }
 

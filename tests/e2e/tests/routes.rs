@@ -990,3 +990,126 @@ spec:
         "a body was not sent whole"
     );
 }
+
+const BOOKINFO_REVIEWS: &str = "10.96.0.130";
+
+/// Istio's Bookinfo shape: DestinationRule subsets by the `version` label
+/// (v2 balanced round robin), a VirtualService sending `end-user: jason`
+/// to v2 and the rest to v1.
+const SUBSETS: &str = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#;
+
+#[test]
+fn a_virtual_service_routes_to_destination_rule_subsets_by_label() {
+    if !e2e_enabled("a_virtual_service_routes_to_destination_rule_subsets_by_label") {
+        return;
+    }
+    let topo = Topology::builder("subsets")
+        .node("n1", &["a"])
+        .node("n2", &["c", "d", "e"])
+        .build()
+        .unwrap();
+    let a = topo.pod("a");
+    let ca = TestCa::new(&topo, "root").unwrap();
+    let agents = start_mesh(&topo, &node_issuers(&topo, &ca).unwrap(), "1h").unwrap();
+    let _backends: Vec<HttpBackend> = ["c", "d", "e"]
+        .iter()
+        .map(|name| HttpBackend::start(topo.pod(name), PORT, name).unwrap())
+        .collect();
+    let labelled = |name: &str, version: &str| {
+        let pod = topo.pod(name);
+        format!(
+            "      - {{name: {name}, address: {}, node: {}, labels: {{version: {version}}}}}\n",
+            pod.ipv4(),
+            pod.node_name()
+        )
+    };
+    let client_agent = &agents[0];
+    apply(
+        client_agent,
+        "services.yaml",
+        &format!(
+            "services:
+  - name: reviews
+    namespace: default
+    vips: [{BOOKINFO_REVIEWS}]
+    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]
+    locality: none
+    endpoints:
+{}{}{}",
+            labelled("c", "v1"),
+            labelled("d", "v2"),
+            labelled("e", "v2")
+        ),
+    );
+    let url = format!("http://{BOOKINFO_REVIEWS}/reviews/1");
+    // Without the resources, reviews spreads over all three.
+    let before = load(a, &url, &["--requests", "300", "--connections", "2"]);
+    assert!(before.all_ok(), "{before}");
+    assert!(
+        ["c", "d", "e"].iter().all(|e| before.served_by(e) > 0),
+        "{before}"
+    );
+
+    apply(client_agent, "routes/reviews.yaml", SUBSETS);
+    let (_, dump) = client_agent.get("/config_dump").unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let route = &dump["routes"][0];
+    assert_eq!(route["parents"][0]["accepted"], true, "{dump:#}");
+    assert_eq!(
+        route["unresolvedBackends"],
+        serde_json::json!([]),
+        "{dump:#}"
+    );
+
+    // jason: subset v2 only (d and e), round robin: exactly half each.
+    let jason = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "200",
+            "--connections",
+            "2",
+            "--header",
+            "end-user:jason",
+        ],
+    );
+    eprintln!("jason: {jason}");
+    assert!(jason.all_ok(), "{jason}");
+    assert_eq!(jason.served_by("c"), 0, "{jason}");
+    assert_eq!(
+        (jason.served_by("d"), jason.served_by("e")),
+        (100, 100),
+        "{jason}"
+    );
+    // Everyone else: subset v1, which is c alone.
+    let others = load(a, &url, &["--requests", "200", "--connections", "2"]);
+    assert!(others.all_ok(), "{others}");
+    assert_eq!(others.served_by("c"), 200, "{others}");
+}
