@@ -73,10 +73,15 @@ struct PortState {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Requests answered 503 `UO` because the pool was full.
     overflows: std::sync::atomic::AtomicU64,
+    /// Retries in flight now (for a DestinationRule's `maxRetries`).
+    retries_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Retries not made because `maxRetries` were in flight.
+    retry_overflows: std::sync::atomic::AtomicU64,
 }
 
-/// One request in flight to a service port with a bounded connection pool;
-/// its place is freed when dropped.
+/// A place taken under a bound (a request in flight to a service port with
+/// a bounded connection pool, a retry under `maxRetries`); freed when
+/// dropped.
 pub struct InFlight(Option<Arc<std::sync::atomic::AtomicUsize>>);
 
 impl Drop for InFlight {
@@ -85,6 +90,21 @@ impl Drop for InFlight {
             count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
+}
+
+/// A place under `max` of `count`, if there is one (always, without a
+/// bound).
+fn admit(count: &Arc<std::sync::atomic::AtomicUsize>, max: Option<u32>) -> Option<InFlight> {
+    use std::sync::atomic::Ordering;
+    let Some(max) = max else {
+        return Some(InFlight(None));
+    };
+    count
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max as usize).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| InFlight(Some(count.clone())))
 }
 
 /// An endpoint chosen for one connection; report its end with [`ServicePortEntry::done`].
@@ -187,23 +207,28 @@ impl ServicePortEntry {
     /// A place for one more request in flight, or `None` when the
     /// DestinationRule's connection pool is full (counted).
     pub fn admit_request(&self) -> Option<InFlight> {
-        use std::sync::atomic::Ordering;
-        let Some(max) = self.config.max_requests_in_flight else {
-            return Some(InFlight(None));
-        };
-        let admitted = self
-            .state
-            .in_flight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max as usize).then_some(n + 1)
-            })
-            .is_ok();
-        if admitted {
-            Some(InFlight(Some(self.state.in_flight.clone())))
-        } else {
-            self.state.overflows.fetch_add(1, Ordering::Relaxed);
-            None
+        let admitted = admit(&self.state.in_flight, self.config.max_requests_in_flight);
+        if admitted.is_none() {
+            self.state
+                .overflows
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        admitted
+    }
+
+    /// A place for one more retry in flight, or `None` when the
+    /// DestinationRule's `maxRetries` are (counted).
+    pub fn admit_retry(&self) -> Option<InFlight> {
+        let admitted = admit(
+            &self.state.retries_in_flight,
+            self.config.max_retries_in_flight,
+        );
+        if admitted.is_none() {
+            self.state
+                .retry_overflows
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admitted
     }
 
     pub fn count_timeout(&self) {
@@ -230,6 +255,10 @@ impl ServicePortEntry {
                 .state
                 .overflows
                 .load(std::sync::atomic::Ordering::Relaxed),
+            retry_overflows: self
+                .state
+                .retry_overflows
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -242,6 +271,8 @@ pub struct ServicePortStats {
     pub timeouts: u64,
     /// Requests answered 503 `UO`: the connection pool was full.
     pub overflows: u64,
+    /// Retries not made: `maxRetries` were in flight.
+    pub retry_overflows: u64,
 }
 
 /// Every service port by (VIP, port).
@@ -391,6 +422,8 @@ impl ServiceTable {
                                 timeouts: Default::default(),
                                 in_flight: Default::default(),
                                 overflows: Default::default(),
+                                retries_in_flight: Default::default(),
+                                retry_overflows: Default::default(),
                             }),
                         })
                     }
@@ -457,6 +490,8 @@ mod tests {
             selector: Default::default(),
             max_requests_in_flight: None,
             hash_by: None,
+            max_requests_per_connection: None,
+            max_retries_in_flight: None,
             choice: Default::default(),
             subset: None,
             locality,
@@ -611,6 +646,26 @@ mod tests {
             (412..=588).contains(&to_canary),
             "canary got {to_canary} of 10000"
         );
+    }
+
+    #[test]
+    fn bounded_places_are_refused_past_their_bound_counted_and_freed_when_dropped() {
+        let mut svc = service(LocalityConfig::None, &[], vec![]);
+        svc.max_requests_in_flight = Some(2);
+        svc.max_retries_in_flight = Some(1);
+        let table = ServiceTable::build(&[svc], &node("n1"), None).unwrap();
+        let entry = table.lookup(vip()).unwrap();
+        let (a, b) = (entry.admit_request(), entry.admit_request());
+        assert!(a.is_some() && b.is_some());
+        assert!(entry.admit_request().is_none());
+        let retry = entry.admit_retry();
+        assert!(retry.is_some());
+        assert!(entry.admit_retry().is_none());
+        drop((a, retry));
+        assert!(entry.admit_request().is_some());
+        assert!(entry.admit_retry().is_some());
+        let stats = entry.stats();
+        assert_eq!((stats.overflows, stats.retry_overflows), (1, 1));
     }
 
     #[test]

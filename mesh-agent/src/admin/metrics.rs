@@ -488,6 +488,11 @@ impl Metrics {
                 &[service, "budget_exhausted"],
                 stats.retries.denied,
             );
+            self.sync(
+                &self.service_retries,
+                &[service, "overflow"],
+                stats.retry_overflows,
+            );
             self.sync(&self.service_timeouts, &[service], stats.timeouts);
             self.sync(&self.service_overflows, &[service], stats.overflows);
         }

@@ -62,6 +62,16 @@ pub struct ServiceConfig {
     /// endpoint.
     #[serde(skip)]
     pub hash_by: Option<HashKey>,
+    /// HTTP ports: an upstream connection carries at most this many
+    /// requests, by a DestinationRule's `maxRequestsPerConnection` (not a
+    /// services.yaml field).
+    #[serde(skip)]
+    pub max_requests_per_connection: Option<std::num::NonZeroU32>,
+    /// HTTP ports: at most this many retries in flight from this node, by
+    /// a DestinationRule's `maxRetries` (not a services.yaml field); a
+    /// retry beyond it is not made (the attempt's answer stands).
+    #[serde(skip)]
+    pub max_retries_in_flight: Option<u32>,
     /// How an endpoint is chosen, by a DestinationRule's
     /// `loadBalancer.simple` (not a services.yaml field).
     #[serde(skip)]
@@ -79,6 +89,17 @@ pub struct ServiceConfig {
 pub enum HashKey {
     /// This request header's value (lower-case name).
     Header(String),
+    /// This cookie's value. Without it, with a `ttl`, the agent makes one
+    /// up, hashes the request by it and sets it on the response (`Max-Age`
+    /// the ttl; a session cookie for 0), so the client's next requests
+    /// stay; without a ttl such a request is balanced as usual.
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
+    /// This query parameter's value.
+    QueryParameter(String),
     /// The client's address.
     SourceIp,
 }
@@ -103,6 +124,8 @@ impl ServiceConfig {
             outlier_detection: OutlierDetectionConfig::default(),
             max_requests_in_flight: None,
             hash_by: None,
+            max_requests_per_connection: None,
+            max_retries_in_flight: None,
             choice: crate::balance::Choice::default(),
             subset: None,
         }

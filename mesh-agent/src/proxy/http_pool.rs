@@ -77,11 +77,29 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
+/// A connection, with the requests it has been given.
+struct Used<S> {
+    sender: S,
+    requests: u32,
+}
+
 /// The HTTP/2 connection of a key; locked while it is being (re)made.
-type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>>;
+type Http2Slot = Arc<tokio::sync::Mutex<Option<Used<http2::SendRequest<UpstreamBody>>>>>;
+
+/// A connection is given at most this many requests (a DestinationRule's
+/// `maxRequestsPerConnection`), then closed once they end; `None`: no
+/// bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestsPerConnection(pub Option<std::num::NonZeroU32>);
+
+impl RequestsPerConnection {
+    fn allows(self, requests: u32) -> bool {
+        self.0.is_none_or(|max| requests < max.get())
+    }
+}
 
 pub struct HttpPool {
-    http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<UpstreamBody>>>>,
+    http1: Mutex<HashMap<PoolKey, Vec<Used<http1::SendRequest<UpstreamBody>>>>>,
     http2: Mutex<HashMap<PoolKey, Http2Slot>>,
     max_idle: usize,
     /// A connection that carried no byte for this long is closed.
@@ -107,15 +125,16 @@ impl HttpPool {
         key: &PoolKey,
         connect: C,
         request: Request<UpstreamBody>,
+        limit: RequestsPerConnection,
     ) -> Result<Sent, SendError>
     where
         C: Fn() -> Fut,
         Fut: Future<Output = anyhow::Result<BoxIo>>,
     {
         if key.http2 {
-            self.send_http2(key, connect, request).await
+            self.send_http2(key, connect, request, limit).await
         } else {
-            self.send_http1(key, connect, request).await
+            self.send_http1(key, connect, request, limit).await
         }
     }
 
@@ -124,6 +143,7 @@ impl HttpPool {
         key: &PoolKey,
         connect: C,
         mut request: Request<UpstreamBody>,
+        limit: RequestsPerConnection,
     ) -> Result<Sent, SendError>
     where
         C: Fn() -> Fut,
@@ -133,17 +153,25 @@ impl HttpPool {
         for fresh in [false, true] {
             let pooled = if fresh { None } else { self.idle_http1(key) };
             let fresh_connection = pooled.is_none();
-            let mut sender = match pooled {
-                Some(sender) => sender,
+            let mut used = match pooled {
+                Some(used) => used,
                 None => {
                     let io = connect().await.map_err(SendError::Connect)?;
-                    dial_http1(io, self.idle_timeout).await?
+                    Used {
+                        sender: dial_http1(io, self.idle_timeout).await?,
+                        requests: 0,
+                    }
                 }
             };
             let dispatched = Instant::now();
-            match sender.try_send_request(request).await {
+            match used.sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.put_http1(key, sender);
+                    used.requests += 1;
+                    // Past its bound it is dropped: it closes once this
+                    // response has been read.
+                    if limit.allows(used.requests) {
+                        self.put_http1(key, used);
+                    }
                     return Ok(Sent {
                         response,
                         dispatched,
@@ -159,22 +187,22 @@ impl HttpPool {
         unreachable!("the fresh attempt returns")
     }
 
-    fn idle_http1(&self, key: &PoolKey) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn idle_http1(&self, key: &PoolKey) -> Option<Used<http1::SendRequest<UpstreamBody>>> {
         let mut pools = self.http1.lock();
         let idle = pools.get_mut(key)?;
-        idle.retain(|sender| !sender.is_closed());
-        let ready = idle.iter().position(http1::SendRequest::is_ready)?;
+        idle.retain(|used| !used.sender.is_closed());
+        let ready = idle.iter().position(|used| used.sender.is_ready())?;
         Some(idle.swap_remove(ready))
     }
 
     /// Back to the pool as soon as the response head is in: it becomes ready
     /// again when the response body has been read.
-    fn put_http1(&self, key: &PoolKey, sender: http1::SendRequest<UpstreamBody>) {
+    fn put_http1(&self, key: &PoolKey, used: Used<http1::SendRequest<UpstreamBody>>) {
         let mut pools = self.http1.lock();
         let idle = pools.entry(key.clone()).or_default();
-        idle.retain(|sender| !sender.is_closed());
+        idle.retain(|used| !used.sender.is_closed());
         if idle.len() < self.max_idle {
-            idle.push(sender);
+            idle.push(used);
         }
     }
 
@@ -183,6 +211,7 @@ impl HttpPool {
         key: &PoolKey,
         connect: C,
         mut request: Request<UpstreamBody>,
+        limit: RequestsPerConnection,
     ) -> Result<Sent, SendError>
     where
         C: Fn() -> Fut,
@@ -193,13 +222,23 @@ impl HttpPool {
             let (mut sender, fresh_connection) = {
                 // Held while dialling, so concurrent first requests share one
                 // connection instead of each making their own.
+                // A connection past its bound is replaced: dropped here, it
+                // closes once its streams end.
                 let mut current = slot.lock().await;
-                match current.as_ref() {
-                    Some(sender) if !fresh && !sender.is_closed() => (sender.clone(), false),
+                match current.as_mut() {
+                    Some(used)
+                        if !fresh && !used.sender.is_closed() && limit.allows(used.requests) =>
+                    {
+                        used.requests += 1;
+                        (used.sender.clone(), false)
+                    }
                     _ => {
                         let io = connect().await.map_err(SendError::Connect)?;
                         let sender = dial_http2(io, self.idle_timeout).await?;
-                        *current = Some(sender.clone());
+                        *current = Some(Used {
+                            sender: sender.clone(),
+                            requests: 1,
+                        });
                         (sender, true)
                     }
                 }
@@ -234,7 +273,7 @@ impl HttpPool {
             .http1
             .lock()
             .values()
-            .map(|idle| idle.iter().filter(|s| !s.is_closed()).count())
+            .map(|idle| idle.iter().filter(|used| !used.sender.is_closed()).count())
             .sum();
         let http2 = self
             .http2
@@ -242,7 +281,7 @@ impl HttpPool {
             .values()
             .filter(|slot| {
                 slot.try_lock()
-                    .map(|s| s.as_ref().is_some_and(|s| !s.is_closed()))
+                    .map(|s| s.as_ref().is_some_and(|used| !used.sender.is_closed()))
                     .unwrap_or(true)
             })
             .count();
@@ -303,6 +342,7 @@ mod tests {
         time::Duration,
     };
 
+    use http_body_util::BodyExt;
     use hyper::{server::conn::http1 as server, service::service_fn};
 
     use super::*;
@@ -351,7 +391,10 @@ mod tests {
         let connect = || slow_dial(delay, &dials);
 
         let started = Instant::now();
-        let sent = pool.send(&key, connect, request()).await.expect("sent");
+        let sent = pool
+            .send(&key, connect, request(), RequestsPerConnection::default())
+            .await
+            .expect("sent");
         assert_eq!(sent.response.status(), 204);
         assert!(
             sent.dispatched.duration_since(started) >= delay,
@@ -359,5 +402,62 @@ mod tests {
         );
         assert!(sent.fresh_connection);
         assert_eq!(dials.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_given_at_most_its_bound_of_requests() {
+        for http2 in [false, true] {
+            let pool = HttpPool::new(4, Duration::from_secs(3600));
+            let key = PoolKey {
+                source_pod: "ns/a".into(),
+                endpoint: "10.0.0.1:80".parse().unwrap(),
+                peer_identity: None,
+                http2,
+            };
+            let dials = AtomicUsize::new(0);
+            let connect = || async {
+                dials.fetch_add(1, Ordering::SeqCst);
+                let (client, server_io) = tokio::io::duplex(4096);
+                tokio::spawn(async move {
+                    let answer = service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                    });
+                    let io = TokioIo::new(server_io);
+                    let _ = if http2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, answer)
+                            .await
+                    } else {
+                        server::Builder::new().serve_connection(io, answer).await
+                    };
+                });
+                Ok::<BoxIo, anyhow::Error>(Box::new(client))
+            };
+            let bound = RequestsPerConnection(std::num::NonZeroU32::new(2));
+            for _ in 0..5 {
+                let sent = pool
+                    .send(&key, connect, request(), bound)
+                    .await
+                    .expect("sent");
+                // Read whole, so an HTTP/1.1 connection is ready again.
+                let _ = sent.response.into_body().collect().await;
+            }
+            assert_eq!(dials.load(Ordering::SeqCst), 3, "http2: {http2}");
+            // Unbounded: one connection for all.
+            let dials_before = dials.load(Ordering::SeqCst);
+            let pool = HttpPool::new(4, Duration::from_secs(3600));
+            for _ in 0..5 {
+                let sent = pool
+                    .send(&key, connect, request(), RequestsPerConnection::default())
+                    .await
+                    .expect("sent");
+                let _ = sent.response.into_body().collect().await;
+            }
+            assert_eq!(
+                dials.load(Ordering::SeqCst) - dials_before,
+                1,
+                "http2: {http2}"
+            );
+        }
     }
 }

@@ -272,6 +272,9 @@ impl ServiceForwarder {
         let replayable = buffered.is_some();
         service.record_request();
         let mut tried: Vec<Arc<str>> = Vec::new();
+        let (hash, set_cookie) = self.request_hash(service, &parts);
+        // The place of the retry in flight, held until this request is answered.
+        let mut _retry_slot = None;
         loop {
             let request_body = if let Some(bytes) = &buffered {
                 Either::Right(Full::new(bytes.clone()))
@@ -291,7 +294,13 @@ impl ServiceForwarder {
                 }
             };
             let (id, outcome, response) = match self
-                .attempt(service, &parts, request_body, &tried, attempt_deadline)
+                .attempt(
+                    service,
+                    &parts,
+                    request_body,
+                    (&tried, hash),
+                    attempt_deadline,
+                )
                 .await
             {
                 Tried::NoEndpoint => {
@@ -335,8 +344,16 @@ impl ServiceForwarder {
                         retryable(parts.method.as_str(), &outcome)
                             && tried.len() < service.config.retries.attempts as usize
                     }
+                };
+            // Under a DestinationRule's `maxRetries` (held until this
+            // request is answered), then the retry budget.
+            let retry = match retry.then(|| service.admit_retry()).flatten() {
+                Some(slot) if service.try_retry() => {
+                    _retry_slot = Some(slot);
+                    true
                 }
-                && service.try_retry();
+                _ => false,
+            };
             if retry {
                 tracing::debug!(service = %service.key, endpoint = %id, ?outcome, "retrying on another endpoint");
                 tried.push(id);
@@ -355,6 +372,11 @@ impl ServiceForwarder {
             return match (response, outcome) {
                 (Some(mut response), _) => {
                     routing.on_response(response.headers_mut());
+                    if let Some(cookie) = set_cookie {
+                        response
+                            .headers_mut()
+                            .append(http::header::SET_COOKIE, cookie);
+                    }
                     if delayed {
                         response.extensions_mut().insert(ResponseFlags("DI"));
                     }
@@ -376,30 +398,78 @@ impl ServiceForwarder {
         }
     }
 
+    /// A DestinationRule's consistent hash: the key of this request, and
+    /// the cookie to set when the key is one made up for it.
+    fn request_hash(
+        &self,
+        service: &ServicePortEntry,
+        parts: &Parts,
+    ) -> (Option<u64>, Option<HeaderValue>) {
+        let Some(hash_by) = &service.config.hash_by else {
+            return (None, None);
+        };
+        match hash_by {
+            HashKey::Header(name) => (
+                parts
+                    .headers
+                    .get(name.as_str())
+                    .map(|v| hash_key(v.as_bytes())),
+                None,
+            ),
+            HashKey::QueryParameter(name) => (
+                form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| hash_key(v.as_bytes())),
+                None,
+            ),
+            HashKey::SourceIp => {
+                let ip = self
+                    .source
+                    .addr_like(std::net::Ipv4Addr::UNSPECIFIED.into());
+                (Some(hash_key(ip.to_string().as_bytes())), None)
+            }
+            HashKey::Cookie { name, path, ttl } => {
+                let sent = parts
+                    .headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(cookie::Cookie::split_parse)
+                    .filter_map(Result::ok)
+                    .find(|c| c.name() == name);
+                if let Some(sent) = sent {
+                    return (Some(hash_key(sent.value().as_bytes())), None);
+                }
+                let Some(ttl) = ttl else {
+                    return (None, None);
+                };
+                let value = format!("{:016x}", ThreadRng.next_u64());
+                let mut made = cookie::Cookie::build((name.clone(), value.clone()))
+                    .path(path.clone().unwrap_or_else(|| "/".into()))
+                    .http_only(true);
+                if !ttl.is_zero() {
+                    let seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+                    made = made.max_age(cookie::time::Duration::seconds(seconds));
+                }
+                (
+                    Some(hash_key(value.as_bytes())),
+                    HeaderValue::from_str(&made.build().to_string()).ok(),
+                )
+            }
+        }
+    }
+
     /// One attempt of a request at an endpoint of `service` (one not in
-    /// `avoid`), ending by `deadline`: its outcome reported to the balancer.
+    /// `avoid`, by the consistent hash `key` if any), ending by `deadline`:
+    /// its outcome reported to the balancer.
     async fn attempt(
         &self,
         service: &ServicePortEntry,
         parts: &Parts,
         body: UpstreamBody,
-        avoid: &[Arc<str>],
+        (avoid, key): (&[Arc<str>], Option<u64>),
         deadline: Option<tokio::time::Instant>,
     ) -> Tried {
-        // A DestinationRule's consistent hash: the key of this request.
-        let key = match &service.config.hash_by {
-            None => None,
-            Some(HashKey::Header(name)) => parts
-                .headers
-                .get(name.as_str())
-                .map(|v| hash_key(v.as_bytes())),
-            Some(HashKey::SourceIp) => {
-                let ip = self
-                    .source
-                    .addr_like(std::net::Ipv4Addr::UNSPECIFIED.into());
-                Some(hash_key(ip.to_string().as_bytes()))
-            }
-        };
         let pick = match service.pick_request(avoid, key) {
             Ok(pick) => pick,
             Err(err) => {
@@ -448,7 +518,12 @@ impl ServiceForwarder {
         };
         let connect_timeout = service.config.connect_timeout;
         let connect = || self.connect(addr, target.clone(), peer.clone(), connect_timeout);
-        let sent = self.ctx.http_pool.send(&key, connect, upstream_request);
+        let sent = self.ctx.http_pool.send(
+            &key,
+            connect,
+            upstream_request,
+            super::http_pool::RequestsPerConnection(service.config.max_requests_per_connection),
+        );
         let result = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
                 Ok(result) => result,
@@ -498,7 +573,11 @@ impl ServiceForwarder {
         let timeout = service.config.request_timeout;
         let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
         let body = Either::Right(Full::new(body));
-        match self.attempt(service, parts, body, &[], deadline).await {
+        let (key, _) = self.request_hash(service, parts);
+        match self
+            .attempt(service, parts, body, (&[], key), deadline)
+            .await
+        {
             Tried::NoEndpoint => MirrorResult::NoEndpoint,
             Tried::Refused(..) => MirrorResult::Denied,
             Tried::TimedOut(_) => MirrorResult::Failed,

@@ -72,6 +72,10 @@ pub struct TrafficPolicy {
     pub connect_timeout: Option<Duration>,
     pub http1_max_pending_requests: Option<u32>,
     pub http2_max_requests: Option<u32>,
+    /// `http.maxRequestsPerConnection` (0, Istio's "unlimited", is None).
+    pub max_requests_per_connection: Option<std::num::NonZeroU32>,
+    /// `http.maxRetries`: retries in flight at once.
+    pub max_retries: Option<u32>,
     pub consecutive_5xx_errors: Option<u32>,
     pub base_ejection_time: Option<Duration>,
     pub max_ejection_percent: Option<u8>,
@@ -91,6 +95,8 @@ impl TrafficPolicy {
             merged.connect_timeout = subset.connect_timeout;
             merged.http1_max_pending_requests = subset.http1_max_pending_requests;
             merged.http2_max_requests = subset.http2_max_requests;
+            merged.max_requests_per_connection = subset.max_requests_per_connection;
+            merged.max_retries = subset.max_retries;
         }
         if written.outlier_detection {
             merged.consecutive_5xx_errors = subset.consecutive_5xx_errors;
@@ -213,9 +219,9 @@ struct RawHttp {
     #[serde(default)]
     http2_max_requests: Option<u32>,
     #[serde(default)]
-    max_requests_per_connection: Option<Value>,
+    max_requests_per_connection: Option<u32>,
     #[serde(default)]
-    max_retries: Option<Value>,
+    max_retries: Option<u32>,
     #[serde(default)]
     idle_timeout: Option<Value>,
     #[serde(default)]
@@ -272,15 +278,27 @@ struct RawConsistentHash {
     #[serde(default)]
     use_source_ip: Option<bool>,
     #[serde(default)]
-    http_cookie: Option<Value>,
+    http_cookie: Option<RawCookie>,
     #[serde(default)]
-    http_query_parameter_name: Option<Value>,
+    http_query_parameter_name: Option<String>,
     #[serde(default)]
     ring_hash: Option<Value>,
     #[serde(default)]
     maglev: Option<Value>,
     #[serde(default)]
     minimum_ring_size: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCookie {
+    name: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    attributes: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -451,30 +469,57 @@ fn traffic_policy(
                 ctx,
                 &at,
                 &[
-                    ("httpCookie", &hash.http_cookie),
-                    ("httpQueryParameterName", &hash.http_query_parameter_name),
                     ("ringHash", &hash.ring_hash),
                     ("maglev", &hash.maglev),
                     ("minimumRingSize", &hash.minimum_ring_size),
                 ],
             )?;
-            policy.hash_by = match (hash.http_header_name, hash.use_source_ip) {
-                (Some(name), None | Some(false)) => {
-                    let name = name.to_ascii_lowercase();
-                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                        at.push(key("httpHeaderName"));
-                        return Err(ctx.semantic(&at, format!("{name:?} is not a header name")));
-                    }
-                    Some(crate::config::HashKey::Header(name))
-                }
-                (None, Some(true)) => Some(crate::config::HashKey::SourceIp),
-                _ => {
+            use crate::config::HashKey;
+            let mut keys = Vec::new();
+            if let Some(name) = hash.http_header_name {
+                let name = name.to_ascii_lowercase();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                     return Err(ctx.semantic(
-                        &at,
-                        "exactly one of `httpHeaderName` and `useSourceIp: true`".into(),
+                        &under(&at, &["httpHeaderName"]),
+                        format!("{name:?} is not a header name"),
                     ));
                 }
-            };
+                keys.push(HashKey::Header(name));
+            }
+            if let Some(cookie) = hash.http_cookie {
+                let at = under(&at, &["httpCookie"]);
+                if cookie.name.is_empty() || cookie.name.contains([';', '=', ' ']) {
+                    return Err(ctx.semantic(
+                        &under(&at, &["name"]),
+                        format!("{:?} is not a cookie name", cookie.name),
+                    ));
+                }
+                if cookie.attributes.as_ref().is_some_and(|a| !a.is_empty()) {
+                    return Err(ctx.semantic(
+                        &under(&at, &["attributes"]),
+                        "not supported yet (docs/traffic.md lists what is)".into(),
+                    ));
+                }
+                let ttl = duration(ctx, &under(&at, &["ttl"]), cookie.ttl)?;
+                keys.push(HashKey::Cookie {
+                    name: cookie.name,
+                    path: cookie.path,
+                    ttl,
+                });
+            }
+            if let Some(name) = hash.http_query_parameter_name {
+                keys.push(HashKey::QueryParameter(name));
+            }
+            if hash.use_source_ip == Some(true) {
+                keys.push(HashKey::SourceIp);
+            }
+            if keys.len() != 1 {
+                return Err(ctx.semantic(
+                    &at,
+                    "exactly one of `httpHeaderName`, `httpCookie`, `httpQueryParameterName` and `useSourceIp: true`".into(),
+                ));
+            }
+            policy.hash_by = keys.pop();
         }
     }
     if let Some(tls) = &tp.tls
@@ -511,11 +556,6 @@ fn traffic_policy(
                 ctx,
                 &at,
                 &[
-                    (
-                        "maxRequestsPerConnection",
-                        &http.max_requests_per_connection,
-                    ),
-                    ("maxRetries", &http.max_retries),
                     ("idleTimeout", &http.idle_timeout),
                     ("h2UpgradePolicy", &http.h2_upgrade_policy),
                     ("useClientProtocol", &http.use_client_protocol),
@@ -524,6 +564,10 @@ fn traffic_policy(
             )?;
             policy.http1_max_pending_requests = http.http1_max_pending_requests;
             policy.http2_max_requests = http.http2_max_requests;
+            policy.max_requests_per_connection = http
+                .max_requests_per_connection
+                .and_then(std::num::NonZeroU32::new);
+            policy.max_retries = http.max_retries;
         }
         for (value, field) in [
             (policy.max_connections, "maxConnections"),
@@ -657,6 +701,12 @@ fn apply_policy(service: &mut ServiceConfig, p: &TrafficPolicy) {
     }
     if let Some(hash) = &p.hash_by {
         service.hash_by = Some(hash.clone());
+    }
+    if let Some(max) = p.max_requests_per_connection {
+        service.max_requests_per_connection = Some(max);
+    }
+    if let Some(max) = p.max_retries {
+        service.max_retries_in_flight = Some(max);
     }
     if let Some(choice) = p.choice {
         service.choice = choice;

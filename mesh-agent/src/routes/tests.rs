@@ -826,7 +826,7 @@ spec:
 }
 
 /// Istio's circuit-breaking task's DestinationRule, with the namespace it is
-/// applied in: loads but for `maxRequestsPerConnection`, which is named.
+/// applied in, loads whole.
 #[test]
 fn destination_rules_set_the_pool_and_ejection_of_their_service() {
     let docs = "apiVersion: networking.istio.io/v1
@@ -849,22 +849,18 @@ spec:
       baseEjectionTime: 3m
       maxEjectionPercent: 100
 ";
-    let err = load_err(docs);
-    assert!(
-        err.starts_with("routes/r.yaml:14:")
-            && err.contains(
-                "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection: not supported yet"
-            ),
-        "{err}"
-    );
-    let text = docs.replace("        maxRequestsPerConnection: 1\n", "");
-    let loaded = load([("routes/r.yaml", text.as_str())]).unwrap();
+    let text = docs;
+    let loaded = load([("routes/r.yaml", text)]).unwrap();
     let rule = &loaded.destination_rules[0];
     assert_eq!(rule.policy.max_in_flight(), Some(2));
     let (applied, unresolved) = apply_destination_rules(&services(), &loaded.destination_rules);
     assert!(unresolved.is_empty());
     let smiley = applied.iter().find(|s| s.name == "smiley").unwrap();
     assert_eq!(smiley.max_requests_in_flight, Some(2));
+    assert_eq!(
+        smiley.max_requests_per_connection,
+        std::num::NonZeroU32::new(1)
+    );
     assert_eq!(smiley.outlier_detection.consecutive_failures, 1);
     assert_eq!(
         smiley.outlier_detection.base_ejection_time,
@@ -907,12 +903,24 @@ spec:
             "`simple` and `consistentHash` are exclusive",
         ),
         (
-            "    loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: 0s}}}\n",
-            "consistentHash.httpCookie: not supported yet",
+            "    loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: 0s, attributes: [{name: SameSite, value: Strict}]}}}\n",
+            "consistentHash.httpCookie.attributes: not supported yet",
+        ),
+        (
+            "    loadBalancer: {consistentHash: {httpCookie: {name: \"a;b\"}}}\n",
+            "is not a cookie name",
         ),
         (
             "    loadBalancer: {consistentHash: {}}\n",
-            "exactly one of `httpHeaderName` and `useSourceIp: true`",
+            "exactly one of `httpHeaderName`, `httpCookie`, `httpQueryParameterName` and `useSourceIp: true`",
+        ),
+        (
+            "    loadBalancer: {consistentHash: {httpHeaderName: x, useSourceIp: true}}\n",
+            "exactly one of",
+        ),
+        (
+            "    loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 1024}, useSourceIp: true}}\n",
+            "consistentHash.ringHash: not supported yet",
         ),
         ("    tls: {mode: SIMPLE}\n", "only ISTIO_MUTUAL"),
         (
@@ -938,6 +946,42 @@ spec:
         smiley.hash_by,
         Some(crate::config::HashKey::Header("x-user".into()))
     );
+    for (hash, expected) in [
+        (
+            "{httpCookie: {name: session, path: /shop, ttl: 0s}}",
+            crate::config::HashKey::Cookie {
+                name: "session".into(),
+                path: Some("/shop".into()),
+                ttl: Some(std::time::Duration::ZERO),
+            },
+        ),
+        (
+            "{httpCookie: {name: session}}",
+            crate::config::HashKey::Cookie {
+                name: "session".into(),
+                path: None,
+                ttl: None,
+            },
+        ),
+        (
+            "{httpQueryParameterName: user}",
+            crate::config::HashKey::QueryParameter("user".into()),
+        ),
+    ] {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: faces}}\nspec:\n  host: smiley\n  trafficPolicy:\n    loadBalancer: {{consistentHash: {hash}}}\n"
+        );
+        let loaded = load([("routes/r.yaml", text.as_str())]).unwrap();
+        let (applied, _) = apply_destination_rules(&services(), &loaded.destination_rules);
+        let smiley = applied.iter().find(|s| s.name == "smiley").unwrap();
+        assert_eq!(smiley.hash_by.as_ref(), Some(&expected), "{hash}");
+    }
+    let retries = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: faces}\nspec:\n  host: smiley\n  trafficPolicy:\n    connectionPool: {http: {maxRetries: 3, maxRequestsPerConnection: 0}}\n";
+    let loaded = load([("routes/r.yaml", retries)]).unwrap();
+    let (applied, _) = apply_destination_rules(&services(), &loaded.destination_rules);
+    let smiley = applied.iter().find(|s| s.name == "smiley").unwrap();
+    assert_eq!(smiley.max_retries_in_flight, Some(3));
+    assert_eq!(smiley.max_requests_per_connection, None, "0 is unlimited");
     let tls = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: faces}\nspec:\n  host: smiley\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n";
     assert!(load([("routes/r.yaml", tls)]).is_ok());
 }

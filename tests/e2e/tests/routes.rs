@@ -856,12 +856,13 @@ spec:
       consistentHash: {httpHeaderName: x-user}
 ",
     );
-    // Which backend got each key, from the requests each saw since `from`.
-    let owners = |from: &[usize]| {
+    // Which backend got each key (of `header`), from the requests each saw
+    // since `from`.
+    let owners_by = |header: &str, from: &[usize]| {
         let mut owners: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         for ((name, backend), skip) in backends.iter().zip(from) {
             for seen in backend.seen_requests().iter().skip(*skip) {
-                let key = seen.header("x-user")[0].to_string();
+                let key = seen.header(header)[0].to_string();
                 let names = owners.entry(key).or_default();
                 if !names.contains(name) {
                     names.push(name);
@@ -870,6 +871,7 @@ spec:
         }
         owners
     };
+    let owners = |from: &[usize]| owners_by("x-user", from);
     let counts = || -> Vec<usize> {
         backends
             .iter()
@@ -911,6 +913,97 @@ spec:
     // About a third of the keys were on e (σ ≈ 4.7 of 100).
     assert!((14..=52).contains(&moved), "{moved} of 100 keys moved");
     eprintln!("{moved} of 100 keys moved when e left");
+
+    // By cookie (Istio's httpCookie with a ttl): a client without one is
+    // given one (Max-Age the ttl) and, sending it back, stays on one
+    // endpoint; each cookie's requests go to one endpoint.
+    apply(
+        client_agent,
+        "routes/users.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: users, namespace: default}
+spec:
+  host: users
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, path: /, ttl: 60s}
+",
+    );
+    let given = load(
+        a,
+        &url,
+        &["--requests", "1", "--tally-header", "set-cookie"],
+    );
+    assert!(given.all_ok(), "{given}");
+    let set_cookie = given.json["tally"]
+        .as_object()
+        .and_then(|tally| tally.keys().next().cloned())
+        .unwrap_or_default();
+    assert!(
+        set_cookie.starts_with("session=")
+            && set_cookie.contains("Max-Age=60")
+            && set_cookie.contains("Path=/"),
+        "{given}"
+    );
+    let cookie = format!("cookie:{}", set_cookie.split(';').next().unwrap());
+    let back = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "50",
+            "--connections",
+            "2",
+            "--header",
+            &cookie,
+            "--tally-header",
+            "set-cookie",
+        ],
+    );
+    assert!(back.all_ok(), "{back}");
+    assert_eq!(
+        back.served_by("-"),
+        50,
+        "no new cookie for a client with one: {back}"
+    );
+    let sticky = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "50",
+            "--connections",
+            "2",
+            "--header",
+            &cookie,
+        ],
+    );
+    assert!(sticky.all_ok(), "{sticky}");
+    assert!(
+        ["c", "d"].iter().any(|n| sticky.served_by(n) == 50),
+        "{sticky}"
+    );
+    let seen = counts();
+    let many = load(
+        a,
+        &url,
+        &[
+            "--requests",
+            "600",
+            "--connections",
+            "4",
+            "--header-cycle",
+            "cookie:session=k-:60",
+        ],
+    );
+    assert!(many.all_ok(), "{many}");
+    let by_cookie = owners_by("cookie", &seen);
+    assert_eq!(by_cookie.len(), 60);
+    for (key, names) in &by_cookie {
+        assert_eq!(names.len(), 1, "{key} went to {names:?}");
+    }
 }
 
 const FLAKY: &str = "10.96.0.120";
