@@ -28,6 +28,7 @@ pub mod inbound;
 pub mod mirror;
 pub mod outbound;
 pub mod outcome;
+pub mod pipeline;
 pub mod pod;
 pub mod relay;
 pub mod route;

@@ -4,20 +4,27 @@
 //! pooled connections ([`super::http_pool`]).
 //!
 //! Per request:
-//! 1. the route's timeout (`routes[].timeout`, else `requestTimeout`) bounds
-//!    everything below, retries included; when it passes: `504`, and the
-//!    attempt in flight counts as a failure of its endpoint;
-//! 2. an endpoint is picked (one the request already failed on is avoided);
-//!    none at all: `503 no healthy upstream` at once, counted;
-//! 3. an endpoint on this node: the request is authorized here by that pod's
+//! 1. the routes attached to the port say where it goes (a rule's backend,
+//!    by weight) or answer it here: a redirect, `404` (`NR`), `500` (`NC`);
+//! 2. the request pipeline ([`super::pipeline`], tower layers): the route's
+//!    filters, fault injection, the connection pool's circuit breaker, the
+//!    body made replayable and copied to mirrors;
+//! 3. its attempts, bounded by the route's timeout (`timeouts.request`,
+//!    `routes[].timeout`, else `requestTimeout`; `504` when it passes, the
+//!    attempt in flight counting as a failure of its endpoint): an
+//!    endpoint is picked (one the request already failed on is avoided; by
+//!    the consistent hash's key if any); none at all: `503 no healthy
+//!    upstream` at once, counted;
+//! 4. an endpoint on this node: the request is authorized here by that pod's
 //!    policies (a remote endpoint's own agent does it): denied → `403`;
-//! 4. the request goes out; its outcome (status, connect failure, reset) and
+//! 5. the request goes out; its outcome (status, connect failure, reset) and
 //!    latency to the response head feed the balancer;
-//! 5. a bodiless idempotent request (GET, HEAD, OPTIONS, PUT, DELETE, TRACE)
-//!    that met a connect failure or a `503` is retried on another endpoint,
-//!    up to `retries.attempts` times and only while the retry budget allows;
-//!    otherwise the client gets what the endpoint said (or `503` for a
-//!    connect failure, `502` for a failure after sending).
+//! 6. a request that can be sent again (bodiless, or read whole for a
+//!    route's retry) is retried on another endpoint by the route's retry
+//!    policy, else on a connect failure or `503` if idempotent, up to the
+//!    attempts allowed and only while `maxRetries` and the retry budget
+//!    allow; otherwise the client gets what the endpoint said (or `503` for
+//!    a connect failure, `502` for a failure after sending).
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
@@ -25,12 +32,13 @@ use anyhow::Context;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::{
     Request, Response, StatusCode, Version,
-    body::{Body, Bytes, Incoming},
+    body::{Bytes, Incoming},
     header::{self, HeaderMap, HeaderValue},
     http::{request::Parts, uri::Uri},
 };
 
 use tokio::net::TcpStream;
+use tower::ServiceExt;
 
 use super::{
     authz,
@@ -39,8 +47,9 @@ use super::{
     deliver::{http_outcome, normalize_path},
     finish::reset,
     http_pool::{BoxIo, PoolKey, SendError, Sent, UpstreamBody},
-    mirror::{self, MirrorResult, MirrorTarget},
+    mirror::{MirrorResult, MirrorTarget},
     outcome::Outcome as ConnectionOutcome,
+    pipeline::{self, Exchange, FromEndpoint, Prepared, RequestBody, Routing, flagged},
     pod::PodHandle,
 };
 use crate::{
@@ -49,9 +58,9 @@ use crate::{
     config::HashKey,
     l7::{
         self, Authorizer, Destination, Forward, L7Error, Protocol, RequestInfo, ResponseBody,
-        ResponseFlags, Verdict, local_response,
+        Verdict, local_response,
     },
-    routes::{Fault, RetryPolicy, Routed, RuleRef, Timeouts},
+    routes::Routed,
     services::{PortProtocol, RequestPick, ServicePortEntry},
     spans::SpanSide,
 };
@@ -115,6 +124,7 @@ pub fn service_host(service: &crate::config::ServiceConfig) -> String {
 }
 
 /// Sends each request of one client connection to an endpoint of `service`.
+#[derive(Clone)]
 pub struct ServiceForwarder {
     pub ctx: Arc<ProxyContext>,
     /// The client's pod: its identity and namespace are used upstream.
@@ -172,102 +182,56 @@ impl Drop for Attempt<'_> {
 }
 
 impl ServiceForwarder {
-    /// One request: its answer, marked with the endpoint that gave it (the
-    /// last one tried) for the request's metrics and span.
+    /// One request: routed, then through the pipeline (`super::pipeline`)
+    /// to its attempts. The answer is marked with the endpoint that gave it
+    /// (the last one tried) for the request's metrics and span.
     async fn serve(&self, request: Request<Incoming>, h1: bool) -> Response<ResponseBody> {
-        let mut answered = None;
-        let mut response = self.send(request, h1, &mut answered).await;
-        if let Some(destination) = answered {
-            response.extensions_mut().insert(destination);
-        }
-        response
-    }
-
-    async fn send(
-        &self,
-        request: Request<Incoming>,
-        h1: bool,
-        answered: &mut Option<Arc<Destination>>,
-    ) -> Response<ResponseBody> {
         let routing = match self.route(&request) {
-            Ok(routing) => routing,
+            Ok(routing) => Arc::new(routing),
             Err(refusal) => return refusal.into_response(h1),
         };
-        let service = &*routing.service;
-        let started = tokio::time::Instant::now();
-        // The route's request timeout (`0s`: none), else the service's.
+        // The route's request timeout (`0s`: none), else the service's;
+        // from now, so that it bounds every stage below.
         let deadline = match routing.timeouts().request {
             Some(timeout) if timeout.is_zero() => None,
             Some(timeout) => Some(timeout),
-            None => service.config.timeout_for(request.uri().path()),
+            None => routing.service.config.timeout_for(request.uri().path()),
         }
-        .map(|timeout| started + timeout);
-        let backend_timeout = routing.timeouts().backend_request.filter(|t| !t.is_zero());
-        let (mut parts, body) = request.into_parts();
-        routing.on_request(&mut parts);
-        // Istio's fault injection: the delay, then the abort (before the
-        // request is mirrored or sent, as Envoy's fault filter does).
-        let mut delayed = false;
-        if let Some(fault) = routing.fault() {
-            if let Some(delay) = fault.delay_for(ThreadRng.next_u64()) {
-                tokio::time::sleep(delay).await;
-                delayed = true;
-            }
-            if let Some(status) = fault.abort_for(ThreadRng.next_u64()) {
-                return flagged(local_response(status, "fault filter abort", h1), "FI");
-            }
-        }
-        // The DestinationRule's connection pool: full, the request is
-        // answered at once (Envoy's overflow), the endpoints never see it.
-        let Some(_in_flight) = service.admit_request() else {
-            tracing::debug!(service = %service.key, "connection pool full: 503");
-            return flagged(
-                local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                    h1,
-                ),
-                "UO",
-            );
+        .map(|timeout| tokio::time::Instant::now() + timeout);
+        let (parts, body) = request.into_parts();
+        let exchange = Exchange {
+            parts,
+            body,
+            routing,
+            h1,
+            deadline,
         };
-        // A bodiless request can be sent again; so can one whose route
-        // retries it, if its body is known to fit the replay buffer (read
-        // whole first); any other is streamed once and never retried.
+        let pipeline = pipeline::stack(&self.ctx, &self.source, Attempts(self.clone()));
+        match pipeline.oneshot(exchange).await {
+            Ok(answer) => answer,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The attempts of a request at the endpoints of its service port: the
+    /// first, then retries (the route's policy, else the service's) while
+    /// the request can be sent again, `maxRetries` and the retry budget
+    /// allow; each ending by the request's deadline or sooner the route's
+    /// `backendRequest` timeout.
+    async fn attempts(&self, prepared: Prepared) -> Response<ResponseBody> {
+        let Prepared {
+            parts,
+            body,
+            routing,
+            h1,
+            deadline,
+        } = prepared;
+        let service = &*routing.service;
+        let backend_timeout = routing.timeouts().backend_request.filter(|t| !t.is_zero());
         let route_retry = routing.retry().cloned();
-        let fits = body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= mirror::BODY_LIMIT as u64);
-        let (mut body, buffered) = if body.is_end_stream() {
-            let body = mirror::start(&self.ctx, &self.source, &routing.mirrors, &parts, body);
-            (Some(body), Some(Bytes::new()))
-        } else if route_retry.is_some() && fits {
-            match http_body_util::Limited::new(body, mirror::BODY_LIMIT)
-                .collect()
-                .await
-            {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    mirror::start_buffered(
-                        &self.ctx,
-                        &self.source,
-                        &routing.mirrors,
-                        &parts,
-                        &bytes,
-                    );
-                    (None, Some(bytes))
-                }
-                // The client's body broke off or was longer than it said.
-                Err(_) => {
-                    return flagged(
-                        local_response(StatusCode::BAD_REQUEST, "Bad Request", h1),
-                        "DPE",
-                    );
-                }
-            }
-        } else {
-            let body = mirror::start(&self.ctx, &self.source, &routing.mirrors, &parts, body);
-            (Some(body), None)
+        let (mut body, buffered) = match body {
+            RequestBody::Streamed(body) => (Some(body), None),
+            RequestBody::Replayable(bytes) => (None, Some(bytes)),
         };
         let replayable = buffered.is_some();
         service.record_request();
@@ -293,7 +257,7 @@ impl ServiceForwarder {
                     Some(deadline.min(tokio::time::Instant::now() + timeout))
                 }
             };
-            let (id, outcome, response) = match self
+            let (id, outcome, response, destination) = match self
                 .attempt(
                     service,
                     &parts,
@@ -310,14 +274,19 @@ impl ServiceForwarder {
                     );
                 }
                 Tried::Refused(refusal, id, destination) => {
-                    *answered = destination;
-                    return refusal.into_response(&service.key, &id);
+                    return answered_by(refusal.into_response(&service.key, &id), destination);
                 }
                 Tried::TimedOut(destination) => {
-                    *answered = destination;
-                    return flagged(
-                        local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout", h1),
-                        "UT",
+                    return answered_by(
+                        flagged(
+                            local_response(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "upstream request timeout",
+                                h1,
+                            ),
+                            "UT",
+                        ),
+                        destination,
                     );
                 }
                 Tried::Sent {
@@ -325,10 +294,7 @@ impl ServiceForwarder {
                     outcome,
                     response,
                     destination,
-                } => {
-                    *answered = destination;
-                    (id, outcome, response)
-                }
+                } => (id, outcome, response, destination),
             };
             // The route's retry policy, else the service's: idempotent
             // requests on connect failure or 503.
@@ -369,17 +335,14 @@ impl ServiceForwarder {
                 }
                 continue;
             }
-            return match (response, outcome) {
+            let answer = match (response, outcome) {
                 (Some(mut response), _) => {
-                    routing.on_response(response.headers_mut());
                     if let Some(cookie) = set_cookie {
                         response
                             .headers_mut()
                             .append(http::header::SET_COOKIE, cookie);
                     }
-                    if delayed {
-                        response.extensions_mut().insert(ResponseFlags("DI"));
-                    }
+                    response.extensions_mut().insert(FromEndpoint);
                     response.map(Either::Left)
                 }
                 (None, Outcome::ConnectFailed) => flagged(
@@ -395,6 +358,7 @@ impl ServiceForwarder {
                     "UC",
                 ),
             };
+            return answered_by(answer, destination);
         }
     }
 
@@ -765,58 +729,37 @@ impl ServiceForwarder {
     }
 }
 
-/// An answer made here, with Envoy's response flag saying why.
-fn flagged(mut response: Response<ResponseBody>, flags: &'static str) -> Response<ResponseBody> {
-    response.extensions_mut().insert(ResponseFlags(flags));
-    response
+/// The pipeline's innermost service: the forwarder's attempts.
+#[derive(Clone)]
+struct Attempts(ServiceForwarder);
+
+impl tower::Service<Prepared> for Attempts {
+    type Response = Response<ResponseBody>;
+    type Error = std::convert::Infallible;
+    type Future = pipeline::Pending;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, prepared: Prepared) -> pipeline::Pending {
+        let forwarder = self.0.clone();
+        Box::pin(async move { Ok(forwarder.attempts(prepared).await) })
+    }
 }
 
-/// Where one request goes: a service port, by the rule (and the backend of
-/// it) that sent it there, if routes did.
-struct Routing {
-    service: Arc<ServicePortEntry>,
-    rule: Option<(RuleRef, usize)>,
-    /// The rule's mirrors this request is copied to (sampled).
-    mirrors: Vec<MirrorTarget>,
-}
-
-impl Routing {
-    fn fault(&self) -> Option<&Fault> {
-        self.rule
-            .as_ref()
-            .and_then(|(rule, _)| rule.rule().filters.fault.as_ref())
+/// `answer`, marked with the endpoint that gave it, if one did.
+fn answered_by(
+    mut answer: Response<ResponseBody>,
+    destination: Option<Arc<Destination>>,
+) -> Response<ResponseBody> {
+    if let Some(destination) = destination {
+        answer.extensions_mut().insert(destination);
     }
-
-    fn retry(&self) -> Option<&RetryPolicy> {
-        self.rule
-            .as_ref()
-            .and_then(|(rule, _)| rule.rule().retry.as_ref())
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        self.rule
-            .as_ref()
-            .map(|(rule, _)| rule.rule().timeouts)
-            .unwrap_or_default()
-    }
-
-    /// The rule's request filters, then the chosen backend's.
-    fn on_request(&self, parts: &mut Parts) {
-        if let Some((rule, backend)) = &self.rule {
-            rule.rule().filters.on_request(parts, rule.matched_prefix());
-            rule.rule().backends[*backend]
-                .filters
-                .on_request(parts, None);
-        }
-    }
-
-    /// The chosen backend's response filters, then the rule's.
-    fn on_response(&self, headers: &mut HeaderMap) {
-        if let Some((rule, backend)) = &self.rule {
-            rule.rule().backends[*backend].filters.on_response(headers);
-            rule.rule().filters.on_response(headers);
-        }
-    }
+    answer
 }
 
 /// How one attempt went.

@@ -658,6 +658,18 @@ fn a_virtual_service_injects_aborts_and_delays() {
     eprintln!("p50 without the delay {p50_plain} µs, with it {p50_delayed} µs");
     assert!(p50_delayed >= 100_000, "{delayed}");
     assert!(p50_delayed >= p50_plain + 90_000, "{plain} / {delayed}");
+    // Each delayed answer is counted with flag DI.
+    wait_until(
+        "the delayed requests counted with flag DI",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                client_agent.metric_sum("istio_requests_total", &[("response_flags", "DI")])
+                    == 50,
+            )
+        },
+    )
+    .unwrap();
 }
 
 const HTTPBIN: &str = "10.96.0.90";
