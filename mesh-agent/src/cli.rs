@@ -278,11 +278,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unenforceable()
                     .filter_map(|p| p.unenforceable().map(ToString::to_string))
                     .collect();
-                // targetRefs are mapped by the services of services.yaml.
-                let compiled = cfg
-                    .policies
-                    .set
-                    .compile_with_services(&cfg.node.root_namespace, &cfg.services);
+                // targetRefs are mapped by the services of services.yaml
+                // (and a rate limit's by the routes).
+                let compiled = cfg.policies.set.compile_with(
+                    &cfg.node.root_namespace,
+                    &cfg.services,
+                    &cfg.routes.routes,
+                );
                 unenforceable.extend(compiled.unmapped_targets().iter().cloned());
                 let route_problems = route_problems(&route_statuses(&cfg));
                 for problem in &route_problems {

@@ -132,6 +132,8 @@ pub struct RequestInfo<'a> {
     pub host: &'a str,
     /// The normalised path, query stripped.
     pub path: &'a str,
+    /// The query, if any (what a route's query parameter matches read).
+    pub query: Option<&'a str>,
     /// The request headers (after the JWT check's edits).
     pub headers: &'a HeaderMap,
     /// The request's valid JWT, if it carried one.

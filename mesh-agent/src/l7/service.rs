@@ -266,6 +266,7 @@ impl Relay {
             method,
             host: &host,
             path: &path,
+            query: request.uri().query(),
             headers: request.headers(),
             auth: auth.as_deref(),
         });

@@ -265,6 +265,17 @@ impl PolicySet {
         root_namespace: &str,
         services: &[crate::config::ServiceConfig],
     ) -> CompiledPolicies {
+        self.compile_with(root_namespace, services, &[])
+    }
+
+    /// As [`Self::compile_with_services`], with the routes rate limits may
+    /// target.
+    pub fn compile_with(
+        &self,
+        root_namespace: &str,
+        services: &[crate::config::ServiceConfig],
+        routes: &[Arc<crate::routes::HttpRoute>],
+    ) -> CompiledPolicies {
         let mut targets = HashMap::new();
         let mut unmapped = Vec::new();
         let policies: Vec<Arc<Policy>> = self
@@ -303,44 +314,84 @@ impl PolicySet {
                 p.clone()
             })
             .collect();
-        // Rate limits apply to the pods and target ports of their Service.
-        // One whose Service is not known (or has no selector) limits
-        // nothing until it is, and is reported: a limit is about load, not
-        // access, and limiting more than written would refuse requests the
-        // author meant to serve.
+        // Rate limits apply to the pods and target ports of their Service,
+        // or of their route's parent Services. One whose Service or route
+        // is not known (or has no selector) limits nothing until it is, and
+        // is reported: a limit is about load, not access, and limiting more
+        // than written would refuse requests the author meant to serve.
         let mut rate_limits: HashMap<String, Vec<MappedRateLimit>> = HashMap::new();
         for limit in &self.rate_limits {
-            let service = services
-                .iter()
-                .find(|s| s.name == limit.target_service && s.namespace == limit.id.namespace);
-            match service {
-                Some(s) if !s.selector.is_empty() => {
-                    rate_limits
-                        .entry(limit.id.namespace.clone())
-                        .or_default()
-                        .push(MappedRateLimit {
-                            limit: limit.clone(),
-                            selector: s.selector.clone(),
-                            ports: s
-                                .ports
-                                .iter()
-                                .map(|p| p.target_port.unwrap_or(p.port))
-                                .collect(),
-                        });
+            let namespace = &limit.id.namespace;
+            // (the Service, its port limited (None: all), the route's scope)
+            let mut parents: Vec<(&str, &str, Option<u16>, Option<RouteScope>)> = Vec::new();
+            match &limit.target {
+                super::rate_limit::LimitTarget::Service(name) => {
+                    parents.push((namespace, name, None, None));
                 }
-                found => {
-                    let why = if found.is_some() {
-                        "has no selector"
-                    } else {
-                        "is not known to this node"
-                    };
-                    unmapped.push(format!(
-                        "{}: {}: targetRef: Service {}/{} {why}: the rate limit limits nothing until it can be mapped",
-                        limit.source.display(),
-                        limit.id,
-                        limit.id.namespace,
-                        limit.target_service
-                    ));
+                super::rate_limit::LimitTarget::Route { kind, name } => {
+                    let route = routes.iter().find(|r| {
+                        r.kind.as_str() == *kind
+                            && r.id.namespace == *namespace
+                            && r.id.name == *name
+                    });
+                    match route {
+                        Some(route) => {
+                            for (parent, port) in &route.parents {
+                                let scope = RouteScope {
+                                    route: route.clone(),
+                                    consumer: (parent.namespace != route.id.namespace)
+                                        .then(|| route.id.namespace.clone()),
+                                };
+                                parents.push((
+                                    &parent.namespace,
+                                    &parent.name,
+                                    *port,
+                                    Some(scope),
+                                ));
+                            }
+                        }
+                        None => unmapped.push(format!(
+                            "{}: {}: targetRef: {kind} {namespace}/{name} is not known to this node: the rate limit limits nothing until it can be mapped",
+                            limit.source.display(),
+                            limit.id,
+                        )),
+                    }
+                }
+            }
+            for (ns, name, port, scope) in parents {
+                let service = services
+                    .iter()
+                    .find(|s| s.name == name && s.namespace == ns && s.subset.is_none());
+                match service {
+                    Some(s) if !s.selector.is_empty() => {
+                        rate_limits
+                            .entry(s.namespace.clone())
+                            .or_default()
+                            .push(MappedRateLimit {
+                                limit: limit.clone(),
+                                selector: s.selector.clone(),
+                                ports: s
+                                    .ports
+                                    .iter()
+                                    .filter(|p| port.is_none_or(|want| p.port == want))
+                                    .map(|p| p.target_port.unwrap_or(p.port))
+                                    .collect(),
+                                scope,
+                            });
+                    }
+                    found => {
+                        let why = if found.is_some() {
+                            "has no selector"
+                        } else {
+                            "is not known to this node"
+                        };
+                        unmapped.push(format!(
+                            "{}: {}: targetRef: {}: Service {ns}/{name} {why}: the rate limit limits nothing until it can be mapped",
+                            limit.source.display(),
+                            limit.id,
+                            limit.target,
+                        ));
+                    }
                 }
             }
         }
@@ -387,6 +438,40 @@ struct MappedRateLimit {
     limit: Arc<super::RateLimit>,
     selector: BTreeMap<String, String>,
     ports: Vec<u16>,
+    scope: Option<RouteScope>,
+}
+
+/// The requests a rate limit on a route counts: those matching one of the
+/// route's rules, from its namespace's clients only for a consumer route.
+#[derive(Debug, Clone)]
+pub struct RouteScope {
+    route: Arc<crate::routes::HttpRoute>,
+    consumer: Option<String>,
+}
+
+impl RouteScope {
+    /// Whether the request is the route's.
+    pub fn applies(
+        &self,
+        request: &crate::l7::RequestInfo<'_>,
+        client_namespace: Option<&str>,
+    ) -> bool {
+        if let Some(consumer) = &self.consumer
+            && client_namespace != Some(consumer.as_str())
+        {
+            return false;
+        }
+        let Ok(method) = http::Method::from_bytes(request.method.as_bytes()) else {
+            return false;
+        };
+        let uri = match request.query {
+            Some(query) => format!("{}?{query}", request.path).parse(),
+            None => request.path.parse(),
+        };
+        uri.is_ok_and(|uri| {
+            crate::routes::route_matches(&self.route, &method, &uri, request.headers)
+        })
+    }
 }
 
 /// What the agent knows about the destination workload.
@@ -486,7 +571,7 @@ impl CompiledPolicies {
                         .iter()
                         .all(|(k, v)| workload.labels.get(k).is_some_and(|have| have == v))
                 })
-                .map(|m| (m.limit.clone(), m.ports.clone()))
+                .map(|m| (m.limit.clone(), m.ports.clone(), m.scope.clone()))
                 .collect();
         }
         WorkloadPolicy {
@@ -512,8 +597,9 @@ pub(crate) struct WorkloadInner {
     pub(crate) peer_auth: super::peer_auth::WorkloadPeerAuth,
     /// Of every RequestAuthentication applying to the workload.
     pub(crate) jwt_rules: Vec<Arc<super::JwtRule>>,
-    /// The rate limits of the workload, with the ports they limit.
-    pub(crate) rate_limits: Vec<(Arc<super::RateLimit>, Vec<u16>)>,
+    /// The rate limits of the workload, with the ports they limit and, for
+    /// a route's, the requests they count.
+    pub(crate) rate_limits: Vec<(Arc<super::RateLimit>, Vec<u16>, Option<RouteScope>)>,
 }
 
 impl WorkloadPolicy {
@@ -551,13 +637,17 @@ impl WorkloadPolicy {
         super::jwt::authenticate(&self.inner.jwt_rules, headers, query)
     }
 
-    /// The rate limits on requests to `port`.
-    pub fn rate_limits_on(&self, port: u16) -> impl Iterator<Item = &Arc<super::RateLimit>> {
+    /// The rate limits on requests to `port`, each with the requests it
+    /// counts if it is a route's.
+    pub fn rate_limits_on(
+        &self,
+        port: u16,
+    ) -> impl Iterator<Item = (&Arc<super::RateLimit>, Option<&RouteScope>)> {
         self.inner
             .rate_limits
             .iter()
-            .filter(move |(_, ports)| ports.contains(&port))
-            .map(|(limit, _)| limit)
+            .filter(move |(_, ports, _)| ports.contains(&port))
+            .map(|(limit, _, scope)| (limit, scope.as_ref()))
     }
 
     /// Whether a connection to `port` must be parsed as HTTP to be decided:
@@ -573,7 +663,10 @@ impl WorkloadPolicy {
             return true;
         }
         // A rate limit counts requests.
-        if i.rate_limits.iter().any(|(_, ports)| ports.contains(&port)) {
+        if i.rate_limits
+            .iter()
+            .any(|(_, ports, _)| ports.contains(&port))
+        {
             return true;
         }
         i.has_http

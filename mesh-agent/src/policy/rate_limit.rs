@@ -4,7 +4,11 @@
 //! limit, a limit per client identity and overrides for named clients.
 //! Linkerd targets its `Server` resource; this mesh has none, so the
 //! target is the Service (`group: ""`, `kind: Service`) whose pods (its
-//! selector) and ports (its target ports) are limited. A request beyond a
+//! selector) and ports (its target ports) are limited; or, per route, an
+//! `HTTPRoute` or `GRPCRoute` (`group: gateway.networking.k8s.io`): the
+//! requests that match one of its rules, at the pods and ports of its
+//! parent Services (from its namespace's clients only, for a consumer
+//! route), counted in buckets of their own. A request beyond a
 //! limit is answered `429 Too Many Requests` by the destination's agent,
 //! with `Retry-After` and the rate-limit headers.
 //!
@@ -38,8 +42,8 @@ pub(super) const API_VERSION: &str = "policy.linkerd.io/v1alpha1";
 #[derive(Debug)]
 pub struct RateLimit {
     pub(crate) id: Arc<PolicyName>,
-    /// The Service (in the policy's namespace) whose pods are limited.
-    pub(crate) target_service: String,
+    /// What is limited.
+    pub(crate) target: LimitTarget,
     /// Requests per second of all clients together, per pod.
     pub(crate) total: Option<u32>,
     /// Requests per second of each client identity, per pod.
@@ -47,6 +51,25 @@ pub struct RateLimit {
     /// Per-identity rates for named clients (`namespace`, service account).
     pub(crate) overrides: Vec<(u32, Vec<(String, String)>)>,
     pub(crate) source: Arc<std::path::Path>,
+}
+
+/// What a rate limit is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitTarget {
+    /// The pods and ports of this Service (of the policy's namespace).
+    Service(String),
+    /// The requests matching this route (of the policy's namespace, of
+    /// this kind: `HTTPRoute` or `GRPCRoute`) at its parents' pods.
+    Route { kind: &'static str, name: String },
+}
+
+impl std::fmt::Display for LimitTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitTarget::Service(name) => write!(f, "Service {name}"),
+            LimitTarget::Route { kind, name } => write!(f, "{kind} {name}"),
+        }
+    }
 }
 
 impl RateLimit {
@@ -135,15 +158,26 @@ pub(super) fn convert(ctx: &DocCtx<'_>, raw: RawRateLimit) -> Result<RateLimit, 
     let spec = raw.spec;
     let target = &spec.target_ref;
     let group = target.group.as_deref().unwrap_or("");
-    if !matches!(group, "" | "core") || target.kind != "Service" {
-        return Err(ctx.semantic(
-            &[key("spec"), key("targetRef"), key("kind")],
-            format!(
-                "{} (group {group:?}) is not supported: target the Service whose pods are limited (group \"\", kind Service); this mesh has no Linkerd Server resources",
-                target.kind
-            ),
-        ));
-    }
+    let limited = match (group, target.kind.as_str()) {
+        ("" | "core", "Service") => LimitTarget::Service(target.name.clone()),
+        ("gateway.networking.k8s.io", "HTTPRoute") => LimitTarget::Route {
+            kind: "HTTPRoute",
+            name: target.name.clone(),
+        },
+        ("gateway.networking.k8s.io", "GRPCRoute") => LimitTarget::Route {
+            kind: "GRPCRoute",
+            name: target.name.clone(),
+        },
+        _ => {
+            return Err(ctx.semantic(
+                &[key("spec"), key("targetRef"), key("kind")],
+                format!(
+                    "{} (group {group:?}) is not supported: target the Service whose pods are limited (group \"\", kind Service), or a route (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute); this mesh has no Linkerd Server resources",
+                    target.kind
+                ),
+            ));
+        }
+    };
     let rate = |r: &Option<RawRate>, field: &'static str| -> Result<Option<u32>, LoadError> {
         match r {
             Some(RawRate {
@@ -196,7 +230,7 @@ pub(super) fn convert(ctx: &DocCtx<'_>, raw: RawRateLimit) -> Result<RateLimit, 
             namespace,
             name: meta.name.clone(),
         }),
-        target_service: target.name.clone(),
+        target: limited,
         total,
         identity,
         overrides,
@@ -438,6 +472,119 @@ spec:
             0
         );
         assert!(unknown.unmapped_targets()[0].contains("limits nothing"));
+    }
+
+    #[test]
+    fn a_limit_on_a_route_counts_the_routes_requests_at_its_parents_pods() {
+        let policy = "apiVersion: policy.linkerd.io/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: api-limit, namespace: shop}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: api}
+  total: {requestsPerSecond: 10}
+";
+        let set = load([("policies/rl.yaml", policy)]).unwrap();
+        let routes = crate::routes::load([(
+            "routes/api.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+      queryParams: [{name: v, value: \"2\"}]
+    backendRefs: [{name: web, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: client}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web, namespace: shop, port: 80}]
+  rules:
+  - matches: [{method: POST}]
+    backendRefs: [{name: web, namespace: shop, port: 80}]
+",
+        )])
+        .unwrap()
+        .routes;
+        let mut web = ServiceConfig::with_defaults();
+        web.name = "web".into();
+        web.namespace = "shop".into();
+        web.selector = [("app".to_string(), "web".to_string())].into();
+        web.ports = vec![
+            ServicePort {
+                port: 80,
+                target_port: Some(8080),
+                protocol: "http".into(),
+            },
+            ServicePort {
+                port: 81,
+                target_port: Some(8081),
+                protocol: "http".into(),
+            },
+        ];
+        let compiled = set.compile_with("istio-system", &[web], &routes);
+        assert!(
+            compiled.unmapped_targets().is_empty(),
+            "{:?}",
+            compiled.unmapped_targets()
+        );
+        let selected = compiled.for_workload(&Workload {
+            namespace: "shop".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+        });
+        // Only the parent's port.
+        assert_eq!(selected.rate_limits_on(8081).count(), 0);
+        let (_, scope) = selected.rate_limits_on(8080).next().unwrap();
+        let scope = scope.expect("a route's limit");
+        let headers = http::HeaderMap::new();
+        let request = |method: &'static str, path: &'static str, query: Option<&'static str>| {
+            crate::l7::RequestInfo {
+                method,
+                host: "web",
+                path,
+                query,
+                headers: &headers,
+                auth: None,
+            }
+        };
+        assert!(scope.applies(&request("GET", "/api/x", Some("v=2")), Some("shop")));
+        assert!(!scope.applies(&request("GET", "/api/x", Some("v=1")), Some("shop")));
+        assert!(!scope.applies(&request("GET", "/other", Some("v=2")), Some("shop")));
+
+        // The consumer route of the same name in namespace client: only
+        // its namespace's clients, by its own matches.
+        let consumer = policy.replace("namespace: shop", "namespace: client");
+        let set = load([("policies/rl.yaml", consumer.as_str())]).unwrap();
+        let mut web = ServiceConfig::with_defaults();
+        web.name = "web".into();
+        web.namespace = "shop".into();
+        web.selector = [("app".to_string(), "web".to_string())].into();
+        web.ports = vec![ServicePort {
+            port: 80,
+            target_port: Some(8080),
+            protocol: "http".into(),
+        }];
+        let compiled = set.compile_with("istio-system", &[web.clone()], &routes);
+        let selected = compiled.for_workload(&Workload {
+            namespace: "shop".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+        });
+        let (_, scope) = selected.rate_limits_on(8080).next().unwrap();
+        let scope = scope.unwrap();
+        assert!(scope.applies(&request("POST", "/", None), Some("client")));
+        assert!(!scope.applies(&request("POST", "/", None), Some("shop")));
+        assert!(!scope.applies(&request("GET", "/", None), Some("client")));
+
+        // A route not known: limits nothing, and says so.
+        let compiled = set.compile_with("istio-system", &[web], &[]);
+        assert!(
+            compiled.unmapped_targets()[0].contains("HTTPRoute client/api is not known"),
+            "{:?}",
+            compiled.unmapped_targets()
+        );
     }
 
     #[test]

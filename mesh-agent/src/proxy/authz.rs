@@ -259,7 +259,11 @@ impl l7::Authorizer for ConnectionAuthorizer {
         // Allowed: then its rate limits count it.
         let workload_policy = snapshot.policies.for_workload(&self.workload);
         let now = std::time::Instant::now();
-        for limit in workload_policy.rate_limits_on(self.destination.port()) {
+        let client_namespace = self.source.as_ref().map(|id| id.namespace());
+        for (limit, scope) in workload_policy.rate_limits_on(self.destination.port()) {
+            if scope.is_some_and(|scope| !scope.applies(request, client_namespace)) {
+                continue;
+            }
             if let Err(limited) =
                 self.authorizer
                     .limiter

@@ -690,6 +690,7 @@ impl ServiceForwarder {
             method: parts.method.as_str(),
             host,
             path: parts.uri.path(),
+            query: parts.uri.query(),
             headers: edited.as_ref().unwrap_or(&parts.headers),
             auth: auth.as_deref(),
         }) {

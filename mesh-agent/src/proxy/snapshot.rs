@@ -74,10 +74,11 @@ impl Plan {
         );
         let services = ServiceTable::build(&with_rules, node, Some(&previous.services))
             .map_err(|e| anyhow!("services: {e:#}"))?;
-        let policies = desired
-            .policies
-            .set
-            .compile_with_services(&node.root_namespace, &desired.services);
+        let policies = desired.policies.set.compile_with(
+            &node.root_namespace,
+            &desired.services,
+            &desired.routes.routes,
+        );
         for unmapped in policies.unmapped_targets() {
             tracing::error!(error = %unmapped, "authorization policy cannot be enforced as written");
         }

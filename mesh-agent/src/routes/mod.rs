@@ -28,7 +28,7 @@ use std::{path::PathBuf, sync::Arc};
 pub use destination_rule::{DestinationRule, TrafficPolicy, apply as apply_destination_rules};
 pub use filters::{Fault, Filters, HeaderModifier, Mirror, PathModifier};
 pub use load::{Loaded, load};
-pub use table::{RouteStatus, RouteTable, Routed, RuleRef};
+pub use table::{RouteStatus, RouteTable, Routed, RuleRef, route_matches};
 
 /// `namespace/name` of a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -318,6 +318,16 @@ fn precedence(e: &Entry) -> Precedence {
     )
 }
 
+/// Whether any rule of `route` matches the request (its rules' matches,
+/// whatever other routes say): what a rate limit on the route counts.
+pub fn route_matches(route: &HttpRoute, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+    route
+        .rules
+        .iter()
+        .flat_map(|r| &r.matches)
+        .any(|m| matches(m, method, uri, headers))
+}
+
 fn matches(m: &RequestMatch, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
     let path = uri.path();
     let path_ok = match &m.path {

@@ -1,7 +1,8 @@
 //! Local rate limits on the destination's side (`HTTPLocalRateLimitPolicy`,
 //! docs/traffic.md): c's agent admits requests to c at the rate the policy
 //! sets and answers the rest 429 with `Retry-After` and the rate-limit
-//! headers; per client identity, with an override for one client.
+//! headers; per client identity, with an override for one client; per
+//! route (the requests of one HTTPRoute only).
 //!
 //! The mesh: clients `a` and `b` on n1, `c` on n2 behind the Service web
 //! (both agents know it; n1's balances, n2's limits). The clients are
@@ -166,4 +167,45 @@ fn a_rate_limit_admits_its_rate_and_answers_the_rest_429() {
         (18.0..=22.0).contains(&rate_b),
         "b: {rate_b:.1}/s: {from_b}"
     );
+
+    // Per route: 10/s for the requests of the HTTPRoute `api` (/api...),
+    // known to c's agent; the other paths are not limited. 50/s offered to
+    // each at once for 4 s.
+    apply(
+        server_agent,
+        "routes/api.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: default}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: web, port: 80}]
+",
+    );
+    apply(
+        server_agent,
+        "policies/limit.yaml",
+        "apiVersion: policy.linkerd.io/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: api-limit, namespace: default}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: api}
+  total: {requestsPerSecond: 10}
+",
+    );
+    let (api, other) = std::thread::scope(|s| {
+        let other = s.spawn(|| load(b, &format!("http://{WEB}/other"), &offered));
+        let api = load(a, &format!("http://{WEB}/api/items"), &offered);
+        (api, other.join().unwrap())
+    });
+    let rate_api = admitted_per_second(&api, 10);
+    eprintln!("route 10/s: /api {rate_api:.2}/s; /other: {other}");
+    assert!(
+        (9.0..=11.0).contains(&rate_api),
+        "/api: {rate_api:.1}/s: {api}"
+    );
+    assert_eq!(api.status(200) + api.status(429), api.requests(), "{api}");
+    assert!(other.all_ok(), "/other is not the route's: {other}");
 }

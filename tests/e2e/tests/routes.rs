@@ -662,12 +662,7 @@ fn a_virtual_service_injects_aborts_and_delays() {
     wait_until(
         "the delayed requests counted with flag DI",
         Duration::from_secs(10),
-        || {
-            Ok(
-                client_agent.metric_sum("istio_requests_total", &[("response_flags", "DI")])
-                    == 50,
-            )
-        },
+        || Ok(client_agent.metric_sum("istio_requests_total", &[("response_flags", "DI")]) == 50),
     )
     .unwrap();
 }
