@@ -617,15 +617,17 @@ impl ServiceForwarder {
                     .iter()
                     .filter(|m| m.samples(ThreadRng.next_u64()))
                     .map(|m| {
-                        let entry = m
-                            .backend
-                            .service_port_key()
+                        // A mirror without a port: the port the request
+                        // was sent to (Istio's).
+                        let key = m.backend.key_for(requested_port);
+                        let entry = key
+                            .as_deref()
                             .and_then(|key| snapshot.services.by_key(key))
                             .filter(|entry| entry.protocol != PortProtocol::Tcp);
                         match entry {
                             Some(entry) => MirrorTarget::Service(entry.clone()),
                             None => MirrorTarget::Unresolved(
-                                m.backend.service_port_key().unwrap_or("-").to_string(),
+                                key.map_or_else(|| "-".to_string(), |k| k.into_owned()),
                             ),
                         }
                     })

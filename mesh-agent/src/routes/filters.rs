@@ -161,6 +161,9 @@ pub enum PathModifier {
     /// Replaces the `PathPrefix` the request matched (kept, like the
     /// match, without a trailing `/`).
     ReplacePrefixMatch(String),
+    /// Istio's `rewrite.uri`: replaces the prefix the request matched when
+    /// its match was a prefix, else the whole path.
+    ReplacePrefixOrPath(String),
 }
 
 impl PathModifier {
@@ -170,6 +173,18 @@ impl PathModifier {
     pub fn apply(&self, path: &str, matched_prefix: Option<&str>) -> String {
         match self {
             PathModifier::ReplaceFullPath(p) => p.clone(),
+            PathModifier::ReplacePrefixOrPath(replacement) => match matched_prefix {
+                Some(prefix) => {
+                    let rest = path.strip_prefix(prefix).unwrap_or(path);
+                    let joined = format!("{replacement}{rest}");
+                    if joined.is_empty() {
+                        "/".to_string()
+                    } else {
+                        joined
+                    }
+                }
+                None => replacement.clone(),
+            },
             PathModifier::ReplacePrefixMatch(replacement) => {
                 let rest = matched_prefix
                     .and_then(|prefix| path.strip_prefix(prefix))
@@ -187,17 +202,17 @@ impl PathModifier {
 
 #[derive(Debug, Clone)]
 pub struct Redirect {
-    scheme: Option<String>,
-    hostname: Option<String>,
-    path: Option<PathModifier>,
-    port: Option<u16>,
-    status: StatusCode,
+    pub(super) scheme: Option<String>,
+    pub(super) hostname: Option<String>,
+    pub(super) path: Option<PathModifier>,
+    pub(super) port: Option<u16>,
+    pub(super) status: StatusCode,
 }
 
 #[derive(Debug, Clone)]
 pub struct UrlRewrite {
-    hostname: Option<HeaderValue>,
-    path: Option<PathModifier>,
+    pub(super) hostname: Option<HeaderValue>,
+    pub(super) path: Option<PathModifier>,
 }
 
 /// A copy of each request (a share of them) sent to another Service, its

@@ -92,11 +92,12 @@ impl RuleRef {
         &self.route.rules[self.rule]
     }
 
-    /// The `PathPrefix` the request matched (without a trailing `/`), if
-    /// its match was one: what `ReplacePrefixMatch` replaces.
+    /// The prefix the request matched, if its match was one: a
+    /// `PathPrefix` (without a trailing `/`), what `ReplacePrefixMatch`
+    /// replaces; or an Istio string prefix, what `rewrite.uri` replaces.
     pub fn matched_prefix(&self) -> Option<&str> {
         match &self.rule().matches[self.matched].path {
-            PathMatch::Prefix(prefix) => Some(prefix),
+            PathMatch::Prefix(prefix) | PathMatch::StringPrefix(prefix) => Some(prefix),
             _ => None,
         }
     }

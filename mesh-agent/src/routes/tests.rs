@@ -795,10 +795,6 @@ spec:
     );
     for (http, says) in [
         (
-            "  - rewrite: {uri: /v2}\n    route: [{destination: {host: smiley}}]\n",
-            "spec.http[0].rewrite: not supported yet",
-        ),
-        (
             "  - fault: {abort: {percentage: {value: 10}}}\n    route: [{destination: {host: smiley}}]\n",
             "spec.http[0].fault.abort.httpStatus: an abort needs",
         ),
@@ -1156,10 +1152,6 @@ fn a_virtual_service_mirrors_retries_and_changes_headers() {
             "  - mirrorPercentage: {value: 5}\n    route: [{destination: {host: smiley}}]\n",
             "a mirror percentage needs a `mirror`",
         ),
-        (
-            "  - mirrors: [{destination: {host: smiley2}}]\n    route: [{destination: {host: smiley}}]\n",
-            "spec.http[0].mirrors: not supported yet",
-        ),
     ] {
         let err = load_err(&vs(http));
         assert!(err.contains(says), "{http}: {err}");
@@ -1304,5 +1296,120 @@ spec:
     ] {
         let err = load_err(&format!("{rule}{bad}"));
         assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+/// Istio's VirtualService reference examples: `rewrite` (the matched
+/// prefix replaced), `redirect` (path and authority, 301), `mirrors` (two,
+/// with percentages); what is not served is named.
+#[test]
+fn a_virtual_service_rewrites_redirects_and_mirrors_to_several() {
+    let routed = |text: &str, path: &str| {
+        let table = RouteTable::build(&load_one(text), &services());
+        let (m, u, h) = request("GET", path, &[]);
+        match table.route("faces/smiley:80", "faces", &m, &u, &h) {
+            Some(Routed::Rule(rule)) => rule,
+            other => panic!("{other:?}"),
+        }
+    };
+    let rewritten = |text: &str, path: &str| {
+        let rule = routed(text, path);
+        let mut parts = http::Request::get(path)
+            .header("host", "smiley")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        rule.rule()
+            .filters
+            .on_request(&mut parts, rule.matched_prefix());
+        (parts.uri.to_string(), parts.headers["host"].clone())
+    };
+    let rewrite = vs("  - match: [{uri: {prefix: /ratings}}]
+    rewrite: {uri: /v1/bookRatings}
+    route: [{destination: {host: smiley}}]
+  - match: [{uri: {exact: /old}}]
+    rewrite: {uri: /new, authority: smiley2.faces}
+    route: [{destination: {host: smiley}}]
+  - rewrite: {uri: /v2}
+    route: [{destination: {host: smiley}}]
+");
+    assert_eq!(
+        rewritten(&rewrite, "/ratings/123?x=1").0,
+        "/v1/bookRatings/123?x=1"
+    );
+    let (uri, host) = rewritten(&rewrite, "/old");
+    assert_eq!(
+        (uri.as_str(), host.to_str().unwrap()),
+        ("/new", "smiley2.faces")
+    );
+    // No match is Istio's prefix `/`: replaced as a prefix.
+    assert_eq!(rewritten(&rewrite, "/x").0, "/v2x");
+
+    let redirect = vs("  - match: [{uri: {exact: /v1/getProductRatings}}]
+    redirect: {uri: /v1/bookRatings, authority: newratings.default.svc.cluster.local}
+");
+    let rule = routed(&redirect, "/v1/getProductRatings");
+    let (status, location) = rule.rule().filters.redirect.as_ref().unwrap().location(
+        &"/v1/getProductRatings".parse().unwrap(),
+        "smiley",
+        rule.matched_prefix(),
+    );
+    assert_eq!(status, 301);
+    assert_eq!(
+        location,
+        "http://newratings.default.svc.cluster.local/v1/bookRatings"
+    );
+
+    let mirrors = vs("  - route: [{destination: {host: smiley}}]
+    mirrors:
+    - destination: {host: smiley2, port: {number: 80}}
+      percentage: {value: 50}
+    - destination: {host: smiley2, port: {number: 80}, subset: v2}
+");
+    let rule = first_rule(&mirrors);
+    let shares: Vec<(u32, u32, Option<&str>)> = rule
+        .rule()
+        .filters
+        .mirrors
+        .iter()
+        .map(|m| (m.numerator, m.denominator, m.backend.service_port_key()))
+        .collect();
+    assert_eq!(
+        shares,
+        [
+            (500_000, 1_000_000, Some("faces/smiley2:80")),
+            (1_000_000, 1_000_000, Some("faces/smiley2~v2:80")),
+        ]
+    );
+
+    for (http, says) in [
+        (
+            "  - redirect: {uri: /a}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].redirect: a redirect is answered by the agent",
+        ),
+        (
+            "  - redirect: {uri: /a, redirectCode: 200}\n",
+            "spec.http[0].redirect.redirectCode: 200 is not a redirect status",
+        ),
+        (
+            "  - redirect: {derivePort: FROM_REQUEST_PORT}\n",
+            "spec.http[0].redirect.derivePort: not supported yet",
+        ),
+        (
+            "  - rewrite: {uriRegexRewrite: {match: a, rewrite: b}}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].rewrite.uriRegexRewrite: not supported yet",
+        ),
+        (
+            "  - rewrite: {uri: v1}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].rewrite.uri: \"v1\" does not start with `/`",
+        ),
+        (
+            "  - corsPolicy: {allowOrigins: [{exact: a}]}\n    route: [{destination: {host: smiley}}]\n",
+            "spec.http[0].corsPolicy: not supported yet",
+        ),
+    ] {
+        let err = load_err(&vs(http));
+        assert!(err.contains(says), "{http}: {err}");
     }
 }

@@ -75,21 +75,21 @@ struct RawHttp {
     timeout: Option<String>,
     #[serde(default)]
     fault: Option<RawFault>,
-    // Not served yet: named when present.
     #[serde(default)]
-    redirect: Option<Value>,
+    redirect: Option<RawRedirect>,
+    #[serde(default)]
+    rewrite: Option<RawRewrite>,
+    // Not served yet: named when present.
     #[serde(default)]
     direct_response: Option<Value>,
     #[serde(default)]
     delegate: Option<Value>,
     #[serde(default)]
-    rewrite: Option<Value>,
-    #[serde(default)]
     retries: Option<RawRetries>,
     #[serde(default)]
     mirror: Option<RawDestination>,
     #[serde(default)]
-    mirrors: Option<Value>,
+    mirrors: Vec<RawMirrorPolicy>,
     #[serde(default)]
     mirror_percentage: Option<RawPercent>,
     #[serde(default)]
@@ -98,6 +98,42 @@ struct RawHttp {
     cors_policy: Option<Value>,
     #[serde(default)]
     headers: Option<RawHeaders>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRedirect {
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    redirect_code: Option<u16>,
+    #[serde(default)]
+    derive_port: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRewrite {
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    uri_regex_rewrite: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMirrorPolicy {
+    destination: RawDestination,
+    #[serde(default)]
+    percentage: Option<RawPercent>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,11 +384,8 @@ fn convert_http(
 ) -> Result<Rule, LoadError> {
     let at = |field: &'static str| vec![key("spec"), key("http"), Seg::Index(i), key(field)];
     for (field, value) in [
-        ("redirect", &http.redirect),
         ("directResponse", &http.direct_response),
         ("delegate", &http.delegate),
-        ("rewrite", &http.rewrite),
-        ("mirrors", &http.mirrors),
         ("corsPolicy", &http.cors_policy),
     ] {
         if present(value) {
@@ -364,7 +397,9 @@ fn convert_http(
     }
     let matches = if http.matches.is_empty() {
         vec![RequestMatch {
-            path: PathMatch::StringPrefix(String::new()),
+            // Istio's route for no match: prefix `/` (what a rewrite
+            // replaces).
+            path: PathMatch::StringPrefix("/".into()),
             headers: Vec::new(),
             query_params: Vec::new(),
             method: None,
@@ -457,6 +492,32 @@ fn convert_http(
             &at("mirrorPercentage"),
             "a mirror percentage needs a `mirror`".into(),
         ));
+    }
+    for (j, m) in http.mirrors.iter().enumerate() {
+        let mut here = at("mirrors");
+        here.push(Seg::Index(j));
+        let mut to = here.clone();
+        to.push(key("destination"));
+        let backend = destination(ctx, to, namespace, &m.destination)?;
+        here.push(key("percentage"));
+        let percent = percentage(ctx, &here, m.percentage.as_ref(), None)?;
+        filters.mirrors.push(super::filters::Mirror {
+            backend,
+            numerator: (percent * 10_000.0).round() as u32,
+            denominator: 1_000_000,
+        });
+    }
+    if let Some(rewrite) = http.rewrite {
+        filters.rewrite = Some(convert_rewrite(ctx, &at("rewrite"), rewrite)?);
+    }
+    if let Some(redirect) = http.redirect {
+        if !backends.is_empty() || filters.rewrite.is_some() {
+            return Err(ctx.semantic(
+                &at("redirect"),
+                "a redirect is answered by the agent: no `route` or `rewrite` with it".into(),
+            ));
+        }
+        filters.redirect = Some(convert_redirect(ctx, &at("redirect"), redirect)?);
     }
     let mut timeouts = timeouts;
     let retry = match http.retries {
@@ -559,6 +620,92 @@ fn destination(
     Ok(match &d.port {
         Some(port) => Backend::subset(service, port.number, subset),
         None => Backend::ServiceSamePort { service, subset },
+    })
+}
+
+/// Istio's `rewrite`: `uri` replaces the matched prefix (a prefix match)
+/// or the whole path; `authority` the host.
+fn convert_rewrite(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    rewrite: RawRewrite,
+) -> Result<super::filters::UrlRewrite, LoadError> {
+    let field = |f: &'static str| {
+        let mut here = at.to_vec();
+        here.push(key(f));
+        here
+    };
+    if present(&rewrite.uri_regex_rewrite) {
+        return Err(ctx.semantic(
+            &field("uriRegexRewrite"),
+            "not supported yet (docs/traffic.md lists what is)".into(),
+        ));
+    }
+    let hostname = rewrite
+        .authority
+        .map(|a| {
+            http::HeaderValue::from_str(&a)
+                .map_err(|_| ctx.semantic(&field("authority"), format!("{a:?} is not a host")))
+        })
+        .transpose()?;
+    let path = match rewrite.uri {
+        Some(uri) if !uri.starts_with('/') => {
+            return Err(ctx.semantic(&field("uri"), format!("{uri:?} does not start with `/`")));
+        }
+        uri => uri.map(super::filters::PathModifier::ReplacePrefixOrPath),
+    };
+    if hostname.is_none() && path.is_none() {
+        return Err(ctx.semantic(at, "rewrites nothing: give `uri` or `authority`".into()));
+    }
+    Ok(super::filters::UrlRewrite { hostname, path })
+}
+
+/// Istio's `redirect`: the whole path (`uri`), host, port, scheme and code
+/// (301 unless given).
+fn convert_redirect(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    redirect: RawRedirect,
+) -> Result<super::filters::Redirect, LoadError> {
+    let field = |f: &'static str| {
+        let mut here = at.to_vec();
+        here.push(key(f));
+        here
+    };
+    if present(&redirect.derive_port) {
+        return Err(ctx.semantic(
+            &field("derivePort"),
+            "not supported yet (docs/traffic.md lists what is)".into(),
+        ));
+    }
+    let status = match redirect.redirect_code.unwrap_or(301) {
+        code @ (301 | 302 | 303 | 307 | 308) => {
+            http::StatusCode::from_u16(code).expect("a listed code")
+        }
+        code => {
+            return Err(ctx.semantic(
+                &field("redirectCode"),
+                format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
+            ));
+        }
+    };
+    if let Some(scheme) = &redirect.scheme
+        && !matches!(scheme.as_str(), "http" | "https")
+    {
+        return Err(ctx.semantic(&field("scheme"), format!("{scheme:?} is not http or https")));
+    }
+    let path = match redirect.uri {
+        Some(uri) if !uri.starts_with('/') => {
+            return Err(ctx.semantic(&field("uri"), format!("{uri:?} does not start with `/`")));
+        }
+        uri => uri.map(super::filters::PathModifier::ReplaceFullPath),
+    };
+    Ok(super::filters::Redirect {
+        scheme: redirect.scheme,
+        hostname: redirect.authority,
+        path,
+        port: redirect.port,
+        status,
     })
 }
 
@@ -687,7 +834,7 @@ fn convert_match(
         }
     }
     let path = match m.uri {
-        None => PathMatch::StringPrefix(String::new()),
+        None => PathMatch::StringPrefix("/".into()),
         Some(uri) => match string_match(ctx, &at("uri"), uri)? {
             ValueMatch::Exact(v) => PathMatch::Exact(v),
             ValueMatch::Prefix(v) => PathMatch::StringPrefix(v),

@@ -3,54 +3,24 @@
 //! filter does. An abort is answered here (flag `FI`); an endpoint's answer
 //! to a delayed request is flagged `DI`.
 
-use std::{
-    convert::Infallible,
-    task::{Context, Poll},
-};
+use tower::ServiceExt;
 
-use tower::{Layer, Service, ServiceExt};
-
-use super::{Answer, Exchange, FromEndpoint, Pending, flagged};
+use super::{Exchange, FromEndpoint, Next, Pending, Stage, flagged};
 use crate::{
     balance::rng::{Rng, ThreadRng},
     l7::{ResponseFlags, local_response},
 };
 
 #[derive(Debug, Clone, Copy)]
-pub struct FaultLayer;
+pub struct FaultInjection;
 
-impl<S> Layer<S> for FaultLayer {
-    type Service = FaultInjection<S>;
-    fn layer(&self, inner: S) -> FaultInjection<S> {
-        FaultInjection { inner }
-    }
-}
+impl Stage<Exchange> for FaultInjection {
+    type Passes = Exchange;
 
-#[derive(Clone)]
-pub struct FaultInjection<S> {
-    inner: S,
-}
-
-impl<S> Service<Exchange> for FaultInjection<S>
-where
-    S: Service<Exchange, Response = Answer, Error = Infallible, Future = Pending>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = Pending;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, exchange: Exchange) -> Pending {
-        let inner = self.inner.clone();
+    fn run<S: Next<Exchange>>(self, exchange: Exchange, next: S) -> Pending {
         Box::pin(async move {
             let Some(fault) = exchange.routing.fault() else {
-                return inner.oneshot(exchange).await;
+                return next.oneshot(exchange).await;
             };
             let delay = fault.delay_for(ThreadRng.next_u64());
             if let Some(delay) = delay {
@@ -62,7 +32,7 @@ where
                     "FI",
                 ));
             }
-            let mut answer = inner.oneshot(exchange).await?;
+            let mut answer = next.oneshot(exchange).await?;
             if delay.is_some() && answer.extensions().get::<FromEndpoint>().is_some() {
                 answer.extensions_mut().insert(ResponseFlags("DI"));
             }

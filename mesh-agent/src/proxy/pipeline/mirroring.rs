@@ -5,66 +5,33 @@
 //! flag `DPE`); any other is streamed once, copied to the mirrors as it
 //! goes (`super::super::mirror`).
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use http_body_util::BodyExt;
 use hyper::{
     StatusCode,
     body::{Body, Bytes},
 };
-use tower::{Layer, Service, ServiceExt};
+use tower::ServiceExt;
 
-use super::{Answer, Exchange, Pending, Prepared, RequestBody, flagged};
+use super::{Exchange, Next, Pending, Prepared, RequestBody, Stage, flagged};
 use crate::{
     l7::local_response,
     proxy::{context::ProxyContext, mirror, pod::PodHandle},
 };
 
 #[derive(Clone)]
-pub struct MirroringLayer {
+pub struct Mirroring {
     pub ctx: Arc<ProxyContext>,
     /// The client's pod: the copies leave as its requests.
     pub source: Arc<PodHandle>,
 }
 
-impl<S> Layer<S> for MirroringLayer {
-    type Service = Mirroring<S>;
-    fn layer(&self, inner: S) -> Mirroring<S> {
-        Mirroring {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
+impl Stage<Exchange> for Mirroring {
+    type Passes = Prepared;
 
-#[derive(Clone)]
-pub struct Mirroring<S> {
-    inner: S,
-    layer: MirroringLayer,
-}
-
-impl<S> Service<Exchange> for Mirroring<S>
-where
-    S: Service<Prepared, Response = Answer, Error = Infallible, Future = Pending>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = Pending;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, exchange: Exchange) -> Pending {
-        let inner = self.inner.clone();
-        let MirroringLayer { ctx, source } = self.layer.clone();
+    fn run<S: Next<Prepared>>(self, exchange: Exchange, next: S) -> Pending {
+        let Mirroring { ctx, source } = self;
         Box::pin(async move {
             let Exchange {
                 parts,
@@ -103,15 +70,14 @@ where
             } else {
                 RequestBody::Streamed(mirror::start(&ctx, &source, mirrors, &parts, body))
             };
-            inner
-                .oneshot(Prepared {
-                    parts,
-                    body,
-                    routing,
-                    h1,
-                    deadline,
-                })
-                .await
+            next.oneshot(Prepared {
+                parts,
+                body,
+                routing,
+                h1,
+                deadline,
+            })
+            .await
         })
     }
 }

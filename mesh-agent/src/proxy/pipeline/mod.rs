@@ -16,15 +16,20 @@
 //! 5. the attempts (`service_http`): balancing, local authorization,
 //!    retries and timeouts, the endpoint's answer.
 //!
-//! Each layer is a `tower::Layer`; the stack is built per request (a few
-//! `Arc` clones) around the forwarder's attempts.
+//! Each stage is a [`Stage`]: what it does with a request given the
+//! stages after it, made a `tower::Layer` by [`StageLayer`]; the stack is
+//! built per request (a few `Arc` clones) around the forwarder's attempts.
 
 pub mod fault;
 pub mod filters;
 pub mod mirroring;
 pub mod pool;
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use futures_util::future::BoxFuture;
 use hyper::{
@@ -33,7 +38,7 @@ use hyper::{
     header::HeaderMap,
     http::request::Parts,
 };
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 
 use super::{
     context::ProxyContext,
@@ -91,26 +96,75 @@ pub fn flagged(mut response: Answer, flags: &'static str) -> Answer {
     response
 }
 
+/// The stages after one, taking `R`.
+pub trait Next<R>:
+    Service<R, Response = Answer, Error = Infallible, Future = Pending> + Clone + Send + 'static
+{
+}
+
+impl<R, S> Next<R> for S where
+    S: Service<R, Response = Answer, Error = Infallible, Future = Pending> + Clone + Send + 'static
+{
+}
+
+/// One stage of the pipeline: what it does with a request `R`, given the
+/// stages after it.
+pub trait Stage<R>: Clone + Send + 'static {
+    /// What the stages after it take.
+    type Passes;
+    fn run<S: Next<Self::Passes>>(self, request: R, next: S) -> Pending;
+}
+
+/// A [`Stage`] as a tower layer.
+#[derive(Clone)]
+pub struct StageLayer<T>(pub T);
+
+impl<T: Clone, S> Layer<S> for StageLayer<T> {
+    type Service = Staged<T, S>;
+    fn layer(&self, inner: S) -> Staged<T, S> {
+        Staged {
+            stage: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// A [`Stage`] in front of the stages after it.
+#[derive(Clone)]
+pub struct Staged<T, S> {
+    stage: T,
+    inner: S,
+}
+
+impl<R, T: Stage<R>, S: Next<T::Passes>> Service<R> for Staged<T, S> {
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pending;
+
+    /// Every stage is always ready: what limits requests answers them.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: R) -> Pending {
+        self.stage.clone().run(request, self.inner.clone())
+    }
+}
+
 /// The pipeline around `attempts`.
-pub fn stack<S>(
+pub fn stack<S: Next<Prepared>>(
     ctx: &Arc<ProxyContext>,
     source: &Arc<PodHandle>,
     attempts: S,
-) -> impl Service<Exchange, Response = Answer, Error = Infallible, Future = Pending>
-where
-    S: Service<Prepared, Response = Answer, Error = Infallible, Future = Pending>
-        + Clone
-        + Send
-        + 'static,
-{
+) -> impl Service<Exchange, Response = Answer, Error = Infallible, Future = Pending> {
     ServiceBuilder::new()
-        .layer(filters::FiltersLayer)
-        .layer(fault::FaultLayer)
-        .layer(pool::PoolLayer)
-        .layer(mirroring::MirroringLayer {
+        .layer(StageLayer(filters::Filters))
+        .layer(StageLayer(fault::FaultInjection))
+        .layer(StageLayer(pool::CircuitBreaker))
+        .layer(StageLayer(mirroring::Mirroring {
             ctx: ctx.clone(),
             source: source.clone(),
-        })
+        }))
         .service(attempts)
 }
 

@@ -4,49 +4,19 @@
 //! endpoints never see it; otherwise its place is held until its answer's
 //! head.
 
-use std::{
-    convert::Infallible,
-    task::{Context, Poll},
-};
-
 use hyper::StatusCode;
-use tower::{Layer, Service, ServiceExt};
+use tower::ServiceExt;
 
-use super::{Answer, Exchange, Pending, flagged};
+use super::{Exchange, Next, Pending, Stage, flagged};
 use crate::l7::local_response;
 
 #[derive(Debug, Clone, Copy)]
-pub struct PoolLayer;
+pub struct CircuitBreaker;
 
-impl<S> Layer<S> for PoolLayer {
-    type Service = CircuitBreaker<S>;
-    fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker { inner }
-    }
-}
+impl Stage<Exchange> for CircuitBreaker {
+    type Passes = Exchange;
 
-#[derive(Clone)]
-pub struct CircuitBreaker<S> {
-    inner: S,
-}
-
-impl<S> Service<Exchange> for CircuitBreaker<S>
-where
-    S: Service<Exchange, Response = Answer, Error = Infallible, Future = Pending>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = Pending;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, exchange: Exchange) -> Pending {
-        let inner = self.inner.clone();
+    fn run<S: Next<Exchange>>(self, exchange: Exchange, next: S) -> Pending {
         Box::pin(async move {
             let service = &exchange.routing.service;
             let Some(in_flight) = service.admit_request() else {
@@ -60,7 +30,7 @@ where
                     "UO",
                 ));
             };
-            let answer = inner.oneshot(exchange).await;
+            let answer = next.oneshot(exchange).await;
             drop(in_flight);
             answer
         })
