@@ -439,18 +439,28 @@ spec:
         assert_eq!(total_left, 100 - 11);
     }
 
-    #[test]
-    fn it_limits_the_pods_and_ports_of_its_service() {
-        let set = limit("  total: {requestsPerSecond: 10}\n").unwrap();
+    /// Service shop/web over the pods labelled app=web, HTTP on `ports`
+    /// (port, target port).
+    fn web_service(ports: &[(u16, u16)]) -> ServiceConfig {
         let mut web = ServiceConfig::with_defaults();
         web.name = "web".into();
         web.namespace = "shop".into();
         web.selector = [("app".to_string(), "web".to_string())].into();
-        web.ports = vec![ServicePort {
-            port: 80,
-            target_port: Some(8080),
-            protocol: "http".into(),
-        }];
+        web.ports = ports
+            .iter()
+            .map(|&(port, target)| ServicePort {
+                port,
+                target_port: Some(target),
+                protocol: "http".into(),
+            })
+            .collect();
+        web
+    }
+
+    #[test]
+    fn it_limits_the_pods_and_ports_of_its_service() {
+        let set = limit("  total: {requestsPerSecond: 10}\n").unwrap();
+        let web = web_service(&[(80, 8080)]);
         let compiled = set.compile_with_services("istio-system", &[web]);
         let workload = |app: &str| Workload {
             namespace: "shop".into(),
@@ -509,22 +519,7 @@ spec:
         )])
         .unwrap()
         .routes;
-        let mut web = ServiceConfig::with_defaults();
-        web.name = "web".into();
-        web.namespace = "shop".into();
-        web.selector = [("app".to_string(), "web".to_string())].into();
-        web.ports = vec![
-            ServicePort {
-                port: 80,
-                target_port: Some(8080),
-                protocol: "http".into(),
-            },
-            ServicePort {
-                port: 81,
-                target_port: Some(8081),
-                protocol: "http".into(),
-            },
-        ];
+        let web = web_service(&[(80, 8080), (81, 8081)]);
         let compiled = set.compile_with("istio-system", &[web], &routes);
         assert!(
             compiled.unmapped_targets().is_empty(),
@@ -558,16 +553,8 @@ spec:
         // its namespace's clients, by its own matches.
         let consumer = policy.replace("namespace: shop", "namespace: client");
         let set = load([("policies/rl.yaml", consumer.as_str())]).unwrap();
-        let mut web = ServiceConfig::with_defaults();
-        web.name = "web".into();
-        web.namespace = "shop".into();
-        web.selector = [("app".to_string(), "web".to_string())].into();
-        web.ports = vec![ServicePort {
-            port: 80,
-            target_port: Some(8080),
-            protocol: "http".into(),
-        }];
-        let compiled = set.compile_with("istio-system", &[web.clone()], &routes);
+        let web = web_service(&[(80, 8080)]);
+        let compiled = set.compile_with("istio-system", std::slice::from_ref(&web), &routes);
         let selected = compiled.for_workload(&Workload {
             namespace: "shop".into(),
             labels: [("app".to_string(), "web".to_string())].into(),

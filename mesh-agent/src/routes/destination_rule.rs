@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_yaml::Value;
 
-use super::load::route_namespace;
+use super::load::{route_namespace, under};
 use super::{
     RouteId, ServiceRef,
     table::{ParentStatus, RouteStatus},
@@ -396,13 +396,6 @@ pub(super) fn convert(
         subsets,
         source: path.to_path_buf(),
     })
-}
-
-/// `at` followed by `fields`.
-fn under(at: &[Seg], fields: &[&'static str]) -> Vec<Seg> {
-    let mut here = at.to_vec();
-    here.extend(fields.iter().map(|f| key(f)));
-    here
 }
 
 /// A `trafficPolicy` (the rule's or a subset's) at `at`.

@@ -447,19 +447,7 @@ pub fn convert(
                     return Err(twice("RequestRedirect"));
                 }
                 let at = here("requestRedirect");
-                let status = match r.status_code.unwrap_or(302) {
-                    code @ (301 | 302 | 303 | 307 | 308) => {
-                        StatusCode::from_u16(code).expect("a listed code")
-                    }
-                    code => {
-                        let mut at = at.clone();
-                        at.push(key("statusCode"));
-                        return Err(ctx.semantic(
-                            &at,
-                            format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
-                        ));
-                    }
-                };
+                let status = redirect_status(ctx, &at, "statusCode", r.status_code.unwrap_or(302))?;
                 if let Some(scheme) = &r.scheme
                     && !matches!(scheme.as_str(), "http" | "https")
                 {
@@ -627,6 +615,27 @@ pub(super) fn header_modifier(
         })
         .collect::<Result<_, _>>()?;
     Ok(HeaderModifier { set, add, remove })
+}
+
+/// A redirect's status: 301, 302, 303, 307 or 308 (`field` of `at` says
+/// otherwise).
+pub(super) fn redirect_status(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    field: &'static str,
+    code: u16,
+) -> Result<StatusCode, LoadError> {
+    match code {
+        301 | 302 | 303 | 307 | 308 => Ok(StatusCode::from_u16(code).expect("a listed code")),
+        code => {
+            let mut at = at.to_vec();
+            at.push(key(field));
+            Err(ctx.semantic(
+                &at,
+                format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
+            ))
+        }
+    }
 }
 
 fn path_modifier(

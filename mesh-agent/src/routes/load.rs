@@ -670,3 +670,10 @@ pub(super) fn gateway_backend(
         port,
     ))
 }
+
+/// `at` followed by `fields`.
+pub(super) fn under(at: &[Seg], fields: &[&'static str]) -> Vec<Seg> {
+    let mut here = at.to_vec();
+    here.extend(fields.iter().map(|f| key(f)));
+    here
+}

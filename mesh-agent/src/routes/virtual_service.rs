@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_yaml::Value;
 
-use super::load::route_namespace;
+use super::load::{route_namespace, under};
 use super::{
     Backend, HeaderMatch, HttpRoute, PathMatch, QueryMatch, RequestMatch, RouteId, RouteKind, Rule,
     ServiceRef, Timeouts, ValueMatch, WeightedBackend,
@@ -623,6 +623,22 @@ fn destination(
     })
 }
 
+/// An Istio path (`uri` of a rewrite or redirect at `at`), which must be
+/// absolute.
+fn absolute_path(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    uri: Option<String>,
+) -> Result<Option<String>, LoadError> {
+    match uri {
+        Some(uri) if !uri.starts_with('/') => Err(ctx.semantic(
+            &under(at, &["uri"]),
+            format!("{uri:?} does not start with `/`"),
+        )),
+        uri => Ok(uri),
+    }
+}
+
 /// Istio's `rewrite`: `uri` replaces the matched prefix (a prefix match)
 /// or the whole path; `authority` the host.
 fn convert_rewrite(
@@ -630,30 +646,17 @@ fn convert_rewrite(
     at: &[Seg],
     rewrite: RawRewrite,
 ) -> Result<super::filters::UrlRewrite, LoadError> {
-    let field = |f: &'static str| {
-        let mut here = at.to_vec();
-        here.push(key(f));
-        here
-    };
-    if present(&rewrite.uri_regex_rewrite) {
-        return Err(ctx.semantic(
-            &field("uriRegexRewrite"),
-            "not supported yet (docs/traffic.md lists what is)".into(),
-        ));
-    }
+    refuse_unserved(ctx, at, "uriRegexRewrite", &rewrite.uri_regex_rewrite)?;
     let hostname = rewrite
         .authority
         .map(|a| {
-            http::HeaderValue::from_str(&a)
-                .map_err(|_| ctx.semantic(&field("authority"), format!("{a:?} is not a host")))
+            http::HeaderValue::from_str(&a).map_err(|_| {
+                ctx.semantic(&under(at, &["authority"]), format!("{a:?} is not a host"))
+            })
         })
         .transpose()?;
-    let path = match rewrite.uri {
-        Some(uri) if !uri.starts_with('/') => {
-            return Err(ctx.semantic(&field("uri"), format!("{uri:?} does not start with `/`")));
-        }
-        uri => uri.map(super::filters::PathModifier::ReplacePrefixOrPath),
-    };
+    let path =
+        absolute_path(ctx, at, rewrite.uri)?.map(super::filters::PathModifier::ReplacePrefixOrPath);
     if hostname.is_none() && path.is_none() {
         return Err(ctx.semantic(at, "rewrites nothing: give `uri` or `authority`".into()));
     }
@@ -667,39 +670,23 @@ fn convert_redirect(
     at: &[Seg],
     redirect: RawRedirect,
 ) -> Result<super::filters::Redirect, LoadError> {
-    let field = |f: &'static str| {
-        let mut here = at.to_vec();
-        here.push(key(f));
-        here
-    };
-    if present(&redirect.derive_port) {
-        return Err(ctx.semantic(
-            &field("derivePort"),
-            "not supported yet (docs/traffic.md lists what is)".into(),
-        ));
-    }
-    let status = match redirect.redirect_code.unwrap_or(301) {
-        code @ (301 | 302 | 303 | 307 | 308) => {
-            http::StatusCode::from_u16(code).expect("a listed code")
-        }
-        code => {
-            return Err(ctx.semantic(
-                &field("redirectCode"),
-                format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
-            ));
-        }
-    };
+    refuse_unserved(ctx, at, "derivePort", &redirect.derive_port)?;
+    let status = super::filters::redirect_status(
+        ctx,
+        at,
+        "redirectCode",
+        redirect.redirect_code.unwrap_or(301),
+    )?;
     if let Some(scheme) = &redirect.scheme
         && !matches!(scheme.as_str(), "http" | "https")
     {
-        return Err(ctx.semantic(&field("scheme"), format!("{scheme:?} is not http or https")));
+        return Err(ctx.semantic(
+            &under(at, &["scheme"]),
+            format!("{scheme:?} is not http or https"),
+        ));
     }
-    let path = match redirect.uri {
-        Some(uri) if !uri.starts_with('/') => {
-            return Err(ctx.semantic(&field("uri"), format!("{uri:?} does not start with `/`")));
-        }
-        uri => uri.map(super::filters::PathModifier::ReplaceFullPath),
-    };
+    let path =
+        absolute_path(ctx, at, redirect.uri)?.map(super::filters::PathModifier::ReplaceFullPath);
     Ok(super::filters::Redirect {
         scheme: redirect.scheme,
         hostname: redirect.authority,
@@ -707,6 +694,22 @@ fn convert_redirect(
         port: redirect.port,
         status,
     })
+}
+
+/// `field` of `at`, refused when present (not served yet).
+fn refuse_unserved(
+    ctx: &DocCtx<'_>,
+    at: &[Seg],
+    field: &'static str,
+    value: &Option<Value>,
+) -> Result<(), LoadError> {
+    if present(value) {
+        return Err(ctx.semantic(
+            &under(at, &[field]),
+            "not supported yet (docs/traffic.md lists what is)".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn percentage(
