@@ -117,6 +117,90 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The configuration half of `check`.
+fn check_config(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match config::load_dir(config) {
+        Ok(cfg) if cfg.node.discovery == config::Discovery::Kubernetes => {
+            check_kubernetes(config, &cfg.node)
+        }
+        Ok(cfg) => {
+            let mut unenforceable: Vec<String> = cfg
+                .policies
+                .set
+                .unenforceable()
+                .filter_map(|p| p.unenforceable().map(ToString::to_string))
+                .collect();
+            // targetRefs are mapped by the services of services.yaml
+            // (and a rate limit's by the routes).
+            let compiled = cfg.policies.set.compile_with(
+                &cfg.node.root_namespace,
+                &cfg.services,
+                &cfg.routes.routes,
+            );
+            unenforceable.extend(compiled.unmapped_targets().iter().cloned());
+            let route_problems = route_problems(&route_statuses(&cfg));
+            for problem in &route_problems {
+                eprintln!("error: {problem}");
+            }
+            if !unenforceable.is_empty() {
+                for error in &unenforceable {
+                    eprintln!(
+                        "error: {error} (the policy would deny all traffic to the workloads it selects)"
+                    );
+                }
+                eprintln!(
+                    "{} of {} authorization policies cannot be enforced as written; the others load",
+                    unenforceable.len(),
+                    cfg.policies.set.len()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            if !route_problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "ok: {} (node {}, {} pods)",
+                config.display(),
+                cfg.node.name,
+                cfg.pods.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The kernel half of `check`, as root: the probe `run` starts with. Not
+/// root: said, and not a failure (the probe needs CAP_BPF).
+fn check_kernel() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        println!("kernel: not probed (the probe loads test programs: run check as root)");
+        return true;
+    }
+    let kernel = match crate::ebpf::probe::probe() {
+        Ok(kernel) => kernel,
+        Err(err) => {
+            eprintln!("error: probing the kernel: {err}");
+            return false;
+        }
+    };
+    if let Err(err) = kernel.require_all() {
+        eprintln!("error: {err:#}");
+        return false;
+    }
+    println!(
+        "ok: kernel {} has every feature the agent needs ({} checked)",
+        kernel.release, kernel.features_checked
+    );
+    for fallback in &kernel.fallbacks {
+        println!("  missing {}: {}", fallback.missing, fallback.fallback);
+    }
+    true
+}
+
 /// `check` with `discovery: kubernetes`: the files, and what the saved state
 /// from the API holds (what a restarted agent serves before the API answers).
 fn check_kubernetes(dir: &std::path::Path, node: &config::NodeConfig) -> anyhow::Result<ExitCode> {
@@ -267,58 +351,14 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(daemon::run(&config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config } => match config::load_dir(&config) {
-            Ok(cfg) if cfg.node.discovery == config::Discovery::Kubernetes => {
-                check_kubernetes(&config, &cfg.node)
-            }
-            Ok(cfg) => {
-                let mut unenforceable: Vec<String> = cfg
-                    .policies
-                    .set
-                    .unenforceable()
-                    .filter_map(|p| p.unenforceable().map(ToString::to_string))
-                    .collect();
-                // targetRefs are mapped by the services of services.yaml
-                // (and a rate limit's by the routes).
-                let compiled = cfg.policies.set.compile_with(
-                    &cfg.node.root_namespace,
-                    &cfg.services,
-                    &cfg.routes.routes,
-                );
-                unenforceable.extend(compiled.unmapped_targets().iter().cloned());
-                let route_problems = route_problems(&route_statuses(&cfg));
-                for problem in &route_problems {
-                    eprintln!("error: {problem}");
-                }
-                if !unenforceable.is_empty() {
-                    for error in &unenforceable {
-                        eprintln!(
-                            "error: {error} (the policy would deny all traffic to the workloads it selects)"
-                        );
-                    }
-                    eprintln!(
-                        "{} of {} authorization policies cannot be enforced as written; the others load",
-                        unenforceable.len(),
-                        cfg.policies.set.len()
-                    );
-                    return Ok(ExitCode::FAILURE);
-                }
-                if !route_problems.is_empty() {
-                    return Ok(ExitCode::FAILURE);
-                }
-                println!(
-                    "ok: {} (node {}, {} pods)",
-                    config.display(),
-                    cfg.node.name,
-                    cfg.pods.len()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(err) => {
-                eprintln!("error: {err}");
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Check { config } => {
+            let config_code = check_config(&config)?;
+            Ok(if check_kernel() {
+                config_code
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Status { admin, json } => {
             let report = status::fetch(admin)?;
             if json {

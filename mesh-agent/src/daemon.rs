@@ -88,6 +88,14 @@ pub async fn run(config_dir: &Path) -> Result<()> {
     tracing::info!(node = %node.name, dir = %config_dir.display(), pods = config.pods.len(), "configuration loaded");
     bpffs::ensure_mounted(&node.bpffs)?;
     raise_limits();
+    // Before anything is loaded: a kernel without what the agent needs is
+    // refused here, naming the feature, not later by the verifier.
+    let kernel = crate::ebpf::probe::probe().context("probing the kernel")?;
+    kernel.require_all()?;
+    for fallback in &kernel.fallbacks {
+        tracing::warn!(missing = %fallback.missing, fallback = %fallback.fallback, "kernel feature missing: fallback taken");
+    }
+    tracing::info!(release = %kernel.release, features = kernel.features_checked, fallbacks = kernel.fallbacks.len(), "kernel probed");
 
     // An agent already running on this node hands over its listeners: this
     // one serves on the same sockets, so no connection is refused meanwhile.
@@ -124,11 +132,14 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             "no identity source configured: no mutual TLS; traffic to mesh workloads on other nodes is refused"
         ),
     }
-    let fast_path = programs.fast_path(crate::ebpf::FastPathOptions {
-        loopback: node.fast_path.loopback,
-        splice: node.fast_path.splice,
-    })?;
-    if node.fast_path.loopback {
+    let fast_path = programs.fast_path(
+        crate::ebpf::FastPathOptions {
+            loopback: node.fast_path.loopback,
+            splice: node.fast_path.splice,
+        },
+        kernel.fast_path_unavailable(),
+    )?;
+    if fast_path.options().loopback {
         tracing::warn!(
             splice = fast_path.splicing(),
             "EXPERIMENTAL same-node fast path on: a blocking read in a pod can return EAGAIN instead of ECONNRESET when its connection is reset (kernel sockmap behaviour; docs/fastpath.md)"
@@ -177,6 +188,7 @@ pub async fn run(config_dir: &Path) -> Result<()> {
             node.clone(),
         )
         .with_map_gauges(map_gauges)
+        .with_kernel(kernel)
         .with_kubernetes(kubernetes.clone()),
     );
     tracing::info!(policies = config.policies.set.len(), root_namespace = %node.root_namespace, "authorization policies loaded");

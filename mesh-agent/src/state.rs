@@ -89,6 +89,10 @@ pub struct StatusReport {
     /// Authorization decisions so far.
     #[serde(default)]
     pub authorization: Vec<DecisionCount>,
+    /// The kernel probe's findings: release, missing features and the
+    /// fallbacks taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::ebpf::probe::KernelSupport>,
     /// With `discovery: kubernetes`: the watches' health, pods of the mesh
     /// waiting to be enrolled and Services not served, with reasons.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,6 +141,8 @@ pub struct AgentState {
     pub pending_node: RwLock<Option<NodeConfig>>,
     /// How full the kernel's hash maps are (empty if they could not be opened).
     map_gauges: Vec<crate::ebpf::occupancy::MapGauge>,
+    /// What the kernel probe found at start.
+    kernel: Option<crate::ebpf::probe::KernelSupport>,
     /// The Kubernetes source, with `discovery: kubernetes`.
     pub kubernetes: Option<Arc<crate::kubernetes::KubeSource>>,
     /// Woken each time a desired state has been applied (or failed to).
@@ -172,6 +178,7 @@ impl AgentState {
             desired: RwLock::new(Arc::new(empty)),
             pending_node: RwLock::new(None),
             map_gauges: Vec::new(),
+            kernel: None,
             kubernetes: None,
             applied: tokio::sync::Notify::new(),
         }
@@ -229,6 +236,11 @@ impl AgentState {
     /// Gauges of the kernel maps, exposed at every scrape.
     pub fn with_map_gauges(mut self, gauges: Vec<crate::ebpf::occupancy::MapGauge>) -> Self {
         self.map_gauges = gauges;
+        self
+    }
+
+    pub fn with_kernel(mut self, kernel: crate::ebpf::probe::KernelSupport) -> Self {
+        self.kernel = Some(kernel);
         self
     }
 
@@ -354,6 +366,7 @@ impl AgentState {
                 })
                 .collect(),
             kubernetes: self.kubernetes.as_ref().map(|k| k.status()),
+            kernel: self.kernel.clone(),
         }
     }
 

@@ -39,6 +39,22 @@ pub fn render(report: &StatusReport) -> String {
         report.programs.join(", "),
         report.attachments
     );
+    if let Some(kernel) = &report.kernel {
+        let _ = writeln!(
+            out,
+            "kernel:      {} ({} features checked, {} missing with a fallback)",
+            kernel.release,
+            kernel.features_checked,
+            kernel.fallbacks.len()
+        );
+        for fallback in &kernel.fallbacks {
+            let _ = writeln!(
+                out,
+                "  missing:   {}: {}",
+                fallback.missing, fallback.fallback
+            );
+        }
+    }
     let _ = writeln!(out, "config gen.: {}", report.config_generation);
     let _ = writeln!(
         out,
@@ -171,6 +187,7 @@ mod tests {
             trust_roots: 2,
             authorization: vec![],
             kubernetes: None,
+            kernel: None,
         };
         let text = render(&report);
         assert!(
@@ -221,6 +238,7 @@ mod tests {
             trust_roots: 1,
             authorization: vec![],
             kubernetes: None,
+            kernel: None,
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"netnsCookie\":42"), "{json}");

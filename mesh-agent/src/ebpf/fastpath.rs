@@ -76,11 +76,32 @@ pub struct FastPath {
     _agent_link: Option<FdLink>,
     /// Why the agent's relay sockets are not accelerated, if they are not.
     pub agent_cgroup_problem: Option<String>,
+    /// Why this kernel cannot run the fast path at all (it is then off,
+    /// whatever node.yaml asks).
+    pub kernel_problem: Option<String>,
 }
 
 impl FastPath {
-    /// Sets the switches, attaches the programs, and takes the maps.
-    pub(super) fn start(ebpf: &mut Ebpf, options: FastPathOptions) -> Result<Self> {
+    /// Sets the switches, attaches the programs, and takes the maps. With
+    /// `kernel_problem` (a feature it needs is missing) the switches stay off
+    /// and mesh_sk_msg is not loaded.
+    pub(super) fn start(
+        ebpf: &mut Ebpf,
+        requested: FastPathOptions,
+        kernel_problem: Option<String>,
+    ) -> Result<Self> {
+        let options = match &kernel_problem {
+            Some(why) => {
+                if requested.loopback {
+                    tracing::warn!(reason = %why, "the same-node fast path is asked for but this kernel cannot run it: it is off");
+                }
+                FastPathOptions {
+                    loopback: false,
+                    splice: false,
+                }
+            }
+            None => requested,
+        };
         let mut config: Array<MapData, u32> = Array::try_from(
             ebpf.take_map(MAP_FASTPATH_CONFIG)
                 .ok_or_else(|| anyhow!("map {MAP_FASTPATH_CONFIG} missing"))?,
@@ -99,18 +120,20 @@ impl FastPath {
             ebpf.take_map(MAP_SOCKS)
                 .ok_or_else(|| anyhow!("map {MAP_SOCKS} missing"))?,
         )?;
-        let program: &mut SkMsg = ebpf
-            .program_mut(SK_MSG_PROGRAM)
-            .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing"))?
-            .try_into()?;
-        program
-            .load()
-            .context("the kernel rejected program mesh_sk_msg")?;
-        // Attached to the (pinned) map itself, so it stays with the map; a
-        // restarted agent attaches again, which replaces it.
-        program
-            .attach(socks.fd())
-            .context("attaching mesh_sk_msg to the socket map")?;
+        if kernel_problem.is_none() {
+            let program: &mut SkMsg = ebpf
+                .program_mut(SK_MSG_PROGRAM)
+                .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing"))?
+                .try_into()?;
+            program
+                .load()
+                .context("the kernel rejected program mesh_sk_msg")?;
+            // Attached to the (pinned) map itself, so it stays with the map; a
+            // restarted agent attaches again, which replaces it.
+            program
+                .attach(socks.fd())
+                .context("attaching mesh_sk_msg to the socket map")?;
+        }
         let (agent_link, agent_cgroup_problem) = if options.loopback {
             match attach_to_own_cgroup(ebpf) {
                 Ok(link) => (Some(link), None),
@@ -144,6 +167,7 @@ impl FastPath {
             stats,
             _agent_link: agent_link,
             agent_cgroup_problem,
+            kernel_problem,
         })
     }
 

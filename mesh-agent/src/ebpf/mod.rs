@@ -13,6 +13,7 @@ mod netns;
 pub mod occupancy;
 pub mod orig_dst;
 mod pins;
+pub mod probe;
 mod programs;
 
 use std::{
@@ -214,8 +215,13 @@ impl KernelPrograms {
 
     /// Starts the same-node fast path (or switches it off) and moves its maps
     /// out for the data path.
-    pub fn fast_path(&mut self, options: FastPathOptions) -> Result<FastPath> {
-        FastPath::start(&mut self.ebpf, options)
+    /// `unavailable`: why this kernel cannot run it (the probe's finding).
+    pub fn fast_path(
+        &mut self,
+        options: FastPathOptions,
+        unavailable: Option<String>,
+    ) -> Result<FastPath> {
+        FastPath::start(&mut self.ebpf, options, unavailable)
     }
 
     pub fn program_names(&self) -> Vec<&'static str> {

@@ -72,6 +72,8 @@ pub struct NodeAgent<'t> {
     process: Option<Process>,
     /// RLIMIT_NOFILE (soft and hard) the agent is started with, if set.
     open_file_limit: Option<u64>,
+    /// Environment variables agents started from now on get.
+    env: Vec<(String, String)>,
 }
 
 impl<'t> NodeAgent<'t> {
@@ -133,6 +135,7 @@ impl<'t> NodeAgent<'t> {
             config_dir,
             process: None,
             open_file_limit: None,
+            env: Vec::new(),
         })
     }
 
@@ -140,6 +143,12 @@ impl<'t> NodeAgent<'t> {
     /// (soft and hard RLIMIT_NOFILE, so the agent cannot raise it).
     pub fn limit_open_files(&mut self, limit: u64) {
         self.open_file_limit = Some(limit);
+    }
+
+    /// Agents started from now on get `key=value` in their environment.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// Starts the agent process without waiting for it to be ready.
@@ -176,6 +185,7 @@ impl<'t> NodeAgent<'t> {
                 std::env::var("MESH_E2E_AGENT_LOG")
                     .unwrap_or_else(|_| "info,mesh_ebpf=debug".to_owned()),
             );
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(limit) = self.open_file_limit {
             use std::os::unix::process::CommandExt;
             let rlimit = libc::rlimit {

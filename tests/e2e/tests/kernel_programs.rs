@@ -221,3 +221,116 @@ fn a_pod_that_cannot_be_enrolled_is_reported_and_the_others_work() {
     echo_round_trips(client, &server.ipv4().to_string(), ECHO_PORT, 2).unwrap();
     assert_eq!(agent.counters(client).unwrap().connect4, 2);
 }
+
+/// The kernel probe at start: it reports this kernel as supported in
+/// `/status`; a feature the agent cannot do without that is missing (here
+/// masked: every kernel of the matrix has them all) stops the agent before
+/// anything is attached, naming the feature and the Linux release that has
+/// it, and `mesh-agent check` says the same; a feature only the fast path
+/// needs turns the fast path off, shown in `/status`, and traffic flows.
+#[test]
+fn the_kernel_probe_refuses_a_missing_feature_by_name_and_takes_the_fast_path_fallback() {
+    if !e2e_enabled(
+        "the_kernel_probe_refuses_a_missing_feature_by_name_and_takes_the_fast_path_fallback",
+    ) {
+        return;
+    }
+    let topo = Topology::builder("probe")
+        .node("n1", &["client", "server"])
+        .build()
+        .unwrap();
+    let (client, server) = (topo.pod("client"), topo.pod("server"));
+    let _echo = start_echo_server(server, ECHO_PORT).unwrap();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let pods = pods_yaml(&[client, server]);
+    let fast_path_on = "fastPath: {loopback: true, splice: true}\n";
+    let mask = mesh_agent::ebpf::probe::MASK_ENV;
+
+    // A required feature missing: no start, nothing attached.
+    let mut agent = NodeAgent::configure(&topo, topo.node("n1"), &pods, fast_path_on, &[]).unwrap();
+    agent.set_env(mask, "sk_lookup");
+    agent.start_process().unwrap();
+    let refused = agent
+        .wait_exit(std::time::Duration::from_secs(20))
+        .expect_err("the agent must refuse to start")
+        .to_string();
+    assert!(
+        refused.contains("lacks what the agent needs: sk_lookup programs (inbound capture) [sk_lookup] (Linux 5.9"),
+        "the refusal must name the feature and its release:\n{refused}"
+    );
+    assert_eq!(
+        attached(client.cgroup_dir()),
+        vec![0; 5],
+        "nothing may be attached"
+    );
+    let check = std::process::Command::new(mesh_e2e::agent_binary())
+        .args(["check", "--config"])
+        .arg(agent.config_dir())
+        .env(mask, "getpeername_hook")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check must fail: {stderr}");
+    assert!(
+        stderr.contains("[getpeername_hook] (Linux 5.8"),
+        "check must name the feature: {stderr}"
+    );
+    // Unmasked, check finds everything on this kernel.
+    let check = std::process::Command::new(mesh_e2e::agent_binary())
+        .args(["check", "--config"])
+        .arg(agent.config_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && stdout.contains("has every feature the agent needs"),
+        "check on this kernel: {stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // A fast-path feature missing: the agent serves, the fast path is off.
+    agent.set_env(mask, "netns_cookie_in_sk_msg");
+    agent.restart().unwrap();
+    let status = agent.status().unwrap();
+    let kernel = status.kernel.expect("/status has the probe's findings");
+    assert_eq!(kernel.release, release.trim());
+    assert!(kernel.missing.is_empty(), "{:?}", kernel.missing);
+    let fallbacks: Vec<(&str, &str)> = kernel
+        .fallbacks
+        .iter()
+        .map(|f| (f.missing.id.as_str(), f.fallback.as_str()))
+        .collect();
+    assert_eq!(
+        fallbacks,
+        vec![(
+            "netns_cookie_in_sk_msg",
+            "the same-node fast path is off (connections are relayed by the agent)"
+        )]
+    );
+    echo_round_trips(client, &server.ipv4().to_string(), ECHO_PORT, 3).unwrap();
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    let joined = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"mesh_fastpath_total{event="sockets_added"} "#));
+    assert!(
+        joined.is_none_or(|n| n.trim() == "0"),
+        "no socket may join a fast path that is off:\n{metrics}"
+    );
+    assert!(
+        agent.log().contains("this kernel cannot run it"),
+        "the log must say why the fast path is off:\n{}",
+        agent.log()
+    );
+    assert_eq!(agent.counters(client).unwrap().connect4, 3);
+    agent.stop(Signal::SIGTERM).unwrap();
+
+    // Nothing missing: /status says so.
+    agent.set_env(mask, "");
+    agent.restart().unwrap();
+    let kernel = agent.status().unwrap().kernel.unwrap();
+    assert!(
+        kernel.missing.is_empty() && kernel.fallbacks.is_empty(),
+        "{kernel:?}"
+    );
+    assert!(kernel.features_checked >= 20, "{kernel:?}");
+}
