@@ -9,6 +9,7 @@ mod demo;
 mod demo_kubernetes;
 mod ebpf_build;
 mod fuzz;
+mod kernels;
 mod kube_validate;
 mod pki;
 mod setup;
@@ -60,6 +61,11 @@ enum Task {
     /// tests that load real kernel programs (those need root; with CI=true a missing
     /// privilege or kernel feature fails the run instead of skipping).
     Test {
+        /// Instead of the suite: its kernel-facing part (the smoke set) on
+        /// these kernels, Debian's under QEMU, `host` this machine's; `all`:
+        /// 6.1, 6.12 and host. Without it, the suite ends with 6.1 and 6.12.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        kernel: Vec<kernels::KernelChoice>,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
@@ -97,7 +103,16 @@ fn main() -> ExitCode {
         } => bench::compare(&workspace, &revision, rounds),
         Task::Bench { quick, .. } => bench::run(&workspace, quick),
         Task::BuildEbpf => setup::build_ebpf(&workspace).map(|_| ()),
-        Task::Test { cargo_test_args } => test::run(&workspace, &cargo_test_args),
+        Task::Test {
+            kernel,
+            cargo_test_args,
+        } => match (kernel.is_empty(), cargo_test_args.is_empty()) {
+            (true, _) => test::run(&workspace, &cargo_test_args),
+            (false, true) => kernels::run(&workspace, &kernel),
+            (false, false) => Err(anyhow::anyhow!(
+                "--kernel runs the kernel matrix's fixed smoke set: it takes no cargo test arguments"
+            )),
+        },
         Task::Fuzz { seconds, targets } => fuzz::run(&workspace, seconds, &targets),
         Task::Soak { minutes } => soak::run(&workspace, minutes),
     };

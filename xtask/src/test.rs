@@ -41,9 +41,22 @@ pub fn run(workspace: &Path, cargo_test_args: &[String]) -> Result<()> {
             .env(crate::kube_validate::ENV, &kubernetes_validate),
     )
     .context("the test suite failed")?;
-    // A filtered run (test name given) is someone's quick check: no fuzzing.
+    // A filtered run (test name given) is someone's quick check: no fuzzing,
+    // no kernel matrix.
     if cargo_test_args.is_empty() {
         crate::fuzz::run(workspace, crate::fuzz::TEST_SECONDS, &[])?;
+        // The kernel-facing tests again, on Debian's long-term kernels.
+        if effective_uid() == Some(0) {
+            crate::kernels::run(
+                workspace,
+                &[
+                    crate::kernels::KernelChoice::V6_1,
+                    crate::kernels::KernelChoice::V6_12,
+                ],
+            )?;
+        } else {
+            step("not root: the kernel matrix (6.1, 6.12 under QEMU) is SKIPPED");
+        }
     }
     step(format!(
         "all tests passed ({:.0}s)",
@@ -53,7 +66,7 @@ pub fn run(workspace: &Path, cargo_test_args: &[String]) -> Result<()> {
 }
 
 /// The effective uid, from /proc (no libc needed here).
-fn effective_uid() -> Option<u32> {
+pub fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
