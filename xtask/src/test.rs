@@ -52,10 +52,11 @@ pub fn run(workspace: &Path, cargo_test_args: &[String]) -> Result<()> {
                 &[
                     crate::kernels::KernelChoice::V6_1,
                     crate::kernels::KernelChoice::V6_12,
+                    crate::kernels::KernelChoice::V5_10,
                 ],
             )?;
         } else {
-            step("not root: the kernel matrix (6.1, 6.12 under QEMU) is SKIPPED");
+            step("not root: the kernel matrix (6.1, 6.12, 5.10 under QEMU) is SKIPPED");
         }
     }
     step(format!(

@@ -559,6 +559,19 @@ mod tests {
         assert!(missing.is_empty(), "missing here: {missing:?}");
     }
 
+    /// docs/kernels.md has a row for every feature, with its release.
+    #[test]
+    fn every_feature_is_documented_with_its_release() {
+        let doc = include_str!("../../../docs/kernels.md");
+        for f in FEATURES {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", f.id)))
+                .unwrap_or_else(|| panic!("{} has no row in docs/kernels.md", f.id));
+            assert!(row.contains(&format!("| {} |", f.since)), "{row}");
+        }
+    }
+
     #[test]
     fn every_feature_id_is_unique_and_every_release_parses() {
         for (i, f) in FEATURES.iter().enumerate() {

@@ -84,9 +84,12 @@ pub enum KernelChoice {
     V6_1,
     #[value(name = "6.12")]
     V6_12,
+    /// Debian 11's kernel, which the agent must refuse, naming what it lacks.
+    #[value(name = "5.10")]
+    V5_10,
     /// The kernel this machine runs, without a guest.
     Host,
-    /// 6.1, 6.12 and the host's.
+    /// 6.1, 6.12, 5.10 (refused) and the host's.
     All,
 }
 
@@ -108,8 +111,9 @@ impl KernelChoice {
         match self {
             Self::V6_1 => vec![guest("6.1")],
             Self::V6_12 => vec![guest("6.12")],
+            Self::V5_10 => vec![guest("5.10")],
             Self::Host => vec![Target::Host],
-            Self::All => vec![guest("6.1"), guest("6.12"), Target::Host],
+            Self::All => vec![guest("6.1"), guest("6.12"), guest("5.10"), Target::Host],
         }
     }
 }
@@ -152,21 +156,36 @@ pub fn run(workspace: &Path, kernels: &[KernelChoice]) -> Result<()> {
                 let prepared = packages::prepare(workspace, kernel)?;
                 let out_dir = results_dir.join(kernel.series);
                 step(format!(
-                    "kernel {} ({}, {}): booting it under QEMU ({accel:?}) for the smoke set",
-                    kernel.series, prepared.release, prepared.package
+                    "kernel {} ({}, {}): booting it under QEMU ({accel:?}) for {}",
+                    kernel.series,
+                    prepared.release,
+                    prepared.package,
+                    if kernel.supported {
+                        "the smoke set"
+                    } else {
+                        "the agent's refusal"
+                    }
                 ));
-                let script = guest_script(workspace, &pod_tool, &binaries);
+                let script = if kernel.supported {
+                    guest_script(workspace, &pod_tool, &binaries)
+                } else {
+                    refusal_script(workspace, &agent_binary(&binaries)?)
+                };
                 let run = guest::run(&prepared, accel, &out_dir, &script, GUEST_DEADLINE)?;
                 let found = read_results(&out_dir, &prepared.release);
-                for test in &SMOKE {
-                    let result = found.iter().find(|(t, _, _)| t == test.target);
-                    outcomes.push(Outcome {
-                        kernel: prepared.release.clone(),
-                        target: test.target,
-                        passed: result.is_some_and(|(_, rc, _)| *rc == 0),
-                        seconds: result.map(|(_, _, s)| *s),
-                        log: out_dir.join(format!("{}.log", test.target)),
-                    });
+                if kernel.supported {
+                    for test in &SMOKE {
+                        let result = found.iter().find(|(t, _, _)| t == test.target);
+                        outcomes.push(Outcome {
+                            kernel: prepared.release.clone(),
+                            target: test.target,
+                            passed: result.is_some_and(|(_, rc, _)| *rc == 0),
+                            seconds: result.map(|(_, _, s)| *s),
+                            log: out_dir.join(format!("{}.log", test.target)),
+                        });
+                    }
+                } else {
+                    outcomes.extend(refusal_outcomes(&prepared.release, &out_dir, &found));
                 }
                 let how = match (run.status, run.timed_out) {
                     (_, true) => format!(
@@ -260,6 +279,72 @@ pub fn run(workspace: &Path, kernels: &[KernelChoice]) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// What the agent must say on a kernel it does not support: the features
+/// Debian 11's 5.10 lacks, each with the release that brought it.
+const REFUSAL_NAMES: [&str; 2] = [
+    "[so_netns_cookie] (Linux 5.14",
+    "[netns_cookie_in_sock_ops] (Linux 5.15",
+];
+
+/// The agent the e2e tests run (cargo builds it next to their executables).
+fn agent_binary(binaries: &[(&'static str, PathBuf, &'static [&'static str])]) -> Result<PathBuf> {
+    let exe = &binaries.first().context("no test binary")?.1;
+    let agent = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("target/<profile>/deps/<test>")?
+        .join("mesh-agent-e2e");
+    if !agent.is_file() {
+        bail!("{} is missing", agent.display());
+    }
+    Ok(agent)
+}
+
+/// The script for a kernel the agent must refuse: `mesh-agent check` and
+/// `mesh-agent run` on a minimal node, each line `<name> <status> <seconds>`.
+fn refusal_script(workspace: &Path, agent: &Path) -> String {
+    let agent = agent.display();
+    format!(
+        "cd '{ws}'\n\
+         mkdir -p /tmp/node\n\
+         printf 'name: refused\\nadminAddress: 127.0.0.1:15000\\npinDir: /sys/fs/bpf/mesh-refused\\n' > /tmp/node/node.yaml\n\
+         printf 'pods: []\\n' > /tmp/node/pods.yaml\n\
+         echo \"kernel $(uname -r)\" > /tmp/out/results\n\
+         '{agent}' check --config /tmp/node > /tmp/out/check.log 2>&1; echo \"check $? 0\" >> /tmp/out/results\n\
+         timeout 60 '{agent}' run --config /tmp/node > /tmp/out/run.log 2>&1; echo \"run $? 0\" >> /tmp/out/results\n\
+         cat /tmp/out/check.log /tmp/out/run.log\n",
+        ws = workspace.display()
+    )
+}
+
+/// The refusal holds if `check` and `run` both failed (not timed out) and
+/// each named every feature of [`REFUSAL_NAMES`].
+fn refusal_outcomes(release: &str, out_dir: &Path, found: &[(String, i32, u64)]) -> Vec<Outcome> {
+    ["check", "run"]
+        .into_iter()
+        .map(|step| {
+            let log = out_dir.join(format!("{step}.log"));
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let status = found
+                .iter()
+                .find(|(t, _, _)| t == step)
+                .map(|(_, rc, _)| *rc);
+            let refused = matches!(status, Some(rc) if rc != 0 && rc != 124);
+            Outcome {
+                kernel: release.to_string(),
+                target: if step == "check" {
+                    "refused: mesh-agent check"
+                } else {
+                    "refused: mesh-agent run"
+                },
+                passed: refused && REFUSAL_NAMES.iter().all(|name| text.contains(name)),
+                seconds: None,
+                log,
+            }
+        })
+        .collect()
 }
 
 /// Builds the smoke set's test binaries: (target, executable, filters).
@@ -375,10 +460,10 @@ fn summary(outcomes: &[Outcome], kernel_lines: &[String]) -> String {
         "# Kernel matrix\n\n| kernel | test | shows | result | s |\n|---|---|---|---|---|\n",
     );
     for o in outcomes {
-        let shows = SMOKE
-            .iter()
-            .find(|t| t.target == o.target)
-            .map_or("", |t| t.shows);
+        let shows = SMOKE.iter().find(|t| t.target == o.target).map_or(
+            "an unsupported kernel refused, its missing features named",
+            |t| t.shows,
+        );
         let _ = writeln!(
             out,
             "| {} | {} | {shows} | {} | {} |",

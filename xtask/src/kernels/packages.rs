@@ -21,20 +21,49 @@ pub struct GuestKernel {
     /// taken (older builds leave the archive as new ones arrive).
     prefix: &'static str,
     suffix: &'static str,
+    /// Where apt finds it.
+    source: Source,
+    /// Whether the agent supports it: a kernel it does not support is in the
+    /// matrix to show that the agent refuses it by name.
+    pub supported: bool,
+}
+
+/// Where apt finds a kernel package.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The machine's own apt sources (bookworm, with our backports entry).
+    System,
+    /// A Debian release of its own, in a project-local apt state under
+    /// `.tools/apt/<suite>/` (the machine's sources are not touched): first
+    /// from deb.debian.org, then from archive.debian.org once it has moved.
+    Local { suite: &'static str },
 }
 
 /// Debian 12's kernel (6.1) and its 6.12 (bookworm-backports): the long-term
-/// kernels of most managed node images.
-pub const GUEST_KERNELS: [GuestKernel; 2] = [
+/// kernels of most managed node images; and Debian 11's 5.10, which lacks
+/// what the agent needs (SO_NETNS_COOKIE, 5.14; bpf_get_netns_cookie from
+/// sock_ops, 5.15).
+pub const GUEST_KERNELS: [GuestKernel; 3] = [
     GuestKernel {
         series: "6.1",
         prefix: "linux-image-6.1.0-",
         suffix: "-amd64-unsigned",
+        source: Source::System,
+        supported: true,
     },
     GuestKernel {
         series: "6.12",
         prefix: "linux-image-6.12.",
         suffix: "+deb12-amd64-unsigned",
+        source: Source::System,
+        supported: true,
+    },
+    GuestKernel {
+        series: "5.10",
+        prefix: "linux-image-5.10.0-",
+        suffix: "-amd64-unsigned",
+        source: Source::Local { suite: "bullseye" },
+        supported: false,
     },
 ];
 
@@ -115,11 +144,57 @@ fn dpkg_installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).ends_with("install ok installed"))
 }
 
-/// The newest package of `kernel` the apt sources offer (after one `apt-get
-/// update` if none is known yet).
-fn newest_package(kernel: &GuestKernel) -> Result<String> {
+/// apt options that make apt-get and apt-cache use `source`'s state.
+fn apt_options(workspace: &Path, source: Source, mirror: &str) -> Result<Vec<String>> {
+    let Source::Local { suite } = source else {
+        return Ok(Vec::new());
+    };
+    let dir = workspace.join(".tools/apt").join(suite);
+    for sub in ["lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(sub))?;
+    }
+    let list = dir.join("sources.list");
+    let signed = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
+    fs::write(
+        &list,
+        format!(
+            "deb {signed} http://{mirror}/debian {suite} main\n\
+             deb {signed} http://{mirror}/debian-security {suite}-security main\n"
+        ),
+    )?;
+    Ok(vec![
+        format!("-oDir::Etc::SourceList={}", list.display()),
+        "-oDir::Etc::SourceParts=/dev/null".to_string(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+        // An old release's Release file may be past its Valid-Until.
+        "-oAcquire::Check-Valid-Until=false".to_string(),
+    ])
+}
+
+/// The newest package of `kernel` its apt source offers (after one `apt-get
+/// update` if none is known yet), and the apt options to fetch it with.
+fn newest_package(workspace: &Path, kernel: &GuestKernel) -> Result<(String, Vec<String>)> {
+    match kernel.source {
+        Source::System => Ok((newest_from(kernel, &[])?, Vec::new())),
+        Source::Local { .. } => {
+            let mut errors = Vec::new();
+            for mirror in ["deb.debian.org", "archive.debian.org"] {
+                let options = apt_options(workspace, kernel.source, mirror)?;
+                match newest_from(kernel, &options) {
+                    Ok(name) => return Ok((name, options)),
+                    Err(err) => errors.push(format!("{mirror}: {err:#}")),
+                }
+            }
+            bail!("{}", errors.join("; "))
+        }
+    }
+}
+
+fn newest_from(kernel: &GuestKernel, options: &[String]) -> Result<String> {
     for attempt in 0..2 {
         let output = Command::new("apt-cache")
+            .args(options)
             .args(["pkgnames", kernel.prefix])
             .output()
             .context("running apt-cache")?;
@@ -137,7 +212,9 @@ fn newest_package(kernel: &GuestKernel) -> Result<String> {
             return Ok(name);
         }
         if attempt == 0 {
-            apt(&["update", "-q"])?;
+            let mut update = vec!["update", "-q"];
+            update.extend(options.iter().map(String::as_str));
+            apt(&update)?;
         }
     }
     bail!(
@@ -150,7 +227,7 @@ fn newest_package(kernel: &GuestKernel) -> Result<String> {
 /// Downloads and unpacks the kernel (once; kept under `.tools/kernels/`),
 /// indexes its modules and builds the guest's initramfs.
 pub fn prepare(workspace: &Path, kernel: &GuestKernel) -> Result<PreparedKernel> {
-    let package = newest_package(kernel)?;
+    let (package, apt_options) = newest_package(workspace, kernel)?;
     let root = workspace.join(".tools/kernels").join(&package);
     let initrd = root.join("mesh-initrd.gz");
     if !initrd.is_file() {
@@ -158,6 +235,7 @@ pub fn prepare(workspace: &Path, kernel: &GuestKernel) -> Result<PreparedKernel>
         let download = workspace.join(".tools/kernels/download");
         fs::create_dir_all(&download)?;
         run(Command::new("apt-get")
+            .args(&apt_options)
             .args(["download", "-q", &package])
             .current_dir(&download))
         .with_context(|| format!("apt-get download {package}"))?;
