@@ -50,6 +50,19 @@ impl Accel {
     }
 }
 
+/// The QEMU process, stopped (by its handle: our own child) when dropped,
+/// so a deadline or a panic never leaves a guest running.
+struct Vm(std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// How one guest run ended.
 pub struct GuestRun {
     /// The script's exit status; None if the guest never printed one
@@ -89,7 +102,7 @@ pub fn run(
         ]
     };
     let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
+    let qemu = Command::new("qemu-system-x86_64")
         .args(accel.args())
         .args(["-m", "3G", "-nographic", "-no-reboot", "-nodefaults"])
         .args(["-serial", "stdio"])
@@ -109,20 +122,19 @@ pub fn run(
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting qemu-system-x86_64")?;
+    let mut qemu = Vm(qemu);
     let mut timed_out = false;
     loop {
-        if qemu.try_wait()?.is_some() {
+        if qemu.0.try_wait()?.is_some() {
             break;
         }
         if started.elapsed() > deadline {
             timed_out = true;
-            // Our own child, by its handle.
-            let _ = qemu.kill();
-            let _ = qemu.wait();
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    drop(qemu);
     let console = fs::read(&console_path).unwrap_or_default();
     let console = String::from_utf8_lossy(&console);
     let status = console

@@ -328,7 +328,7 @@ fn build_initrd(root: &Path, release: &str, out: &Path) -> Result<()> {
         let source = modules_dir.join(path);
         let file = path.rsplit('/').next().unwrap_or(path);
         let name = file.strip_suffix(".xz").unwrap_or(file).to_string();
-        if let Some(_compressed) = file.strip_suffix(".xz") {
+        if file.ends_with(".xz") {
             let output = Command::new("xz")
                 .arg("-dc")
                 .arg(&source)
