@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    SubjectPublicKeyInfo,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -144,27 +145,7 @@ impl Ca {
             bail!("certificate for {id} would end before it starts");
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating key")?;
-        let mut params = CertificateParams::default();
-        // SPIFFE: the identity is the URI SAN alone (rcgen marks the SAN critical when the
-        // subject is empty, as RFC 5280 requires).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            id.to_string()
-                .try_into()
-                .context("SPIFFE ID as IA5String")?,
-        )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // The same certificate serves both directions of mutual TLS.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(random_serial()?);
-        let cert = params
+        let cert = workload_params(id, not_before, not_after)?
             .signed_by(&key, &self.issuer)
             .with_context(|| format!("signing certificate for {id}"))?;
         let mut chain = vec![cert.der().clone()];
@@ -176,6 +157,104 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// What a signing request proved: the public key its holder has.
+pub struct SigningRequest {
+    public_key: SubjectPublicKeyInfo,
+}
+
+impl SigningRequest {
+    /// Parses a PEM PKCS#10 request and checks its signature (the requester
+    /// holds the key). Everything else in it (subject, SANs, extensions) is
+    /// ignored: the signer decides the identity, as istiod does.
+    pub fn from_pem(csr_pem: &str) -> Result<Self> {
+        use x509_parser::prelude::FromDer as _;
+        let (_, block) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("the signing request is not PEM: {e}"))?;
+        if block.label != "CERTIFICATE REQUEST" {
+            bail!(
+                "expected a CERTIFICATE REQUEST PEM block, found {}",
+                block.label
+            );
+        }
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents)
+                .map_err(|e| anyhow::anyhow!("parsing the signing request: {e}"))?;
+        csr.verify_signature()
+            .map_err(|e| anyhow::anyhow!("the signing request's signature does not verify: {e}"))?;
+        let public_key =
+            SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+                .context("the signing request's public key")?;
+        Ok(Self { public_key })
+    }
+}
+
+/// A new ECDSA P-256 key, made on this node and never sent, and a signing
+/// request for `id` with it (empty subject, the SPIFFE ID as the one URI
+/// SAN, as ztunnel sends): (request PEM, key).
+pub fn signing_request(id: &SpiffeId) -> Result<(String, KeyPair)> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating key")?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![spiffe_san(id)?];
+    let request = params
+        .serialize_request(&key)
+        .with_context(|| format!("making the signing request for {id}"))?;
+    Ok((request.pem().context("signing request as PEM")?, key))
+}
+
+impl Ca {
+    /// Signs a workload certificate for `id` over the key of `request`
+    /// (leaf PEM). Whether the requester may have `id` is the caller's
+    /// decision.
+    pub fn sign_request(
+        &self,
+        request: &SigningRequest,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String> {
+        if not_after <= not_before {
+            bail!("certificate for {id} would end before it starts");
+        }
+        let cert = workload_params(id, not_before, not_after)?
+            .signed_by(&request.public_key, &self.issuer)
+            .with_context(|| format!("signing certificate for {id}"))?;
+        Ok(cert.pem())
+    }
+}
+
+/// A workload certificate's fields: the identity as the URI SAN alone
+/// (rcgen marks the SAN critical when the subject is empty, as RFC 5280
+/// requires), for both directions of mutual TLS.
+fn workload_params(
+    id: &SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![spiffe_san(id)?];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(random_serial()?);
+    Ok(params)
+}
+
+fn spiffe_san(id: &SpiffeId) -> Result<SanType> {
+    Ok(SanType::URI(
+        id.to_string()
+            .try_into()
+            .context("SPIFFE ID as IA5String")?,
+    ))
 }
 
 /// 128 random bits, positive (RFC 5280 wants positive serials of at most 20 bytes).

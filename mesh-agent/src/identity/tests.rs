@@ -295,6 +295,63 @@ fn issued_certificates_have_the_spiffe_shape_and_verify_for_both_usages() {
     assert_eq!(classify_tls_error(&err), HandshakeRejection::UnknownIssuer);
 }
 
+/// Issuing by signing request: the node makes the key and the request, the
+/// CA signs the identity *it* decides over the request's key (a request
+/// naming another identity gets the CA's), and a request whose signature does
+/// not verify (the requester does not hold the key) is refused.
+#[test]
+fn a_signing_request_gets_the_identity_the_ca_decides_over_the_requesters_key() {
+    let ca = Ca::new_root("test root").unwrap();
+    let asked = id("default", "a");
+    let decided = id("default", "b");
+    let (request_pem, key) = super::ca::signing_request(&asked).unwrap();
+    assert!(
+        request_pem.contains("BEGIN CERTIFICATE REQUEST"),
+        "{request_pem}"
+    );
+    let request = super::ca::SigningRequest::from_pem(&request_pem).unwrap();
+    let now = SystemTime::now();
+    let leaf_pem = ca
+        .sign_request(&request, &decided, now - HOUR, now + HOUR)
+        .unwrap();
+    let leaf: CertificateDer<'static> = rustls_pemfile::certs(&mut leaf_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(
+        parsed.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "the certificate is over the requester's key"
+    );
+    let bundle = TrustBundle::from_pem(ca.cert_pem.as_bytes(), Path::new("mem")).unwrap();
+    let provider = rustls::crypto::ring::default_provider();
+    for usage in [KeyUsage::server_auth(), KeyUsage::client_auth()] {
+        let got = bundle
+            .verify(&provider, &leaf, &[], UnixTime::now(), usage)
+            .unwrap();
+        assert_eq!(got, decided, "the CA's identity, not the request's");
+    }
+    // A request whose signature is broken: no proof of the key.
+    let der_start = request_pem.find('\n').unwrap() + 1;
+    let mut tampered: Vec<char> = request_pem.chars().collect();
+    let at = der_start + 200;
+    tampered[at] = if tampered[at] == 'A' { 'B' } else { 'A' };
+    let tampered: String = tampered.into_iter().collect();
+    let err = super::ca::SigningRequest::from_pem(&tampered).err().unwrap();
+    assert!(err.to_string().contains("signature does not verify"), "{err}");
+    // Not a request at all.
+    let err = super::ca::SigningRequest::from_pem(&ca.cert_pem)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("CERTIFICATE REQUEST"), "{err}");
+    // Backwards validity is refused.
+    assert!(
+        ca.sign_request(&request, &decided, now, now - HOUR)
+            .is_err()
+    );
+}
+
 #[test]
 fn ca_from_pem_round_trips_and_checks_its_inputs() {
     let ca = Ca::new_root("root").unwrap();
