@@ -12,6 +12,7 @@
 //! `tls` (rustls configs and handshake-failure classification).
 
 pub mod ca;
+pub mod ca_api;
 mod spiffe;
 mod store;
 mod tls;

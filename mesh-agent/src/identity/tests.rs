@@ -338,8 +338,13 @@ fn a_signing_request_gets_the_identity_the_ca_decides_over_the_requesters_key() 
     let at = der_start + 200;
     tampered[at] = if tampered[at] == 'A' { 'B' } else { 'A' };
     let tampered: String = tampered.into_iter().collect();
-    let err = super::ca::SigningRequest::from_pem(&tampered).err().unwrap();
-    assert!(err.to_string().contains("signature does not verify"), "{err}");
+    let err = super::ca::SigningRequest::from_pem(&tampered)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("signature does not verify"),
+        "{err}"
+    );
     // Not a request at all.
     let err = super::ca::SigningRequest::from_pem(&ca.cert_pem)
         .err()
@@ -1040,4 +1045,104 @@ fn renewal_and_a_clock_set_back_follow_the_injected_clock() {
         third.not_before <= earlier && earlier < third.not_after,
         "the new certificate is valid at the clock's time"
     );
+}
+
+/// The Istio CA API over real gRPC (HTTP/2 on loopback): a node's request on
+/// a pod's behalf, with its token and cluster id, reaches a signer, which
+/// answers `[leaf, root]`; a refusal comes back as the signer's status.
+#[tokio::test]
+async fn create_certificate_travels_over_grpc_with_the_callers_token() {
+    use super::ca_api::{
+        CertificateService, CertificateSigner, IstioCertificateRequest, IstioCertificateResponse,
+        create_certificate,
+    };
+
+    struct TokenSigner(Ca);
+    impl CertificateSigner for TokenSigner {
+        fn create_certificate(
+            &self,
+            request: tonic::Request<IstioCertificateRequest>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn Future<
+                        Output = Result<tonic::Response<IstioCertificateResponse>, tonic::Status>,
+                    > + Send,
+            >,
+        > {
+            let token = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let cluster = request
+                .metadata()
+                .get("clusterid")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let request = request.into_inner();
+            let answer = (|| {
+                if token.as_deref() != Some("Bearer node-a")
+                    || cluster.as_deref() != Some("Kubernetes")
+                {
+                    return Err(tonic::Status::unauthenticated("not allowed"));
+                }
+                let id: SpiffeId = request
+                    .impersonated_identity()
+                    .ok_or_else(|| tonic::Status::invalid_argument("no identity"))?
+                    .parse()
+                    .map_err(|_| tonic::Status::invalid_argument("not a SPIFFE ID"))?;
+                let csr = super::ca::SigningRequest::from_pem(&request.csr)
+                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+                let now = SystemTime::now();
+                let lifetime = Duration::from_secs(request.validity_duration as u64);
+                let leaf = self
+                    .0
+                    .sign_request(&csr, &id, now, now + lifetime)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                Ok(tonic::Response::new(IstioCertificateResponse {
+                    cert_chain: vec![leaf, self.0.cert_pem.clone()],
+                }))
+            })();
+            Box::pin(async move { answer })
+        }
+    }
+
+    let ca = Ca::new_root("grpc root").unwrap();
+    let root_pem = ca.cert_pem.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let service = CertificateService::new(Arc::new(TokenSigner(ca)));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let pod = id("shop", "frontend");
+    let (csr, key) = super::ca::signing_request(&pod).unwrap();
+    let request = IstioCertificateRequest::impersonating(csr, 3600, &pod.to_string());
+    let response = create_certificate(channel.clone(), "node-a", "Kubernetes", request.clone())
+        .await
+        .unwrap();
+    assert_eq!(response.cert_chain.len(), 2);
+    assert_eq!(response.cert_chain[1], root_pem);
+    let leaf = rustls_pemfile::certs(&mut response.cert_chain[0].as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(spiffe_id_of(&leaf).unwrap(), pod);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(
+        parsed.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw()
+    );
+    let refused = create_certificate(channel, "node-b", "Kubernetes", request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    server.abort();
 }
