@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod pump;
 pub mod routes;
 pub mod services;
+pub mod signer;
 pub mod spans;
 pub mod state;
 pub mod status;
