@@ -87,6 +87,14 @@ pub enum Command {
         #[command(flatten)]
         dirs: CniDirs,
     },
+    /// Run the mesh's certificate authority for clusters without istiod: it
+    /// serves the Istio CA API and signs a workload identity only for the
+    /// node agent of a node where a pod of it runs (docs/mtls.md).
+    Ca {
+        /// The signer's configuration file (signer.yaml).
+        #[arg(long, short, env = "MESH_CA_CONFIG")]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -349,6 +357,14 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             runtime.block_on(daemon::run(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca { config } => {
+            logging::init(cli.log_format, &cli.log)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(crate::signer::run(&config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

@@ -399,6 +399,15 @@ async fn keep_identities_fresh(mtls: Arc<Mtls>, changes: Option<Changes>) {
     let Some(manager) = mtls.identities.clone() else {
         return;
     };
+    if matches!(
+        manager.source(),
+        crate::identity::IdentitySource::SigningRequest(_)
+    ) {
+        // Asked from the CA, renewed by the requester; the token and the CA
+        // roots are read again at each request, so there is nothing to watch.
+        crate::identity::requester::run(manager).await;
+        return;
+    }
     // Files changing is the watcher's to say, on a task of its own: a
     // change being debounced is never dropped for a renewal tick.
     if let Some(mut changes) = changes {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::{
     config::mesh::IdentityConfig,
-    identity::{IdentityManager, IdentitySource, SpiffeId},
+    identity::{IdentityManager, IdentitySource, SigningRequestSource, SpiffeId},
     tunnel::TunnelClient,
 };
 
@@ -146,5 +146,18 @@ fn identity_source(cfg: &IdentityConfig) -> Result<IdentitySource> {
             trust_bundle: files.trust_bundle.clone(),
         });
     }
-    Err(anyhow!("identity: give `issuer` or `files`"))
+    if let Some(asked) = &cfg.signing_request {
+        return Ok(IdentitySource::SigningRequest(SigningRequestSource {
+            address: asked.address.clone(),
+            ca_roots: asked.ca_roots.clone(),
+            server_name: asked.server_name.clone(),
+            token_file: asked.token_file.clone(),
+            cluster_id: asked.cluster_id.clone(),
+            lifetime: asked.lifetime,
+            renew_at: asked.renew_at,
+        }));
+    }
+    Err(anyhow!(
+        "identity: give `signingRequest`, `issuer` or `files`"
+    ))
 }

@@ -86,6 +86,10 @@ pub struct StatusReport {
     /// Roots in the trust bundle (two during a CA rotation).
     #[serde(default)]
     pub trust_roots: usize,
+    /// With certificates asked from a CA: how asking goes, and how long the
+    /// certificates held last if it stays away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_authority: Option<CaView>,
     /// Authorization decisions so far.
     #[serde(default)]
     pub authorization: Vec<DecisionCount>,
@@ -107,6 +111,42 @@ pub struct DecisionCount {
     /// `allow`, `deny` or `dry_run_deny`.
     pub decision: String,
     pub count: u64,
+}
+
+/// The certificate authority as the agent sees it (`signingRequest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaView {
+    pub address: String,
+    pub requests_succeeded: u64,
+    pub requests_failed: u64,
+    /// Failed requests since the last success (0: the CA answers).
+    pub consecutive_failures: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Seconds until the first held certificate expires (0 when one has),
+    /// None while none is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds_left: Option<u64>,
+}
+
+impl CaView {
+    /// A warning while the CA fails but the certificates still serve.
+    pub fn warning(&self) -> Option<String> {
+        if self.consecutive_failures == 0 {
+            return None;
+        }
+        let left = self
+            .seconds_left
+            .map(|s| format!("; the certificates held expire in {s}s"))
+            .unwrap_or_default();
+        Some(format!(
+            "the CA at {} is failing ({} requests in a row: {}){left}",
+            self.address,
+            self.consecutive_failures,
+            self.last_error.as_deref().unwrap_or("unknown error")
+        ))
+    }
 }
 
 /// A workload certificate as operators see it.
@@ -286,7 +326,15 @@ impl AgentState {
             if !missing.is_empty() {
                 missing.sort();
                 missing.dedup();
-                return Some(format!("no valid certificate for {}", missing.join(", ")));
+                let why = self
+                    .certificate_authority()
+                    .and_then(|ca| ca.warning())
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default();
+                return Some(format!(
+                    "no valid certificate for {}{why}",
+                    missing.join(", ")
+                ));
             }
         }
         None
@@ -354,6 +402,7 @@ impl AgentState {
                 .identities
                 .as_ref()
                 .map_or(0, |m| m.trust_bundle_len()),
+            certificate_authority: self.certificate_authority(),
             authorization: self
                 .proxy
                 .authorizer
@@ -368,6 +417,29 @@ impl AgentState {
             kubernetes: self.kubernetes.as_ref().map(|k| k.status()),
             kernel: self.kernel.clone(),
         }
+    }
+
+    /// How asking the CA goes, when certificates are asked from one.
+    pub fn certificate_authority(&self) -> Option<CaView> {
+        let manager = self.proxy.mtls.identities.as_ref()?;
+        let health = manager.request_health()?;
+        let crate::identity::IdentitySource::SigningRequest(source) = manager.source() else {
+            return None;
+        };
+        let now = std::time::SystemTime::now();
+        let seconds_left = manager
+            .certificates()
+            .iter()
+            .map(|c| c.not_after.duration_since(now).map_or(0, |d| d.as_secs()))
+            .min();
+        Some(CaView {
+            address: source.address.clone(),
+            requests_succeeded: health.succeeded,
+            requests_failed: health.failed,
+            consecutive_failures: health.consecutive_failures,
+            last_error: health.last_error,
+            seconds_left,
+        })
     }
 
     pub fn certificates(&self) -> Vec<CertificateView> {
@@ -427,6 +499,7 @@ impl AgentState {
                 inbound: self.proxy.tunnel_connections(),
                 pending_handshakes: self.proxy.pending_handshakes(),
             },
+            self.certificate_authority().as_ref(),
         );
         m.sync_decisions(&self.proxy.authorizer.decisions());
         let services: Vec<_> = self

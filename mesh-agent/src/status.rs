@@ -75,6 +75,12 @@ pub fn render(report: &StatusReport) -> String {
             cert.identity, cert.source
         );
     }
+    if let Some(ca) = &report.certificate_authority {
+        let health = ca.warning().unwrap_or_else(|| {
+            format!("answering ({} certificates signed)", ca.requests_succeeded)
+        });
+        let _ = writeln!(out, "CA:          {}: {health}", ca.address);
+    }
     let _ = writeln!(
         out,
         "tunnel:      {} pooled connections",
@@ -185,6 +191,7 @@ mod tests {
             tunnel_rejections: Default::default(),
             tunnel_pooled_connections: 0,
             trust_roots: 2,
+            certificate_authority: None,
             authorization: vec![],
             kubernetes: None,
             kernel: None,
@@ -236,6 +243,7 @@ mod tests {
             tunnel_rejections: Default::default(),
             tunnel_pooled_connections: 2,
             trust_roots: 1,
+            certificate_authority: None,
             authorization: vec![],
             kubernetes: None,
             kernel: None,

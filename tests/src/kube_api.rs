@@ -19,9 +19,19 @@
 //! resume gets 410 and must relist), cut every open watch, or take the whole
 //! server away and back on the same port (an outage).
 //!
-//! Not modelled: selectors (everything is returned), pagination (`limit` is
-//! ignored, as the API server itself does for lists served from its watch
-//! cache), authentication, other kinds and verbs.
+//! Also, for the mesh's signer (issue 26): `POST
+//! /apis/authentication.k8s.io/v1/tokenreviews` answered from tokens the
+//! test registers (authenticated with the user and extras given, the
+//! audiences intersected as the API server does; anything else
+//! `authenticated: false`), a pod read by name
+//! (`GET /api/v1/namespaces/{ns}/pods/{name}`), and pod lists filtered by
+//! `fieldSelector=spec.nodeName=<node>` (any other field selector is
+//! answered 400, so a client relying on one is noticed).
+//!
+//! Not modelled: label selectors (everything is returned), pagination
+//! (`limit` is ignored, as the API server itself does for lists served from
+//! its watch cache), authentication of the model's own clients, other kinds
+//! and verbs.
 
 use std::{
     collections::BTreeMap,
@@ -91,6 +101,9 @@ struct State {
     gone: u64,
     /// Custom resources whose definitions are installed.
     installed: std::collections::BTreeSet<String>,
+    /// Tokens TokenReview authenticates: token → (user, the token's audiences).
+    tokens: BTreeMap<String, (Value, Vec<String>)>,
+    token_reviews: u64,
 }
 
 /// The stand-in API server. Dropping it stops it.
@@ -161,7 +174,7 @@ impl StandInApi {
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (state, events, cut) = (state.clone(), events.clone(), cut.clone());
-                        async move { Ok::<_, Infallible>(handle(req, state, events, cut)) }
+                        async move { Ok::<_, Infallible>(route(req, state, events, cut).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -271,6 +284,47 @@ impl StandInApi {
             .insert(kind.to_string());
     }
 
+    /// Makes TokenReview authenticate `token` as the service account
+    /// `namespace/account`, bound to the pod `pod_name` with `pod_uid`, for
+    /// `audiences` (what a projected token of that pod says).
+    pub fn accept_token(
+        &self,
+        token: &str,
+        (namespace, account): (&str, &str),
+        (pod_name, pod_uid): (&str, &str),
+        audiences: &[&str],
+    ) {
+        let user = json!({
+            "username": format!("system:serviceaccount:{namespace}:{account}"),
+            "uid": format!("sa-uid-{namespace}-{account}"),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"),
+                       "system:authenticated"],
+            "extra": {
+                "authentication.kubernetes.io/pod-name": [pod_name],
+                "authentication.kubernetes.io/pod-uid": [pod_uid],
+            },
+        });
+        self.state.lock().unwrap().tokens.insert(
+            token.to_string(),
+            (user, audiences.iter().map(|a| a.to_string()).collect()),
+        );
+    }
+
+    /// TokenReviews answered so far.
+    pub fn token_reviews(&self) -> u64 {
+        self.state.lock().unwrap().token_reviews
+    }
+
+    /// The uid the model gave an object.
+    pub fn uid_of(&self, kind: &str, namespace: &str, name: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        let key = (kind.to_string(), namespace.to_string(), name.to_string());
+        state
+            .objects
+            .get(&key)
+            .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string))
+    }
+
     /// (lists, watches, 410 answers) served so far.
     pub fn counts(&self) -> (u64, u64, u64) {
         let state = self.state.lock().unwrap();
@@ -313,6 +367,83 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
+/// TokenReviews and single pods; everything else is [`handle`]'s.
+async fn route(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<()>,
+    cut: broadcast::Sender<()>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if req.method() == hyper::Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews"
+    {
+        let Ok(body) = req.into_body().collect().await else {
+            return full(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", "no body"),
+            );
+        };
+        let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return full(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", "not JSON"),
+            );
+        };
+        return full(StatusCode::CREATED, token_review(&state, review));
+    }
+    if let Some((namespace, name)) = path
+        .strip_prefix("/api/v1/namespaces/")
+        .and_then(|rest| rest.split_once("/pods/"))
+        .filter(|(_, name)| !name.contains('/'))
+    {
+        let state = state.lock().unwrap();
+        let key = ("Pod".to_string(), namespace.to_string(), name.to_string());
+        return match state.objects.get(&key) {
+            Some(pod) => full(StatusCode::OK, pod.clone()),
+            None => full(
+                StatusCode::NOT_FOUND,
+                status(404, "NotFound", &format!("pods \"{name}\" not found")),
+            ),
+        };
+    }
+    handle(req, state, events, cut)
+}
+
+/// The API server's answer to a TokenReview: the token's user when it is
+/// known and for one of the audiences asked (all of the token's when none
+/// are asked, as for the API server's own audience).
+fn token_review(state: &Mutex<State>, mut review: Value) -> Value {
+    let mut state = state.lock().unwrap();
+    state.token_reviews += 1;
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let asked: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let answer = match state.tokens.get(token) {
+        Some((user, audiences)) => {
+            let common: Vec<&String> = if asked.is_empty() {
+                audiences.iter().collect()
+            } else {
+                audiences.iter().filter(|a| asked.contains(a)).collect()
+            };
+            if common.is_empty() {
+                json!({"authenticated": false, "error": "token audiences do not match"})
+            } else {
+                json!({"authenticated": true, "user": user, "audiences": common})
+            }
+        }
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    review["status"] = answer;
+    review["metadata"] = json!({"creationTimestamp": null});
+    review
+}
+
 fn handle(
     req: Request<hyper::body::Incoming>,
     state: Arc<Mutex<State>>,
@@ -336,14 +467,25 @@ fn handle(
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
-        .unwrap_or_default()
-        .split('&')
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k.to_string(), v.to_string())
-        })
-        .collect();
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
     let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    let on_node = match query.get("fieldSelector") {
+        None => None,
+        Some(selector) => match selector.strip_prefix("spec.nodeName=") {
+            Some(node) if kind == "Pod" && !watching => Some(node.to_string()),
+            _ => {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    status(
+                        400,
+                        "BadRequest",
+                        &format!("field selector {selector:?} is not modelled"),
+                    ),
+                );
+            }
+        },
+    };
     if !watching {
         let mut state = state.lock().unwrap();
         state.lists += 1;
@@ -351,6 +493,11 @@ fn handle(
             .objects
             .iter()
             .filter(|((k, _, _), _)| k == kind)
+            .filter(|(_, object)| {
+                on_node
+                    .as_deref()
+                    .is_none_or(|node| object["spec"]["nodeName"].as_str() == Some(node))
+            })
             .map(|(_, object)| object.clone())
             .collect();
         return full(

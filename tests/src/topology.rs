@@ -160,6 +160,19 @@ impl Topology {
         }
     }
 
+    /// Starts a process on the control plane: in the fabric netns (so it
+    /// listens on [`CONTROL_PLANE_IPV4`], reachable from every node) and a
+    /// cgroup of its own under the topology's, so teardown ends it. For
+    /// what a cluster runs off the nodes (the mesh's signer).
+    pub fn spawn_on_control_plane(&self, what: &str, cmd: Command) -> anyhow::Result<Process> {
+        let cgroup = self.cgroup_root.join("control-plane");
+        if !cgroup.is_dir() {
+            std::fs::create_dir(&cgroup)
+                .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        }
+        self.spawn_in(what, &netns::netns_path(&self.fabric_netns), &cgroup, cmd)
+    }
+
     /// Starts a process in `netns` and `cgroup` (for pods the test bed did
     /// not make, e.g. sandboxes of a container runtime); `what` names it in
     /// messages. Its output is captured as for [`Pod::spawn`].

@@ -39,6 +39,7 @@ pub struct Metrics {
     proxy_active: IntGaugeVec,
     certificate_expiry: IntGaugeVec,
     tunnel_rejections: IntCounterVec,
+    certificate_requests: IntCounterVec,
     tunnel_pooled: IntGauge,
     tunnel_inbound: IntGauge,
     tunnel_handshaking: IntGauge,
@@ -180,6 +181,11 @@ impl Metrics {
                 &["identity"],
             )
             .expect("valid metric"),
+            certificate_requests: counter(
+                "mesh_certificate_requests_total",
+                "Certificate signing requests sent to the CA, by result (ok, failed)",
+                &["result"],
+            ),
             tunnel_rejections: counter(
                 "mesh_tunnel_rejections_total",
                 "Refused tunnel handshakes and requests, by reason",
@@ -287,6 +293,7 @@ impl Metrics {
             Box::new(m.proxy_bytes.clone()),
             Box::new(m.proxy_active.clone()),
             Box::new(m.certificate_expiry.clone()),
+            Box::new(m.certificate_requests.clone()),
             Box::new(m.tunnel_rejections.clone()),
             Box::new(m.tunnel_pooled.clone()),
             Box::new(m.tunnel_inbound.clone()),
@@ -426,6 +433,7 @@ impl Metrics {
         certificates: &[crate::state::CertificateView],
         rejections: &std::collections::BTreeMap<String, u64>,
         tunnel: TunnelCounts,
+        ca: Option<&crate::state::CaView>,
     ) {
         self.certificate_expiry.reset();
         for cert in certificates {
@@ -435,6 +443,10 @@ impl Metrics {
         }
         for (reason, total) in rejections {
             self.sync(&self.tunnel_rejections, &[reason], *total);
+        }
+        if let Some(ca) = ca {
+            self.sync(&self.certificate_requests, &["ok"], ca.requests_succeeded);
+            self.sync(&self.certificate_requests, &["failed"], ca.requests_failed);
         }
         self.tunnel_pooled.set(tunnel.pooled as i64);
         self.tunnel_inbound.set(tunnel.inbound as i64);

@@ -70,7 +70,11 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         PATH_HEALTHZ => text(StatusCode::OK, "ok\n"),
         PATH_READYZ => match state.unready_reason() {
-            None => text(StatusCode::OK, "ready\n"),
+            // Ready, and saying how long it stays so if the CA is away.
+            None => match state.certificate_authority().and_then(|ca| ca.warning()) {
+                Some(warning) => text(StatusCode::OK, format!("ready; warning: {warning}\n")),
+                None => text(StatusCode::OK, "ready\n"),
+            },
             Some(reason) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {reason}\n"),

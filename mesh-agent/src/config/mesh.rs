@@ -18,6 +18,38 @@ pub struct IdentityConfig {
     /// and `.key`, plus a trust bundle.
     #[serde(default)]
     pub files: Option<FilesConfig>,
+    /// A certificate authority (istiod, or `mesh-agent ca`) asked over the
+    /// Istio CA API for each local identity: the node holds no signing key.
+    #[serde(default)]
+    pub signing_request: Option<SigningRequestConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SigningRequestConfig {
+    /// `https://host:port` of the CA.
+    pub address: String,
+    /// PEM roots the CA's serving certificate must chain to (istiod's
+    /// `istio-ca-root-cert` ConfigMap, or the signer's).
+    pub ca_roots: PathBuf,
+    /// The name the CA's certificate must hold; default the address's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The node agent's projected service-account token (audience `istio-ca`).
+    pub token_file: PathBuf,
+    /// Sent as `clusterid`, as ztunnel does.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Asked-for certificate lifetime, e.g. `24h`.
+    #[serde(default = "default_lifetime", with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// Renew when this fraction of a certificate's lifetime has passed.
+    #[serde(default = "default_renew_at")]
+    pub renew_at: f64,
+}
+
+fn default_cluster_id() -> String {
+    "Kubernetes".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -386,13 +386,22 @@ fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), Confi
         );
     }
     if let Some(identity) = &node.identity
-        && identity.issuer.is_some() == identity.files.is_some()
+        && [
+            identity.issuer.is_some(),
+            identity.files.is_some(),
+            identity.signing_request.is_some(),
+        ]
+        .into_iter()
+        .filter(|given| *given)
+        .count()
+            != 1
     {
-        return Err(
-            ConfigError::new(path, "give exactly one source: `issuer` or `files`")
-                .with_field("identity")
-                .with_line(error::find_line(text, "identity", "")),
-        );
+        return Err(ConfigError::new(
+            path,
+            "give exactly one source: `signingRequest`, `issuer` or `files`",
+        )
+        .with_field("identity")
+        .with_line(error::find_line(text, "identity", "")));
     }
     if let Some(issuer) = node.identity.as_ref().and_then(|i| i.issuer.as_ref()) {
         if !(issuer.renew_at > 0.0 && issuer.renew_at < 1.0) {
@@ -405,6 +414,31 @@ fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), Confi
         if issuer.lifetime.is_zero() {
             return Err(ConfigError::new(path, "must be longer than zero")
                 .with_field("identity.issuer.lifetime"));
+        }
+    }
+    if let Some(asked) = node
+        .identity
+        .as_ref()
+        .and_then(|i| i.signing_request.as_ref())
+    {
+        if !(asked.renew_at > 0.0 && asked.renew_at < 1.0) {
+            return Err(ConfigError::new(
+                path,
+                "must be between 0 and 1 (a fraction of the lifetime)",
+            )
+            .with_field("identity.signingRequest.renewAt"));
+        }
+        if asked.lifetime.is_zero() {
+            return Err(ConfigError::new(path, "must be longer than zero")
+                .with_field("identity.signingRequest.lifetime"));
+        }
+        if !asked.address.starts_with("https://") {
+            return Err(ConfigError::new(
+                path,
+                "must be an https:// address (the CA is only asked over TLS)",
+            )
+            .with_field("identity.signingRequest.address")
+            .with_line(error::find_line(text, "address", &asked.address)));
         }
     }
     if let Some(tracing) = &node.tracing {

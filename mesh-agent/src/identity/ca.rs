@@ -225,6 +225,59 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A TLS server certificate for `names` (DNS), e.g. the signer's own:
+    /// (chain PEM: leaf then this CA's, key PEM).
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(String, String)> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating key")?;
+        let mut params = CertificateParams::new(names.to_vec()).context("server names")?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("signing the server certificate")?;
+        let mut chain = cert.pem();
+        if !chain.ends_with('\n') {
+            chain.push('\n');
+        }
+        chain.push_str(&self.cert_pem);
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// The certificates above the CA's own in its PEM (its intermediates'
+    /// chain), one PEM each.
+    pub fn chain_above_pem(&self) -> Vec<String> {
+        self.chain[1..].iter().map(|der| pem_of(der)).collect()
+    }
+
+    /// The CA certificate itself as PEM.
+    pub fn own_cert_pem(&self) -> String {
+        pem_of(&self.chain[0])
+    }
+}
+
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// A workload certificate's fields: the identity as the URI SAN alone
 /// (rcgen marks the SAN critical when the subject is empty, as RFC 5280
 /// requires), for both directions of mutual TLS.

@@ -7,12 +7,14 @@
 //! that always use its *current* material, so bundles and certificates rotate without
 //! rebuilding configs or breaking established connections.
 //!
-//! Layout: `spiffe` (the ID type), `ca` (making CAs and certificates), `store` (the manager:
-//! loading, minting, reload, renewal), `verify` (webpki chain checks + SPIFFE ID checks),
+//! Layout: `spiffe` (the ID type), `ca` (making CAs and certificates), `ca_api` (the Istio
+//! CA API), `requester` (asking a CA for certificates), `store` (the manager: loading,
+//! minting, reload, renewal), `verify` (webpki chain checks + SPIFFE ID checks),
 //! `tls` (rustls configs and handshake-failure classification).
 
 pub mod ca;
 pub mod ca_api;
+pub mod requester;
 mod spiffe;
 mod store;
 mod tls;
@@ -24,7 +26,7 @@ mod tests;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{
     CertSource, CertificateInfo, DEFAULT_RENEW_AT, IdentityManager, IdentitySource,
-    NOT_BEFORE_BACKDATE, SystemClock, WallClock, not_after_of,
+    NOT_BEFORE_BACKDATE, RequestHealth, SigningRequestSource, SystemClock, WallClock, not_after_of,
 };
 pub use tls::{ALPN_H2, HandshakeRejection, classify_io_error, classify_tls_error};
 pub use verify::{PeerIdentityError, peer_spiffe_id, spiffe_id_of};

@@ -45,6 +45,32 @@ pub enum IdentitySource {
         lifetime: Duration,
         renew_at: f64,
     },
+    /// A certificate authority asked over the Istio CA API: the node makes a
+    /// key per identity, sends a signing request on its pods' behalf and never
+    /// holds a signing key (see `identity::requester`, which does the asking).
+    /// The trust bundle is the roots the CA sends with each certificate, the
+    /// CA's own root file until the first answer.
+    SigningRequest(SigningRequestSource),
+}
+
+/// Where and how to ask for certificates (node.yaml `identity.signingRequest`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningRequestSource {
+    /// `https://host:port` of istiod or `mesh-agent ca`.
+    pub address: String,
+    /// PEM roots the CA's serving certificate must chain to.
+    pub ca_roots: PathBuf,
+    /// The name the CA's certificate must hold (default: the address's host).
+    pub server_name: Option<String>,
+    /// The node agent's projected service-account token (audience `istio-ca`),
+    /// re-read for every request since the kubelet rotates it.
+    pub token_file: PathBuf,
+    /// Sent as the `clusterid` header.
+    pub cluster_id: String,
+    /// Asked-for certificate lifetime.
+    pub lifetime: Duration,
+    /// Renew when this fraction of a certificate's lifetime has passed.
+    pub renew_at: f64,
 }
 
 /// How a held certificate was obtained.
@@ -53,6 +79,8 @@ pub enum IdentitySource {
 pub enum CertSource {
     Minted,
     File,
+    /// Signed by a certificate authority on this node's request.
+    Requested,
 }
 
 impl CertSource {
@@ -60,6 +88,7 @@ impl CertSource {
         match self {
             CertSource::Minted => "minted",
             CertSource::File => "file",
+            CertSource::Requested => "requested",
         }
     }
 }
@@ -78,7 +107,7 @@ pub struct CertificateInfo {
 struct HeldCert {
     key: Arc<CertifiedKey>,
     info: CertificateInfo,
-    /// Minted certificates: when to renew.
+    /// Minted and requested certificates: when to renew.
     renew_after: Option<SystemTime>,
     /// File certificates: the raw (cert, key) file contents, to notice replaced files.
     file_contents: Option<(Vec<u8>, Vec<u8>)>,
@@ -102,6 +131,9 @@ impl WallClock for SystemClock {
 
 struct State {
     bundle: Arc<TrustBundle>,
+    /// With a `SigningRequest` source: the roots PEM the CA last sent (the
+    /// bundle is made from it), to notice a rotation.
+    requested_roots: Option<String>,
     issuer: Option<Arc<Ca>>,
     certs: BTreeMap<SpiffeId, Arc<HeldCert>>,
 }
@@ -122,6 +154,25 @@ pub struct IdentityManager {
     /// The identities last asked for, so missing ones can be tried again
     /// when the files change.
     wanted: Mutex<Vec<SpiffeId>>,
+    /// Woken when the wanted identities change (the requester waits on it).
+    wanted_changed: tokio::sync::Notify,
+    /// How asking the CA goes (`SigningRequest` source only).
+    requests: Mutex<RequestHealth>,
+}
+
+/// How asking the certificate authority goes, for `/status`, readiness and
+/// metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestHealth {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Failures since the last success.
+    pub consecutive_failures: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<SystemTime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl fmt::Debug for IdentityManager {
@@ -151,10 +202,14 @@ impl IdentityManager {
         // Validates the trust domain with the same rules as IDs.
         SpiffeId::new(trust_domain, "x", "x")
             .with_context(|| format!("invalid trust domain {trust_domain:?}"))?;
-        if let IdentitySource::Issuer {
-            lifetime, renew_at, ..
-        } = &source
-        {
+        let schedule = match &source {
+            IdentitySource::Issuer {
+                lifetime, renew_at, ..
+            } => Some((lifetime, renew_at)),
+            IdentitySource::SigningRequest(asked) => Some((&asked.lifetime, &asked.renew_at)),
+            IdentitySource::Files { .. } => None,
+        };
+        if let Some((lifetime, renew_at)) = schedule {
             if lifetime.is_zero() {
                 bail!("certificate lifetime must be positive");
             }
@@ -171,11 +226,14 @@ impl IdentityManager {
             clock,
             state: RwLock::new(State {
                 bundle,
+                requested_roots: None,
                 issuer,
                 certs: BTreeMap::new(),
             }),
             update: Mutex::new(()),
             wanted: Mutex::default(),
+            wanted_changed: tokio::sync::Notify::new(),
+            requests: Mutex::default(),
         };
         Ok(manager)
     }
@@ -235,6 +293,8 @@ impl IdentityManager {
     pub fn ensure(&self, ids: &[SpiffeId]) -> Result<()> {
         let _guard = self.lock_updates();
         *self.wanted.lock() = ids.to_vec();
+        self.wanted_changed.notify_one();
+        let requested = matches!(self.source, IdentitySource::SigningRequest(_));
         let (bundle, issuer, held) = {
             let s = self.read();
             (s.bundle.clone(), s.issuer.clone(), s.certs.clone())
@@ -251,6 +311,10 @@ impl IdentityManager {
             }
             if let Some(h) = held.get(id) {
                 next.insert(id.clone(), h.clone());
+                continue;
+            }
+            if requested {
+                // The requester asks the CA for it, off this path.
                 continue;
             }
             match self.obtain(id, issuer.as_deref(), &bundle) {
@@ -291,6 +355,11 @@ impl IdentityManager {
     /// certificates are re-minted only if the issuing certificate changed.
     pub fn reload(&self) -> Result<()> {
         let _guard = self.lock_updates();
+        if matches!(self.source, IdentitySource::SigningRequest(_)) {
+            // Certificates and roots come from the CA's answers; the CA root
+            // file is re-read by the requester at its next connection.
+            return Ok(());
+        }
         let (bundle, issuer) = load_roots(&self.source)?;
         let (old_issuer, held) = {
             let s = self.read();
@@ -307,7 +376,7 @@ impl IdentityManager {
                 CertSource::Minted if issuer_changed => {
                     Some(self.obtain(id, issuer.as_deref(), &bundle)?)
                 }
-                CertSource::Minted => None,
+                CertSource::Minted | CertSource::Requested => None,
             };
             certs.insert(id.clone(), refreshed.map_or_else(|| h.clone(), Arc::new));
         }
@@ -320,6 +389,7 @@ impl IdentityManager {
         );
         *s = State {
             bundle,
+            requested_roots: None,
             issuer,
             certs,
         };
@@ -392,6 +462,143 @@ impl IdentityManager {
         self.read().certs.get(id).map(|h| h.info.not_after)
     }
 
+    /// Wanted identities the CA must be asked for now: not held, due for
+    /// renewal, or held with times the clock no longer fits.
+    pub fn due_for_request(&self) -> Vec<SpiffeId> {
+        let now = self.clock.now();
+        let wanted = self.wanted.lock().clone();
+        let state = self.read();
+        let mut due: Vec<SpiffeId> = wanted
+            .into_iter()
+            .filter(|id| match state.certs.get(id) {
+                None => true,
+                Some(h) => {
+                    h.renew_after.is_some_and(|at| now >= at)
+                        || now < h.info.not_before
+                        || now >= h.info.not_after
+                }
+            })
+            .collect();
+        due.sort();
+        due.dedup();
+        due
+    }
+
+    /// Whether `id` is among the identities wanted now.
+    pub fn is_wanted(&self, id: &SpiffeId) -> bool {
+        self.wanted.lock().contains(id)
+    }
+
+    /// Resolves when the wanted identities may have changed.
+    pub async fn wanted_changed(&self) {
+        self.wanted_changed.notified().await
+    }
+
+    /// Takes a certificate the CA signed for `id` over `key` (made here):
+    /// `chain` is the CA's answer, the leaf first, the roots (one or more
+    /// PEM certificates) last, intermediates between. The leaf must be for
+    /// `id`, over `key`, and chain to the roots sent with it; those roots
+    /// become the trust bundle. Nothing changes on any error.
+    pub fn install_requested(
+        &self,
+        id: &SpiffeId,
+        chain: &[String],
+        key: PrivateKeyDer<'static>,
+    ) -> Result<CertificateInfo> {
+        let IdentitySource::SigningRequest(asked) = &self.source else {
+            bail!("this node does not ask a CA for certificates");
+        };
+        let (roots_pem, certs) = match chain {
+            [leaf, between @ .., roots] => (roots, std::iter::once(leaf).chain(between)),
+            _ => bail!(
+                "the CA answered {} certificate(s); expected the leaf and the roots",
+                chain.len()
+            ),
+        };
+        let mut ders = Vec::new();
+        for (i, pem) in certs.enumerate() {
+            let mut found = rustls_pemfile::certs(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("the CA's certificate {i} is not PEM"))?;
+            if found.len() != 1 {
+                bail!(
+                    "the CA's certificate {i} holds {} certificates, expected one",
+                    found.len()
+                );
+            }
+            ders.push(found.remove(0));
+        }
+        let bundle = TrustBundle::from_pem(roots_pem.as_bytes(), Path::new("the CA's roots"))?;
+        let presented = spiffe_id_of(&ders[0]).map_err(|e| anyhow!("the CA's leaf: {e}"))?;
+        if &presented != id {
+            bail!("the CA signed {presented}, asked for {id}");
+        }
+        let certified = CertifiedKey::from_der(ders, key, &self.provider)
+            .with_context(|| format!("the CA's certificate for {id} is not over the key sent"))?;
+        let now = self.clock.now();
+        bundle
+            .verify(
+                &self.provider,
+                &certified.cert[0],
+                &certified.cert[1..],
+                unix_time(now),
+                KeyUsage::server_auth(),
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "the CA's certificate for {id} does not verify against the roots it sent: {e}"
+                )
+            })?;
+        let info = cert_info(id, &certified.cert[0], CertSource::Requested)?;
+        // From now, not from the certificate's start: CAs backdate it (istiod
+        // by two minutes), which would eat a short lifetime's renewal margin.
+        let left = info.not_after.duration_since(now).unwrap_or_default();
+        let held = HeldCert {
+            key: Arc::new(certified),
+            info: info.clone(),
+            renew_after: Some(now + left.mul_f64(asked.renew_at)),
+            file_contents: None,
+        };
+        let _guard = self.lock_updates();
+        let mut state = self.write();
+        if state.requested_roots.as_deref() != Some(roots_pem.as_str()) {
+            tracing::info!(
+                roots = bundle.len(),
+                "trust bundle taken from the CA's answer"
+            );
+            state.bundle = Arc::new(bundle);
+            state.requested_roots = Some(roots_pem.clone());
+        }
+        if self.wanted.lock().contains(id) {
+            state.certs.insert(id.clone(), Arc::new(held));
+        }
+        Ok(info)
+    }
+
+    /// Counts one request to the CA.
+    pub fn record_request(&self, outcome: Result<(), String>) {
+        let mut health = self.requests.lock();
+        match outcome {
+            Ok(()) => {
+                health.succeeded += 1;
+                health.consecutive_failures = 0;
+                health.last_success = Some(self.clock.now());
+                health.last_error = None;
+            }
+            Err(error) => {
+                health.failed += 1;
+                health.consecutive_failures += 1;
+                health.last_error = Some(error);
+            }
+        }
+    }
+
+    /// How asking the CA goes; None unless certificates are requested.
+    pub fn request_health(&self) -> Option<RequestHealth> {
+        matches!(self.source, IdentitySource::SigningRequest(_))
+            .then(|| self.requests.lock().clone())
+    }
+
     fn obtain(&self, id: &SpiffeId, issuer: Option<&Ca>, bundle: &TrustBundle) -> Result<HeldCert> {
         let held = match (&self.source, issuer) {
             (IdentitySource::Files { dir, .. }, _) => {
@@ -407,6 +614,9 @@ impl IdentityManager {
                 Some(ca),
             ) => self.mint(id, ca, *lifetime, *renew_at)?,
             (IdentitySource::Issuer { .. }, None) => bail!("no issuer loaded"),
+            (IdentitySource::SigningRequest(_), _) => {
+                bail!("certificates for {id} are asked from the CA, not made here")
+            }
         };
         self.warn_if_untrusted(id, &held, bundle);
         Ok(held)
@@ -525,6 +735,13 @@ fn load_roots(source: &IdentitySource) -> Result<(Arc<TrustBundle>, Option<Arc<C
         IdentitySource::Files { trust_bundle, .. } => {
             let pem = read_file(trust_bundle, "trust bundle")?;
             Ok((Arc::new(TrustBundle::from_pem(&pem, trust_bundle)?), None))
+        }
+        IdentitySource::SigningRequest(asked) => {
+            let pem = read_file(&asked.ca_roots, "CA root")?;
+            Ok((
+                Arc::new(TrustBundle::from_pem(&pem, &asked.ca_roots)?),
+                None,
+            ))
         }
         IdentitySource::Issuer {
             cert,

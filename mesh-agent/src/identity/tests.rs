@@ -1146,3 +1146,113 @@ async fn create_certificate_travels_over_grpc_with_the_callers_token() {
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     server.abort();
 }
+
+fn requesting_manager(dir: &Path, ca: &Ca, clock: Arc<dyn WallClock>) -> IdentityManager {
+    let roots = dir.join("ca-root.crt");
+    write(&roots, &ca.cert_pem);
+    IdentityManager::with_clock(
+        TD,
+        IdentitySource::SigningRequest(SigningRequestSource {
+            address: "https://ca.test:15012".into(),
+            ca_roots: roots,
+            server_name: None,
+            token_file: dir.join("token"),
+            cluster_id: "Kubernetes".into(),
+            lifetime: HOUR,
+            renew_at: 0.5,
+        }),
+        clock,
+    )
+    .unwrap()
+}
+
+/// What a CA answers for `id`: (its chain, the key made for it).
+fn answer(
+    ca: &Ca,
+    id: &SpiffeId,
+    roots: &str,
+    now: SystemTime,
+) -> (Vec<String>, rustls_pki_types::PrivateKeyDer<'static>) {
+    let (csr, key) = super::ca::signing_request(id).unwrap();
+    let request = super::ca::SigningRequest::from_pem(&csr).unwrap();
+    let leaf = ca
+        .sign_request(&request, id, now - Duration::from_secs(120), now + HOUR)
+        .unwrap();
+    (
+        vec![leaf, roots.to_string()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}
+
+/// Requested certificates: only wanted identities are due; an answer is
+/// taken only for the identity asked, over the key sent, chaining to the
+/// roots sent with it, which become the bundle; renewal is due at the
+/// fraction of what was left when it came, and after the clock went back.
+#[test]
+fn requested_certificates_are_checked_installed_and_fall_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new_root("requested root").unwrap();
+    let other = Ca::new_root("another root").unwrap();
+    let start = SystemTime::now();
+    let clock = Arc::new(ManualWallClock(parking_lot::Mutex::new(start)));
+    let m = requesting_manager(dir.path(), &ca, clock.clone());
+    let (a, b) = (id("shop", "a"), id("shop", "b"));
+    // Nothing made here: ensure only says what is wanted.
+    m.ensure(&[a.clone(), b.clone()]).unwrap();
+    assert!(m.certificates().is_empty());
+    assert_eq!(m.due_for_request(), vec![a.clone(), b.clone()]);
+    assert_eq!(m.trust_bundle_len(), 1);
+
+    // A lone leaf, another identity, another root, another key: refused.
+    let (chain, key) = answer(&ca, &a, &ca.cert_pem, start);
+    let err = m
+        .install_requested(&a, &chain[..1], key.clone_key())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("expected the leaf and the roots"),
+        "{err:#}"
+    );
+    let err = m
+        .install_requested(&b, &chain, key.clone_key())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("asked for"), "{err:#}");
+    let (_, stranger) = answer(&ca, &a, &ca.cert_pem, start);
+    let err = m.install_requested(&a, &chain, stranger).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("not over the key sent"),
+        "{err:#}"
+    );
+    let (forged, forged_key) = answer(&other, &a, &ca.cert_pem, start);
+    let err = m.install_requested(&a, &forged, forged_key).unwrap_err();
+    assert!(format!("{err:#}").contains("does not verify"), "{err:#}");
+    assert!(m.certificates().is_empty());
+
+    // The right answer, with two roots: installed, the bundle is both.
+    let both = format!("{}{}", ca.cert_pem, other.cert_pem);
+    let (chain, key) = answer(&ca, &a, &both, start);
+    let info = m.install_requested(&a, &chain, key).unwrap();
+    assert_eq!(info.source, CertSource::Requested);
+    assert_eq!(info.source.as_str(), "requested");
+    assert_eq!(m.trust_bundle_len(), 2);
+    assert_eq!(m.due_for_request(), vec![b.clone()]);
+    // An answer for an identity no longer wanted is not kept.
+    m.ensure(std::slice::from_ref(&a)).unwrap();
+    let (chain, key) = answer(&ca, &b, &both, start);
+    m.install_requested(&b, &chain, key).unwrap();
+    assert_eq!(m.certificates().len(), 1);
+    assert!(m.due_for_request().is_empty());
+    // Renewal: at half of what was left (an hour), not of the backdated
+    // lifetime; and again when the clock goes back before the start.
+    *clock.0.lock() = start + Duration::from_secs(29 * 60);
+    assert!(m.due_for_request().is_empty());
+    *clock.0.lock() = start + Duration::from_secs(31 * 60);
+    assert_eq!(m.due_for_request(), vec![a.clone()]);
+    *clock.0.lock() = start - Duration::from_secs(600);
+    assert_eq!(m.due_for_request(), vec![a.clone()]);
+    // Reload keeps what the CA gave (the roots file is the channel's).
+    m.reload().unwrap();
+    assert_eq!(m.trust_bundle_len(), 2);
+    assert_eq!(m.certificates().len(), 1);
+    let health = m.request_health().unwrap();
+    assert_eq!(health.succeeded, 0, "counted by the requester, not here");
+}

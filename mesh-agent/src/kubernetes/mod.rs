@@ -22,3 +22,25 @@ pub mod source;
 pub mod watch;
 
 pub use source::{KubeSource, KubernetesStatus};
+
+/// A client of the API: from a kubeconfig (an agent or signer outside the
+/// cluster), else the pod's service account.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        None => {
+            kube::Config::incluster().context("in-cluster configuration (service account token)")?
+        }
+    };
+    kube::Client::try_from(config).context("making the Kubernetes client")
+}

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mesh_cni::protocol::{EnrolledNamespaces, PodSandbox};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -622,22 +622,7 @@ impl Drop for AbortOnDrop {
 }
 
 async fn client(settings: &KubernetesSettings) -> Result<kube::Client> {
-    let config = match &settings.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .with_context(|| format!("using the kubeconfig {}", path.display()))?
-        }
-        None => {
-            kube::Config::incluster().context("in-cluster configuration (service account token)")?
-        }
-    };
-    kube::Client::try_from(config).context("making the Kubernetes client")
+    crate::kubernetes::client(settings.kubeconfig.as_deref()).await
 }
 
 fn load_saved(path: &Path) -> Result<Option<ClusterView>> {

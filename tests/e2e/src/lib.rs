@@ -8,6 +8,7 @@ pub mod kernel;
 pub mod kube;
 pub mod load;
 pub mod mesh;
+pub mod signer;
 
 pub use agent::{NodeAgent, agent_binary, pod_yaml, pods_yaml};
 
