@@ -1,6 +1,7 @@
 //! The manifests in `deploy/` against the agent they install.
 //!
-//! Every document of `daemonset.yaml` and `configmap.yaml` is parsed into the
+//! Every document of `daemonset.yaml`, `configmap.yaml` and `signer.yaml` is
+//! parsed into the
 //! Kubernetes API types of `k8s-openapi` (an unknown kind or an unknown field
 //! fails), then checked against the agent itself: its command line parser
 //! (`mesh_agent::cli::Cli`), its admin API paths and port, its configuration
@@ -18,9 +19,10 @@ use clap::Parser;
 use k8s_openapi::{
     Resource,
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{
-            ConfigMap, Container, Namespace, PodSpec, Probe, ServiceAccount, Volume, VolumeMount,
+            ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount, Volume,
+            VolumeMount,
         },
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
@@ -36,6 +38,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 const DAEMONSET_FILE: &str = "daemonset.yaml";
 const CONFIGMAP_FILE: &str = "configmap.yaml";
+const SIGNER_FILE: &str = "signer.yaml";
 const CONTAINERFILE: &str = "Containerfile";
 const README: &str = "README.md";
 /// The node name the checks give the agent, as the downward API would.
@@ -111,6 +114,8 @@ enum Object {
     ClusterRoleBinding(ClusterRoleBinding),
     DaemonSet(Box<DaemonSet>),
     ConfigMap(ConfigMap),
+    Deployment(Box<Deployment>),
+    Service(Box<Service>),
 }
 
 /// Parses one document into `K`, and fails on a field `K` does not have:
@@ -198,11 +203,15 @@ fn parse_file(name: &str) -> Vec<Object> {
             Object::DaemonSet(Box::new(typed(json, &place)))
         } else if is(ConfigMap::API_VERSION, ConfigMap::KIND) {
             Object::ConfigMap(typed(json, &place))
+        } else if is(Deployment::API_VERSION, Deployment::KIND) {
+            Object::Deployment(Box::new(typed(json, &place)))
+        } else if is(Service::API_VERSION, Service::KIND) {
+            Object::Service(Box::new(typed(json, &place)))
         } else {
             panic!(
                 "{place}: unknown kind `{api_version}` `{kind}`: this check knows Namespace, \
                  ServiceAccount, ClusterRole, ClusterRoleBinding, apps/v1 DaemonSet and \
-                 ConfigMap; teach it the new kind first"
+                 Deployment, Service and ConfigMap; teach it the new kind first"
             )
         });
     }
@@ -225,6 +234,9 @@ fn manifests() -> Manifests {
                 Object::ClusterRoleBinding(o) => cluster_role_bindings.push(o),
                 Object::DaemonSet(o) => daemonsets.push(*o),
                 Object::ConfigMap(o) => configmaps.push(o),
+                Object::Deployment(_) | Object::Service(_) => {
+                    panic!("deploy/{file}: the signer's Deployment and Service go in {SIGNER_FILE}")
+                }
             }
         }
     }
@@ -954,7 +966,10 @@ fn every_path_the_config_names_is_mounted() {
     let identity = config.node.identity.as_ref();
     let issuer = identity.and_then(|i| i.issuer.as_ref());
     let files = identity.and_then(|i| i.files.as_ref());
+    let asked = identity.and_then(|i| i.signing_request.as_ref());
     let named: Vec<(&str, &Path)> = [
+        asked.map(|a| ("identity.signingRequest.caRoots", a.ca_roots.as_path())),
+        asked.map(|a| ("identity.signingRequest.tokenFile", a.token_file.as_path())),
         issuer.map(|i| ("identity.issuer.cert", i.cert.as_path())),
         issuer.map(|i| ("identity.issuer.key", i.key.as_path())),
         issuer
@@ -973,10 +988,26 @@ fn every_path_the_config_names_is_mounted() {
             )
         });
         let relative = path.strip_prefix(&mount.mount_path).unwrap();
-        if let Some(items) = volume.secret.as_ref().and_then(|s| s.items.as_ref()) {
+        let items = volume
+            .secret
+            .as_ref()
+            .and_then(|s| s.items.as_ref())
+            .or_else(|| volume.config_map.as_ref().and_then(|c| c.items.as_ref()));
+        if let Some(items) = items {
             assert!(
                 items.iter().any(|i| Path::new(&i.path) == relative),
-                "node.yaml {field}: {} is not one of the items of Secret volume `{}`",
+                "node.yaml {field}: {} is not one of the items of volume `{}`",
+                path.display(),
+                volume.name
+            );
+        }
+        if let Some(projected) = &volume.projected {
+            assert!(
+                projected.sources.iter().flatten().any(|source| source
+                    .service_account_token
+                    .as_ref()
+                    .is_some_and(|t| Path::new(&t.path) == relative)),
+                "node.yaml {field}: {} is no projected file of volume `{}`",
                 path.display(),
                 volume.name
             );
@@ -1235,7 +1266,7 @@ fn the_manifests_validate_strictly_against_the_kubernetes_schemas() {
         );
         return;
     };
-    let files = [DAEMONSET_FILE, CONFIGMAP_FILE].map(|f| deploy_dir().join(f));
+    let files = [DAEMONSET_FILE, CONFIGMAP_FILE, SIGNER_FILE].map(|f| deploy_dir().join(f));
     let output = std::process::Command::new(&tool)
         .args(["--strict", "-k", "1.35.0"])
         .args(&files)
@@ -1252,7 +1283,7 @@ fn the_manifests_validate_strictly_against_the_kubernetes_schemas() {
     );
     // One "passed" line per object: nothing was left unchecked.
     let passed = text.lines().filter(|l| l.contains(" passed ")).count();
-    assert_eq!(passed, 6, "every object validated:\n{text}");
+    assert_eq!(passed, 12, "every object validated:\n{text}");
 }
 
 #[test]
@@ -1354,4 +1385,272 @@ fn the_cni_sidecar_installs_into_the_nodes_cni_dirs_and_the_socket_is_the_nodes(
         Some(true),
         "kubernetes.cni.stateDir is written"
     );
+}
+
+// ---------------------------------------------------------------------------
+// The signer (signer.yaml)
+// ---------------------------------------------------------------------------
+
+/// The objects of deploy/signer.yaml.
+struct SignerManifests {
+    service_account: ServiceAccount,
+    cluster_role: ClusterRole,
+    cluster_role_binding: ClusterRoleBinding,
+    configmap: ConfigMap,
+    deployment: Deployment,
+    service: Service,
+}
+
+fn signer_manifests() -> SignerManifests {
+    let (mut sa, mut role, mut binding, mut cm, mut deploy, mut svc) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for object in parse_file(SIGNER_FILE) {
+        match object {
+            Object::ServiceAccount(o) => sa.push(o),
+            Object::ClusterRole(o) => role.push(o),
+            Object::ClusterRoleBinding(o) => binding.push(o),
+            Object::ConfigMap(o) => cm.push(o),
+            Object::Deployment(o) => deploy.push(*o),
+            Object::Service(o) => svc.push(*o),
+            Object::Namespace(_) | Object::DaemonSet(_) => {
+                panic!("deploy/{SIGNER_FILE} holds the signer's objects only")
+            }
+        }
+    }
+    fn one<T>(mut found: Vec<T>, kind: &str) -> T {
+        assert_eq!(found.len(), 1, "deploy/{SIGNER_FILE}: one {kind}");
+        found.remove(0)
+    }
+    SignerManifests {
+        service_account: one(sa, "ServiceAccount"),
+        cluster_role: one(role, "ClusterRole"),
+        cluster_role_binding: one(binding, "ClusterRoleBinding"),
+        configmap: one(cm, "ConfigMap"),
+        deployment: one(deploy, "Deployment"),
+        service: one(svc, "Service"),
+    }
+}
+
+/// The signer's Deployment runs `mesh-agent ca` on its ConfigMap, which the
+/// signer's own loader accepts; the issuer files are items of the Secret
+/// only it mounts; its ports, probes and Service are the configuration's;
+/// its RBAC is TokenReview and reading pods; the agents' node.yaml reaches
+/// it by a name on its serving certificate, with the token audience it
+/// checks, as the account it trusts; and no volume of the DaemonSet is a
+/// Secret: no node holds a signing key.
+#[test]
+fn the_signer_runs_with_its_config_and_only_it_holds_the_signing_key() {
+    use mesh_agent::signer::config::SignerConfig;
+    let s = signer_manifests();
+    let pod = s
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|d| d.template.spec.as_ref())
+        .expect("a pod template");
+    assert_eq!(pod.containers.len(), 1);
+    let container = &pod.containers[0];
+    assert!(container.command.is_none(), "set args, not command");
+    let args = container.args.clone().unwrap_or_default();
+    let cli = Cli::try_parse_from(std::iter::once("mesh-agent".to_string()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("the signer refuses the Deployment's args {args:?}:\n{e}"));
+    let Command::Ca {
+        config: config_path,
+    } = cli.command
+    else {
+        panic!("the Deployment's args {args:?} do not run the signer (`ca --config FILE`)");
+    };
+    let mounts = container.volume_mounts.as_deref().unwrap_or_default();
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    let covering = |path: &Path| {
+        let mount = mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+            .unwrap_or_else(|| panic!("{} lies under no mount of the signer", path.display()));
+        let volume = volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .expect("a mounted volume");
+        (
+            path.strip_prefix(&mount.mount_path).unwrap().to_path_buf(),
+            volume,
+        )
+    };
+    // The ConfigMap, written out as mounted, loads with the signer's loader.
+    let (file, volume) = covering(&config_path);
+    let cm_name = s.configmap.metadata.name.clone().unwrap();
+    let source = volume
+        .config_map
+        .as_ref()
+        .expect("the config is a ConfigMap volume");
+    assert_eq!(source.name, cm_name);
+    let item = source
+        .items
+        .iter()
+        .flatten()
+        .find(|i| Path::new(&i.path) == file)
+        .expect("the config file is an item of the ConfigMap volume");
+    let text = s.configmap.data.as_ref().unwrap()[&item.key].clone();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("signer.yaml"), &text).unwrap();
+    let config = SignerConfig::load(&dir.path().join("signer.yaml"))
+        .unwrap_or_else(|e| panic!("deploy/{SIGNER_FILE}'s signer.yaml: {e}"));
+    // The issuer's files: items of the Secret volume, nowhere else.
+    let mut key_secret = None;
+    for path in [&config.issuer_cert, &config.issuer_key]
+        .into_iter()
+        .chain(config.trust_bundle.as_ref())
+    {
+        let (relative, volume) = covering(path);
+        let secret = volume
+            .secret
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not in a Secret volume", path.display()));
+        assert!(
+            secret
+                .items
+                .iter()
+                .flatten()
+                .any(|i| Path::new(&i.path) == relative),
+            "{} is not an item of Secret `{:?}`",
+            path.display(),
+            secret.secret_name
+        );
+        key_secret = secret.secret_name.clone();
+    }
+    // Ports and probes are the configuration's; the Service reaches the pods.
+    let port_of = |name: &str| {
+        container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("container port `{name}`"))
+            .container_port
+    };
+    assert_eq!(port_of("grpc-ca"), i32::from(config.listen.port()));
+    assert_eq!(port_of("admin"), i32::from(config.admin.port()));
+    let probe = container
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref());
+    let probe = probe.expect("an HTTP readiness probe");
+    assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    assert_eq!(probe.port, IntOrString::Int(i32::from(config.admin.port())));
+    let labels = s
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|d| d.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let service = s.service.spec.as_ref().expect("a Service spec");
+    for (k, v) in service.selector.iter().flatten() {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "the Service selects the signer's pods"
+        );
+    }
+    let service_port = service.ports.iter().flatten().next().expect("a port");
+    assert_eq!(
+        service_port.target_port,
+        Some(IntOrString::String("grpc-ca".into()))
+    );
+    // RBAC: create TokenReviews, get and list pods; bound to its account.
+    let rules = s.cluster_role.rules.clone().unwrap_or_default();
+    let mut granted: Vec<String> = rules
+        .iter()
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            let verbs = r.verbs.clone();
+            groups.into_iter().flat_map(move |g| {
+                let verbs = verbs.clone();
+                resources.clone().into_iter().flat_map(move |res| {
+                    let g = g.clone();
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| format!("{g}/{res}:{v}"))
+                })
+            })
+        })
+        .collect();
+    granted.sort();
+    assert_eq!(
+        granted,
+        [
+            "/pods:get",
+            "/pods:list",
+            "authentication.k8s.io/tokenreviews:create"
+        ]
+    );
+    let account = s.service_account.metadata.name.clone().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some(account.as_str()));
+    assert!(
+        s.cluster_role_binding
+            .subjects
+            .iter()
+            .flatten()
+            .any(|subject| subject.name == account)
+    );
+    // The agents: they reach the signer by a serving name, with a token for
+    // its audience, as the account it trusts; and hold no Secret at all.
+    let m = manifests();
+    let (_dir, agent_config) = m.mounted_config();
+    let asked = agent_config
+        .node
+        .identity
+        .as_ref()
+        .and_then(|i| i.signing_request.as_ref())
+        .expect("the DaemonSet's default is identity.signingRequest");
+    let authority = asked
+        .address
+        .strip_prefix("https://")
+        .expect("an https address");
+    let (host, port) = authority.rsplit_once(':').expect("host:port");
+    assert!(
+        config.serving_names.iter().any(|n| n == host),
+        "node.yaml's CA {host} is not among the signer's serving names {:?}",
+        config.serving_names
+    );
+    assert_eq!(port, service_port.port.to_string());
+    let service_name = s.service.metadata.name.clone().unwrap();
+    let service_ns = s.service.metadata.namespace.clone().unwrap();
+    assert_eq!(host, format!("{service_name}.{service_ns}.svc"));
+    let agent_account = format!(
+        "{}/{}",
+        m.service_account.metadata.namespace.clone().unwrap(),
+        m.service_account.metadata.name.clone().unwrap()
+    );
+    assert!(config.trusted_node_accounts.contains(&agent_account));
+    let token = m
+        .pod()
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.service_account_token.as_ref())
+        .find(|t| asked.token_file.ends_with(&t.path))
+        .expect("the agent's token is a projected service-account token");
+    assert!(
+        token
+            .audience
+            .as_ref()
+            .is_some_and(|a| config.token_audiences.contains(a)),
+        "the agent's token audience {:?} is not the signer's {:?}",
+        token.audience,
+        config.token_audiences
+    );
+    for volume in m.pod().volumes.iter().flatten() {
+        assert!(
+            volume.secret.is_none(),
+            "the DaemonSet mounts Secret volume `{}`: no node may hold signing material",
+            volume.name
+        );
+    }
+    assert_eq!(key_secret.as_deref(), Some("mesh-ca-issuer"));
 }
