@@ -170,6 +170,9 @@ impl StandInApi {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As the API server (Go sets it on every connection): answers
+                // are not held back by Nagle waiting for a delayed ACK.
+                let _ = stream.set_nodelay(true);
                 let (state, events, cut) = (state.clone(), events.clone(), cut.clone());
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {

@@ -182,6 +182,9 @@ pub fn build_load_tools_release(workspace: &Path) -> Result<(PathBuf, PathBuf)> 
         "http-load",
         "--bin",
         "http-serve",
+        // The signer's load client (the bench's `ca` mode).
+        "--bin",
+        "ca-load",
     ]))?;
     let bins = (
         workspace.join("target/release/http-load"),

@@ -159,6 +159,7 @@ pub fn channel(source: &SigningRequestSource, roots: &[u8]) -> Result<Channel> {
         .with_context(|| format!("TLS to the CA at {}", source.address))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
+        .tcp_nodelay(true)
         .connect_lazy())
 }
 

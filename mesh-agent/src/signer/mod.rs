@@ -44,7 +44,11 @@ pub async fn run(config_path: &std::path::Path) -> Result<()> {
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(chain, key)))
         .context("the signer's TLS")?
         .add_service(CertificateService::new(Arc::new(signer)))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopped())
+        // Answers are small and go out at once (no Nagle wait on an ACK).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped(),
+        )
         .await
         .context("serving the CA API")?;
     tracing::info!("signer stopped");

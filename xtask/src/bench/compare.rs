@@ -75,6 +75,7 @@ pub fn run(workspace: &Path, revision: &str, rounds: usize) -> Result<()> {
                     let tools = Tools {
                         agent: binary.clone(),
                         http_load: tools.http_load.clone(),
+                        ca_load: tools.ca_load.clone(),
                     };
                     let sample = measure(&plan, &tools, a, topo.pod(path.target), path, &pids)?;
                     step(format!(

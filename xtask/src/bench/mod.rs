@@ -22,6 +22,7 @@
 //! cost, and agent CPU and RSS per connection under connection churn.
 //! Output: target/bench/results.{json,md,svg}.
 
+mod ca_bench;
 mod compare;
 mod dns_bench;
 mod latency_pairs;
@@ -214,6 +215,7 @@ struct Sample {
 struct Tools {
     agent: PathBuf,
     http_load: PathBuf,
+    ca_load: PathBuf,
 }
 
 /// The plan of a run: `--quick` or the full one.
@@ -303,6 +305,7 @@ fn build_tools(workspace: &Path) -> Result<(Tools, PathBuf)> {
         Tools {
             agent: agent_bin,
             http_load,
+            ca_load: workspace.join("target/release/ca-load"),
         },
         http_serve,
     ))
@@ -543,13 +546,21 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         routes_bench::write_route(topo, |node| config_dir(topo, node), false)?;
         dns_bench::remove_services(topo, |node| config_dir(topo, node))?;
     }
+    // The signer: certificates per second and signing latency
+    // (MESH_BENCH_MODES=ca runs only this).
+    let signer = if runs("ca") {
+        ca_bench::measure(&tools.agent, &tools.ca_load, topo)?
+    } else {
+        Vec::new()
+    };
     if only.is_some() {
         println!(
-            "{}{}{}{}",
+            "{}{}{}{}{}",
             setup.markdown(),
             dns.markdown(),
             traced.markdown("off"),
-            routed.markdown(routes_bench::BASELINE)
+            routed.markdown(routes_bench::BASELINE),
+            ca_bench::markdown(&signer)
         );
         return Ok(());
     }
@@ -605,6 +616,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
         dns: &dns,
         tracing: &traced,
         routes: &routed,
+        signer: &signer,
     };
     let out_dir = bench_dir();
     let table = report.markdown();
@@ -1161,6 +1173,7 @@ struct Report<'a> {
     dns: &'a latency_pairs::LatencyPairs,
     tracing: &'a settings_cost::SettingsCost,
     routes: &'a settings_cost::SettingsCost,
+    signer: &'a [ca_bench::Sample],
 }
 
 /// The median of a path's rounds, field by field.
@@ -1324,6 +1337,7 @@ impl Report<'_> {
             self.tracing.markdown("off"),
         );
         let _ = write!(t, "{}", self.routes.markdown(routes_bench::BASELINE));
+        let _ = write!(t, "{}", ca_bench::markdown(self.signer));
         let _ = writeln!(
             t,
             "\nMemory: {:.1} KiB of agent RSS per idle proxied connection (a->b, {} connections); {:.1} KiB per idle mutual-TLS tunnel connection ({} connections). Tunnel port: {:.0} mutual-TLS 1.3 handshakes/s (one python client).",
