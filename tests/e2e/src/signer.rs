@@ -25,6 +25,9 @@ use crate::{
 
 pub const CA_PORT: u16 = 15012;
 pub const ADMIN_PORT: u16 = 15014;
+/// The second replica's ports.
+pub const REPLICA_CA_PORT: u16 = 15022;
+pub const REPLICA_ADMIN_PORT: u16 = 15024;
 /// The name on the signer's serving certificate (its Service's).
 pub const SERVING_NAME: &str = "mesh-ca.mesh-system.svc";
 pub const AGENT_NAMESPACE: &str = "mesh-system";
@@ -43,6 +46,8 @@ pub struct SignerBed<'t> {
     /// issuer's: the serving certificate is made at start).
     serving_root: String,
     process: Option<Process>,
+    /// A second replica (same files, its own ports), if started.
+    replica: Option<Process>,
 }
 
 impl<'t> SignerBed<'t> {
@@ -88,16 +93,22 @@ impl<'t> SignerBed<'t> {
             dir,
             serving_root: issuer.cert_pem.clone(),
             process: None,
+            replica: None,
         };
         bed.set_issuer(issuer)?;
         bed.set_bundle(bundle)?;
-        std::fs::write(
-            bed.dir.join("signer.yaml"),
-            format!(
-                "trustDomain: cluster.local\nlisten: {CONTROL_PLANE_IPV4}:{CA_PORT}\nadmin: {CONTROL_PLANE_IPV4}:{ADMIN_PORT}\nissuerCert: {dir}/issuer.crt\nissuerKey: {dir}/issuer.key\ntrustBundle: {dir}/bundle.crt\nservingNames: [{SERVING_NAME}]\ntrustedNodeAccounts: [{AGENT_NAMESPACE}/{AGENT_ACCOUNT}]\nkubeconfig: {dir}/kubeconfig\n",
-                dir = bed.dir.display()
-            ),
-        )?;
+        for (file, port, admin) in [
+            ("signer.yaml", CA_PORT, ADMIN_PORT),
+            ("signer-replica.yaml", REPLICA_CA_PORT, REPLICA_ADMIN_PORT),
+        ] {
+            std::fs::write(
+                bed.dir.join(file),
+                format!(
+                    "trustDomain: cluster.local\nlisten: {CONTROL_PLANE_IPV4}:{port}\nadmin: {CONTROL_PLANE_IPV4}:{admin}\nissuerCert: {dir}/issuer.crt\nissuerKey: {dir}/issuer.key\ntrustBundle: {dir}/bundle.crt\nservingNames: [{SERVING_NAME}]\ntrustedNodeAccounts: [{AGENT_NAMESPACE}/{AGENT_ACCOUNT}]\nkubeconfig: {dir}/kubeconfig\n",
+                    dir = bed.dir.display()
+                ),
+            )?;
+        }
         bed.start_signer()?;
         Ok(bed)
     }
@@ -107,25 +118,44 @@ impl<'t> SignerBed<'t> {
         if self.process.is_some() {
             bail!("the signer is running");
         }
+        self.process = Some(self.spawn_signer("signer.yaml", ADMIN_PORT)?);
+        Ok(())
+    }
+
+    /// Starts a second replica of the signer, with the same issuer and
+    /// facts, on [`REPLICA_CA_PORT`].
+    pub fn start_replica(&mut self) -> Result<()> {
+        if self.replica.is_some() {
+            bail!("the replica is running");
+        }
+        self.replica = Some(self.spawn_signer("signer-replica.yaml", REPLICA_ADMIN_PORT)?);
+        Ok(())
+    }
+
+    fn spawn_signer(&self, config: &str, admin_port: u16) -> Result<Process> {
         let mut cmd = Command::new(agent_binary());
         cmd.arg("ca")
             .arg("--config")
-            .arg(self.dir.join("signer.yaml"))
+            .arg(self.dir.join(config))
             .env("MESH_LOG", "info");
-        self.process = Some(self.topo.spawn_on_control_plane("the signer", cmd)?);
+        let mut process = self.topo.spawn_on_control_plane("the signer", cmd)?;
         let node = &self.topo.nodes()[0];
-        let process = self.process.as_mut().expect("just started");
-        mesh_testbed::wait_until("the signer to answer", Duration::from_secs(20), || {
-            if let Some(status) = process.try_status()? {
-                bail!("the signer exited with {status}");
-            }
-            Ok(node
-                .http_get(admin_address(), "/readyz")
-                .is_ok_and(|(code, _)| code == 200))
-        })
-        .with_context(|| format!("signer log:\n{}", self.log()))?;
-        // The CA port too (it binds before the admin one, but say so).
-        Ok(())
+        let admin = SocketAddr::new(IpAddr::V4(CONTROL_PLANE_IPV4), admin_port);
+        // It binds the CA port before the admin one: answering there means
+        // both are served.
+        let ready =
+            mesh_testbed::wait_until("the signer to answer", Duration::from_secs(20), || {
+                if let Some(status) = process.try_status()? {
+                    bail!("the signer exited with {status}");
+                }
+                Ok(node
+                    .http_get(admin, "/readyz")
+                    .is_ok_and(|(code, _)| code == 200))
+            });
+        match ready {
+            Ok(()) => Ok(process),
+            Err(e) => Err(e.context(format!("signer log:\n{}", process.stderr_so_far()))),
+        }
     }
 
     /// Stops the signer (SIGTERM) and waits for it to exit.
@@ -161,12 +191,17 @@ impl<'t> SignerBed<'t> {
         Ok(std::fs::read_to_string(self.dir.join("issuer.key"))?)
     }
 
-    /// The sum of the signer's `mesh_ca_requests_total{result}`.
+    /// The signer's `mesh_ca_requests_total{result}`.
     pub fn requests(&self, result: &str) -> u64 {
+        self.requests_at(ADMIN_PORT, result)
+    }
+
+    /// `mesh_ca_requests_total{result}` of the replica whose admin port is
+    /// `admin_port`.
+    pub fn requests_at(&self, admin_port: u16, result: &str) -> u64 {
         let node = &self.topo.nodes()[0];
-        let (_, text) = node
-            .http_get(admin_address(), "/metrics")
-            .unwrap_or_default();
+        let admin = SocketAddr::new(IpAddr::V4(CONTROL_PLANE_IPV4), admin_port);
+        let (_, text) = node.http_get(admin, "/metrics").unwrap_or_default();
         let series = format!("mesh_ca_requests_total{{result=\"{result}\"}} ");
         text.lines()
             .filter_map(|l| l.strip_prefix(&series))
@@ -183,6 +218,17 @@ impl<'t> SignerBed<'t> {
         roots: &[&Ca],
         lifetime: &str,
         node_extra: &str,
+    ) -> Result<Vec<NodeAgent<'t>>> {
+        self.start_agents_asking(roots, lifetime, node_extra, |_| CA_PORT)
+    }
+
+    /// [`Self::start_agents`], each node asking the replica on `port(node)`.
+    pub fn start_agents_asking(
+        &self,
+        roots: &[&Ca],
+        lifetime: &str,
+        node_extra: &str,
+        port: impl Fn(&Node) -> u16,
     ) -> Result<Vec<NodeAgent<'t>>> {
         let mut agents = Vec::new();
         for node in self.topo.nodes() {
@@ -201,7 +247,7 @@ impl<'t> SignerBed<'t> {
                 .join(format!("agent-config-{}", node.name()));
             let node_yaml = format!(
                 "{}{node_extra}",
-                signing_request_yaml(&config_dir, lifetime)
+                signing_request_yaml(&config_dir, lifetime, port(node))
             );
             let roots_pem: Vec<&str> = roots.iter().map(|r| r.cert_pem.as_str()).collect();
             agents.push(NodeAgent::start_with(
@@ -254,14 +300,13 @@ impl<'t> SignerBed<'t> {
 
 impl Drop for SignerBed<'_> {
     fn drop(&mut self) {
-        if let Some(mut process) = self.process.take() {
+        for mut process in [self.process.take(), self.replica.take()]
+            .into_iter()
+            .flatten()
+        {
             process.kill();
         }
     }
-}
-
-pub fn admin_address() -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(CONTROL_PLANE_IPV4), ADMIN_PORT)
 }
 
 pub fn agent_pod_name(node: &Node) -> String {
@@ -275,9 +320,9 @@ pub fn node_token(node: &Node) -> String {
 
 /// node.yaml's identity lines for an agent whose config directory is
 /// `config_dir` (holding `token` and `ca-root.crt`).
-pub fn signing_request_yaml(config_dir: &Path, lifetime: &str) -> String {
+pub fn signing_request_yaml(config_dir: &Path, lifetime: &str, port: u16) -> String {
     format!(
-        "identity:\n  signingRequest:\n    address: https://{CONTROL_PLANE_IPV4}:{CA_PORT}\n    caRoots: {dir}/ca-root.crt\n    serverName: {SERVING_NAME}\n    tokenFile: {dir}/token\n    lifetime: {lifetime}\n",
+        "identity:\n  signingRequest:\n    address: https://{CONTROL_PLANE_IPV4}:{port}\n    caRoots: {dir}/ca-root.crt\n    serverName: {SERVING_NAME}\n    tokenFile: {dir}/token\n    lifetime: {lifetime}\n",
         dir = config_dir.display()
     )
 }

@@ -16,7 +16,7 @@ use mesh_agent::identity::{SpiffeId, ca::Ca};
 use mesh_e2e::{
     NodeAgent,
     mesh::pod_identity,
-    signer::{SignerBed, node_token},
+    signer::{ADMIN_PORT, CA_PORT, REPLICA_ADMIN_PORT, REPLICA_CA_PORT, SignerBed, node_token},
     traffic_servers, two_nodes,
 };
 use mesh_testbed::{Pod, Process, e2e_enabled, traffic::bulk_upload, wait_until};
@@ -371,4 +371,43 @@ fn rotating_the_root_with_two_roots_in_the_bundle_fails_no_request_model_api() {
         assert!(rejections.is_empty(), "{rejections:?}");
     }
     eprintln!("root rotation: {ok} requests, 0 failed");
+}
+
+#[test]
+fn two_signer_replicas_sign_for_one_mesh_model_api() {
+    if !e2e_enabled("two_signer_replicas_sign_for_one_mesh_model_api") {
+        return;
+    }
+    let topo = two_nodes("csr-replicas");
+    let (a, c) = (topo.pod("a"), topo.pod("c"));
+    let root = Ca::new_root("mesh root").unwrap();
+    let mut bed = SignerBed::start(&topo, &root, &[&root]).unwrap();
+    bed.start_replica().unwrap();
+    // n1 asks one replica, n2 the other; nothing is shared between them but
+    // the issuer's files and the API.
+    let agents = bed
+        .start_agents_asking(&[&root], "6s", "tunnel:\n  idleTimeout: 5ms\n", |node| {
+            if node.name() == "n1" {
+                CA_PORT
+            } else {
+                REPLICA_CA_PORT
+            }
+        })
+        .unwrap();
+    let _servers = traffic_servers(&[a, c], PORT);
+    let requests = start_requests(a, IpAddr::V4(c.ipv4()), 8);
+    // Renewals from both replicas while the requests run.
+    let before: Vec<_> = agents.iter().map(serials).collect();
+    for (agent, before) in agents.iter().zip(&before) {
+        wait_renewed(agent, before, "certificates renewed by each replica");
+    }
+    assert_no_request_failed(requests, "with two replicas signing");
+    bulk_upload(c, IpAddr::V6(a.ipv6()), PORT, 1 << 20).unwrap();
+    for port in [ADMIN_PORT, REPLICA_ADMIN_PORT] {
+        let signed = bed.requests_at(port, "signed");
+        assert!(
+            signed >= 2,
+            "the replica with admin port {port} signed {signed}"
+        );
+    }
 }
