@@ -21,6 +21,9 @@ pub struct AgentConfig<'a> {
     /// Extra lines of the `identity.issuer` block, indented (e.g.
     /// `    lifetime: 2m`).
     pub issuer_extra: &'a str,
+    /// A whole `identity:` block instead of the issuer one (e.g. asking a
+    /// signer: `identity:\n  signingRequest: ...`).
+    pub identity: Option<&'a str>,
 }
 
 /// Writes the config directory: node.yaml (pins under the test bed's bpffs
@@ -41,17 +44,24 @@ pub fn start(
         log,
         node_extra,
         issuer_extra,
+        identity,
     } = *config;
     std::fs::create_dir_all(config_dir)?;
     let pin_dir = topo.bpffs_dir().join(node.name());
+    let identity = match identity {
+        Some(block) => block.to_string(),
+        None => format!(
+            "identity:\n  issuer:\n    cert: {}\n    key: {}\n{issuer_extra}",
+            pki.join("ca.crt").display(),
+            pki.join("ca.key").display()
+        ),
+    };
     std::fs::write(
         config_dir.join("node.yaml"),
         format!(
-            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\nidentity:\n  issuer:\n    cert: {}\n    key: {}\n{issuer_extra}{node_extra}",
+            "name: {}\nadminAddress: {ADMIN}\npinDir: {}\nonStop: release\n{identity}{node_extra}",
             node.name(),
             pin_dir.display(),
-            pki.join("ca.crt").display(),
-            pki.join("ca.key").display()
         ),
     )?;
     std::fs::write(config_dir.join("pods.yaml"), pods_yaml)?;

@@ -763,6 +763,7 @@ pub(crate) fn start_agent(
         log: "info",
         node_extra: &format!("trustDomain: {TRUST_DOMAIN}\ndrainTimeout: 2s\n"),
         issuer_extra,
+        identity: None,
     };
     agents::start(bin, topo, node, pki, &config)
 }

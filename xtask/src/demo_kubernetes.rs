@@ -5,7 +5,10 @@
 //! served by a MODEL of the Kubernetes API server (`mesh_testbed::kube_api`:
 //! the list/watch protocol over HTTP; none can be installed here). The
 //! agents run with `discovery: kubernetes`: they find their node's pods by
-//! IP and UID, enrol them, and learn the rest from the API.
+//! IP and UID, enrol them, and learn the rest from the API. Their
+//! certificates come from the mesh's signer (`mesh-agent ca`) on the control
+//! plane by signing request, as the DaemonSet's default: no node holds the
+//! signing key.
 
 use std::{
     net::Ipv4Addr,
@@ -139,14 +142,30 @@ pub fn run(workspace: &Path) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
 
-    step("[3/6] an agent on each node: discovery: kubernetes, no pods.yaml; one policy file");
-    let pki = topo.tmp_dir().join("pki");
-    std::fs::create_dir_all(&pki)?;
     let ca = crate::pki::BenchCa::new()?;
-    std::fs::write(pki.join("ca.crt"), &ca.cert_pem)?;
-    std::fs::write(pki.join("ca.key"), &ca.key_pem)?;
+    let signer_dir = topo.tmp_dir().join("signer");
+    let mut signer = crate::signer::start(&agent_bin, &topo, &api, &signer_dir, &ca, "info")?;
+    println!(
+        "    signer (mesh-agent ca, pid {}) on the control plane, {}:{}: the only holder of the mesh's signing key",
+        signer.pid(),
+        mesh_testbed::CONTROL_PLANE_IPV4,
+        crate::signer::CA_PORT
+    );
+
+    step("[3/6] an agent on each node: discovery: kubernetes, no pods.yaml; one policy file");
+    // Not read: agents ask the signer; the issuer block is not written.
+    let pki = topo.tmp_dir().join("pki");
     let mut agents = Vec::new();
     for node in topo.nodes() {
+        // What the DaemonSet projects into the agent's pod: its token (the
+        // model accepts it for mesh-system/mesh-agent on this node) and the
+        // signer's root.
+        let token = crate::signer::register_agent(&api, node)?;
+        let identity = crate::signer::agent_identity(
+            &topo.tmp_dir().join(format!("projected-{}", node.name())),
+            &token,
+            &ca,
+        )?;
         let kubelet_root = kubelet_cgroup_root(node)?;
         let node_extra = format!(
             "discovery: kubernetes\nkubernetes:\n  kubeconfig: {}\n  cgroupDriver: cgroupfs\n  kubeletCgroupRoot: {}\n  stateFile: {}\n",
@@ -171,6 +190,7 @@ pub fn run(workspace: &Path) -> Result<()> {
                 log: "info",
                 node_extra: &node_extra,
                 issuer_extra: "",
+                identity: Some(&identity),
             },
         )?;
         println!("    agent on {} ready (pid {})", node.name(), agent.pid());
@@ -248,6 +268,15 @@ pub fn run(workspace: &Path) -> Result<()> {
             })?;
         }
         servers.push(server);
+    }
+
+    // Ready: a certificate for every pod's identity, signed on request.
+    for node in topo.nodes() {
+        wait_until(
+            &format!("{}'s certificates from the signer", node.name()),
+            Duration::from_secs(20),
+            || Ok(node.http_get(ADMIN.parse()?, "/readyz")?.0 == 200),
+        )?;
     }
 
     step("[5/6] real traffic from inside the pods");
@@ -342,7 +371,32 @@ pub fn run(workspace: &Path) -> Result<()> {
             k["waiting"],
             k["skippedServices"]
         );
+        let certificates: Vec<String> = status["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                format!(
+                    "{} ({})",
+                    c["identity"].as_str().unwrap_or_default(),
+                    c["source"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        println!(
+            "    {}: certificates {certificates:?}, {} signed by the CA",
+            node.name(),
+            status["certificateAuthority"]["requestsSucceeded"]
+        );
     }
+    let (_, metrics) = topo
+        .node("node1")
+        .http_get(crate::signer::admin_address(), "/metrics")?;
+    let signed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_ca_requests_total"))
+        .collect();
+    println!("    signer: {}", signed.join(", "));
     println!(
         "    deleting pod backend-2 (object, then sandbox): released by node2's agent and removed from the service"
     );
@@ -358,6 +412,7 @@ pub fn run(workspace: &Path) -> Result<()> {
     )?;
     drop(servers);
     drop(agents);
+    signer.kill();
     drop(runtimes);
     drop(api);
     step(format!(

@@ -13,6 +13,7 @@ mod kernels;
 mod kube_validate;
 mod pki;
 mod setup;
+mod signer;
 mod soak;
 mod test;
 

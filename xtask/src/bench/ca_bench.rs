@@ -5,17 +5,18 @@
 //! per node, so a figure includes the signer's two API calls over HTTP on the
 //! fabric, but not a real API server's own time.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use mesh_testbed::{CONTROL_PLANE_IPV4, Topology, kube_api::StandInApi, wait_until};
-use serde_json::{Value, json};
+use mesh_testbed::{CONTROL_PLANE_IPV4, Topology, kube_api::StandInApi};
+use serde_json::Value;
 
-use crate::{pki::BenchCa, step};
+use crate::{
+    pki::BenchCa,
+    signer::{self, CA_PORT, SERVING_NAME},
+    step,
+};
 
-const CA_PORT: u16 = 15012;
-const ADMIN_PORT: u16 = 15014;
-const SERVING_NAME: &str = "mesh-ca.mesh-system.svc";
 const PODS_PER_NODE: usize = 30;
 /// (concurrent requests, seconds).
 const RUNS: [(usize, u64); 2] = [(1, 5), (16, 5)];
@@ -39,7 +40,7 @@ pub fn measure(agent: &Path, ca_load: &Path, topo: &Topology) -> Result<Vec<Samp
     let api = runtime.block_on(StandInApi::start_with(topo.control_plane_binder()))?;
     for node in topo.nodes() {
         for i in 0..PODS_PER_NODE {
-            put_pod(
+            signer::put_pod(
                 &api,
                 "bench",
                 &format!("w-{}-{i}", node.name()),
@@ -47,54 +48,13 @@ pub fn measure(agent: &Path, ca_load: &Path, topo: &Topology) -> Result<Vec<Samp
                 node.name(),
             );
         }
-        put_pod(
-            &api,
-            "mesh-system",
-            &format!("mesh-agent-{}", node.name()),
-            "mesh-agent",
-            node.name(),
-        );
     }
-    let agent_pod = format!("mesh-agent-{}", topo.nodes()[0].name());
-    let uid = api
-        .uid_of("Pod", "mesh-system", &agent_pod)
-        .context("the agent pod's uid")?;
-    api.accept_token(
-        "bench-token",
-        ("mesh-system", "mesh-agent"),
-        (&agent_pod, &uid),
-        &["istio-ca"],
-    );
-    let dir = topo.tmp_dir().join("ca-bench");
-    std::fs::create_dir_all(&dir)?;
-    let ca = BenchCa::new()?;
-    std::fs::write(dir.join("ca.crt"), &ca.cert_pem)?;
-    std::fs::write(dir.join("ca.key"), &ca.key_pem)?;
-    std::fs::write(dir.join("token"), "bench-token")?;
-    std::fs::write(dir.join("kubeconfig"), api.kubeconfig())?;
-    std::fs::write(
-        dir.join("signer.yaml"),
-        format!(
-            "trustDomain: cluster.local\nlisten: {CONTROL_PLANE_IPV4}:{CA_PORT}\nadmin: {CONTROL_PLANE_IPV4}:{ADMIN_PORT}\nissuerCert: {d}/ca.crt\nissuerKey: {d}/ca.key\nservingNames: [{SERVING_NAME}]\nkubeconfig: {d}/kubeconfig\n",
-            d = dir.display()
-        ),
-    )?;
-    let mut cmd = Command::new(agent);
-    cmd.args(["ca", "--config"])
-        .arg(dir.join("signer.yaml"))
-        .env("MESH_LOG", "warn");
-    let mut signer = topo.spawn_on_control_plane("the signer", cmd)?;
     let n1 = &topo.nodes()[0];
-    let admin = std::net::SocketAddr::from((CONTROL_PLANE_IPV4, ADMIN_PORT));
-    wait_until("the signer to answer", Duration::from_secs(20), || {
-        if let Some(status) = signer.try_status()? {
-            bail!("the signer exited with {status}");
-        }
-        Ok(n1
-            .http_get(admin, "/readyz")
-            .is_ok_and(|(code, _)| code == 200))
-    })
-    .with_context(|| signer.output_report())?;
+    let token = signer::register_agent(&api, n1)?;
+    let dir = topo.tmp_dir().join("ca-bench");
+    let ca = BenchCa::new()?;
+    let mut signer = signer::start(agent, topo, &api, &dir, &ca, "warn")?;
+    std::fs::write(dir.join("token"), token)?;
     // sa-3 has pods on every node, n1's among them.
     let identity = "spiffe://cluster.local/ns/bench/sa/sa-3".to_string();
     let mut samples = Vec::new();
@@ -167,14 +127,4 @@ pub fn markdown(samples: &[Sample]) -> String {
         ));
     }
     out
-}
-
-fn put_pod(api: &StandInApi, namespace: &str, name: &str, account: &str, node: &str) {
-    api.put(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"nodeName": node, "serviceAccountName": account,
-                 "containers": [{"name": "app", "image": "localhost/mesh-pause:1"}]},
-        "status": {"phase": "Running"}
-    }));
 }

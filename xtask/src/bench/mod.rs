@@ -1004,6 +1004,7 @@ fn agent_at_scale(
         log: "warn",
         node_extra: "",
         issuer_extra: "",
+        identity: None,
     };
     let agent = agents::start(&tools.agent, &topo, node, &pki, &config)?;
     let pid = agent.pid();
@@ -1581,6 +1582,7 @@ fn start_agent(
         log: "warn",
         node_extra,
         issuer_extra: "",
+        identity: None,
     };
     agents::start(bin, topo, node, pki, &config)
 }
