@@ -313,6 +313,26 @@ impl StandInApi {
         );
     }
 
+    /// Puts a Running pod of `account` scheduled on `node` (the fields the
+    /// mesh's signer reads) and returns its uid.
+    pub fn put_running_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        account: &str,
+        node: &str,
+    ) -> String {
+        self.put(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"nodeName": node, "serviceAccountName": account,
+                     "containers": [{"name": "app", "image": "localhost/mesh-pause:1"}]},
+            "status": {"phase": "Running"}
+        }));
+        self.uid_of("Pod", namespace, name)
+            .expect("the pod just put has a uid")
+    }
+
     /// TokenReviews answered so far.
     pub fn token_reviews(&self) -> u64 {
         self.state.lock().unwrap().token_reviews

@@ -7,7 +7,6 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use mesh_testbed::{CONTROL_PLANE_IPV4, Node, Process, Topology, kube_api::StandInApi, wait_until};
-use serde_json::json;
 
 use crate::pki::BenchCa;
 
@@ -15,25 +14,11 @@ pub const CA_PORT: u16 = 15012;
 pub const ADMIN_PORT: u16 = 15014;
 pub const SERVING_NAME: &str = "mesh-ca.mesh-system.svc";
 
-/// A Running pod of `account` scheduled on `node`.
-pub fn put_pod(api: &StandInApi, namespace: &str, name: &str, account: &str, node: &str) {
-    api.put(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"nodeName": node, "serviceAccountName": account,
-                 "containers": [{"name": "app", "image": "localhost/mesh-pause:1"}]},
-        "status": {"phase": "Running"}
-    }));
-}
-
 /// The agent pod of `node` (mesh-system/mesh-agent) in the API, and the
 /// token TokenReview accepts for it (audience istio-ca); the token.
 pub fn register_agent(api: &StandInApi, node: &Node) -> Result<String> {
     let pod = format!("mesh-agent-{}", node.name());
-    put_pod(api, "mesh-system", &pod, "mesh-agent", node.name());
-    let uid = api
-        .uid_of("Pod", "mesh-system", &pod)
-        .context("the agent pod's uid")?;
+    let uid = api.put_running_pod("mesh-system", &pod, "mesh-agent", node.name());
     let token = format!("token-of-the-agent-on-{}", node.name());
     api.accept_token(
         &token,

@@ -141,9 +141,6 @@ impl Ca {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Issued> {
-        if not_after <= not_before {
-            bail!("certificate for {id} would end before it starts");
-        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating key")?;
         let cert = workload_params(id, not_before, not_after)?
             .signed_by(&key, &self.issuer)
@@ -156,6 +153,61 @@ impl Ca {
             leaf_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Signs a workload certificate for `id` over the key of `request`
+    /// (leaf PEM). Whether the requester may have `id` is the caller's
+    /// decision.
+    pub fn sign_request(
+        &self,
+        request: &SigningRequest,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String> {
+        let cert = workload_params(id, not_before, not_after)?
+            .signed_by(&request.public_key, &self.issuer)
+            .with_context(|| format!("signing certificate for {id}"))?;
+        Ok(cert.pem())
+    }
+
+    /// A TLS server certificate for `names` (DNS), e.g. the signer's own:
+    /// (chain PEM: leaf then this CA's, key PEM).
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(String, String)> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating key")?;
+        let mut params = CertificateParams::new(names.to_vec()).context("server names")?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("signing the server certificate")?;
+        let mut chain = cert.pem();
+        if !chain.ends_with('\n') {
+            chain.push('\n');
+        }
+        chain.push_str(&self.cert_pem);
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// The certificates above the CA's own in its PEM (its intermediates'
+    /// chain), one PEM each.
+    pub fn chain_above_pem(&self) -> Vec<String> {
+        self.chain[1..].iter().map(|der| pem_of(der)).collect()
+    }
+
+    /// The CA certificate itself as PEM.
+    pub fn own_cert_pem(&self) -> String {
+        pem_of(&self.chain[0])
     }
 }
 
@@ -204,68 +256,6 @@ pub fn signing_request(id: &SpiffeId) -> Result<(String, KeyPair)> {
     Ok((request.pem().context("signing request as PEM")?, key))
 }
 
-impl Ca {
-    /// Signs a workload certificate for `id` over the key of `request`
-    /// (leaf PEM). Whether the requester may have `id` is the caller's
-    /// decision.
-    pub fn sign_request(
-        &self,
-        request: &SigningRequest,
-        id: &SpiffeId,
-        not_before: SystemTime,
-        not_after: SystemTime,
-    ) -> Result<String> {
-        if not_after <= not_before {
-            bail!("certificate for {id} would end before it starts");
-        }
-        let cert = workload_params(id, not_before, not_after)?
-            .signed_by(&request.public_key, &self.issuer)
-            .with_context(|| format!("signing certificate for {id}"))?;
-        Ok(cert.pem())
-    }
-}
-
-impl Ca {
-    /// A TLS server certificate for `names` (DNS), e.g. the signer's own:
-    /// (chain PEM: leaf then this CA's, key PEM).
-    pub fn issue_server(
-        &self,
-        names: &[String],
-        not_before: SystemTime,
-        not_after: SystemTime,
-    ) -> Result<(String, String)> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating key")?;
-        let mut params = CertificateParams::new(names.to_vec()).context("server names")?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(random_serial()?);
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .context("signing the server certificate")?;
-        let mut chain = cert.pem();
-        if !chain.ends_with('\n') {
-            chain.push('\n');
-        }
-        chain.push_str(&self.cert_pem);
-        Ok((chain, key.serialize_pem()))
-    }
-
-    /// The certificates above the CA's own in its PEM (its intermediates'
-    /// chain), one PEM each.
-    pub fn chain_above_pem(&self) -> Vec<String> {
-        self.chain[1..].iter().map(|der| pem_of(der)).collect()
-    }
-
-    /// The CA certificate itself as PEM.
-    pub fn own_cert_pem(&self) -> String {
-        pem_of(&self.chain[0])
-    }
-}
-
 fn pem_of(der: &[u8]) -> String {
     use base64::Engine as _;
     let text = base64::engine::general_purpose::STANDARD.encode(der);
@@ -286,6 +276,9 @@ fn workload_params(
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<CertificateParams> {
+    if not_after <= not_before {
+        bail!("certificate for {id} would end before it starts");
+    }
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![spiffe_san(id)?];

@@ -45,3 +45,50 @@ pub fn assert_still_going(p: &mut Process, what: &str) {
         p.output_report()
     );
 }
+
+/// A client in `pod` opening a new connection to the echo on `ip:port`
+/// every 10 ms for `secs` seconds, each checked by an exchange; it prints
+/// `ok <n> failed <m>` at the end. Returns once the first one succeeded.
+pub fn start_requests(pod: &Pod, ip: IpAddr, port: u16, secs: u32) -> Process {
+    let p = pod
+        .spawn_tool(&[
+            "echo",
+            &ip.to_string(),
+            &port.to_string(),
+            "--line",
+            "ping",
+            "--shutdown",
+            "--for-secs",
+            &secs.to_string(),
+            "--every-ms",
+            "10",
+            "--tally",
+        ])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until("the first request", Duration::from_secs(10), || {
+        Ok(p.stdout_so_far().contains("started"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", p.output_report()));
+    p
+}
+
+/// Waits for [`start_requests`]'s client to end; panics unless every
+/// request succeeded and there were more than 100. The count.
+pub fn assert_every_request_succeeded(mut requests: Process, what: &str) -> u32 {
+    let out = requests
+        .wait_with_deadline(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with("ok ") && last.ends_with(" failed 0"),
+        "requests failed {what}:\n{stdout}"
+    );
+    let ok: u32 = last
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_default();
+    assert!(ok > 100, "too few requests to mean anything: {last}");
+    ok
+}

@@ -160,6 +160,19 @@ pub fn in_mesh(pod: &Pod) -> bool {
     !pod.name().starts_with("outsider")
 }
 
+/// The mesh pods of `node`, and those of every other node.
+pub fn mesh_pods<'t>(topo: &'t Topology, node: &'t Node) -> (Vec<&'t Pod>, Vec<&'t Pod>) {
+    let local = node.pods().iter().filter(|p| in_mesh(p)).collect();
+    let remote = topo
+        .nodes()
+        .iter()
+        .filter(|n| n.name() != node.name())
+        .flat_map(|n| n.pods().iter())
+        .filter(|p| in_mesh(p))
+        .collect();
+    (local, remote)
+}
+
 /// Starts an agent on every node: each enrols its own pods (but outsiders),
 /// knows every other node's mesh pods as workloads, and mints from its
 /// `NodeIssuer`.
@@ -190,14 +203,7 @@ pub fn start_mesh_each<'t>(
 ) -> Result<Vec<NodeAgent<'t>>> {
     let mut agents = Vec::new();
     for (node, issuer) in topo.nodes().iter().zip(issuers) {
-        let local: Vec<&Pod> = node.pods().iter().filter(|p| in_mesh(p)).collect();
-        let remote: Vec<&Pod> = topo
-            .nodes()
-            .iter()
-            .filter(|n| n.name() != node.name())
-            .flat_map(|n| n.pods().iter())
-            .filter(|p| in_mesh(p))
-            .collect();
+        let (local, remote) = mesh_pods(topo, node);
         agents.push(NodeAgent::start_with(
             topo,
             node,

@@ -13,13 +13,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_agent::identity::{SigningRequestSource, SpiffeId, ca::Ca, requester};
-use mesh_testbed::{CONTROL_PLANE_IPV4, Node, Pod, Process, Topology, kube_api::StandInApi};
+use mesh_testbed::{CONTROL_PLANE_IPV4, Node, Process, Topology, kube_api::StandInApi};
 use nix::sys::signal::Signal;
-use serde_json::json;
 
 use crate::{
     NodeAgent, agent_binary,
-    mesh::{in_mesh, workloads_yaml},
+    mesh::{in_mesh, mesh_pods, workloads_yaml},
     pods_yaml,
 };
 
@@ -63,19 +62,10 @@ impl<'t> SignerBed<'t> {
         let api = runtime.block_on(StandInApi::start_with(topo.control_plane_binder()))?;
         for node in topo.nodes() {
             for pod in node.pods().iter().filter(|p| in_mesh(p)) {
-                put_pod(&api, "default", pod.name(), pod.name(), node.name());
+                api.put_running_pod("default", pod.name(), pod.name(), node.name());
             }
             let agent_pod = agent_pod_name(node);
-            put_pod(
-                &api,
-                AGENT_NAMESPACE,
-                &agent_pod,
-                AGENT_ACCOUNT,
-                node.name(),
-            );
-            let uid = api
-                .uid_of("Pod", AGENT_NAMESPACE, &agent_pod)
-                .context("the agent pod's uid")?;
+            let uid = api.put_running_pod(AGENT_NAMESPACE, &agent_pod, AGENT_ACCOUNT, node.name());
             api.accept_token(
                 &node_token(node),
                 (AGENT_NAMESPACE, AGENT_ACCOUNT),
@@ -232,15 +222,7 @@ impl<'t> SignerBed<'t> {
     ) -> Result<Vec<NodeAgent<'t>>> {
         let mut agents = Vec::new();
         for node in self.topo.nodes() {
-            let local: Vec<&Pod> = node.pods().iter().filter(|p| in_mesh(p)).collect();
-            let remote: Vec<&Pod> = self
-                .topo
-                .nodes()
-                .iter()
-                .filter(|n| n.name() != node.name())
-                .flat_map(|n| n.pods().iter())
-                .filter(|p| in_mesh(p))
-                .collect();
+            let (local, remote) = mesh_pods(self.topo, node);
             let config_dir = self
                 .topo
                 .tmp_dir()
@@ -325,16 +307,6 @@ pub fn signing_request_yaml(config_dir: &Path, lifetime: &str, port: u16) -> Str
         "identity:\n  signingRequest:\n    address: https://{CONTROL_PLANE_IPV4}:{port}\n    caRoots: {dir}/ca-root.crt\n    serverName: {SERVING_NAME}\n    tokenFile: {dir}/token\n    lifetime: {lifetime}\n",
         dir = config_dir.display()
     )
-}
-
-fn put_pod(api: &StandInApi, namespace: &str, name: &str, account: &str, node: &str) {
-    api.put(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"nodeName": node, "serviceAccountName": account,
-                 "containers": [{"name": "app", "image": "localhost/mesh-pause:1"}]},
-        "status": {"phase": "Running"}
-    }));
 }
 
 fn write_atomically(path: &Path, content: &str) -> Result<()> {

@@ -15,54 +15,14 @@ use std::{
 use mesh_agent::identity::{SpiffeId, ca::Ca};
 use mesh_e2e::{
     NodeAgent,
+    echo::{assert_every_request_succeeded, start_requests},
     mesh::pod_identity,
     signer::{ADMIN_PORT, CA_PORT, REPLICA_ADMIN_PORT, REPLICA_CA_PORT, SignerBed, node_token},
     traffic_servers, two_nodes,
 };
-use mesh_testbed::{Pod, Process, e2e_enabled, traffic::bulk_upload, wait_until};
+use mesh_testbed::{e2e_enabled, traffic::bulk_upload, wait_until};
 
 const PORT: u16 = 7200;
-
-/// A client in `pod` opening a new connection to `ip` every 10 ms for `secs`
-/// seconds, each checked by an echo; prints `ok <n> failed <m>` at the end.
-fn start_requests(pod: &Pod, ip: IpAddr, secs: u32) -> Process {
-    let p = pod
-        .spawn_tool(&[
-            "echo",
-            &ip.to_string(),
-            &PORT.to_string(),
-            "--line",
-            "ping",
-            "--shutdown",
-            "--for-secs",
-            &secs.to_string(),
-            "--every-ms",
-            "10",
-            "--tally",
-        ])
-        .unwrap();
-    wait_until("the first request", Duration::from_secs(10), || {
-        Ok(p.stdout_so_far().contains("started"))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", p.output_report()));
-    p
-}
-
-/// Waits for the requests to end; every one must have succeeded.
-fn assert_no_request_failed(mut requests: Process, what: &str) -> u32 {
-    let out = requests
-        .wait_with_deadline(Duration::from_secs(60))
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        last.starts_with("ok ") && last.ends_with(" failed 0"),
-        "requests failed {what}:\n{stdout}"
-    );
-    let ok: u32 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(ok > 100, "too few requests to mean anything: {last}");
-    ok
-}
 
 fn serials(agent: &NodeAgent) -> BTreeMap<String, (String, String)> {
     agent
@@ -231,7 +191,7 @@ fn restarting_the_signer_under_traffic_fails_no_request_model_api() {
         .start_agents(&[&root], "6s", "tunnel:\n  idleTimeout: 5ms\n")
         .unwrap();
     let _servers = traffic_servers(&[c], PORT);
-    let requests = start_requests(a, IpAddr::V4(c.ipv4()), 14);
+    let requests = start_requests(a, IpAddr::V4(c.ipv4()), PORT, 14);
     std::thread::sleep(Duration::from_secs(1));
     bed.stop_signer().unwrap();
     // Away for long enough that renewals fail and back off.
@@ -257,7 +217,7 @@ fn restarting_the_signer_under_traffic_fails_no_request_model_api() {
         let ca = agent.status().unwrap().certificate_authority.unwrap();
         assert_eq!(ca.consecutive_failures, 0, "{ca:?}");
     }
-    let ok = assert_no_request_failed(requests, "across the signer's restart");
+    let ok = assert_every_request_succeeded(requests, "across the signer's restart");
     eprintln!("signer restart: {ok} requests, 0 failed");
 }
 
@@ -342,7 +302,7 @@ fn rotating_the_root_with_two_roots_in_the_bundle_fails_no_request_model_api() {
         .start_agents(&[&old], "6s", "tunnel:\n  idleTimeout: 5ms\n")
         .unwrap();
     let _servers = traffic_servers(&[c], PORT);
-    let requests = start_requests(a, IpAddr::V4(c.ipv4()), 25);
+    let requests = start_requests(a, IpAddr::V4(c.ipv4()), PORT, 25);
     let wait_roots = |roots: usize| {
         for agent in &agents {
             wait_until(
@@ -365,7 +325,7 @@ fn rotating_the_root_with_two_roots_in_the_bundle_fails_no_request_model_api() {
     // 3. Send only the new root.
     bed.set_bundle(&[&new]).unwrap();
     wait_roots(1);
-    let ok = assert_no_request_failed(requests, "during the root rotation");
+    let ok = assert_every_request_succeeded(requests, "during the root rotation");
     for agent in &agents {
         let rejections = agent.status().unwrap().tunnel_rejections;
         assert!(rejections.is_empty(), "{rejections:?}");
@@ -395,13 +355,13 @@ fn two_signer_replicas_sign_for_one_mesh_model_api() {
         })
         .unwrap();
     let _servers = traffic_servers(&[a, c], PORT);
-    let requests = start_requests(a, IpAddr::V4(c.ipv4()), 8);
+    let requests = start_requests(a, IpAddr::V4(c.ipv4()), PORT, 8);
     // Renewals from both replicas while the requests run.
     let before: Vec<_> = agents.iter().map(serials).collect();
     for (agent, before) in agents.iter().zip(&before) {
         wait_renewed(agent, before, "certificates renewed by each replica");
     }
-    assert_no_request_failed(requests, "with two replicas signing");
+    assert_every_request_succeeded(requests, "with two replicas signing");
     bulk_upload(c, IpAddr::V6(a.ipv6()), PORT, 1 << 20).unwrap();
     for port in [ADMIN_PORT, REPLICA_ADMIN_PORT] {
         let signed = bed.requests_at(port, "signed");

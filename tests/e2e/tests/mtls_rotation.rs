@@ -9,39 +9,13 @@ use std::{
 
 use mesh_e2e::{
     NodeAgent,
+    echo::{assert_every_request_succeeded, start_requests},
     mesh::{TestCa, node_issuers, pod_identity, start_mesh, start_mesh_with},
     traffic_servers, two_nodes,
 };
-use mesh_testbed::{Pod, Process, e2e_enabled, traffic::bulk_upload, wait_until};
+use mesh_testbed::{e2e_enabled, traffic::bulk_upload, wait_until};
 
 const PORT: u16 = 7100;
-
-/// A client in `pod` that opens a new connection to `ip` every 10 ms, checks
-/// an echo, and counts; it prints `started` after the first success and
-/// `ok <n> failed <m>` at the end. Each new connection is a new tunnel stream;
-/// new tunnel connections are made as pools expire.
-fn start_requests(pod: &Pod, ip: IpAddr, secs: u32) -> Process {
-    let p = pod
-        .spawn_tool(&[
-            "echo",
-            &ip.to_string(),
-            &PORT.to_string(),
-            "--line",
-            "ping",
-            "--shutdown",
-            "--for-secs",
-            &secs.to_string(),
-            "--every-ms",
-            "10",
-            "--tally",
-        ])
-        .unwrap();
-    wait_until("the first request", Duration::from_secs(10), || {
-        Ok(p.stdout_so_far().contains("started"))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", p.output_report()));
-    p
-}
 
 fn serials(agent: &NodeAgent) -> BTreeMap<String, String> {
     agent
@@ -68,7 +42,7 @@ fn rotating_the_ca_under_traffic_fails_no_request() {
     // stage of the rotation.
     let agents = start_mesh_with(&topo, &issuers, "1h", "tunnel:\n  idleTimeout: 5ms\n").unwrap();
     let _servers = traffic_servers(&[c], PORT);
-    let mut requests = start_requests(a, IpAddr::V4(c.ipv4()), 12);
+    let requests = start_requests(a, IpAddr::V4(c.ipv4()), PORT, 12);
 
     let wait_roots = |roots: usize| {
         for agent in &agents {
@@ -110,17 +84,7 @@ fn rotating_the_ca_under_traffic_fails_no_request() {
     }
     wait_roots(1);
 
-    let out = requests
-        .wait_with_deadline(Duration::from_secs(30))
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        last.starts_with("ok ") && last.ends_with(" failed 0"),
-        "requests failed during the rotation:\n{stdout}"
-    );
-    let ok: u32 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(ok > 100, "too few requests to mean anything: {last}");
+    let ok = assert_every_request_succeeded(requests, "during the rotation");
     // After the rotation a brand-new tunnel connection (new handshake, new
     // certificates, new-root-only bundles) works.
     bulk_upload(a, IpAddr::V6(c.ipv6()), PORT, 1 << 20).unwrap();
@@ -129,7 +93,7 @@ fn rotating_the_ca_under_traffic_fails_no_request() {
         rejections.is_empty(),
         "no handshake may be refused: {rejections:?}"
     );
-    eprintln!("rotation: {last}");
+    eprintln!("rotation: ok {ok} failed 0");
 }
 
 #[test]

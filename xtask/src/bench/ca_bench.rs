@@ -40,8 +40,7 @@ pub fn measure(agent: &Path, ca_load: &Path, topo: &Topology) -> Result<Vec<Samp
     let api = runtime.block_on(StandInApi::start_with(topo.control_plane_binder()))?;
     for node in topo.nodes() {
         for i in 0..PODS_PER_NODE {
-            signer::put_pod(
-                &api,
+            api.put_running_pod(
                 "bench",
                 &format!("w-{}-{i}", node.name()),
                 &format!("sa-{}", i % 10),
