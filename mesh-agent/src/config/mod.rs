@@ -404,34 +404,20 @@ fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), Confi
         .with_line(error::find_line(text, "identity", "")));
     }
     if let Some(issuer) = node.identity.as_ref().and_then(|i| i.issuer.as_ref()) {
-        if !(issuer.renew_at > 0.0 && issuer.renew_at < 1.0) {
-            return Err(ConfigError::new(
-                path,
-                "must be between 0 and 1 (a fraction of the lifetime)",
-            )
-            .with_field("identity.issuer.renewAt"));
-        }
-        if issuer.lifetime.is_zero() {
-            return Err(ConfigError::new(path, "must be longer than zero")
-                .with_field("identity.issuer.lifetime"));
-        }
+        validate_renewal(path, text, "issuer", issuer.renew_at, issuer.lifetime)?;
     }
     if let Some(asked) = node
         .identity
         .as_ref()
         .and_then(|i| i.signing_request.as_ref())
     {
-        if !(asked.renew_at > 0.0 && asked.renew_at < 1.0) {
-            return Err(ConfigError::new(
-                path,
-                "must be between 0 and 1 (a fraction of the lifetime)",
-            )
-            .with_field("identity.signingRequest.renewAt"));
-        }
-        if asked.lifetime.is_zero() {
-            return Err(ConfigError::new(path, "must be longer than zero")
-                .with_field("identity.signingRequest.lifetime"));
-        }
+        validate_renewal(
+            path,
+            text,
+            "signingRequest",
+            asked.renew_at,
+            asked.lifetime,
+        )?;
         if !asked.address.starts_with("https://") {
             return Err(ConfigError::new(
                 path,
@@ -443,6 +429,31 @@ fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), Confi
     }
     if let Some(tracing) = &node.tracing {
         validate_tracing(path, text, tracing)?;
+    }
+    Ok(())
+}
+
+/// `renewAt` and `lifetime` of an identity source (`issuer` or
+/// `signingRequest`): a fraction strictly between 0 and 1, a lifetime above zero.
+fn validate_renewal(
+    path: &Path,
+    text: &str,
+    source: &str,
+    renew_at: f64,
+    lifetime: std::time::Duration,
+) -> Result<(), ConfigError> {
+    if !(renew_at > 0.0 && renew_at < 1.0) {
+        return Err(ConfigError::new(
+            path,
+            "must be between 0 and 1 (a fraction of the lifetime)",
+        )
+        .with_field(format!("identity.{source}.renewAt"))
+        .with_line(error::find_key_line(text, "renewAt")));
+    }
+    if lifetime.is_zero() {
+        return Err(ConfigError::new(path, "must be longer than zero")
+            .with_field(format!("identity.{source}.lifetime"))
+            .with_line(error::find_key_line(text, "lifetime")));
     }
     Ok(())
 }

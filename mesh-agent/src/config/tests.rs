@@ -205,6 +205,53 @@ fn a_bad_renewal_fraction_is_rejected() {
         Some("identity.issuer.renewAt"),
         "{err}"
     );
+    assert_eq!(err.line, Some(6), "{err}");
+}
+
+#[test]
+fn a_signing_request_source_loads_with_defaults_and_bad_values_are_named_by_line_and_field() {
+    let head = "name: n1\nidentity:\n  signingRequest:\n    tokenFile: /var/run/secrets/tokens/istio-ca-token\n    caRoots: /etc/mesh-ca/root-cert.pem\n";
+    let node = format!("{head}    address: https://mesh-ca.mesh-system.svc:15012\n");
+    let cfg = load_dir(dir_with(&node, None).path()).unwrap();
+    let asked = cfg
+        .node
+        .identity
+        .as_ref()
+        .and_then(|i| i.signing_request.as_ref())
+        .expect("signingRequest");
+    assert_eq!(asked.address, "https://mesh-ca.mesh-system.svc:15012");
+    assert_eq!(asked.cluster_id, "Kubernetes");
+    assert_eq!(asked.lifetime, std::time::Duration::from_secs(24 * 3600));
+    assert_eq!(asked.renew_at, 0.5);
+    assert_eq!(asked.server_name, None);
+    for (tail, field, line) in [
+        (
+            "    address: https://ca:15012\n    renewAt: 1.0\n",
+            "identity.signingRequest.renewAt",
+            7,
+        ),
+        (
+            "    address: https://ca:15012\n    renewAt: 0\n",
+            "identity.signingRequest.renewAt",
+            7,
+        ),
+        (
+            "    address: https://ca:15012\n    lifetime: 0s\n",
+            "identity.signingRequest.lifetime",
+            7,
+        ),
+        (
+            "    address: http://ca:15012\n",
+            "identity.signingRequest.address",
+            6,
+        ),
+    ] {
+        let err = load_dir(dir_with(&format!("{head}{tail}"), None).path()).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+        assert_eq!(err.line, Some(line), "{err}");
+    }
+    let err = load_dir(dir_with(head, None).path()).unwrap_err();
+    assert!(err.message.contains("missing field `address`"), "{err}");
 }
 
 #[test]
