@@ -411,13 +411,7 @@ fn validate_node(path: &Path, text: &str, node: &NodeConfig) -> Result<(), Confi
         .as_ref()
         .and_then(|i| i.signing_request.as_ref())
     {
-        validate_renewal(
-            path,
-            text,
-            "signingRequest",
-            asked.renew_at,
-            asked.lifetime,
-        )?;
+        validate_renewal(path, text, "signingRequest", asked.renew_at, asked.lifetime)?;
         if !asked.address.starts_with("https://") {
             return Err(ConfigError::new(
                 path,
@@ -443,12 +437,11 @@ fn validate_renewal(
     lifetime: std::time::Duration,
 ) -> Result<(), ConfigError> {
     if !(renew_at > 0.0 && renew_at < 1.0) {
-        return Err(ConfigError::new(
-            path,
-            "must be between 0 and 1 (a fraction of the lifetime)",
-        )
-        .with_field(format!("identity.{source}.renewAt"))
-        .with_line(error::find_key_line(text, "renewAt")));
+        return Err(
+            ConfigError::new(path, "must be between 0 and 1 (a fraction of the lifetime)")
+                .with_field(format!("identity.{source}.renewAt"))
+                .with_line(error::find_key_line(text, "renewAt")),
+        );
     }
     if lifetime.is_zero() {
         return Err(ConfigError::new(path, "must be longer than zero")
