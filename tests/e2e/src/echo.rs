@@ -19,8 +19,9 @@ pub fn echo_once(pod: &Pod, ip: IpAddr, port: u16) -> anyhow::Result<()> {
 /// the process exits non-zero once the connection breaks. Returns once the
 /// first line came back.
 pub fn start_chatty_connection(pod: &Pod, ip: IpAddr, port: u16) -> Process {
-    let p = pod
-        .spawn_tool(&[
+    spawn_until_printed(
+        pod,
+        &[
             "chat",
             &ip.to_string(),
             &port.to_string(),
@@ -28,13 +29,9 @@ pub fn start_chatty_connection(pod: &Pod, ip: IpAddr, port: u16) -> Process {
             "10",
             "--times",
             "100000",
-        ])
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    wait_until("the chatty connection", Duration::from_secs(10), || {
-        Ok(p.stdout_so_far().contains("connected"))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", p.output_report()));
-    p
+        ],
+        "connected",
+    )
 }
 
 /// Panics unless the chatty connection `p` is still going.
@@ -50,8 +47,9 @@ pub fn assert_still_going(p: &mut Process, what: &str) {
 /// every 10 ms for `secs` seconds, each checked by an exchange; it prints
 /// `ok <n> failed <m>` at the end. Returns once the first one succeeded.
 pub fn start_requests(pod: &Pod, ip: IpAddr, port: u16, secs: u32) -> Process {
-    let p = pod
-        .spawn_tool(&[
+    spawn_until_printed(
+        pod,
+        &[
             "echo",
             &ip.to_string(),
             &port.to_string(),
@@ -63,11 +61,21 @@ pub fn start_requests(pod: &Pod, ip: IpAddr, port: u16, secs: u32) -> Process {
             "--every-ms",
             "10",
             "--tally",
-        ])
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    wait_until("the first request", Duration::from_secs(10), || {
-        Ok(p.stdout_so_far().contains("started"))
-    })
+        ],
+        "started",
+    )
+}
+
+/// `pod-tool args` in `pod`, returned once its output says `marker` (it
+/// prints that when its first exchange succeeded); panics with its output
+/// if that does not happen within 10 s.
+fn spawn_until_printed(pod: &Pod, args: &[&str], marker: &str) -> Process {
+    let p = pod.spawn_tool(args).unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until(
+        &format!("pod-tool {} to print {marker:?}", args[0]),
+        Duration::from_secs(10),
+        || Ok(p.stdout_so_far().contains(marker)),
+    )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", p.output_report()));
     p
 }

@@ -595,15 +595,13 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let mut scale_skipped = Vec::new();
     for &pods in plan.scale_pods {
         // Descriptors per pod as the last size measured them, with a margin.
-        let needed = scale
-            .last()
-            .map_or(0, |at| at.open_files * pods / at.pods * 11 / 10);
+        let (files_then, pods_then) = scale.last().map_or((0, 1), |at| (at.open_files, at.pods));
+        let needed = files_then * pods / pods_then * 11 / 10;
         if needed as u64 > open_file_limit {
             let why = format!(
                 "{pods} pods not measured: an agent would need about {needed} open files \
-                 ({} per pod at {} pods), above this machine's limit of {open_file_limit}",
-                scale.last().map_or(0, |at| at.open_files / at.pods),
-                scale.last().map_or(0, |at| at.pods),
+                 ({} per pod at {pods_then} pods), above this machine's limit of {open_file_limit}",
+                files_then / pods_then,
             );
             step(&why);
             scale_skipped.push(why);
